@@ -1,0 +1,175 @@
+"""The per-sample vision cache: the contract between extraction, the bridge, training and storage.
+
+One sample is one safetensors blob. Tensor names:
+
+    qwen25.prompt_embeds        [L, D25]   what Qwen-Image-Edit's DiT reads (system prefix dropped)
+    qwen25.prompt_embeds_mask   [L]        1 on real tokens
+    qwen25.input_ids            [L]        the kept token ids
+    qwen25.vision_positions     [N25]      image-token indices in prompt_embeds
+    qwen25.grid_thw             [n, 3]     Qwen2.5-VL patch grids (14 px patches, 2x2 merge)
+    qwen3.early|mid|late        [L3, D3]   Qwen3-VL LLM hidden states at three depths
+    qwen3.deepstack.<i>         [N3, D3]   DeepStack visual features of vision block i (merged)
+    qwen3.input_ids             [L3]
+    qwen3.vision_positions      [N3]       image-token indices in the Qwen3 sequence
+    qwen3.grid_thw              [n, 3]     Qwen3-VL patch grids (16 px patches, 2x2 merge)
+
+Metadata (model ids, revisions, layer indices, prompt, image sizes, dtype, format version) is one
+JSON string under the header key `vision_bridge`. No pickle anywhere; bf16 round-trips bit-exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+FORMAT_VERSION = 1
+METADATA_KEY = "vision_bridge"
+LEVEL_NAMES = ("early", "mid", "late")
+
+
+@dataclass
+class Qwen3VisionCache:
+    """Qwen3-VL multi-level features of one sample."""
+
+    levels: dict[str, torch.Tensor]  # name -> [L3, D3]
+    deepstack: dict[int, torch.Tensor]  # vision block index -> [N3, D3]
+    input_ids: torch.Tensor  # [L3]
+    vision_positions: torch.Tensor  # [N3]
+    grid_thw: torch.Tensor  # [n_images, 3]
+    layer_indices: dict[str, int]
+    model_id: str
+    revision: str
+
+    @property
+    def hidden_size(self) -> int:
+        return next(iter(self.levels.values())).shape[-1]
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return int(self.vision_positions.numel())
+
+
+@dataclass
+class Qwen25VisionCache:
+    """Qwen-Image-Edit's Qwen2.5-VL prompt embeddings of one sample (the DiT's conditioning)."""
+
+    prompt_embeds: torch.Tensor  # [L, D25]
+    prompt_embeds_mask: torch.Tensor  # [L]
+    input_ids: torch.Tensor  # [L]
+    vision_positions: torch.Tensor  # [N25]
+    grid_thw: torch.Tensor  # [n_images, 3]
+    model_id: str
+    revision: str
+    template: str  # "edit" or "edit_plus"
+    drop_idx: int
+
+    @property
+    def hidden_size(self) -> int:
+        return self.prompt_embeds.shape[-1]
+
+    @property
+    def num_vision_tokens(self) -> int:
+        return int(self.vision_positions.numel())
+
+
+@dataclass
+class SampleCache:
+    """Both caches of one (images, instruction) sample plus what produced them."""
+
+    qwen3: Qwen3VisionCache
+    qwen25: Qwen25VisionCache
+    prompt: str
+    image_sizes: list[tuple[int, int]]  # original (width, height) of each input image
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "prompt": self.prompt,
+            "image_sizes": [list(s) for s in self.image_sizes],
+            "dtype": str(self.qwen25.prompt_embeds.dtype).removeprefix("torch."),
+            "qwen3": {"model_id": self.qwen3.model_id, "revision": self.qwen3.revision,
+                      "layer_indices": self.qwen3.layer_indices, "deepstack_indices": sorted(self.qwen3.deepstack)},
+            "qwen25": {"model_id": self.qwen25.model_id, "revision": self.qwen25.revision,
+                       "template": self.qwen25.template, "drop_idx": self.qwen25.drop_idx},
+            "extra": self.extra,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        q3, q25 = self.qwen3, self.qwen25
+        tensors = {
+            "qwen25.prompt_embeds": q25.prompt_embeds,
+            "qwen25.prompt_embeds_mask": q25.prompt_embeds_mask,
+            "qwen25.input_ids": q25.input_ids,
+            "qwen25.vision_positions": q25.vision_positions,
+            "qwen25.grid_thw": q25.grid_thw,
+            "qwen3.input_ids": q3.input_ids,
+            "qwen3.vision_positions": q3.vision_positions,
+            "qwen3.grid_thw": q3.grid_thw,
+        }
+        tensors.update({f"qwen3.{name}": value for name, value in q3.levels.items()})
+        tensors.update({f"qwen3.deepstack.{index}": value for index, value in q3.deepstack.items()})
+        return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
+
+
+def cache_to_bytes(cache: SampleCache) -> bytes:
+    return save_safetensors(cache.tensors(), metadata={METADATA_KEY: json.dumps(cache.metadata())})
+
+
+def _read_metadata(data: bytes) -> dict[str, Any]:
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    raw = header.get("__metadata__", {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("not a vision-bridge cache: the safetensors header has no 'vision_bridge' metadata")
+    return json.loads(raw)
+
+
+def cache_from_bytes(data: bytes) -> SampleCache:
+    meta = _read_metadata(data)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"cache format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
+    tensors = load_safetensors(data)
+    m3, m25 = meta["qwen3"], meta["qwen25"]
+    qwen3 = Qwen3VisionCache(
+        levels={name: tensors[f"qwen3.{name}"] for name in m3["layer_indices"]},
+        deepstack={i: tensors[f"qwen3.deepstack.{i}"] for i in m3["deepstack_indices"]},
+        input_ids=tensors["qwen3.input_ids"],
+        vision_positions=tensors["qwen3.vision_positions"],
+        grid_thw=tensors["qwen3.grid_thw"],
+        layer_indices=m3["layer_indices"],
+        model_id=m3["model_id"],
+        revision=m3["revision"],
+    )
+    qwen25 = Qwen25VisionCache(
+        prompt_embeds=tensors["qwen25.prompt_embeds"],
+        prompt_embeds_mask=tensors["qwen25.prompt_embeds_mask"],
+        input_ids=tensors["qwen25.input_ids"],
+        vision_positions=tensors["qwen25.vision_positions"],
+        grid_thw=tensors["qwen25.grid_thw"],
+        model_id=m25["model_id"],
+        revision=m25["revision"],
+        template=m25["template"],
+        drop_idx=m25["drop_idx"],
+    )
+    return SampleCache(qwen3, qwen25, meta["prompt"], [tuple(s) for s in meta["image_sizes"]], meta.get("extra", {}))
+
+
+def save_cache(cache: SampleCache, uri: str) -> None:
+    """Writes one cache to a local path or fsspec URL."""
+    import fsspec
+
+    with fsspec.open(uri, "wb") as handle:
+        handle.write(cache_to_bytes(cache))
+
+
+def load_cache(uri: str) -> SampleCache:
+    import fsspec
+
+    with fsspec.open(uri, "rb") as handle:
+        return cache_from_bytes(handle.read())

@@ -1,0 +1,321 @@
+"""Offline tiny model zoo: small random models of the *real* classes, saved in Hugging Face layout.
+
+The tiny models differ from the real ones only in sizes: the same classes, the same processors,
+the same special tokens and chat templates, Qwen3-VL's 32 px tokens (patch 16, merge 2) and
+DeepStack, Qwen2.5-VL's 28 px tokens (patch 14, merge 2). Everything is seeded, so two builds
+are bit-identical, and nothing touches the network. Loaders read them back through the same
+`from_pretrained` path as real checkpoints.
+
+    vision-bridge tiny-models DIR     # writes DIR/qwen3-vl, DIR/qwen-image-edit, DIR/qwen-image-edit-plus
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Qwen's special tokens, in the order (and relative ids) of the real vocabulary (151643...).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Chat templates with the structure of the real ones for image + text messages. Qwen2.5-VL adds a
+# default system message, Qwen3-VL does not.
+_CONTENT_LOOP = (
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+)
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    + _CONTENT_LOOP
+    + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+QWEN25_VL_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    + QWEN3_VL_CHAT_TEMPLATE
+)
+
+# Text the tiny BPE is trained on: the pipelines' templates plus typical edit instructions, so
+# that the tokenizer merges real words the way a real one would (fewer, but real, merges).
+_TOKENIZER_CORPUS = [
+    "Describe the key features of the input image (color, shape, size, texture, objects, background), "
+    "then explain how the user's text instruction should alter or modify the image. Generate a new image "
+    "that meets the user's requirements while maintaining consistency with the original input where appropriate.",
+    "Picture 1: Picture 2: Picture 3: system user assistant You are a helpful assistant.",
+    "Change the text 'Hello' to 'Goodbye'. Move the red circle to the right of the blue square.",
+    "Make the blue square yellow. Swap the green triangle and the red circle. Read the text in the image.",
+    "Describe this image. Replace the sky with a sunset. Remove the person on the left. Add a hat.",
+    "The quick brown fox jumps over the lazy dog 0123456789 left right up down above below between.",
+]
+
+
+@dataclass(frozen=True)
+class TinySizes:
+    """Dimensions of the tiny zoo. The Qwen3 side is wider than the Qwen2.5 side, as in the real pair."""
+
+    qwen3_text_hidden: int = 128
+    qwen3_text_layers: int = 4
+    qwen3_vision_hidden: int = 64
+    qwen3_vision_depth: int = 4
+    qwen3_deepstack: tuple[int, ...] = (1, 2, 3)
+    qwen25_text_hidden: int = 64
+    qwen25_text_layers: int = 3
+    qwen25_vision_hidden: int = 64
+    qwen25_vision_depth: int = 4
+    dit_layers: int = 2
+    dit_heads: int = 2
+    dit_head_dim: int = 32
+    vae_base_dim: int = 16
+    vae_z_dim: int = 4
+    bpe_vocab: int = 600
+    seed: int = 0
+
+
+def build_tokenizer(sizes: TinySizes = TinySizes()):
+    """A real `Qwen2Tokenizer` over a byte-level BPE trained offline, with Qwen's special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    from tokenizers import Regex
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=sizes.bpe_vocab,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe.model.save(tmp)
+        vocab = json.loads(Path(tmp, "vocab.json").read_text())
+        merges = [
+            tuple(line.split(" "))
+            for line in Path(tmp, "merges.txt").read_text().splitlines()
+            if line and not line.startswith("#")
+        ]
+    start = len(vocab)
+    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
+        vocab[token] = start + offset
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=QWEN_SPECIAL_TOKENS[1:],
+        model_max_length=131072,
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    assert len(set(ids.values())) == len(ids), "special tokens must have distinct ids"
+    return ids
+
+
+def build_qwen3_vl(out_dir: Path, sizes: TinySizes = TinySizes()) -> Path:
+    """Tiny `Qwen3VLForConditionalGeneration` + `Qwen3VLProcessor` (patch 16, merge 2, DeepStack)."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLVideoProcessor,
+    )
+
+    tokenizer = build_tokenizer(sizes)
+    ids = _token_ids(tokenizer)
+    head_dim = 32
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=sizes.qwen3_text_hidden,
+            intermediate_size=2 * sizes.qwen3_text_hidden,
+            num_hidden_layers=sizes.qwen3_text_layers,
+            num_attention_heads=sizes.qwen3_text_hidden // head_dim,
+            num_key_value_heads=2,
+            head_dim=head_dim,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                             "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=sizes.qwen3_vision_depth,
+            hidden_size=sizes.qwen3_vision_hidden,
+            intermediate_size=2 * sizes.qwen3_vision_hidden,
+            num_heads=2,
+            patch_size=16,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            out_hidden_size=sizes.qwen3_text_hidden,
+            num_position_embeddings=256,
+            deepstack_visual_indexes=list(sizes.qwen3_deepstack),
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(sizes.seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+        size={"shortest_edge": 64 * 32 * 32, "longest_edge": 16384 * 32 * 32},
+    )
+    video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        chat_template=QWEN3_VL_CHAT_TEMPLATE,
+    )
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_text_encoder(tokenizer, sizes: TinySizes):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = _token_ids(tokenizer)
+    head_dim = 16
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=sizes.qwen25_text_hidden,
+            intermediate_size=2 * sizes.qwen25_text_hidden,
+            num_hidden_layers=sizes.qwen25_text_layers,
+            num_attention_heads=sizes.qwen25_text_hidden // head_dim,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(
+            depth=sizes.qwen25_vision_depth,
+            hidden_size=sizes.qwen25_vision_hidden,
+            intermediate_size=2 * sizes.qwen25_vision_hidden,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[1, 3],
+            out_hidden_size=sizes.qwen25_text_hidden,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(sizes.seed + 1)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _tiny_edit_pipeline(plus: bool, sizes: TinySizes):
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageEditPipeline,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer = build_tokenizer(sizes)
+    text_encoder = _tiny_text_encoder(tokenizer, sizes)
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 1280
+    )
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN25_VL_CHAT_TEMPLATE,
+    )
+    torch.manual_seed(sizes.seed + 2)
+    # Three temporal/spatial downsamples as in the real VAE: 8x spatial compression.
+    vae = AutoencoderKLQwenImage(
+        base_dim=sizes.vae_base_dim, z_dim=sizes.vae_z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * sizes.vae_z_dim, latents_std=[1.0] * sizes.vae_z_dim,
+    ).eval()
+    torch.manual_seed(sizes.seed + 3)
+    head_dim = sizes.dit_head_dim
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * sizes.vae_z_dim, out_channels=sizes.vae_z_dim,
+        num_layers=sizes.dit_layers, attention_head_dim=head_dim, num_attention_heads=sizes.dit_heads,
+        joint_attention_dim=sizes.qwen25_text_hidden,
+        axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+        shift=1.0, shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True,
+    )
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return cls(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+               processor=processor, transformer=transformer)
+
+
+def build_edit_pipeline(out_dir: Path, plus: bool = False, sizes: TinySizes = TinySizes()) -> Path:
+    """Tiny `QwenImageEditPipeline` (or `...PlusPipeline`) directory, loadable with `from_pretrained`."""
+    _tiny_edit_pipeline(plus, sizes).save_pretrained(out_dir)
+    return out_dir
+
+
+def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: bool = False) -> dict[str, Path]:
+    """Writes the three tiny models under `root`; skips those already present unless `overwrite`."""
+    root = Path(root)
+    targets = {
+        "qwen3-vl": lambda p: build_qwen3_vl(p, sizes),
+        "qwen-image-edit": lambda p: build_edit_pipeline(p, plus=False, sizes=sizes),
+        "qwen-image-edit-plus": lambda p: build_edit_pipeline(p, plus=True, sizes=sizes),
+    }
+    paths = {}
+    for name, build in targets.items():
+        path = root / name
+        marker = path / ".tiny-zoo-complete"
+        if overwrite or not marker.exists():
+            logger.info("building tiny %s in %s", name, path)
+            path.mkdir(parents=True, exist_ok=True)
+            build(path)
+            marker.write_text(json.dumps({"seed": sizes.seed}))
+        paths[name] = path
+    return paths
