@@ -7,6 +7,7 @@ reachable fails fast with a message saying how to supply it. `trust_remote_code`
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import json
@@ -61,7 +62,12 @@ class LoadOptions:
     def from_pretrained_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"dtype": self.torch_dtype(), "trust_remote_code": False}
         if self.load_in_8bit or self.load_in_4bit:
+            import warnings
+
             from transformers import BitsAndBytesConfig
+
+            # bitsandbytes warns on every int8 matmul with fp32 inputs; once is information, thousands is noise.
+            warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_8bit=self.load_in_8bit,
@@ -134,6 +140,14 @@ def pipeline_class_name(resolved: ResolvedModel) -> str:
     return json.loads(index.read_text())["_class_name"]
 
 
+def _return_freed_memory_to_os() -> None:
+    """glibc keeps freed heap pages; `malloc_trim` hands them back so RSS reflects an unload on CPU."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 class LazyModel:
     """Holds a loader; loads on first `get()`; `unload()` drops every reference and frees memory."""
 
@@ -162,6 +176,7 @@ class LazyModel:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        _return_freed_memory_to_os()
 
 
 def _place(model, options: LoadOptions):
@@ -195,7 +210,7 @@ def load_edit_pipeline(resolved: ResolvedModel, options: LoadOptions = LoadOptio
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(
-        resolved.path, torch_dtype=options.torch_dtype(), trust_remote_code=False, **components
+        resolved.path, dtype=options.torch_dtype(), trust_remote_code=False, **components
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(options.torch_device())

@@ -264,7 +264,8 @@ def _tiny_edit_pipeline(plus: bool, sizes: TinySizes):
     tokenizer = build_tokenizer(sizes)
     text_encoder = _tiny_text_encoder(tokenizer, sizes)
     image_processor = Qwen2VLImageProcessor(
-        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=56 * 56, max_pixels=28 * 28 * 1280
+        patch_size=14, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 16384},  # the real processor's limits
     )
     processor = Qwen2VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer,

@@ -1,0 +1,162 @@
+"""`vision-bridge`: the command line. Run `vision-bridge --help`.
+
+Orchestration (Prefect) is imported lazily, inside the commands that need it, so that
+`import bridgecore` stays free of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
+
+app = typer.Typer(
+    help="Qwen3-VL -> Qwen-Image-Edit vision bridge: extract caches, plan real-scale runs, build the offline tiny zoo.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DEFAULT_HOME = Path(".vision-bridge")
+TINY_ZOO_DIR = DEFAULT_HOME / "tiny-zoo"
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _banner(message: str) -> None:
+    line = "!" * 100
+    typer.secho(f"{line}\n{message}\n{line}", fg=typer.colors.YELLOW, bold=True, err=True)
+
+
+def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False) -> tuple[str, str]:
+    """The requested models; with none requested, the real defaults if present, else the tiny zoo (loudly)."""
+    from .loading import DEFAULT_EDIT_PLUS_MODEL, resolve_model
+    from .tiny_zoo import build_tiny_zoo
+
+    default_edit = DEFAULT_EDIT_PLUS_MODEL if plus else DEFAULT_EDIT_MODEL
+    if qwen3 is not None and edit_model is not None:
+        return qwen3, edit_model
+    try:
+        resolve_model(qwen3 or DEFAULT_QWEN3_MODEL)
+        resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"])
+        return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
+    except ModelNotAvailableError as error:
+        zoo = build_tiny_zoo(TINY_ZOO_DIR)
+        _banner(
+            "NO REAL WEIGHTS FOUND: using the TINY RANDOM MODELS of the offline zoo in "
+            f"{TINY_ZOO_DIR.resolve()}.\nOutputs are meaningless pictures that only prove the machinery runs.\n"
+            f"Reason: {error}\nPass --qwen3 and --edit-model (hub ids or local directories) "
+            "to use real models."
+        )
+        tiny_edit = zoo["qwen-image-edit-plus" if plus else "qwen-image-edit"]
+        return qwen3 or str(zoo["qwen3-vl"]), edit_model or str(tiny_edit)
+
+
+@app.command("tiny-models")
+def tiny_models(
+    out_dir: Path = typer.Argument(..., help="Directory to write qwen3-vl/, qwen-image-edit/, qwen-image-edit-plus/ into."),
+    overwrite: bool = typer.Option(False, help="Rebuild models that already exist."),
+):
+    """Write the offline tiny zoo: small random models of the real classes, seeded, in Hugging Face layout."""
+    from .tiny_zoo import build_tiny_zoo
+
+    for name, path in build_tiny_zoo(out_dir, overwrite=overwrite).items():
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+def plan(
+    image_size: tuple[int, int] = typer.Option((1024, 1024), help="Input image height and width in pixels."),
+    condition_area: int = typer.Option(1024 * 1024, help="Condition-image area the pipeline resizes to."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
+):
+    """Real-scale sizes from the real configs on the meta device: parameters, weight memory (bf16, int8),
+    vision tokens, and forward FLOPs of one extraction and one DiT step (analytic matmul count)."""
+    from .planner import format_plan
+    from .planner import plan as make_plan
+
+    try:
+        report = make_plan(*image_size, condition_area=condition_area)
+    except ValueError as error:
+        _fail(str(error))
+    typer.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
+
+
+@app.command()
+def extract(
+    images: list[str] = typer.Argument(..., help="Image path(s) or URL(s) of ONE sample (several for Edit-Plus)."),
+    prompt: str = typer.Option(..., help="The edit instruction."),
+    out: Path = typer.Option(..., help="Output .safetensors cache file."),
+    qwen3: Optional[str] = typer.Option(None, help=f"Qwen3-VL hub id or directory [default: {DEFAULT_QWEN3_MODEL}]."),
+    edit_model: Optional[str] = typer.Option(None, help=f"Qwen-Image-Edit(-Plus) hub id or directory [default: {DEFAULT_EDIT_MODEL}]."),
+    condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels (the pipeline's 1024*1024)."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ..."),
+    load_in_8bit: bool = typer.Option(False, help="Load both VLMs in 8-bit (bitsandbytes)."),
+):
+    """Extract one sample's vision caches (Qwen3-VL levels + DeepStack, Qwen-Image-Edit embeddings) to a file
+    and print the comparison of the two caches."""
+    from .cache_format import save_cache
+    from .extraction import VisionCacheExtractor, format_comparison
+    from .images import ImageLoadError
+
+    if out.suffix != ".safetensors":
+        _fail(f"--out must end in .safetensors; got {out}")
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1)
+    extractor = VisionCacheExtractor(qwen3, edit_model, device=device, load_in_8bit=load_in_8bit,
+                                     condition_area=condition_area)
+    try:
+        cache = extractor.extract(images, prompt)
+    except (ImageLoadError, ModelNotAvailableError, ValueError) as error:
+        _fail(str(error))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_cache(cache, str(out))
+    typer.echo(format_comparison(extractor.compare_caches(cache.qwen3, cache.qwen25)))
+    typer.echo(f"wrote {out} ({out.stat().st_size} bytes)")
+
+
+@app.command()
+def quickstart(
+    out_dir: Path = typer.Option(Path("out/quickstart"), help="Where to write the sample image and its cache."),
+    qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real model, else tiny zoo)."),
+    edit_model: Optional[str] = typer.Option(None, help="Qwen-Image-Edit hub id or directory (default: real, else tiny)."),
+    condition_area: int = typer.Option(256 * 256, help="Condition-image area; the real pipeline uses 1048576."),
+):
+    """End-to-end run on an embedded default: generates a sample image, extracts both caches, writes and
+    re-reads the cache file and prints the comparison. Uses the tiny zoo when no real weights are present."""
+    from PIL import Image, ImageDraw
+
+    from .cache_format import load_cache
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_path = out_dir / "sample.png"
+    image = Image.new("RGB", (320, 200), (240, 240, 235))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((30, 40, 130, 140), fill=(200, 30, 30))
+    draw.ellipse((180, 50, 280, 150), fill=(30, 60, 200))
+    draw.text((40, 165), "Hello", fill=(0, 0, 0))
+    image.save(image_path)
+    cache_path = out_dir / "sample.safetensors"
+    extract([str(image_path)], "Change the text 'Hello' to 'Goodbye'", cache_path, qwen3, edit_model,
+            condition_area, "auto", False)
+    cache = load_cache(str(cache_path))
+    typer.echo(f"re-read {cache_path}: prompt_embeds {list(cache.qwen25.prompt_embeds.shape)}, "
+               f"levels {[list(t.shape) for t in cache.qwen3.levels.values()]}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    app()
+
+
+if __name__ == "__main__":
+    main()

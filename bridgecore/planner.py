@@ -1,0 +1,237 @@
+"""Real-scale planner: sizes, memory, token counts and FLOPs of the real models, with no weights.
+
+The real `config.json` values ship in `real_configs/`; the models are instantiated on the `meta`
+device (no memory, no download). FLOPs are an exact analytic count of the matrix multiplications
+(every `nn.Linear` times the tokens that pass through it, the patch-embedding convolution, attention
+score and value products,
+counted in full as SDPA executes them); element-wise work and the VAE convolutions are not counted.
+`tests/test_planner.py` checks the count against `torch.utils.flop_counter` on the tiny models.
+
+    vision-bridge plan --image-size 1024 1024 [--json]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from torch import nn
+
+from .edit_prompt import DEFAULT_CONDITION_AREA, EDIT_TEMPLATE
+
+REAL_CONFIGS = {
+    "qwen3_vl": "qwen3_vl_8b_instruct.json",
+    "qwen25_vl": "qwen_image_edit_text_encoder.json",
+    "transformer": "qwen_image_edit_transformer.json",
+    "vae": "qwen_image_edit_vae.json",
+}
+REAL_DROP_IDX = 64  # system-prefix tokens of the real Qwen-Image-Edit tokenizer
+# Template tokens around the image with the real tokenizer: the Edit template minus its system prefix
+# ("<|vision_start|>", "<|vision_end|>", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n") and the
+# Qwen3-VL chat header ("<|im_start|>", "user", "\n", vision start/end, "<|im_end|>", "\n", "<|im_start|>",
+# "assistant", "\n").
+QWEN25_TEMPLATE_TOKENS_AFTER_DROP = 7
+QWEN3_TEMPLATE_TOKENS = 10
+DEFAULT_INSTRUCTION_TOKENS = 20
+
+
+def load_real_config(name: str) -> dict[str, Any]:
+    """One of the shipped real configs, without our `_source` annotation."""
+    text = resources.files("bridgecore.real_configs").joinpath(REAL_CONFIGS[name]).read_text()
+    config = json.loads(text)
+    config.pop("_source", None)
+    return config
+
+
+def build_meta_models() -> dict[str, nn.Module]:
+    """The four real models on the meta device (no memory)."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    def diffusers_config(name):
+        config = load_real_config(name)
+        config.pop("_class_name", None)
+        return config
+
+    with torch.device("meta"):
+        return {
+            "qwen3_vl": Qwen3VLForConditionalGeneration(Qwen3VLConfig(**load_real_config("qwen3_vl"))),
+            "qwen25_vl": Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**load_real_config("qwen25_vl"))),
+            "transformer": QwenImageTransformer2DModel.from_config(diffusers_config("transformer")),
+            "vae": AutoencoderKLQwenImage.from_config(diffusers_config("vae")),
+        }
+
+
+# -- token counts --------------------------------------------------------------------------------------
+
+
+def vision_grid(height: int, width: int, patch_size: int, merge_size: int,
+                min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(grid_h, grid_w) in patches after the Qwen-VL processors' `smart_resize`."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    factor = patch_size * merge_size
+    resized_h, resized_w = smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    return resized_h // patch_size, resized_w // patch_size
+
+
+def condition_hw(height: int, width: int, area: int) -> tuple[int, int]:
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    cond_w, cond_h, _ = calculate_dimensions(area, width / height)
+    return int(cond_h), int(cond_w)
+
+
+# Real processors' pixel limits (preprocessor_config.json of the two checkpoints).
+QWEN25_PIXELS = (56 * 56, 12845056)  # Qwen-Image-Edit processor: min 3136, max 28*28*16384
+QWEN3_PIXELS = (65536, 16777216)
+
+
+# -- analytic FLOPs ------------------------------------------------------------------------------------
+
+
+def _linear_flops(module: nn.Module, tokens_for: callable) -> int:
+    total = 0
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.Linear):
+            total += 2 * sub.in_features * sub.out_features * tokens_for(name)
+    return total
+
+
+def _attention_flops(query_len: int, key_len: int, width: int) -> int:
+    return 2 * 2 * query_len * key_len * width  # Q @ K^T and P @ V
+
+
+def vlm_forward_flops(model: nn.Module, seq_len: int, grid_thw: list[tuple[int, int, int]], skip_lm_head: bool = True) -> dict[str, int]:
+    """Matmul FLOPs of one Qwen2.5-VL or Qwen3-VL forward over `seq_len` tokens with images `grid_thw`."""
+    vision_cfg = model.config.vision_config
+    text_cfg = model.config.text_config
+    merge = vision_cfg.spatial_merge_size
+    patches = sum(t * h * w for t, h, w in grid_thw)
+    merged = patches // merge**2
+
+    def vision_tokens(name: str) -> int:
+        return merged if "merger" in name else patches
+
+    vision = _linear_flops(model.model.visual, vision_tokens)
+    # The patch embedding is a Conv3d whose kernel equals its stride: one weight-sized product per patch.
+    vision += sum(2 * m.weight.numel() * patches for m in model.model.visual.modules() if isinstance(m, nn.Conv3d))
+    attn_width = vision_cfg.hidden_size
+    full_blocks = getattr(vision_cfg, "fullatt_block_indexes", None)
+    if full_blocks is None:  # Qwen3-VL: every block attends over each whole image
+        per_block = sum(_attention_flops(t * h * w, t * h * w, attn_width) for t, h, w in grid_thw)
+        vision += per_block * vision_cfg.depth
+    else:  # Qwen2.5-VL: windowed attention except in `fullatt_block_indexes`
+        from transformers.vision_utils import get_vision_window_index
+
+        _, cu = get_vision_window_index(torch.tensor(grid_thw), merge, vision_cfg.window_size, vision_cfg.patch_size)
+        lengths = torch.unique_consecutive(cu).diff().tolist()
+        window = sum(_attention_flops(n, n, attn_width) for n in lengths)
+        full = sum(_attention_flops(t * h * w, t * h * w, attn_width) for t, h, w in grid_thw)
+        vision += full * len(full_blocks) + window * (vision_cfg.depth - len(full_blocks))
+    text = _linear_flops(model.model.language_model, lambda name: seq_len)
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
+    head_width = text_cfg.num_attention_heads * head_dim
+    text += _attention_flops(seq_len, seq_len, head_width) * text_cfg.num_hidden_layers
+    lm_head = 0 if skip_lm_head else 2 * model.lm_head.in_features * model.lm_head.out_features * seq_len
+    return {"vision": vision, "text": text, "lm_head": lm_head, "total": vision + text + lm_head}
+
+
+def dit_step_flops(transformer: nn.Module, image_tokens: int, text_tokens: int, batch: int = 1) -> int:
+    """Matmul FLOPs of one `QwenImageTransformer2DModel` forward (one denoising step, one CFG branch).
+    `image_tokens` counts the noisy target latents plus the concatenated condition latents."""
+
+    def tokens(name: str) -> int:
+        if "mod" in name or "time_text_embed" in name or name == "norm_out.linear":
+            return 1
+        if "txt" in name or "add_" in name:
+            return text_tokens
+        return image_tokens
+
+    config = transformer.config
+    joint = image_tokens + text_tokens
+    attention = _attention_flops(joint, joint, config.num_attention_heads * config.attention_head_dim)
+    return batch * (_linear_flops(transformer, tokens) + attention * config.num_layers)
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelPlan:
+    name: str
+    parameters: int
+    bytes_bf16: int
+    bytes_int8: int
+
+
+def _plan_model(name: str, model: nn.Module) -> ModelPlan:
+    params = sum(p.numel() for p in model.parameters())
+    # int8 (bitsandbytes LLM.int8): Linear weights in 1 byte; norms, embeddings and biases stay bf16.
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return ModelPlan(name, params, 2 * params, linear + 2 * (params - linear))
+
+
+def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CONDITION_AREA,
+         instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS, extra_models: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+    """Everything `vision-bridge plan` prints, as one dict."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive; got {height}x{width}")
+    models = build_meta_models()
+    models.update(extra_models or {})
+    cond_h, cond_w = condition_hw(height, width, condition_area)
+    q25_cfg, q3_cfg = models["qwen25_vl"].config.vision_config, models["qwen3_vl"].config.vision_config
+    g25 = vision_grid(cond_h, cond_w, q25_cfg.patch_size, q25_cfg.spatial_merge_size, *QWEN25_PIXELS)
+    g3 = vision_grid(cond_h, cond_w, q3_cfg.patch_size, q3_cfg.spatial_merge_size, *QWEN3_PIXELS)
+    tok25 = g25[0] * g25[1] // q25_cfg.spatial_merge_size**2
+    tok3 = g3[0] * g3[1] // q3_cfg.spatial_merge_size**2
+    seq25 = REAL_DROP_IDX + QWEN25_TEMPLATE_TOKENS_AFTER_DROP + tok25 + instruction_tokens
+    seq3 = QWEN3_TEMPLATE_TOKENS + tok3 + instruction_tokens
+    flops25 = vlm_forward_flops(models["qwen25_vl"], seq25, [(1, *g25)])
+    flops3 = vlm_forward_flops(models["qwen3_vl"], seq3, [(1, *g3)])
+    latent_tokens = (cond_h // 16) * (cond_w // 16)  # VAE /8, then 2x2 patches
+    dit = dit_step_flops(models["transformer"], 2 * latent_tokens, seq25 - REAL_DROP_IDX)
+    report: dict[str, Any] = {
+        "image_size": [height, width],
+        "condition_size": [cond_h, cond_w],
+        "flop_method": "analytic matmul count (linear layers, patch embedding, attention products), element-wise ops excluded",
+        "models": {name: vars(_plan_model(name, m)) for name, m in models.items()},
+        "tokens": {"qwen25_vision": tok25, "qwen25_grid": list(g25), "qwen25_sequence": seq25,
+                   "qwen25_prompt_embeds": seq25 - REAL_DROP_IDX, "qwen3_vision": tok3, "qwen3_grid": list(g3),
+                   "qwen3_sequence": seq3, "dit_image_tokens": 2 * latent_tokens},
+        "flops": {"qwen25_extraction": flops25, "qwen3_extraction": flops3, "dit_step": dit},
+        "drop_idx_note": f"{REAL_DROP_IDX} system tokens dropped (real tokenizer, template {EDIT_TEMPLATE[:20]!r}...)",
+    }
+    return report
+
+
+def format_plan(report: dict[str, Any]) -> str:
+    lines = [f"Image {report['image_size'][0]}x{report['image_size'][1]} -> condition "
+             f"{report['condition_size'][0]}x{report['condition_size'][1]}"]
+    lines.append(f"{'model':<14}{'params':>14}{'bf16 GiB':>11}{'int8 GiB':>11}")
+    for name, m in report["models"].items():
+        lines.append(f"{name:<14}{m['parameters'] / 1e9:>13.3f}B{m['bytes_bf16'] / 2**30:>11.2f}{m['bytes_int8'] / 2**30:>11.2f}")
+    t = report["tokens"]
+    lines.append(f"vision tokens: Qwen2.5-VL {t['qwen25_vision']} (grid {t['qwen25_grid']} patches of 14 px), "
+                 f"Qwen3-VL {t['qwen3_vision']} (grid {t['qwen3_grid']} patches of 16 px)")
+    lines.append(f"sequences: Qwen2.5-VL {t['qwen25_sequence']} -> prompt_embeds {t['qwen25_prompt_embeds']}, "
+                 f"Qwen3-VL {t['qwen3_sequence']}, DiT image tokens {t['dit_image_tokens']}")
+    f = report["flops"]
+    lines.append(f"FLOPs ({report['flop_method']}):")
+    lines.append(f"  Qwen2.5-VL extraction {f['qwen25_extraction']['total'] / 1e12:.2f} TFLOP "
+                 f"(vision {f['qwen25_extraction']['vision'] / 1e12:.2f})")
+    lines.append(f"  Qwen3-VL extraction   {f['qwen3_extraction']['total'] / 1e12:.2f} TFLOP "
+                 f"(vision {f['qwen3_extraction']['vision'] / 1e12:.2f})")
+    lines.append(f"  DiT step              {f['dit_step'] / 1e12:.2f} TFLOP")
+    for key, value in f.items():
+        if key not in ("qwen25_extraction", "qwen3_extraction", "dit_step"):
+            lines.append(f"  {key:<21} {value / 1e12:.4f} TFLOP")
+    return "\n".join(lines)

@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny zoo is built once per test session, offline, and loaded like real models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SMALL_AREA = 128 * 128  # condition area for tests: the real 1024*1024 makes tiny models slow
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    from bridgecore.tiny_zoo import build_tiny_zoo
+
+    return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def extractor(tiny_zoo):
+    from bridgecore.extraction import VisionCacheExtractor
+
+    return VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit"], condition_area=SMALL_AREA)
+
+
+@pytest.fixture(scope="session")
+def plus_extractor(tiny_zoo):
+    from bridgecore.extraction import VisionCacheExtractor
+
+    return VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit-plus"], condition_area=SMALL_AREA,
+                                plus_condition_area=96 * 96)
+
+
+def make_image(width: int = 200, height: int = 120, seed: int = 0) -> Image.Image:
+    """A deterministic picture with shapes, so that different seeds give different features."""
+    image = Image.new("RGB", (width, height), (240 - 20 * seed % 200, 235, 230))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((width // 8, height // 6, width // 2, height // 2 + seed % 7), fill=(200, 30 + 10 * seed, 30))
+    draw.ellipse((width // 2, height // 3, width - 5, height - 5), fill=(30, 60, 200 - 15 * seed))
+    return image

@@ -1,0 +1,101 @@
+"""Real-scale planner: the real configs' counts, and the analytic FLOPs checked against torch's counter."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bridgecore.planner import dit_step_flops, plan, vlm_forward_flops
+
+
+@pytest.fixture(scope="module")
+def report():
+    return plan(1024, 1024)
+
+
+@pytest.mark.parametrize("name, expected", [("qwen3_vl", 8.77e9), ("qwen25_vl", 8.29e9),
+                                            ("transformer", 20.43e9), ("vae", 127e6)])
+def test_parameter_counts_of_the_real_models(report, name, expected):
+    assert report["models"][name]["parameters"] == pytest.approx(expected, rel=0.005)
+    assert report["models"][name]["bytes_bf16"] == 2 * report["models"][name]["parameters"]
+
+
+def test_token_counts_at_1024(report):
+    assert report["tokens"]["qwen25_vision"] == 1369  # 28 px tokens
+    assert report["tokens"]["qwen3_vision"] == 1024  # 32 px tokens
+    assert report["tokens"]["dit_image_tokens"] == 2 * 64 * 64  # target + condition latents
+
+
+def test_int8_memory_is_about_half(report):
+    for name in ("qwen3_vl", "qwen25_vl", "transformer"):
+        model = report["models"][name]
+        assert 0.45 < model["bytes_int8"] / model["bytes_bf16"] < 0.6
+
+
+def _measured(fn):
+    # The math SDPA backend decomposes attention into matmuls the counter sees (the CPU flash kernel has no formula).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        fn()
+    return counter.get_total_flops()
+
+
+def _vlm_inputs(processor, text, image):
+    return processor(text=[text], images=[image], return_tensors="pt")
+
+
+def test_analytic_vlm_flops_match_torch_counter(extractor):
+    from conftest import make_image
+
+    from bridgecore.edit_prompt import resize_for_condition
+
+    for handle, prompt in ((extractor._qwen3.get(), None), (None, "make it blue")):
+        if handle is not None:
+            model, processor = handle.model, handle.processor
+            text = processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}],
+                tokenize=False, add_generation_prompt=True)
+        else:
+            encoder = extractor.qwen25_encoder
+            model, processor = encoder.text_encoder, encoder.processor
+            text = encoder.format_prompt(prompt, 1)
+        image = resize_for_condition(make_image(300, 200), 128 * 128)
+        inputs = _vlm_inputs(processor, text, image)
+        measured = _measured(lambda: model.model(**inputs))
+        grid = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+        analytic = vlm_forward_flops(model, inputs["input_ids"].shape[1], grid)
+        assert analytic["total"] == measured, (type(model).__name__, analytic, measured)
+
+
+def test_analytic_dit_flops_match_torch_counter(tiny_zoo):
+    from diffusers import QwenImageTransformer2DModel
+
+    dit = QwenImageTransformer2DModel.from_pretrained(tiny_zoo["qwen-image-edit"], subfolder="transformer")
+    height, width, text_len = 4, 6, 11  # packed latent grid (2x2 patches of latents)
+    image_tokens = 2 * height * width
+    inputs = dict(
+        hidden_states=torch.randn(1, image_tokens, dit.config.in_channels),
+        encoder_hidden_states=torch.randn(1, text_len, dit.config.joint_attention_dim),
+        encoder_hidden_states_mask=torch.ones(1, text_len, dtype=torch.long),
+        timestep=torch.tensor([0.5]),
+        img_shapes=[[(1, height, width), (1, height, width)]],
+        return_dict=False,
+    )
+    assert dit_step_flops(dit, image_tokens, text_len) == _measured(lambda: dit(**inputs))
+
+
+def test_plan_cli_json():
+    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "plan", "--image-size", "720", "1280", "--json"],
+                            capture_output=True, text=True, check=True)
+    report = json.loads(result.stdout)
+    assert report["image_size"] == [720, 1280]
+    assert report["flops"]["dit_step"] > report["flops"]["qwen3_extraction"]["total"] > 0
+
+
+def test_bad_image_size_is_refused():
+    with pytest.raises(ValueError, match="image size must be positive"):
+        plan(0, 1024)

@@ -1,0 +1,44 @@
+"""The tiny zoo: real classes, real token behaviour, deterministic, loadable like real checkpoints."""
+
+import hashlib
+import json
+
+from bridgecore.tiny_zoo import QWEN_SPECIAL_TOKENS, build_qwen3_vl, build_tokenizer
+
+
+def test_build_is_deterministic(tmp_path, tiny_zoo):
+    build_qwen3_vl(tmp_path / "again")
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "again" / "model.safetensors") == digest(tiny_zoo["qwen3-vl"] / "model.safetensors")
+
+
+def test_config_token_ids_match_the_tokenizer(tiny_zoo):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_zoo["qwen3-vl"])
+    config = json.loads((tiny_zoo["qwen3-vl"] / "config.json").read_text())
+    assert config["image_token_id"] == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert config["vision_start_token_id"] == tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    text_encoder = json.loads((tiny_zoo["qwen-image-edit"] / "text_encoder" / "config.json").read_text())
+    assert text_encoder["image_token_id"] == config["image_token_id"]
+
+
+def test_special_tokens_are_atomic_and_text_is_byte_level():
+    tokenizer = build_tokenizer()
+    for token in QWEN_SPECIAL_TOKENS:
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    text = "Change the text 'Привет' to '你好' ✓"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: nothing is unknown
+
+
+def test_classes_and_grids_are_the_real_ones(tiny_zoo):
+    qwen3 = json.loads((tiny_zoo["qwen3-vl"] / "config.json").read_text())
+    assert qwen3["architectures"] == ["Qwen3VLForConditionalGeneration"]
+    assert qwen3["vision_config"]["patch_size"] == 16 and qwen3["vision_config"]["spatial_merge_size"] == 2
+    assert len(qwen3["vision_config"]["deepstack_visual_indexes"]) >= 2
+    index = json.loads((tiny_zoo["qwen-image-edit"] / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImageEditPipeline"
+    assert json.loads((tiny_zoo["qwen-image-edit-plus"] / "model_index.json").read_text())["_class_name"] == (
+        "QwenImageEditPlusPipeline")
+    encoder = json.loads((tiny_zoo["qwen-image-edit"] / "text_encoder" / "config.json").read_text())
+    assert encoder["vision_config"]["patch_size"] == 14 and encoder["vision_config"]["spatial_merge_size"] == 2
