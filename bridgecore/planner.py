@@ -162,6 +162,31 @@ def dit_step_flops(transformer: nn.Module, image_tokens: int, text_tokens: int, 
     return batch * (_linear_flops(transformer, tokens) + attention * config.num_layers)
 
 
+def bridge_cost(qwen3_seq: int, qwen3_grid: tuple[int, int], qwen25_seq: int, qwen25_grid: tuple[int, int],
+                config=None) -> dict[str, int]:
+    """Parameters and FLOPs (measured with `torch.utils.flop_counter`) of one bridge forward at real dims."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .bridge import BridgeConfig, VisionCacheBridge
+    from .cache_format import Qwen3VisionCache, Qwen25VisionCache
+
+    config = config or BridgeConfig()
+    bridge = VisionCacheBridge(config)
+    n3, n25 = qwen3_grid[0] * qwen3_grid[1] // 4, qwen25_grid[0] * qwen25_grid[1] // 4
+    qwen3 = Qwen3VisionCache(
+        levels={name: torch.randn(qwen3_seq, config.qwen3_hidden_dim) for name in config.levels},
+        deepstack={i: torch.randn(n3, config.qwen3_hidden_dim) for i in range(config.num_deepstack)},
+        input_ids=torch.zeros(qwen3_seq, dtype=torch.long), vision_positions=torch.arange(n3),
+        grid_thw=torch.tensor([[1, *qwen3_grid]]), layer_indices={}, model_id="", revision="")
+    qwen25 = Qwen25VisionCache(
+        prompt_embeds=torch.randn(qwen25_seq, config.qwen25_hidden_dim), prompt_embeds_mask=torch.ones(qwen25_seq),
+        input_ids=torch.zeros(qwen25_seq, dtype=torch.long), vision_positions=torch.arange(n25),
+        grid_thw=torch.tensor([[1, *qwen25_grid]]), model_id="", revision="", template="edit", drop_idx=0)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        bridge(qwen3, qwen25)
+    return {"parameters": bridge.num_parameters(), "flops": counter.get_total_flops()}
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 
@@ -199,6 +224,7 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
     flops3 = vlm_forward_flops(models["qwen3_vl"], seq3, [(1, *g3)])
     latent_tokens = (cond_h // 16) * (cond_w // 16)  # VAE /8, then 2x2 patches
     dit = dit_step_flops(models["transformer"], 2 * latent_tokens, seq25 - REAL_DROP_IDX)
+    bridge = bridge_cost(seq3, g3, seq25 - REAL_DROP_IDX, g25)
     report: dict[str, Any] = {
         "image_size": [height, width],
         "condition_size": [cond_h, cond_w],
@@ -207,7 +233,10 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
         "tokens": {"qwen25_vision": tok25, "qwen25_grid": list(g25), "qwen25_sequence": seq25,
                    "qwen25_prompt_embeds": seq25 - REAL_DROP_IDX, "qwen3_vision": tok3, "qwen3_grid": list(g3),
                    "qwen3_sequence": seq3, "dit_image_tokens": 2 * latent_tokens},
-        "flops": {"qwen25_extraction": flops25, "qwen3_extraction": flops3, "dit_step": dit},
+        "flops": {"qwen25_extraction": flops25, "qwen3_extraction": flops3, "dit_step": dit,
+                  "bridge": bridge["flops"]},
+        "bridge": {"parameters": bridge["parameters"], "bytes_bf16": 2 * bridge["parameters"],
+                   "flops_vs_dit_step": bridge["flops"] / dit},
         "drop_idx_note": f"{REAL_DROP_IDX} system tokens dropped (real tokenizer, template {EDIT_TEMPLATE[:20]!r}...)",
     }
     return report
@@ -219,6 +248,8 @@ def format_plan(report: dict[str, Any]) -> str:
     lines.append(f"{'model':<14}{'params':>14}{'bf16 GiB':>11}{'int8 GiB':>11}")
     for name, m in report["models"].items():
         lines.append(f"{name:<14}{m['parameters'] / 1e9:>13.3f}B{m['bytes_bf16'] / 2**30:>11.2f}{m['bytes_int8'] / 2**30:>11.2f}")
+    b = report["bridge"]
+    lines.append(f"{'bridge':<14}{b['parameters'] / 1e6:>13.3f}M{b['bytes_bf16'] / 2**30:>11.4f}")
     t = report["tokens"]
     lines.append(f"vision tokens: Qwen2.5-VL {t['qwen25_vision']} (grid {t['qwen25_grid']} patches of 14 px), "
                  f"Qwen3-VL {t['qwen3_vision']} (grid {t['qwen3_grid']} patches of 16 px)")
@@ -234,4 +265,5 @@ def format_plan(report: dict[str, Any]) -> str:
     for key, value in f.items():
         if key not in ("qwen25_extraction", "qwen3_extraction", "dit_step"):
             lines.append(f"  {key:<21} {value / 1e12:.4f} TFLOP")
+    lines.append(f"  bridge / one DiT step = {b['flops_vs_dit_step']:.2e}")
     return "\n".join(lines)

@@ -99,3 +99,8 @@ def test_plan_cli_json():
 def test_bad_image_size_is_refused():
     with pytest.raises(ValueError, match="image size must be positive"):
         plan(0, 1024)
+
+
+def test_bridge_is_reported_at_real_dims(report):
+    assert 4e6 <= report["bridge"]["parameters"] <= 6e6
+    assert 0 < report["bridge"]["flops_vs_dit_step"] < 0.01

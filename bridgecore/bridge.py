@@ -1,0 +1,285 @@
+"""VisionCacheBridge: Qwen3-VL multi-level features -> a gated correction of Qwen-Image-Edit's embeddings.
+
+C2C-style gated residual (Cache-to-Cache, arXiv 2510.03215), in two lines:
+
+    correction = out(align(fuse(project(levels))), queries = base)     # [L25, D25]
+    enhanced   = base + gate * correction                              # gate starts at 0
+
+With the gate at zero an untrained bridge returns Qwen-Image-Edit's own embeddings bit for bit; only
+training (against the frozen DiT's flow-matching loss) opens it. Alignment: Qwen3-VL's vision tokens
+(32 px) are resampled on their 2-D grid to Qwen2.5-VL's (28 px), image by image; every Qwen2.5
+position (text and vision) also cross-attends over the whole Qwen3 sequence, which carries the
+instruction. Low rank keeps it near 5M parameters at the real dimensions (4096 -> 3584, rank 256).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class BridgeConfig:
+    """Flat bridge config. Dimensions come from the models or caches (`BridgeConfig.from_caches`)."""
+
+    qwen3_hidden_dim: int = 4096
+    qwen25_hidden_dim: int = 3584
+    rank: int = 256
+    levels: tuple[str, ...] = LEVEL_NAMES
+    use_deepstack: bool = False  # add the DeepStack visual features as extra levels on vision tokens
+    num_deepstack: int = 3
+    use_attention_fusion: bool = True  # attention over levels; False: an MLP over concatenated levels
+    use_residual: bool = True  # enhanced = base + gate * correction; False: correction replaces base (gate-mixed)
+    num_heads: int = 4
+    gate_init: float = 0.0
+    dropout: float = 0.0
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    qwen3_model_id: str = ""
+    qwen25_model_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.levels = tuple(self.levels)
+        if self.rank % self.num_heads:
+            raise ValueError(f"rank ({self.rank}) must be divisible by num_heads ({self.num_heads})")
+        if not self.levels:
+            raise ValueError("levels must name at least one of 'early', 'mid', 'late'")
+
+    @classmethod
+    def from_caches(cls, qwen3: Qwen3VisionCache, qwen25: Qwen25VisionCache, **overrides) -> "BridgeConfig":
+        values = dict(qwen3_hidden_dim=qwen3.hidden_size, qwen25_hidden_dim=qwen25.hidden_size,
+                      num_deepstack=len(qwen3.deepstack), qwen3_model_id=qwen3.model_id,
+                      qwen25_model_id=qwen25.model_id)
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_model_configs(cls, qwen3_config, qwen25_config, **overrides) -> "BridgeConfig":
+        """From `Qwen3VLConfig` and `Qwen2_5_VLConfig` (or their dicts): real dims, never restated."""
+        values = dict(qwen3_hidden_dim=qwen3_config.text_config.hidden_size,
+                      qwen25_hidden_dim=qwen25_config.text_config.hidden_size,
+                      num_deepstack=len(qwen3_config.vision_config.deepstack_visual_indexes))
+        values.update(overrides)
+        return cls(**values)
+
+
+class DeepStackProjector(nn.Module):
+    """Normalises and projects each level independently to the bridge width: [L3, D3] -> [L3, rank]."""
+
+    def __init__(self, config: BridgeConfig, num_levels: int):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(config.qwen3_hidden_dim, eps=1e-6) for _ in range(num_levels))
+        self.projections = nn.ModuleList(nn.Linear(config.qwen3_hidden_dim, config.rank) for _ in range(num_levels))
+
+    def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
+        projected = [proj(norm(x)) for x, norm, proj in zip(levels, self.norms, self.projections)]
+        return torch.stack(projected, dim=-2)  # [L3, n_levels, rank]
+
+
+class MultiLevelFusion(nn.Module):
+    """Fuses the projected levels of each token, by attention over levels or by an MLP."""
+
+    def __init__(self, config: BridgeConfig, num_levels: int):
+        super().__init__()
+        self.use_attention = config.use_attention_fusion
+        if self.use_attention:
+            self.score = nn.Linear(config.rank, 1)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(num_levels * config.rank, config.rank), nn.GELU(),
+                                     nn.Linear(config.rank, config.rank))
+
+    def forward(self, stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # stacked: [L3, n_levels, rank]
+        if self.use_attention:
+            weights = self.score(torch.tanh(stacked)).squeeze(-1).softmax(dim=-1)  # [L3, n_levels]
+            return (weights.unsqueeze(-1) * stacked).sum(dim=-2), weights
+        return self.mlp(stacked.flatten(-2)), None
+
+
+def resample_vision_tokens(features: torch.Tensor, grid3: torch.Tensor, grid25: torch.Tensor, merge: int = 2) -> torch.Tensor:
+    """Brings per-image Qwen3 vision tokens onto the Qwen2.5 token grids by bilinear resampling.
+
+    Args:
+        features (`torch.Tensor` of shape `[N3, C]`): Qwen3 vision tokens, images in order, row-major.
+        grid3, grid25 (`torch.Tensor` of shape `[n_images, 3]`): (t, h, w) patch grids before merging.
+    Returns:
+        `torch.Tensor` of shape `[N25, C]`.
+    """
+    if grid3.shape[0] != grid25.shape[0]:
+        raise ValueError(f"caches disagree on the number of images: Qwen3 {grid3.shape[0]}, Qwen2.5 {grid25.shape[0]}")
+    out, start = [], 0
+    for (t3, h3, w3), (t25, h25, w25) in zip(grid3.tolist(), grid25.tolist()):
+        h3, w3, h25, w25 = h3 // merge, w3 // merge, h25 // merge, w25 // merge
+        count = t3 * h3 * w3
+        image = features[start:start + count].reshape(t3, h3, w3, -1).permute(0, 3, 1, 2)  # [t, C, h3, w3]
+        resized = F.interpolate(image, size=(h25, w25), mode="bilinear", align_corners=False)
+        out.append(resized.permute(0, 2, 3, 1).reshape(-1, features.shape[-1])[: t25 * h25 * w25])
+        start += count
+    if start != features.shape[0]:
+        raise ValueError(f"Qwen3 grid covers {start} vision tokens but the cache holds {features.shape[0]}")
+    return torch.cat(out) if out else features[:0]
+
+
+@dataclass
+class BridgeOutput:
+    """prompt_embeds `[B, L, D25]`, prompt_embeds_mask `[B, L]`; attention maps per sample on request."""
+
+    prompt_embeds: torch.Tensor
+    prompt_embeds_mask: torch.Tensor
+    attention_weights: list[dict[str, torch.Tensor]] | None = None
+
+
+class VisionCacheBridge(nn.Module):
+    """Qwen3-VL caches + Qwen2.5-VL caches -> Qwen2.5-compatible prompt embeddings for the edit DiT."""
+
+    def __init__(self, config: BridgeConfig | None = None):
+        super().__init__()
+        self.config = config = config or BridgeConfig()
+        num_levels = len(config.levels)
+        self.projector = DeepStackProjector(config, num_levels)
+        self.fusion = MultiLevelFusion(config, num_levels)
+        self.deepstack_projector = DeepStackProjector(config, config.num_deepstack) if config.use_deepstack else None
+        self.query_norm = nn.RMSNorm(config.qwen25_hidden_dim, eps=1e-6)
+        self.query = nn.Linear(config.qwen25_hidden_dim, config.rank)
+        self.key_value = nn.Linear(config.rank, 2 * config.rank)
+        self.dropout = nn.Dropout(config.dropout)
+        self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
+        self.gate = nn.Parameter(torch.full((config.qwen25_hidden_dim,), float(config.gate_init)))
+
+    # -- checks ------------------------------------------------------------------------------------------
+
+    def check_caches(self, qwen3: Qwen3VisionCache, qwen25: Qwen25VisionCache) -> None:
+        """Refuses caches that do not belong together or do not fit this bridge, saying what differs."""
+        cfg = self.config
+        problems = []
+        if qwen3.hidden_size != cfg.qwen3_hidden_dim:
+            problems.append(f"Qwen3 hidden size {qwen3.hidden_size} != bridge {cfg.qwen3_hidden_dim}")
+        if qwen25.hidden_size != cfg.qwen25_hidden_dim:
+            problems.append(f"Qwen2.5 hidden size {qwen25.hidden_size} != bridge {cfg.qwen25_hidden_dim}")
+        if qwen3.grid_thw.shape[0] != qwen25.grid_thw.shape[0]:
+            problems.append(f"different numbers of images ({qwen3.grid_thw.shape[0]} vs {qwen25.grid_thw.shape[0]})")
+        missing = [name for name in cfg.levels if name not in qwen3.levels]
+        if missing:
+            problems.append(f"Qwen3 cache lacks levels {missing}")
+        if cfg.qwen3_model_id and qwen3.model_id != cfg.qwen3_model_id:
+            problems.append(f"Qwen3 model {qwen3.model_id!r} != bridge's {cfg.qwen3_model_id!r}")
+        if cfg.qwen25_model_id and qwen25.model_id != cfg.qwen25_model_id:
+            problems.append(f"Qwen2.5 model {qwen25.model_id!r} != bridge's {cfg.qwen25_model_id!r}")
+        for name, tensor in (("qwen25.prompt_embeds", qwen25.prompt_embeds), *((f"qwen3.{n}", qwen3.levels[n])
+                             for n in cfg.levels if n in qwen3.levels)):
+            if not torch.isfinite(tensor).all():
+                problems.append(f"{name} contains NaN or Inf")
+        if problems:
+            raise ValueError("caches do not fit the bridge: " + "; ".join(problems))
+
+    # -- forward -----------------------------------------------------------------------------------------
+
+    def _correction(self, qwen3: Qwen3VisionCache, qwen25: Qwen25VisionCache):
+        cfg = self.config
+        dtype = self.out.weight.dtype
+        levels = [qwen3.levels[name].to(dtype) for name in cfg.levels]
+        fused, level_weights = self.fusion(self.projector(levels))  # [L3, rank], [L3, n_levels]
+        base = qwen25.prompt_embeds.to(dtype)  # [L25, D25]
+        # Every Qwen2.5 position attends over the Qwen3 sequence (instruction and image).
+        heads, width = cfg.num_heads, cfg.rank // cfg.num_heads
+        query = self.query(self.query_norm(base)).view(-1, heads, width).transpose(0, 1)  # [H, L25, w]
+        key, value = self.key_value(fused).view(-1, 2, heads, width).permute(1, 2, 0, 3)  # 2 x [H, L3, w]
+        scores = query @ key.transpose(-1, -2) / width**0.5  # [H, L25, L3]
+        attention = self.dropout(scores.softmax(dim=-1))
+        attended = (attention @ value).transpose(0, 1).reshape(-1, cfg.rank)  # [L25, rank]
+        # Vision positions also get the Qwen3 image features resampled onto the Qwen2.5 grid.
+        vision = fused[qwen3.vision_positions.to(fused.device)]
+        if self.deepstack_projector is not None:
+            deepstack = self.deepstack_projector([t.to(dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
+            vision = vision + deepstack
+        resampled = resample_vision_tokens(vision, qwen3.grid_thw, qwen25.grid_thw)
+        positions = qwen25.vision_positions.to(base.device)
+        if resampled.shape[0] != positions.numel():
+            raise ValueError(f"Qwen2.5 cache has {positions.numel()} vision tokens but its grid gives {resampled.shape[0]}")
+        attended = attended.index_add(0, positions, resampled)
+        maps = {"levels": level_weights, "cross_attention": attention.mean(0)}
+        return self.out(attended), maps  # [L25, D25]
+
+    def forward(self, qwen3_cache, qwen25_cache, return_attention_weights: bool = False):
+        """Enhanced embeddings for one sample or a list of samples (padded like the pipeline).
+
+        Returns `(prompt_embeds [B, L, D25], prompt_embeds_mask [B, L])`, plus a list of per-sample
+        attention maps when `return_attention_weights` (`levels [L3, n]`, `cross_attention [L25, L3]`).
+        """
+        single = not isinstance(qwen3_cache, (list, tuple))
+        qwen3s = [qwen3_cache] if single else list(qwen3_cache)
+        qwen25s = [qwen25_cache] if single else list(qwen25_cache)
+        if len(qwen3s) != len(qwen25s):
+            raise ValueError(f"got {len(qwen3s)} Qwen3 caches for {len(qwen25s)} Qwen2.5 caches")
+        embeds, maps = [], []
+        for qwen3, qwen25 in zip(qwen3s, qwen25s):
+            self.check_caches(qwen3, qwen25)
+            base = qwen25.prompt_embeds.to(self.gate.device)
+            correction, sample_maps = self._correction(qwen3, qwen25)
+            gate = self.gate.to(correction.dtype)
+            if self.config.use_residual:
+                enhanced = base + (gate * correction).to(base.dtype)
+            else:
+                enhanced = torch.lerp(base, correction.to(base.dtype), gate.to(base.dtype))
+            embeds.append(enhanced)
+            maps.append(sample_maps)
+        max_len = max(e.shape[0] for e in embeds)
+        prompt_embeds = torch.stack([F.pad(e, (0, 0, 0, max_len - e.shape[0])) for e in embeds])
+        mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=e.device), (0, max_len - e.shape[0]))
+                            for e in embeds])
+        return BridgeOutput(prompt_embeds, mask, maps if return_attention_weights else None)
+
+    # -- persistence -------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """`config.json` + `model.safetensors`; no pickle."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, expect: BridgeConfig | None = None) -> "VisionCacheBridge":
+        """Loads a saved bridge; with `expect`, refuses one whose dimensions do not match the models."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; is this a bridge checkpoint?")
+        config = BridgeConfig(**json.loads((directory / CONFIG_NAME).read_text()))
+        if expect is not None:
+            mismatched = [f"{name}: checkpoint {getattr(config, name)} vs models {getattr(expect, name)}"
+                          for name in ("qwen3_hidden_dim", "qwen25_hidden_dim", "num_deepstack")
+                          if getattr(config, name) != getattr(expect, name)]
+            if mismatched:
+                raise ValueError(f"bridge checkpoint {directory} does not match the models: " + "; ".join(mismatched))
+        bridge = cls(config)
+        bridge.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        return bridge
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def create_default_bridge(qwen3_cache: Qwen3VisionCache | None = None, qwen25_cache: Qwen25VisionCache | None = None,
+                          **overrides) -> VisionCacheBridge:
+    """An untrained bridge (an exact no-op until trained), sized from caches when given, else real dims."""
+    if qwen3_cache is not None and qwen25_cache is not None:
+        return VisionCacheBridge(BridgeConfig.from_caches(qwen3_cache, qwen25_cache, **overrides))
+    return VisionCacheBridge(BridgeConfig(**overrides))

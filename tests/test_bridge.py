@@ -1,0 +1,115 @@
+"""The bridge: exact no-op when untrained, gradients everywhere once open, alignment, persistence, size."""
+
+import pytest
+import torch
+from conftest import make_image
+
+from bridgecore.bridge import BridgeConfig, VisionCacheBridge, create_default_bridge, resample_vision_tokens
+
+PROMPT = "move the red square to the right"
+
+
+@pytest.fixture(scope="module")
+def caches(extractor):
+    images = [make_image(200, 120, 0), make_image(96, 160, 1), make_image(300, 300, 2)]
+    return extractor.extract(images, [PROMPT, "make it blue", "a longer instruction for the third sample"])
+
+
+def _open(bridge, value=0.5):
+    with torch.no_grad():
+        bridge.gate.fill_(value)
+    return bridge
+
+
+@pytest.mark.parametrize("attention_fusion", [True, False])
+def test_untrained_bridge_is_the_baseline_bit_for_bit(caches, attention_fusion):
+    sample = caches[0]
+    bridge = create_default_bridge(sample.qwen3, sample.qwen25, use_attention_fusion=attention_fusion)
+    out = bridge(sample.qwen3, sample.qwen25)
+    assert torch.equal(out.prompt_embeds[0], sample.qwen25.prompt_embeds)
+    assert out.prompt_embeds.dtype == sample.qwen25.prompt_embeds.dtype
+
+
+def test_gradients_reach_every_parameter_once_the_gate_is_open(caches):
+    sample = caches[0]
+    closed = create_default_bridge(sample.qwen3, sample.qwen25, use_deepstack=True)
+    closed(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
+    assert closed.gate.grad.abs().sum() > 0  # the gate learns first
+    assert closed.out.weight.grad.abs().sum() == 0  # nothing else moves until it opens
+    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25, use_deepstack=True))
+    bridge(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
+    for name, parameter in bridge.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_open_bridge_changes_the_embeddings(caches):
+    sample = caches[0]
+    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25))
+    out = bridge(sample.qwen3, sample.qwen25, return_attention_weights=True)
+    assert not torch.equal(out.prompt_embeds[0], sample.qwen25.prompt_embeds)
+    maps = out.attention_weights[0]
+    assert maps["cross_attention"].shape == (sample.qwen25.prompt_embeds.shape[0], sample.qwen3.input_ids.numel())
+    torch.testing.assert_close(maps["cross_attention"].sum(-1), torch.ones(maps["cross_attention"].shape[0]))
+
+
+def test_batch_equals_one_by_one(caches):
+    bridge = _open(create_default_bridge(caches[0].qwen3, caches[0].qwen25)).eval()
+    batch = bridge([c.qwen3 for c in caches], [c.qwen25 for c in caches])
+    for b, cache in enumerate(caches):
+        single = bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]
+        length = single.shape[0]
+        torch.testing.assert_close(batch.prompt_embeds[b, :length], single)
+        assert batch.prompt_embeds_mask[b].sum() == length and batch.prompt_embeds[b, length:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("grid3, grid25", [((1, 14, 22), (1, 6, 10)), ((1, 16, 16), (1, 20, 20)),
+                                           ((1, 8, 30), (1, 10, 36))])
+def test_resampling_keeps_the_2d_layout(grid3, grid25):
+    """A horizontal ramp over the Qwen3 grid stays a horizontal ramp on the Qwen2.5 grid."""
+    _, h3, w3 = (g // 2 if i else g for i, g in enumerate(grid3))
+    _, h25, w25 = (g // 2 if i else g for i, g in enumerate(grid25))
+    ramp = torch.linspace(0, 1, w3).repeat(h3, 1).reshape(-1, 1)
+    out = resample_vision_tokens(ramp, torch.tensor([grid3]), torch.tensor([grid25])).reshape(h25, w25)
+    assert out.shape == (h25, w25)
+    assert (out.diff(dim=1) >= -1e-6).all() and torch.allclose(out[0], out[-1])
+
+
+def test_multi_image_alignment(plus_extractor):
+    cache = plus_extractor.extract([make_image(200, 120, 0), make_image(120, 200, 1)], "swap them")
+    bridge = _open(create_default_bridge(cache.qwen3, cache.qwen25))
+    out = bridge(cache.qwen3, cache.qwen25)
+    assert out.prompt_embeds.shape[1:] == cache.qwen25.prompt_embeds.shape
+
+
+def test_save_load_round_trip_and_dimension_check(tmp_path, caches):
+    sample = caches[0]
+    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25), 0.3)
+    bridge.save_pretrained(tmp_path / "bridge")
+    loaded = VisionCacheBridge.from_pretrained(tmp_path / "bridge", expect=BridgeConfig.from_caches(sample.qwen3, sample.qwen25))
+    assert torch.equal(loaded(sample.qwen3, sample.qwen25).prompt_embeds, bridge(sample.qwen3, sample.qwen25).prompt_embeds)
+    with pytest.raises(ValueError, match="qwen25_hidden_dim: checkpoint 64 vs models 3584"):
+        VisionCacheBridge.from_pretrained(tmp_path / "bridge", expect=BridgeConfig())
+
+
+def test_mismatched_and_non_finite_caches_are_refused(caches, plus_extractor):
+    sample = caches[0]
+    bridge = create_default_bridge(sample.qwen3, sample.qwen25)
+    with pytest.raises(ValueError, match="different numbers of images"):
+        plus = plus_extractor.extract([make_image(), make_image(90, 90, 1)], "x")
+        bridge(sample.qwen3, plus.qwen25)
+    broken = caches[1].qwen25
+    broken_embeds = broken.prompt_embeds.clone()
+    broken_embeds[0, 0] = float("nan")
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        bridge(caches[1].qwen3, replace(broken, prompt_embeds=broken_embeds))
+    wrong = VisionCacheBridge(BridgeConfig(qwen3_hidden_dim=96, qwen25_hidden_dim=64, rank=32))
+    with pytest.raises(ValueError, match="Qwen3 hidden size 128 != bridge 96"):
+        wrong(sample.qwen3, sample.qwen25)
+
+
+def test_parameter_count_at_real_dimensions():
+    with torch.device("meta"):
+        bridge = VisionCacheBridge(BridgeConfig())
+    assert 4e6 <= bridge.num_parameters() <= 6e6
