@@ -1,0 +1,199 @@
+"""EnhancedQwenImageEdit: diffusers' Qwen-Image-Edit(-Plus) pipelines fed with bridged embeddings.
+
+No fork of the denoising code: the pipeline gets `prompt_embeds` / `prompt_embeds_mask` (and the
+negative pair for true CFG) computed here the M-RoPE-correct way, optionally enhanced by the bridge.
+
+    editor = EnhancedQwenImageEdit("Qwen/Qwen-Image-Edit", "Qwen/Qwen3-VL-8B-Instruct", bridge="ckpt/")
+    image = editor.generate(image, "Change the text 'Hello' to 'Goodbye'", seed=0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .bridge import BridgeConfig, VisionCacheBridge
+from .edit_prompt import DEFAULT_CONDITION_AREA, DEFAULT_PLUS_CONDITION_AREA, condition_size
+from .extraction import VisionCacheExtractor
+from .images import load_image
+from .loading import (
+    DEFAULT_EDIT_MODEL,
+    DEFAULT_QWEN3_MODEL,
+    LazyModel,
+    LoadOptions,
+    load_edit_pipeline,
+    pipeline_class_name,
+    resolve_model,
+)
+
+logger = logging.getLogger(__name__)
+
+_PIPELINE_AREA = 1024 * 1024  # hard-coded in both diffusers pipelines
+_PIPELINE_PLUS_CONDITION_AREA = 384 * 384
+_area_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def pipeline_areas(pipe, condition_area: int, plus_condition_area: int):
+    """Makes the pipeline resize condition images to our areas instead of its hard-coded 1024*1024.
+
+    diffusers reads the area through the module-level `calculate_dimensions`; we wrap it for the
+    duration of one call (under a lock, as it is module state).
+    """
+    module = __import__(type(pipe).__module__, fromlist=["calculate_dimensions"])
+    original = module.calculate_dimensions
+    mapping = {_PIPELINE_AREA: condition_area, _PIPELINE_PLUS_CONDITION_AREA: plus_condition_area}
+
+    def calculate_dimensions(target_area, ratio):
+        return original(mapping.get(target_area, target_area), ratio)
+
+    with _area_lock:
+        module.calculate_dimensions = calculate_dimensions
+        try:
+            yield
+        finally:
+            module.calculate_dimensions = original
+
+
+class EnhancedQwenImageEdit:
+    """Qwen-Image-Edit with Qwen3-VL vision through a `VisionCacheBridge`.
+
+    Args:
+        edit_model: hub id or directory of a Qwen-Image-Edit (or Edit-Plus) pipeline.
+        qwen3_model: hub id or directory of Qwen3-VL.
+        bridge: a `VisionCacheBridge`, a checkpoint directory, or None for an untrained (no-op) bridge.
+        condition_area: condition-image area (the pipelines' 1024*1024 by default).
+        one_model_at_a_time: keep at most one large model resident (Qwen3-VL, Qwen2.5-VL, DiT in turn).
+        load_in_8bit: load the two VLMs in 8-bit.
+    """
+
+    def __init__(self, edit_model: str | Path = DEFAULT_EDIT_MODEL, qwen3_model: str | Path = DEFAULT_QWEN3_MODEL,
+                 bridge: VisionCacheBridge | str | Path | None = None, device: str = "auto", dtype: str = "auto",
+                 condition_area: int = DEFAULT_CONDITION_AREA,
+                 plus_condition_area: int = DEFAULT_PLUS_CONDITION_AREA,
+                 one_model_at_a_time: bool = False, load_in_8bit: bool = False):
+        self.options = LoadOptions(device=device, dtype=dtype)
+        self.extractor = VisionCacheExtractor(qwen3_model, edit_model, device=device, dtype=dtype,
+                                              load_in_8bit=load_in_8bit, condition_area=condition_area,
+                                              plus_condition_area=plus_condition_area)
+        self.edit_name = str(edit_model)
+        self.condition_area = condition_area
+        self.plus_condition_area = plus_condition_area
+        self.one_model_at_a_time = one_model_at_a_time
+        self._bridge_source = bridge
+        self._bridge: VisionCacheBridge | None = bridge if isinstance(bridge, VisionCacheBridge) else None
+        self._pipe = LazyModel(self._load_pipeline, f"edit pipeline {self.edit_name}")
+
+    def _load_pipeline(self):
+        resolved = resolve_model(self.edit_name)
+        # The text encoder stays with the extractor: the pipeline only ever receives embeddings.
+        return load_edit_pipeline(resolved, self.options, text_encoder=None)
+
+    @property
+    def pipe(self):
+        return self._pipe.get()
+
+    @property
+    def plus(self) -> bool:
+        return pipeline_class_name(resolve_model(self.edit_name, allow_patterns=["model_index.json"])) == (
+            "QwenImageEditPlusPipeline")
+
+    def bridge_for(self, qwen3, qwen25) -> VisionCacheBridge:
+        """The bridge, built untrained from the caches' dims or loaded and checked against them."""
+        if self._bridge is None:
+            expected = BridgeConfig.from_caches(qwen3, qwen25)
+            if self._bridge_source is None:
+                logger.warning("no bridge checkpoint given: the bridge is untrained, so output equals the baseline")
+                self._bridge = VisionCacheBridge(expected)
+            else:
+                self._bridge = VisionCacheBridge.from_pretrained(self._bridge_source, expect=expected)
+            self._bridge = self._bridge.to(self.options.torch_device()).eval()
+        return self._bridge
+
+    def unload(self) -> None:
+        self.extractor.unload()
+        self._pipe.unload()
+
+    # -- embeddings --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode(self, samples: list[list[Image.Image]], prompts: list[str], use_qwen3_vision: bool,
+               return_attention_weights: bool = False):
+        """(prompt_embeds [B, L, D], mask [B, L], attention maps or None) for B samples."""
+        if use_qwen3_vision:
+            caches = self.extractor.extract(samples, prompts)
+            output = self.bridge_for(caches[0].qwen3, caches[0].qwen25)(
+                [c.qwen3 for c in caches], [c.qwen25 for c in caches], return_attention_weights=return_attention_weights)
+            embeds, mask, maps = output.prompt_embeds, output.prompt_embeds_mask, output.attention_weights
+        else:
+            resized = [self.extractor.prepare_images(s) for s in samples]
+            encoding = self.extractor.qwen25_encoder.encode(prompts, resized, resized=True)
+            embeds, mask, maps = encoding.prompt_embeds, encoding.prompt_embeds_mask, None
+        if not torch.isfinite(embeds).all():
+            raise ValueError("prompt embeddings contain NaN or Inf; refusing to run the DiT on them")
+        return embeds, mask, maps
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    def _group_by_size(self, samples: list[list[Image.Image]]) -> list[list[int]]:
+        groups: dict[Any, list[int]] = {}
+        for index, images in enumerate(samples):
+            key = tuple(condition_size(image, self.condition_area) for image in images)
+            groups.setdefault(key if not self.plus else index, []).append(index)
+        return list(groups.values())
+
+    def generate(self, image, prompt: str | list[str], use_qwen3_vision: bool = True, seed: int | list[int] = 0,
+                 num_inference_steps: int = 50, true_cfg_scale: float = 4.0, negative_prompt: str | None = None,
+                 output_type: str = "pil", return_attention_weights: bool = False):
+        """Edits one sample (`image`: an image or, for Edit-Plus, a list) or a batch (`prompt` a list).
+
+        Samples whose condition images have the same size share one DiT forward; each keeps its own seed.
+        Returns an image (or a list), plus attention maps when `return_attention_weights`.
+        """
+        batched = isinstance(prompt, (list, tuple))
+        prompts = list(prompt) if batched else [prompt]
+        raw = list(image) if batched else [image]
+        samples = [[load_image(i) for i in (s if isinstance(s, (list, tuple)) else [s])] for s in raw]
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
+        if len(samples) != len(prompts) or len(seeds) != len(prompts):
+            raise ValueError(f"got {len(samples)} images, {len(prompts)} prompts and {len(seeds)} seeds")
+        if not self.plus and any(len(s) != 1 for s in samples):
+            raise ValueError("the single-image Qwen-Image-Edit pipeline takes one image per sample; "
+                             "use an Edit-Plus model (Qwen/Qwen-Image-Edit-2509) for several")
+
+        cfg = true_cfg_scale > 1 and negative_prompt is not None
+        embeds, mask, maps = self.encode(samples, prompts, use_qwen3_vision, return_attention_weights)
+        if cfg:
+            neg_embeds, neg_mask, _ = self.encode(samples, [negative_prompt] * len(prompts), use_qwen3_vision)
+        if self.one_model_at_a_time:
+            self.extractor.unload()
+
+        outputs: list[Any] = [None] * len(prompts)
+        device = self.options.torch_device()
+        for group in self._group_by_size(samples):
+            length = int(mask[group].sum(-1).max())
+            kwargs = dict(prompt_embeds=embeds[group, :length], prompt_embeds_mask=mask[group, :length])
+            if cfg:
+                neg_length = int(neg_mask[group].sum(-1).max())
+                kwargs.update(negative_prompt_embeds=neg_embeds[group, :neg_length],
+                              negative_prompt_embeds_mask=neg_mask[group, :neg_length])
+            images = samples[group[0]] if self.plus else [samples[i][0] for i in group]
+            generators = [torch.Generator(device).manual_seed(seeds[i]) for i in group]
+            with pipeline_areas(self.pipe, self.condition_area, self.plus_condition_area):
+                result = self.pipe(image=images if len(images) > 1 or self.plus else images[0],
+                                   true_cfg_scale=true_cfg_scale if cfg else 1.0,
+                                   num_inference_steps=num_inference_steps,
+                                   generator=generators if len(generators) > 1 else generators[0],
+                                   output_type=output_type, **kwargs).images
+            for slot, index in enumerate(group):
+                outputs[index] = result[slot]
+        if self.one_model_at_a_time:
+            self._pipe.unload()
+        result = outputs if batched else outputs[0]
+        return (result, maps) if return_attention_weights else result
