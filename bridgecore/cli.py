@@ -123,6 +123,49 @@ def extract(
 
 
 @app.command()
+def edit(
+    images: list[str] = typer.Argument(..., help="Image path(s) or URL(s) of ONE sample (several need an Edit-Plus model)."),
+    prompt: str = typer.Option(..., help="The edit instruction."),
+    out: Path = typer.Option(..., help="Output PNG."),
+    bridge: Optional[Path] = typer.Option(None, help="Trained bridge directory. Without it the bridge is UNTRAINED "
+                                          "and, by design, returns the baseline exactly: --baseline and the default "
+                                          "then give identical files."),
+    baseline: bool = typer.Option(False, "--baseline", help="Plain Qwen-Image-Edit (M-RoPE-correct embeddings), no Qwen3-VL."),
+    qwen3: Optional[str] = typer.Option(None, help=f"Qwen3-VL hub id or directory [default: {DEFAULT_QWEN3_MODEL}]."),
+    edit_model: Optional[str] = typer.Option(None, help=f"Edit pipeline hub id or directory [default: {DEFAULT_EDIT_MODEL}]."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    seed: int = typer.Option(0, help="Noise seed."),
+    cfg: float = typer.Option(4.0, help="true_cfg_scale; acts only with --negative-prompt."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for true CFG."),
+    condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
+    compare_path: Optional[Path] = typer.Option(None, "--compare", help="Also write input | baseline | enhanced | attention PNG."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+    one_model_at_a_time: bool = typer.Option(False, help="Keep at most one large model in memory."),
+):
+    """Edit one sample with Qwen-Image-Edit, its conditioning enhanced by Qwen3-VL through the bridge."""
+    from .edit_pipeline import EnhancedQwenImageEdit
+    from .images import ImageLoadError
+
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1)
+    editor = EnhancedQwenImageEdit(edit_model, qwen3, bridge=bridge, device=device, condition_area=condition_area,
+                                   one_model_at_a_time=one_model_at_a_time)
+    sample = images if len(images) > 1 else images[0]
+    try:
+        if compare_path is not None:
+            baseline_image, enhanced, _ = editor.compare(sample, prompt, seed=seed, num_inference_steps=steps,
+                                                         save_comparison=compare_path)
+            result = baseline_image if baseline else enhanced
+        else:
+            result = editor.generate(sample, prompt, use_qwen3_vision=not baseline, seed=seed,
+                                     num_inference_steps=steps, true_cfg_scale=cfg, negative_prompt=negative_prompt)
+    except (ImageLoadError, ModelNotAvailableError, ValueError, FileNotFoundError) as error:
+        _fail(str(error))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result.save(out)
+    typer.echo(f"wrote {out}" + (f" and {compare_path}" if compare_path else ""))
+
+
+@app.command()
 def quickstart(
     out_dir: Path = typer.Option(Path("out/quickstart"), help="Where to write the sample image and its cache."),
     qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real model, else tiny zoo)."),

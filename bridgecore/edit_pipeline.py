@@ -197,3 +197,59 @@ class EnhancedQwenImageEdit:
             self._pipe.unload()
         result = outputs if batched else outputs[0]
         return (result, maps) if return_attention_weights else result
+
+    def compare(self, image, prompt: str, seed: int = 0, num_inference_steps: int = 50,
+                save_comparison: str | Path | None = None, **kwargs):
+        """(baseline, enhanced, attention maps); `save_comparison=PATH` writes the labelled PNG grid."""
+        return compare_edits(self, image, prompt, seed, num_inference_steps, save_comparison, **kwargs)
+
+
+# -- comparison ------------------------------------------------------------------------------------------
+
+
+def attention_overlay(image: Image.Image, qwen3_maps: dict[str, torch.Tensor], vision_positions: torch.Tensor,
+                      grid_thw: torch.Tensor) -> Image.Image:
+    """Where the bridge looked: mean cross-attention onto Qwen3's image tokens, drawn over the image."""
+    import numpy as np
+
+    attention = qwen3_maps["cross_attention"].float().mean(0)[vision_positions]  # [N3]
+    _, h, w = (int(v) for v in grid_thw[0])
+    heat = attention[: (h // 2) * (w // 2)].reshape(h // 2, w // 2).cpu().numpy()
+    heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
+    heat_image = Image.fromarray((heat * 255).astype(np.uint8)).resize(image.size, Image.BILINEAR)
+    red = Image.merge("RGB", (heat_image, Image.new("L", image.size, 0), Image.new("L", image.size, 0)))
+    return Image.blend(image.convert("RGB"), red, 0.5)
+
+
+def comparison_grid(panels: list[tuple[str, Image.Image]], height: int = 256) -> Image.Image:
+    """One labelled row of panels, each scaled to `height`."""
+    from PIL import ImageDraw
+
+    scaled = [(label, image.resize((max(1, round(image.width * height / image.height)), height))) for label, image in panels]
+    label_height = 20
+    grid = Image.new("RGB", (sum(i.width for _, i in scaled), height + label_height), (255, 255, 255))
+    draw, x = ImageDraw.Draw(grid), 0
+    for label, image in scaled:
+        grid.paste(image, (x, label_height))
+        draw.text((x + 4, 4), label, fill=(0, 0, 0))
+        x += image.width
+    return grid
+
+
+def compare_edits(editor: EnhancedQwenImageEdit, image, prompt: str, seed: int = 0, num_inference_steps: int = 50,
+            save_comparison: str | Path | None = None, **kwargs):
+    """(baseline, enhanced, attention maps) for one sample; `save_comparison` writes
+    input | baseline | enhanced | attention overlay as one labelled PNG."""
+    source = load_image(image if not isinstance(image, (list, tuple)) else image[0])
+    baseline = editor.generate(image, prompt, use_qwen3_vision=False, seed=seed,
+                               num_inference_steps=num_inference_steps, **kwargs)
+    enhanced, maps = editor.generate(image, prompt, use_qwen3_vision=True, seed=seed,
+                                     num_inference_steps=num_inference_steps, return_attention_weights=True, **kwargs)
+    if save_comparison is not None:
+        cache = editor.extractor.extract_qwen3_vision(source, prompt)
+        overlay = attention_overlay(editor.extractor.prepare_images([source])[0], maps[0], cache.vision_positions,
+                                    cache.grid_thw)
+        comparison_grid([("input", source), ("baseline", baseline), ("enhanced", enhanced),
+                         ("bridge attention", overlay)]).save(save_comparison)
+    return baseline, enhanced, maps
+

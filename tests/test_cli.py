@@ -32,3 +32,15 @@ def test_extract_bad_image_is_one_line_error(tmp_path, tiny_zoo):
                   "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
     assert result.returncode == 2
     assert "bad.png: file is empty" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_edit_command_baseline_and_untrained_default_are_identical(tmp_path, tiny_zoo):
+    image = tmp_path / "in.png"
+    make_image().save(image)
+    common = ["--prompt", "make it blue", "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
+              str(tiny_zoo["qwen-image-edit"]), "--steps", "2", "--condition-area", str(64 * 64)]
+    first = _run("edit", str(image), *common, "--out", str(tmp_path / "a.png"), "--compare", str(tmp_path / "g.png"))
+    second = _run("edit", str(image), *common, "--out", str(tmp_path / "b.png"), "--baseline")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert (tmp_path / "g.png").exists()

@@ -64,3 +64,15 @@ def test_edit_plus_multi_image(tiny_zoo):
     out = editor.generate([make_image(), make_image(120, 200, 1)], "combine", num_inference_steps=STEPS, output_type="np")
     assert out.ndim == 3 and np.isfinite(out).all()
     assert not editor.extractor._qwen3.loaded and not editor._pipe.loaded  # one model at a time
+
+
+def test_compare_writes_a_labelled_grid(editor, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "grid.png"
+    baseline, enhanced, maps = editor.compare(make_image(), "make it blue", num_inference_steps=STEPS,
+                                              save_comparison=path)
+    grid = Image.open(path)
+    assert grid.height == 256 + 20
+    assert grid.width == sum(round(w * 256 / h) for w, h in [(200, 120), baseline.size, enhanced.size, (96, 64)])
+    assert maps[0]["cross_attention"].ndim == 2
