@@ -50,6 +50,8 @@ class BridgeConfig:
     weight_decay: float = 0.01
     qwen3_model_id: str = ""
     qwen25_model_id: str = ""
+    qwen3_revision: str = ""
+    qwen25_revision: str = ""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -63,7 +65,8 @@ class BridgeConfig:
     def from_caches(cls, qwen3: Qwen3VisionCache, qwen25: Qwen25VisionCache, **overrides) -> "BridgeConfig":
         values = dict(qwen3_hidden_dim=qwen3.hidden_size, qwen25_hidden_dim=qwen25.hidden_size,
                       num_deepstack=len(qwen3.deepstack), qwen3_model_id=qwen3.model_id,
-                      qwen25_model_id=qwen25.model_id)
+                      qwen25_model_id=qwen25.model_id, qwen3_revision=qwen3.revision,
+                      qwen25_revision=qwen25.revision)
         values.update(overrides)
         return cls(**values)
 
@@ -175,6 +178,12 @@ class VisionCacheBridge(nn.Module):
         missing = [name for name in cfg.levels if name not in qwen3.levels]
         if missing:
             problems.append(f"Qwen3 cache lacks levels {missing}")
+        if qwen3.image_digest and qwen25.image_digest and qwen3.image_digest != qwen25.image_digest:
+            problems.append("the two caches were extracted from different images")
+        if cfg.qwen3_revision and qwen3.revision != cfg.qwen3_revision:
+            problems.append(f"Qwen3 revision {qwen3.revision!r} != bridge's {cfg.qwen3_revision!r}")
+        if cfg.qwen25_revision and qwen25.revision != cfg.qwen25_revision:
+            problems.append(f"Qwen2.5 revision {qwen25.revision!r} != bridge's {cfg.qwen25_revision!r}")
         if cfg.qwen3_model_id and qwen3.model_id != cfg.qwen3_model_id:
             problems.append(f"Qwen3 model {qwen3.model_id!r} != bridge's {cfg.qwen3_model_id!r}")
         if cfg.qwen25_model_id and qwen25.model_id != cfg.qwen25_model_id:

@@ -44,6 +44,7 @@ class Qwen3VisionCache:
     layer_indices: dict[str, int]
     model_id: str
     revision: str
+    image_digest: str = ""  # sha256 of the resized input pixels: ties the two caches to one sample
 
     @property
     def hidden_size(self) -> int:
@@ -67,6 +68,7 @@ class Qwen25VisionCache:
     revision: str
     template: str  # "edit" or "edit_plus"
     drop_idx: int
+    image_digest: str = ""
 
     @property
     def hidden_size(self) -> int:
@@ -94,9 +96,11 @@ class SampleCache:
             "image_sizes": [list(s) for s in self.image_sizes],
             "dtype": str(self.qwen25.prompt_embeds.dtype).removeprefix("torch."),
             "qwen3": {"model_id": self.qwen3.model_id, "revision": self.qwen3.revision,
-                      "layer_indices": self.qwen3.layer_indices, "deepstack_indices": sorted(self.qwen3.deepstack)},
+                      "layer_indices": self.qwen3.layer_indices, "deepstack_indices": sorted(self.qwen3.deepstack),
+                      "image_digest": self.qwen3.image_digest},
             "qwen25": {"model_id": self.qwen25.model_id, "revision": self.qwen25.revision,
-                       "template": self.qwen25.template, "drop_idx": self.qwen25.drop_idx},
+                       "template": self.qwen25.template, "drop_idx": self.qwen25.drop_idx,
+                       "image_digest": self.qwen25.image_digest},
             "extra": self.extra,
         }
 
@@ -145,6 +149,7 @@ def cache_from_bytes(data: bytes) -> SampleCache:
         layer_indices=m3["layer_indices"],
         model_id=m3["model_id"],
         revision=m3["revision"],
+        image_digest=m3.get("image_digest", ""),
     )
     qwen25 = Qwen25VisionCache(
         prompt_embeds=tensors["qwen25.prompt_embeds"],
@@ -156,6 +161,7 @@ def cache_from_bytes(data: bytes) -> SampleCache:
         revision=m25["revision"],
         template=m25["template"],
         drop_idx=m25["drop_idx"],
+        image_digest=m25.get("image_digest", ""),
     )
     return SampleCache(qwen3, qwen25, meta["prompt"], [tuple(s) for s in meta["image_sizes"]], meta.get("extra", {}))
 

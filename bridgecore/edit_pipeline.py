@@ -198,6 +198,13 @@ class EnhancedQwenImageEdit:
         result = outputs if batched else outputs[0]
         return (result, maps) if return_attention_weights else result
 
+    def benchmark(self, test_images: list, test_prompts: list[str], output_dir: str | Path,
+                  num_inference_steps: int = 50, seed: int = 0, use_qwen3_vision: bool = True) -> list[dict]:
+        """Per-sample latency by stage and peak memory; writes outputs, summary.parquet/json; prints a table."""
+        from .edit_benchmark import benchmark_edits
+
+        return benchmark_edits(self, test_images, test_prompts, output_dir, num_inference_steps, seed, use_qwen3_vision)
+
     def compare(self, image, prompt: str, seed: int = 0, num_inference_steps: int = 50,
                 save_comparison: str | Path | None = None, **kwargs):
         """(baseline, enhanced, attention maps); `save_comparison=PATH` writes the labelled PNG grid."""

@@ -11,6 +11,7 @@ first use, and `unload()` frees them. Several samples go through one forward per
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,15 @@ ImageInput = "Image.Image | str | Path"
 def default_layer_indices(num_layers: int) -> dict[str, int]:
     """Early / mid / late `hidden_states` indices spread over the depth (9, 18, 27 for 36 layers)."""
     return {name: round(num_layers * (i + 1) / 4) for i, name in enumerate(LEVEL_NAMES)}
+
+
+def image_digest(images: list[Image.Image]) -> str:
+    """sha256 over the resized pixels of one sample: equal for both caches of the same sample."""
+    digest = hashlib.sha256()
+    for image in images:
+        digest.update(f"{image.mode}{image.size}".encode())
+        digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def _as_samples(images, text_prompt) -> tuple[list[list[Any]], list[str], bool]:
@@ -197,6 +207,7 @@ class VisionCacheExtractor:
                 layer_indices=layers,
                 model_id=handle.model_id,
                 revision=handle.revision,
+                image_digest=image_digest(sample_images[b]),
             ))
             first_image += count
             first_token += n_tokens
@@ -218,6 +229,7 @@ class VisionCacheExtractor:
                 revision=handle.revision,
                 template="edit_plus" if handle.encoder.plus else "edit",
                 drop_idx=encoding.drop_idx,
+                image_digest=image_digest(sample_images[b]),
             )
             for b in range(len(prompts))
         ]

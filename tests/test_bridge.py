@@ -113,3 +113,14 @@ def test_parameter_count_at_real_dimensions():
     with torch.device("meta"):
         bridge = VisionCacheBridge(BridgeConfig())
     assert 4e6 <= bridge.num_parameters() <= 6e6
+
+
+def test_caches_of_different_images_or_revisions_are_refused(caches):
+    from dataclasses import replace
+
+    first, second = caches[0], caches[1]
+    bridge = create_default_bridge(first.qwen3, first.qwen25)
+    with pytest.raises(ValueError, match="different images"):
+        bridge(first.qwen3, replace(second.qwen25, grid_thw=first.qwen25.grid_thw))
+    with pytest.raises(ValueError, match="Qwen2.5 revision 'other' != bridge's"):
+        bridge(first.qwen3, replace(first.qwen25, revision="other"))

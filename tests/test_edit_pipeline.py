@@ -76,3 +76,23 @@ def test_compare_writes_a_labelled_grid(editor, tmp_path):
     assert grid.height == 256 + 20
     assert grid.width == sum(round(w * 256 / h) for w, h in [(200, 120), baseline.size, enhanced.size, (96, 64)])
     assert maps[0]["cross_attention"].ndim == 2
+
+
+def test_benchmark_writes_outputs_and_stage_timings(editor, tmp_path):
+    import pyarrow.parquet as pq
+
+    rows = editor.benchmark([make_image(), make_image(120, 200, 1)], ["make it blue", "add a hat"], tmp_path / "bench",
+                            num_inference_steps=STEPS)
+    table = pq.read_table(tmp_path / "bench" / "summary.parquet").to_pylist()
+    assert table == rows and len(rows) == 2
+    for row in rows:
+        stages = [row[f"{s}_s"] for s in ("qwen25_encode", "qwen3_encode", "bridge", "denoise", "decode")]
+        assert all(value > 0 for value in stages)
+        assert abs(row["total_s"] - sum(stages)) < 1e-9
+        assert (tmp_path / "bench" / f"{row['index']:05d}.png").exists() and row["peak_memory_mib"] > 0
+    # the benchmarked image is the same edit generate() makes
+    import numpy as np
+    from PIL import Image
+
+    again = editor.generate(make_image(), "make it blue", seed=0, num_inference_steps=STEPS)
+    assert np.array_equal(np.asarray(again), np.asarray(Image.open(rows[0]["output"])))
