@@ -116,6 +116,14 @@ class EnhancedQwenImageEdit:
             self._bridge = self._bridge.to(self.options.torch_device()).eval()
         return self._bridge
 
+    def set_condition_area(self, area: int) -> None:
+        """Condition-image area for the VLMs and the VAE (the pipelines' default is 1024*1024)."""
+        if area < 32 * 32:
+            raise ValueError(f"condition_area must be at least 32*32 pixels; got {area}")
+        self.condition_area = self.extractor.condition_area = area
+        if self.extractor._qwen25.loaded:
+            self.extractor.qwen25_encoder.condition_area = area
+
     def unload(self) -> None:
         self.extractor.unload()
         self._pipe.unload()
@@ -150,12 +158,21 @@ class EnhancedQwenImageEdit:
 
     def generate(self, image, prompt: str | list[str], use_qwen3_vision: bool = True, seed: int | list[int] = 0,
                  num_inference_steps: int = 50, true_cfg_scale: float = 4.0, negative_prompt: str | None = None,
-                 output_type: str = "pil", return_attention_weights: bool = False):
+                 output_type: str = "pil", return_attention_weights: bool = False, condition_area: int | None = None):
         """Edits one sample (`image`: an image or, for Edit-Plus, a list) or a batch (`prompt` a list).
 
         Samples whose condition images have the same size share one DiT forward; each keeps its own seed.
-        Returns an image (or a list), plus attention maps when `return_attention_weights`.
+        `condition_area` overrides the editor's for this call. Returns an image (or a list), plus
+        attention maps when `return_attention_weights`.
         """
+        if condition_area is not None and condition_area != self.condition_area:
+            previous = self.condition_area
+            self.set_condition_area(condition_area)
+            try:
+                return self.generate(image, prompt, use_qwen3_vision, seed, num_inference_steps, true_cfg_scale,
+                                     negative_prompt, output_type, return_attention_weights)
+            finally:
+                self.set_condition_area(previous)
         batched = isinstance(prompt, (list, tuple))
         prompts = list(prompt) if batched else [prompt]
         raw = list(image) if batched else [image]

@@ -96,3 +96,11 @@ def test_benchmark_writes_outputs_and_stage_timings(editor, tmp_path):
 
     again = editor.generate(make_image(), "make it blue", seed=0, num_inference_steps=STEPS)
     assert np.array_equal(np.asarray(again), np.asarray(Image.open(rows[0]["output"])))
+
+
+def test_condition_area_per_call(editor):
+    small = editor.generate(make_image(), "make it blue", num_inference_steps=STEPS, output_type="np")
+    larger = editor.generate(make_image(), "make it blue", num_inference_steps=STEPS, output_type="np",
+                             condition_area=96 * 96)
+    assert small.shape == (64, 96, 3) and larger.shape == (64, 128, 3)  # 96*96 at 5:3 rounds to 128x64
+    assert editor.condition_area == AREA  # restored after the call
