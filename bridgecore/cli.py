@@ -165,6 +165,55 @@ def edit(
     typer.echo(f"wrote {out}" + (f" and {compare_path}" if compare_path else ""))
 
 
+def _local_prefect_env() -> None:
+    """An ephemeral Prefect whose home is project-local, never the user's ~/.prefect."""
+    import os
+
+    os.environ.setdefault("PREFECT_HOME", str((DEFAULT_HOME / "prefect").resolve()))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS", "2")
+    if "PREFECT_API_URL" not in os.environ:
+        os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
+
+
+@app.command("bulk-edit")
+def bulk_edit(
+    input: str = typer.Option(..., "--input", help="Manifest (.csv/.jsonl/.parquet with image|images, instruction, "
+                              "[target], [id]) or a folder/glob of images (then --prompt). Local path or URL."),
+    output: str = typer.Option(..., help="Output directory or URL (s3://bucket/prefix)."),
+    prompt: Optional[str] = typer.Option(None, help="Instruction for every image of a folder/glob input."),
+    qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real, else tiny zoo)."),
+    edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
+    bridge: Optional[str] = typer.Option(None, help="Trained bridge directory (default: untrained = baseline)."),
+    multi_image: bool = typer.Option(False, help="Samples have several images: use the Edit-Plus pipeline."),
+    steps: int = typer.Option(50, help="Denoising steps."),
+    seed: int = typer.Option(0, help="Job seed; each sample's noise seed derives from it and the sample id."),
+    condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
+    shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
+    retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed before."),
+    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+):
+    """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
+    evaluate. Reruns resume: finished shards are skipped without any model forward."""
+    _local_prefect_env()
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image)
+    from flows.bulk_edit import bulk_edit as bulk_edit_flow
+
+    try:
+        summary = bulk_edit_flow(input=input, output=output, prompt=prompt, qwen3=qwen3, edit_model=edit_model,
+                                 bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps, seed=seed,
+                                 condition_area=condition_area, device=device, retry_failed=retry_failed)
+    except ValueError as error:
+        _fail(str(error))
+    counts = summary["counts"]
+    typer.echo(f"done {counts['done']}, failed {counts['failed']}, pending {counts['pending']} "
+               f"({summary['shards']} shards); summary: {output.rstrip('/')}/summary.json")
+    for failure in summary["failures"][:20]:
+        typer.echo(f"  failed {failure['key']} at {failure['stage']}: {failure['error']}")
+
+
 @app.command()
 def quickstart(
     out_dir: Path = typer.Option(Path("out/quickstart"), help="Where to write the sample image and its cache."),

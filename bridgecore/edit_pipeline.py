@@ -89,6 +89,7 @@ class EnhancedQwenImageEdit:
         self._bridge_source = bridge
         self._bridge: VisionCacheBridge | None = bridge if isinstance(bridge, VisionCacheBridge) else None
         self._pipe = LazyModel(self._load_pipeline, f"edit pipeline {self.edit_name}")
+        self.dit_calls = 0  # pipeline calls run; lets callers prove that finished work was skipped
 
     def _load_pipeline(self):
         resolved = resolve_model(self.edit_name)
@@ -191,29 +192,39 @@ class EnhancedQwenImageEdit:
         if self.one_model_at_a_time:
             self.extractor.unload()
 
-        outputs: list[Any] = [None] * len(prompts)
-        device = self.options.torch_device()
-        for group in self._group_by_size(samples):
-            length = int(mask[group].sum(-1).max())
-            kwargs = dict(prompt_embeds=embeds[group, :length], prompt_embeds_mask=mask[group, :length])
-            if cfg:
-                neg_length = int(neg_mask[group].sum(-1).max())
-                kwargs.update(negative_prompt_embeds=neg_embeds[group, :neg_length],
-                              negative_prompt_embeds_mask=neg_mask[group, :neg_length])
-            images = samples[group[0]] if self.plus else [samples[i][0] for i in group]
-            generators = [torch.Generator(device).manual_seed(seeds[i]) for i in group]
-            with pipeline_areas(self.pipe, self.condition_area, self.plus_condition_area):
-                result = self.pipe(image=images if len(images) > 1 or self.plus else images[0],
-                                   true_cfg_scale=true_cfg_scale if cfg else 1.0,
-                                   num_inference_steps=num_inference_steps,
-                                   generator=generators if len(generators) > 1 else generators[0],
-                                   output_type=output_type, **kwargs).images
-            for slot, index in enumerate(group):
-                outputs[index] = result[slot]
+        negative = (neg_embeds, neg_mask) if cfg else None
+        outputs = self.denoise(samples, embeds, mask, seeds, num_inference_steps, true_cfg_scale, negative, output_type)
         if self.one_model_at_a_time:
             self._pipe.unload()
         result = outputs if batched else outputs[0]
         return (result, maps) if return_attention_weights else result
+
+    def denoise(self, samples: list[list[Image.Image]], embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int],
+                num_inference_steps: int = 50, true_cfg_scale: float = 4.0,
+                negative: tuple[torch.Tensor, torch.Tensor] | None = None, output_type: str = "pil") -> list[Any]:
+        """Runs the DiT on given embeddings (`[B, L, D]`, mask `[B, L]`), one forward per condition size."""
+        outputs: list[Any] = [None] * len(samples)
+        device = self.options.torch_device()
+        for group in self._group_by_size(samples):
+            length = int(mask[group].sum(-1).max())
+            kwargs = dict(prompt_embeds=embeds[group, :length].to(device), prompt_embeds_mask=mask[group, :length].to(device))
+            if negative is not None:
+                neg_embeds, neg_mask = negative
+                neg_length = int(neg_mask[group].sum(-1).max())
+                kwargs.update(negative_prompt_embeds=neg_embeds[group, :neg_length].to(device),
+                              negative_prompt_embeds_mask=neg_mask[group, :neg_length].to(device))
+            images = samples[group[0]] if self.plus else [samples[i][0] for i in group]
+            generators = [torch.Generator(device).manual_seed(seeds[i]) for i in group]
+            with pipeline_areas(self.pipe, self.condition_area, self.plus_condition_area):
+                result = self.pipe(image=images if len(images) > 1 or self.plus else images[0],
+                                   true_cfg_scale=true_cfg_scale if negative is not None else 1.0,
+                                   num_inference_steps=num_inference_steps,
+                                   generator=generators if len(generators) > 1 else generators[0],
+                                   output_type=output_type, **kwargs).images
+            self.dit_calls += 1
+            for slot, index in enumerate(group):
+                outputs[index] = result[slot]
+        return outputs
 
     def benchmark(self, test_images: list, test_prompts: list[str], output_dir: str | Path,
                   num_inference_steps: int = 50, seed: int = 0, use_qwen3_vision: bool = True) -> list[dict]:

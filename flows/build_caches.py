@@ -1,0 +1,35 @@
+"""Flow `build-caches`: extraction only, incremental (new or changed inputs only); meant for a nightly cron.
+
+The caches it writes (`OUTPUT/caches/*.tar` + `.parquet`) feed the bulk-edit runs and the bridge training.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from bridgecore.batch_job import JobSettings
+from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL
+from flows.process_shards import process_shards
+from flows.reporting import report_run
+from flows.scale_out import run_on_workers
+from tasks.shard_inputs import shard_inputs
+
+
+@flow(name="build-caches")
+def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
+                 edit_model: str = DEFAULT_EDIT_MODEL, shard_size: int = 64, condition_area: int = 1024 * 1024,
+                 batch_size: int = 8, device: str = "auto", retry_failed: bool = False,
+                 workers_deployment: str | None = None, shards_per_run: int = 4, deadline_s: float = 6 * 3600) -> dict:
+    # plan
+    plan = shard_inputs(input, output, prompt, shard_size, "caches", retry_failed)
+    settings = JobSettings(qwen3, edit_model, None, device, condition_area, batch_size=batch_size)
+    fingerprint = settings.fingerprint()
+    # run
+    if workers_deployment and plan["new_shards"]:
+        batches = [plan["new_shards"][i:i + shards_per_run] for i in range(0, len(plan["new_shards"]), shards_per_run)]
+        run_on_workers(workers_deployment, batches, {"output": output, "settings": vars(settings),
+                                                     "fingerprint": fingerprint, "final_stage": "caches"}, deadline_s)
+    elif plan["new_shards"]:
+        process_shards(output, plan["new_shards"], vars(settings), fingerprint, final_stage="caches")
+    # report
+    return report_run(output, plan["shards"], "caches")

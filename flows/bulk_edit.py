@@ -1,0 +1,40 @@
+"""Flow `bulk-edit`: shard -> extract -> fuse -> edit -> evaluate over a whole input set.
+
+    prefect deployment run bulk-edit/default --param input=s3://bucket/in/manifest.jsonl --param output=s3://bucket/out
+
+Runs the stages in this process, or, with `workers_deployment` (e.g. "process-shards/gpu"), sends
+batches of shards to the GPU work pool so that N workers share the job.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from bridgecore.batch_job import JobSettings
+from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_EDIT_PLUS_MODEL, DEFAULT_QWEN3_MODEL
+from flows.process_shards import process_shards
+from flows.reporting import report_run
+from flows.scale_out import run_on_workers
+from tasks.shard_inputs import shard_inputs
+
+
+@flow(name="bulk-edit")
+def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
+              edit_model: str | None = None, bridge: str | None = None, multi_image: bool = False,
+              shard_size: int = 16, steps: int = 50, seed: int = 0, condition_area: int = 1024 * 1024,
+              batch_size: int = 4, device: str = "auto", retry_failed: bool = False,
+              workers_deployment: str | None = None, shards_per_run: int = 1, deadline_s: float = 6 * 3600) -> dict:
+    # plan
+    plan = shard_inputs(input, output, prompt, shard_size, "metrics", retry_failed)
+    edit_model = edit_model or (DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
+    settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size)
+    fingerprint = settings.fingerprint()
+    # run
+    if workers_deployment and plan["new_shards"]:
+        batches = [plan["new_shards"][i:i + shards_per_run] for i in range(0, len(plan["new_shards"]), shards_per_run)]
+        run_on_workers(workers_deployment, batches, {"output": output, "settings": vars(settings),
+                                                     "fingerprint": fingerprint}, deadline_s)
+    elif plan["new_shards"]:
+        process_shards(output, plan["new_shards"], vars(settings), fingerprint)
+    # report
+    return report_run(output, plan["shards"], "metrics")

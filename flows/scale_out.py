@@ -1,0 +1,52 @@
+"""Scale-out on Prefect itself: batches of shards go to `process-shards` runs on a work pool.
+
+Children are submitted without waiting (`timeout=0`) and polled. Anything not Completed (Crashed,
+Failed, or stuck past the deadline after its worker died) is resubmitted; children are idempotent, so
+a resubmitted batch only finishes what its predecessor left.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import get_run_logger
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+
+FINAL_BAD = {"CRASHED", "FAILED", "CANCELLED"}
+
+
+def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, deadline_s: float = 3600,
+                   poll_s: float = 1.0, stuck_s: float = 900, max_submissions: int = 3) -> list[str]:
+    """Runs every batch to completion on the pool behind `deployment`; returns the child run ids."""
+    logger = get_run_logger()
+    start = time.monotonic()
+    submitted: dict[int, tuple[str, float, int]] = {}  # batch index -> (run id, submit time, submissions)
+
+    def submit(index: int, count: int):
+        run = run_deployment(deployment, parameters={**parameters, "shard_ids": batches[index]}, timeout=0,
+                             as_subflow=True)
+        submitted[index] = (str(run.id), time.monotonic(), count)
+        logger.info("batch %d (%d shards) -> run %s", index, len(batches[index]), run.id)
+
+    for index in range(len(batches)):
+        submit(index, 1)
+    done: set[int] = set()
+    with get_client(sync_client=True) as client:
+        while len(done) < len(batches):
+            if time.monotonic() - start > deadline_s:
+                raise TimeoutError(f"{len(batches) - len(done)} shard batches unfinished after {deadline_s}s")
+            time.sleep(poll_s)
+            for index, (run_id, since, count) in list(submitted.items()):
+                if index in done:
+                    continue
+                state = client.read_flow_run(run_id).state
+                kind = state.type.value if state else "PENDING"
+                if kind == "COMPLETED":
+                    done.add(index)
+                elif kind in FINAL_BAD or (kind == "RUNNING" and time.monotonic() - since > stuck_s):
+                    if count >= max_submissions:
+                        raise RuntimeError(f"batch {index} ended {kind} {count} times; last run {run_id}")
+                    logger.warning("batch %d run %s ended %s: resubmitting", index, run_id, kind)
+                    submit(index, count + 1)
+    return [run_id for run_id, _, _ in submitted.values()]
