@@ -86,6 +86,6 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_P
             data = handle.read()
     except FileNotFoundError as error:
         raise ImageLoadError(f"{uri}: file not found") from error
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - fsspec backends raise their own types (botocore, aiohttp, ...)
         raise ImageLoadError(f"{uri}: could not be read ({type(error).__name__}: {error})") from error
     return decode_image(data, uri, max_pixels)

@@ -94,7 +94,7 @@ def content_hash(images: Iterable[str], instruction: str) -> str:
         try:
             with fsspec.open(uri, "rb") as handle:
                 digest.update(hashlib.sha256(handle.read()).digest())
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - any backend error means unreadable; extraction reports why
             digest.update(f"unreadable:{uri}".encode())
     digest.update(instruction.encode())
     return digest.hexdigest()

@@ -42,3 +42,33 @@ def make_image(width: int = 200, height: int = 120, seed: int = 0) -> Image.Imag
     draw.rectangle((width // 8, height // 6, width // 2, height // 2 + seed % 7), fill=(200, 30 + 10 * seed, 30))
     draw.ellipse((width // 2, height // 3, width - 5, height - 5), fill=(30, 60, 200 - 15 * seed))
     return image
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS on loopback; sets the standard AWS_* variables that s3fs/botocore read."""
+    from s3_server import SeaweedServer
+
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweed") / "data")
+    server.start()
+    previous = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # instances made before the variables were set would ignore them
+    yield server
+    server.stop()
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture()
+def s3_root(s3_server, request):
+    """A fresh bucket per test."""
+    import re
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + os.urandom(3).hex()
+    return f"s3://{name}"

@@ -1,0 +1,118 @@
+"""The batch stages without Prefect: exactly one state per sample, idempotent reruns, seeds per sample."""
+
+import json
+import os
+
+import pytest
+from conftest import make_image
+
+from bridgecore.batch_job import JobSettings, forward_counts, plan_job
+from bridgecore.shard_store import CorruptShardError, ShardStore
+from bridgecore.stage_edit import edit_shard
+from bridgecore.stage_evaluate import evaluate_shard, summarize
+from bridgecore.stage_extract import extract_shard
+from bridgecore.stage_fuse import fuse_shard
+from bridgecore.storage import Storage
+
+AREA = 64 * 64
+
+
+def make_inputs(folder, n=5):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        make_image(200, 120, i).save(folder / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "instruction": f"make shape {i} blue", "target": f"img{i}.png"})
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    (folder / "truncated.png").write_bytes((folder / "img0.png").read_bytes()[:200])
+    rows += [{"image": "empty.png", "instruction": "x"}, {"image": "text.png", "instruction": "x"},
+             {"image": "truncated.png", "instruction": "x"}, {"image": "missing.png", "instruction": "x"},
+             {"image": "../outside.png", "instruction": "x"}, {"image": "s3://no-such-bucket-xyz/a.png", "instruction": "x"}]
+    (folder / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(folder / "manifest.jsonl")
+
+
+def run_all(output, shards, settings):
+    storage = Storage(output)
+    editor = settings.editor()
+    for shard in shards:
+        extract_shard(storage, shard, editor.extractor)
+    for shard in shards:
+        fuse_shard(storage, shard, settings.bridge)
+        edit_shard(storage, shard, editor, settings.steps, settings.seed)
+        evaluate_shard(storage, shard)
+    return summarize(storage, shards)
+
+
+@pytest.fixture()
+def settings(tiny_zoo):
+    return JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA, steps=2)
+
+
+def test_every_sample_ends_done_or_failed(tmp_path, settings):
+    manifest = make_inputs(tmp_path / "in")
+    plan = plan_job(manifest, str(tmp_path / "out"), shard_size=4)
+    summary = run_all(str(tmp_path / "out"), plan.shards, settings)
+    assert summary["counts"] == {"done": 5, "failed": 6, "pending": 0}
+    reasons = " | ".join(f["error"] for f in summary["failures"])
+    for expected in ("file is empty", "not an image", "truncated", "file not found", "outside the input root",
+                     "no-such-bucket-xyz"):
+        assert expected in reasons
+    rows = ShardStore(Storage(str(tmp_path / "out")), "metrics").manifest(plan.shards[0])
+    assert all("psnr_vs_target" in json.loads(r["info"]) for r in rows if r["status"] == "done")
+
+
+def test_rerun_of_a_finished_job_does_no_forward_and_rewrites_nothing(tmp_path, settings):
+    manifest = make_inputs(tmp_path / "in")
+    out = str(tmp_path / "out")
+    plan = plan_job(manifest, out, shard_size=4)
+    run_all(out, plan.shards, settings)
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "out").rglob("*")
+             if p.is_file() and not p.name.startswith("summary")}
+    before = forward_counts()
+    again = plan_job(manifest, out, shard_size=4)
+    assert again.new_shards == [] and again.shards == plan.shards
+    run_all(out, again.shards, settings)
+    assert forward_counts() == before
+    assert files == {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+
+
+def test_edits_do_not_depend_on_sharding(tmp_path, settings):
+    """Same noise per sample whatever the shard; only batched-matmul rounding may differ (<= 2/255)."""
+    import numpy as np
+    from PIL import Image
+
+    manifest = make_inputs(tmp_path / "in", n=4)
+    outputs = {}
+    for size in (1, 3):
+        out = tmp_path / f"out{size}"
+        run_all(str(out), plan_job(manifest, str(out), shard_size=size).shards, settings)
+        outputs[size] = {p.name: np.asarray(Image.open(p), dtype=int) for p in out.rglob("*.png")}
+    assert len(outputs[1]) == 4 and outputs[1].keys() == outputs[3].keys()
+    for name, image in outputs[1].items():
+        assert np.abs(image - outputs[3][name]).max() <= 2, name
+
+
+def test_corrupt_cache_is_reported(tmp_path, settings):
+    manifest = make_inputs(tmp_path / "in", n=2)
+    out = str(tmp_path / "out")
+    plan = plan_job(manifest, out, shard_size=20)
+    storage = Storage(out)
+    extract_shard(storage, plan.shards[0], settings.editor().extractor)
+    tar = tmp_path / "out" / "caches" / f"{plan.shards[0]}.tar"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(CorruptShardError):
+        fuse_shard(storage, plan.shards[0])
+
+
+def test_stages_on_object_storage(tmp_path, settings, s3_root):
+    manifest = make_inputs(tmp_path / "in", n=2)
+    plan = plan_job(manifest, s3_root, shard_size=4)
+    summary = run_all(s3_root, plan.shards, settings)
+    assert summary["counts"]["done"] == 2
+    storage = Storage(s3_root)
+    assert storage.list("edits", plan.shards[0], suffix=".png")
+    assert storage.read_json("summary.json")["counts"] == summary["counts"]
