@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import tarfile
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,11 @@ from .sharding import Sample
 from .storage import MarkerExistsError, Storage, sha256_bytes
 
 MARKER_SUFFIX = ".done"
+
+
+def worker_id() -> str:
+    """Who committed a shard: the worker's name when set (VISION_BRIDGE_WORKER), else host:pid."""
+    return os.environ.get("VISION_BRIDGE_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
 
 
 class CorruptShardError(RuntimeError):
@@ -97,7 +104,7 @@ class ShardStore:
         manifest = buffer.getvalue()
         self.storage.write_bytes(manifest, self.stage, shard_id + ".parquet")
         counts = {"done": sum(r.status == "done" for r in records), "failed": sum(r.status == "failed" for r in records)}
-        marker = {"shard": shard_id, "stage": self.stage, "manifest_sha256": sha256_bytes(manifest),
+        marker = {"shard": shard_id, "stage": self.stage, "manifest_sha256": sha256_bytes(manifest), "worker": worker_id(),
                   "data_sha256": data_sha, "counts": counts, "created": time.time()}
         try:
             self.storage.create_marker(marker, self.stage, shard_id + MARKER_SUFFIX)

@@ -1,0 +1,87 @@
+"""A real Prefect server and process workers on loopback, for tests (see DESIGN.md, Prefect facts)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
+               PREFECT_WORKER_PREFETCH_SECONDS="1", HF_HUB_OFFLINE="1", VISION_BRIDGE_ROOT=str(REPO),
+               PREFECT_LOGGING_LEVEL="INFO")
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+class PrefectServer:
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.processes: list[subprocess.Popen] = []
+        self.env = prefect_env(home, self.url)
+
+    def _spawn(self, args, log_name, **env):
+        log = open(self.home / log_name, "ab")
+        process = subprocess.Popen(args, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=REPO, start_new_session=True)
+        self.processes.append(process)
+        return process
+
+    def start(self, timeout: float = 90) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
+        log = open(self.home / "server.log", "ab")
+        self.processes.append(subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
+                                                str(self.port)], env=server_env, stdout=log,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"prefect server did not answer; see {self.home / 'server.log'}")
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        result = subprocess.run([PREFECT, *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                                timeout=timeout)
+        if result.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result.stdout
+
+    def start_worker(self, pool: str, name: str) -> subprocess.Popen:
+        # --limit 1: one flow run at a time per worker, as one worker per GPU should
+        return self._spawn([PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", name, "--limit", "1"],
+                           f"worker-{name}.log", VISION_BRIDGE_WORKER=name)
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            if process.poll() is None:
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                process.wait()
+        # flow-run processes started by workers live in the workers' sessions: killed above

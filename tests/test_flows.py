@@ -1,0 +1,112 @@
+"""The Prefect layer for real: local runs through the CLI, a kill in the middle, and scale-out on a real
+server with two process workers sharing one job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_batch_stages import make_inputs
+
+from bridgecore.shard_store import ShardStore
+from bridgecore.storage import Storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def bulk_edit_cli(zoo, manifest, output, home, *extra, wait=True):
+    args = [sys.executable, "-m", "bridgecore.cli", "bulk-edit", "--input", manifest, "--output", output,
+            "--qwen3", str(zoo["qwen3-vl"]), "--edit-model", str(zoo["qwen-image-edit"]), "--steps", "2",
+            "--condition-area", str(64 * 64), "--shard-size", "2", *extra]
+    env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    env.pop("PREFECT_API_URL", None)
+    if not wait:
+        return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def data_files(root: Path) -> dict[str, bytes]:
+    """Every committed data object (markers carry timestamps and worker names, so they are left out)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and p.suffix != ".done" and not p.name.startswith("summary")}
+
+
+def test_local_run_then_rerun_loads_no_model(tmp_path, tiny_zoo):
+    manifest = make_inputs(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    first = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "done 3, failed 6, pending 0" in first.stdout
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and not p.name.startswith("summary")}
+    second = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect")
+    assert second.returncode == 0 and "done 3, failed 6, pending 0" in second.stdout
+    assert "loading Qwen" not in second.stderr and "loading edit pipeline" not in second.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_sigkill_mid_job_then_rerun_matches_uninterrupted(tmp_path, tiny_zoo):
+    manifest = make_inputs(tmp_path / "in", n=6)
+    reference = tmp_path / "reference"
+    assert bulk_edit_cli(tiny_zoo, manifest, str(reference), tmp_path / "p1").returncode == 0
+
+    killed = tmp_path / "killed"
+    process = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2", wait=False)
+    deadline = time.monotonic() + 300
+    while not list((killed / "caches").glob("*.done")) if killed.exists() else True:
+        assert time.monotonic() < deadline and process.poll() is None, "job ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    storage = Storage(str(killed))
+    plans = [name[:-5] for name in storage.list("plan", suffix=".json")]
+    assert not all(ShardStore(storage, "metrics").is_done(s) for s in plans), "killed too late to test resuming"
+
+    rerun = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert data_files(killed) == data_files(reference)
+    summary = json.loads((killed / "summary.json").read_text())
+    assert summary["counts"] == {"done": 6, "failed": 6, "pending": 0}
+
+
+@pytest.fixture()
+def prefect_server(tmp_path):
+    from prefect_server import PrefectServer
+
+    server = PrefectServer(tmp_path / "prefect")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_two_workers_share_one_job(tmp_path, tiny_zoo, prefect_server):
+    server = prefect_server
+    server.cli("work-pool", "create", "gpu", "--type", "process")
+    server.cli("work-pool", "create", "control", "--type", "process")
+    server.cli("deploy", "--all", "--no-prompt", "--prefect-file", "deployments/prefect.yaml")
+    server.start_worker("gpu", "worker-a")
+    server.start_worker("gpu", "worker-b")
+    manifest = make_inputs(tmp_path / "in", n=2)  # + 6 bad samples = 8, two shards of 4: one per worker
+    out = tmp_path / "out"
+    code = (
+        "import json, sys; from flows.bulk_edit import bulk_edit; "
+        f"print(json.dumps(bulk_edit(input={manifest!r}, output={str(out)!r}, qwen3={str(tiny_zoo['qwen3-vl'])!r}, "
+        f"edit_model={str(tiny_zoo['qwen-image-edit'])!r}, shard_size=4, steps=2, condition_area=4096, "
+        "workers_deployment='process-shards/gpu', deadline_s=500)['counts']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], env=server.env, cwd=REPO, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"done": 2, "failed": 6, "pending": 0}
+    storage = Storage(str(out))
+    shards = [name[:-5] for name in storage.list("plan", suffix=".json")]
+    workers = {ShardStore(storage, "edits").marker(s)["worker"] for s in shards}
+    assert workers == {"worker-a", "worker-b"}
+    keys = [row["key"] for s in shards for row in ShardStore(storage, "metrics").manifest(s)]
+    assert len(keys) == len(set(keys)) == 8  # every sample exactly once
