@@ -8,6 +8,7 @@ job's shard list still names every shard holding its samples, for the summary.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ def plan_job(input_uri: str, output_uri: str, prompt: str | None = None, shard_s
     return JobPlan(shards, sorted(new), len(samples))
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """Fingerprint of the library code: part of every cache key, so a code change recomputes."""
     digest = hashlib.sha256()

@@ -91,8 +91,6 @@ class Storage:
             temporary = f"{path}.tmp-{os.getpid()}"
             with open(temporary, "wb") as handle:
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(temporary, path)
             return
         retry_transient(lambda: self.fs.pipe_file(path, data))

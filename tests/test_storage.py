@@ -51,16 +51,26 @@ def test_readable_by_webdataset_and_pandas(tmp_path):
     assert list(pd.read_parquet(tmp_path / "out" / "caches" / "shard-a.parquet")["key"]) == ["k0", "k1", "k2"]
 
 
-def test_corruption_is_detected_not_used(storage):
+@pytest.mark.parametrize("offset", [600, 1600])  # a tar header byte, a payload byte
+def test_corruption_is_detected_not_used(storage, offset):
     store = ShardStore(storage, "caches")
     store.commit("shard-a", _records())
     data = bytearray(storage.read_bytes("caches", "shard-a.tar"))
-    data[600] ^= 0xFF
+    data[offset] ^= 0xFF
     storage.write_bytes(bytes(data), "caches", "shard-a.tar")
     with pytest.raises(CorruptShardError, match="checksum mismatch"):
         store.payloads("shard-a")
     store.invalidate("shard-a")
     assert not store.is_done("shard-a")
+
+
+def test_corrupt_png_object_is_detected(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    store = ShardStore(storage, "edits", kind="png", extension="png")
+    store.commit("shard-a", _records())
+    storage.write_bytes(b"tampered", "edits", "shard-a", "k2.png")
+    with pytest.raises(CorruptShardError, match="k2"):
+        store.payloads("shard-a")
 
 
 def test_marker_is_exclusive(storage):

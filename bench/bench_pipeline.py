@@ -1,0 +1,171 @@
+"""Batch pipeline costs. Prints numbers and ratios; asserts nothing.
+
+    python bench/bench_pipeline.py [--samples 32] [--shard-size 16] [--s3]
+
+1. cache shard write+read MB/s vs a raw fsspec copy of the same bytes (local; SeaweedFS with --s3,
+   which starts `weed mini` on loopback);
+2. Prefect overhead per shard: the `process-shards` flow vs the same stage calls without Prefect;
+3. second run of a finished job vs the first;
+4. work (model forwards) after a kill at 50% plus the rerun, vs an uninterrupted run.
+Tiny models on CPU: the ratios, not the absolute times, are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def make_manifest(folder: Path, count: int) -> str:
+    from conftest import make_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        make_image(200, 120, i % 13).resize((200 + i, 120)).save(folder / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "instruction": f"make shape {i} blue"})
+    (folder / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(folder / "manifest.jsonl")
+
+
+def storage_throughput(root: str, payload_mib: int = 64) -> tuple[float, float]:
+    """(cache shard MB/s, raw copy MB/s) for writing then reading `payload_mib` of cache-like blobs."""
+    import fsspec
+
+    from bridgecore.shard_store import SampleRecord, ShardStore
+    from bridgecore.sharding import Sample
+    from bridgecore.storage import Storage
+
+    storage = Storage(root)
+    storage.ensure_root()
+    blob = os.urandom(1 << 20)
+    records = [SampleRecord(Sample(f"k{i:04d}", [], "", ""), "done", payload=blob) for i in range(payload_mib)]
+    start = time.perf_counter()
+    ShardStore(storage, "bench").commit("shard-x", records)
+    ShardStore(storage, "bench").payloads("shard-x")
+    cache_s = time.perf_counter() - start
+    raw = b"".join(r.payload for r in records)
+    fs, path = fsspec.core.url_to_fs(storage.url("raw.bin"))
+    start = time.perf_counter()
+    fs.pipe_file(path, raw)
+    fs.cat_file(path)
+    raw_s = time.perf_counter() - start
+    return 2 * payload_mib / cache_s, 2 * payload_mib / raw_s
+
+
+def run_direct(output: str, shards: list[str], settings) -> float:
+    from bridgecore.stage_edit import edit_shard
+    from bridgecore.stage_evaluate import evaluate_shard
+    from bridgecore.stage_extract import extract_shard
+    from bridgecore.stage_fuse import fuse_shard
+    from bridgecore.storage import Storage
+
+    storage, editor = Storage(output), settings.editor()
+    start = time.perf_counter()
+    for shard in shards:
+        extract_shard(storage, shard, editor.extractor)
+    for shard in shards:
+        fuse_shard(storage, shard, settings.bridge)
+        edit_shard(storage, shard, editor, settings.steps, settings.seed)
+        evaluate_shard(storage, shard)
+    return time.perf_counter() - start
+
+
+def gray_image():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (120, 120, 120))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--s3", action="store_true", help="also measure on SeaweedFS (weed mini on loopback)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vb-bench-"))
+    os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    # 1. storage (a first small round pays the imports)
+    storage_throughput(str(work / "warmup"), 1)
+    cache, raw = storage_throughput(str(work / "store"))
+    print(f"1. local storage: cache shard {cache:.0f} MB/s vs raw copy {raw:.0f} MB/s -> {cache / raw:.0%}")
+    if args.s3:
+        from s3_server import SeaweedServer
+
+        server = SeaweedServer(work / "weed")
+        server.start()
+        os.environ.update(AWS_ENDPOINT_URL=server.endpoint, AWS_ACCESS_KEY_ID="b", AWS_SECRET_ACCESS_KEY="b")
+        try:
+            storage_throughput("s3://warmup", 1)
+            cache, raw = storage_throughput("s3://bench")
+            print(f"   SeaweedFS:     cache shard {cache:.0f} MB/s vs raw copy {raw:.0f} MB/s -> {cache / raw:.0%}")
+        finally:
+            server.stop()
+
+    from bridgecore.batch_job import JobSettings, forward_counts, plan_job
+    from bridgecore.tiny_zoo import build_tiny_zoo
+
+    zoo = build_tiny_zoo(".vision-bridge/tiny-zoo")
+    settings = JobSettings(str(zoo["qwen3-vl"]), str(zoo["qwen-image-edit"]), condition_area=64 * 64, steps=4)
+    manifest = make_manifest(work / "in", args.samples)
+    settings.editor().extractor.extract(gray_image(), "warm up")  # load models once, outside timings
+
+    # 2. Prefect overhead
+    direct_plan = plan_job(manifest, str(work / "direct"), shard_size=args.shard_size)
+    direct_s = run_direct(str(work / "direct"), direct_plan.shards, settings)
+    from flows.process_shards import process_shards
+
+    process_shards(str(work / "flow"), [], vars(settings), "warm-up")  # starts the ephemeral Prefect server
+    flow_plan = plan_job(manifest, str(work / "flow"), shard_size=args.shard_size)
+    start = time.perf_counter()
+    process_shards(str(work / "flow"), flow_plan.shards, vars(settings), settings.fingerprint())
+    flow_s = time.perf_counter() - start
+    shards = len(direct_plan.shards)
+    print(f"2. Prefect: {flow_s / shards:.2f} s/shard in the flow vs {direct_s / shards:.2f} s/shard direct "
+          f"(shard size {args.shard_size}) -> overhead {(flow_s - direct_s) / direct_s:+.1%}")
+
+    # 3. second run of a finished job
+    start = time.perf_counter()
+    again = plan_job(manifest, str(work / "flow"), shard_size=args.shard_size)
+    process_shards(str(work / "flow"), again.new_shards, vars(settings), settings.fingerprint())
+    second_s = time.perf_counter() - start
+    print(f"3. rerun of the finished job: {second_s:.2f} s vs first {flow_s:.2f} s -> {second_s / flow_s:.3f}x")
+
+    # 4. kill at 50%: the in-flight shard's work is lost, committed shards are not redone
+    counts0 = forward_counts()
+    kill_shard_size = max(1, args.samples // 16)  # 16 shards: at most one shard's work is lost to the kill
+    full_plan = plan_job(manifest, str(work / "full"), shard_size=kill_shard_size)
+    run_direct(str(work / "full"), full_plan.shards, settings)
+    counts1 = forward_counts()
+    uninterrupted = sum(counts1.values()) - sum(counts0.values())
+    killed_plan = plan_job(manifest, str(work / "killed"), shard_size=kill_shard_size)
+    half = len(killed_plan.shards) // 2
+    run_direct(str(work / "killed"), killed_plan.shards[:half], settings)
+    from bridgecore.storage import Storage
+
+    # The shard in flight when the kill came: all its work is lost (an upper bound), done in a scratch root.
+    in_flight = killed_plan.shards[half]
+    scratch = Storage(str(work / "scratch"))
+    scratch.write_json(Storage(str(work / "killed")).read_json("plan", in_flight + ".json"), "plan", in_flight + ".json")
+    run_direct(scratch.root, [in_flight], settings)
+    rerun_plan = plan_job(manifest, str(work / "killed"), shard_size=kill_shard_size)
+    run_direct(str(work / "killed"), rerun_plan.new_shards, settings)
+    killed_total = sum(forward_counts().values()) - sum(counts1.values())
+    print(f"4. kill at 50% ({len(full_plan.shards)} shards of {kill_shard_size}, the in-flight shard lost whole) "
+          f"+ rerun: {killed_total} model forwards vs {uninterrupted} uninterrupted -> {killed_total / uninterrupted:.2f}x")
+
+
+
+if __name__ == "__main__":
+    main()
