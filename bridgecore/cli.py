@@ -214,33 +214,42 @@ def bulk_edit(
         typer.echo(f"  failed {failure['key']} at {failure['stage']}: {failure['error']}")
 
 
-@app.command()
-def quickstart(
-    out_dir: Path = typer.Option(Path("out/quickstart"), help="Where to write the sample image and its cache."),
-    qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real model, else tiny zoo)."),
-    edit_model: Optional[str] = typer.Option(None, help="Qwen-Image-Edit hub id or directory (default: real, else tiny)."),
-    condition_area: int = typer.Option(256 * 256, help="Condition-image area; the real pipeline uses 1048576."),
-):
-    """End-to-end run on an embedded default: generates a sample image, extracts both caches, writes and
-    re-reads the cache file and prints the comparison. Uses the tiny zoo when no real weights are present."""
+def _write_sample_set(folder: Path) -> Path:
+    """Six small generated edit requests (shapes, a text card, a two-tone scene) as a JSONL manifest."""
     from PIL import Image, ImageDraw
 
-    from .cache_format import load_cache
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    colours = [(200, 30, 30), (30, 60, 200), (30, 160, 60), (220, 180, 20), (120, 40, 160), (20, 160, 170)]
+    for index, colour in enumerate(colours):
+        image = Image.new("RGB", (320, 200), (240, 240, 235))
+        draw = ImageDraw.Draw(image)
+        draw.rectangle((30 + 5 * index, 40, 130, 140), fill=colour)
+        draw.ellipse((180, 50, 280 - 5 * index, 150), fill=colours[(index + 1) % len(colours)])
+        draw.text((40, 165), f"Hello {index}", fill=(0, 0, 0))
+        image.save(folder / f"sample{index}.png")
+        rows.append({"id": f"sample{index}", "image": f"sample{index}.png",
+                     "instruction": f"Change the text 'Hello {index}' to 'Goodbye'"})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return manifest
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    image_path = out_dir / "sample.png"
-    image = Image.new("RGB", (320, 200), (240, 240, 235))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((30, 40, 130, 140), fill=(200, 30, 30))
-    draw.ellipse((180, 50, 280, 150), fill=(30, 60, 200))
-    draw.text((40, 165), "Hello", fill=(0, 0, 0))
-    image.save(image_path)
-    cache_path = out_dir / "sample.safetensors"
-    extract([str(image_path)], "Change the text 'Hello' to 'Goodbye'", cache_path, qwen3, edit_model,
-            condition_area, "auto", False)
-    cache = load_cache(str(cache_path))
-    typer.echo(f"re-read {cache_path}: prompt_embeds {list(cache.qwen25.prompt_embeds.shape)}, "
-               f"levels {[list(t.shape) for t in cache.qwen3.levels.values()]}")
+
+@app.command()
+def quickstart(
+    out_dir: Path = typer.Option(Path("out/quickstart"), help="Where to write the sample set and the run's outputs."),
+    qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real model, else tiny zoo)."),
+    edit_model: Optional[str] = typer.Option(None, help="Qwen-Image-Edit hub id or directory (default: real, else tiny)."),
+    steps: int = typer.Option(4, help="Denoising steps (the real default is 50)."),
+    condition_area: int = typer.Option(128 * 128, help="Condition-image area; the real pipeline uses 1048576."),
+):
+    """The main job end to end on an embedded default: generates a small sample set and runs the bulk-edit
+    flow over it locally (ephemeral Prefect, local storage; the tiny zoo when no real weights are present)."""
+    manifest = _write_sample_set(out_dir / "inputs")
+    bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
+              bridge=None, multi_image=False, steps=steps, seed=0, condition_area=condition_area, shard_size=4,
+              retry_failed=False, device="auto")
+    typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<shard>/<id>.png; caches: {out_dir / 'run' / 'caches'}")
 
 
 def main() -> None:
