@@ -108,6 +108,12 @@ class JobSettings:
     seed: int = 0
     batch_size: int = 4
     load_in_8bit: bool = False
+    cfg: float = 1.0  # true_cfg_scale; > 1 extracts and uses the negative prompt's embeddings too
+    negative_prompt: str = " "
+
+    @property
+    def negative(self) -> str | None:
+        return self.negative_prompt if self.cfg > 1 else None
 
     def editor(self):
         return get_editor(self.edit_model, self.qwen3_model, self.bridge, self.device, self.condition_area,
@@ -121,7 +127,7 @@ class JobSettings:
         revisions = [resolve_model(self.qwen3_model).revision,
                      resolve_model(self.edit_model, allow_patterns=["model_index.json"]).revision]
         parts = [self.qwen3_model, self.edit_model, *revisions, bridge_checksum(self.bridge),
-                 str(self.condition_area), str(self.steps), str(self.seed)]
+                 str(self.condition_area), str(self.steps), str(self.seed), str(self.cfg), str(self.negative)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

@@ -190,6 +190,8 @@ def bulk_edit(
     multi_image: bool = typer.Option(False, help="Samples have several images: use the Edit-Plus pipeline."),
     steps: int = typer.Option(50, help="Denoising steps."),
     seed: int = typer.Option(0, help="Job seed; each sample's noise seed derives from it and the sample id."),
+    cfg: float = typer.Option(1.0, help="true_cfg_scale; > 1 also encodes --negative-prompt (twice the DiT work)."),
+    negative_prompt: str = typer.Option(" ", help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
     shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
     retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed before."),
@@ -204,7 +206,8 @@ def bulk_edit(
     try:
         summary = bulk_edit_flow(input=input, output=output, prompt=prompt, qwen3=qwen3, edit_model=edit_model,
                                  bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps, seed=seed,
-                                 condition_area=condition_area, device=device, retry_failed=retry_failed)
+                                 cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
+                                 device=device, retry_failed=retry_failed)
     except ValueError as error:
         _fail(str(error))
     counts = summary["counts"]
@@ -247,7 +250,8 @@ def quickstart(
     flow over it locally (ephemeral Prefect, local storage; the tiny zoo when no real weights are present)."""
     manifest = _write_sample_set(out_dir / "inputs")
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
-              bridge=None, multi_image=False, steps=steps, seed=0, condition_area=condition_area, shard_size=4,
+              bridge=None, multi_image=False, steps=steps, seed=0, cfg=1.0, negative_prompt=" ",
+              condition_area=condition_area, shard_size=4,
               retry_failed=False, device="auto")
     typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<shard>/<id>.png; caches: {out_dir / 'run' / 'caches'}")
 

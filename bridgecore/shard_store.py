@@ -45,6 +45,7 @@ class SampleRecord:
     error: str | None = None
     payload: bytes | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    extra_payloads: dict[str, bytes] = field(default_factory=dict)  # more tar entries: extension -> bytes
 
     @classmethod
     def failed(cls, sample: Sample, error: str) -> "SampleRecord":
@@ -73,7 +74,7 @@ class ShardStore:
         with wds.TarWriter(buffer, encoder=False, mtime=0.0) as writer:
             for record in records:
                 if record.status == "done" and record.payload is not None:
-                    writer.write({"__key__": record.sample.key, self.extension: record.payload})
+                    writer.write({"__key__": record.sample.key, self.extension: record.payload, **record.extra_payloads})
         return buffer.getvalue()
 
     def commit(self, shard_id: str, records: list[SampleRecord], common: dict[str, Any] | None = None) -> dict:
@@ -123,8 +124,9 @@ class ShardStore:
             raise CorruptShardError(f"{self.storage.url(self.stage, shard_id + '.parquet')}: checksum mismatch")
         return pq.read_table(io.BytesIO(data)).to_pylist()
 
-    def payloads(self, shard_id: str) -> dict[str, bytes]:
-        """{key: bytes} of the shard's done samples, every checksum verified."""
+    def payloads(self, shard_id: str, extension: str | None = None) -> dict[str, bytes]:
+        """{key: bytes} of the shard's done samples (the `extension` entries of a tar), checksums verified."""
+        extension = extension or self.extension
         rows = {row["key"]: row for row in self.manifest(shard_id) if row["status"] == "done" and row["sha256"]}
         if self.kind == "tar":
             data = self.storage.read_bytes(self.stage, shard_id + ".tar")
@@ -137,9 +139,11 @@ class ShardStore:
                 raise CorruptShardError(f"{self.storage.url(self.stage, shard_id + '.tar')}: unreadable tar ({error})") from error
             with tar:
                 for member in tar.getmembers():
-                    key, _, extension = member.name.partition(".")
-                    if extension == self.extension:
+                    key, _, member_extension = member.name.partition(".")
+                    if member_extension == extension:
                         payloads[key] = tar.extractfile(member).read()
+            if extension != self.extension:
+                return payloads
         else:
             payloads = {key: self.storage.read_bytes(self.stage, shard_id, f"{key}.{self.extension}") for key in rows}
         for key, row in rows.items():

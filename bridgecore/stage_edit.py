@@ -28,8 +28,17 @@ def _png(image) -> bytes:
     return buffer.getvalue()
 
 
+def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads `[L_i, D]` tensors into `[B, L, D]` with a `[B, L]` mask, as the pipelines do."""
+    length = max(t.shape[0] for t in tensors)
+    embeds = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[0])) for t in tensors])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones(t.shape[0], dtype=torch.long), (0, length - t.shape[0]))
+                        for t in tensors])
+    return embeds, mask
+
+
 def edit_shard(storage: Storage, shard_id: str, editor: EnhancedQwenImageEdit, num_inference_steps: int = 50,
-               seed: int = 0, batch_size: int = 4) -> dict:
+               seed: int = 0, batch_size: int = 4, true_cfg_scale: float = 1.0) -> dict:
     """Edits the done samples of one fused shard and commits the PNGs (skips if committed)."""
     store = ShardStore(storage, STAGE, kind="png", extension="png")
     if store.is_done(shard_id):
@@ -48,13 +57,13 @@ def edit_shard(storage: Storage, shard_id: str, editor: EnhancedQwenImageEdit, n
             records[sample.key] = SampleRecord.failed(sample, str(error))
     for start in range(0, len(ready), batch_size):
         batch = ready[start:start + batch_size]
-        length = max(e.shape[0] for _, _, e in batch)
-        embeds = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for _, _, e in batch])
-        mask = torch.stack([torch.nn.functional.pad(torch.ones(e.shape[0], dtype=torch.long), (0, length - e.shape[0]))
-                            for _, _, e in batch])
+        embeds, mask = _pad([positive for _, _, (positive, _) in batch])
+        negatives = [negative for _, _, (_, negative) in batch]
+        negative = _pad(negatives) if true_cfg_scale > 1 and all(n is not None for n in negatives) else None
         seeds = [sample_seed(seed, s.key) for s, _, _ in batch]
         try:
-            images = editor.denoise([imgs for _, imgs, _ in batch], embeds, mask, seeds, num_inference_steps)
+            images = editor.denoise([imgs for _, imgs, _ in batch], embeds, mask, seeds, num_inference_steps,
+                                    true_cfg_scale, negative)
             for (sample, _, _), image in zip(batch, images):
                 records[sample.key] = SampleRecord(sample, "done", payload=_png(image),
                                                    info={"width": image.width, "height": image.height})
@@ -62,5 +71,5 @@ def edit_shard(storage: Storage, shard_id: str, editor: EnhancedQwenImageEdit, n
             for sample, _, _ in batch:
                 records[sample.key] = SampleRecord.failed(sample, f"edit failed: {type(error).__name__}: {error}")
     ordered = [records[s.key] for s in load_plan(storage, shard_id)]
-    return store.commit(shard_id, ordered, {"steps": num_inference_steps, "seed": seed,
+    return store.commit(shard_id, ordered, {"steps": num_inference_steps, "seed": seed, "true_cfg_scale": true_cfg_scale,
                                              "bridge_checksum": next(iter(rows.values()))["bridge_checksum"]})

@@ -18,6 +18,7 @@ from .storage import Storage
 
 logger = logging.getLogger(__name__)
 STAGE = "caches"
+NEGATIVE = "neg.safetensors"  # the negative prompt's caches, beside the sample's own (true CFG)
 
 
 def load_plan(storage: Storage, shard_id: str) -> list[Sample]:
@@ -30,22 +31,26 @@ def _info(cache) -> dict:
             "qwen3.vision_tokens": cache.qwen3.num_vision_tokens, "qwen25.vision_tokens": cache.qwen25.num_vision_tokens}
 
 
-def _extract_batch(extractor: VisionCacheExtractor, batch: list[tuple[Sample, list]]) -> list[SampleRecord]:
+def _extract_batch(extractor: VisionCacheExtractor, batch: list[tuple[Sample, list]],
+                   negative_prompt: str | None = None) -> list[SampleRecord]:
+    images = [images for _, images in batch]
     try:
-        caches = extractor.extract([images for _, images in batch], [s.instruction for s, _ in batch])
+        caches = extractor.extract(images, [s.instruction for s, _ in batch])
+        negatives = extractor.extract(images, [negative_prompt] * len(batch)) if negative_prompt is not None else None
     except Exception as error:  # noqa: BLE001 - isolate the culprit below
         if len(batch) == 1:
             return [SampleRecord.failed(batch[0][0], f"extraction failed: {type(error).__name__}: {error}")]
-        return [record for item in batch for record in _extract_batch(extractor, [item])]
+        return [record for item in batch for record in _extract_batch(extractor, [item], negative_prompt)]
     records = []
-    for (sample, _), cache in zip(batch, caches):
+    for index, ((sample, _), cache) in enumerate(zip(batch, caches)):
         cache.extra = {"key": sample.key, "content_sha256": sample.content_sha256}
-        records.append(SampleRecord(sample, "done", payload=cache_to_bytes(cache), info=_info(cache)))
+        extra = {NEGATIVE: cache_to_bytes(negatives[index])} if negatives is not None else {}
+        records.append(SampleRecord(sample, "done", payload=cache_to_bytes(cache), info=_info(cache), extra_payloads=extra))
     return records
 
 
 def extract_shard(storage: Storage, shard_id: str, extractor: VisionCacheExtractor, batch_size: int = 8,
-                  progress=None) -> dict:
+                  progress=None, negative_prompt: str | None = None) -> dict:
     """Extracts and commits one shard unless it is already committed. Returns its marker."""
     store = ShardStore(storage, STAGE)
     if store.is_done(shard_id):
@@ -61,12 +66,13 @@ def extract_shard(storage: Storage, shard_id: str, extractor: VisionCacheExtract
         except ImageLoadError as error:
             records[sample.key] = SampleRecord.failed(sample, str(error))
     for start in range(0, len(ready), batch_size):
-        for record in _extract_batch(extractor, ready[start:start + batch_size]):
+        for record in _extract_batch(extractor, ready[start:start + batch_size], negative_prompt):
             records[record.sample.key] = record
         if progress is not None:
             progress(min(start + batch_size, len(ready)))
     ordered = [records[s.key] for s in load_plan(storage, shard_id)]
-    common = {"qwen3_model": extractor.qwen3_name, "qwen25_model": extractor.edit_name}
+    common = {"qwen3_model": extractor.qwen3_name, "qwen25_model": extractor.edit_name,
+              "negative_prompt": negative_prompt}
     if ready:
         common.update(qwen3_revision=extractor._qwen3.get().revision if extractor._qwen3.loaded else "",
                       qwen25_revision=extractor._qwen25.get().revision if extractor._qwen25.loaded else "")

@@ -17,6 +17,7 @@ from safetensors.torch import save as save_tensors
 from .bridge import BridgeConfig, VisionCacheBridge
 from .cache_format import cache_from_bytes
 from .shard_store import SampleRecord, ShardStore
+from .stage_extract import NEGATIVE
 from .stage_extract import STAGE as CACHE_STAGE
 from .stage_extract import load_plan
 from .storage import Storage
@@ -42,13 +43,18 @@ def load_bridge_for(bridge_dir: str | Path | None, cache) -> VisionCacheBridge:
     return VisionCacheBridge.from_pretrained(bridge_dir, expect=expected).eval()
 
 
-def fused_to_bytes(prompt_embeds: torch.Tensor, meta: dict) -> bytes:
-    return save_tensors({"prompt_embeds": prompt_embeds.detach().cpu().contiguous()},
+def fused_to_bytes(prompt_embeds: torch.Tensor, meta: dict, negative: torch.Tensor | None = None) -> bytes:
+    tensors = {"prompt_embeds": prompt_embeds}
+    if negative is not None:
+        tensors["negative_prompt_embeds"] = negative
+    return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                         metadata={"vision_bridge": json.dumps(meta)})
 
 
-def fused_from_bytes(data: bytes) -> torch.Tensor:
-    return load_tensors(data)["prompt_embeds"]
+def fused_from_bytes(data: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt_embeds [L, D], negative_prompt_embeds [L', D] or None)."""
+    tensors = load_tensors(data)
+    return tensors["prompt_embeds"], tensors.get("negative_prompt_embeds")
 
 
 @torch.no_grad()
@@ -60,6 +66,7 @@ def fuse_shard(storage: Storage, shard_id: str, bridge_dir: str | Path | None = 
     caches = ShardStore(storage, CACHE_STAGE)
     rows = {row["key"]: row for row in caches.manifest(shard_id)}
     payloads = caches.payloads(shard_id)
+    negatives = caches.payloads(shard_id, NEGATIVE)
     checksum = bridge_checksum(bridge_dir)
     bridge, records = None, []
     for sample in load_plan(storage, shard_id):
@@ -71,9 +78,13 @@ def fuse_shard(storage: Storage, shard_id: str, bridge_dir: str | Path | None = 
         try:
             bridge = bridge or load_bridge_for(bridge_dir, cache).to(device)
             embeds = bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]
+            negative = None
+            if sample.key in negatives:
+                negative_cache = cache_from_bytes(negatives[sample.key])
+                negative = bridge(negative_cache.qwen3, negative_cache.qwen25).prompt_embeds[0]
         except ValueError as error:  # mismatched or non-finite caches: this sample only
             records.append(SampleRecord.failed(sample, f"fuse failed: {error}"))
             continue
-        records.append(SampleRecord(sample, "done", payload=fused_to_bytes(embeds, {"bridge": checksum}),
+        records.append(SampleRecord(sample, "done", payload=fused_to_bytes(embeds, {"bridge": checksum}, negative),
                                     info={"prompt_embeds": list(embeds.shape)}))
     return store.commit(shard_id, records, {"bridge_checksum": checksum})

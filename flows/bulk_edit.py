@@ -21,13 +21,15 @@ from tasks.shard_inputs import shard_inputs
 @flow(name="bulk-edit")
 def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
               edit_model: str | None = None, bridge: str | None = None, multi_image: bool = False,
-              shard_size: int = 16, steps: int = 50, seed: int = 0, condition_area: int = 1024 * 1024,
+              shard_size: int = 16, steps: int = 50, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
+              condition_area: int = 1024 * 1024,
               batch_size: int = 4, device: str = "auto", retry_failed: bool = False,
               workers_deployment: str | None = None, shards_per_run: int = 1, deadline_s: float = 6 * 3600) -> dict:
     # plan
     plan = shard_inputs(input, output, prompt, shard_size, "metrics", retry_failed)
     edit_model = edit_model or (DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
-    settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size)
+    settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
+                           cfg=cfg, negative_prompt=negative_prompt)
     fingerprint = settings.fingerprint()
     # run
     if workers_deployment and plan["new_shards"]:

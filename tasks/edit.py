@@ -12,6 +12,6 @@ from tasks.cache_policy import is_transient, shard_cache
       retry_condition_fn=is_transient)
 def edit(output: str, shard_id: str, settings: dict, fingerprint: str) -> dict:
     job = JobSettings(**settings)
-    marker = edit_shard(Storage(output), shard_id, job.editor(), job.steps, job.seed, job.batch_size)
+    marker = edit_shard(Storage(output), shard_id, job.editor(), job.steps, job.seed, job.batch_size, job.cfg)
     get_run_logger().info("edits %s: %s", shard_id, marker["counts"])
     return marker

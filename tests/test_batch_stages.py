@@ -37,10 +37,10 @@ def run_all(output, shards, settings):
     storage = Storage(output)
     editor = settings.editor()
     for shard in shards:
-        extract_shard(storage, shard, editor.extractor)
+        extract_shard(storage, shard, editor.extractor, negative_prompt=settings.negative)
     for shard in shards:
         fuse_shard(storage, shard, settings.bridge)
-        edit_shard(storage, shard, editor, settings.steps, settings.seed)
+        edit_shard(storage, shard, editor, settings.steps, settings.seed, true_cfg_scale=settings.cfg)
         evaluate_shard(storage, shard)
     return summarize(storage, shards)
 
@@ -116,3 +116,35 @@ def test_stages_on_object_storage(tmp_path, settings, s3_root):
     storage = Storage(s3_root)
     assert storage.list("edits", plan.shards[0], suffix=".png")
     assert storage.read_json("summary.json")["counts"] == summary["counts"]
+
+
+def test_true_cfg_uses_negative_embeddings(tmp_path, settings):
+    from dataclasses import replace
+
+    from bridgecore.stage_extract import NEGATIVE
+
+    manifest = make_inputs(tmp_path / "in", n=1)
+    outputs = {}
+    for cfg in (1.0, 4.0):
+        out = tmp_path / f"cfg{cfg}"
+        plan = plan_job(manifest, str(out), shard_size=20)
+        run_all(str(out), plan.shards, replace(settings, cfg=cfg, negative_prompt="blurry"))
+        outputs[cfg] = {p.name: p.read_bytes() for p in out.rglob("*.png")}
+        negatives = ShardStore(Storage(str(out)), "caches").payloads(plan.shards[0], NEGATIVE)
+        assert bool(negatives) == (cfg > 1)
+    assert outputs[1.0].keys() == outputs[4.0].keys() and outputs[1.0] != outputs[4.0]
+
+
+def test_retry_failed_replans_only_failed_samples(tmp_path, settings):
+    folder = tmp_path / "in"
+    make_inputs(folder, n=1)
+    (folder / "m.jsonl").write_text(json.dumps({"id": "good", "image": "img0.png", "instruction": "x"}) + "\n"
+                                    + json.dumps({"id": "flaky", "image": "s3://no-such-bucket-xyz/a.png", "instruction": "x"}))
+    out = str(tmp_path / "out")
+    plan = plan_job(str(folder / "m.jsonl"), out, shard_size=1)
+    summary = run_all(out, plan.shards, settings)
+    assert summary["counts"] == {"done": 1, "failed": 1, "pending": 0}
+    assert plan_job(str(folder / "m.jsonl"), out, shard_size=1).new_shards == []
+    retry = plan_job(str(folder / "m.jsonl"), out, shard_size=1, retry_failed=True)
+    (shard,) = retry.new_shards
+    assert [s["key"] for s in Storage(out).read_json("plan", shard + ".json")["samples"]] == ["flaky"]

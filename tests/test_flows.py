@@ -50,6 +50,20 @@ def test_local_run_then_rerun_loads_no_model(tmp_path, tiny_zoo):
     assert "loading Qwen" not in second.stderr and "loading edit pipeline" not in second.stderr
     assert before == {p: p.stat().st_mtime_ns for p in before}
 
+    # A corrupt cache shard found downstream is reported and recomputed, never used.
+    edits = {p.name: p.read_bytes() for p in out.rglob("*.png")}
+    shard = max((out / "caches").glob("*.tar"), key=lambda p: p.stat().st_size).stem  # one with done samples
+    tar = out / "caches" / f"{shard}.tar"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    for stage in ("fused", "edits", "metrics"):
+        (out / stage / f"{shard}.done").unlink()
+    third = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "corrupt caches" in third.stdout + third.stderr and "done 3, failed 6, pending 0" in third.stdout
+    assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
+
 
 def test_sigkill_mid_job_then_rerun_matches_uninterrupted(tmp_path, tiny_zoo):
     manifest = make_inputs(tmp_path / "in", n=6)
