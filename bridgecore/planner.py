@@ -187,6 +187,33 @@ def bridge_cost(qwen3_seq: int, qwen3_grid: tuple[int, int], qwen25_seq: int, qw
     return {"parameters": bridge.num_parameters(), "flops": counter.get_total_flops()}
 
 
+# Widths of `inner_dim` kept per token while one DiT block is recomputed for backward (q, k, v, attention
+# output, the 4x MLP before and after its activation, modulated norms, residuals, both streams): an estimate.
+BLOCK_RECOMPUTE_WIDTHS = 30
+
+
+def training_memory(transformer: nn.Module, bridge_parameters: int, text_tokens: int,
+                    resolutions: tuple[int, ...] = (512, 1024), batch_sizes: tuple[int, ...] = (1, 4, 8)) -> list[dict]:
+    """GPU memory to train the bridge against the frozen bf16 DiT with gradient checkpointing (estimate).
+
+    weights (bf16, frozen) + bridge (fp32 weights, grads, AdamW moments) + per sample: every block's
+    checkpointed inputs (bf16) + one block's recomputed activations.
+    """
+    config = transformer.config
+    width = config.num_attention_heads * config.attention_head_dim
+    weights = 2 * sum(p.numel() for p in transformer.parameters())
+    bridge = 16 * bridge_parameters
+    rows = []
+    for side in resolutions:
+        tokens = 2 * (side // 16) ** 2 + text_tokens  # target + condition latents, text
+        per_sample = 2 * tokens * width * (config.num_layers + BLOCK_RECOMPUTE_WIDTHS)
+        for batch in batch_sizes:
+            total = weights + bridge + batch * per_sample
+            rows.append({"resolution": side, "batch_size": batch, "gib": total / 2**30,
+                         "weights_gib": weights / 2**30, "activations_gib": batch * per_sample / 2**30})
+    return rows
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 
@@ -237,6 +264,7 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
                   "bridge": bridge["flops"]},
         "bridge": {"parameters": bridge["parameters"], "bytes_bf16": 2 * bridge["parameters"],
                    "flops_vs_dit_step": bridge["flops"] / dit},
+        "training_memory": training_memory(models["transformer"], bridge["parameters"], seq25 - REAL_DROP_IDX),
         "drop_idx_note": f"{REAL_DROP_IDX} system tokens dropped (real tokenizer, template {EDIT_TEMPLATE[:20]!r}...)",
     }
     return report
@@ -266,4 +294,8 @@ def format_plan(report: dict[str, Any]) -> str:
         if key not in ("qwen25_extraction", "qwen3_extraction", "dit_step"):
             lines.append(f"  {key:<21} {value / 1e12:.4f} TFLOP")
     lines.append(f"  bridge / one DiT step = {b['flops_vs_dit_step']:.2e}")
+    lines.append("training memory (frozen bf16 DiT + bridge with AdamW + checkpointed activations; estimate):")
+    for row in report["training_memory"]:
+        lines.append(f"  {row['resolution']:>4}px  batch {row['batch_size']:>2}: {row['gib']:6.1f} GiB "
+                     f"(weights {row['weights_gib']:.1f}, activations {row['activations_gib']:.1f})")
     return "\n".join(lines)

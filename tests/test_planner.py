@@ -104,3 +104,9 @@ def test_bad_image_size_is_refused():
 def test_bridge_is_reported_at_real_dims(report):
     assert 4e6 <= report["bridge"]["parameters"] <= 6e6
     assert 0 < report["bridge"]["flops_vs_dit_step"] < 0.01
+
+
+def test_training_memory_grows_with_batch_and_resolution(report):
+    rows = {(r["resolution"], r["batch_size"]): r["gib"] for r in report["training_memory"]}
+    assert rows[(1024, 1)] > 2 * 20.43e9 / 2**30  # at least the frozen bf16 DiT
+    assert rows[(1024, 8)] > rows[(1024, 4)] > rows[(1024, 1)] > rows[(512, 1)]
