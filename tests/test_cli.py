@@ -44,3 +44,21 @@ def test_edit_command_baseline_and_untrained_default_are_identical(tmp_path, tin
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert (tmp_path / "g.png").exists()
+
+
+def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
+    from bridgecore.synthetic_triplets import write_triplets
+
+    manifest = write_triplets(tmp_path / "data", 6)
+    models = ["--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]),
+              "--condition-area", str(64 * 64)]
+    trained = _run("train", "--data", str(manifest), "--out", str(tmp_path / "bridge"), "--steps", "4",
+                   "--batch-size", "2", "--eval-every", "2", "--lr", "1e-2", *models)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "held-out flow-matching loss" in trained.stdout and (tmp_path / "bridge" / "step_000004").is_dir()
+    common = ["--prompt", "Make the square blue", "--steps", "2", *models]
+    source = str(tmp_path / "data" / "00000_source.png")
+    enhanced = _run("edit", source, *common, "--bridge", str(tmp_path / "bridge"), "--out", str(tmp_path / "e.png"))
+    baseline = _run("edit", source, *common, "--baseline", "--out", str(tmp_path / "b.png"))
+    assert enhanced.returncode == 0 and baseline.returncode == 0, enhanced.stderr[-2000:]
+    assert (tmp_path / "e.png").read_bytes() != (tmp_path / "b.png").read_bytes()
