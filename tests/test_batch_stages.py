@@ -149,3 +149,20 @@ def test_retry_failed_replans_only_failed_samples(tmp_path, settings):
     retry = plan_job(str(folder / "m.jsonl"), out, shard_size=1, retry_failed=True)
     (shard,) = retry.new_shards
     assert [s["key"] for s in Storage(out).read_json("plan", shard + ".json")["samples"]] == ["flaky"]
+
+
+def test_multi_image_samples_through_the_stages(tmp_path, tiny_zoo):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = []
+    for i in range(2):
+        make_image(200, 120, i).save(folder / f"a{i}.png")
+        make_image(120, 200, i + 3).save(folder / f"b{i}.png")
+        rows.append({"id": f"set{i}", "images": [f"a{i}.png", f"b{i}.png"], "instruction": "put the circle of picture 2 "
+                     "into picture 1"})
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit-plus"]), condition_area=AREA, steps=2)
+    out = str(tmp_path / "out")
+    summary = run_all(out, plan_job(str(folder / "m.jsonl"), out, shard_size=2).shards, settings)
+    assert summary["counts"] == {"done": 2, "failed": 0, "pending": 0}
+    assert len(list((tmp_path / "out" / "edits").rglob("*.png"))) == 2
