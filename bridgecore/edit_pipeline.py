@@ -10,6 +10,7 @@ negative pair for true CFG) computed here the M-RoPE-correct way, optionally enh
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -100,8 +101,9 @@ class EnhancedQwenImageEdit:
     def pipe(self):
         return self._pipe.get()
 
-    @property
+    @functools.cached_property
     def plus(self) -> bool:
+        """Edit-Plus (several images per sample), read once from the pipeline's `model_index.json`."""
         return pipeline_class_name(resolve_model(self.edit_name, allow_patterns=["model_index.json"])) == (
             "QwenImageEditPlusPipeline")
 

@@ -148,6 +148,12 @@ class VisionCacheExtractor:
             raise ValueError(f"qwen3_layers must map {LEVEL_NAMES} to indices in [0, {num_layers}]; got {layers}")
         return dict(layers)
 
+    @property
+    def revisions(self) -> dict[str, str]:
+        """Revisions of the models loaded so far (empty strings for those not loaded)."""
+        return {"qwen3_revision": self._qwen3.get().revision if self._qwen3.loaded else "",
+                "qwen25_revision": self._qwen25.get().revision if self._qwen25.loaded else ""}
+
     def unload_qwen3(self) -> None:
         self._qwen3.unload()
 

@@ -72,8 +72,5 @@ def extract_shard(storage: Storage, shard_id: str, extractor: VisionCacheExtract
             progress(min(start + batch_size, len(ready)))
     ordered = [records[s.key] for s in load_plan(storage, shard_id)]
     common = {"qwen3_model": extractor.qwen3_name, "qwen25_model": extractor.edit_name,
-              "negative_prompt": negative_prompt}
-    if ready:
-        common.update(qwen3_revision=extractor._qwen3.get().revision if extractor._qwen3.loaded else "",
-                      qwen25_revision=extractor._qwen25.get().revision if extractor._qwen25.loaded else "")
+              "negative_prompt": negative_prompt, **extractor.revisions}
     return store.commit(shard_id, ordered, common)

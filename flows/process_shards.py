@@ -10,6 +10,7 @@ from prefect import flow, get_run_logger
 from tqdm.auto import tqdm
 
 from bridgecore.batch_job import forward_counts, invalidate_from, release_vlms
+from bridgecore.shard_store import CorruptShardError
 from tasks.edit import edit
 from tasks.evaluate import evaluate
 from tasks.extract_caches import extract_caches
@@ -22,8 +23,8 @@ def _stage(name, task, shards, output, *args, **kwargs):
     for shard_id in tqdm(shards, desc=name, unit="shard", leave=False):
         try:
             task(output, shard_id, *args, **kwargs)
-        except Exception as error:  # noqa: BLE001 - corrupt upstream: recompute it once, then retry
-            if "CorruptShardError" not in f"{type(error).__name__} {error!r}" or name not in UPSTREAM:
+        except CorruptShardError as error:  # corrupt upstream: recompute it once, then retry
+            if name not in UPSTREAM:
                 raise
             upstream, upstream_task = UPSTREAM[name]
             get_run_logger().warning("corrupt %s of %s (%s): recomputing", upstream, shard_id, error)
