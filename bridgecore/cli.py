@@ -254,6 +254,70 @@ def train(
     typer.echo(f"bridge: {out} (metrics.json, loss_curve.png)")
 
 
+@app.command("make-benchmark")
+def make_benchmark_command(
+    out: Path = typer.Argument(..., help="Folder to write manifest.jsonl and the images into."),
+    per_capability: int = typer.Option(32, help="Samples per capability (OCR cycles through the 32 languages)."),
+    seed: int = typer.Option(0, help="Seed; the same seed writes the same files."),
+):
+    """Write the capability benchmark (OCR in 32 languages, spatial, detail preservation, multi-image) in the
+    batch pipeline's manifest format: run it through bulk-edit, train on it, score it with `evaluate`."""
+    from .benchmark_data import FontNotFoundError, make_benchmark
+
+    try:
+        manifest = make_benchmark(out, per_capability, seed)
+    except FontNotFoundError as error:
+        _fail(str(error))
+    typer.echo(f"wrote {manifest} ({4 * per_capability} samples)")
+
+
+@app.command()
+def evaluate(
+    results: Optional[str] = typer.Argument(None, help="A bulk-edit run (dir or URL) to score; same as --results."),
+    benchmark: Path = typer.Option(..., help="Benchmark folder written by make-benchmark."),
+    editor: Optional[str] = typer.Option(None, help="Score a reference editor instead: oracle, identity or noise."),
+    results_option: Optional[str] = typer.Option(None, "--results", help="A bulk-edit run (dir or URL) to score."),
+    baseline: Optional[str] = typer.Option(None, help="A baseline run over the same benchmark: paired comparison."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
+    per_sample: Optional[Path] = typer.Option(None, help="Write per-sample scores (Parquet) here."),
+    report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML report here."),
+):
+    """Score edits on the capability benchmark: OCR (Tesseract: exact match, CER), spatial (direction,
+    position error), detail (SSIM/PSNR outside the edit, small objects), multi-image consistency, each
+    with bootstrap confidence intervals; paired against --baseline when given."""
+    from .evaluation import CapabilityEvaluator, paired_comparison, reference_editor, results_editor
+
+    run = results_option or results
+    if (editor is None) == (run is None):
+        _fail("give exactly one of --editor oracle|identity|noise or a results run (RESULTS or --results)")
+    try:
+        main_editor = reference_editor(editor) if editor else results_editor(run)
+        evaluators = {editor or "enhanced": CapabilityEvaluator(benchmark, main_editor)}
+        if baseline:
+            evaluators["baseline"] = CapabilityEvaluator(benchmark, results_editor(baseline))
+    except ValueError as error:
+        _fail(str(error))
+    summaries = {name: evaluator.evaluate_all() for name, evaluator in evaluators.items()}
+    output = dict(next(iter(summaries.values())))
+    comparison = None
+    if baseline:
+        comparison = paired_comparison(evaluators["baseline"].per_sample, next(iter(evaluators.values())).per_sample)
+        output["baseline"], output["paired"] = summaries["baseline"], comparison
+    for capability, values in next(iter(summaries.values())).items():
+        headline = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
+        typer.echo(f"{capability:<12} {headline}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(output, indent=1, ensure_ascii=False))
+    if per_sample:
+        next(iter(evaluators.values())).write_per_sample(per_sample)
+    if report:
+        from .report import write_report
+
+        write_report(report, evaluators, summaries, comparison)
+        typer.echo(f"report: {report}")
+
+
 def _write_sample_set(folder: Path) -> Path:
     """Six small generated edit requests (shapes, a text card, a two-tone scene) as a JSONL manifest."""
     from PIL import Image, ImageDraw

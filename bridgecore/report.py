@@ -1,0 +1,138 @@
+"""The evaluation report: one self-contained HTML page (embedded PNGs, no external assets).
+
+Per-capability tables with confidence intervals, bar charts of the headline metrics, the per-language
+OCR chart, the paired baseline-vs-enhanced comparison, and comparison grids (input | baseline |
+enhanced | target) of the best and worst samples of each capability.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from .evaluation import SUMMARY_FIELDS, CapabilityEvaluator
+
+
+def _png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _figure_png(figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _bar_chart(summaries: dict[str, dict]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [(cap, fields[0][0]) for cap, fields in SUMMARY_FIELDS.items()]
+    figure, axis = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / max(1, len(summaries))
+    for offset, (run, summary) in enumerate(summaries.items()):
+        values = [summary[cap][metric] for cap, metric in names]
+        low = [v - summary[cap][f"{metric}_ci"][0] for v, (cap, metric) in zip(values, names)]
+        high = [summary[cap][f"{metric}_ci"][1] - v for v, (cap, metric) in zip(values, names)]
+        axis.bar([i + offset * width for i in range(len(names))], values, width, yerr=[low, high], capsize=3, label=run)
+    axis.set_xticks([i + width * (len(summaries) - 1) / 2 for i in range(len(names))])
+    axis.set_xticklabels([f"{cap}\n{metric}" for cap, metric in names])
+    axis.set_ylim(0, 1.05)
+    axis.legend()
+    axis.set_title("Edit success per capability (95% bootstrap CI)")
+    return _figure_png(figure)
+
+
+def _language_chart(summaries: dict[str, dict]) -> str:
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(10, 3.5))
+    languages = sorted({lang for s in summaries.values() for lang in s["ocr"].get("per_language", {})})
+    width = 0.8 / max(1, len(summaries))
+    for offset, (run, summary) in enumerate(summaries.items()):
+        per = summary["ocr"].get("per_language", {})
+        axis.bar([i + offset * width for i in range(len(languages))],
+                 [per.get(lang, {}).get("exact_match", 0.0) for lang in languages], width, label=run)
+    axis.set_xticks(range(len(languages)))
+    axis.set_xticklabels(languages, rotation=60, ha="right", fontsize=8)
+    axis.set_ylabel("OCR exact match")
+    axis.set_ylim(0, 1.05)
+    axis.legend()
+    return _figure_png(figure)
+
+
+def _table(capability: str, summaries: dict[str, dict]) -> str:
+    runs = list(summaries)
+    head = "".join(f"<th>{html.escape(run)}</th>" for run in runs)
+    rows = []
+    for name, _ in SUMMARY_FIELDS[capability]:
+        cells = "".join(
+            f"<td>{summaries[run][capability][name]:.3f} "
+            f"<small>[{summaries[run][capability][f'{name}_ci'][0]:.3f}, {summaries[run][capability][f'{name}_ci'][1]:.3f}]</small></td>"
+            for run in runs)
+        rows.append(f"<tr><td>{name}</td>{cells}</tr>")
+    count = summaries[runs[0]][capability]["count"]
+    return f"<table><tr><th>{capability} ({count} samples)</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
+    from .edit_pipeline import comparison_grid
+    from .images import load_image
+
+    runs = list(evaluators)
+    main = evaluators[runs[0]]
+    rows_by_id = {row["id"]: row for row in main.rows}
+    parts = []
+    for capability in SUMMARY_FIELDS:
+        scored = sorted((s for s in main.per_sample if s["capability"] == capability),
+                        key=lambda s: (s["edit_success"], -s.get("cer", 0), s.get("ssim_outside", 0)))
+        if not scored:
+            continue
+        for label, sample in (("worst", scored[0]), ("best", scored[-1])):
+            row = rows_by_id[sample["id"]]
+            sources = [load_image(root / n) for n in (row.get("images") or [row["image"]])]
+            target = load_image(root / row["target"])
+            panels = [("input", sources[0])]
+            for run in reversed(runs):
+                edited = evaluators[run].editor(row, sources, target)
+                panels.append((run, edited if edited is not None else Image.new("RGB", target.size, (128, 128, 128))))
+            panels.append(("target", target))
+            parts.append(f"<h4>{capability}: {label} sample <code>{html.escape(row['id'])}</code> — "
+                         f"{html.escape(row['instruction'])}</h4><img src='{_png(comparison_grid(panels, 160))}'>")
+    return "".join(parts)
+
+
+def write_report(path: str | Path, evaluators: dict[str, CapabilityEvaluator], summaries: dict[str, dict],
+                 comparison: dict | None = None) -> Path:
+    """Writes the HTML page; `evaluators`/`summaries` are keyed by run name (first = the main run)."""
+    path = Path(path)
+    root = next(iter(evaluators.values())).root
+    sections = [f"<h2>{cap}</h2>" + _table(cap, summaries) for cap in SUMMARY_FIELDS]
+    paired = ""
+    if comparison:
+        rows = "".join(f"<tr><td>{cap}</td><td>{name}</td><td>{v['difference']:+.3f}</td>"
+                       f"<td>[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]</td></tr>"
+                       for cap, metrics in comparison.items() for name, v in metrics.items() if name != "count")
+        paired = ("<h2>Paired comparison (enhanced − baseline, same samples and seeds)</h2>"
+                  f"<table><tr><th>capability</th><th>metric</th><th>difference</th><th>95% CI</th></tr>{rows}</table>")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vision-bridge evaluation</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}small{{color:#666}}</style></head>
+<body><h1>vision-bridge capability evaluation</h1><p>Benchmark: <code>{html.escape(str(root))}</code>;
+runs: {", ".join(html.escape(r) for r in summaries)}</p>
+<img alt="edit success per capability" src="{_bar_chart(summaries)}">
+<h2>OCR per language</h2><img alt="OCR exact match per language" src="{_language_chart(summaries)}">
+{''.join(sections)}{paired}<h2>Best and worst samples</h2>{_grids(evaluators, root)}</body></html>"""
+    path.write_text(page, encoding="utf-8")
+    return path
