@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 CAPABILITIES = ("ocr", "spatial", "detail", "multi_image")
 
-# Language: (Tesseract code, Noto family, three words). Scripts: Latin, Cyrillic, Greek, Arabic, Hebrew,
+# Language: (Tesseract code, Noto family, three words). Every word is read back exactly by Tesseract at
+# 40-48 px, light and dark cards, +-1 degree (tests/test_evaluation.py); words it misread were replaced. Scripts: Latin, Cyrillic, Greek, Arabic, Hebrew,
 # Devanagari, Bengali, Tamil, Thai, Hangul, Japanese, Chinese (simplified and traditional), Georgian.
 LANGUAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "English": ("eng", "Noto Sans", ("Hello", "Garden", "Window")),
@@ -43,16 +44,16 @@ LANGUAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "Bulgarian": ("bul", "Noto Sans", ("Здравей", "Градина", "Прозорец")),
     "Greek": ("ell", "Noto Sans", ("Γειά", "Κήπος", "Παράθυρο")),
     "Arabic": ("ara", "Noto Sans Arabic", ("مرحبا", "مدرسة", "شباك")),  # Tesseract misses حديقة, كتاب, بيت
-    "Persian": ("fas", "Noto Sans Arabic", ("سلام", "باغ", "پنجره")),
+    "Persian": ("fas", "Noto Sans Arabic", ("مدرسه", "خانه", "ایران")),
     "Hebrew": ("heb", "Noto Sans Hebrew", ("שלום", "גינה", "חלון")),
     "Hindi": ("hin", "Noto Sans Devanagari", ("नमस्ते", "बगीचा", "खिड़की")),
     "Marathi": ("mar", "Noto Sans Devanagari", ("नमस्कार", "बाग", "खिडकी")),
-    "Bengali": ("ben", "Noto Sans Bengali", ("নমস্কার", "বাগান", "জানালা")),
+    "Bengali": ("ben", "Noto Sans Bengali", ("বাংলা", "বাগান", "জানালা")),
     "Tamil": ("tam", "Noto Sans Tamil", ("வணக்கம்", "தோட்டம்", "ஜன்னல்")),
     "Thai": ("tha", "Noto Sans Thai", ("สวัสดี", "สวน", "หน้าต่าง")),
     "Korean": ("kor", "Noto Sans CJK KR", ("안녕하세요", "정원", "창문")),
-    "Japanese": ("jpn", "Noto Sans CJK JP", ("こんにちは", "庭園", "窓")),
-    "Chinese (Simplified)": ("chi_sim", "Noto Sans CJK SC", ("你好", "花园", "窗户")),
+    "Japanese": ("jpn", "Noto Sans CJK JP", ("こんにちは", "庭園", "ありがとう")),
+    "Chinese (Simplified)": ("chi_sim", "Noto Sans CJK SC", ("你好", "谢谢", "窗户")),
     "Chinese (Traditional)": ("chi_tra", "Noto Sans CJK TC", ("你好", "花園", "窗戶")),
     "Georgian": ("kat", "Noto Sans Georgian", ("გამარჯობა", "ბაღი", "ფანჯარა")),
 }
@@ -110,7 +111,7 @@ def _ocr_sample(rng: random.Random, index: int, out: Path, language: str) -> dic
     dark = rng.random() < 0.3
     background = (rng.randint(20, 60),) * 3 if dark else tuple(rng.randint(225, 255) for _ in range(3))
     colour = tuple(rng.randint(215, 255) for _ in range(3)) if dark else tuple(rng.randint(0, 70) for _ in range(3))
-    angle = rng.uniform(-2.0, 2.0)
+    angle = rng.uniform(-1.0, 1.0)  # slight: at 2 degrees Tesseract misreads a few words (see README)
     source, box = render_card(source_text, family, size, colour, background, angle=angle)
     target, target_box = render_card(target_text, family, size, colour, background, angle=angle)
     key = f"ocr-{index:04d}"
@@ -146,23 +147,24 @@ def _scene(objects: list[dict], size: int, background) -> Image.Image:
 
 def _spatial_sample(rng: random.Random, index: int, out: Path, size: int = 256) -> dict:
     cell = size // 4
-    count = rng.randint(2, 4)
-    colours = rng.sample(list(COLOURS), count)
-    cells = rng.sample([(c, r) for c in range(1, 3) for r in range(1, 3)], count)
+    steps = {"left of": (-1, 0), "right of": (1, 0), "above": (0, -1), "below": (0, 1)}
+    while True:  # redraw until some direction is not already true and lands on a free cell
+        count = rng.randint(2, 4)
+        colours = rng.sample(list(COLOURS), count)
+        cells = rng.sample([(c, r) for c in range(1, 3) for r in range(1, 3)], count)
+        moved, reference = 0, 1
+        (mc, mr), (rc, rr) = cells[moved], cells[reference]
+        already = {"left of": mc < rc, "right of": mc > rc, "above": mr < rr, "below": mr > rr}
+        free = {d: (rc + dx, rr + dy) not in cells for d, (dx, dy) in steps.items()}
+        choices = [d for d in DIRECTIONS if not already[d] and free[d]]  # leaving it in place must fail
+        if choices:
+            break
     objects = [{"shape": rng.choice(SHAPES), "colour": colour,
                 "box": [c * cell + 8, r * cell + 8, (c + 1) * cell - 8, (r + 1) * cell - 8]}
                for colour, (c, r) in zip(colours, cells)]
-    moved, reference = 0, 1
-    (mc, mr), (rc, rr) = cells[moved], cells[reference]
-    already = {"left of": mc < rc, "right of": mc > rc, "above": mr < rr, "below": mr > rr}
-    direction = rng.choice([d for d in DIRECTIONS if not already[d]])  # leaving it in place must fail
-    rx0, ry0, rx1, ry1 = objects[reference]["box"]
-    offset = {"left of": (-cell, 0), "right of": (cell, 0), "above": (0, -cell), "below": (0, cell)}[direction]
-    width, height = rx1 - rx0, ry1 - ry0
-    new_box = [rx0 + offset[0] * (1 if abs(offset[0]) else 0), ry0 + offset[1], 0, 0]
-    new_box[0] = min(max(new_box[0], 4), size - width - 4)
-    new_box[1] = min(max(new_box[1], 4), size - height - 4)
-    new_box[2], new_box[3] = new_box[0] + width, new_box[1] + height
+    direction = rng.choice(choices)
+    dx, dy = steps[direction]
+    new_box = [(rc + dx) * cell + 8, (rr + dy) * cell + 8, (rc + dx + 1) * cell - 8, (rr + dy + 1) * cell - 8]
     target_objects = [dict(o) for o in objects]
     target_objects[moved] = {**objects[moved], "box": new_box}
     others = [o for i, o in enumerate(target_objects) if i != moved]

@@ -1,7 +1,8 @@
-"""Stage 4, evaluate: basic per-sample metrics of an edits shard (`metrics/`), and the run summary.
+"""Stage 4, evaluate: per-sample metrics of an edits shard (`metrics/`), and the run summary.
 
-Until the capability benchmark lands, the metrics are generic: PSNR of the edit against the target
-(when the sample has one) and against the source, and the mean absolute change.
+Benchmark samples (a `capability` column, from `make-benchmark`) get their capability metrics (OCR,
+spatial, detail, multi-image); every sample also gets generic ones: PSNR of the edit against the
+target (when it has one) and against the source, and the mean absolute change.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .capability_metrics import score_sample
 from .images import ImageLoadError, load_image
 from .shard_store import SampleRecord, ShardStore
 from .stage_edit import STAGE as EDIT_STAGE
@@ -53,7 +55,12 @@ def evaluate_shard(storage: Storage, shard_id: str) -> dict:
         try:
             edited = Image.open(io.BytesIO(payloads[sample.key])).convert("RGB")
             target = load_image(sample.target) if sample.target else None
-            records.append(SampleRecord(sample, "done", info=_metrics(edited, load_image(sample.images[0]), target)))
+            sources = [load_image(uri) for uri in sample.images]
+            metrics = _metrics(edited, sources[0], target)
+            if sample.extra.get("capability") and target is not None:
+                meta = {**sample.extra, "id": sample.key, "instruction": sample.instruction}
+                metrics.update(score_sample(meta, edited, sources, target))
+            records.append(SampleRecord(sample, "done", info=metrics))
         except ImageLoadError as error:
             records.append(SampleRecord.failed(sample, f"evaluation failed: {error}"))
     return store.commit(shard_id, records)

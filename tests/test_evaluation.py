@@ -1,0 +1,133 @@
+"""Capability evaluation: the metrics are validated by reference editors; Tesseract reads every language."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bridgecore.benchmark_data import LANGUAGES, make_benchmark
+from bridgecore.capability_metrics import normalise_text, read_text
+from bridgecore.evaluation import CapabilityEvaluator, paired_comparison, reference_editor
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    root = tmp_path_factory.mktemp("benchmark")
+    make_benchmark(root, per_capability=len(LANGUAGES), seed=0)  # every language once
+    return root
+
+
+@pytest.fixture(scope="module")
+def scores(benchmark):
+    return {name: CapabilityEvaluator(benchmark, reference_editor(name)).evaluate_all()
+            for name in ("oracle", "identity", "noise")}
+
+
+def test_generation_is_deterministic(benchmark, tmp_path):
+    make_benchmark(tmp_path, per_capability=len(LANGUAGES), seed=0)
+    for name in ("manifest.jsonl", "ocr-0005_source.png", "spatial-0003_target.png", "multi-0002_picture2.png"):
+        assert (tmp_path / name).read_bytes() == (benchmark / name).read_bytes()
+
+
+def test_oracle_scores_near_perfect(scores):
+    oracle = scores["oracle"]
+    assert oracle["ocr"]["exact_match"] >= 0.97 and oracle["ocr"]["cer"] <= 0.02
+    assert oracle["spatial"]["direction_accuracy"] == 1.0 and oracle["spatial"]["position_error"] < 0.01
+    assert oracle["detail"]["edit_success"] == 1.0 and oracle["detail"]["ssim_outside"] > 0.99
+    assert oracle["multi_image"]["consistency"] == 1.0
+
+
+def test_identity_scores_no_edit_and_perfect_preservation(scores):
+    identity = scores["identity"]
+    assert identity["ocr"]["exact_match"] == 0.0 and identity["ocr"]["source_residue"] > 0.9
+    assert identity["spatial"]["direction_accuracy"] == 0.0 and identity["spatial"]["unmoved_iou"] == 1.0
+    assert identity["detail"]["edit_success"] == 0.0 and identity["detail"]["ssim_outside"] == 1.0
+    assert identity["detail"]["small_object_survival"] == 1.0
+    assert identity["multi_image"]["consistency"] == 0.0
+
+
+def test_noise_fails_edit_and_preservation(scores):
+    noise = scores["noise"]
+    assert noise["ocr"]["exact_match"] == 0.0 and noise["ocr"]["preservation_psnr"] < 15
+    assert noise["spatial"]["direction_accuracy"] < 0.2 and noise["spatial"]["unmoved_iou"] < 0.2
+    assert noise["detail"]["edit_success"] == 0.0 and noise["detail"]["ssim_outside"] < 0.2
+    assert noise["multi_image"]["consistency"] == 0.0
+
+
+def test_confidence_intervals_bracket_the_mean(scores):
+    for summary in scores["identity"].values():
+        for name, value in summary.items():
+            if name.endswith("_ci"):
+                low, high = value
+                assert low <= summary[name[:-3]] + 1e-9 and summary[name[:-3]] <= high + 1e-9
+
+
+def test_tesseract_reads_every_language(benchmark, capsys):
+    rows = [json.loads(line) for line in (benchmark / "manifest.jsonl").read_text().splitlines()]
+    from PIL import Image
+
+    results = {}
+    for row in (r for r in rows if r["capability"] == "ocr"):
+        read = read_text(Image.open(benchmark / row["image"]).convert("RGB"), row["text_box"], row["tesseract_lang"])
+        results[row["language"]] = normalise_text(read) == normalise_text(row["source_text"])
+    with capsys.disabled():
+        print("\nTesseract reads the source cards:", " ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in results.items()))
+    assert len(results) == 32 and all(results.values()), [k for k, v in results.items() if not v]
+
+
+def test_paired_comparison(benchmark):
+    oracle = CapabilityEvaluator(benchmark, reference_editor("oracle"))
+    identity = CapabilityEvaluator(benchmark, reference_editor("identity"))
+    oracle.evaluate_all()
+    identity.evaluate_all()
+    paired = paired_comparison(identity.per_sample, oracle.per_sample)
+    assert paired["ocr"]["exact_match"]["difference"] > 0.9 and paired["ocr"]["exact_match"]["ci"][0] > 0.8
+    assert paired["spatial"]["count"] == 32
+
+
+def test_cli_json_report_and_screenshot(benchmark, tmp_path):
+    import shutil
+
+    out = tmp_path / "scores.json"
+    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "evaluate", "--benchmark", str(benchmark),
+                             "--editor", "identity", "--json", str(out), "--report", str(tmp_path / "r.html")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads(out.read_text())
+    for capability, metric in [("ocr", "exact_match"), ("ocr", "cer"), ("spatial", "direction_accuracy"),
+                               ("spatial", "position_error"), ("detail", "ssim_outside"), ("detail", "psnr_outside"),
+                               ("multi_image", "consistency")]:
+        assert metric in scores[capability] and f"{metric}_ci" in scores[capability]
+        assert scores[capability]["count"] == 32
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "Debian's chromium is needed for the report test (.ci/run installs it)"
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,1600", f"--screenshot={shot}",
+                    (tmp_path / "r.html").as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 20  # text, tables and charts rendered, not a blank page
+    assert (pixels < 100).mean() > 0.01
+
+
+def test_bulk_edit_run_over_the_benchmark_is_scored(benchmark, tmp_path, tiny_zoo):
+    """The harness end to end with the tiny models: bulk stages over the benchmark, then --results scoring."""
+    from test_batch_stages import run_all
+
+    from bridgecore.batch_job import JobSettings, plan_job
+    from bridgecore.evaluation import results_editor
+
+    small = tmp_path / "bench"
+    make_benchmark(small, per_capability=2, seed=1)
+    settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2)
+    out = str(tmp_path / "run")
+    summary = run_all(out, plan_job(str(small / "manifest.jsonl"), out, shard_size=4).shards, settings)
+    assert summary["counts"]["done"] == 6 and summary["counts"]["failed"] == 2  # multi-image needs Edit-Plus
+    scores = CapabilityEvaluator(small, results_editor(out)).evaluate_all()
+    assert scores["multi_image"]["missing"] == 2 and scores["ocr"]["missing"] == 0
+    assert 0.0 <= scores["detail"]["ssim_outside"] <= 1.0
