@@ -281,6 +281,10 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
     per_sample: Optional[Path] = typer.Option(None, help="Write per-sample scores (Parquet) here."),
     report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML report here."),
+    read_with_encoders: bool = typer.Option(False, help="Also let Qwen2.5-VL and Qwen3-VL read each OCR card "
+                                            "(generate) and report their character error rate per language."),
+    qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL for --read-with-encoders (default: real, else tiny)."),
+    edit_model: Optional[str] = typer.Option(None, help="Edit model whose Qwen2.5-VL reads, for --read-with-encoders."),
 ):
     """Score edits on the capability benchmark: OCR (Tesseract: exact match, CER), spatial (direction,
     position error), detail (SSIM/PSNR outside the edit, small objects), multi-image consistency, each
@@ -303,6 +307,14 @@ def evaluate(
     if baseline:
         comparison = paired_comparison(evaluators["baseline"].per_sample, next(iter(evaluators.values())).per_sample)
         output["baseline"], output["paired"] = summaries["baseline"], comparison
+    if read_with_encoders:
+        from .evaluation import encoder_reading
+        from .extraction import VisionCacheExtractor
+
+        qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
+        output["encoder_reading"] = encoder_reading(benchmark, VisionCacheExtractor(qwen3, edit_model))
+        for name, reading in output["encoder_reading"].items():
+            typer.echo(f"{name} reads the OCR cards with CER {reading['cer']:.3f}")
     for capability, values in next(iter(summaries.values())).items():
         headline = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
         typer.echo(f"{capability:<12} {headline}")

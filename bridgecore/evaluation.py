@@ -161,3 +161,45 @@ def paired_comparison(baseline: list[dict], enhanced: list[dict], seed: int = 0)
             result[capability][name] = {"difference": float(np.mean(diffs)) if diffs else float("nan"),
                                         "ci": list(bootstrap_ci(diffs, seed=seed))}
     return result
+
+
+# -- reading ability of the encoders themselves (the seed's "text detection" claim, without the DiT) ----
+
+READ_PROMPT = "Read the text in the image. Answer with the text only."
+
+
+def _generate_text(model, processor, image: Image.Image, max_new_tokens: int) -> str:
+    import torch
+
+    from .tiny_zoo import QWEN25_VL_CHAT_TEMPLATE
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": READ_PROMPT}]}]
+    template = processor.chat_template or QWEN25_VL_CHAT_TEMPLATE
+    text = processor.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], return_tensors="pt").to(model.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+
+def encoder_reading(benchmark_dir: str | Path, extractor, max_new_tokens: int = 24) -> dict[str, dict]:
+    """Character error rate of Qwen2.5-VL (Qwen-Image-Edit's encoder) and Qwen3-VL reading each OCR card,
+    per model and language (greedy decoding)."""
+    from .capability_metrics import levenshtein, normalise_text
+
+    root = Path(benchmark_dir)
+    rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    qwen25 = extractor.qwen25_encoder
+    qwen3 = extractor._qwen3.get()
+    models = {"qwen25_vl": (qwen25.text_encoder, qwen25.processor), "qwen3_vl": (qwen3.model, qwen3.processor)}
+    result: dict[str, dict] = {name: {} for name in models}
+    for row in (r for r in rows if r["capability"] == "ocr"):
+        image = load_image(root / row["image"])
+        truth = normalise_text(row["source_text"])
+        for name, (model, processor) in models.items():
+            read = normalise_text(_generate_text(model, processor, image, max_new_tokens))
+            per_language = result[name].setdefault(row["language"], [])
+            per_language.append(levenshtein(read, truth) / max(1, len(truth)))
+    return {name: {"cer": float(np.mean([v for values in langs.values() for v in values])) if langs else float("nan"),
+                   "per_language_cer": {lang: float(np.mean(values)) for lang, values in langs.items()}}
+            for name, langs in result.items()}

@@ -131,3 +131,15 @@ def test_bulk_edit_run_over_the_benchmark_is_scored(benchmark, tmp_path, tiny_zo
     scores = CapabilityEvaluator(small, results_editor(out)).evaluate_all()
     assert scores["multi_image"]["missing"] == 2 and scores["ocr"]["missing"] == 0
     assert 0.0 <= scores["detail"]["ssim_outside"] <= 1.0
+
+
+def test_encoders_read_the_cards(benchmark, extractor, tmp_path):
+    """Runs `generate` on both VLMs over OCR cards (tiny random models read nonsense: CER is high)."""
+    from bridgecore.evaluation import encoder_reading
+
+    small = tmp_path / "b"
+    make_benchmark(small, per_capability=2)
+    reading = encoder_reading(small, extractor, max_new_tokens=4)
+    assert set(reading) == {"qwen25_vl", "qwen3_vl"}
+    for model in reading.values():
+        assert len(model["per_language_cer"]) == 2 and model["cer"] >= 0
