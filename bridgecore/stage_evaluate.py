@@ -59,7 +59,7 @@ def evaluate_shard(storage: Storage, shard_id: str) -> dict:
             metrics = _metrics(edited, sources[0], target)
             if sample.extra.get("capability") and target is not None:
                 meta = {**sample.extra, "id": sample.key, "instruction": sample.instruction}
-                metrics.update(score_sample(meta, edited, sources, target))
+                metrics.update(score_sample(meta, edited, sources, target), capability=sample.extra["capability"])
             records.append(SampleRecord(sample, "done", info=metrics))
         except ImageLoadError as error:
             records.append(SampleRecord.failed(sample, f"evaluation failed: {error}"))
@@ -108,5 +108,12 @@ def summarize(storage: Storage, shard_ids: list[str], last_stage: str = "metrics
     storage.write_bytes(buffer.getvalue(), "summary.parquet")
     summary = {"counts": counts, "shards": len(shard_ids),
                "failures": [{"key": r["key"], "stage": r["stage"], "error": r["error"]} for r in rows if r["status"] == "failed"]}
+    capabilities: dict[str, list[float]] = {}
+    for row in rows:
+        metrics = json.loads(row["metrics"]) if row["metrics"] else {}
+        if "capability" in metrics:
+            capabilities.setdefault(metrics["capability"], []).append(metrics["edit_success"])
+    summary["capabilities"] = {name: {"samples": len(values), "edit_success": float(np.mean(values))}
+                               for name, values in sorted(capabilities.items())}
     storage.write_bytes(json.dumps(summary, indent=1).encode(), "summary.json")
     return summary

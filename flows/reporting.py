@@ -16,6 +16,9 @@ def report_run(output: str, shard_ids: list[str], final_stage: str) -> dict:
     get_run_logger().info("samples: %s (%d shards); summary at %s", counts, summary["shards"], storage.url("summary.json"))
     create_table_artifact([{"state": k, "samples": v} for k, v in counts.items()], key="sample-counts",
                           description="Every input sample ends done or failed")
+    if summary.get("capabilities"):
+        create_table_artifact([{"capability": k, **v} for k, v in summary["capabilities"].items()],
+                              key="capability-edit-success", description="Benchmark samples: edit success per capability")
     if summary["failures"]:
         create_table_artifact(summary["failures"][:1000], key="failures", description="Failed samples and why")
     create_markdown_artifact(
