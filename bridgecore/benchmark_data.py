@@ -104,6 +104,23 @@ def render_card(text: str, family: str, size: int, colour, background, card=(384
     return image, [max(0, box[0]), max(0, box[1]), min(card[0], box[2]), min(card[1], box[3])]
 
 
+def _sign_scene(rng: random.Random, size=(512, 320)) -> tuple[Image.Image, tuple[int, int]]:
+    """A simple street-like scene (sky, wall, ground, a post) and where the sign goes."""
+    scene = Image.new("RGB", size, tuple(rng.randint(150, 200) for _ in range(2)) + (rng.randint(210, 250),))
+    draw = ImageDraw.Draw(scene)
+    draw.rectangle([0, size[1] * 2 // 3, size[0], size[1]], fill=(rng.randint(90, 130),) * 3)
+    draw.rectangle([0, size[1] // 3, size[0], size[1] * 2 // 3], fill=(rng.randint(150, 190), rng.randint(110, 150), 90))
+    offset = (rng.randint(8, size[0] - 392), rng.randint(8, 40))
+    draw.rectangle([offset[0] + 186, offset[1] + 128, offset[0] + 198, size[1]], fill=(70, 70, 75))
+    return scene, offset
+
+
+def _place(scene: Image.Image, card: Image.Image, offset: tuple[int, int]) -> Image.Image:
+    composed = scene.copy()
+    composed.paste(card, offset)
+    return composed
+
+
 def _ocr_sample(rng: random.Random, index: int, out: Path, language: str) -> dict:
     code, family, words = LANGUAGES[language]
     source_text, target_text = rng.sample(words, 2)
@@ -114,6 +131,12 @@ def _ocr_sample(rng: random.Random, index: int, out: Path, language: str) -> dic
     angle = rng.uniform(-1.0, 1.0)  # slight: at 2 degrees Tesseract misreads a few words (see README)
     source, box = render_card(source_text, family, size, colour, background, angle=angle)
     target, target_box = render_card(target_text, family, size, colour, background, angle=angle)
+    if rng.random() < 0.5:  # a sign in a scene rather than a bare card
+        scene, offset = _sign_scene(rng)
+        source, target = _place(scene, source, offset), _place(scene, target, offset)
+        box = [box[0] + offset[0], box[1] + offset[1], box[2] + offset[0], box[3] + offset[1]]
+        target_box = [target_box[0] + offset[0], target_box[1] + offset[1], target_box[2] + offset[0],
+                      target_box[3] + offset[1]]
     key = f"ocr-{index:04d}"
     source.save(out / f"{key}_source.png")
     target.save(out / f"{key}_target.png")
@@ -157,16 +180,21 @@ def _spatial_sample(rng: random.Random, index: int, out: Path, size: int = 256) 
         already = {"left of": mc < rc, "right of": mc > rc, "above": mr < rr, "below": mr > rr}
         free = {d: (rc + dx, rr + dy) not in cells for d, (dx, dy) in steps.items()}
         choices = [d for d in DIRECTIONS if not already[d] and free[d]]  # leaving it in place must fail
+        choices += ["swap"] if rng.random() < 0.25 else []
         if choices:
             break
     objects = [{"shape": rng.choice(SHAPES), "colour": colour,
                 "box": [c * cell + 8, r * cell + 8, (c + 1) * cell - 8, (r + 1) * cell - 8]}
                for colour, (c, r) in zip(colours, cells)]
     direction = rng.choice(choices)
-    dx, dy = steps[direction]
-    new_box = [(rc + dx) * cell + 8, (rr + dy) * cell + 8, (rc + dx + 1) * cell - 8, (rr + dy + 1) * cell - 8]
     target_objects = [dict(o) for o in objects]
-    target_objects[moved] = {**objects[moved], "box": new_box}
+    if direction == "swap":
+        target_objects[moved] = {**objects[moved], "box": objects[reference]["box"]}
+        target_objects[reference] = {**objects[reference], "box": objects[moved]["box"]}
+    else:
+        dx, dy = steps[direction]
+        new_box = [(rc + dx) * cell + 8, (rr + dy) * cell + 8, (rc + dx + 1) * cell - 8, (rr + dy + 1) * cell - 8]
+        target_objects[moved] = {**objects[moved], "box": new_box}
     others = [o for i, o in enumerate(target_objects) if i != moved]
     target_objects = others + [target_objects[moved]]  # the moved one drawn last (on top)
     background = tuple(rng.randint(225, 250) for _ in range(3))
@@ -174,8 +202,10 @@ def _spatial_sample(rng: random.Random, index: int, out: Path, size: int = 256) 
     _scene(objects, size, background).save(out / f"{key}_source.png")
     _scene(target_objects, size, background).save(out / f"{key}_target.png")
     m, r = objects[moved], objects[reference]
+    instruction = (f"Swap the {m['colour']} {m['shape']} and the {r['colour']} {r['shape']}" if direction == "swap"
+                   else f"Move the {m['colour']} {m['shape']} {direction} the {r['colour']} {r['shape']}")
     return {"id": key, "capability": "spatial", "image": f"{key}_source.png", "target": f"{key}_target.png",
-            "instruction": f"Move the {m['colour']} {m['shape']} {direction} the {r['colour']} {r['shape']}",
+            "instruction": instruction,
             "objects": objects, "target_objects": target_objects, "moved": m["colour"], "reference": r["colour"],
             "direction": direction}
 

@@ -109,9 +109,16 @@ def score_spatial(edited: Image.Image, target: Image.Image, meta: dict) -> dict:
     moved = _centroid(colour_mask(pixels, meta["moved"]))
     reference = _centroid(colour_mask(pixels, meta["reference"]))
     wanted = _centroid(colour_mask(goal, meta["moved"]))
-    correct = moved is not None and reference is not None and direction_holds(moved, reference, meta["direction"])
+    if meta["direction"] == "swap":  # both objects must sit where the other one was
+        wanted_reference = _centroid(colour_mask(goal, meta["reference"]))
+        tolerance = diagonal / 16
+        correct = (moved is not None and reference is not None and np.linalg.norm(moved - wanted) < tolerance
+                   and np.linalg.norm(reference - wanted_reference) < tolerance)
+    else:
+        correct = moved is not None and reference is not None and direction_holds(moved, reference, meta["direction"])
     error = 1.0 if moved is None else float(np.linalg.norm(moved - wanted) / diagonal)
-    unmoved = [o["colour"] for o in meta["objects"] if o["colour"] != meta["moved"]]
+    still = {meta["moved"]} | ({meta["reference"]} if meta["direction"] == "swap" else set())
+    unmoved = [o["colour"] for o in meta["objects"] if o["colour"] not in still]
     ious = [iou(colour_mask(pixels, c), colour_mask(goal, c)) for c in unmoved]
     return {"edit_success": float(correct), "direction_correct": float(correct), "position_error": error,
             "unmoved_iou": float(np.mean(ious)) if ious else 1.0}

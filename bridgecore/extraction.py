@@ -11,6 +11,7 @@ first use, and `unload()` frees them. Several samples go through one forward per
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -148,11 +149,11 @@ class VisionCacheExtractor:
             raise ValueError(f"qwen3_layers must map {LEVEL_NAMES} to indices in [0, {num_layers}]; got {layers}")
         return dict(layers)
 
-    @property
+    @functools.cached_property
     def revisions(self) -> dict[str, str]:
-        """Revisions of the models loaded so far (empty strings for those not loaded)."""
-        return {"qwen3_revision": self._qwen3.get().revision if self._qwen3.loaded else "",
-                "qwen25_revision": self._qwen25.get().revision if self._qwen25.loaded else ""}
+        """Revisions of both models, resolved without loading them (so records never depend on load order)."""
+        return {"qwen3_revision": resolve_model(self.qwen3_name).revision,
+                "qwen25_revision": resolve_model(self.edit_name, allow_patterns=EDIT_ENCODER_FILES).revision}
 
     def unload_qwen3(self) -> None:
         self._qwen3.unload()
