@@ -50,7 +50,7 @@ LANGUAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "Marathi": ("mar", "Noto Sans Devanagari", ("नमस्कार", "बाग", "खिडकी")),
     "Bengali": ("ben", "Noto Sans Bengali", ("বাংলা", "বাগান", "জানালা")),
     "Tamil": ("tam", "Noto Sans Tamil", ("வணக்கம்", "தோட்டம்", "ஜன்னல்")),
-    "Thai": ("tha", "Noto Sans Thai", ("สวัสดี", "สวน", "หน้าต่าง")),
+    "Thai": ("tha", "Noto Sans Thai", ("ขอบคุณ", "สวน", "หน้าต่าง")),
     "Korean": ("kor", "Noto Sans CJK KR", ("안녕하세요", "정원", "창문")),
     "Japanese": ("jpn", "Noto Sans CJK JP", ("こんにちは", "庭園", "ありがとう")),
     "Chinese (Simplified)": ("chi_sim", "Noto Sans CJK SC", ("你好", "谢谢", "窗户")),
