@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .capability_metrics import score_sample
+from .capability_metrics import psnr, score_sample
 from .images import ImageLoadError, load_image
 from .shard_store import SampleRecord, ShardStore
 from .stage_edit import STAGE as EDIT_STAGE
@@ -23,11 +23,6 @@ from .storage import Storage
 
 STAGE = "metrics"
 STAGES = ("caches", "fused", "edits", "metrics")
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def _metrics(edited: Image.Image, source: Image.Image, target: Image.Image | None) -> dict[str, float]:

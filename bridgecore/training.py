@@ -16,6 +16,7 @@ JSON), the step and the RNG states, so a killed run resumes on the same loss cur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -198,7 +199,7 @@ class BridgeTrainer:
         condition = torch.stack([e.condition for e in batch]).to(self.device)
         noise = torch.randn(target.shape, generator=generator).to(self.device, target.dtype)
         sigmas = sample_sigmas(self.pipe.scheduler, target.shape[1], len(batch), generator, self.config).to(self.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with autocast:
             return flow_matching_loss(self.pipe.transformer, embeds, mask, condition, target, batch[0].latent_hw,
                                       noise, sigmas)
@@ -290,14 +291,6 @@ class BridgeTrainer:
         (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         plot_loss_curve(history, baseline, self.out_dir / "loss_curve.png")
         return metrics
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return False
 
 
 def _fingerprint(module: torch.nn.Module) -> float:
