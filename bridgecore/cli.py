@@ -17,7 +17,8 @@ import typer
 from .loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
 
 app = typer.Typer(
-    help="Qwen3-VL -> Qwen-Image-Edit vision bridge: extract caches, plan real-scale runs, build the offline tiny zoo.",
+    help="Qwen3-VL -> Qwen-Image-Edit vision bridge: extract caches, edit, run bulk jobs on Prefect, train the "
+    "bridge, evaluate capabilities, plan real-scale runs, build the offline tiny zoo.",
     no_args_is_help=True,
     add_completion=False,
 )
