@@ -61,20 +61,10 @@ def storage_throughput(root: str, payload_mib: int = 64) -> tuple[float, float]:
 
 
 def run_direct(output: str, shards: list[str], settings) -> float:
-    from bridgecore.stage_edit import edit_shard
-    from bridgecore.stage_evaluate import evaluate_shard
-    from bridgecore.stage_extract import extract_shard
-    from bridgecore.stage_fuse import fuse_shard
-    from bridgecore.storage import Storage
+    from bridgecore.batch_job import run_stages
 
-    storage, editor = Storage(output), settings.editor()
     start = time.perf_counter()
-    for shard in shards:
-        extract_shard(storage, shard, editor.extractor)
-    for shard in shards:
-        fuse_shard(storage, shard, settings.bridge)
-        edit_shard(storage, shard, editor, settings.steps, settings.seed)
-        evaluate_shard(storage, shard)
+    run_stages(output, shards, settings)
     return time.perf_counter() - start
 
 

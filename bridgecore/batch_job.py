@@ -144,3 +144,22 @@ def invalidate_from(output_uri: str, shard_id: str, stage: str) -> None:
     storage = Storage(output_uri)
     for later in STAGES[STAGES.index(stage):]:
         ShardStore(storage, later).invalidate(shard_id)
+
+
+def run_stages(output_uri: str, shard_ids: list[str], settings: JobSettings) -> dict:
+    """All stages over the shards in this process, without Prefect (tests, benchmarks, notebooks); the
+    `process-shards` flow runs the same stage functions as Prefect tasks. Returns the run summary."""
+    from .stage_edit import edit_shard
+    from .stage_evaluate import evaluate_shard, summarize
+    from .stage_extract import extract_shard
+    from .stage_fuse import fuse_shard
+
+    storage, editor = Storage(output_uri), settings.editor()
+    for shard_id in shard_ids:
+        extract_shard(storage, shard_id, editor.extractor, settings.batch_size, negative_prompt=settings.negative)
+    release_vlms()
+    for shard_id in shard_ids:
+        fuse_shard(storage, shard_id, settings.bridge)
+        edit_shard(storage, shard_id, editor, settings.steps, settings.seed, settings.batch_size, settings.cfg)
+        evaluate_shard(storage, shard_id)
+    return summarize(storage, shard_ids)

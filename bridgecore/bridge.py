@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache
+from .edit_prompt import pad_prompt_embeds
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +247,7 @@ class VisionCacheBridge(nn.Module):
                 enhanced = torch.lerp(base, correction.to(base.dtype), gate.to(base.dtype))
             embeds.append(enhanced)
             maps.append(sample_maps)
-        max_len = max(e.shape[0] for e in embeds)
-        prompt_embeds = torch.stack([F.pad(e, (0, 0, 0, max_len - e.shape[0])) for e in embeds])
-        mask = torch.stack([F.pad(torch.ones(e.shape[0], dtype=torch.long, device=e.device), (0, max_len - e.shape[0]))
-                            for e in embeds])
+        prompt_embeds, mask = pad_prompt_embeds(embeds)
         return BridgeOutput(prompt_embeds, mask, maps if return_attention_weights else None)
 
     # -- persistence -------------------------------------------------------------------------------------

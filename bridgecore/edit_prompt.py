@@ -43,6 +43,15 @@ def system_prefix_length(tokenizer, template: str = EDIT_TEMPLATE) -> int:
     return len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
 
+def pad_prompt_embeds(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pads `[L_i, D]` embeddings into `[B, L, D]` with a `[B, L]` long mask, as the edit pipelines do."""
+    length = max(e.shape[0] for e in embeds)
+    padded = torch.stack([torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[0])) for e in embeds])
+    mask = torch.stack([torch.nn.functional.pad(torch.ones(e.shape[0], dtype=torch.long, device=e.device),
+                                                (0, length - e.shape[0])) for e in embeds])
+    return padded, mask
+
+
 def condition_size(image: Image.Image, area: int) -> tuple[int, int]:
     """(width, height) the pipeline resizes `image` to for a target `area` (multiples of 32)."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
@@ -156,10 +165,5 @@ class EditPromptEncoder:
             grid = grids[first_image:first_image + count] if grids is not None else torch.zeros(0, 3, dtype=torch.long)
             grid_list.append(grid.cpu())
             first_image += count
-        max_len = max(e.shape[0] for e in embeds)
-        prompt_embeds = torch.stack([torch.cat([e, e.new_zeros(max_len - e.shape[0], e.shape[1])]) for e in embeds])
-        prompt_mask = torch.stack(
-            [torch.cat([torch.ones(e.shape[0], dtype=torch.long), torch.zeros(max_len - e.shape[0], dtype=torch.long)])
-             for e in embeds]
-        ).to(prompt_embeds.device)
+        prompt_embeds, prompt_mask = pad_prompt_embeds(embeds)
         return EditPromptEncoding(prompt_embeds, prompt_mask, ids, positions, grid_list, self.drop_idx)

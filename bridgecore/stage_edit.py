@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 
-import torch
 
 from .edit_pipeline import EnhancedQwenImageEdit
+from .edit_prompt import pad_prompt_embeds
 from .images import ImageLoadError, load_image
 from .shard_store import SampleRecord, ShardStore
 from .sharding import sample_seed
@@ -26,15 +26,6 @@ def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _pad(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pads `[L_i, D]` tensors into `[B, L, D]` with a `[B, L]` mask, as the pipelines do."""
-    length = max(t.shape[0] for t in tensors)
-    embeds = torch.stack([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[0])) for t in tensors])
-    mask = torch.stack([torch.nn.functional.pad(torch.ones(t.shape[0], dtype=torch.long), (0, length - t.shape[0]))
-                        for t in tensors])
-    return embeds, mask
 
 
 def edit_shard(storage: Storage, shard_id: str, editor: EnhancedQwenImageEdit, num_inference_steps: int = 50,
@@ -57,9 +48,9 @@ def edit_shard(storage: Storage, shard_id: str, editor: EnhancedQwenImageEdit, n
             records[sample.key] = SampleRecord.failed(sample, str(error))
     for start in range(0, len(ready), batch_size):
         batch = ready[start:start + batch_size]
-        embeds, mask = _pad([positive for _, _, (positive, _) in batch])
+        embeds, mask = pad_prompt_embeds([positive for _, _, (positive, _) in batch])
         negatives = [negative for _, _, (_, negative) in batch]
-        negative = _pad(negatives) if true_cfg_scale > 1 and all(n is not None for n in negatives) else None
+        negative = pad_prompt_embeds(negatives) if true_cfg_scale > 1 and all(n is not None for n in negatives) else None
         seeds = [sample_seed(seed, s.key) for s, _, _ in batch]
         try:
             images = editor.denoise([imgs for _, imgs, _ in batch], embeds, mask, seeds, num_inference_steps,

@@ -32,7 +32,7 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _is_transient(error: Exception) -> bool:
+def is_transient_error(error: Exception) -> bool:
     if isinstance(error, TRANSIENT_ERRORS):
         return True
     text = f"{type(error).__name__} {error}"
@@ -46,7 +46,7 @@ def retry_transient(fn: Callable[[], T], attempts: int = 6, base_delay: float = 
         try:
             return fn()
         except Exception as error:  # noqa: BLE001 - classified just below
-            if attempt == attempts - 1 or not _is_transient(error):
+            if attempt == attempts - 1 or not is_transient_error(error):
                 raise
             delay = base_delay * 2**attempt
             logger.warning("storage error (%s), retrying in %.1fs", error, delay)

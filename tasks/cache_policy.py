@@ -36,10 +36,10 @@ def shard_cache(stage: str) -> ShardCachePolicy:
 
 def is_transient(task, task_run, state) -> bool:
     """Retry only storage/network hiccups, never a deterministic failure."""
-    from bridgecore.storage import _is_transient
+    from bridgecore.storage import is_transient_error
 
     try:
         state.result()
     except Exception as error:  # noqa: BLE001
-        return _is_transient(error)
+        return is_transient_error(error)
     return False

@@ -6,10 +6,8 @@ import os
 import pytest
 from conftest import make_image
 
-from bridgecore.batch_job import JobSettings, forward_counts, plan_job
+from bridgecore.batch_job import JobSettings, forward_counts, plan_job, run_stages
 from bridgecore.shard_store import CorruptShardError, ShardStore
-from bridgecore.stage_edit import edit_shard
-from bridgecore.stage_evaluate import evaluate_shard, summarize
 from bridgecore.stage_extract import extract_shard
 from bridgecore.stage_fuse import fuse_shard
 from bridgecore.storage import Storage
@@ -34,15 +32,7 @@ def make_inputs(folder, n=5):
 
 
 def run_all(output, shards, settings):
-    storage = Storage(output)
-    editor = settings.editor()
-    for shard in shards:
-        extract_shard(storage, shard, editor.extractor, negative_prompt=settings.negative)
-    for shard in shards:
-        fuse_shard(storage, shard, settings.bridge)
-        edit_shard(storage, shard, editor, settings.steps, settings.seed, true_cfg_scale=settings.cfg)
-        evaluate_shard(storage, shard)
-    return summarize(storage, shards)
+    return run_stages(output, shards, settings)
 
 
 @pytest.fixture()
