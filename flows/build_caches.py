@@ -9,9 +9,8 @@ from prefect import flow
 
 from bridgecore.batch_job import JobSettings
 from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL
-from flows.process_shards import process_shards
 from flows.reporting import report_run
-from flows.scale_out import run_on_workers
+from flows.scale_out import run_shards
 from tasks.shard_inputs import shard_inputs
 
 
@@ -25,11 +24,7 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
     settings = JobSettings(qwen3, edit_model, None, device, condition_area, batch_size=batch_size)
     fingerprint = settings.fingerprint()
     # run
-    if workers_deployment and plan["new_shards"]:
-        batches = [plan["new_shards"][i:i + shards_per_run] for i in range(0, len(plan["new_shards"]), shards_per_run)]
-        run_on_workers(workers_deployment, batches, {"output": output, "settings": vars(settings),
-                                                     "fingerprint": fingerprint, "final_stage": "caches"}, deadline_s)
-    elif plan["new_shards"]:
-        process_shards(output, plan["new_shards"], vars(settings), fingerprint, final_stage="caches")
+    run_shards(output, plan["new_shards"], vars(settings), fingerprint, "caches", workers_deployment, shards_per_run,
+               deadline_s)
     # report
     return report_run(output, plan["shards"], "caches")

@@ -12,9 +12,8 @@ from prefect import flow
 
 from bridgecore.batch_job import JobSettings
 from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_EDIT_PLUS_MODEL, DEFAULT_QWEN3_MODEL
-from flows.process_shards import process_shards
 from flows.reporting import report_run
-from flows.scale_out import run_on_workers
+from flows.scale_out import run_shards
 from tasks.shard_inputs import shard_inputs
 
 
@@ -32,11 +31,7 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
                            cfg=cfg, negative_prompt=negative_prompt)
     fingerprint = settings.fingerprint()
     # run
-    if workers_deployment and plan["new_shards"]:
-        batches = [plan["new_shards"][i:i + shards_per_run] for i in range(0, len(plan["new_shards"]), shards_per_run)]
-        run_on_workers(workers_deployment, batches, {"output": output, "settings": vars(settings),
-                                                     "fingerprint": fingerprint}, deadline_s)
-    elif plan["new_shards"]:
-        process_shards(output, plan["new_shards"], vars(settings), fingerprint)
+    run_shards(output, plan["new_shards"], vars(settings), fingerprint, "metrics", workers_deployment, shards_per_run,
+               deadline_s)
     # report
     return report_run(output, plan["shards"], "metrics")

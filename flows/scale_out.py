@@ -50,3 +50,18 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                     logger.warning("batch %d run %s ended %s: resubmitting", index, run_id, kind)
                     submit(index, count + 1)
     return [run_id for run_id, _, _ in submitted.values()]
+
+
+def run_shards(output: str, shard_ids: list[str], settings: dict, fingerprint: str, final_stage: str,
+               workers_deployment: str | None, shards_per_run: int, deadline_s: float) -> None:
+    """Runs the shards here, or in batches of `shards_per_run` on the pool behind `workers_deployment`."""
+    from flows.process_shards import process_shards
+
+    if not shard_ids:
+        return
+    if workers_deployment is None:
+        process_shards(output, shard_ids, settings, fingerprint, final_stage=final_stage)
+        return
+    batches = [shard_ids[i:i + shards_per_run] for i in range(0, len(shard_ids), shards_per_run)]
+    parameters = {"output": output, "settings": settings, "fingerprint": fingerprint, "final_stage": final_stage}
+    run_on_workers(workers_deployment, batches, parameters, deadline_s)

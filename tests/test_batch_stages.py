@@ -1,7 +1,6 @@
 """The batch stages without Prefect: exactly one state per sample, idempotent reruns, seeds per sample."""
 
 import json
-import os
 
 import pytest
 from conftest import make_image
