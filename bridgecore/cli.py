@@ -38,7 +38,8 @@ def _banner(message: str) -> None:
 
 
 def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False) -> tuple[str, str]:
-    """The requested models; with none requested, the real defaults if present, else the tiny zoo (loudly)."""
+    """The requested models; with none requested, the real defaults if already on this machine (local files or
+    the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly)."""
     from .loading import DEFAULT_EDIT_PLUS_MODEL, resolve_model
     from .tiny_zoo import build_tiny_zoo
 
@@ -46,8 +47,8 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
     if qwen3 is not None and edit_model is not None:
         return qwen3, edit_model
     try:
-        resolve_model(qwen3 or DEFAULT_QWEN3_MODEL)
-        resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"])
+        resolve_model(qwen3 or DEFAULT_QWEN3_MODEL, local_only=True)
+        resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"], local_only=True)
         return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
     except ModelNotAvailableError as error:
         zoo = build_tiny_zoo(TINY_ZOO_DIR)

@@ -107,8 +107,10 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") != 1 or os.sep == "\\" and "\\" in name
 
 
-def resolve_model(name: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None) -> ResolvedModel:
-    """Finds `name` locally, in the Hugging Face cache, or on the hub; fails fast with advice otherwise."""
+def resolve_model(name: str | Path, revision: str | None = None, allow_patterns: list[str] | None = None,
+                  local_only: bool = False) -> ResolvedModel:
+    """Finds `name` locally, in the Hugging Face cache, or (unless `local_only`) on the hub; fails fast with
+    advice otherwise."""
     name = str(name)
     local = Path(name).expanduser()
     if local.is_dir():
@@ -118,13 +120,15 @@ def resolve_model(name: str | Path, revision: str | None = None, allow_patterns:
     from huggingface_hub import snapshot_download
 
     try:
-        snapshot = Path(snapshot_download(name, revision=revision, allow_patterns=allow_patterns))
+        snapshot = Path(snapshot_download(name, revision=revision, allow_patterns=allow_patterns,
+                                          local_files_only=local_only))
     except Exception as error:  # the hub client raises many types; all mean "not obtainable"
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         raise ModelNotAvailableError(
             f"model {name!r} is not available: it is not a local directory, not in the Hugging Face cache "
             f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and "
-            + ("HF_HUB_OFFLINE is set" if offline else "the hub could not be reached")
+            + ("HF_HUB_OFFLINE is set" if offline else "only local files were searched" if local_only
+               else "the hub could not be reached")
             + f" ({type(error).__name__}). Supply it as a local directory (e.g. --qwen3 /models/Qwen3-VL-8B-Instruct), "
             f"pre-download it with `hf download {name}` on a machine with network, or point HF_HOME at a cache "
             "that holds it. For an offline smoke test use the tiny zoo: `vision-bridge tiny-models DIR`."
