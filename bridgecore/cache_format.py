@@ -168,14 +168,14 @@ def cache_from_bytes(data: bytes) -> SampleCache:
 
 def save_cache(cache: SampleCache, uri: str) -> None:
     """Writes one cache to a local path or fsspec URL."""
-    import fsspec
+    import posixpath
 
-    with fsspec.open(uri, "wb") as handle:
-        handle.write(cache_to_bytes(cache))
+    from .storage import Storage
+
+    Storage(posixpath.dirname(str(uri)) or ".").write_bytes(cache_to_bytes(cache), posixpath.basename(str(uri)))
 
 
 def load_cache(uri: str) -> SampleCache:
-    import fsspec
+    from .storage import read_uri
 
-    with fsspec.open(uri, "rb") as handle:
-        return cache_from_bytes(handle.read())
+    return cache_from_bytes(read_uri(str(uri)))

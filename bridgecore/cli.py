@@ -183,8 +183,9 @@ def _local_prefect_env() -> None:
 @app.command("bulk-edit")
 def bulk_edit(
     input: str = typer.Option(..., "--input", help="Manifest (.csv/.jsonl/.parquet with image|images, instruction, "
-                              "[target], [id]) or a folder/glob of images (then --prompt). Local path or URL."),
-    output: str = typer.Option(..., help="Output directory or URL (s3://bucket/prefix)."),
+                              "optional target and id) or a folder/glob of images (then --prompt). Local path or URL."),
+    output: str = typer.Option(..., help="Output directory or URL (s3://bucket/prefix). Several settings can share "
+                               "one output: each stage's results are kept per the settings they depend on."),
     prompt: Optional[str] = typer.Option(None, help="Instruction for every image of a folder/glob input."),
     qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real, else tiny zoo)."),
     edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
@@ -196,27 +197,52 @@ def bulk_edit(
     negative_prompt: str = typer.Option(" ", help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
     shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
-    retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed before."),
+    batch_size: int = typer.Option(4, help="Samples per model forward (VLM batch, DiT batch of equal sizes)."),
+    retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the shards, what is already done "
+                                 "under these settings and what would run; writes nothing but the plan."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
 ):
     """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
-    evaluate. Reruns resume: finished shards are skipped without any model forward."""
-    _local_prefect_env()
+    evaluate. Reruns resume, and only the stages a changed setting affects run again (a new --bridge reuses
+    the extracted caches; new --steps/--seed/--cfg reuse the fused embeddings too)."""
+    from .batch.settings import JobSettings
+
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image)
+    try:
+        settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
+                               cfg=cfg, negative_prompt=negative_prompt)
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1; got {shard_size}")
+    except ValueError as error:
+        _fail(str(error))
+    if dry_run:
+        from .batch.pipeline import plan_job
+
+        try:
+            plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed)
+        except ValueError as error:
+            _fail(str(error))
+        typer.echo(f"{plan.samples} samples in {len(plan.shards)} shards; {len(plan.shards) - len(plan.pending)} "
+                   f"finished under these settings, {len(plan.pending)} to run")
+        for stage, counts in plan.stages.items():
+            typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
+        return
+    _local_prefect_env()
     from flows.bulk_edit import bulk_edit as bulk_edit_flow
 
     try:
         summary = bulk_edit_flow(input=input, output=output, prompt=prompt, qwen3=qwen3, edit_model=edit_model,
                                  bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps, seed=seed,
                                  cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
-                                 device=device, retry_failed=retry_failed)
+                                 batch_size=batch_size, device=device, retry_failed=retry_failed)
     except ValueError as error:
         _fail(str(error))
     counts = summary["counts"]
     typer.echo(f"done {counts['done']}, failed {counts['failed']}, pending {counts['pending']} "
-               f"({summary['shards']} shards); summary: {output.rstrip('/')}/summary.json")
+               f"({summary['shards']} shards); summary: {output.rstrip('/')}/runs/{summary['run']}/summary.json")
     for failure in summary["failures"][:20]:
-        typer.echo(f"  failed {failure['key']} at {failure['stage']}: {failure['error']}")
+        typer.echo(f"  failed {failure['id']} at {failure['stage']}: {failure['error']}")
 
 
 @app.command()
@@ -240,7 +266,7 @@ def train(
     """Train the bridge with Qwen-Image-Edit's own flow-matching loss; the DiT, VAE and VLMs stay frozen.
     Writes metrics.json with heldout_loss_baseline (zero-init bridge = Qwen-Image-Edit as is) and
     heldout_loss_trained. Use the result with `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
-    from .batch_job import JobSettings
+    from .batch.settings import JobSettings
     from .training import TrainConfig, run_training
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
@@ -366,9 +392,10 @@ def quickstart(
     manifest = _write_sample_set(out_dir / "inputs")
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
               bridge=None, multi_image=False, steps=steps, seed=0, cfg=1.0, negative_prompt=" ",
-              condition_area=condition_area, shard_size=4,
-              retry_failed=False, device="auto")
-    typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<shard>/<id>.png; caches: {out_dir / 'run' / 'caches'}")
+              condition_area=condition_area, shard_size=4, batch_size=4, retry_failed=False, dry_run=False,
+              device="auto")
+    typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<settings>/data/<shard>/<id>.png "
+               f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
 
 
 def main() -> None:

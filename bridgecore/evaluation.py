@@ -76,7 +76,7 @@ def results_editor(run: str) -> Editor:
     if not storage.exists("summary.parquet"):
         raise ValueError(f"{run}: no summary.parquet; is this a bulk-edit output?")
     rows = pq.read_table(io.BytesIO(storage.read_bytes("summary.parquet"))).to_pylist()
-    outputs = {row["key"]: row["output"] for row in rows if row.get("status") == "done" and row.get("output")}
+    outputs = {row["id"]: row["output"] for row in rows if row.get("status") == "done" and row.get("output")}
 
     def edited(row, sources, target):
         uri = outputs.get(row["id"])

@@ -32,6 +32,7 @@ from .loading import (
     LoadOptions,
     load_edit_text_encoder,
     load_qwen3_vl,
+    model_revision,
     pipeline_class_name,
     resolve_model,
 )
@@ -152,8 +153,7 @@ class VisionCacheExtractor:
     @functools.cached_property
     def revisions(self) -> dict[str, str]:
         """Revisions of both models, resolved without loading them (so records never depend on load order)."""
-        return {"qwen3_revision": resolve_model(self.qwen3_name).revision,
-                "qwen25_revision": resolve_model(self.edit_name, allow_patterns=EDIT_ENCODER_FILES).revision}
+        return {"qwen3_revision": model_revision(self.qwen3_name), "qwen25_revision": model_revision(self.edit_name)}
 
     def unload_qwen3(self) -> None:
         self._qwen3.unload()

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 # 64 MP: far above the 1 MP the pipelines use, far below what exhausts a worker's memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
+# Bytes read from one image file before decoding: a device file or a mistaken multi-GB object fails alone.
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
 
 class ImageLoadError(ValueError):
@@ -74,18 +76,20 @@ def decode_image(data: bytes, source: str = "<bytes>", max_pixels: int = DEFAULT
     return _to_rgb(image)
 
 
-def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int = DEFAULT_MAX_BYTES) -> Image.Image:
     """Loads a local path, fsspec URL or PIL image as RGB. Errors name the source."""
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source))
-    import fsspec
+    from .storage import InputTooLargeError, read_uri
 
     uri = str(source)
     try:
-        with fsspec.open(uri, "rb") as handle:
-            data = handle.read()
+        data = read_uri(uri, max_bytes)
     except FileNotFoundError as error:
         raise ImageLoadError(f"{uri}: file not found") from error
+    except InputTooLargeError as error:
+        raise ImageLoadError(str(error)) from error
     except Exception as error:  # noqa: BLE001 - fsspec backends raise their own types (botocore, aiohttp, ...)
         raise ImageLoadError(f"{uri}: could not be read ({type(error).__name__}: {error})") from error
     return decode_image(data, uri, max_pixels)

@@ -8,6 +8,7 @@ reachable fails fast with a message saying how to supply it. `trust_remote_code`
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import hashlib
 import json
@@ -134,6 +135,13 @@ def resolve_model(name: str | Path, revision: str | None = None, allow_patterns:
             "that holds it. For an offline smoke test use the tiny zoo: `vision-bridge tiny-models DIR`."
         ) from None
     return ResolvedModel(name, snapshot, snapshot.name if len(snapshot.name) == 40 else _local_revision(snapshot))
+
+
+@functools.lru_cache(maxsize=64)
+def model_revision(name: str) -> str:
+    """The revision of a model from its config files only: a hub id fetches `config.json` /
+    `model_index.json` (never weights), a local directory is fingerprinted in place."""
+    return resolve_model(name, allow_patterns=["config.json", "model_index.json"]).revision
 
 
 def pipeline_class_name(resolved: ResolvedModel) -> str:

@@ -140,3 +140,65 @@ class Storage:
     def mtime_and_size(self, *parts: str) -> tuple[Any, int]:
         info = retry_transient(lambda: self.fs.info(self.path(*parts)))
         return info.get("mtime") or info.get("LastModified") or info.get("last_modified"), info["size"]
+
+    def remove(self, *parts: str) -> None:
+        """Deletes one object if it exists."""
+        path = self.path(*parts)
+
+        def rm():
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+        retry_transient(rm)
+
+
+def _stamp(info: dict[str, Any]) -> str:
+    """Size plus modification stamp (ETag on object stores) of one listing entry."""
+    moment = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified") or ""
+    return f"{info.get('size')}:{moment}"
+
+
+def stamp_uris(uris: list[str]) -> dict[str, str | None]:
+    """{uri: "size:stamp"} for many files with one listing per folder (not one request per file); None for a
+    file that does not exist. URLs that cannot be listed (http) get their URI as stamp."""
+    folders: dict[tuple[str, str], list[str]] = {}
+    for uri in uris:
+        folders.setdefault((uri.split("://", 1)[0] if "://" in uri else "file", posixpath.dirname(uri)), []).append(uri)
+    stamps: dict[str, str | None] = {}
+    for (protocol, folder), members in folders.items():
+        if protocol in ("http", "https"):
+            stamps.update({uri: uri for uri in members})
+            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(folder or ".")
+            listing = {posixpath.basename(entry["name"].rstrip("/")): entry
+                       for entry in retry_transient(lambda: fs.ls(path, detail=True))}
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            listing = {}
+        except Exception as error:  # noqa: BLE001 - an unlistable folder leaves its files to the stages to report
+            logger.warning("cannot list %s (%s); its files are identified by name only", folder, error)
+            stamps.update({uri: uri for uri in members})
+            continue
+        for uri in members:
+            entry = listing.get(posixpath.basename(uri))
+            stamps[uri] = _stamp(entry) if entry is not None else None
+    return stamps
+
+
+class InputTooLargeError(ValueError):
+    """An input file is larger than the configured read limit."""
+
+
+def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
+    """Reads a whole local file or fsspec URL, retried on transient errors, refusing more than `max_bytes`
+    (read in chunks: a device file or a huge object is never loaded whole)."""
+    def read() -> bytes:
+        with fsspec.open(uri, "rb") as handle:
+            if max_bytes is None:
+                return handle.read()
+            data = handle.read(max_bytes + 1)
+        if len(data) > max_bytes:
+            raise InputTooLargeError(f"{uri}: larger than the input limit of {max_bytes} bytes")
+        return data
+    return retry_transient(read)

@@ -323,6 +323,7 @@ def plot_loss_curve(history: dict, baseline: float, path: Path) -> None:
 def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConfig = TrainConfig(),
                  bridge_overrides: dict | None = None, progress: bool = True) -> dict:
     """Prepares (or reuses) caches and latents under `out_dir/data`, then trains; returns the metrics."""
+    from .batch.settings import ModelPool
     from .training_data import prepare_examples
 
     out_dir = Path(out_dir)
@@ -330,5 +331,5 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
     examples = prepare_examples(data_uri, str(out_dir / "data"), settings)
     first = examples[0].cache
     bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **(bridge_overrides or {}))
-    trainer = BridgeTrainer(settings.editor().pipe, examples, out_dir, config, bridge_config)
+    trainer = BridgeTrainer(ModelPool(settings).editor.pipe, examples, out_dir, config, bridge_config)
     return trainer.train(progress=progress)

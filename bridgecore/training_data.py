@@ -1,9 +1,9 @@
 """Training data for the bridge: (caches, condition latents, target latents) per triplet, all cached.
 
 `--data` is either a manifest with a `target` column (the batch pipeline's format; the evaluation
-benchmark writes one) or a location written by `build-caches`. Missing caches are extracted with the
-batch stages (committed shards, reused by later runs); VAE latents of the condition and target images
-are cached the same way, in a `latents/` stage. Training itself never runs a VLM when caches exist.
+benchmark writes one) or an output location written by `build-caches`. Both go through the batch
+executor's `training-data` pipeline (stages `caches` and `latents`): committed shards are reused under
+the same settings, so training itself never runs a VLM when caches exist.
 """
 
 from __future__ import annotations
@@ -13,18 +13,15 @@ from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
-from .batch_job import JobSettings, plan_job
+from .batch.pipeline import JOBS, fingerprints, plan_job, read_job, run_pipeline
+from .batch.pipeline import STAGES
+from .batch.settings import JobSettings, ModelPool
 from .cache_format import SampleCache, cache_from_bytes
-from .images import load_image
-from .shard_store import SampleRecord, ShardStore
-from .stage_extract import STAGE as CACHE_STAGE
-from .stage_extract import extract_shard, load_plan
 from .storage import Storage
 
 logger = logging.getLogger(__name__)
-LATENT_STAGE = "latents"
+PIPELINE = "training-data"
 
 
 @dataclass
@@ -45,73 +42,52 @@ class TrainingExample:
     latent_hw: tuple[int, int]
 
 
-@torch.no_grad()
-def encode_latents(pipe, image, width: int, height: int) -> torch.Tensor:
-    """The edit pipeline's own VAE encoding (resize, normalise, argmax latents, pack): `[N, 4C]`."""
-    pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, height, width), height, width)
-    pixels = pixels.unsqueeze(2).to(pipe.vae.device, pipe.vae.dtype)  # [1, 3, 1, H, W]
-    latents = pipe._encode_vae_image(pixels, generator=None)  # [1, C, 1, h, w], normalised
-    _, channels, _, h, w = latents.shape
-    return pipe._pack_latents(latents, 1, channels, h, w)[0]
+def _is_manifest(uri: str) -> bool:
+    return uri.rstrip("/").lower().endswith((".csv", ".jsonl", ".parquet"))
 
 
-def _latents_shard(storage: Storage, shard_id: str, editor, condition_area: int) -> dict:
-    from .edit_prompt import condition_size
-
-    store = ShardStore(storage, LATENT_STAGE)
-    if store.is_done(shard_id):
-        return store.marker(shard_id)
-    caches = {row["key"]: row for row in ShardStore(storage, CACHE_STAGE).manifest(shard_id)}
-    records = []
-    for sample in load_plan(storage, shard_id):
-        if caches[sample.key]["status"] != "done":
-            records.append(SampleRecord.failed(sample, caches[sample.key]["error"]))
-            continue
-        if not sample.target:
-            records.append(SampleRecord.failed(sample, "no target image: not a training triplet"))
-            continue
-        source, target = load_image(sample.images[0]), load_image(sample.target)
-        if source.size != target.size:
-            records.append(SampleRecord.failed(sample, f"target size {target.size} differs from source size {source.size}"))
-            continue
-        width, height = condition_size(source, condition_area)
-        tensors = {"condition": encode_latents(editor.pipe, source, width, height),
-                   "target": encode_latents(editor.pipe, target, width, height)}
-        records.append(SampleRecord(sample, "done", payload=save_tensors({k: v.cpu().contiguous() for k, v in tensors.items()}),
-                                    info={"latent_hw": [height // 16, width // 16]}))
-    return store.commit(shard_id, records)
+def _latest_job(storage: Storage, data_uri: str) -> str:
+    """The most recent job planned in a build-caches output (its sample list)."""
+    jobs = storage.list(JOBS, suffix=".parquet")
+    if not jobs:
+        raise ValueError(f"{data_uri}: no planned jobs (expected a build-caches output or a manifest)")
+    newest = max(jobs, key=lambda name: storage.mtime_and_size(JOBS, name)[0] or 0)
+    return newest[: -len(".parquet")]
 
 
 def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64) -> list[TrainingExample]:
-    """Caches and latents for every triplet of `data_uri`, computed once under `work_uri`; refuses bad data."""
+    """Caches and latents for every triplet of `data_uri`, computed once; refuses bad data."""
     import json
 
-    is_cache_location = not data_uri.rstrip("/").endswith((".csv", ".jsonl", ".parquet"))
-    if is_cache_location:
-        storage = Storage(data_uri)
-        shards = [name[: -len(".done")] for name in storage.list(CACHE_STAGE, suffix=".done")]
-        if not shards:
-            raise ValueError(f"{data_uri}: no committed cache shards (expected a build-caches output or a manifest)")
+    if _is_manifest(data_uri):
+        output = work_uri
+        plan = plan_job(data_uri, output, settings, PIPELINE, shard_size=shard_size)
+        job, shards = plan.job, plan.shards
     else:
-        storage = Storage(work_uri)
-        shards = plan_job(data_uri, work_uri, shard_size=shard_size, final_stage=CACHE_STAGE).shards
-    editor = settings.editor()
-    for shard_id in shards:
-        extract_shard(storage, shard_id, editor.extractor)
-    editor.extractor.unload()
+        output = data_uri
+        storage = Storage(output)
+        caches_fp = fingerprints(PIPELINE, settings)["caches"]
+        if not STAGES["caches"].store(storage, caches_fp).done_shards():
+            raise ValueError(f"{data_uri}: no committed caches for these models and condition area "
+                             f"(looked in caches/{caches_fp}); found: {storage.list('caches') or 'none'}")
+        job = _latest_job(storage, data_uri)
+        shards = sorted(read_job(storage, job))
+    run_pipeline(output, PIPELINE, shards, settings)
+    ModelPool(settings).release(keep=("dit",))
+    storage, prints = Storage(output), fingerprints(PIPELINE, settings)
     problems, examples = [], []
     for shard_id in shards:
-        _latents_shard(storage, shard_id, editor, settings.condition_area)
-        caches = ShardStore(storage, CACHE_STAGE).payloads(shard_id)
-        latents_store = ShardStore(storage, LATENT_STAGE)
-        latents = latents_store.payloads(shard_id)
-        for row in latents_store.manifest(shard_id):
-            if row["status"] != "done":
-                problems.append(f"{row['key']}: {row['error']}")
+        caches = STAGES["caches"].store(storage, prints["caches"]).read(shard_id)
+        latents = STAGES["latents"].store(storage, prints["latents"]).read(shard_id)
+        for sample_id, row in latents.rows.items():
+            cache_row = caches.rows[sample_id]
+            if cache_row["status"] != "done" or row["status"] != "done":
+                problems.append(f"{sample_id}: {cache_row['error'] or row['error']}")
                 continue
-            tensors = load_tensors(latents[row["key"]])
-            examples.append(TrainingExample(row["key"], cache_from_bytes(caches[row["key"]]), tensors["condition"],
-                                            tensors["target"], tuple(json.loads(row["info"])["latent_hw"])))
+            tensors = load_tensors(latents.payloads[sample_id]["safetensors"])
+            examples.append(TrainingExample(sample_id, cache_from_bytes(caches.payloads[sample_id]["safetensors"]),
+                                            tensors["condition"], tensors["target"],
+                                            tuple(json.loads(row["info"])["latent_hw"])))
     size_problems = [p for p in problems if "differs from source" in p]
     if size_problems:
         raise ValueError("triplets whose target size differs from the source: " + "; ".join(size_problems[:10]))

@@ -1,13 +1,14 @@
 """Flow `build-caches`: extraction only, incremental (new or changed inputs only); meant for a nightly cron.
 
-The caches it writes (`OUTPUT/caches/*.tar` + `.parquet`) feed the bulk-edit runs and the bridge training.
+The caches it writes (`OUTPUT/caches/<fingerprint>/`) feed the bulk-edit runs with the same models and
+condition area, and the bridge training.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from bridgecore.batch_job import JobSettings
+from bridgecore.batch.settings import JobSettings
 from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL
 from flows.reporting import report_run
 from flows.scale_out import run_shards
@@ -18,13 +19,12 @@ from tasks.shard_inputs import shard_inputs
 def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
                  edit_model: str = DEFAULT_EDIT_MODEL, shard_size: int = 64, condition_area: int = 1024 * 1024,
                  batch_size: int = 8, device: str = "auto", retry_failed: bool = False,
-                 workers_deployment: str | None = None, shards_per_run: int = 4, deadline_s: float = 6 * 3600) -> dict:
+                 workers_deployment: str | None = None, shards_per_run: int | None = None,
+                 deadline_s: float = 6 * 3600) -> dict:
     # plan
-    plan = shard_inputs(input, output, prompt, shard_size, "caches", retry_failed)
-    settings = JobSettings(qwen3, edit_model, None, device, condition_area, batch_size=batch_size)
-    fingerprint = settings.fingerprint()
+    settings = JobSettings(qwen3, edit_model, None, device, condition_area, batch_size=batch_size).to_dict()
+    plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed)
     # run
-    run_shards(output, plan["new_shards"], vars(settings), fingerprint, "caches", workers_deployment, shards_per_run,
-               deadline_s)
+    run_shards(output, "build-caches", plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
     # report
-    return report_run(output, plan["shards"], "caches")
+    return report_run(output, plan["job"], "build-caches", settings)

@@ -1,16 +1,17 @@
-"""Flow `bulk-edit`: shard -> extract -> fuse -> edit -> evaluate over a whole input set.
+"""Flow `bulk-edit`: shard -> extract -> (negatives) -> fuse -> edit -> evaluate over a whole input set.
 
     prefect deployment run bulk-edit/default --param input=s3://bucket/in/manifest.jsonl --param output=s3://bucket/out
 
 Runs the stages in this process, or, with `workers_deployment` (e.g. "process-shards/gpu"), sends
-batches of shards to the GPU work pool so that N workers share the job.
+batches of shards to the GPU work pool so that N workers share the job. Outputs are scoped by settings:
+a rerun with other settings (a bridge, more steps) reuses every stage it does not change.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from bridgecore.batch_job import JobSettings
+from bridgecore.batch.settings import JobSettings
 from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_EDIT_PLUS_MODEL, DEFAULT_QWEN3_MODEL
 from flows.reporting import report_run
 from flows.scale_out import run_shards
@@ -21,17 +22,15 @@ from tasks.shard_inputs import shard_inputs
 def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
               edit_model: str | None = None, bridge: str | None = None, multi_image: bool = False,
               shard_size: int = 16, steps: int = 50, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
-              condition_area: int = 1024 * 1024,
-              batch_size: int = 4, device: str = "auto", retry_failed: bool = False,
-              workers_deployment: str | None = None, shards_per_run: int = 1, deadline_s: float = 6 * 3600) -> dict:
+              condition_area: int = 1024 * 1024, batch_size: int = 4, device: str = "auto",
+              retry_failed: bool = False, workers_deployment: str | None = None, shards_per_run: int | None = None,
+              deadline_s: float = 6 * 3600) -> dict:
     # plan
-    plan = shard_inputs(input, output, prompt, shard_size, "metrics", retry_failed)
     edit_model = edit_model or (DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
     settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
-                           cfg=cfg, negative_prompt=negative_prompt)
-    fingerprint = settings.fingerprint()
+                           cfg=cfg, negative_prompt=negative_prompt).to_dict()
+    plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed)
     # run
-    run_shards(output, plan["new_shards"], vars(settings), fingerprint, "metrics", workers_deployment, shards_per_run,
-               deadline_s)
+    run_shards(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
     # report
-    return report_run(output, plan["shards"], "metrics")
+    return report_run(output, plan["job"], "bulk-edit", settings)

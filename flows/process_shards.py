@@ -1,46 +1,40 @@
-"""Flow `process-shards`: run the stages over a list of shards in one worker process (one GPU).
+"""Flow `process-shards`: run a pipeline's stages over a batch of shards in one worker process (one GPU).
 
-Stage-major: all extractions first, then the VLMs are released before the DiT loads, so one GPU holds
-the VLMs or the DiT, not both. A shard whose upstream objects turn out corrupt is recomputed.
+Stage-major through `run_pipeline`, so each model loads once for the whole batch and one GPU holds the
+VLMs or the DiT, not both. Each stage of each shard is a `run-stage` task (cached on its fingerprint).
+The run records what it did (shards, model loads and forwards, worker) under runs/<run>/children/.
 """
 
 from __future__ import annotations
 
+import os
+
 from prefect import flow, get_run_logger
-from tqdm.auto import tqdm
+from prefect.runtime import flow_run
 
-from bridgecore.batch_job import forward_counts, invalidate_from, release_vlms
-from bridgecore.shard_store import CorruptShardError
-from tasks.edit import edit
-from tasks.evaluate import evaluate
-from tasks.extract_caches import extract_caches
-from tasks.fuse import fuse
-
-UPSTREAM = {"fused": ("caches", extract_caches), "edits": ("fused", fuse)}
+from bridgecore.batch.pipeline import run_pipeline
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.shard_store import worker_id
+from bridgecore.storage import Storage
+from tasks.run_stage import run_stage
 
 
-def _stage(name, task, shards, output, *args, **kwargs):
-    for shard_id in tqdm(shards, desc=name, unit="shard", leave=False):
-        try:
-            task(output, shard_id, *args, **kwargs)
-        except CorruptShardError as error:  # corrupt upstream: recompute it once, then retry
-            if name not in UPSTREAM:
-                raise
-            upstream, upstream_task = UPSTREAM[name]
-            get_run_logger().warning("corrupt %s of %s (%s): recomputing", upstream, shard_id, error)
-            invalidate_from(output, shard_id, upstream)
-            upstream_task(output, shard_id, *args, **kwargs)
-            task(output, shard_id, *args, **kwargs)
+def _child_name() -> str:
+    shards = flow_run.parameters.get("shard_ids") or []
+    return f"{flow_run.parameters.get('pipeline', 'bulk-edit')}-{shards[0] if shards else 'none'}+{max(len(shards) - 1, 0)}"
 
 
-@flow(name="process-shards")
-def process_shards(output: str, shard_ids: list[str], settings: dict, fingerprint: str,
-                   final_stage: str = "metrics") -> dict:
-    _stage("caches", extract_caches, shard_ids, output, settings, fingerprint)
-    release_vlms()
-    if final_stage != "caches":
-        _stage("fused", fuse, shard_ids, output, settings, fingerprint)
-        _stage("edits", edit, shard_ids, output, settings, fingerprint)
-        for shard_id in shard_ids:
-            evaluate(output, shard_id, fingerprint)
-    return {"shards": len(shard_ids), "forwards": forward_counts()}
+@flow(name="process-shards", flow_run_name=_child_name)
+def process_shards(output: str, shard_ids: list[str], settings: dict, pipeline: str = "bulk-edit",
+                   run: str | None = None) -> dict:
+    # run
+    def as_task(stage, ctx, shard_id):
+        return run_stage(output, pipeline, stage.name, shard_id, settings, ctx.fingerprints[stage.name])
+
+    counts = run_pipeline(output, pipeline, shard_ids, JobSettings.from_dict(settings), run_stage=as_task)
+    # report
+    record = {"flow_run": str(flow_run.id), "worker": worker_id(), "pid": os.getpid(), "shards": shard_ids, **counts}
+    if run is not None:
+        Storage(output).write_json(record, "runs", run, "children", f"{flow_run.id}.json")
+    get_run_logger().info("%d shards; model loads and forwards: %s", len(shard_ids), counts)
+    return record

@@ -5,15 +5,17 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from bridgecore.stage_evaluate import summarize
+from bridgecore.batch.pipeline import summarize
+from bridgecore.batch.settings import JobSettings
 from bridgecore.storage import Storage
 
 
-def report_run(output: str, shard_ids: list[str], final_stage: str) -> dict:
+def report_run(output: str, job: str, pipeline: str, settings: dict) -> dict:
     storage = Storage(output)
-    summary = summarize(storage, shard_ids, final_stage)
-    counts = summary["counts"]
-    get_run_logger().info("samples: %s (%d shards); summary at %s", counts, summary["shards"], storage.url("summary.json"))
+    summary = summarize(output, job, pipeline, JobSettings.from_dict(settings))
+    counts, run = summary["counts"], summary["run"]
+    get_run_logger().info("samples: %s (%d shards); summary at %s", counts, summary["shards"],
+                          storage.url("runs", run, "summary.json"))
     create_table_artifact([{"state": k, "samples": v} for k, v in counts.items()], key="sample-counts",
                           description="Every input sample ends done or failed")
     if summary.get("capabilities"):
@@ -22,6 +24,6 @@ def report_run(output: str, shard_ids: list[str], final_stage: str) -> dict:
     if summary["failures"]:
         create_table_artifact(summary["failures"][:1000], key="failures", description="Failed samples and why")
     create_markdown_artifact(
-        f"# {final_stage} run\n\n- output: `{storage.root}`\n- summary: `{storage.url('summary.parquet')}`\n"
+        f"# {pipeline} run {run}\n\n- output: `{storage.root}`\n- summary: `{storage.url('runs', run, 'summary.parquet')}`\n"
         f"- done {counts['done']}, failed {counts['failed']}, pending {counts['pending']}\n", key="run-outputs")
     return summary

@@ -52,16 +52,35 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
     return [run_id for run_id, _, _ in submitted.values()]
 
 
-def run_shards(output: str, shard_ids: list[str], settings: dict, fingerprint: str, final_stage: str,
-               workers_deployment: str | None, shards_per_run: int, deadline_s: float) -> None:
-    """Runs the shards here, or in batches of `shards_per_run` on the pool behind `workers_deployment`."""
+def online_workers(client, deployment: str) -> int:
+    """Workers online in the pool behind `deployment` (at least 1, so that sizing never divides by zero)."""
+    pool = client.read_deployment_by_name(deployment).work_pool_name
+    workers = client.read_workers_for_work_pool(pool)
+    return max(1, sum(1 for w in workers if str(getattr(w, "status", "")).upper().endswith("ONLINE")))
+
+
+def run_shards(output: str, pipeline: str, plan: dict, settings: dict, shard_size: int,
+               workers_deployment: str | None, shards_per_run: int | None, deadline_s: float) -> None:
+    """Runs the plan's pending shards here, or in batches on the pool behind `workers_deployment`, each batch
+    one child run that loads its models once. Without `shards_per_run`, batches are sized so that model
+    loading stays a small part of each child's estimated compute while every online worker gets work."""
+    from bridgecore.batch.pipeline import run_id
+    from bridgecore.batch.settings import JobSettings
+    from bridgecore.batch.sizing import child_run_cost
+    from bridgecore.batch.sizing import shards_per_run as size_batches
     from flows.process_shards import process_shards
 
+    shard_ids, job_settings = plan["pending"], JobSettings.from_dict(settings)
+    run = run_id(plan["job"], pipeline, job_settings)
     if not shard_ids:
         return
     if workers_deployment is None:
-        process_shards(output, shard_ids, settings, fingerprint, final_stage=final_stage)
+        process_shards(output, shard_ids, settings, pipeline, run)
         return
+    if shards_per_run is None:
+        with get_client(sync_client=True) as client:
+            workers = online_workers(client, workers_deployment)
+        shards_per_run = size_batches(len(shard_ids), shard_size, workers, child_run_cost(job_settings, pipeline))
     batches = [shard_ids[i:i + shards_per_run] for i in range(0, len(shard_ids), shards_per_run)]
-    parameters = {"output": output, "settings": settings, "fingerprint": fingerprint, "final_stage": final_stage}
+    parameters = {"output": output, "settings": settings, "pipeline": pipeline, "run": run}
     run_on_workers(workers_deployment, batches, parameters, deadline_s)

@@ -10,7 +10,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from bridgecore.batch_job import JobSettings
+from bridgecore.batch.settings import JobSettings
 from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL
 from tasks.train import train_bridge_task
 
@@ -23,7 +23,7 @@ def train_bridge(data: str, out: str, qwen3: str = DEFAULT_QWEN3_MODEL, edit_mod
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, eval_every=eval_every,
                   checkpoint_every=eval_every, seed=seed)
-    metrics = train_bridge_task(data, out, vars(settings), config, {"rank": rank})
+    metrics = train_bridge_task(data, out, settings.to_dict(), config, {"rank": rank})
     # report
     curve = Path(out) / "loss_curve.png"
     if curve.exists():

@@ -2,13 +2,13 @@
 
 from prefect import get_run_logger, task
 
-from bridgecore.batch_job import JobSettings
+from bridgecore.batch.settings import JobSettings
 from bridgecore.training import TrainConfig, run_training
 
 
 @task(name="train_bridge", result_serializer="json")
 def train_bridge_task(data: str, out: str, settings: dict, train_config: dict, bridge_overrides: dict) -> dict:
-    metrics = run_training(data, out, JobSettings(**settings), TrainConfig(**train_config), bridge_overrides,
+    metrics = run_training(data, out, JobSettings.from_dict(settings), TrainConfig(**train_config), bridge_overrides,
                            progress=False)
     get_run_logger().info("held-out loss %.5f (zero-init bridge) -> %.5f (trained)",
                           metrics["heldout_loss_baseline"], metrics["heldout_loss_trained"])

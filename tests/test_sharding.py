@@ -1,14 +1,16 @@
-"""Inputs and shards: manifests of every format, folders, deterministic and incremental planning."""
+"""Inputs and shards: manifests of every format, folders, ids of any shape, deterministic and incremental plans."""
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_image
 
-from bridgecore.batch_job import plan_job
-from bridgecore.sharding import plan_shards, read_inputs, sample_seed
+from bridgecore.batch.records import storage_key
+from bridgecore.batch.sharding import ManifestError, cut_shards, read_assignment, read_inputs, sample_seed, write_plan
+from bridgecore.storage import Storage
 
 
 @pytest.fixture()
@@ -29,55 +31,87 @@ def test_jsonl_csv_parquet_manifests_agree(inputs):
         f"{r['image']},{r['instruction']},{r['target']},{r['capability']}" for r in rows))
     pq.write_table(pa.Table.from_pylist(rows), inputs / "m.parquet")
     parsed = [read_inputs(str(inputs / name)) for name in ("m.jsonl", "m.csv", "m.parquet")]
-    assert [s.key for s in parsed[0]] == [s.key for s in parsed[1]] == [s.key for s in parsed[2]]
+    assert [s.id for s in parsed[0]] == [s.id for s in parsed[1]] == [s.id for s in parsed[2]]
     first = parsed[0][0]
-    assert first.images == [str(inputs / "img0.png")] and first.target == str(inputs / "img1.png")
+    assert first.images == (str(inputs / "img0.png"),) and first.target == str(inputs / "img1.png")
     assert first.extra == {"capability": "ocr"} and first.error is None
 
 
-def test_escaping_entry_becomes_a_failed_sample(inputs):
-    (inputs / "m.jsonl").write_text(json.dumps({"image": "../../etc/passwd", "instruction": "x"}) + "\n"
-                                    + json.dumps({"image": "sub/nested.png", "instruction": "y"}))
-    bad, good = read_inputs(str(inputs / "m.jsonl"))
-    assert "outside the input root" in bad.error and good.error is None
+def test_escaping_entries_become_failed_samples(inputs, tmp_path):
+    (tmp_path / "secret.png").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.png", inputs / "link.png")  # inside lexically, outside for real
+    (inputs / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"image": "../../etc/passwd", "instruction": "x"}, {"image": "sub/nested.png", "instruction": "y"},
+        {"image": "link.png", "instruction": "z"}]))
+    bad, good, linked = read_inputs(str(inputs / "m.jsonl"))
+    assert "outside the input root" in bad.error and good.error is None and "outside the input root" in linked.error
+
+
+def test_manifest_named_relative_to_the_working_directory(inputs, monkeypatch):
+    (inputs / "m.jsonl").write_text(json.dumps({"image": "sub/nested.png", "instruction": "y"}))
+    monkeypatch.chdir(inputs)
+    (sample,) = read_inputs("m.jsonl")
+    assert sample.error is None and sample.images == (str(inputs / "sub" / "nested.png"),)
+
+
+def test_bad_rows_fail_alone_with_their_line(inputs):
+    (inputs / "m.jsonl").write_text('{"image": "img0.png", "instruction": "ok"}\n{"image": "img1.png", "instr\n'
+                                    '{"instruction": "no image"}\n')
+    good, broken, imageless = read_inputs(str(inputs / "m.jsonl"))
+    assert good.error is None
+    assert "m.jsonl line 2: invalid JSON" in broken.error and "m.jsonl line 3" in imageless.error
+
+
+def test_csv_with_a_byte_order_mark_keeps_its_first_column(inputs):
+    (inputs / "m.csv").write_text("\ufeffid,image,instruction\nfirst,img0.png,x\n", encoding="utf-8")
+    (sample,) = read_inputs(str(inputs / "m.csv"))
+    assert sample.id == "first" and sample.error is None
 
 
 def test_multi_image_and_ids(inputs):
     (inputs / "m.jsonl").write_text(json.dumps({"id": "a", "images": ["img0.png", "img1.png"], "instruction": "x"}))
     (sample,) = read_inputs(str(inputs / "m.jsonl"))
-    assert sample.key == "a" and len(sample.images) == 2
+    assert sample.id == "a" and len(sample.images) == 2
 
 
 def test_folder_needs_a_prompt_and_finds_images_recursively(inputs):
-    with pytest.raises(ValueError, match="--prompt"):
+    with pytest.raises(ManifestError, match="--prompt"):
         read_inputs(str(inputs))
     samples = read_inputs(str(inputs), prompt="make it blue")
     assert len(samples) == 6 and all(s.instruction == "make it blue" for s in samples)
+    with pytest.raises(ManifestError, match="does not exist"):
+        read_inputs(str(inputs / "typo.jsonl"))
 
 
-def test_content_change_is_a_new_sample(inputs):
-    before = {s.key for s in read_inputs(str(inputs), prompt="p")}
-    make_image(seed=42).save(inputs / "img0.png")
-    after = {s.key for s in read_inputs(str(inputs), prompt="p")}
+def test_changed_input_is_a_new_sample(inputs):
+    before = {s.id for s in read_inputs(str(inputs), prompt="p")}
+    make_image(seed=42, width=210).save(inputs / "img0.png")
+    after = {s.id for s in read_inputs(str(inputs), prompt="p")}
     assert len(before ^ after) == 2
 
 
-def test_shards_are_deterministic_and_resume_with_the_same_ids(inputs):
+def test_duplicate_ids_are_refused(inputs):
+    (inputs / "m.jsonl").write_text("\n".join(json.dumps({"id": "same", "image": f"img{i}.png", "instruction": "x"})
+                                              for i in range(2)))
+    with pytest.raises(ManifestError, match="duplicate sample ids"):
+        read_inputs(str(inputs / "m.jsonl"))
+
+
+def test_storage_keys_are_safe_and_distinct():
+    ids = ["photo.001", "photo.002", "/etc/passwd", "../x", "a\0b", "x" * 300, "plain-id_1", "photo_001"]
+    keys = [storage_key(i) for i in ids]
+    assert len(set(keys)) == len(ids) and keys[-2] == "plain-id_1" and keys[-1] == "photo_001"
+    assert all("." not in k and "/" not in k and "\0" not in k and len(k) <= 64 for k in keys)
+
+
+def test_shards_are_deterministic_and_the_plan_keeps_assignments(inputs, tmp_path):
     samples = read_inputs(str(inputs), prompt="p")
-    shards = plan_shards(samples, 2)
-    assert shards == plan_shards(list(reversed(samples)), 2)
-    first = next(iter(shards))
-    done = {(s.key, s.content_sha256) for s in shards[first]}
-    remaining = plan_shards(samples, 2, done=done)
-    assert set(remaining) == set(shards) - {first}
-
-
-def test_incremental_job_planning(inputs, tmp_path):
-    out = str(tmp_path / "out")
-    plan = plan_job(str(inputs), out, "p", shard_size=4, final_stage="caches")
-    assert len(plan.new_shards) == 2 and (tmp_path / "out" / "plan" / f"{plan.new_shards[0]}.json").exists()
-    again = plan_job(str(inputs), out, "p", shard_size=4, final_stage="caches")
-    assert again.new_shards == plan.new_shards  # nothing committed yet: same shards
+    shards = cut_shards(samples, 2)
+    assert shards == cut_shards(list(reversed(samples)), 2)
+    storage = Storage(str(tmp_path / "out"))
+    write_plan(storage, shards)
+    assignment = read_assignment(storage)
+    assert {shard for _, shard in assignment.values()} == set(shards) and len(assignment) == len(samples)
 
 
 def test_sample_seed_is_per_sample():

@@ -7,15 +7,17 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from bridgecore.shard_store import CorruptShardError, SampleRecord, ShardStore
-from bridgecore.sharding import Sample
-from bridgecore.storage import MarkerExistsError, Storage
+from bridgecore.batch.records import STAGE_TABLE_SCHEMA, Sample, SampleResult
+from bridgecore.batch.shard_store import CorruptShardError, ShardStore
+from bridgecore.storage import MarkerExistsError, Storage, read_uri
+
+IDS = ["k0", "photo.001", "photo.002"]  # WebDataset would merge the dotted ids if they were keys
 
 
-def _records(n=3, fail=1):
-    samples = [Sample(f"k{i}", [f"/in/{i}.png"], f"edit {i}", f"sha{i}") for i in range(n)]
-    return [SampleRecord.failed(s, "bad input") if i < fail else
-            SampleRecord(s, "done", payload=f"payload-{i}".encode() * 100, info={"shape": [i, 2]})
+def _results(fail=1):
+    samples = [Sample(sample_id, (f"/in/{i}.png",), f"edit {i}", f"hash{i}") for i, sample_id in enumerate(IDS)]
+    return [SampleResult.failed(s, "bad input") if i < fail else
+            SampleResult.done(s, {"safetensors": f"payload-{i}".encode() * 100}, shape=[i, 2])
             for i, s in enumerate(samples)]
 
 
@@ -30,14 +32,17 @@ def storage(request, tmp_path):
 
 
 def test_commit_and_read_back(storage):
-    store = ShardStore(storage, "caches")
+    store = ShardStore(storage, "caches", "fp1")
     assert not store.is_done("shard-a")
-    marker = store.commit("shard-a", _records(), {"qwen3_model": "m"})
-    assert store.is_done("shard-a") and marker["counts"] == {"done": 2, "failed": 1}
-    assert store.payloads("shard-a") == {"k1": b"payload-1" * 100, "k2": b"payload-2" * 100}
-    rows = store.manifest("shard-a")
-    assert [r["status"] for r in rows] == ["failed", "done", "done"] and rows[0]["error"] == "bad input"
-    assert rows[1]["qwen3_model"] == "m" and rows[1]["bytes"] == 900
+    marker = store.commit("shard-a", _results(), {"seconds": 1.5})
+    assert store.is_done("shard-a") and marker["counts"] == {"done": 2, "failed": 1} and marker["seconds"] == 1.5
+    contents = store.read("shard-a")
+    assert contents.payloads == {"photo.001": {"safetensors": b"payload-1" * 100},
+                                 "photo.002": {"safetensors": b"payload-2" * 100}}
+    assert [r["status"] for r in contents.rows.values()] == ["failed", "done", "done"]
+    assert contents.rows["k0"]["error"] == "bad input" and contents.rows["photo.001"]["bytes"] == 900
+    # another fingerprint is another folder: a reader never sees it
+    assert not ShardStore(storage, "caches", "fp2").is_done("shard-a")
 
 
 def test_readable_by_webdataset_and_pandas(tmp_path):
@@ -45,32 +50,51 @@ def test_readable_by_webdataset_and_pandas(tmp_path):
     import webdataset as wds
 
     storage = Storage(str(tmp_path / "out"))
-    ShardStore(storage, "caches").commit("shard-a", _records())
-    samples = list(wds.WebDataset(str(tmp_path / "out" / "caches" / "shard-a.tar"), shardshuffle=False))
-    assert [s["__key__"] for s in samples] == ["k1", "k2"] and samples[0]["safetensors"] == b"payload-1" * 100
-    assert list(pd.read_parquet(tmp_path / "out" / "caches" / "shard-a.parquet")["key"]) == ["k0", "k1", "k2"]
+    ShardStore(storage, "caches", "fp").commit("shard-a", _results())
+    samples = list(wds.WebDataset(str(tmp_path / "out" / "caches" / "fp" / "data" / "shard-a.tar"), shardshuffle=False))
+    assert len(samples) == 2 and samples[0]["safetensors"] == b"payload-1" * 100  # dotted ids stay apart
+    table = pd.read_parquet(tmp_path / "out" / "caches" / "fp" / "table")
+    assert list(table["id"]) == IDS and list(table["status"]) == ["failed", "done", "done"]
+
+
+def test_table_schema_is_fixed_whether_samples_pass_or_fail(tmp_path):
+    storage = Storage(str(tmp_path / "out"))
+    store = ShardStore(storage, "caches", "fp")
+    store.commit("all-done", _results(fail=0))
+    store.commit("all-failed", _results(fail=3))
+    for shard in ("all-done", "all-failed"):
+        table = pq.read_table(io.BytesIO(storage.read_bytes("caches", "fp", "table", f"{shard}.parquet")))
+        assert table.schema.equals(STAGE_TABLE_SCHEMA, check_metadata=False)
 
 
 @pytest.mark.parametrize("offset", [600, 1600])  # a tar header byte, a payload byte
 def test_corruption_is_detected_not_used(storage, offset):
-    store = ShardStore(storage, "caches")
-    store.commit("shard-a", _records())
-    data = bytearray(storage.read_bytes("caches", "shard-a.tar"))
+    store = ShardStore(storage, "caches", "fp")
+    store.commit("shard-a", _results())
+    data = bytearray(storage.read_bytes("caches", "fp", "data", "shard-a.tar"))
     data[offset] ^= 0xFF
-    storage.write_bytes(bytes(data), "caches", "shard-a.tar")
-    with pytest.raises(CorruptShardError, match="checksum mismatch"):
-        store.payloads("shard-a")
+    storage.write_bytes(bytes(data), "caches", "fp", "data", "shard-a.tar")
+    with pytest.raises(CorruptShardError, match="checksum mismatch") as raised:
+        store.read("shard-a")
+    assert raised.value.stage == "caches" and raised.value.shard == "shard-a"
     store.invalidate("shard-a")
     assert not store.is_done("shard-a")
 
 
-def test_corrupt_png_object_is_detected(tmp_path):
+def test_corrupt_file_object_and_garbage_marker_are_detected(tmp_path):
     storage = Storage(str(tmp_path / "out"))
-    store = ShardStore(storage, "edits", kind="png", extension="png")
-    store.commit("shard-a", _records())
-    storage.write_bytes(b"tampered", "edits", "shard-a", "k2.png")
-    with pytest.raises(CorruptShardError, match="k2"):
-        store.payloads("shard-a")
+    store = ShardStore(storage, "edits", "fp", layout="files")
+    results = _results()
+    for result in results:
+        result.payloads = {"png": result.payloads["safetensors"]} if result.payloads else {}
+    store.commit("shard-a", results)
+    key = results[2].sample.key
+    storage.write_bytes(b"tampered", "edits", "fp", "data", "shard-a", f"{key}.png")
+    with pytest.raises(CorruptShardError, match="photo.002"):
+        store.read("shard-a")
+    storage.write_bytes(b"\x00garbage", "edits", "fp", "_done", "shard-a.json")
+    with pytest.raises(CorruptShardError, match="_done/shard-a.json"):
+        store.read("shard-a")
 
 
 def test_marker_is_exclusive(storage):
@@ -80,11 +104,13 @@ def test_marker_is_exclusive(storage):
     assert storage.read_json("caches", "x.done") == {"a": 1}
 
 
-def test_parquet_manifest_is_plain_parquet(tmp_path):
-    storage = Storage(str(tmp_path / "out"))
-    ShardStore(storage, "caches").commit("shard-a", _records())
-    table = pq.read_table(io.BytesIO(storage.read_bytes("caches", "shard-a.parquet")))
-    assert {"key", "source", "content_sha256", "status", "error", "info", "bytes", "sha256"} <= set(table.column_names)
+def test_reads_are_bounded(tmp_path):
+    (tmp_path / "big.bin").write_bytes(b"x" * 1000)
+    assert read_uri(str(tmp_path / "big.bin"), max_bytes=1000) == b"x" * 1000
+    with pytest.raises(ValueError, match="larger than the input limit of 999 bytes"):
+        read_uri(str(tmp_path / "big.bin"), max_bytes=999)
+    with pytest.raises(ValueError, match="larger than the input limit"):
+        read_uri("/dev/zero", max_bytes=10_000)  # never read to the end
 
 
 def test_object_store_away_for_a_moment_is_retried(s3_server, s3_root):

@@ -1,0 +1,281 @@
+"""The pipelines, their fingerprints, and the one executor every caller uses.
+
+    PIPELINES["bulk-edit"]     caches -> negatives (cfg > 1 only) -> fused -> edits -> metrics
+    PIPELINES["build-caches"]  caches
+    PIPELINES["training-data"] caches, latents
+
+A stage's fingerprint hashes exactly what its output depends on: its settings (model revisions
+included), its code, and its upstream stages' fingerprints. Outputs live under `STAGE/FINGERPRINT/`,
+so a changed setting reruns exactly the stages downstream of it, and several settings share one output
+(a baseline and a bridge run share their caches). `run_pipeline` is the executor of the local path,
+the Prefect flows and the training-data preparation alike: stage-major (one GPU holds the VLMs or the
+DiT, not both), corrupt or missing upstream shards recomputed, then the shard retried.
+
+Adding a stage: one file in stages/, one line in STAGES, its name in a pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..storage import Storage
+from .records import Sample
+from .settings import JobSettings, ModelPool
+from .shard_store import CorruptShardError
+from .sharding import cut_shards, load_plan, read_assignment, read_inputs, write_plan
+from .stage import Stage, StageContext
+from .stages.edit import EditStage
+from .stages.evaluate import EvaluateStage
+from .stages.extract import ExtractStage
+from .stages.fuse import FuseStage
+from .stages.latents import LatentsStage
+from .stages.negatives import NegativesStage
+
+logger = logging.getLogger(__name__)
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (
+    ExtractStage(), NegativesStage(), FuseStage(), EditStage(), EvaluateStage(), LatentsStage())}
+
+PIPELINES: dict[str, tuple[str, ...]] = {
+    "bulk-edit": ("caches", "negatives", "fused", "edits", "metrics"),
+    "build-caches": ("caches",),
+    "training-data": ("caches", "latents"),
+}
+
+JOBS = "plan/jobs"
+
+
+def pipeline_stages(pipeline: str, settings: JobSettings) -> list[Stage]:
+    """The enabled stages of a pipeline, in order."""
+    if pipeline not in PIPELINES:
+        raise ValueError(f"pipeline must be one of {sorted(PIPELINES)}; got {pipeline!r}")
+    return [STAGES[name] for name in PIPELINES[pipeline] if STAGES[name].enabled(settings)]
+
+
+def fingerprints(pipeline: str, settings: JobSettings) -> dict[str, str]:
+    """{stage: fingerprint} of the pipeline's enabled stages under these settings."""
+    result: dict[str, str] = {}
+    for stage in pipeline_stages(pipeline, settings):
+        upstream = {name: result[name] for name in stage.upstream + stage.optional_upstream if name in result}
+        missing = [name for name in stage.upstream if name not in result]
+        if missing:
+            raise ValueError(f"stage {stage.name} needs {missing} before it in pipeline {pipeline}")
+        record = json.dumps(stage.fingerprint_record(settings, upstream), sort_keys=True, default=str)
+        result[stage.name] = hashlib.sha256(record.encode()).hexdigest()[:16]
+    return result
+
+
+def leaf_stages(pipeline: str, settings: JobSettings) -> list[str]:
+    """Stages no other enabled stage of the pipeline reads: a shard is finished when all of them are committed."""
+    stages = pipeline_stages(pipeline, settings)
+    read = {name for stage in stages for name in stage.upstream + stage.optional_upstream}
+    return [stage.name for stage in stages if stage.name not in read]
+
+
+# -- planning ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobPlan:
+    """A job's samples and shards under one output and one set of settings."""
+
+    job: str  # id of the job's sample list (plan/jobs/<job>.parquet)
+    shards: list[str]  # every shard holding the job's samples
+    pending: list[str]  # shards with work left under these settings
+    samples: int
+    stages: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {"committed", "to_run"} shards
+
+
+def _write_job(storage: Storage, rows: list[tuple[str, str, str]]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = sorted(rows)
+    job = hashlib.sha256("\n".join("\0".join(r) for r in rows).encode()).hexdigest()[:16]
+    if not storage.exists(JOBS, f"{job}.parquet"):
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"id": [r[0] for r in rows], "input_hash": [r[1] for r in rows],
+                                 "shard": [r[2] for r in rows]}), buffer)
+        storage.write_bytes(buffer.getvalue(), JOBS, f"{job}.parquet")
+    return job
+
+
+def read_job(storage: Storage, job: str) -> dict[str, list[str]]:
+    """{shard: [sample ids]} of a planned job."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(storage.read_bytes(JOBS, f"{job}.parquet")))
+    members: dict[str, list[str]] = {}
+    for sample_id, shard in zip(table.column("id").to_pylist(), table.column("shard").to_pylist()):
+        members.setdefault(shard, []).append(sample_id)
+    return members
+
+
+def _failed_samples(storage: Storage, pipeline: str, settings: JobSettings, shards: list[str]) -> set[str]:
+    prints = fingerprints(pipeline, settings)
+    failed: set[str] = set()
+    for name in leaf_stages(pipeline, settings):
+        store = STAGES[name].store(storage, prints[name])
+        done = store.done_shards()
+        for shard in shards:
+            if shard in done:
+                failed |= {row["id"] for row in store.table(shard) if row["status"] == "failed"}
+    return failed
+
+
+def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: str = "bulk-edit",
+             prompt: str | None = None, shard_size: int = 16, retry_failed: bool = False) -> JobPlan:
+    """Reads the inputs, assigns new samples to new shards (written under plan/), and says what is left.
+
+    Shards already planned are reused whatever the settings, so caches are shared between settings;
+    `retry_failed` moves the samples that failed under these settings into new (retry) shards.
+    """
+    storage = Storage(output_uri)
+    storage.ensure_root()
+    samples = read_inputs(input_uri, prompt)
+    assignment = read_assignment(storage)
+    new = cut_shards([s for s in samples if (s.id, s.input_hash) not in assignment], shard_size)
+    write_plan(storage, new)
+    for shard_id, members in new.items():
+        assignment.update({(s.id, s.input_hash): (0, shard_id) for s in members})
+    if retry_failed:
+        current = sorted({assignment[(s.id, s.input_hash)][1] for s in samples})
+        failed = _failed_samples(storage, pipeline, settings, current)
+        by_generation: dict[int, list[Sample]] = {}
+        for sample in samples:
+            generation, _ = assignment[(sample.id, sample.input_hash)]
+            if sample.id in failed:
+                by_generation.setdefault(generation + 1, []).append(sample)
+        for generation, retried in sorted(by_generation.items()):
+            shards = cut_shards(retried, shard_size, salt=f"retry-{generation}:")
+            write_plan(storage, shards, generation)
+            for shard_id, members in shards.items():
+                assignment.update({(s.id, s.input_hash): (generation, shard_id) for s in members})
+        logger.info("retrying %d failed samples", len(failed))
+    rows = [(s.id, s.input_hash, assignment[(s.id, s.input_hash)][1]) for s in samples]
+    job = _write_job(storage, rows)
+    shards = sorted({shard for _, _, shard in rows})
+    prints = fingerprints(pipeline, settings)
+    committed = {stage.name: stage.store(storage, prints[stage.name]).done_shards()
+                 for stage in pipeline_stages(pipeline, settings)}
+    finished = set(shards).intersection(*committed.values())
+    pending = [shard for shard in shards if shard not in finished]
+    stages = {name: {"committed": len(done & set(shards)), "to_run": len(set(shards) - done)}
+              for name, done in committed.items()}
+    logger.info("%d samples in %d shards: %d shards finished, %d to run", len(samples), len(shards),
+                len(finished), len(pending))
+    return JobPlan(job, shards, pending, len(samples), stages)
+
+
+# -- running ----------------------------------------------------------------------------------------------
+
+RunStage = Callable[[Stage, StageContext, str], dict]
+
+
+def run_stage_here(stage: Stage, ctx: StageContext, shard_id: str) -> dict:
+    return stage.run_shard(ctx, shard_id)
+
+
+def make_context(output_uri: str, pipeline: str, settings: JobSettings) -> StageContext:
+    return StageContext(Storage(output_uri), settings, fingerprints(pipeline, settings), ModelPool(settings))
+
+
+def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings: JobSettings,
+                 run_stage: RunStage = run_stage_here, progress: bool = True) -> dict[str, int]:
+    """Runs every enabled stage of `pipeline` over the shards, stage-major. Returns the model counts.
+
+    `run_stage` runs one stage on one shard: directly by default; the Prefect flow passes one that calls
+    the stage's task (cache policy, retries). A corrupt or missing upstream shard is recomputed once.
+    """
+    from tqdm.auto import tqdm
+
+    ctx = make_context(output_uri, pipeline, settings)
+    stages = pipeline_stages(pipeline, settings)
+
+    def run(stage: Stage, shard_id: str, attempts: int = len(stages) + 1) -> dict:
+        try:
+            return run_stage(stage, ctx, shard_id)
+        except CorruptShardError as error:
+            if attempts <= 0 or error.stage not in ctx.fingerprints:
+                raise
+            logger.warning("%s of %s is corrupt or missing (%s): recomputing it", error.stage, shard_id, error)
+            STAGES[error.stage].store(ctx.storage, ctx.fingerprints[error.stage]).invalidate(shard_id)
+            if error.stage != stage.name:
+                run(STAGES[error.stage], shard_id, attempts - 1)
+            return run(stage, shard_id, attempts - 1)
+
+    for stage in stages:
+        ctx.models.release(keep=stage.models)
+        for shard_id in tqdm(shard_ids, desc=stage.name, unit="shard", disable=not progress or not shard_ids):
+            run(stage, shard_id)
+    return ModelPool.counts()
+
+
+# -- summary ----------------------------------------------------------------------------------------------
+
+
+def run_id(job: str, pipeline: str, settings: JobSettings) -> str:
+    prints = fingerprints(pipeline, settings)
+    return hashlib.sha256(json.dumps([job, pipeline, prints], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings) -> dict[str, Any]:
+    """Each sample's final state under these settings: done, failed (with the stage and the reason) or pending.
+
+    The final stages' tables carry every earlier failure forward, so one table per shard and final stage
+    decides. Writes runs/<run>/summary.parquet + summary.json, and the same as the output's latest summary.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    storage = Storage(output_uri)
+    prints = fingerprints(pipeline, settings)
+    stages = pipeline_stages(pipeline, settings)
+    stores = {stage.name: stage.store(storage, prints[stage.name]) for stage in stages}
+    done_shards = {name: store.done_shards() for name, store in stores.items()}
+    rows = []
+    for shard_id, wanted in sorted(read_job(storage, job).items()):
+        states = {sample_id: {"id": sample_id, "shard": shard_id, "status": "pending", "stage": None, "error": None,
+                              "output": None, "metrics": None} for sample_id in wanted}
+        committed = [stage for stage in stages if shard_id in done_shards[stage.name]]
+        # Tables carry earlier failures forward: the last committed stage knows every failure so far.
+        readable = committed[-1:] + [stage for stage in committed[:-1] if stage.layout == "files"]
+        tables = {stage.name: {row["id"]: row for row in stores[stage.name].table(shard_id)} for stage in readable}
+        complete = len(committed) == len(stages)
+        for sample_id, state in states.items():
+            rows_of = {name: table[sample_id] for name, table in tables.items() if sample_id in table}
+            failed = next((row for row in rows_of.values() if row["status"] == "failed"), None)
+            if failed is not None:
+                state.update(status="failed", stage=json.loads(failed["info"]).get("failed_at"), error=failed["error"])
+            elif complete:
+                state.update(status="done", metrics=rows_of["metrics"]["info"] if "metrics" in rows_of else None)
+            for name, row in rows_of.items():
+                state["output"] = stores[name].file_url(shard_id, row) or state["output"]
+        rows.extend(states.values())
+    counts = {state: sum(r["status"] == state for r in rows) for state in ("done", "failed", "pending")}
+    capabilities: dict[str, list[float]] = {}
+    for row in rows:
+        metrics = json.loads(row["metrics"]) if row["metrics"] else {}
+        if "capability" in metrics:
+            capabilities.setdefault(metrics["capability"], []).append(metrics["edit_success"])
+    run = run_id(job, pipeline, settings)
+    summary = {"run": run, "job": job, "pipeline": pipeline, "settings": settings.to_dict(), "fingerprints": prints,
+               "counts": counts, "shards": len({r["shard"] for r in rows}),
+               "failures": [{"id": r["id"], "stage": r["stage"], "error": r["error"]} for r in rows
+                            if r["status"] == "failed"],
+               "capabilities": {name: {"samples": len(v), "edit_success": float(np.mean(v))}
+                                for name, v in sorted(capabilities.items())}}
+    schema = pa.schema([(name, pa.string()) for name in ("id", "shard", "status", "stage", "error", "output", "metrics")])
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+    text = json.dumps(summary, indent=1).encode()
+    for folder in (("runs", run), ()):
+        storage.write_bytes(buffer.getvalue(), *folder, "summary.parquet")
+        storage.write_bytes(text, *folder, "summary.json")
+    return summary

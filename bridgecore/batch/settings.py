@@ -1,0 +1,135 @@
+"""A job's settings, what they resolve to (model revisions, bridge checksum), and the models of a process.
+
+`JobSettings` is flat and JSON-friendly: it travels as Prefect flow parameters. Each stage picks the
+settings it depends on (see `Stage.settings_of`), so that a changed setting reruns exactly the stages
+that read it. Revisions come from config files only: fingerprinting a job never downloads weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import posixpath
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+UNTRAINED_BRIDGE = "untrained"
+
+
+@functools.lru_cache(maxsize=16)
+def bridge_checksum(bridge: str | None) -> str:
+    """sha256 of a bridge checkpoint (config + weights, local or URL); 'untrained' for the zero-gated default."""
+    from ..storage import read_uri
+
+    if bridge is None:
+        return UNTRAINED_BRIDGE
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        try:
+            digest.update(read_uri(posixpath.join(str(bridge).rstrip("/"), name)))
+        except FileNotFoundError:
+            raise ValueError(f"bridge {bridge!r}: no {name}; a bridge checkpoint is a directory written by "
+                             "`vision-bridge train` (config.json + model.safetensors)") from None
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """Everything the stages need besides the shard. Validated on creation (a bad value fails before any work)."""
+
+    qwen3_model: str
+    edit_model: str
+    bridge: str | None = None
+    device: str = "auto"
+    condition_area: int = 1024 * 1024
+    steps: int = 50
+    seed: int = 0
+    batch_size: int = 4
+    load_in_8bit: bool = False
+    cfg: float = 1.0  # true_cfg_scale; > 1 also extracts and uses the negative prompt's embeddings
+    negative_prompt: str = " "
+
+    def __post_init__(self):
+        # One step divides by zero in Qwen-Image's scheduler (shift_terminal stretch): NaN images.
+        checks = [("steps", self.steps >= 2, "at least 2"), ("batch_size", self.batch_size >= 1, "at least 1"),
+                  ("condition_area", self.condition_area >= 32 * 32, "at least 32*32 = 1024 pixels"),
+                  ("seed", self.seed >= 0, "a non-negative integer"),
+                  ("cfg", self.cfg >= 1.0, ">= 1 (1 turns true CFG off)")]
+        for name, ok, expectation in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> "JobSettings":
+        known = {f.name for f in fields(cls)}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown job settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return self.cfg > 1
+
+    def revision(self, model: str) -> str:
+        from ..loading import model_revision
+
+        return model_revision(model)
+
+    @property
+    def bridge_checksum(self) -> str:
+        return bridge_checksum(self.bridge)
+
+
+# -- models, once per worker process ----------------------------------------------------------------------
+
+
+class ModelPool:
+    """The process's models for one job's settings: each loads on first use and stays resident across
+    shards (and across the stages that share it) until `release` frees it."""
+
+    _editors: dict[tuple, Any] = {}  # shared by every pool of the process
+
+    def __init__(self, settings: JobSettings):
+        self.settings = settings
+
+    @property
+    def editor(self):
+        """The `EnhancedQwenImageEdit` for these settings (its VLMs, bridge and pipeline load lazily)."""
+        from ..edit_pipeline import EnhancedQwenImageEdit
+
+        s = self.settings
+        key = (s.edit_model, s.revision(s.edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
+               s.device, s.condition_area, s.load_in_8bit)
+        if key not in self._editors:
+            self._editors[key] = EnhancedQwenImageEdit(s.edit_model, s.qwen3_model, bridge=s.bridge, device=s.device,
+                                                       condition_area=s.condition_area, load_in_8bit=s.load_in_8bit)
+        return self._editors[key]
+
+    @property
+    def extractor(self):
+        return self.editor.extractor
+
+    def release(self, keep: tuple[str, ...]) -> None:
+        """Frees the large models a coming stage does not use ('vlm', 'dit'), so one GPU holds one kind."""
+        for editor in self._editors.values():
+            if "vlm" not in keep:
+                editor.extractor.unload()
+            if "dit" not in keep:
+                editor._pipe.unload()
+
+    @classmethod
+    def counts(cls) -> dict[str, int]:
+        """Model forwards and loads in this process so far: proves what cached work skipped."""
+        editors = cls._editors.values()
+        return {"vlm_forwards": sum(e.extractor.forward_count for e in editors),
+                "dit_calls": sum(e.dit_calls for e in editors),
+                "qwen3_loads": sum(e.extractor._qwen3.load_count for e in editors),
+                "qwen25_loads": sum(e.extractor._qwen25.load_count for e in editors),
+                "pipeline_loads": sum(e._pipe.load_count for e in editors)}

@@ -1,0 +1,207 @@
+"""Committed shards of one stage under one fingerprint: data, a table, and a marker written last.
+
+    STAGE/FP/settings.json              what FP stands for: the stage's settings and its upstream fingerprints
+    STAGE/FP/data/<shard>.tar           layout "tar": WebDataset, one `<key>.<ext>` entry per payload
+    STAGE/FP/data/<shard>/<key>.<ext>   layout "files": one object per done sample (e.g. edited PNGs)
+                                        layout "table": no data objects (e.g. metrics live in the table)
+    STAGE/FP/table/<shard>.parquet      one row per sample (records.STAGE_TABLE_SCHEMA), failed ones too
+    STAGE/FP/_done/<shard>.json         marker: fingerprint, checksums, counts, timings, worker
+
+FP is the stage's fingerprint (see pipeline.py): a different setting is a different folder, so settings
+coexist in one output and a reader never sees another setting's results. A shard without its marker
+does not exist for readers; reads verify every checksum and raise `CorruptShardError`, on which the
+executor recomputes the shard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import tarfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..storage import MarkerExistsError, Storage, sha256_bytes
+from .records import STAGE_TABLE_SCHEMA, SampleResult, result_row
+
+LAYOUTS = ("tar", "files", "table")
+
+
+def worker_id() -> str:
+    """Who committed a shard: the worker's name when set (VISION_BRIDGE_WORKER), else host:pid."""
+    return os.environ.get("VISION_BRIDGE_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+class CorruptShardError(RuntimeError):
+    """A committed shard (or its plan) is unreadable or does not match its checksums; or it is missing.
+
+    `stage` and `shard` say which one, so that the executor can recompute exactly that.
+    """
+
+    def __init__(self, message: str, stage: str, shard: str):
+        super().__init__(message)
+        self.stage, self.shard = stage, shard
+
+
+@dataclass
+class ShardContents:
+    rows: dict[str, dict[str, Any]]  # sample id -> table row
+    payloads: dict[str, dict[str, bytes]]  # sample id -> extension -> bytes (done samples)
+
+
+class ShardStore:
+    """Reads and commits the shards of one stage for one fingerprint under a storage root."""
+
+    def __init__(self, storage: Storage, stage: str, fingerprint: str, layout: str = "tar"):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+        self.storage, self.stage, self.fingerprint, self.layout = storage, stage, fingerprint, layout
+        self.folder = f"{stage}/{fingerprint}"
+
+    # -- markers --------------------------------------------------------------------------------------------
+
+    def _corrupt(self, shard_id: str, what: str) -> CorruptShardError:
+        return CorruptShardError(what, self.stage, shard_id)
+
+    def is_done(self, shard_id: str) -> bool:
+        return self.storage.exists(self.folder, "_done", shard_id + ".json")
+
+    def done_shards(self) -> set[str]:
+        return {name[: -len(".json")] for name in self.storage.list(self.folder, "_done", suffix=".json")}
+
+    def marker(self, shard_id: str) -> dict[str, Any]:
+        """The shard's marker, checked to be one of ours for this fingerprint."""
+        url = self.storage.url(self.folder, "_done", shard_id + ".json")
+        try:
+            marker = self.storage.read_json(self.folder, "_done", shard_id + ".json")
+        except FileNotFoundError:
+            raise self._corrupt(shard_id, f"{url}: missing (the shard is not committed)") from None
+        except ValueError as error:
+            raise self._corrupt(shard_id, f"{url}: unreadable marker ({error})") from error
+        if not isinstance(marker, dict) or marker.get("fingerprint") != self.fingerprint or "table_sha256" not in marker:
+            raise self._corrupt(shard_id, f"{url}: not a marker of fingerprint {self.fingerprint}")
+        return marker
+
+    def invalidate(self, shard_id: str) -> None:
+        """Forgets a shard (removes its marker) so that it is recomputed; its objects are overwritten then."""
+        self.storage.remove(self.folder, "_done", shard_id + ".json")
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    def _tar_bytes(self, results: list[SampleResult]) -> bytes:
+        import webdataset as wds
+
+        buffer = io.BytesIO()
+        # No encoder (payloads are bytes already); a fixed mtime makes the tar reproducible byte for byte.
+        with wds.TarWriter(buffer, encoder=False, mtime=0.0) as writer:
+            for result in results:
+                if result.status == "done" and result.payloads:
+                    writer.write({"__key__": result.sample.key, **result.payloads})
+        return buffer.getvalue()
+
+    def write_settings(self, record: dict[str, Any]) -> None:
+        """`settings.json` of this fingerprint, once (identical for every writer)."""
+        if not self.storage.exists(self.folder, "settings.json"):
+            self.storage.write_json(record, self.folder, "settings.json")
+
+    def commit(self, shard_id: str, results: list[SampleResult], stats: dict[str, Any] | None = None) -> dict:
+        """Writes the data, then the table, then the marker (exclusive create). Returns the marker."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data_sha = None
+        if self.layout == "tar":
+            tar = self._tar_bytes(results)
+            self.storage.write_bytes(tar, self.folder, "data", shard_id + ".tar")
+            data_sha = sha256_bytes(tar)
+        rows = []
+        for result in results:
+            payloads = result.payloads if result.status == "done" else {}
+            if self.layout == "table" and payloads:
+                raise ValueError(f"stage {self.stage}: layout 'table' stores no payloads; got {sorted(payloads)}")
+            if self.layout == "files" and len(payloads) > 1:
+                raise ValueError(f"stage {self.stage}: layout 'files' takes one payload per sample; got {sorted(payloads)}")
+            for extension, data in payloads.items():
+                if self.layout == "files":
+                    self.storage.write_bytes(data, self.folder, "data", shard_id, f"{result.sample.key}.{extension}")
+            joined = b"".join(sha256_bytes(payloads[e]).encode() for e in sorted(payloads))
+            sha = (sha256_bytes(next(iter(payloads.values()))) if len(payloads) == 1 else sha256_bytes(joined)) if payloads else None
+            rows.append(result_row(result, shard_id, self.stage, self.fingerprint, sorted(payloads),
+                                   sum(len(d) for d in payloads.values()), sha))
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_TABLE_SCHEMA), buffer)
+        table = buffer.getvalue()
+        self.storage.write_bytes(table, self.folder, "table", shard_id + ".parquet")
+        counts = {"done": sum(r.status == "done" for r in results), "failed": sum(r.status == "failed" for r in results)}
+        marker = {"shard": shard_id, "stage": self.stage, "fingerprint": self.fingerprint, "layout": self.layout,
+                  "table_sha256": sha256_bytes(table), "data_sha256": data_sha, "counts": counts,
+                  "worker": worker_id(), "committed": time.time(), **(stats or {})}
+        try:
+            self.storage.create_marker(marker, self.folder, "_done", shard_id + ".json")
+        except MarkerExistsError:
+            pass  # another worker committed the same deterministic shard first: identical content
+        return marker
+
+    # -- reading --------------------------------------------------------------------------------------------
+
+    def table(self, shard_id: str, marker: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        import pyarrow.parquet as pq
+
+        marker = marker or self.marker(shard_id)
+        url = self.storage.url(self.folder, "table", shard_id + ".parquet")
+        try:
+            data = self.storage.read_bytes(self.folder, "table", shard_id + ".parquet")
+        except FileNotFoundError:
+            raise self._corrupt(shard_id, f"{url}: missing") from None
+        if sha256_bytes(data) != marker["table_sha256"]:
+            raise self._corrupt(shard_id, f"{url}: checksum mismatch")
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+
+    def _tar_payloads(self, shard_id: str, marker: dict[str, Any]) -> dict[str, dict[str, bytes]]:
+        url = self.storage.url(self.folder, "data", shard_id + ".tar")
+        try:
+            data = self.storage.read_bytes(self.folder, "data", shard_id + ".tar")
+        except FileNotFoundError:
+            raise self._corrupt(shard_id, f"{url}: missing") from None
+        if sha256_bytes(data) != marker["data_sha256"]:
+            raise self._corrupt(shard_id, f"{url}: checksum mismatch")
+        payloads: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar.getmembers():
+                key, _, extension = member.name.partition(".")
+                payloads.setdefault(key, {})[extension] = tar.extractfile(member).read()
+        return payloads
+
+    def read(self, shard_id: str) -> ShardContents:
+        """The shard's rows and the payloads of its done samples, every checksum verified."""
+        marker = self.marker(shard_id)
+        rows = {row["id"]: row for row in self.table(shard_id, marker)}
+        by_key = self._tar_payloads(shard_id, marker) if self.layout == "tar" else {}
+        payloads = {}
+        for sample_id, row in rows.items():
+            if row["status"] != "done" or not row["files"]:
+                continue
+            if self.layout == "files":
+                (extension,) = row["files"]
+                try:
+                    data = self.storage.read_bytes(self.folder, "data", shard_id, f"{row['key']}.{extension}")
+                except FileNotFoundError:
+                    data = b""
+                if sha256_bytes(data) != row["sha256"]:
+                    raise self._corrupt(shard_id, f"{self.stage}/{shard_id}: sample {sample_id!r} is missing or corrupt")
+                payloads[sample_id] = {extension: data}
+            else:
+                entry = by_key.get(row["key"], {})
+                if sorted(entry) != sorted(row["files"]):
+                    raise self._corrupt(shard_id, f"{self.stage}/{shard_id}: sample {sample_id!r} is missing from the tar")
+                payloads[sample_id] = entry
+        return ShardContents(rows, payloads)
+
+    def file_url(self, shard_id: str, row: dict[str, Any]) -> str | None:
+        """Where a done sample's object lives (layout "files")."""
+        if self.layout != "files" or row["status"] != "done" or not row["files"]:
+            return None
+        return self.storage.url(self.folder, "data", shard_id, f"{row['key']}.{row['files'][0]}")

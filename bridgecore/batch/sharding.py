@@ -1,0 +1,258 @@
+"""Inputs -> samples -> shards, and the plan on storage that keeps each sample in its shard.
+
+Inputs are a manifest (CSV, JSONL or Parquet; columns `image` or `images` (a list, for Edit-Plus),
+`instruction`, optional `target` and `id`, any extra columns) or a folder/glob of images with one
+instruction for all. Relative references resolve against the manifest's real folder (symlinks
+resolved) and must stay inside it; absolute paths and URLs are taken as given. A bad row becomes a
+failed sample with its row number, never a refused job.
+
+A sample is assigned to a shard once: the plan (`plan/shards/<shard>.json`, and one index Parquet per
+planning run under `plan/index/`) outlives settings, so every setting reuses the same shards and their
+caches. New samples go into new shards (sorted by id, `shard_size` each); a shard's id hashes its
+members, so the same pending set always gives the same shards.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+from collections import Counter
+from typing import Any, Iterable
+
+from ..storage import Storage, read_uri, stamp_uris
+from .records import Sample
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
+_KNOWN_COLUMNS = {"id", "image", "images", "instruction", "target"}
+PLAN_SHARDS, PLAN_INDEX = "plan/shards", "plan/index"
+
+
+class ManifestError(ValueError):
+    """The input as a whole cannot be read (missing, unreadable, empty, duplicate ids)."""
+
+
+# -- reading inputs ---------------------------------------------------------------------------------------
+
+
+def _is_url(reference: str) -> bool:
+    return "://" in reference
+
+
+def _read_rows(source: str) -> Iterable[tuple[str, dict[str, Any] | str]]:
+    """(row label, row dict) per manifest row; the dict is replaced by an error text for unparsable rows."""
+    try:
+        data = read_uri(source)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {source!r} does not exist") from None
+    name = posixpath.basename(source)
+    if source.endswith(".jsonl"):
+        for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    yield f"{name} line {number}", row if isinstance(row, dict) else f"not a JSON object: {line[:80]!r}"
+                except json.JSONDecodeError as error:
+                    yield f"{name} line {number}", f"invalid JSON ({error.msg} at column {error.colno})"
+    elif source.endswith(".csv"):
+        for number, row in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))), start=2):
+            yield f"{name} line {number}", row
+    else:
+        import pyarrow.parquet as pq
+
+        for number, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1):
+            yield f"{name} row {number}", row
+
+
+def _manifest_root(source: str) -> str:
+    """The folder relative references resolve against: the manifest's real folder, whatever the cwd."""
+    if _is_url(source):
+        return posixpath.dirname(source)
+    return os.path.dirname(os.path.realpath(source))
+
+
+def _resolve(root: str, reference: str) -> tuple[str, str | None]:
+    """(URI, error) of a manifest reference. Relative references must stay inside `root`, symlinks included."""
+    if _is_url(reference) or reference.startswith("/"):
+        return reference, None
+    if _is_url(root):
+        joined = posixpath.normpath(posixpath.join(root.split("://", 1)[1], reference))
+        base = posixpath.normpath(root.split("://", 1)[1])
+        uri = root.split("://", 1)[0] + "://" + joined
+    else:
+        joined = os.path.realpath(os.path.join(root, reference))
+        base, uri = root, joined
+    if not (joined == base or joined.startswith(base.rstrip("/") + "/")):
+        return reference, f"path {reference!r} points outside the input root {root}"
+    return uri, None
+
+
+def _image_list(row: dict[str, Any]) -> list[str]:
+    images = row.get("images")
+    if images is not None and images != "":
+        if isinstance(images, str):
+            images = json.loads(images) if images.strip().startswith("[") else images.split("|")
+        return [str(i) for i in images]
+    if row.get("image") in (None, ""):
+        raise ValueError("row has neither 'image' nor 'images'")
+    return [str(row["image"])]
+
+
+def input_hash(images: list[str], instruction: str, target: str | None, extra: dict[str, Any],
+               stamps: dict[str, str | None]) -> str:
+    """Identity of a sample's inputs: URIs with their size and modification stamp, instruction, target, extras."""
+    parts = [f"{uri}@{stamps.get(uri)}" for uri in images]
+    parts += [instruction, f"{target}@{stamps.get(target)}" if target else "",
+              json.dumps(extra, sort_keys=True, default=str)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
+
+
+def _manifest_samples(source: str, prompt: str | None) -> list[dict[str, Any]]:
+    root = _manifest_root(source)
+    drafts = []
+    for label, row in _read_rows(source):
+        draft: dict[str, Any] = {"images": [], "target": None, "errors": [], "label": label,
+                                 "id": None, "instruction": prompt or "", "extra": {}}
+        drafts.append(draft)
+        if isinstance(row, str):
+            draft["errors"].append(f"{label}: {row}")
+            draft["instruction"] = label  # keeps unparsable rows distinct
+            continue
+        draft["id"] = None if row.get("id") in (None, "") else str(row["id"])
+        draft["extra"] = {k: v for k, v in row.items() if k not in _KNOWN_COLUMNS}
+        instruction = row.get("instruction")
+        if instruction in (None, "") and prompt is None:
+            draft["errors"].append(f"{label}: no 'instruction' and no --prompt given")
+        else:
+            draft["instruction"] = str(instruction if instruction not in (None, "") else prompt)
+        try:
+            references = _image_list(row)
+        except (ValueError, json.JSONDecodeError) as error:
+            draft["errors"].append(f"{label}: {error}")
+            references = []
+        for reference in references:
+            uri, error = _resolve(root, reference)
+            draft["images"].append(uri)
+            draft["errors"].extend([f"{label}: {error}"] if error else [])
+        if row.get("target") not in (None, ""):
+            draft["target"], error = _resolve(root, str(row["target"]))
+            draft["errors"].extend([f"{label}: {error}"] if error else [])
+    return drafts
+
+
+def _folder_samples(source: str, prompt: str | None) -> list[dict[str, Any]]:
+    import fsspec
+
+    if prompt is None:
+        raise ManifestError(f"input {source!r} is a folder or glob of images: give the instruction with --prompt "
+                            "(or use a manifest .csv/.jsonl/.parquet with an 'instruction' column)")
+    fs, path = fsspec.core.url_to_fs(source)
+    if not any(c in path for c in "*?[") and not fs.isdir(path):
+        raise ManifestError(f"input {source!r} does not exist (expected a manifest .csv/.jsonl/.parquet, "
+                            "a folder of images or a glob)")
+    pattern = path if any(c in path for c in "*?[") else posixpath.join(path, "**")
+    scheme = source.split("://", 1)[0] + "://" if _is_url(source) else ""
+    files = sorted(p for p in fs.glob(pattern) if p.lower().endswith(IMAGE_EXTENSIONS))
+    return [{"images": [scheme + p], "target": None, "errors": [], "label": p, "id": None, "instruction": prompt,
+             "extra": {}} for p in files]
+
+
+def read_inputs(source: str, prompt: str | None = None) -> list[Sample]:
+    """Samples from a manifest, or from a folder/glob of images with one `prompt` for all."""
+    source = str(source).rstrip("/")
+    if not _is_url(source):
+        source = os.path.abspath(os.path.expanduser(source))
+    is_manifest = source.lower().endswith(MANIFEST_EXTENSIONS)
+    drafts = _manifest_samples(source, prompt) if is_manifest else _folder_samples(source, prompt)
+    if not drafts:
+        raise ManifestError(f"no samples found in {source!r}")
+    stamps = stamp_uris(sorted({uri for d in drafts for uri in d["images"] + ([d["target"]] if d["target"] else [])}))
+    samples = []
+    for draft in drafts:
+        digest = input_hash(draft["images"], draft["instruction"], draft["target"], draft["extra"], stamps)
+        samples.append(Sample(draft["id"] or digest[:20], tuple(draft["images"]), draft["instruction"], digest,
+                              draft["target"], "; ".join(draft["errors"]) or None, draft["extra"]))
+    duplicates = sorted(key for key, count in Counter(s.id for s in samples).items() if count > 1)
+    if duplicates:
+        raise ManifestError(f"duplicate sample ids in {source!r}: {duplicates[:5]}"
+                            + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""))
+    return samples
+
+
+# -- shards and the plan ----------------------------------------------------------------------------------
+
+
+def shard_id_for(samples: list[Sample], salt: str = "") -> str:
+    digest = hashlib.sha256((salt + "\n".join(f"{s.id}\0{s.input_hash}" for s in samples)).encode())
+    return "shard-" + digest.hexdigest()[:16]
+
+
+def cut_shards(samples: list[Sample], shard_size: int, salt: str = "") -> dict[str, list[Sample]]:
+    """Shards of `shard_size` samples, sorted by id; the same samples always give the same shards."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1; got {shard_size}")
+    ordered = sorted(samples, key=lambda s: s.id)
+    chunks = [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
+    return {shard_id_for(chunk, salt): chunk for chunk in chunks}
+
+
+def load_plan(storage: Storage, shard_id: str) -> list[Sample]:
+    from .shard_store import CorruptShardError
+
+    try:
+        value = storage.read_json(PLAN_SHARDS, shard_id + ".json")
+        return [Sample.from_dict(s) for s in value["samples"]]
+    except FileNotFoundError:
+        raise
+    except (ValueError, KeyError, TypeError) as error:
+        raise CorruptShardError(f"{storage.url(PLAN_SHARDS, shard_id + '.json')}: unreadable plan ({error})",
+                                stage="plan", shard=shard_id) from error
+
+
+def read_assignment(storage: Storage) -> dict[tuple[str, str], tuple[int, str]]:
+    """{(id, input_hash): (generation, shard)} from every planning run so far; a retry shard (a higher
+    generation) supersedes the shard its samples failed in."""
+    import pyarrow.parquet as pq
+
+    assignment: dict[tuple[str, str], tuple[int, str]] = {}
+    for name in storage.list(PLAN_INDEX, suffix=".parquet"):
+        table = pq.read_table(io.BytesIO(storage.read_bytes(PLAN_INDEX, name)))
+        for sample_id, digest, shard, generation in zip(*(table.column(c).to_pylist() for c in
+                                                          ("id", "input_hash", "shard", "generation"))):
+            key = (sample_id, digest)
+            if key not in assignment or generation > assignment[key][0]:
+                assignment[key] = (generation, shard)
+    return assignment
+
+
+def write_plan(storage: Storage, shards: dict[str, list[Sample]], generation: int = 0) -> None:
+    """Writes each new shard's members, then one index file naming them (data first, index last)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not shards:
+        return
+    existing = set(storage.list(PLAN_SHARDS, suffix=".json"))
+    for shard_id, members in shards.items():
+        if shard_id + ".json" not in existing:
+            storage.write_json({"shard": shard_id, "samples": [s.to_dict() for s in members]}, PLAN_SHARDS,
+                               shard_id + ".json")
+    rows = [(s.id, s.input_hash, shard_id) for shard_id, members in sorted(shards.items()) for s in members]
+    table = pa.table({"id": [r[0] for r in rows], "input_hash": [r[1] for r in rows], "shard": [r[2] for r in rows],
+                      "generation": pa.array([generation] * len(rows), pa.int32())})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    name = hashlib.sha256("\n".join(f"{a}\0{b}\0{c}" for a, b, c in rows).encode()).hexdigest()[:16]
+    storage.write_bytes(buffer.getvalue(), PLAN_INDEX, f"{name}.parquet")
+
+
+def sample_seed(job_seed: int, sample_id: str) -> int:
+    """The noise seed of one sample: depends on the job seed and the sample, not on shard or worker."""
+    return int.from_bytes(hashlib.sha256(f"{job_seed}:{sample_id}".encode()).digest()[:4], "little")

@@ -1,0 +1,68 @@
+"""How many shards one child run (one GPU worker, models loaded once) should take.
+
+A child run pays one model load (about 70 GB of bf16 weights at real scale) and then computes. To keep
+loading at most `max_load_fraction` of the child's time, each child needs enough samples; to keep every
+worker busy, no child may take more than its share. Compute comes from the planner's FLOPs at the job's
+condition size and an assumed sustained throughput (`gpu_tflops`, about 40% of an H100's bf16 peak).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+from .settings import JobSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChildRunCost:
+    load_seconds: float  # loading every model once
+    sample_seconds: float  # extraction + bridge + every DiT step of one sample
+
+
+@functools.lru_cache(maxsize=8)
+def _real_scale_plan(condition_area: int) -> dict:
+    from ..planner import plan
+
+    side = int(math.sqrt(condition_area))
+    return plan(side, side, condition_area=condition_area)
+
+
+def child_run_cost(settings: JobSettings, pipeline: str, gpu_tflops: float = 400.0,
+                   load_gb_per_s: float = 2.0) -> ChildRunCost:
+    """Real-scale estimate from the planner (real configs on the meta device), whatever models the job names."""
+    report = _real_scale_plan(settings.condition_area)
+    models, flops = report["models"], report["flops"]
+    weights = models["qwen3_vl"]["bytes_bf16"] + models["qwen25_vl"]["bytes_bf16"]
+    work = flops["qwen3_extraction"]["total"] + flops["qwen25_extraction"]["total"]
+    if settings.uses_cfg:
+        work *= 2
+    if pipeline == "bulk-edit":
+        weights += models["transformer"]["bytes_bf16"] + models["vae"]["bytes_bf16"]
+        work += flops["dit_step"] * settings.steps * (2 if settings.uses_cfg else 1) + flops["bridge"]
+    return ChildRunCost(weights / 1e9 / load_gb_per_s, work / (gpu_tflops * 1e12))
+
+
+def shards_per_run(shards: int, shard_size: int, workers: int, cost: ChildRunCost,
+                   max_load_fraction: float = 0.05) -> int:
+    """Shards per child run: enough that loading stays under `max_load_fraction` of the child's time, but
+    never so many that a worker would sit idle while another holds two children's worth of shards."""
+    if shards < 1:
+        return 1
+    if workers < 1 or shard_size < 1 or not 0 < max_load_fraction < 1:
+        raise ValueError(f"need workers >= 1, shard_size >= 1, 0 < max_load_fraction < 1; got {workers}, "
+                         f"{shard_size}, {max_load_fraction}")
+    # load <= f * (load + n * sample)  <=>  n >= load * (1 - f) / (f * sample)
+    samples_needed = cost.load_seconds * (1 - max_load_fraction) / (max_load_fraction * cost.sample_seconds)
+    wanted = max(1, math.ceil(samples_needed / shard_size))
+    fair_share = max(1, math.ceil(shards / workers))
+    chosen = min(wanted, fair_share)
+    load_fraction = cost.load_seconds / (cost.load_seconds + chosen * shard_size * cost.sample_seconds)
+    logger.info("%d shards per child run (%d wanted for <= %.0f%% loading, fair share %d of %d shards over %d "
+                "workers): estimated loading %.1f%% of each child", chosen, wanted, 100 * max_load_fraction,
+                fair_share, shards, workers, 100 * load_fraction)
+    return chosen

@@ -1,0 +1,191 @@
+"""What a stage is, and how one shard goes through it.
+
+A stage (see stages/) declares its name, its upstream stages, the settings it depends on and the
+library code it runs, and implements `process(items, ctx)`: a batch of samples in, one result per
+sample out. Everything else is here, the same for every stage and every executor:
+
+- skip a shard already committed under this stage's fingerprint;
+- read the plan and the upstream shards (checksums verified; a corrupt or missing upstream raises
+  `CorruptShardError` naming it, and the executor recomputes it);
+- carry earlier failures forward with their reasons;
+- isolate failures: a batch that raises is retried sample by sample, CUDA out-of-memory halves the
+  batch, any error of one sample fails that sample only; only storage errors fail the shard;
+- commit data, table, then the marker, with counts, seconds, samples/s, worker and peak memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+from ..storage import Storage, is_transient_error
+from .records import Sample, SampleResult
+from .settings import JobSettings, ModelPool
+from .shard_store import ShardContents, ShardStore
+from .sharding import load_plan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageItem:
+    """One sample entering a stage, with the payloads its upstream stages committed for it."""
+
+    sample: Sample
+    upstream: dict[str, dict[str, bytes]] = field(default_factory=dict)  # stage -> extension -> bytes
+    upstream_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its row's info
+
+
+@dataclass
+class StageContext:
+    """What a stage sees besides its items: storage, settings, every stage's fingerprint, the models."""
+
+    storage: Storage
+    settings: JobSettings
+    fingerprints: dict[str, str]
+    models: ModelPool
+
+
+def source_digest(files: list[Path]) -> str:
+    """sha256 of source files, named relative to `bridgecore` where they are part of it."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in files:
+        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
+        digest.update(name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "CUDA out of memory" in str(error)
+
+
+class Stage:
+    """One step of a pipeline. Subclasses set the class attributes and implement `process`."""
+
+    name: ClassVar[str]  # the output folder under OUTPUT
+    upstream: ClassVar[tuple[str, ...]] = ()  # stages whose committed shards this one reads
+    optional_upstream: ClassVar[tuple[str, ...]] = ()  # read when that stage is enabled for the job
+    layout: ClassVar[str] = "tar"  # "tar": a WebDataset tar per shard; "files": one object per sample
+    models: ClassVar[tuple[str, ...]] = ()  # large models it uses: 'vlm', 'dit' (others are released first)
+    code: ClassVar[tuple[str, ...]] = ()  # library modules (besides the stage's own file) its output depends on
+
+    def enabled(self, settings: JobSettings) -> bool:
+        return True
+
+    def settings_of(self, settings: JobSettings) -> dict[str, Any]:
+        """The settings this stage's output depends on (model revisions included): part of its fingerprint."""
+        return {}
+
+    def batch_size(self, settings: JobSettings) -> int:
+        return settings.batch_size
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        raise NotImplementedError
+
+    # -- fingerprint ----------------------------------------------------------------------------------------
+
+    def code_version(self) -> str:
+        """Digest of the stage's own file and the library modules it declares in `code`."""
+        package = Path(__file__).resolve().parents[1]
+        library = [package / (module.replace(".", "/") + ".py") for module in self.code]
+        return source_digest([Path(inspect.getfile(type(self))).resolve(), *library])
+
+    def fingerprint_record(self, settings: JobSettings, upstream_fingerprints: dict[str, str]) -> dict[str, Any]:
+        return {"stage": self.name, "settings": self.settings_of(settings), "upstream": upstream_fingerprints,
+                "code": self.code_version()}
+
+    # -- one shard ------------------------------------------------------------------------------------------
+
+    def store(self, storage: Storage, fingerprint: str) -> ShardStore:
+        return ShardStore(storage, self.name, fingerprint, self.layout)
+
+    def _process_isolated(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        """`process` with failure isolation: errors are pinned on the sample that causes them."""
+        try:
+            results = self.process(items, ctx)
+            if len(results) != len(items):
+                raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(items)} samples")
+            return results
+        except Exception as error:  # noqa: BLE001 - classified below
+            if is_transient_error(error):
+                raise  # storage away: the shard fails and is retried whole
+            if len(items) == 1:
+                logger.warning("%s: sample %s failed: %s: %s", self.name, items[0].sample.id, type(error).__name__, error)
+                return [SampleResult.failed(items[0].sample, f"{self.name} failed: {type(error).__name__}: {error}")]
+            if _is_out_of_memory(error):
+                import torch
+
+                torch.cuda.empty_cache()
+                half = len(items) // 2
+                logger.warning("%s: out of memory with %d samples, retrying in halves", self.name, len(items))
+                return self._process_isolated(items[:half], ctx) + self._process_isolated(items[half:], ctx)
+            logger.warning("%s: a batch of %d failed (%s); retrying one by one", self.name, len(items), error)
+            return [result for item in items for result in self._process_isolated([item], ctx)]
+
+    def _upstream_contents(self, ctx: StageContext, shard_id: str) -> dict[str, ShardContents]:
+        from .pipeline import STAGES
+
+        names = self.upstream + tuple(n for n in self.optional_upstream if n in ctx.fingerprints)
+        return {name: STAGES[name].store(ctx.storage, ctx.fingerprints[name]).read(shard_id) for name in names}
+
+    def run_shard(self, ctx: StageContext, shard_id: str, progress: Callable[[int], None] | None = None) -> dict:
+        """Runs one shard through this stage unless it is committed. Returns the marker."""
+        store = self.store(ctx.storage, ctx.fingerprints[self.name])
+        if store.is_done(shard_id):
+            return {**store.marker(shard_id), "skipped": True}
+        started = time.monotonic()
+        samples = load_plan(ctx.storage, shard_id)
+        upstream = self._upstream_contents(ctx, shard_id)
+        results: dict[str, SampleResult] = {}
+        ready: list[StageItem] = []
+        for sample in samples:
+            rows = {name: contents.rows.get(sample.id) for name, contents in upstream.items()}
+            failed_upstream = next(((name, row) for name, row in rows.items()
+                                    if row is None or row["status"] != "done"), None)
+            if sample.error:  # known bad before any stage ran (e.g. escapes the input root)
+                results[sample.id] = SampleResult(sample, "failed", sample.error, info={"failed_at": "plan"})
+            elif failed_upstream is not None:
+                name, row = failed_upstream
+                earlier = json.loads(row["info"]).get("failed_at", name) if row else name
+                results[sample.id] = SampleResult(sample, "failed", row["error"] if row else f"missing from {name}",
+                                                  info={"failed_at": earlier})
+            else:
+                ready.append(StageItem(sample, {name: upstream[name].payloads.get(sample.id, {}) for name in rows},
+                                       {name: json.loads(row["info"]) for name, row in rows.items()}))
+        size = self.batch_size(ctx.settings)
+        for start in range(0, len(ready), size):
+            for result in self._process_isolated(ready[start:start + size], ctx):
+                results[result.sample.id] = result
+            if progress is not None:
+                progress(min(start + size, len(ready)))
+        for result in results.values():
+            if result.status == "failed":
+                result.info.setdefault("failed_at", self.name)
+        seconds = time.monotonic() - started
+        stats = {"seconds": round(seconds, 3), "samples_per_s": round(len(ready) / seconds, 3) if seconds > 0 else None,
+                 "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                 **_gpu_peak()}
+        store.write_settings(self._settings_record(ctx))
+        return store.commit(shard_id, [results[s.id] for s in samples], stats)
+
+    def _settings_record(self, ctx: StageContext) -> dict[str, Any]:
+        upstream = {n: ctx.fingerprints[n] for n in self.upstream + self.optional_upstream if n in ctx.fingerprints}
+        return {**self.fingerprint_record(ctx.settings, upstream), "fingerprint": ctx.fingerprints[self.name]}
+
+
+def _gpu_peak() -> dict[str, float]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}

@@ -1,0 +1,57 @@
+"""Stage `edits`: fused prompt embeddings + the condition images -> edited PNGs (GPU, the DiT).
+
+Only the DiT and VAE run here. Samples whose condition images have the same size share one DiT
+forward; each keeps its own noise seed, derived from the job seed and the sample id, so an edit does
+not depend on its shard, batch or worker.
+"""
+
+from __future__ import annotations
+
+import io
+
+from ...edit_prompt import pad_prompt_embeds
+from ..records import SampleResult
+from ..settings import JobSettings
+from ..sharding import sample_seed
+from ..stage import Stage, StageContext, StageItem
+from .extract import read_images
+from .fuse import fused_from_bytes
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class EditStage(Stage):
+    name = "edits"
+    upstream = ("fused",)
+    layout = "files"
+    models = ("dit",)
+    code = ("edit_pipeline", "edit_prompt", "images")
+
+    def settings_of(self, settings: JobSettings) -> dict:
+        return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
+                "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0}
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        editor = ctx.models.editor
+        ready, results = read_images(items)
+        if not editor.plus:
+            for item, images in [r for r in ready if len(r[1]) != 1]:
+                results.append(SampleResult.failed(item.sample, f"{len(images)} images, but {ctx.settings.edit_model} "
+                                                   "is a single-image pipeline: use an Edit-Plus model"))
+            ready = [r for r in ready if len(r[1]) == 1]
+        if ready:
+            fused = [fused_from_bytes(item.upstream["fused"]["safetensors"]) for item, _ in ready]
+            embeds, mask = pad_prompt_embeds([positive for positive, _ in fused])
+            negative = pad_prompt_embeds([n for _, n in fused]) if ctx.settings.uses_cfg else None
+            seeds = [sample_seed(ctx.settings.seed, item.sample.id) for item, _ in ready]
+            edited = editor.denoise([images for _, images in ready], embeds, mask, seeds, ctx.settings.steps,
+                                    ctx.settings.cfg, negative)
+            for (item, _), image in zip(ready, edited):
+                results.append(SampleResult.done(item.sample, {"png": png_bytes(image)}, width=image.width,
+                                                 height=image.height))
+        order = {id(item.sample): index for index, item in enumerate(items)}
+        return sorted(results, key=lambda r: order[id(r.sample)])

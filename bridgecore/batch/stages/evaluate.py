@@ -1,0 +1,49 @@
+"""Stage `metrics`: per-sample scores of an edit (CPU).
+
+Every sample gets PSNR against its source (and target, when it has one) and the mean absolute change;
+capability benchmark samples (a `capability` column, from `make-benchmark`) also get their capability
+metrics: OCR, spatial, detail preservation, multi-image consistency.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from ...capability_metrics import psnr, score_sample
+from ...images import decode_image, load_image
+from ..records import SampleResult
+from ..stage import Stage, StageContext, StageItem
+
+
+def basic_metrics(edited: Image.Image, source: Image.Image, target: Image.Image | None) -> dict[str, float]:
+    edited_array = np.asarray(edited)
+    source_array = np.asarray(source.resize(edited.size, Image.BICUBIC))
+    values = {"psnr_vs_source": psnr(edited_array, source_array),
+              "mean_abs_change": float(np.abs(edited_array.astype(float) - source_array).mean() / 255)}
+    if target is not None:
+        values["psnr_vs_target"] = psnr(edited_array, np.asarray(target.resize(edited.size, Image.BICUBIC)))
+    return values
+
+
+class EvaluateStage(Stage):
+    name = "metrics"
+    upstream = ("edits",)
+    layout = "table"
+    code = ("capability_metrics", "images")
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        results = []
+        for item in items:
+            sample = item.sample
+            edited = decode_image(item.upstream["edits"]["png"], f"edit of {sample.id}")
+            sources = [load_image(uri) for uri in sample.images]
+            target = load_image(sample.target) if sample.target else None
+            metrics = basic_metrics(edited, sources[0], target)
+            if sample.extra.get("capability") and target is not None:
+                meta = {**sample.extra, "id": sample.id, "instruction": sample.instruction}
+                metrics.update(score_sample(meta, edited, sources, target), capability=sample.extra["capability"])
+            results.append(SampleResult.done(sample, **metrics))
+        return results

@@ -1,0 +1,55 @@
+"""Stage `caches`: each sample's images and instruction -> its vision caches (GPU).
+
+Qwen3-VL's hidden states at three depths plus its DeepStack features, and Qwen-Image-Edit's own
+Qwen2.5-VL prompt embeddings, in one `SampleCache` safetensors entry per sample (see cache_format.py).
+A batch runs one forward per model; images that cannot be read fail their sample before the batch runs.
+"""
+
+from __future__ import annotations
+
+from ...cache_format import cache_to_bytes
+from ...images import ImageLoadError, load_image
+from ..records import SampleResult
+from ..settings import JobSettings
+from ..stage import Stage, StageContext, StageItem
+
+
+def read_images(items: list[StageItem]) -> tuple[list[tuple[StageItem, list]], list[SampleResult]]:
+    """(items whose images all load, with the images; failures for the others)."""
+    ready, failed = [], []
+    for item in items:
+        try:
+            ready.append((item, [load_image(uri) for uri in item.sample.images]))
+        except ImageLoadError as error:
+            failed.append(SampleResult.failed(item.sample, str(error)))
+    return ready, failed
+
+
+class ExtractStage(Stage):
+    name = "caches"
+    models = ("vlm",)
+    code = ("extraction", "edit_prompt", "cache_format", "images")
+
+    def settings_of(self, settings: JobSettings) -> dict:
+        return {"qwen3_model": settings.qwen3_model, "qwen3_revision": settings.revision(settings.qwen3_model),
+                "edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
+                "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit}
+
+    def prompt(self, item: StageItem, settings: JobSettings) -> str:
+        return item.sample.instruction
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        ready, results = read_images(items)
+        if not ready:
+            return results
+        caches = ctx.models.extractor.extract([images for _, images in ready],
+                                              [self.prompt(item, ctx.settings) for item, _ in ready])
+        for (item, _), cache in zip(ready, caches):
+            cache.extra = {"id": item.sample.id, "input_hash": item.sample.input_hash}
+            results.append(SampleResult.done(item.sample, {"safetensors": cache_to_bytes(cache)},
+                                             qwen25_tokens=int(cache.qwen25.prompt_embeds.shape[0]),
+                                             qwen3_tokens=int(next(iter(cache.qwen3.levels.values())).shape[0]),
+                                             qwen3_vision_tokens=cache.qwen3.num_vision_tokens,
+                                             qwen25_vision_tokens=cache.qwen25.num_vision_tokens))
+        order = {id(item.sample): index for index, item in enumerate(items)}
+        return sorted(results, key=lambda r: order[id(r.sample)])

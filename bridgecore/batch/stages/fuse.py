@@ -1,0 +1,62 @@
+"""Stage `fused`: a sample's caches -> Qwen2.5-compatible prompt embeddings through the bridge.
+
+The bridge (a trained checkpoint, or untrained = exactly the baseline) reads the Qwen3-VL levels and
+corrects Qwen-Image-Edit's own embeddings; the edit stage then needs only the DiT. With true CFG the
+negative prompt's embeddings are fused too, so the edit stage gets both branches from here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from ...cache_format import cache_from_bytes
+from ..records import SampleResult
+from ..settings import JobSettings
+from ..stage import Stage, StageContext, StageItem
+
+
+def fused_to_bytes(prompt_embeds: torch.Tensor, meta: dict, negative: torch.Tensor | None = None) -> bytes:
+    """`prompt_embeds [L, D]` (+ `negative_prompt_embeds [L', D]`) as safetensors; every position is valid."""
+    tensors = {"prompt_embeds": prompt_embeds}
+    if negative is not None:
+        tensors["negative_prompt_embeds"] = negative
+    return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                        metadata={"vision_bridge": json.dumps(meta)})
+
+
+def fused_from_bytes(data: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt_embeds [L, D], negative_prompt_embeds [L', D] or None)."""
+    tensors = load_tensors(data)
+    return tensors["prompt_embeds"], tensors.get("negative_prompt_embeds")
+
+
+class FuseStage(Stage):
+    name = "fused"
+    upstream = ("caches",)
+    optional_upstream = ("negatives",)
+    code = ("bridge", "cache_format")
+
+    def settings_of(self, settings: JobSettings) -> dict:
+        return {"bridge": settings.bridge, "bridge_checksum": settings.bridge_checksum}
+
+    @torch.no_grad()
+    def _fuse(self, data: bytes, ctx: StageContext) -> torch.Tensor:
+        cache = cache_from_bytes(data)
+        bridge = ctx.models.editor.bridge_for(cache.qwen3, cache.qwen25)
+        return bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]  # [L, D]
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        results = []
+        for item in items:
+            embeds = self._fuse(item.upstream["caches"]["safetensors"], ctx)
+            negative = None
+            if "negatives" in item.upstream:
+                negative = self._fuse(item.upstream["negatives"]["safetensors"], ctx)
+            meta = {"bridge_checksum": ctx.settings.bridge_checksum}
+            results.append(SampleResult.done(item.sample, {"safetensors": fused_to_bytes(embeds, meta, negative)},
+                                             tokens=int(embeds.shape[0])))
+        return results

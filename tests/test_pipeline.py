@@ -1,0 +1,294 @@
+"""The batch executor without Prefect: one state per sample, settings-scoped caches (counted model forwards
+on the second run), failure isolation in every stage, corrupt upstreams recomputed."""
+
+import io
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import make_image
+
+from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.stage import Stage, StageContext
+from bridgecore.batch.sharding import cut_shards, read_inputs, write_plan
+from bridgecore.storage import Storage
+
+AREA = 64 * 64
+
+
+def make_inputs(folder, n=5):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        make_image(200, 120, i).save(folder / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "instruction": f"make shape {i} blue", "target": f"img{i}.png"})
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    (folder / "truncated.png").write_bytes((folder / "img0.png").read_bytes()[:200])
+    rows += [{"image": "empty.png", "instruction": "x"}, {"image": "text.png", "instruction": "x"},
+             {"image": "truncated.png", "instruction": "x"}, {"image": "missing.png", "instruction": "x"},
+             {"image": "../outside.png", "instruction": "x"}, {"image": "s3://no-such-bucket-xyz/a.png", "instruction": "x"}]
+    (folder / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(folder / "manifest.jsonl")
+
+
+def run_all(manifest, output, settings, shard_size=4, **plan_options):
+    """Plan, run every pending shard through the bulk-edit pipeline here, summarize: what a local run does."""
+    plan = plan_job(manifest, output, settings, "bulk-edit", shard_size=shard_size, **plan_options)
+    run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False)
+    return summarize(output, plan.job, "bulk-edit", settings)
+
+
+@pytest.fixture()
+def settings(tiny_zoo):
+    return JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA, steps=2)
+
+
+@pytest.fixture()
+def trained_bridge(tmp_path, extractor, settings):
+    """A bridge whose gate is open: its output differs from the baseline."""
+    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+
+    cache = ModelPool(settings).extractor.extract([[make_image()]], ["x"])[0]
+    torch.manual_seed(0)
+    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16))
+    with torch.no_grad():
+        for parameter in bridge.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        bridge.gate.fill_(0.5)
+    bridge.save_pretrained(tmp_path / "bridge")
+    return str(tmp_path / "bridge")
+
+
+def committed(output, stage, settings, pipeline="bulk-edit"):
+    return STAGES[stage].store(Storage(output), fingerprints(pipeline, settings)[stage]).done_shards()
+
+
+def test_every_sample_ends_done_or_failed(tmp_path, settings):
+    summary = run_all(make_inputs(tmp_path / "in"), str(tmp_path / "out"), settings)
+    assert summary["counts"] == {"done": 5, "failed": 6, "pending": 0}
+    reasons = " | ".join(f["error"] for f in summary["failures"])
+    for expected in ("file is empty", "not an image", "truncated", "file not found", "outside the input root",
+                     "no-such-bucket-xyz"):
+        assert expected in reasons
+    assert {f["stage"] for f in summary["failures"]} == {"plan", "caches"}
+    stored = json.loads((tmp_path / "out" / "runs" / summary["run"] / "summary.json").read_text())
+    assert stored["counts"] == summary["counts"] and stored["settings"]["steps"] == 2
+
+
+def test_second_run_reruns_exactly_what_a_changed_setting_affects(tmp_path, settings, trained_bridge):
+    """Same settings: nothing; a bridge: fuse, edit, evaluate without a VLM forward; steps/seed/cfg: edits and
+    metrics only; condition area or a model revision: everything."""
+    manifest, out = make_inputs(tmp_path / "in", n=3), str(tmp_path / "out")
+    run_all(manifest, out, settings)
+    edits = lambda s: {p.name: p.read_bytes() for p in (tmp_path / "out" / "edits" / fingerprints("bulk-edit", s)["edits"]).rglob("*.png")}  # noqa: E731
+
+    def delta(new_settings):
+        before = ModelPool.counts()
+        summary = run_all(manifest, out, new_settings)
+        after = ModelPool.counts()
+        assert summary["counts"] == {"done": 3, "failed": 6, "pending": 0}
+        return {k: after[k] - before[k] for k in ("vlm_forwards", "dit_calls")}
+
+    assert delta(settings) == {"vlm_forwards": 0, "dit_calls": 0}
+
+    bridged = replace(settings, bridge=trained_bridge)
+    assert delta(bridged)["vlm_forwards"] == 0
+    assert committed(out, "caches", bridged) == committed(out, "caches", settings)  # shared, not recomputed
+    assert edits(bridged).keys() == edits(settings).keys() and edits(bridged) != edits(settings)
+
+    for changed in (replace(settings, steps=3), replace(settings, seed=7)):
+        counts = delta(changed)
+        assert counts["vlm_forwards"] == 0 and counts["dit_calls"] > 0
+        assert fingerprints("bulk-edit", changed)["fused"] == fingerprints("bulk-edit", settings)["fused"]
+
+    counts = delta(replace(settings, condition_area=48 * 48))
+    assert counts["vlm_forwards"] > 0 and counts["dit_calls"] > 0
+
+    # both settings' results stay side by side in one output, each with its own summary
+    assert len(list((tmp_path / "out" / "edits").iterdir())) == 5
+    assert len(list((tmp_path / "out" / "runs").iterdir())) == 5
+
+
+def test_cfg_scale_change_reuses_every_extraction(tmp_path, settings):
+    manifest, out = make_inputs(tmp_path / "in", n=1), str(tmp_path / "out")
+    with_cfg = replace(settings, cfg=4.0, negative_prompt="blurry")
+    run_all(manifest, out, settings)
+    before = ModelPool.counts()["vlm_forwards"]
+    run_all(manifest, out, with_cfg)  # turning CFG on extracts only the negative prompt's caches
+    assert ModelPool.counts()["vlm_forwards"] == before + 2  # one batch per VLM for the negatives
+    assert committed(out, "caches", with_cfg) == committed(out, "caches", settings)
+    before = ModelPool.counts()
+    run_all(manifest, out, replace(with_cfg, cfg=6.0))
+    after = ModelPool.counts()
+    assert after["vlm_forwards"] == before["vlm_forwards"] and after["dit_calls"] > before["dit_calls"]
+
+
+def test_model_revision_change_reruns_everything(tmp_path, settings, tiny_zoo):
+    import shutil
+
+    from bridgecore.loading import model_revision
+
+    qwen3 = tmp_path / "qwen3-copy"
+    shutil.copytree(tiny_zoo["qwen3-vl"], qwen3)
+    copied = replace(settings, qwen3_model=str(qwen3))
+    manifest, out = make_inputs(tmp_path / "in", n=1), str(tmp_path / "out")
+    run_all(manifest, out, copied)
+    config = json.loads((qwen3 / "config.json").read_text())
+    (qwen3 / "config.json").write_text(json.dumps({**config, "vision_bridge_note": "retrained"}))
+    model_revision.cache_clear()  # a new worker process would see the new revision anyway
+    before = ModelPool.counts()["vlm_forwards"]
+    run_all(manifest, out, copied)
+    assert ModelPool.counts()["vlm_forwards"] > before
+    assert len(list((tmp_path / "out" / "caches").iterdir())) == 2
+
+
+def test_dotted_ids_and_models_loaded_once_across_shards(tmp_path, tiny_zoo):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = []
+    for i in range(4):
+        make_image(200, 120, i).save(folder / f"photo.{i:03d}.png")
+        rows.append({"id": f"photo.{i:03d}", "image": f"photo.{i:03d}.png", "instruction": f"edit {i}"})
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    # a fresh pool entry (other condition area), so the loads counted are this job's
+    settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=40 * 40,
+                           steps=2)
+    before = ModelPool.counts()
+    summary = run_all(str(folder / "m.jsonl"), str(tmp_path / "out"), settings, shard_size=1)
+    after = ModelPool.counts()
+    assert summary["counts"] == {"done": 4, "failed": 0, "pending": 0} and summary["shards"] == 4
+    for model in ("qwen3_loads", "qwen25_loads", "pipeline_loads"):
+        assert after[model] - before[model] == 1, model
+
+
+class FlakyStage(Stage):
+    """A stage that fails on one sample, and runs out of memory on batches larger than two."""
+
+    name = "flaky"
+
+    def process(self, items, ctx):
+        if len(items) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        if any(item.sample.instruction == "poison" for item in items):
+            raise RuntimeError("poisoned sample")
+        self.batches.append(len(items))
+        return [SampleResult.done(item.sample, {"txt": b"ok"}) for item in items]
+
+
+def test_failures_are_isolated_per_sample_and_oom_halves_the_batch(tmp_path, settings):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_image().save(folder / "a.png")
+    rows = [{"id": f"s{i}", "image": "a.png", "instruction": "poison" if i == 5 else f"edit {i}"} for i in range(8)]
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    storage = Storage(str(tmp_path / "out"))
+    (shard,) = cut_shards(read_inputs(str(folder / "m.jsonl")), 8).items()
+    write_plan(storage, dict([shard]))
+    stage = FlakyStage()
+    stage.batches = []
+    ctx = StageContext(storage, replace(settings, batch_size=8), {"flaky": "fp"}, ModelPool(settings))
+    marker = stage.run_shard(ctx, shard[0])
+    assert marker["counts"] == {"done": 7, "failed": 1}
+    assert max(stage.batches) <= 2 and sum(stage.batches) == 7
+    rows = stage.store(storage, "fp").read(shard[0]).rows
+    assert "poisoned sample" in rows["s5"]["error"] and json.loads(rows["s5"]["info"])["failed_at"] == "flaky"
+
+
+def test_corrupt_or_missing_upstream_is_recomputed(tmp_path, settings):
+    manifest, out = make_inputs(tmp_path / "in", n=2), str(tmp_path / "out")
+    plan = plan_job(manifest, out, settings, shard_size=20)
+    run_pipeline(out, "build-caches", plan.shards, settings, progress=False)
+    prints = fingerprints("bulk-edit", settings)
+    tar = tmp_path / "out" / "caches" / prints["caches"] / "data" / f"{plan.shards[0]}.tar"
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    before = ModelPool.counts()["vlm_forwards"]
+    run_pipeline(out, "bulk-edit", plan.shards, settings, progress=False)
+    assert ModelPool.counts()["vlm_forwards"] > before  # recomputed, never used corrupt
+    assert summarize(out, plan.job, "bulk-edit", settings)["counts"]["done"] == 2
+
+    # a deleted marker: the shard is pending again (never silently), and a rerun recomputes just that stage
+    (tmp_path / "out" / "fused" / prints["fused"] / "_done" / f"{plan.shards[0]}.json").unlink()
+    assert summarize(out, plan.job, "bulk-edit", settings)["counts"] == {"done": 0, "failed": 6, "pending": 2}
+    again = plan_job(manifest, out, settings, shard_size=20)
+    assert again.pending == plan.shards and again.stages["fused"] == {"committed": 0, "to_run": 1}
+    before = ModelPool.counts()
+    run_pipeline(out, "bulk-edit", again.pending, settings, progress=False)
+    assert ModelPool.counts() == before  # the bridge only: no VLM forward, no DiT call
+    assert summarize(out, plan.job, "bulk-edit", settings)["counts"]["done"] == 2
+
+
+def test_stages_on_object_storage(tmp_path, settings, s3_root):
+    summary = run_all(make_inputs(tmp_path / "in", n=2), s3_root, settings)
+    assert summary["counts"]["done"] == 2
+    storage = Storage(s3_root)
+    assert storage.read_json("summary.json")["counts"] == summary["counts"]
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(io.BytesIO(storage.read_bytes("summary.parquet"))).to_pylist()
+    outputs = [row["output"] for row in rows if row["status"] == "done"]
+    assert len(outputs) == 2 and all(uri.startswith(s3_root) and storage.fs.exists(uri) for uri in outputs)
+
+
+def test_true_cfg_uses_negative_embeddings(tmp_path, settings):
+    manifest = make_inputs(tmp_path / "in", n=1)
+    outputs = {}
+    for cfg in (1.0, 4.0):
+        out = tmp_path / f"cfg{cfg}"
+        job = replace(settings, cfg=cfg, negative_prompt="blurry")
+        run_all(manifest, str(out), job, shard_size=20)
+        outputs[cfg] = {p.name: p.read_bytes() for p in out.rglob("*.png")}
+        assert bool(committed(str(out), "negatives", job) if cfg > 1 else False) == (cfg > 1)
+    assert outputs[1.0].keys() == outputs[4.0].keys() and outputs[1.0] != outputs[4.0]
+
+
+def test_retry_failed_replans_only_failed_samples(tmp_path, settings):
+    folder = tmp_path / "in"
+    make_inputs(folder, n=1)
+    (folder / "m.jsonl").write_text(json.dumps({"id": "good", "image": "img0.png", "instruction": "x"}) + "\n"
+                                    + json.dumps({"id": "flaky", "image": "late.png", "instruction": "x"}))
+    out = str(tmp_path / "out")
+    summary = run_all(str(folder / "m.jsonl"), out, settings, shard_size=1)
+    assert summary["counts"] == {"done": 1, "failed": 1, "pending": 0}
+    assert plan_job(str(folder / "m.jsonl"), out, settings, shard_size=1).pending == []
+    make_image().save(folder / "late.png")  # the missing file appears: the same sample can now succeed
+    retry = run_all(str(folder / "m.jsonl"), out, settings, shard_size=1, retry_failed=True)
+    assert retry["counts"] == {"done": 2, "failed": 0, "pending": 0}
+    assert len(Storage(out).list("plan/shards")) == 3
+
+
+def test_multi_image_samples_through_the_stages(tmp_path, tiny_zoo):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = []
+    for i in range(2):
+        make_image(200, 120, i).save(folder / f"a{i}.png")
+        make_image(120, 200, i + 3).save(folder / f"b{i}.png")
+        rows.append({"id": f"set{i}", "images": [f"a{i}.png", f"b{i}.png"], "instruction": "put the circle of picture 2 "
+                     "into picture 1"})
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit-plus"]), condition_area=AREA, steps=2)
+    summary = run_all(str(folder / "m.jsonl"), str(tmp_path / "out"), settings, shard_size=2)
+    assert summary["counts"] == {"done": 2, "failed": 0, "pending": 0}
+    assert len(list((tmp_path / "out" / "edits").rglob("*.png"))) == 2
+
+
+def test_edits_do_not_depend_on_sharding(tmp_path, settings):
+    """Same noise per sample whatever the shard; only batched-matmul rounding may differ (<= 2/255)."""
+    import numpy as np
+    from PIL import Image
+
+    manifest = make_inputs(tmp_path / "in", n=4)
+    outputs = {}
+    for size in (1, 3):
+        out = tmp_path / f"out{size}"
+        run_all(manifest, str(out), settings, shard_size=size)
+        outputs[size] = {p.name: np.asarray(Image.open(p), dtype=int) for p in out.rglob("*.png")}
+    assert len(outputs[1]) == 4 and outputs[1].keys() == outputs[3].keys()
+    for name, image in outputs[1].items():
+        assert np.abs(image - outputs[3][name]).max() <= 2, name
