@@ -39,19 +39,19 @@ def storage_throughput(root: str, payload_mib: int = 64) -> tuple[float, float]:
     """(cache shard MB/s, raw copy MB/s) for writing then reading `payload_mib` of cache-like blobs."""
     import fsspec
 
-    from bridgecore.shard_store import SampleRecord, ShardStore
-    from bridgecore.sharding import Sample
+    from bridgecore.batch.records import Sample, SampleResult
+    from bridgecore.batch.shard_store import ShardStore
     from bridgecore.storage import Storage
 
     storage = Storage(root)
     storage.ensure_root()
     blob = os.urandom(1 << 20)
-    records = [SampleRecord(Sample(f"k{i:04d}", [], "", ""), "done", payload=blob) for i in range(payload_mib)]
+    records = [SampleResult.done(Sample(f"k{i:04d}", (), "", ""), {"safetensors": blob}) for i in range(payload_mib)]
     start = time.perf_counter()
-    ShardStore(storage, "bench").commit("shard-x", records)
-    ShardStore(storage, "bench").payloads("shard-x")
+    ShardStore(storage, "bench", "fp").commit("shard-x", records)
+    ShardStore(storage, "bench", "fp").read("shard-x")
     cache_s = time.perf_counter() - start
-    raw = b"".join(r.payload for r in records)
+    raw = b"".join(r.payloads["safetensors"] for r in records)
     fs, path = fsspec.core.url_to_fs(storage.url("raw.bin"))
     start = time.perf_counter()
     fs.pipe_file(path, raw)
@@ -61,11 +61,18 @@ def storage_throughput(root: str, payload_mib: int = 64) -> tuple[float, float]:
 
 
 def run_direct(output: str, shards: list[str], settings) -> float:
-    from bridgecore.batch_job import run_stages
+    from bridgecore.batch.pipeline import run_pipeline
 
     start = time.perf_counter()
-    run_stages(output, shards, settings)
+    run_pipeline(output, "bulk-edit", shards, settings, progress=False)
     return time.perf_counter() - start
+
+
+def forwards() -> int:
+    from bridgecore.batch.settings import ModelPool
+
+    counts = ModelPool.counts()
+    return counts["vlm_forwards"] + counts["dit_calls"]
 
 
 def gray_image():
@@ -103,23 +110,24 @@ def main() -> None:
         finally:
             server.stop()
 
-    from bridgecore.batch_job import JobSettings, forward_counts, plan_job
+    from bridgecore.batch.pipeline import plan_job
+    from bridgecore.batch.settings import JobSettings, ModelPool
     from bridgecore.tiny_zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(".vision-bridge/tiny-zoo")
     settings = JobSettings(str(zoo["qwen3-vl"]), str(zoo["qwen-image-edit"]), condition_area=64 * 64, steps=4)
     manifest = make_manifest(work / "in", args.samples)
-    settings.editor().extractor.extract(gray_image(), "warm up")  # load models once, outside timings
+    ModelPool(settings).extractor.extract(gray_image(), "warm up")  # load models once, outside timings
 
     # 2. Prefect overhead
-    direct_plan = plan_job(manifest, str(work / "direct"), shard_size=args.shard_size)
-    direct_s = run_direct(str(work / "direct"), direct_plan.shards, settings)
+    direct_plan = plan_job(manifest, str(work / "direct"), settings, shard_size=args.shard_size)
+    direct_s = run_direct(str(work / "direct"), direct_plan.pending, settings)
     from flows.process_shards import process_shards
 
-    process_shards(str(work / "flow"), [], vars(settings), "warm-up")  # starts the ephemeral Prefect server
-    flow_plan = plan_job(manifest, str(work / "flow"), shard_size=args.shard_size)
+    process_shards(str(work / "flow"), [], settings.to_dict())  # starts the ephemeral Prefect server
+    flow_plan = plan_job(manifest, str(work / "flow"), settings, shard_size=args.shard_size)
     start = time.perf_counter()
-    process_shards(str(work / "flow"), flow_plan.shards, vars(settings), settings.fingerprint())
+    process_shards(str(work / "flow"), flow_plan.pending, settings.to_dict())
     flow_s = time.perf_counter() - start
     shards = len(direct_plan.shards)
     print(f"2. Prefect: {flow_s / shards:.2f} s/shard in the flow vs {direct_s / shards:.2f} s/shard direct "
@@ -127,35 +135,30 @@ def main() -> None:
 
     # 3. second run of a finished job
     start = time.perf_counter()
-    again = plan_job(manifest, str(work / "flow"), shard_size=args.shard_size)
-    process_shards(str(work / "flow"), again.new_shards, vars(settings), settings.fingerprint())
+    again = plan_job(manifest, str(work / "flow"), settings, shard_size=args.shard_size)
+    process_shards(str(work / "flow"), again.pending, settings.to_dict())
     second_s = time.perf_counter() - start
     print(f"3. rerun of the finished job: {second_s:.2f} s vs first {flow_s:.2f} s -> {second_s / flow_s:.3f}x")
 
     # 4. kill at 50%: the in-flight shard's work is lost, committed shards are not redone
-    counts0 = forward_counts()
+    counts0 = forwards()
     kill_shard_size = max(1, args.samples // 16)  # 16 shards: at most one shard's work is lost to the kill
-    full_plan = plan_job(manifest, str(work / "full"), shard_size=kill_shard_size)
-    run_direct(str(work / "full"), full_plan.shards, settings)
-    counts1 = forward_counts()
-    uninterrupted = sum(counts1.values()) - sum(counts0.values())
-    killed_plan = plan_job(manifest, str(work / "killed"), shard_size=kill_shard_size)
-    half = len(killed_plan.shards) // 2
-    run_direct(str(work / "killed"), killed_plan.shards[:half], settings)
-    from bridgecore.storage import Storage
-
+    full_plan = plan_job(manifest, str(work / "full"), settings, shard_size=kill_shard_size)
+    run_direct(str(work / "full"), full_plan.pending, settings)
+    counts1 = forwards()
+    uninterrupted = counts1 - counts0
+    killed_plan = plan_job(manifest, str(work / "killed"), settings, shard_size=kill_shard_size)
+    half = len(killed_plan.pending) // 2
+    run_direct(str(work / "killed"), killed_plan.pending[:half], settings)
     # The shard in flight when the kill came: all its work is lost (an upper bound), done in a scratch root.
-    in_flight = killed_plan.shards[half]
-    scratch = Storage(str(work / "scratch"))
-    scratch.write_json(Storage(str(work / "killed")).read_json("plan", in_flight + ".json"), "plan", in_flight + ".json")
-    run_direct(scratch.root, [in_flight], settings)
-    rerun_plan = plan_job(manifest, str(work / "killed"), shard_size=kill_shard_size)
-    run_direct(str(work / "killed"), rerun_plan.new_shards, settings)
-    killed_total = sum(forward_counts().values()) - sum(counts1.values())
+    in_flight = killed_plan.pending[half]
+    plan_job(manifest, str(work / "scratch"), settings, shard_size=kill_shard_size)
+    run_direct(str(work / "scratch"), [in_flight], settings)
+    rerun_plan = plan_job(manifest, str(work / "killed"), settings, shard_size=kill_shard_size)
+    run_direct(str(work / "killed"), rerun_plan.pending, settings)
+    killed_total = forwards() - counts1
     print(f"4. kill at 50% ({len(full_plan.shards)} shards of {kill_shard_size}, the in-flight shard lost whole) "
           f"+ rerun: {killed_total} model forwards vs {uninterrupted} uninterrupted -> {killed_total / uninterrupted:.2f}x")
-
-
 
 if __name__ == "__main__":
     main()

@@ -21,7 +21,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 
-    from bridgecore.batch_job import JobSettings
+    from bridgecore.batch.settings import JobSettings
     from bridgecore.synthetic_triplets import write_triplets
     from bridgecore.tiny_zoo import build_tiny_zoo
     from bridgecore.training import TrainConfig, run_training

@@ -62,3 +62,19 @@ def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
     baseline = _run("edit", source, *common, "--baseline", "--out", str(tmp_path / "b.png"))
     assert enhanced.returncode == 0 and baseline.returncode == 0, enhanced.stderr[-2000:]
     assert (tmp_path / "e.png").read_bytes() != (tmp_path / "b.png").read_bytes()
+
+
+def test_bulk_edit_dry_run_plans_and_writes_nothing_else(tmp_path, tiny_zoo):
+    from test_pipeline import make_inputs
+
+    manifest = make_inputs(tmp_path / "in", n=3)
+    out = tmp_path / "out"
+    result = _run("bulk-edit", "--input", manifest, "--output", str(out), "--dry-run", "--shard-size", "4",
+                  "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "9 samples in 3 shards; 0 finished under these settings, 3 to run" in result.stdout
+    assert "caches     committed      0  to run      3" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["plan"]
+    bad = _run("bulk-edit", "--input", manifest, "--output", str(out), "--dry-run", "--steps", "0",
+               "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
+    assert bad.returncode == 2 and "steps must be at least 2; got 0" in bad.stderr and "Traceback" not in bad.stderr

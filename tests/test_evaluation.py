@@ -117,16 +117,16 @@ def test_cli_json_report_and_screenshot(benchmark, tmp_path):
 
 def test_bulk_edit_run_over_the_benchmark_is_scored(benchmark, tmp_path, tiny_zoo):
     """The harness end to end with the tiny models: bulk stages over the benchmark, then --results scoring."""
-    from test_batch_stages import run_all
+    from test_pipeline import run_all
 
-    from bridgecore.batch_job import JobSettings, plan_job
+    from bridgecore.batch.settings import JobSettings
     from bridgecore.evaluation import results_editor
 
     small = tmp_path / "bench"
     make_benchmark(small, per_capability=2, seed=1)
     settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2)
     out = str(tmp_path / "run")
-    summary = run_all(out, plan_job(str(small / "manifest.jsonl"), out, shard_size=4).shards, settings)
+    summary = run_all(str(small / "manifest.jsonl"), out, settings)
     assert summary["counts"]["done"] == 6 and summary["counts"]["failed"] == 2  # multi-image needs Edit-Plus
     scores = CapabilityEvaluator(small, results_editor(out)).evaluate_all()
     assert scores["multi_image"]["missing"] == 2 and scores["ocr"]["missing"] == 0

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from test_batch_stages import make_inputs
+from test_pipeline import make_inputs
 
-from bridgecore.shard_store import ShardStore
+from bridgecore.batch.pipeline import STAGES
 from bridgecore.storage import Storage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,9 +33,17 @@ def bulk_edit_cli(zoo, manifest, output, home, *extra, wait=True):
 
 
 def data_files(root: Path) -> dict[str, bytes]:
-    """Every committed data object (markers carry timestamps and worker names, so they are left out)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and p.suffix != ".done" and not p.name.startswith("summary")}
+    """Every committed data object (markers and run records carry timestamps, worker names, absolute URLs:
+    left out)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and
+            p.parent.name != "_done" and "children" not in p.parts and not p.name.startswith("summary")}
+
+
+def stage_store(root, stage: str):
+    """The one fingerprint folder of `stage` under a single-settings output."""
+    folders = [p.name for p in (Path(root) / stage).iterdir()] if (Path(root) / stage).exists() else ["none-yet"]
+    (fingerprint,) = folders
+    return STAGES[stage].store(Storage(str(root)), fingerprint)
 
 
 def test_local_run_then_rerun_loads_no_model(tmp_path, tiny_zoo):
@@ -52,16 +60,15 @@ def test_local_run_then_rerun_loads_no_model(tmp_path, tiny_zoo):
 
     # A corrupt cache shard found downstream is reported and recomputed, never used.
     edits = {p.name: p.read_bytes() for p in out.rglob("*.png")}
-    shard = max((out / "caches").glob("*.tar"), key=lambda p: p.stat().st_size).stem  # one with done samples
-    tar = out / "caches" / f"{shard}.tar"
+    tar = max((out / "caches").rglob("*.tar"), key=lambda p: p.stat().st_size)  # one with done samples
     data = bytearray(tar.read_bytes())
     data[len(data) // 3] ^= 0xFF
     tar.write_bytes(bytes(data))
     for stage in ("fused", "edits", "metrics"):
-        (out / stage / f"{shard}.done").unlink()
+        next((out / stage).glob(f"*/_done/{tar.stem}.json")).unlink()
     third = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect")
     assert third.returncode == 0, third.stdout + third.stderr
-    assert "corrupt caches" in third.stdout + third.stderr and "done 3, failed 6, pending 0" in third.stdout
+    assert "corrupt or missing" in third.stdout + third.stderr and "done 3, failed 6, pending 0" in third.stdout
     assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
 
 
@@ -73,14 +80,13 @@ def test_sigkill_mid_job_then_rerun_matches_uninterrupted(tmp_path, tiny_zoo):
     killed = tmp_path / "killed"
     process = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2", wait=False)
     deadline = time.monotonic() + 300
-    while not list((killed / "caches").glob("*.done")) if killed.exists() else True:
+    while not list((killed / "caches").glob("*/_done/*.json")) if killed.exists() else True:
         assert time.monotonic() < deadline and process.poll() is None, "job ended before it could be killed"
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    storage = Storage(str(killed))
-    plans = [name[:-5] for name in storage.list("plan", suffix=".json")]
-    assert not all(ShardStore(storage, "metrics").is_done(s) for s in plans), "killed too late to test resuming"
+    plans = [name[:-5] for name in Storage(str(killed)).list("plan/shards", suffix=".json")]
+    assert not all(stage_store(killed, "metrics").is_done(s) for s in plans), "killed too late to test resuming"
 
     rerun = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -112,15 +118,18 @@ def test_two_workers_share_one_job(tmp_path, tiny_zoo, prefect_server):
         "import json, sys; from flows.bulk_edit import bulk_edit; "
         f"print(json.dumps(bulk_edit(input={manifest!r}, output={str(out)!r}, qwen3={str(tiny_zoo['qwen3-vl'])!r}, "
         f"edit_model={str(tiny_zoo['qwen-image-edit'])!r}, shard_size=4, steps=2, condition_area=4096, "
-        "workers_deployment='process-shards/gpu', deadline_s=500)['counts']))"
+        "workers_deployment='process-shards/gpu', shards_per_run=1, deadline_s=500)['counts']))"
     )
     result = subprocess.run([sys.executable, "-c", code], env=server.env, cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"done": 2, "failed": 6, "pending": 0}
-    storage = Storage(str(out))
-    shards = [name[:-5] for name in storage.list("plan", suffix=".json")]
-    workers = {ShardStore(storage, "edits").marker(s)["worker"] for s in shards}
+    shards = [name[:-5] for name in Storage(str(out)).list("plan/shards", suffix=".json")]
+    workers = {stage_store(out, "edits").marker(s)["worker"] for s in shards}
     assert workers == {"worker-a", "worker-b"}
-    keys = [row["key"] for s in shards for row in ShardStore(storage, "metrics").manifest(s)]
-    assert len(keys) == len(set(keys)) == 8  # every sample exactly once
+    ids = [row["id"] for s in shards for row in stage_store(out, "metrics").table(s)]
+    assert len(ids) == len(set(ids)) == 8  # every sample exactly once
+    children = [json.loads(p.read_text()) for p in out.glob("runs/*/children/*.json")]
+    assert len(children) == 2 and {c["worker"] for c in children} == {"worker-a", "worker-b"}
+    for child in children:  # models resident across the child's shards: one load each at most
+        assert child["qwen3_loads"] <= 1 and child["qwen25_loads"] <= 1 and child["pipeline_loads"] <= 1

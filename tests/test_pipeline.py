@@ -292,3 +292,24 @@ def test_edits_do_not_depend_on_sharding(tmp_path, settings):
     assert len(outputs[1]) == 4 and outputs[1].keys() == outputs[3].keys()
     for name, image in outputs[1].items():
         assert np.abs(image - outputs[3][name]).max() <= 2, name
+
+
+def test_fingerprints_need_only_config_files(tmp_path, monkeypatch):
+    """A job naming hub models is fingerprinted from their config files alone: no weights on the control pool."""
+    import huggingface_hub.constants
+
+    from bridgecore.loading import model_revision
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for repo, config in (("qwen3", "config.json"), ("edit", "model_index.json")):
+        folder = tmp_path / f"models--org--{repo}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(repo[0] * 40)
+        (folder / "snapshots" / (repo[0] * 40)).mkdir(parents=True)
+        (folder / "snapshots" / (repo[0] * 40) / config).write_text("{}")
+    model_revision.cache_clear()
+    settings = JobSettings("org/qwen3", "org/edit")
+    prints = fingerprints("bulk-edit", settings)
+    assert set(prints) == {"caches", "fused", "edits", "metrics"}
+    assert STAGES["caches"].settings_of(settings)["qwen3_revision"] == "q" * 40
+    model_revision.cache_clear()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bridgecore.batch_job import JobSettings
+from bridgecore.batch.settings import JobSettings, ModelPool
 from bridgecore.synthetic_triplets import write_triplets
 from bridgecore.training import BridgeTrainer, TrainConfig
 from bridgecore.training_data import prepare_examples
@@ -36,7 +36,7 @@ def test_examples_are_packed_latents_with_caches(examples):
 
 
 def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settings, examples):
-    pipe = settings.editor().pipe
+    pipe = ModelPool(settings).editor.pipe
     dit_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     trainer = BridgeTrainer(pipe, examples, tmp_path / "ckpt", replace(FAST, steps=80, eval_every=40,
                                                                        checkpoint_every=40))
@@ -52,7 +52,7 @@ def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settin
 
 
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples):
-    pipe = settings.editor().pipe
+    pipe = ModelPool(settings).editor.pipe
     straight = BridgeTrainer(pipe, examples, tmp_path / "straight", FAST).train(progress=False)
     BridgeTrainer(pipe, examples, tmp_path / "resumed", replace(FAST, steps=6)).train(progress=False)
     resumed = BridgeTrainer(pipe, examples, tmp_path / "resumed", FAST).train(progress=False)
@@ -63,7 +63,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples)
 def test_trained_bridge_changes_edits(tmp_path, settings, examples, tiny_zoo):
     from bridgecore.edit_pipeline import EnhancedQwenImageEdit
 
-    BridgeTrainer(settings.editor().pipe, examples, tmp_path / "ckpt", FAST).train(progress=False)
+    BridgeTrainer(ModelPool(settings).editor.pipe, examples, tmp_path / "ckpt", FAST).train(progress=False)
     editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], bridge=tmp_path / "ckpt",
                                    condition_area=AREA)
     from PIL import Image
@@ -88,4 +88,4 @@ def test_bad_data_is_refused_before_training(tmp_path, settings, examples):
     other = replace(examples[1], cache=replace(examples[1].cache, qwen25=replace(examples[1].cache.qwen25,
                                                                                    revision="other-revision")))
     with pytest.raises(ValueError, match="revision"):
-        BridgeTrainer(settings.editor().pipe, [examples[0], other], tmp_path / "x", FAST)
+        BridgeTrainer(ModelPool(settings).editor.pipe, [examples[0], other], tmp_path / "x", FAST)

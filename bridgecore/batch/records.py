@@ -31,7 +31,7 @@ def storage_key(sample_id: str) -> str:
     return f"{readable}~{hashlib.sha256(sample_id.encode()).hexdigest()[:16]}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One edit request.
 

@@ -15,6 +15,7 @@ members, so the same pending set always gives the same shards.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -22,9 +23,9 @@ import logging
 import os
 import posixpath
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-from ..storage import Storage, read_uri, stamp_uris
+from ..storage import FileStamps, Storage, find_files, read_uri
 from .records import Sample
 
 logger = logging.getLogger(__name__)
@@ -87,11 +88,24 @@ def _resolve(root: str, reference: str) -> tuple[str, str | None]:
         base = posixpath.normpath(root.split("://", 1)[1])
         uri = root.split("://", 1)[0] + "://" + joined
     else:
-        joined = os.path.realpath(os.path.join(root, reference))
+        joined = _real_local_path(os.path.join(root, reference))
         base, uri = root, joined
     if not (joined == base or joined.startswith(base.rstrip("/") + "/")):
         return reference, f"path {reference!r} points outside the input root {root}"
     return uri, None
+
+
+@functools.lru_cache(maxsize=65536)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
+
+
+def _real_local_path(path: str) -> str:
+    """`os.path.realpath`, with the folder's resolution shared by its files (one lstat per file, not one per
+    path component: a million-row manifest resolves in seconds)."""
+    folder, name = os.path.split(os.path.normpath(path))
+    resolved = os.path.join(_real_folder(folder), name)
+    return os.path.realpath(resolved) if os.path.islink(resolved) else resolved
 
 
 def _image_list(row: dict[str, Any]) -> list[str]:
@@ -106,62 +120,61 @@ def _image_list(row: dict[str, Any]) -> list[str]:
 
 
 def input_hash(images: list[str], instruction: str, target: str | None, extra: dict[str, Any],
-               stamps: dict[str, str | None]) -> str:
+               stamps: FileStamps) -> str:
     """Identity of a sample's inputs: URIs with their size and modification stamp, instruction, target, extras."""
-    parts = [f"{uri}@{stamps.get(uri)}" for uri in images]
-    parts += [instruction, f"{target}@{stamps.get(target)}" if target else "",
-              json.dumps(extra, sort_keys=True, default=str)]
+    parts = [f"{uri}@{stamps.stamp(uri)}" for uri in images]
+    parts += [instruction, f"{target}@{stamps.stamp(target)}" if target else "",
+              json.dumps(extra, sort_keys=True, default=str) if extra else ""]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
-def _manifest_samples(source: str, prompt: str | None) -> list[dict[str, Any]]:
+def _manifest_samples(source: str, prompt: str | None, stamps: FileStamps) -> Iterator[Sample]:
     root = _manifest_root(source)
-    drafts = []
     for label, row in _read_rows(source):
-        draft: dict[str, Any] = {"images": [], "target": None, "errors": [], "label": label,
-                                 "id": None, "instruction": prompt or "", "extra": {}}
-        drafts.append(draft)
-        if isinstance(row, str):
-            draft["errors"].append(f"{label}: {row}")
-            draft["instruction"] = label  # keeps unparsable rows distinct
+        if isinstance(row, str):  # unparsable: failed, and distinct from every other row
+            yield _sample(None, [], label, None, [f"{label}: {row}"], {}, stamps)
             continue
-        draft["id"] = None if row.get("id") in (None, "") else str(row["id"])
-        draft["extra"] = {k: v for k, v in row.items() if k not in _KNOWN_COLUMNS}
+        errors, images, target = [], [], None
         instruction = row.get("instruction")
         if instruction in (None, "") and prompt is None:
-            draft["errors"].append(f"{label}: no 'instruction' and no --prompt given")
-        else:
-            draft["instruction"] = str(instruction if instruction not in (None, "") else prompt)
+            errors.append(f"{label}: no 'instruction' and no --prompt given")
+        instruction = str(instruction if instruction not in (None, "") else (prompt or label))
         try:
             references = _image_list(row)
         except (ValueError, json.JSONDecodeError) as error:
-            draft["errors"].append(f"{label}: {error}")
+            errors.append(f"{label}: {error}")
             references = []
         for reference in references:
             uri, error = _resolve(root, reference)
-            draft["images"].append(uri)
-            draft["errors"].extend([f"{label}: {error}"] if error else [])
+            images.append(uri)
+            errors.extend([f"{label}: {error}"] if error else [])
         if row.get("target") not in (None, ""):
-            draft["target"], error = _resolve(root, str(row["target"]))
-            draft["errors"].extend([f"{label}: {error}"] if error else [])
-    return drafts
+            target, error = _resolve(root, str(row["target"]))
+            errors.extend([f"{label}: {error}"] if error else [])
+        extra = {k: v for k, v in row.items() if k not in _KNOWN_COLUMNS}
+        yield _sample(row.get("id"), images, instruction, target, errors, extra, stamps)
 
 
-def _folder_samples(source: str, prompt: str | None) -> list[dict[str, Any]]:
-    import fsspec
-
+def _folder_samples(source: str, prompt: str | None, stamps: FileStamps) -> Iterator[Sample]:
     if prompt is None:
         raise ManifestError(f"input {source!r} is a folder or glob of images: give the instruction with --prompt "
                             "(or use a manifest .csv/.jsonl/.parquet with an 'instruction' column)")
-    fs, path = fsspec.core.url_to_fs(source)
-    if not any(c in path for c in "*?[") and not fs.isdir(path):
+    files = find_files(source, IMAGE_EXTENSIONS)
+    if files is None:
         raise ManifestError(f"input {source!r} does not exist (expected a manifest .csv/.jsonl/.parquet, "
                             "a folder of images or a glob)")
-    pattern = path if any(c in path for c in "*?[") else posixpath.join(path, "**")
-    scheme = source.split("://", 1)[0] + "://" if _is_url(source) else ""
-    files = sorted(p for p in fs.glob(pattern) if p.lower().endswith(IMAGE_EXTENSIONS))
-    return [{"images": [scheme + p], "target": None, "errors": [], "label": p, "id": None, "instruction": prompt,
-             "extra": {}} for p in files]
+    for file in files:
+        yield _sample(None, [file], prompt, None, [], {}, stamps)
+
+
+_NO_EXTRA: dict[str, Any] = {}
+
+
+def _sample(given_id: Any, images: list[str], instruction: str, target: str | None, errors: list[str],
+            extra: dict[str, Any], stamps: FileStamps) -> Sample:
+    digest = input_hash(images, instruction, target, extra, stamps)
+    sample_id = digest[:20] if given_id in (None, "") else str(given_id)
+    return Sample(sample_id, tuple(images), instruction, digest, target, "; ".join(errors) or None, extra or _NO_EXTRA)
 
 
 def read_inputs(source: str, prompt: str | None = None) -> list[Sample]:
@@ -169,16 +182,13 @@ def read_inputs(source: str, prompt: str | None = None) -> list[Sample]:
     source = str(source).rstrip("/")
     if not _is_url(source):
         source = os.path.abspath(os.path.expanduser(source))
-    is_manifest = source.lower().endswith(MANIFEST_EXTENSIONS)
-    drafts = _manifest_samples(source, prompt) if is_manifest else _folder_samples(source, prompt)
-    if not drafts:
+    stamps = FileStamps()
+    if source.lower().endswith(MANIFEST_EXTENSIONS):
+        samples = list(_manifest_samples(source, prompt, stamps))
+    else:
+        samples = list(_folder_samples(source, prompt, stamps))
+    if not samples:
         raise ManifestError(f"no samples found in {source!r}")
-    stamps = stamp_uris(sorted({uri for d in drafts for uri in d["images"] + ([d["target"]] if d["target"] else [])}))
-    samples = []
-    for draft in drafts:
-        digest = input_hash(draft["images"], draft["instruction"], draft["target"], draft["extra"], stamps)
-        samples.append(Sample(draft["id"] or digest[:20], tuple(draft["images"]), draft["instruction"], digest,
-                              draft["target"], "; ".join(draft["errors"]) or None, draft["extra"]))
     duplicates = sorted(key for key, count in Counter(s.id for s in samples).items() if count > 1)
     if duplicates:
         raise ManifestError(f"duplicate sample ids in {source!r}: {duplicates[:5]}"
@@ -224,11 +234,12 @@ def read_assignment(storage: Storage) -> dict[tuple[str, str], tuple[int, str]]:
     assignment: dict[tuple[str, str], tuple[int, str]] = {}
     for name in storage.list(PLAN_INDEX, suffix=".parquet"):
         table = pq.read_table(io.BytesIO(storage.read_bytes(PLAN_INDEX, name)))
+        values: dict[tuple[int, str], tuple[int, str]] = {}  # one value object per shard, not per row
         for sample_id, digest, shard, generation in zip(*(table.column(c).to_pylist() for c in
                                                           ("id", "input_hash", "shard", "generation"))):
             key = (sample_id, digest)
             if key not in assignment or generation > assignment[key][0]:
-                assignment[key] = (generation, shard)
+                assignment[key] = values.setdefault((generation, shard), (generation, shard))
     return assignment
 
 
@@ -243,7 +254,7 @@ def write_plan(storage: Storage, shards: dict[str, list[Sample]], generation: in
     for shard_id, members in shards.items():
         if shard_id + ".json" not in existing:
             storage.write_json({"shard": shard_id, "samples": [s.to_dict() for s in members]}, PLAN_SHARDS,
-                               shard_id + ".json")
+                               shard_id + ".json", indent=None)
     rows = [(s.id, s.input_hash, shard_id) for shard_id, members in sorted(shards.items()) for s in members]
     table = pa.table({"id": [r[0] for r in rows], "input_hash": [r[1] for r in rows], "shard": [r[2] for r in rows],
                       "generation": pa.array([generation] * len(rows), pa.int32())})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 
-from ...edit_prompt import pad_prompt_embeds
 from ..records import SampleResult
 from ..settings import JobSettings
 from ..sharding import sample_seed
@@ -36,6 +35,8 @@ class EditStage(Stage):
                 "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from ...edit_prompt import pad_prompt_embeds
+
         editor = ctx.models.editor
         ready, results = read_images(items)
         if not editor.plus:

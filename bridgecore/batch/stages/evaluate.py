@@ -7,18 +7,21 @@ metrics: OCR, spatial, detail preservation, multi-image consistency.
 
 from __future__ import annotations
 
-import io
+from typing import TYPE_CHECKING
 
-import numpy as np
-from PIL import Image
-
-from ...capability_metrics import psnr, score_sample
-from ...images import decode_image, load_image
 from ..records import SampleResult
 from ..stage import Stage, StageContext, StageItem
 
+if TYPE_CHECKING:
+    from PIL import Image
 
-def basic_metrics(edited: Image.Image, source: Image.Image, target: Image.Image | None) -> dict[str, float]:
+
+def basic_metrics(edited: "Image.Image", source: "Image.Image", target: "Image.Image | None") -> dict[str, float]:
+    import numpy as np
+    from PIL import Image
+
+    from ...capability_metrics import psnr
+
     edited_array = np.asarray(edited)
     source_array = np.asarray(source.resize(edited.size, Image.BICUBIC))
     values = {"psnr_vs_source": psnr(edited_array, source_array),
@@ -35,6 +38,9 @@ class EvaluateStage(Stage):
     code = ("capability_metrics", "images")
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from ...capability_metrics import score_sample
+        from ...images import decode_image, load_image
+
         results = []
         for item in items:
             sample = item.sample

@@ -7,8 +7,6 @@ A batch runs one forward per model; images that cannot be read fail their sample
 
 from __future__ import annotations
 
-from ...cache_format import cache_to_bytes
-from ...images import ImageLoadError, load_image
 from ..records import SampleResult
 from ..settings import JobSettings
 from ..stage import Stage, StageContext, StageItem
@@ -16,6 +14,8 @@ from ..stage import Stage, StageContext, StageItem
 
 def read_images(items: list[StageItem]) -> tuple[list[tuple[StageItem, list]], list[SampleResult]]:
     """(items whose images all load, with the images; failures for the others)."""
+    from ...images import ImageLoadError, load_image
+
     ready, failed = [], []
     for item in items:
         try:
@@ -39,6 +39,8 @@ class ExtractStage(Stage):
         return item.sample.instruction
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from ...cache_format import cache_to_bytes
+
         ready, results = read_images(items)
         if not ready:
             return results

@@ -8,19 +8,20 @@ negative prompt's embeddings are fused too, so the edit stage gets both branches
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
-
-from ...cache_format import cache_from_bytes
 from ..records import SampleResult
 from ..settings import JobSettings
 from ..stage import Stage, StageContext, StageItem
 
+if TYPE_CHECKING:
+    import torch
+
 
 def fused_to_bytes(prompt_embeds: torch.Tensor, meta: dict, negative: torch.Tensor | None = None) -> bytes:
     """`prompt_embeds [L, D]` (+ `negative_prompt_embeds [L', D]`) as safetensors; every position is valid."""
+    from safetensors.torch import save as save_tensors
+
     tensors = {"prompt_embeds": prompt_embeds}
     if negative is not None:
         tensors["negative_prompt_embeds"] = negative
@@ -30,6 +31,8 @@ def fused_to_bytes(prompt_embeds: torch.Tensor, meta: dict, negative: torch.Tens
 
 def fused_from_bytes(data: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(prompt_embeds [L, D], negative_prompt_embeds [L', D] or None)."""
+    from safetensors.torch import load as load_tensors
+
     tensors = load_tensors(data)
     return tensors["prompt_embeds"], tensors.get("negative_prompt_embeds")
 
@@ -43,11 +46,15 @@ class FuseStage(Stage):
     def settings_of(self, settings: JobSettings) -> dict:
         return {"bridge": settings.bridge, "bridge_checksum": settings.bridge_checksum}
 
-    @torch.no_grad()
-    def _fuse(self, data: bytes, ctx: StageContext) -> torch.Tensor:
+    def _fuse(self, data: bytes, ctx: StageContext) -> "torch.Tensor":
+        import torch
+
+        from ...cache_format import cache_from_bytes
+
         cache = cache_from_bytes(data)
         bridge = ctx.models.editor.bridge_for(cache.qwen3, cache.qwen25)
-        return bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]  # [L, D]
+        with torch.no_grad():
+            return bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]  # [L, D]
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         results = []

@@ -6,19 +6,20 @@ so training sees exactly what the pipeline would. Reads only the plan (images), 
 
 from __future__ import annotations
 
-import torch
-from safetensors.torch import save as save_tensors
-
-from ...edit_prompt import condition_size
-from ...images import load_image
 from ..records import SampleResult
 from ..settings import JobSettings
 from ..stage import Stage, StageContext, StageItem
 
 
-@torch.no_grad()
-def encode_latents(pipe, image, width: int, height: int) -> torch.Tensor:
+def encode_latents(pipe, image, width: int, height: int):
     """The edit pipeline's own VAE encoding: `[N, 4C]` packed, normalised latents."""
+    import torch
+
+    with torch.no_grad():
+        return _encode(pipe, image, width, height)
+
+
+def _encode(pipe, image, width: int, height: int):
     pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, height, width), height, width)
     pixels = pixels.unsqueeze(2).to(pipe.vae.device, pipe.vae.dtype)  # [1, 3, 1, H, W]
     latents = pipe._encode_vae_image(pixels, generator=None)  # [1, C, 1, h, w], normalised
@@ -36,6 +37,11 @@ class LatentsStage(Stage):
                 "condition_area": settings.condition_area}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from safetensors.torch import save as save_tensors
+
+        from ...edit_prompt import condition_size
+        from ...images import load_image
+
         pipe = ctx.models.editor.pipe
         results = []
         for item in items:
