@@ -27,9 +27,39 @@ DEFAULT_HOME = Path(".vision-bridge")
 TINY_ZOO_DIR = DEFAULT_HOME / "tiny-zoo"
 
 
+_DEBUG = False
+
+
 def _fail(message: str) -> None:
+    if _DEBUG and sys.exc_info()[1] is not None:
+        raise
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (and Prefect's logs) on errors.")):
+    global _DEBUG
+    _DEBUG = debug
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Mistakes a user can fix (bad value, missing file, unreachable storage, unknown model): one line each."""
+    from .storage import StorageUnreachableError
+
+    return (ValueError, OSError, StorageUnreachableError, ModelNotAvailableError)
+
+
+def _preflight(input: str, output: str) -> None:
+    """Fails in seconds, with one line, on the common mistakes: a missing input, an output that cannot be written."""
+    from .batch.sharding import check_input
+    from .storage import Storage
+
+    try:
+        check_input(input)
+        Storage(output).check_writable()
+    except _user_errors() as error:
+        _fail(str(error))
 
 
 def _banner(message: str) -> None:
@@ -167,19 +197,6 @@ def edit(
     typer.echo(f"wrote {out}" + (f" and {compare_path}" if compare_path else ""))
 
 
-def _local_prefect_env() -> None:
-    """An ephemeral Prefect whose home is project-local, never the user's ~/.prefect."""
-    import os
-
-    os.environ.setdefault("PREFECT_HOME", str((DEFAULT_HOME / "prefect").resolve()))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS", "2")
-    if "PREFECT_API_URL" not in os.environ:
-        os.environ["PREFECT_SERVER_EPHEMERAL_ENABLED"] = "true"
-
-
 @app.command("bulk-edit")
 def bulk_edit(
     input: str = typer.Option(..., "--input", help="Manifest (.csv/.jsonl/.parquet with image|images, instruction, "
@@ -201,6 +218,8 @@ def bulk_edit(
     retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the shards, what is already done "
                                  "under these settings and what would run; writes nothing but the plan."),
+    verify: bool = typer.Option(False, "--verify", help="Check every edited image against its checksum when "
+                                "summarizing (sizes are always checked); damaged ones are recomputed."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
 ):
     """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
@@ -228,15 +247,19 @@ def bulk_edit(
         for stage, counts in plan.stages.items():
             typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
         return
-    _local_prefect_env()
+    _preflight(input, output)
+    from flows.local_server import local_prefect, prefect_environment
+
+    prefect_environment(DEFAULT_HOME / "prefect", quiet=not _DEBUG)
     from flows.bulk_edit import bulk_edit as bulk_edit_flow
 
     try:
-        summary = bulk_edit_flow(input=input, output=output, prompt=prompt, qwen3=qwen3, edit_model=edit_model,
-                                 bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps, seed=seed,
-                                 cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
-                                 batch_size=batch_size, device=device, retry_failed=retry_failed)
-    except ValueError as error:
+        with local_prefect():
+            summary = bulk_edit_flow(input=input, output=output, prompt=prompt, qwen3=qwen3, edit_model=edit_model,
+                                     bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps,
+                                     seed=seed, cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
+                                     batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify)
+    except _user_errors() as error:
         _fail(str(error))
     counts = summary["counts"]
     typer.echo(f"done {counts['done']}, failed {counts['failed']}, pending {counts['pending']} "

@@ -57,6 +57,10 @@ def condition_size(image: Image.Image, area: int) -> tuple[int, int]:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
 
     width, height, _ = calculate_dimensions(area, image.width / image.height)
+    if min(width, height) < 32:
+        raise ValueError(f"aspect ratio {image.width}x{image.height} is too extreme for a condition area of {area} "
+                         f"pixels: the condition image would be {int(width)}x{int(height)}; a side must be at least "
+                         "32 px (crop the image or raise the condition area)")
     return int(width), int(height)
 
 

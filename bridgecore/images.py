@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -21,7 +22,9 @@ logger = logging.getLogger(__name__)
 # 64 MP: far above the 1 MP the pipelines use, far below what exhausts a worker's memory.
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 # Bytes read from one image file before decoding: a device file or a mistaken multi-GB object fails alone.
-DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_BYTES = int(os.environ.get("VISION_BRIDGE_MAX_IMAGE_BYTES", 256 * 1024 * 1024))
+# An input host that stays unreachable fails its sample after this long, not after the storage's budget.
+INPUT_RETRY_SECONDS = 20.0
 
 
 class ImageLoadError(ValueError):
@@ -85,7 +88,7 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_P
 
     uri = str(source)
     try:
-        data = read_uri(uri, max_bytes)
+        data = read_uri(uri, max_bytes, budget_s=INPUT_RETRY_SECONDS)
     except FileNotFoundError as error:
         raise ImageLoadError(f"{uri}: file not found") from error
     except InputTooLargeError as error:

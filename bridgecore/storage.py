@@ -40,18 +40,36 @@ def is_transient_error(error: Exception) -> bool:
                                          "SlowDown", "503", "Connection reset"))
 
 
-def retry_transient(fn: Callable[[], T], attempts: int = 6, base_delay: float = 0.5) -> T:
-    """Retries `fn` on connection-level errors (object store away for a moment); re-raises anything else."""
-    for attempt in range(attempts):
+# How long a running job waits out an object store that went away (outages of minutes are survived);
+# the first contact of a job uses `FIRST_CONTACT_SECONDS` instead, so a wrong endpoint fails fast.
+RETRY_SECONDS = float(os.environ.get("VISION_BRIDGE_STORAGE_RETRY_SECONDS", "300"))
+FIRST_CONTACT_SECONDS = 10.0
+
+# botocore's own defaults (60 s connect timeout, several attempts) would hide an unreachable endpoint for
+# minutes inside each of our retries; ours decide, per attempt a connection fails within seconds.
+fsspec.config.conf.setdefault("s3", {}).setdefault(
+    "config_kwargs", {"connect_timeout": 5, "read_timeout": 120, "retries": {"max_attempts": 2, "mode": "standard"}})
+
+
+class StorageUnreachableError(ConnectionError):
+    """Storage could not be reached within the retry budget."""
+
+
+def retry_transient(fn: Callable[[], T], budget_s: float | None = None, base_delay: float = 0.5) -> T:
+    """Retries `fn` on connection-level errors for up to `budget_s` seconds (default RETRY_SECONDS), with
+    exponential backoff capped at 30 s; re-raises anything else at once."""
+    budget = RETRY_SECONDS if budget_s is None else budget_s
+    start, attempt = time.monotonic(), 0
+    while True:
         try:
             return fn()
         except Exception as error:  # noqa: BLE001 - classified just below
-            if attempt == attempts - 1 or not is_transient_error(error):
+            delay = min(base_delay * 2**attempt, 30.0)
+            if not is_transient_error(error) or time.monotonic() - start + delay > budget:
                 raise
-            delay = base_delay * 2**attempt
+            attempt += 1
             logger.warning("storage error (%s), retrying in %.1fs", error, delay)
             time.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 class Storage:
@@ -69,19 +87,61 @@ class Storage:
         return posixpath.join(self.root_path, *parts)
 
     def ensure_root(self) -> None:
-        """Creates the local directory or the S3 bucket if needed."""
+        """Creates the local directory or the S3 bucket if needed. The first contact of a job: an unreachable
+        endpoint fails within seconds, naming it."""
         def make():
             if self.is_local:
                 os.makedirs(self.root_path, exist_ok=True)
             elif not self.fs.exists(self.root_path.split("/")[0]):
                 self.fs.mkdir(self.root_path.split("/")[0])
-        retry_transient(make)
+        try:
+            retry_transient(make, budget_s=FIRST_CONTACT_SECONDS)
+        except Exception as error:  # noqa: BLE001 - only connection failures are rephrased
+            if not is_transient_error(error):
+                raise
+            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+            raise StorageUnreachableError(f"cannot reach the storage of {self.root} at {endpoint} "
+                                          f"({type(error).__name__}: {error}); check AWS_ENDPOINT_URL") from None
+
+    def check_writable(self) -> None:
+        """Creates the root if needed and writes then deletes a probe object: a read-only folder, a file in the
+        way, a full disk or an unreachable endpoint fails here, in seconds, with one clear message."""
+        if self.is_local and os.path.exists(self.root_path) and not os.path.isdir(self.root_path):
+            raise NotADirectoryError(f"output {self.root} is a file, not a folder")
+        try:
+            self.ensure_root()
+            probe = f".write-check-{os.getpid()}"
+            self.write_bytes(b"ok", probe)
+            self.remove(probe)
+        except PermissionError as error:
+            raise PermissionError(f"output {self.root} is not writable ({error.strerror or error})") from None
+        except OSError as error:
+            if isinstance(error, StorageUnreachableError):
+                raise
+            raise OSError(f"cannot write to output {self.root}: {error.strerror or error}") from None
 
     def exists(self, *parts: str) -> bool:
         return retry_transient(lambda: self.fs.exists(self.path(*parts)))
 
     def read_bytes(self, *parts: str) -> bytes:
         return retry_transient(lambda: self.fs.cat_file(self.path(*parts)))
+
+    def read_many(self, names: list[tuple[str, ...]]) -> dict[tuple[str, ...], bytes | None]:
+        """Many small objects at once (concurrently on object stores); None for a missing one."""
+        if not names:
+            return {}
+        paths = {self.path(*parts): parts for parts in names}
+        if self.is_local:
+            found = {}
+            for path, parts in paths.items():
+                try:
+                    with open(path, "rb") as handle:
+                        found[parts] = handle.read()
+                except FileNotFoundError:
+                    found[parts] = None
+            return found
+        data = retry_transient(lambda: self.fs.cat(list(paths), on_error="return"))
+        return {paths[path]: (None if isinstance(value, Exception) else value) for path, value in data.items()}
 
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Writes an object whole. Locally via a temporary file and an atomic rename."""
@@ -126,6 +186,33 @@ class Storage:
                     raise MarkerExistsError(path) from error
                 raise
         retry_transient(put)
+
+    def sizes(self, *parts: str) -> dict[str, int]:
+        """{name: size} of the objects directly under a prefix (one listing); empty if it is absent."""
+        prefix = self.path(*parts)
+
+        def ls():
+            try:
+                return self.fs.ls(prefix, detail=True, **({} if self.is_local else {"refresh": True}))
+            except FileNotFoundError:
+                return []
+        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in retry_transient(ls)
+                if e.get("type") != "directory"}
+
+    def remove_stale_temporaries(self, older_than_s: float = 3600) -> int:
+        """Deletes `*.tmp-<pid>` files a killed writer left behind (local storage; object writes are atomic)."""
+        if not self.is_local or not os.path.isdir(self.root_path):
+            return 0
+        removed, cutoff = 0, time.time() - older_than_s
+        for folder, _, files in os.walk(self.root_path):
+            for name in files:
+                path = os.path.join(folder, name)
+                if ".tmp-" in name and os.path.getmtime(path) < cutoff:
+                    os.remove(path)
+                    removed += 1
+        if removed:
+            logger.warning("removed %d temporary files left by interrupted writers under %s", removed, self.root)
+        return removed
 
     def list(self, *parts: str, suffix: str = "") -> list[str]:
         """Names (not paths) directly under a prefix, filtered by suffix; empty if the prefix is absent."""
@@ -196,6 +283,11 @@ class FileStamps:
         return self._folders[folder].get(posixpath.basename(uri))
 
 
+def uri_exists(uri: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return retry_transient(lambda: fs.exists(path), budget_s=FIRST_CONTACT_SECONDS)
+
+
 def find_files(source: str, extensions: tuple[str, ...]) -> list[str] | None:
     """URIs of the files under a folder (recursively) or matching a glob, with one of `extensions`; None when
     `source` is neither an existing folder nor a glob."""
@@ -212,9 +304,9 @@ class InputTooLargeError(ValueError):
     """An input file is larger than the configured read limit."""
 
 
-def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
-    """Reads a whole local file or fsspec URL, retried on transient errors, refusing more than `max_bytes`
-    (read in chunks: a device file or a huge object is never loaded whole)."""
+def read_uri(uri: str, max_bytes: int | None = None, budget_s: float | None = None) -> bytes:
+    """Reads a whole local file or fsspec URL, retried on transient errors for `budget_s`, refusing more than
+    `max_bytes` (read in chunks: a device file or a huge object is never loaded whole)."""
     def read() -> bytes:
         with fsspec.open(uri, "rb") as handle:
             if max_bytes is None:
@@ -223,4 +315,4 @@ def read_uri(uri: str, max_bytes: int | None = None) -> bytes:
         if len(data) > max_bytes:
             raise InputTooLargeError(f"{uri}: larger than the input limit of {max_bytes} bytes")
         return data
-    return retry_transient(read)
+    return retry_transient(read, budget_s)

@@ -24,7 +24,7 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
               shard_size: int = 16, steps: int = 50, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
               condition_area: int = 1024 * 1024, batch_size: int = 4, device: str = "auto",
               retry_failed: bool = False, workers_deployment: str | None = None, shards_per_run: int | None = None,
-              deadline_s: float = 6 * 3600) -> dict:
+              deadline_s: float = 6 * 3600, verify: bool = False) -> dict:
     # plan
     edit_model = edit_model or (DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
     settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
@@ -32,5 +32,10 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed)
     # run
     run_shards(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
-    # report
-    return report_run(output, plan["job"], "bulk-edit", settings)
+    # report (a damaged result found while summarizing is recomputed once)
+    summary = report_run(output, plan["job"], "bulk-edit", settings, verify)
+    if summary["damaged"]:
+        run_shards(output, "bulk-edit", {**plan, "pending": summary["damaged"]}, settings, shard_size,
+                   workers_deployment, shards_per_run, deadline_s)
+        summary = report_run(output, plan["job"], "bulk-edit", settings)
+    return summary

@@ -10,9 +10,9 @@ from bridgecore.batch.settings import JobSettings
 from bridgecore.storage import Storage
 
 
-def report_run(output: str, job: str, pipeline: str, settings: dict) -> dict:
+def report_run(output: str, job: str, pipeline: str, settings: dict, verify: bool = False) -> dict:
     storage = Storage(output)
-    summary = summarize(output, job, pipeline, JobSettings.from_dict(settings))
+    summary = summarize(output, job, pipeline, JobSettings.from_dict(settings), verify)
     counts, run = summary["counts"], summary["run"]
     get_run_logger().info("samples: %s (%d shards); summary at %s", counts, summary["shards"],
                           storage.url("runs", run, "summary.json"))

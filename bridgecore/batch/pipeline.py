@@ -20,13 +20,14 @@ import hashlib
 import io
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ..storage import Storage
 from .records import Sample
 from .settings import JobSettings, ModelPool
-from .shard_store import CorruptShardError
+from .shard_store import CorruptShardError, ShardBusyError
 from .sharding import cut_shards, load_plan, read_assignment, read_inputs, write_plan
 from .stage import Stage, StageContext
 from .stages.edit import EditStage
@@ -48,6 +49,7 @@ PIPELINES: dict[str, tuple[str, ...]] = {
 }
 
 JOBS = "plan/jobs"
+BUSY_POLL_SECONDS = 2.0
 
 
 def pipeline_stages(pipeline: str, settings: JobSettings) -> list[Stage]:
@@ -128,6 +130,29 @@ def _failed_samples(storage: Storage, pipeline: str, settings: JobSettings, shar
     return failed
 
 
+def _repair_plans(storage: Storage, shards: list[str], samples: list[Sample], rows: list[tuple[str, str, str]]) -> None:
+    """Rewrites the plan files of shards about to run that are missing or unreadable (a truncated write, a
+    deleted object), from the inputs: damage heals on rerun instead of failing every run the same way."""
+    from .sharding import PLAN_SHARDS
+
+    contents = storage.read_many([(PLAN_SHARDS, f"{shard}.json") for shard in shards])
+    broken = []
+    for (_, name), data in contents.items():
+        try:
+            json.loads(data)["samples"]
+        except (TypeError, ValueError, KeyError):
+            broken.append(name[: -len(".json")])
+    if broken:
+        by_id = {sample.id: sample for sample in samples}
+        members: dict[str, list[Sample]] = {}
+        for sample_id, _, shard in rows:
+            members.setdefault(shard, []).append(by_id[sample_id])
+        logger.warning("rewriting %d missing or damaged plan files: %s", len(broken), broken[:5])
+        for shard in broken:
+            storage.write_json({"shard": shard, "samples": [s.to_dict() for s in sorted(members[shard], key=lambda s: s.id)]},
+                               PLAN_SHARDS, f"{shard}.json", indent=None)
+
+
 def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: str = "bulk-edit",
              prompt: str | None = None, shard_size: int = 16, retry_failed: bool = False) -> JobPlan:
     """Reads the inputs, assigns new samples to new shards (written under plan/), and says what is left.
@@ -165,6 +190,8 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
                  for stage in pipeline_stages(pipeline, settings)}
     finished = set(shards).intersection(*committed.values())
     pending = [shard for shard in shards if shard not in finished]
+    _repair_plans(storage, [shard for shard in pending if shard not in new], samples, rows)
+    storage.remove_stale_temporaries()
     stages = {name: {"committed": len(done & set(shards)), "to_run": len(set(shards) - done)}
               for name, done in committed.items()}
     logger.info("%d samples in %d shards: %d shards finished, %d to run", len(samples), len(shards),
@@ -211,8 +238,22 @@ def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings:
 
     for stage in stages:
         ctx.models.release(keep=stage.models)
+        busy = []  # shards another worker is computing right now: their results are awaited, not redone
         for shard_id in tqdm(shard_ids, desc=stage.name, unit="shard", disable=not progress or not shard_ids):
-            run(stage, shard_id)
+            try:
+                run(stage, shard_id)
+            except ShardBusyError:
+                busy.append(shard_id)
+        while busy:
+            logger.info("%s: waiting for %d shards that another worker is computing", stage.name, len(busy))
+            time.sleep(BUSY_POLL_SECONDS)
+            still = []
+            for shard_id in busy:
+                try:
+                    run(stage, shard_id)  # committed meanwhile (skipped), or the lease expired (taken over)
+                except ShardBusyError:
+                    still.append(shard_id)
+            busy = still
     return ModelPool.counts()
 
 
@@ -224,11 +265,13 @@ def run_id(job: str, pipeline: str, settings: JobSettings) -> str:
     return hashlib.sha256(json.dumps([job, pipeline, prints], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings) -> dict[str, Any]:
+def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, verify: bool = False) -> dict[str, Any]:
     """Each sample's final state under these settings: done, failed (with the stage and the reason) or pending.
 
-    The final stages' tables carry every earlier failure forward, so one table per shard and final stage
-    decides. Writes runs/<run>/summary.parquet + summary.json, and the same as the output's latest summary.
+    The last committed stage's table carries every earlier failure forward, so one table per shard decides.
+    Output objects (edited images) are checked to exist with their recorded size; with `verify`, by checksum.
+    A table or object found damaged is forgotten (its marker removed) and listed under "damaged", for the
+    caller to recompute. Writes runs/<run>/summary.parquet + summary.json, and the same as the output's latest summary.
     """
     import numpy as np
     import pyarrow as pa
@@ -239,14 +282,22 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings) -
     stages = pipeline_stages(pipeline, settings)
     stores = {stage.name: stage.store(storage, prints[stage.name]) for stage in stages}
     done_shards = {name: store.done_shards() for name, store in stores.items()}
-    rows = []
+    rows, damaged = [], []
     for shard_id, wanted in sorted(read_job(storage, job).items()):
         states = {sample_id: {"id": sample_id, "shard": shard_id, "status": "pending", "stage": None, "error": None,
                               "output": None, "metrics": None} for sample_id in wanted}
         committed = [stage for stage in stages if shard_id in done_shards[stage.name]]
         # Tables carry earlier failures forward: the last committed stage knows every failure so far.
         readable = committed[-1:] + [stage for stage in committed[:-1] if stage.layout == "files"]
-        tables = {stage.name: {row["id"]: row for row in stores[stage.name].table(shard_id)} for stage in readable}
+        try:
+            tables = {stage.name: {row["id"]: row for row in stores[stage.name].table(shard_id)} for stage in readable}
+            for stage in readable:
+                stores[stage.name].check_files(shard_id, list(tables[stage.name].values()), full=verify)
+        except CorruptShardError as error:  # forget it: the shard is pending, and the next run recomputes it
+            logger.warning("%s (shard %s): %s; it will be recomputed", error.stage, shard_id, error)
+            stores[error.stage].invalidate(shard_id)
+            damaged.append(shard_id)
+            tables, committed = {}, []
         complete = len(committed) == len(stages)
         for sample_id, state in states.items():
             rows_of = {name: table[sample_id] for name, table in tables.items() if sample_id in table}
@@ -266,7 +317,7 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings) -
             capabilities.setdefault(metrics["capability"], []).append(metrics["edit_success"])
     run = run_id(job, pipeline, settings)
     summary = {"run": run, "job": job, "pipeline": pipeline, "settings": settings.to_dict(), "fingerprints": prints,
-               "counts": counts, "shards": len({r["shard"] for r in rows}),
+               "counts": counts, "shards": len({r["shard"] for r in rows}), "damaged": damaged,
                "failures": [{"id": r["id"], "stage": r["stage"], "error": r["error"]} for r in rows
                             if r["status"] == "failed"],
                "capabilities": {name: {"samples": len(v), "edit_success": float(np.mean(v))}

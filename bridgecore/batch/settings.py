@@ -51,13 +51,15 @@ class JobSettings:
     load_in_8bit: bool = False
     cfg: float = 1.0  # true_cfg_scale; > 1 also extracts and uses the negative prompt's embeddings
     negative_prompt: str = " "
+    max_prompt_tokens: int = 1024  # a longer instruction fails its sample (a guard, not part of any fingerprint)
 
     def __post_init__(self):
         # One step divides by zero in Qwen-Image's scheduler (shift_terminal stretch): NaN images.
         checks = [("steps", self.steps >= 2, "at least 2"), ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("condition_area", self.condition_area >= 32 * 32, "at least 32*32 = 1024 pixels"),
                   ("seed", self.seed >= 0, "a non-negative integer"),
-                  ("cfg", self.cfg >= 1.0, ">= 1 (1 turns true CFG off)")]
+                  ("cfg", self.cfg >= 1.0, ">= 1 (1 turns true CFG off)"),
+                  ("max_prompt_tokens", self.max_prompt_tokens >= 16, "at least 16")]
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")

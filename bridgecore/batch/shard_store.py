@@ -6,6 +6,7 @@
                                         layout "table": no data objects (e.g. metrics live in the table)
     STAGE/FP/table/<shard>.parquet      one row per sample (records.STAGE_TABLE_SCHEMA), failed ones too
     STAGE/FP/_done/<shard>.json         marker: fingerprint, checksums, counts, timings, worker
+    STAGE/FP/_lease/<shard>.json        while a worker computes the shard: who, and until when
 
 FP is the stage's fingerprint (see pipeline.py): a different setting is a different folder, so settings
 coexist in one output and a reader never sees another setting's results. A shard without its marker
@@ -33,6 +34,28 @@ LAYOUTS = ("tar", "files", "table")
 def worker_id() -> str:
     """Who committed a shard: the worker's name when set (VISION_BRIDGE_WORKER), else host:pid."""
     return os.environ.get("VISION_BRIDGE_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+LEASE_SECONDS = float(os.environ.get("VISION_BRIDGE_LEASE_SECONDS", "3600"))
+
+
+def _lease_is_live(holder: Any) -> bool:
+    if not isinstance(holder, dict) or float(holder.get("expires", 0) or 0) <= time.time():
+        return False
+    if holder.get("worker") == worker_id() and os.environ.get("VISION_BRIDGE_WORKER"):
+        return False  # this named worker restarted: its earlier run is gone
+    if holder.get("host") == socket.gethostname() and holder.get("pid") != os.getpid():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False  # a killed run of this machine
+        except (PermissionError, ValueError, TypeError):
+            pass
+    return holder.get("pid") != os.getpid() or holder.get("host") != socket.gethostname()
+
+
+class ShardBusyError(RuntimeError):
+    """Another worker holds a live lease on the shard: come back later (its result will be committed)."""
 
 
 class CorruptShardError(RuntimeError):
@@ -84,6 +107,32 @@ class ShardStore:
         if not isinstance(marker, dict) or marker.get("fingerprint") != self.fingerprint or "table_sha256" not in marker:
             raise self._corrupt(shard_id, f"{url}: not a marker of fingerprint {self.fingerprint}")
         return marker
+
+    # -- leases: concurrent or resubmitted runs share work instead of doing it twice ---------------------
+
+    def acquire_lease(self, shard_id: str, seconds: float = LEASE_SECONDS) -> None:
+        """Takes the shard's lease (exclusive create), or takes over a stale one (expired, unreadable, or held by
+        a dead process of this host or by an earlier run of this same named worker); raises `ShardBusyError`
+        while another live worker holds it. A lease only saves work: two workers that do compute the same
+        shard write identical objects and one marker."""
+        lease = {"worker": worker_id(), "host": socket.gethostname(), "pid": os.getpid(),
+                 "expires": time.time() + seconds}
+        for _ in range(2):
+            try:
+                self.storage.create_marker(lease, self.folder, "_lease", shard_id + ".json")
+                return
+            except MarkerExistsError:
+                try:
+                    holder = self.storage.read_json(self.folder, "_lease", shard_id + ".json")
+                except (FileNotFoundError, ValueError):
+                    holder = None
+                if _lease_is_live(holder):
+                    raise ShardBusyError(f"{self.stage}/{shard_id} is being computed by {holder['worker']}") from None
+                self.release_lease(shard_id)
+        raise ShardBusyError(f"{self.stage}/{shard_id}: another worker took the lease first")
+
+    def release_lease(self, shard_id: str) -> None:
+        self.storage.remove(self.folder, "_lease", shard_id + ".json")
 
     def invalidate(self, shard_id: str) -> None:
         """Forgets a shard (removes its marker) so that it is recomputed; its objects are overwritten then."""
@@ -199,6 +248,22 @@ class ShardStore:
                     raise self._corrupt(shard_id, f"{self.stage}/{shard_id}: sample {sample_id!r} is missing from the tar")
                 payloads[sample_id] = entry
         return ShardContents(rows, payloads)
+
+    def check_files(self, shard_id: str, rows: list[dict[str, Any]], full: bool = False) -> None:
+        """Layout "files": every done sample's object exists with its recorded size (one listing), and with
+        `full`, its checksum. Raises `CorruptShardError` naming the first damaged sample."""
+        if self.layout != "files":
+            return
+        sizes = self.storage.sizes(self.folder, "data", shard_id)
+        for row in rows:
+            if row["status"] != "done" or not row["files"]:
+                continue
+            name = f"{row['key']}.{row['files'][0]}"
+            damaged = sizes.get(name) != row["bytes"] or (
+                full and sha256_bytes(self.storage.read_bytes(self.folder, "data", shard_id, name)) != row["sha256"])
+            if damaged:
+                raise self._corrupt(shard_id, f"{self.storage.url(self.folder, 'data', shard_id, name)}: "
+                                              f"sample {row['id']!r} is missing or corrupt")
 
     def file_url(self, shard_id: str, row: dict[str, Any]) -> str | None:
         """Where a done sample's object lives (layout "files")."""

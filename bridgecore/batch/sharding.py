@@ -25,7 +25,7 @@ import posixpath
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
-from ..storage import FileStamps, Storage, find_files, read_uri
+from ..storage import FileStamps, Storage, find_files, read_uri, uri_exists
 from .records import Sample
 
 logger = logging.getLogger(__name__)
@@ -175,6 +175,17 @@ def _sample(given_id: Any, images: list[str], instruction: str, target: str | No
     digest = input_hash(images, instruction, target, extra, stamps)
     sample_id = digest[:20] if given_id in (None, "") else str(given_id)
     return Sample(sample_id, tuple(images), instruction, digest, target, "; ".join(errors) or None, extra or _NO_EXTRA)
+
+
+def check_input(source: str) -> None:
+    """Fails at once, naming it, if the input does not exist (a cheap check before any job starts)."""
+    source = str(source).rstrip("/")
+    if any(c in source for c in "*?[") or uri_exists(source):
+        return
+    if source.lower().endswith(MANIFEST_EXTENSIONS):
+        raise ManifestError(f"manifest {source!r} does not exist")
+    raise ManifestError(f"input {source!r} does not exist (expected a manifest .csv/.jsonl/.parquet, a folder of "
+                        "images or a glob)")
 
 
 def read_inputs(source: str, prompt: str | None = None) -> list[Sample]:

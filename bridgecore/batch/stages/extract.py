@@ -12,15 +12,21 @@ from ..settings import JobSettings
 from ..stage import Stage, StageContext, StageItem
 
 
-def read_images(items: list[StageItem]) -> tuple[list[tuple[StageItem, list]], list[SampleResult]]:
-    """(items whose images all load, with the images; failures for the others)."""
+def read_images(items: list[StageItem], condition_area: int | None = None) -> tuple[list[tuple[StageItem, list]],
+                                                                                  list[SampleResult]]:
+    """(items whose images all load, with the images; failures for the others). With `condition_area`, an
+    image too thin for it fails its sample here, with the reason, before any batch runs."""
+    from ...edit_prompt import condition_size
     from ...images import ImageLoadError, load_image
 
     ready, failed = [], []
     for item in items:
         try:
-            ready.append((item, [load_image(uri) for uri in item.sample.images]))
-        except ImageLoadError as error:
+            images = [load_image(uri) for uri in item.sample.images]
+            for image in images if condition_area else []:
+                condition_size(image, condition_area)
+            ready.append((item, images))
+        except (ImageLoadError, ValueError) as error:
             failed.append(SampleResult.failed(item.sample, str(error)))
     return ready, failed
 
@@ -38,10 +44,26 @@ class ExtractStage(Stage):
     def prompt(self, item: StageItem, settings: JobSettings) -> str:
         return item.sample.instruction
 
+    def check_prompt(self, items: list[StageItem], ctx: StageContext) -> tuple[list[StageItem], list[SampleResult]]:
+        """Items whose prompt is within `max_prompt_tokens` (Qwen2.5-VL's tokenizer); failures for the others.
+        A runaway instruction must fail its sample, not allocate a run's worth of memory downstream."""
+        tokenizer = ctx.models.extractor.qwen25_encoder.processor.tokenizer
+        limit, kept, failed = ctx.settings.max_prompt_tokens, [], []
+        for item in items:
+            count = len(tokenizer(self.prompt(item, ctx.settings), add_special_tokens=False)["input_ids"])
+            if count > limit:
+                failed.append(SampleResult.failed(item.sample, f"the prompt has {count} tokens; the limit is {limit} "
+                                                  "(max_prompt_tokens)"))
+            else:
+                kept.append(item)
+        return kept, failed
+
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         from ...cache_format import cache_to_bytes
 
-        ready, results = read_images(items)
+        items, refused = self.check_prompt(items, ctx)
+        ready, results = read_images(items, ctx.settings.condition_area)
+        results += refused
         if not ready:
             return results
         caches = ctx.models.extractor.extract([images for _, images in ready],
