@@ -521,7 +521,8 @@ def main(argv: list[str] | None = None) -> dict:
                         "(default: the real depth); widths stay real")
     parser.add_argument("--max-tokens", type=int, default=None, help="cap Qwen2.5-VL vision tokens by shrinking "
                         "the image area (default: 1024^2, 1369 tokens)")
-    parser.add_argument("--steps", type=int, default=None, help="steps of the whole edit (default 50 on cuda, 1 on cpu)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of the whole edit (default 50 on cuda, 2 on cpu; "
+                        "at least 2: one step with the scheduler's terminal shift is NaN in diffusers)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per stage (default 3 cuda, 1 cpu)")
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--compile", action="store_true", help="also time the regionally compiled DiT step")
@@ -535,7 +536,9 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be >= 1")
-    args.steps = args.steps or (50 if args.device.startswith("cuda") else 1)
+    args.steps = args.steps or (50 if args.device.startswith("cuda") else 2)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (Qwen-Image-Edit's scheduler divides by zero at one step)")
     torch.manual_seed(0)
     results = RealDimBenchmark(args).run()
     print(format_table(results))

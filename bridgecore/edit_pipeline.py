@@ -254,6 +254,9 @@ class EnhancedQwenImageEdit:
                 negative: tuple[torch.Tensor, torch.Tensor] | None = None, output_type: str = "pil") -> list[Any]:
         """Runs the DiT on given embeddings (`[B, L, D]`, mask `[B, L]`), one forward per condition size."""
         num_inference_steps = num_inference_steps or self.default_steps
+        if num_inference_steps < 2 and self.pipe.scheduler.config.get("shift_terminal"):
+            raise ValueError(f"num_inference_steps must be >= 2 with this scheduler (its terminal shift divides by "
+                             f"zero at one step and every pixel is NaN); got {num_inference_steps}")
         outputs: list[Any] = [None] * len(samples)
         device = self.options.torch_device()
         for group in self._group_by_size(samples):
