@@ -184,7 +184,7 @@ class EnhancedQwenImageEdit:
                return_attention_weights: bool = False):
         """(prompt_embeds [B, L, D], mask [B, L], attention maps or None) for B samples."""
         if use_qwen3_vision:
-            caches = self.extractor.extract(samples, prompts)
+            caches = self.extractor.extract(samples, prompts, one_model_at_a_time=self.one_model_at_a_time)
             output = self.bridge_for(caches[0].qwen3, caches[0].qwen25)(
                 [c.qwen3 for c in caches], [c.qwen25 for c in caches], return_attention_weights=return_attention_weights)
             embeds, mask, maps = output.prompt_embeds, output.prompt_embeds_mask, output.attention_weights

@@ -214,13 +214,18 @@ class VisionCacheExtractor:
         caches = self._encode_qwen25(prompts, [self.prepare_images(s) for s in samples])
         return caches if batched else caches[0]
 
-    def extract(self, images, text_prompt: str | list[str]):
-        """Both caches, as `SampleCache` (or a list for a batch). Images are loaded and resized once."""
+    def extract(self, images, text_prompt: str | list[str], one_model_at_a_time: bool = False):
+        """Both caches, as `SampleCache` (or a list for a batch). Images are loaded and resized once.
+        `one_model_at_a_time` frees Qwen2.5-VL before Qwen3-VL loads, and Qwen3-VL after (small GPUs)."""
         samples, prompts, batched = _as_samples(images, text_prompt)
         loaded = [[load_image(i) for i in s] for s in samples]
         resized = [prepare_condition_images(s, self.plus, self.condition_area, self.plus_condition_area) for s in loaded]
         qwen25 = self._encode_qwen25(prompts, resized)
+        if one_model_at_a_time:
+            self.unload_qwen25()
         qwen3 = self._encode_qwen3(prompts, resized)
+        if one_model_at_a_time:
+            self.unload_qwen3()
         caches = [
             SampleCache(q3, q25, prompt, [image.size for image in imgs])
             for q3, q25, prompt, imgs in zip(qwen3, qwen25, prompts, loaded)

@@ -218,7 +218,7 @@ def training_memory(transformer: nn.Module, bridge_parameters: int, text_tokens:
 
 # Estimates of live activations at inference (bf16), checked against the GPU benchmark's measured peaks:
 DIT_ACTIVATION_WIDTHS = 24  # [tokens, inner_dim] tensors alive inside one DiT block (q, k, v, 4x MLP, norms, ...)
-VAE_DECODE_WIDTHS = 12  # [pixels, base_dim] tensors alive in the VAE decoder's full-resolution stage
+VAE_DECODE_WIDTHS = 28  # [pixels, base_dim] tensors alive in the VAE decoder's full-resolution stage (CPU: ~25)
 DIT_OFFLOAD_RESIDENT_BLOCKS = 2  # group offload at block level with streams: the running block + the prefetched one
 GPU_MEMORY_GIB = {"24gb": 24, "l40s": 48, "a100": 80, "h100": 80, "h200": 141}
 
@@ -228,7 +228,7 @@ def vlm_activation_bytes(model: nn.Module, seq_len: int, patches: int) -> int:
     MLP are live, plus the vision tower's widest tensors."""
     text, vision = model.config.text_config, model.config.vision_config
     llm = seq_len * ((text.num_hidden_layers + 1 + 4) * text.hidden_size + 3 * text.intermediate_size)
-    tower = patches * (6 * vision.hidden_size + 2 * vision.intermediate_size)
+    tower = patches * (16 * vision.hidden_size + 2 * vision.intermediate_size)
     return 2 * (llm + tower)
 
 
@@ -303,8 +303,9 @@ class ModelPlan:
 
 def _plan_model(name: str, model: nn.Module) -> ModelPlan:
     params = sum(p.numel() for p in model.parameters())
-    # int8 (bitsandbytes LLM.int8): Linear weights in 1 byte; norms, embeddings and biases stay bf16.
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    # int8 (bitsandbytes LLM.int8): Linear weights in 1 byte; norms, embeddings, biases and the LM head (skipped by
+    # `LoadOptions`) stay bf16.
+    linear = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head")
     return ModelPlan(name, params, 2 * params, linear + 2 * (params - linear))
 
 
