@@ -30,9 +30,10 @@ def editor_for(zoo, device: str, area: int, **options):
                                  condition_area=area, **options)
 
 
-def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
-    """(ours, diffusers'): our baseline edit, and diffusers' own pipeline (loaded separately, same dtype and
-    device) given the same prompt embeddings, seed and condition area."""
+def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> tuple[np.ndarray, ...]:
+    """(ours, diffusers', ours at another seed): our baseline edit, diffusers' own pipeline (loaded separately,
+    same dtype and device) given the same prompt embeddings, seed and condition area, and the scale of an
+    unrelated difference."""
     from bridgecore.edit_pipeline import pipeline_areas
     from bridgecore.loading import LoadOptions, load_edit_pipeline, resolve_model
 
@@ -40,6 +41,8 @@ def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> t
     image = make_image(320, 200)
     ours = editor.generate(image, PROMPT, use_qwen3_vision=False, seed=seed, num_inference_steps=steps,
                            output_type="np")
+    other_seed = editor.generate(image, PROMPT, use_qwen3_vision=False, seed=seed + 1, num_inference_steps=steps,
+                                 output_type="np")
     embeds, mask, _ = editor.encode([[image]], [PROMPT], use_qwen3_vision=False)
     editor.unload()
     plain = load_edit_pipeline(resolve_model(zoo["qwen-image-edit"]), LoadOptions(device=device, dtype="bfloat16"))
@@ -48,7 +51,7 @@ def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> t
                           num_inference_steps=steps, true_cfg_scale=1.0, output_type="np",
                           generator=torch.Generator(device).manual_seed(seed)).images[0]
     del plain
-    return ours, reference
+    return ours, reference, other_seed
 
 
 def batched_and_single(editor, steps: int = 2, count: int = 3) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:

@@ -14,9 +14,10 @@ def zoo(tmp_path_factory):
 
 
 def test_our_edit_equals_diffusers_pipeline_at_real_width(zoo):
-    ours, reference = edit_parity(zoo, "cpu", AREA)
+    ours, reference, other_seed = edit_parity(zoo, "cpu", AREA)
     assert np.isfinite(ours).all() and ours.shape == reference.shape
     np.testing.assert_array_equal(ours, reference)
+    assert not np.array_equal(ours, other_seed)
 
 
 def test_batched_equals_one_by_one_at_real_width(zoo):
