@@ -36,8 +36,9 @@ def zoo(tmp_path_factory):
 def _images_close(ours: np.ndarray, reference: np.ndarray, unrelated: float) -> None:
     assert np.isfinite(ours).all() and np.isfinite(reference).all()
     diff = np.abs(ours - reference)
-    # bf16 on CUDA: the same computation may differ in rounding, never by a fraction of an unrelated image
-    assert diff.mean() < 0.02 * unrelated and diff.max() < 0.25, (diff.mean(), diff.max(), unrelated)
+    # bf16: rounding differs (batched vs one-by-one on CPU: mean 1.5e-3 against 0.08 between seeds), never by a
+    # tenth of the difference between two seeds
+    assert diff.mean() < 0.1 * unrelated and diff.max() < 0.25, (diff.mean(), diff.max(), unrelated)
 
 
 def test_bf16_edit_equals_diffusers_pipeline(zoo):
@@ -91,9 +92,11 @@ def test_8bit_vlm_loading_on_cuda(zoo):
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed")
     try:
-        import bitsandbytes  # noqa: F401 - its CUDA library must load on this machine
+        from bitsandbytes.cextension import lib  # its CUDA library must load on this machine
     except Exception as error:  # noqa: BLE001
-        pytest.skip(f"bitsandbytes does not load here: {error}")
+        pytest.skip(f"bitsandbytes does not import here: {error}")
+    if type(lib).__name__ != "CudaBNBNativeLibrary":
+        pytest.skip(f"bitsandbytes found no CUDA library for torch {torch.version.cuda} ({type(lib).__name__})")
     from bridgecore.edit_prompt import EditPromptEncoder, prepare_condition_images
     from bridgecore.loading import LoadOptions, load_edit_text_encoder, resolve_model
     from bridgecore.planner import _plan_model
