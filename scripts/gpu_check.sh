@@ -36,7 +36,7 @@ tail -3 "$OUT/env.txt"
 
 # 1. benchmark (its JSON is written after every section: a timeout keeps what was measured)
 mkdir -p .realdim-tmp
-timeout $(( $(left) - 150 )) python3 bench/gpu_realdim.py --device cuda --compile --tmp .realdim-tmp \
+timeout $(( $(left) - 170 )) python3 bench/gpu_realdim.py --device cuda --compile --tmp .realdim-tmp \
   --json "$OUT/gpu_realdim.json" 2>&1 | tee "$OUT/gpu_realdim.log"
 bench_rc=${PIPESTATUS[0]}
 rm -rf .realdim-tmp

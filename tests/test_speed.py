@@ -116,3 +116,28 @@ def test_speed_option_keeps_the_edit(tiny_zoo, baseline, options):
 def test_unknown_attention_backend_is_refused(tiny_zoo):
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], attention_backend="fastest")
+
+
+def test_edit_command_with_speed_flags(tiny_zoo, loras, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    make_image().save(source)
+    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "edit", str(source), "--prompt", "make it blue",
+                             "--out", str(out), "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
+                             str(tiny_zoo["qwen-image-edit"]), "--condition-area", str(AREA), "--seed", "1",
+                             "--lora", str(loras["lightning"]), "--attention-backend", "_native_math"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA,
+                                   lora=str(loras["lightning"]), attention_backend="_native_math")
+    expected = editor.generate(make_image(), "make it blue", seed=1)  # 4 steps: the Lightning LoRA's default
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    refused = subprocess.run([sys.executable, "-m", "bridgecore.cli", "edit", str(source), "--prompt", "x", "--out",
+                              str(out), "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
+                              str(tiny_zoo["qwen-image-edit"]), "--attention-backend", "fastest"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "attention_backend must be one of" in refused.stderr
