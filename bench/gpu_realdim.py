@@ -349,9 +349,11 @@ class RealDimBenchmark:
             self.compiled_step(transformer, step, flops)
 
     def attention_backends(self, transformer, step, flops: float) -> None:
+        from bridgecore.speed import set_attention_backend
+
         for backend in ("_native_cudnn", "_native_efficient", "_native_flash"):
             try:
-                transformer.set_attention_backend(backend)
+                set_attention_backend(transformer, backend)
                 seconds, times, _ = self.meter.time(step, self.repeats, self.warmup)
                 self.record(f"dit_step[{backend}]", seconds, flops, times=times)
             except Exception as error:  # noqa: BLE001 - a backend may refuse the mask or the card

@@ -125,7 +125,7 @@ def load_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> None:
         name = f"lora_{index}"
         try:
             pipe.load_lora_weights(source, adapter_name=name, **kwargs)
-        except (OSError, ValueError, EnvironmentError) as error:
+        except (OSError, ValueError) as error:
             raise ValueError(f"LoRA {spec.source!r} could not be loaded: {type(error).__name__}: {error}. Give a "
                              "local .safetensors file or directory, or pre-download the hub repo "
                              "(`hf download OWNER/NAME`) when offline.") from None
@@ -152,10 +152,17 @@ def attention_backends() -> list[str]:
 
 
 def set_attention_backend(transformer, backend: str) -> None:
-    """Routes the DiT's attention through diffusers' dispatcher backend `backend` (checks its requirements)."""
+    """Routes this DiT's attention through diffusers' dispatcher backend `backend` (checks its requirements).
+
+    diffusers also makes `backend` the process-wide default for every other model; that default is put back,
+    so only this transformer changes (its processors name their backend explicitly)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
     if backend not in attention_backends():
         raise ValueError(f"attention_backend must be one of {attention_backends()}; got {backend!r}")
+    previous = _AttentionBackendRegistry._active_backend
     transformer.set_attention_backend(backend)
+    _AttentionBackendRegistry.set_active_backend(previous)
 
 
 def compile_transformer(transformer, options: dict | None = None) -> None:

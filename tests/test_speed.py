@@ -108,6 +108,11 @@ def test_speed_option_keeps_the_edit(tiny_zoo, baseline, options):
     # aot_eager traces the repeated block with fullgraph=True as inductor would, without compiling kernels (CPU time).
     out, editor = _edit(tiny_zoo, **options)
     np.testing.assert_allclose(out, baseline, atol=1e-5)
+    if options.get("attention_backend"):
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        assert _AttentionBackendRegistry._active_backend == AttentionBackendName.NATIVE  # others keep the default
+        assert editor.pipe.transformer.transformer_blocks[0].attn.processor._attention_backend == "_native_math"
     if options.get("compile"):
         block = editor.pipe.transformer.transformer_blocks[0]
         assert getattr(block, "_compiled_call_impl", None) is not None
