@@ -108,18 +108,40 @@ def tiny_models(
 def plan(
     image_size: tuple[int, int] = typer.Option((1024, 1024), help="Input image height and width in pixels."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area the pipeline resizes to."),
+    images: Optional[int] = typer.Option(None, help="Plan a job of this many images: GPU-hours, storage and cost "
+                                         "(instead of the model report)."),
+    resolution: int = typer.Option(1024, help="Job: edit resolution (square side; condition area = side^2)."),
+    steps: int = typer.Option(50, help="Job: denoising steps per image (a Lightning LoRA: 4 or 8)."),
+    gpu: str = typer.Option("h100", help="Job: h100, h200, a100 or l40s (dense bf16 peak from the datasheet)."),
+    efficiency: Optional[float] = typer.Option(None, help="Job: achieved fraction of the bf16 peak [default 0.55, "
+                                               "the H200 anchor: 17.78 s per 1024^2 50-step edit]."),
+    cfg: bool = typer.Option(False, "--cfg", help="Job: true CFG (negative prompt encoded, two DiT passes per step)."),
+    price: Optional[float] = typer.Option(None, help="Job: USD per GPU-hour, for the cost."),
+    measured: Optional[Path] = typer.Option(None, help="Job: per-stage efficiencies (MFU) and VAE time from a "
+                                            "bench/gpu_realdim.py --json file."),
+    train_steps: int = typer.Option(0, help="Job: bridge training steps to add (frozen DiT: 3 DiT passes per sample)."),
+    train_batch_size: int = typer.Option(4, help="Job: training batch size."),
+    gpus: int = typer.Option(1, help="Job: GPUs working in parallel (for the wall-clock days)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
     """Real-scale sizes from the real configs on the meta device: parameters, weight memory (bf16, int8),
-    vision tokens, and forward FLOPs of one extraction and one DiT step (analytic matmul count)."""
+    inference memory per residency mode, vision tokens, and forward FLOPs of one extraction and one DiT step
+    (analytic matmul count). With --images N: the job's GPU-hours (extract, edit, train), storage and cost."""
+    from .job_cost import format_job_cost, plan_job_cost
     from .planner import format_plan
     from .planner import plan as make_plan
 
     try:
-        report = make_plan(*image_size, condition_area=condition_area)
-    except ValueError as error:
+        if images is not None:
+            report = plan_job_cost(images, resolution, steps, gpu, cfg, efficiency, price, measured, train_steps,
+                                   train_batch_size, gpus=gpus)
+            text = format_job_cost(report)
+        else:
+            report = make_plan(*image_size, condition_area=condition_area)
+            text = format_plan(report)
+    except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
-    typer.echo(json.dumps(report, indent=2) if as_json else format_plan(report))
+    typer.echo(json.dumps(report, indent=2) if as_json else text)
 
 
 @app.command()
@@ -165,22 +187,42 @@ def edit(
     baseline: bool = typer.Option(False, "--baseline", help="Plain Qwen-Image-Edit (M-RoPE-correct embeddings), no Qwen3-VL."),
     qwen3: Optional[str] = typer.Option(None, help=f"Qwen3-VL hub id or directory [default: {DEFAULT_QWEN3_MODEL}]."),
     edit_model: Optional[str] = typer.Option(None, help=f"Edit pipeline hub id or directory [default: {DEFAULT_EDIT_MODEL}]."),
-    steps: int = typer.Option(50, help="Denoising steps."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 50, or a Lightning LoRA's 4/8]."),
     seed: int = typer.Option(0, help="Noise seed."),
     cfg: float = typer.Option(4.0, help="true_cfg_scale; acts only with --negative-prompt."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for true CFG."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
     compare_path: Optional[Path] = typer.Option(None, "--compare", help="Also write input | baseline | enhanced | attention PNG."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
-    one_model_at_a_time: bool = typer.Option(False, help="Keep at most one large model in memory."),
+    one_model_at_a_time: bool = typer.Option(False, help="Keep at most one large model in memory (each VLM is freed "
+                                             "before the next model runs)."),
+    load_in_8bit: bool = typer.Option(False, help="Load both VLMs in 8-bit (bitsandbytes)."),
+    lora: Optional[list[str]] = typer.Option(None, help="LoRA for the DiT, PATH_OR_ID[:scale] (a .safetensors file, a "
+                                             "directory, owner/name or owner/name/file.safetensors); repeatable; fused "
+                                             "after loading. A Lightning LoRA (name contains 'lightning', e.g. "
+                                             "lightx2v/Qwen-Image-Lightning/Qwen-Image-Edit-Lightning-8steps-V1.0-bf16"
+                                             ".safetensors) brings its scheduler and step count; use it without CFG."),
+    scheduler: str = typer.Option("auto", help="auto (Lightning's when a Lightning LoRA is given), default, lightning."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the DiT's repeated block (regional; the first "
+                                 "edit at a new size compiles, later ones are faster)."),
+    attention_backend: Optional[str] = typer.Option(None, help="diffusers attention backend for the DiT: native "
+                                                    "(torch SDPA), _native_cudnn, _native_flash, flash (flash-attn), ..."),
+    dit_offload: bool = typer.Option(False, help="Stream the DiT's blocks from host RAM (cards with less memory than "
+                                     "the 38 GiB bf16 DiT; see `vision-bridge plan` for the peak per mode)."),
 ):
     """Edit one sample with Qwen-Image-Edit, its conditioning enhanced by Qwen3-VL through the bridge."""
     from .edit_pipeline import EnhancedQwenImageEdit
     from .images import ImageLoadError
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1)
-    editor = EnhancedQwenImageEdit(edit_model, qwen3, bridge=bridge, device=device, condition_area=condition_area,
-                                   one_model_at_a_time=one_model_at_a_time)
+    try:
+        editor = EnhancedQwenImageEdit(edit_model, qwen3, bridge=bridge, device=device, condition_area=condition_area,
+                                       one_model_at_a_time=one_model_at_a_time, load_in_8bit=load_in_8bit, lora=lora,
+                                       scheduler=scheduler, compile=compile, attention_backend=attention_backend,
+                                       dit_offload=dit_offload)
+    except ValueError as error:
+        _fail(str(error))
+    steps = steps or editor.default_steps
     sample = images if len(images) > 1 else images[0]
     try:
         if compare_path is not None:

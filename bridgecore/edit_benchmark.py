@@ -39,7 +39,7 @@ def _peak_memory_mib(device: torch.device) -> float:
     return float("nan")
 
 
-class _ModuleTimer:
+class ModuleTimer:
     """Accumulates wall time spent inside a module's forward, via hooks."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
@@ -102,7 +102,7 @@ def benchmark_edits(editor: "EnhancedQwenImageEdit", test_images: list, test_pro
         from .edit_pipeline import pipeline_areas
 
         pipe = editor.pipe
-        decode_timer = _ModuleTimer(pipe.vae.decoder, device)
+        decode_timer = ModuleTimer(pipe.vae.decoder, device)
         try:
             with pipeline_areas(pipe, editor.condition_area, editor.plus_condition_area):
                 edited = run("pipeline", lambda: pipe(

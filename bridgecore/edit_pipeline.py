@@ -32,6 +32,17 @@ from .loading import (
     pipeline_class_name,
     resolve_model,
 )
+from .speed import (
+    attention_backends,
+    compile_transformer,
+    default_steps,
+    enable_dit_offload,
+    load_loras,
+    parse_loras,
+    resolve_scheduler,
+    set_attention_backend,
+    use_lightning_scheduler,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +83,29 @@ class EnhancedQwenImageEdit:
         condition_area: condition-image area (the pipelines' 1024*1024 by default).
         one_model_at_a_time: keep at most one large model resident (Qwen3-VL, Qwen2.5-VL, DiT in turn).
         load_in_8bit: load the two VLMs in 8-bit.
+        lora: LoRA(s) for the DiT, each `PATH_OR_ID[:scale]` (see `bridgecore.speed`); fused after loading.
+        scheduler: "auto" (Lightning's scheduler when a Lightning LoRA is given), "default" or "lightning".
+        compile: regional `torch.compile` of the DiT's repeated blocks; `compile_options` go to torch.compile.
+        attention_backend: diffusers attention backend for the DiT ("native", "_native_cudnn", "flash", ...).
+        dit_offload: stream the DiT's blocks from host RAM (cards smaller than the 38 GiB bf16 DiT).
     """
 
     def __init__(self, edit_model: str | Path = DEFAULT_EDIT_MODEL, qwen3_model: str | Path = DEFAULT_QWEN3_MODEL,
                  bridge: VisionCacheBridge | str | Path | None = None, device: str = "auto", dtype: str = "auto",
                  condition_area: int = DEFAULT_CONDITION_AREA,
                  plus_condition_area: int = DEFAULT_PLUS_CONDITION_AREA,
-                 one_model_at_a_time: bool = False, load_in_8bit: bool = False):
+                 one_model_at_a_time: bool = False, load_in_8bit: bool = False,
+                 lora: str | list[str] | None = None, scheduler: str = "auto", compile: bool = False,
+                 compile_options: dict | None = None, attention_backend: str | None = None,
+                 dit_offload: bool = False):
         self.options = LoadOptions(device=device, dtype=dtype)
+        self.loras = parse_loras(lora)
+        self.scheduler = resolve_scheduler(scheduler, self.loras)
+        self.compile, self.compile_options = compile, compile_options
+        if attention_backend is not None and attention_backend not in attention_backends():
+            raise ValueError(f"attention_backend must be one of {attention_backends()}; got {attention_backend!r}")
+        self.attention_backend = attention_backend
+        self.dit_offload = dit_offload
         self.extractor = VisionCacheExtractor(qwen3_model, edit_model, device=device, dtype=dtype,
                                               load_in_8bit=load_in_8bit, condition_area=condition_area,
                                               plus_condition_area=plus_condition_area)
@@ -94,8 +120,28 @@ class EnhancedQwenImageEdit:
 
     def _load_pipeline(self):
         resolved = resolve_model(self.edit_name)
+        device = self.options.torch_device()
+        # With DiT offload the pipeline is assembled in host RAM (in the target dtype) and only the small parts move.
+        options = (LoadOptions(device="cpu", dtype=str(self.options.torch_dtype()).removeprefix("torch."))
+                   if self.dit_offload else self.options)
         # The text encoder stays with the extractor: the pipeline only ever receives embeddings.
-        return load_edit_pipeline(resolved, self.options, text_encoder=None)
+        pipe = load_edit_pipeline(resolved, options, text_encoder=None)
+        load_loras(pipe, self.loras)
+        if self.scheduler == "lightning":
+            use_lightning_scheduler(pipe)
+        if self.attention_backend is not None:
+            set_attention_backend(pipe.transformer, self.attention_backend)
+        if self.dit_offload:
+            pipe.vae.to(device)
+            enable_dit_offload(pipe.transformer, device)
+        if self.compile:
+            compile_transformer(pipe.transformer, self.compile_options)
+        return pipe
+
+    @property
+    def default_steps(self) -> int:
+        """Steps when none are given: 50, or a distilled (Lightning) LoRA's 4 or 8."""
+        return default_steps(self.loras, self.scheduler)
 
     @property
     def pipe(self):
@@ -138,7 +184,7 @@ class EnhancedQwenImageEdit:
                return_attention_weights: bool = False):
         """(prompt_embeds [B, L, D], mask [B, L], attention maps or None) for B samples."""
         if use_qwen3_vision:
-            caches = self.extractor.extract(samples, prompts)
+            caches = self.extractor.extract(samples, prompts, one_model_at_a_time=self.one_model_at_a_time)
             output = self.bridge_for(caches[0].qwen3, caches[0].qwen25)(
                 [c.qwen3 for c in caches], [c.qwen25 for c in caches], return_attention_weights=return_attention_weights)
             embeds, mask, maps = output.prompt_embeds, output.prompt_embeds_mask, output.attention_weights
@@ -160,7 +206,7 @@ class EnhancedQwenImageEdit:
         return list(groups.values())
 
     def generate(self, image, prompt: str | list[str], use_qwen3_vision: bool = True, seed: int | list[int] = 0,
-                 num_inference_steps: int = 50, true_cfg_scale: float = 4.0, negative_prompt: str | None = None,
+                 num_inference_steps: int | None = None, true_cfg_scale: float = 4.0, negative_prompt: str | None = None,
                  output_type: str = "pil", return_attention_weights: bool = False, condition_area: int | None = None):
         """Edits one sample (`image`: an image or, for Edit-Plus, a list) or a batch (`prompt` a list).
 
@@ -188,6 +234,8 @@ class EnhancedQwenImageEdit:
                              "use an Edit-Plus model (Qwen/Qwen-Image-Edit-2509) for several")
 
         cfg = true_cfg_scale > 1 and negative_prompt is not None
+        if cfg and self.scheduler == "lightning":
+            logger.warning("true CFG with a Lightning (CFG-distilled) LoRA: these are made for true_cfg_scale 1")
         embeds, mask, maps = self.encode(samples, prompts, use_qwen3_vision, return_attention_weights)
         if cfg:
             neg_embeds, neg_mask, _ = self.encode(samples, [negative_prompt] * len(prompts), use_qwen3_vision)
@@ -202,9 +250,13 @@ class EnhancedQwenImageEdit:
         return (result, maps) if return_attention_weights else result
 
     def denoise(self, samples: list[list[Image.Image]], embeds: torch.Tensor, mask: torch.Tensor, seeds: list[int],
-                num_inference_steps: int = 50, true_cfg_scale: float = 4.0,
+                num_inference_steps: int | None = None, true_cfg_scale: float = 4.0,
                 negative: tuple[torch.Tensor, torch.Tensor] | None = None, output_type: str = "pil") -> list[Any]:
         """Runs the DiT on given embeddings (`[B, L, D]`, mask `[B, L]`), one forward per condition size."""
+        num_inference_steps = num_inference_steps or self.default_steps
+        if num_inference_steps < 2 and self.pipe.scheduler.config.get("shift_terminal"):
+            raise ValueError(f"num_inference_steps must be >= 2 with this scheduler (its terminal shift divides by "
+                             f"zero at one step and every pixel is NaN); got {num_inference_steps}")
         outputs: list[Any] = [None] * len(samples)
         device = self.options.torch_device()
         for group in self._group_by_size(samples):
@@ -235,7 +287,7 @@ class EnhancedQwenImageEdit:
 
         return benchmark_edits(self, test_images, test_prompts, output_dir, num_inference_steps, seed, use_qwen3_vision)
 
-    def compare(self, image, prompt: str, seed: int = 0, num_inference_steps: int = 50,
+    def compare(self, image, prompt: str, seed: int = 0, num_inference_steps: int | None = None,
                 save_comparison: str | Path | None = None, **kwargs):
         """(baseline, enhanced, attention maps); `save_comparison=PATH` writes the labelled PNG grid."""
         return compare_edits(self, image, prompt, seed, num_inference_steps, save_comparison, **kwargs)
@@ -273,7 +325,7 @@ def comparison_grid(panels: list[tuple[str, Image.Image]], height: int = 256) ->
     return grid
 
 
-def compare_edits(editor: EnhancedQwenImageEdit, image, prompt: str, seed: int = 0, num_inference_steps: int = 50,
+def compare_edits(editor: EnhancedQwenImageEdit, image, prompt: str, seed: int = 0, num_inference_steps: int | None = None,
             save_comparison: str | Path | None = None, **kwargs):
     """(baseline, enhanced, attention maps) for one sample; `save_comparison` writes
     input | baseline | enhanced | attention overlay as one labelled PNG."""

@@ -72,6 +72,18 @@ def resize_for_condition(image: Image.Image, area: int) -> Image.Image:
     return VaeImageProcessor(vae_scale_factor=16).resize(image, height, width)
 
 
+def prepare_condition_images(images: list[Image.Image], plus: bool, condition_area: int = DEFAULT_CONDITION_AREA,
+                             plus_condition_area: int = DEFAULT_PLUS_CONDITION_AREA) -> list[Image.Image]:
+    """Resizes one sample's images as the pipeline does before handing them to the VLM (no model needed)."""
+    if not plus and len(images) != 1:
+        raise ValueError(
+            f"the single-image Qwen-Image-Edit pipeline takes exactly one image per sample; got {len(images)}. "
+            "Use an Edit-Plus model (Qwen/Qwen-Image-Edit-2509) for multi-image edits."
+        )
+    area = plus_condition_area if plus else condition_area
+    return [resize_for_condition(image, area) for image in images]
+
+
 @dataclass
 class EditPromptEncoding:
     """Output of `EditPromptEncoder.encode` for a batch of B samples.
@@ -122,12 +134,7 @@ class EditPromptEncoder:
 
     def prepare_images(self, images: list[Image.Image]) -> list[Image.Image]:
         """Resizes one sample's images as the pipeline does before handing them to the VLM."""
-        if not self.plus and len(images) != 1:
-            raise ValueError(
-                f"the single-image Qwen-Image-Edit pipeline takes exactly one image per sample; got {len(images)}. "
-                "Use an Edit-Plus model (Qwen/Qwen-Image-Edit-2509) for multi-image edits."
-            )
-        return [resize_for_condition(image, self.vlm_area) for image in images]
+        return prepare_condition_images(images, self.plus, self.condition_area, self.plus_condition_area)
 
     def format_prompt(self, instruction: str, num_images: int) -> str:
         if not self.plus:
@@ -153,6 +160,7 @@ class EditPromptEncoder:
             image_grid_thw=inputs.get("image_grid_thw"),
             mm_token_type_ids=inputs["mm_token_type_ids"],
             output_hidden_states=True,
+            use_cache=False,  # one forward, no generation: a KV cache would only cost memory
         ).hidden_states[-1]
         return self._split(hidden, inputs, [len(imgs) for imgs in sample_images])
 

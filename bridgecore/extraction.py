@@ -22,7 +22,13 @@ import torch
 from PIL import Image
 
 from .cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache, SampleCache
-from .edit_prompt import DEFAULT_CONDITION_AREA, DEFAULT_PLUS_CONDITION_AREA, EditPromptEncoder
+from .edit_prompt import (
+    DEFAULT_CONDITION_AREA,
+    DEFAULT_PLUS_CONDITION_AREA,
+    EditPromptEncoder,
+    EditPromptEncoding,
+    prepare_condition_images,
+)
 from .images import load_image
 from .loading import (
     DEFAULT_EDIT_MODEL,
@@ -132,9 +138,8 @@ class VisionCacheExtractor:
 
     def _load_qwen25(self) -> _Qwen25Handle:
         resolved = resolve_model(self.edit_name, allow_patterns=EDIT_ENCODER_FILES)
-        plus = pipeline_class_name(resolved) == "QwenImageEditPlusPipeline"
         text_encoder, processor = load_edit_text_encoder(resolved, self.options)
-        encoder = EditPromptEncoder(text_encoder, processor, plus=plus, condition_area=self.condition_area,
+        encoder = EditPromptEncoder(text_encoder, processor, plus=self.plus, condition_area=self.condition_area,
                                     plus_condition_area=self.plus_condition_area)
         return _Qwen25Handle(encoder, self.edit_name, resolved.revision)
 
@@ -168,56 +173,24 @@ class VisionCacheExtractor:
 
     # -- extraction --------------------------------------------------------------------------------------
 
+    @functools.cached_property
+    def plus(self) -> bool:
+        """Edit-Plus mode, read from the edit model's `model_index.json` (no model loaded)."""
+        resolved = resolve_model(self.edit_name, allow_patterns=["model_index.json"])
+        return pipeline_class_name(resolved) == "QwenImageEditPlusPipeline"
+
     def prepare_images(self, images: Sequence[Any]) -> list[Image.Image]:
-        """Loads one sample's images and resizes them as Qwen-Image-Edit does for its VLM."""
-        return self.qwen25_encoder.prepare_images([load_image(image) for image in images])
+        """Loads one sample's images and resizes them as Qwen-Image-Edit does for its VLM (loads no model, so
+        Qwen3-VL-only extraction never brings Qwen2.5-VL into memory)."""
+        return prepare_condition_images([load_image(image) for image in images], self.plus, self.condition_area,
+                                        self.plus_condition_area)
 
     @torch.no_grad()
     def _encode_qwen3(self, prompts: list[str], sample_images: list[list[Image.Image]]) -> list[Qwen3VisionCache]:
         handle = self._qwen3.get()
-        model, processor = handle.model, handle.processor
-        texts = [
-            processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": prompt}]}],
-                tokenize=False, add_generation_prompt=True,
-            )
-            for prompt, imgs in zip(prompts, sample_images)
-        ]
-        flat = [image for imgs in sample_images for image in imgs]
-        inputs = processor(text=texts, images=flat, padding=True, return_tensors="pt").to(model.device)
-        captured: dict[str, list[torch.Tensor]] = {}
-        hook = model.model.visual.register_forward_hook(
-            lambda module, args, output: captured.__setitem__("deepstack", output.deepstack_features)
-        )
-        try:
-            outputs = model.model(**inputs, output_hidden_states=True)  # skips the LM head
-        finally:
-            hook.remove()
+        caches = encode_qwen3_features(handle.model, handle.processor, prompts, sample_images, self.qwen3_layers,
+                                       handle.model_id, handle.revision)
         self.forward_count += 1
-        layers = self.qwen3_layers
-        deepstack_indices = list(model.config.vision_config.deepstack_visual_indexes)
-        merge = processor.image_processor.merge_size
-        tokens_per_image = (inputs["image_grid_thw"].prod(-1) // merge**2).tolist()
-        image_token_id = model.config.image_token_id
-        caches, first_image, first_token = [], 0, 0
-        for b, count in enumerate(len(imgs) for imgs in sample_images):
-            valid = inputs["attention_mask"][b].bool()
-            ids = inputs["input_ids"][b][valid]
-            n_tokens = sum(tokens_per_image[first_image:first_image + count])
-            caches.append(Qwen3VisionCache(
-                levels={name: outputs.hidden_states[i][b][valid] for name, i in layers.items()},  # [L3, D3]
-                deepstack={index: feats[first_token:first_token + n_tokens]
-                           for index, feats in zip(deepstack_indices, captured["deepstack"])},  # [N3, D3]
-                input_ids=ids.cpu(),
-                vision_positions=torch.nonzero(ids == image_token_id).flatten().cpu(),
-                grid_thw=inputs["image_grid_thw"][first_image:first_image + count].cpu(),
-                layer_indices=layers,
-                model_id=handle.model_id,
-                revision=handle.revision,
-                image_digest=image_digest(sample_images[b]),
-            ))
-            first_image += count
-            first_token += n_tokens
         return caches
 
     @torch.no_grad()
@@ -225,21 +198,8 @@ class VisionCacheExtractor:
         handle = self._qwen25.get()
         encoding = handle.encoder.encode(prompts, sample_images, resized=True)
         self.forward_count += 1
-        return [
-            Qwen25VisionCache(
-                prompt_embeds=encoding.prompt_embeds[b, : len(encoding.input_ids[b])],
-                prompt_embeds_mask=encoding.prompt_embeds_mask[b, : len(encoding.input_ids[b])],
-                input_ids=encoding.input_ids[b],
-                vision_positions=encoding.vision_positions[b],
-                grid_thw=encoding.grid_thw[b],
-                model_id=handle.model_id,
-                revision=handle.revision,
-                template="edit_plus" if handle.encoder.plus else "edit",
-                drop_idx=encoding.drop_idx,
-                image_digest=image_digest(sample_images[b]),
-            )
-            for b in range(len(prompts))
-        ]
+        return qwen25_caches(encoding, sample_images, handle.model_id, handle.revision,
+                             template="edit_plus" if handle.encoder.plus else "edit")
 
     def extract_qwen3_vision(self, images, text_prompt: str | list[str] = "Describe this image"):
         """Qwen3-VL features of one sample (`images`: an image or a list of one sample's images) or, when
@@ -254,13 +214,18 @@ class VisionCacheExtractor:
         caches = self._encode_qwen25(prompts, [self.prepare_images(s) for s in samples])
         return caches if batched else caches[0]
 
-    def extract(self, images, text_prompt: str | list[str]):
-        """Both caches, as `SampleCache` (or a list for a batch). Images are loaded and resized once."""
+    def extract(self, images, text_prompt: str | list[str], one_model_at_a_time: bool = False):
+        """Both caches, as `SampleCache` (or a list for a batch). Images are loaded and resized once.
+        `one_model_at_a_time` frees Qwen2.5-VL before Qwen3-VL loads, and Qwen3-VL after (small GPUs)."""
         samples, prompts, batched = _as_samples(images, text_prompt)
         loaded = [[load_image(i) for i in s] for s in samples]
-        resized = [self.qwen25_encoder.prepare_images(s) for s in loaded]
+        resized = [prepare_condition_images(s, self.plus, self.condition_area, self.plus_condition_area) for s in loaded]
         qwen25 = self._encode_qwen25(prompts, resized)
+        if one_model_at_a_time:
+            self.unload_qwen25()
         qwen3 = self._encode_qwen3(prompts, resized)
+        if one_model_at_a_time:
+            self.unload_qwen3()
         caches = [
             SampleCache(q3, q25, prompt, [image.size for image in imgs])
             for q3, q25, prompt, imgs in zip(qwen3, qwen25, prompts, loaded)
@@ -270,6 +235,81 @@ class VisionCacheExtractor:
     @staticmethod
     def compare_caches(qwen3_cache: Qwen3VisionCache, qwen25_cache: Qwen25VisionCache) -> dict[str, Any]:
         return compare_caches(qwen3_cache, qwen25_cache)
+
+
+
+# -- encoding with given models (the extractor's path; also used by the GPU benchmark) ------------------------
+
+
+@torch.no_grad()
+def encode_qwen3_features(model, processor, prompts: list[str], sample_images: list[list[Image.Image]],
+                          layers: dict[str, int], model_id: str = "", revision: str = "") -> list[Qwen3VisionCache]:
+    """Qwen3-VL multi-level features of B samples in one forward (images already resized).
+
+    `layers` maps early/mid/late to `hidden_states` indices. DeepStack features are captured from the vision
+    tower's output by a hook; the LM head is skipped.
+    """
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": prompt}]}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        for prompt, imgs in zip(prompts, sample_images)
+    ]
+    flat = [image for imgs in sample_images for image in imgs]
+    inputs = processor(text=texts, images=flat, padding=True, return_tensors="pt").to(model.device)
+    captured: dict[str, list[torch.Tensor]] = {}
+    hook = model.model.visual.register_forward_hook(
+        lambda module, args, output: captured.__setitem__("deepstack", output.deepstack_features)
+    )
+    try:
+        outputs = model.model(**inputs, output_hidden_states=True, use_cache=False)  # skips the LM head
+    finally:
+        hook.remove()
+    deepstack_indices = list(model.config.vision_config.deepstack_visual_indexes)
+    merge = processor.image_processor.merge_size
+    tokens_per_image = (inputs["image_grid_thw"].prod(-1) // merge**2).tolist()
+    image_token_id = model.config.image_token_id
+    caches, first_image, first_token = [], 0, 0
+    for b, count in enumerate(len(imgs) for imgs in sample_images):
+        valid = inputs["attention_mask"][b].bool()
+        ids = inputs["input_ids"][b][valid]
+        n_tokens = sum(tokens_per_image[first_image:first_image + count])
+        caches.append(Qwen3VisionCache(
+            levels={name: outputs.hidden_states[i][b][valid] for name, i in layers.items()},  # [L3, D3]
+            deepstack={index: feats[first_token:first_token + n_tokens]
+                       for index, feats in zip(deepstack_indices, captured["deepstack"])},  # [N3, D3]
+            input_ids=ids.cpu(),
+            vision_positions=torch.nonzero(ids == image_token_id).flatten().cpu(),
+            grid_thw=inputs["image_grid_thw"][first_image:first_image + count].cpu(),
+            layer_indices=layers,
+            model_id=model_id,
+            revision=revision,
+            image_digest=image_digest(sample_images[b]),
+        ))
+        first_image += count
+        first_token += n_tokens
+    return caches
+
+
+def qwen25_caches(encoding: EditPromptEncoding, sample_images: list[list[Image.Image]], model_id: str = "",
+                  revision: str = "", template: str = "edit") -> list[Qwen25VisionCache]:
+    """Splits an `EditPromptEncoder` batch into per-sample caches (padding removed)."""
+    return [
+        Qwen25VisionCache(
+            prompt_embeds=encoding.prompt_embeds[b, : len(encoding.input_ids[b])],
+            prompt_embeds_mask=encoding.prompt_embeds_mask[b, : len(encoding.input_ids[b])],
+            input_ids=encoding.input_ids[b],
+            vision_positions=encoding.vision_positions[b],
+            grid_thw=encoding.grid_thw[b],
+            model_id=model_id,
+            revision=revision,
+            template=template,
+            drop_idx=encoding.drop_idx,
+            image_digest=image_digest(sample_images[b]),
+        )
+        for b in range(len(encoding.input_ids))
+    ]
 
 
 def _stats(tensor: torch.Tensor) -> dict[str, float]:

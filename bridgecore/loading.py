@@ -77,6 +77,9 @@ class LoadOptions:
                 llm_int8_skip_modules=["lm_head"],
             )
             kwargs["device_map"] = {"": str(self.torch_device())}
+        elif self.torch_device().type == "cuda":
+            # Straight from safetensors into GPU memory: no 16 GB staging copy in host RAM.
+            kwargs["device_map"] = {"": str(self.torch_device())}
         return kwargs
 
 

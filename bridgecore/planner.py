@@ -214,6 +214,82 @@ def training_memory(transformer: nn.Module, bridge_parameters: int, text_tokens:
     return rows
 
 
+# -- inference memory ----------------------------------------------------------------------------------
+
+# Estimates of live activations at inference (bf16), checked against the GPU benchmark's measured peaks:
+DIT_ACTIVATION_WIDTHS = 24  # [tokens, inner_dim] tensors alive inside one DiT block (q, k, v, 4x MLP, norms, ...)
+VAE_DECODE_WIDTHS = 28  # [pixels, base_dim] tensors alive in the VAE decoder's full-resolution stage (CPU: ~25)
+DIT_OFFLOAD_RESIDENT_BLOCKS = 2  # group offload at block level with streams: the running block + the prefetched one
+GPU_MEMORY_GIB = {"24gb": 24, "l40s": 48, "a100": 80, "h100": 80, "h200": 141}
+
+
+def vlm_activation_bytes(model: nn.Module, seq_len: int, patches: int) -> int:
+    """One extraction forward: every LLM hidden state is kept (`output_hidden_states`), one layer's attention and
+    MLP are live, plus the vision tower's widest tensors."""
+    text, vision = model.config.text_config, model.config.vision_config
+    llm = seq_len * ((text.num_hidden_layers + 1 + 4) * text.hidden_size + 3 * text.intermediate_size)
+    tower = patches * (16 * vision.hidden_size + 2 * vision.intermediate_size)
+    return 2 * (llm + tower)
+
+
+def dit_activation_bytes(transformer: nn.Module, tokens: int) -> int:
+    config = transformer.config
+    return 2 * tokens * config.num_attention_heads * config.attention_head_dim * DIT_ACTIVATION_WIDTHS
+
+
+def vae_decode_bytes(vae: nn.Module, height: int, width: int) -> int:
+    return 2 * height * width * vae.config.base_dim * VAE_DECODE_WIDTHS
+
+
+def _weight_bytes(model: nn.Module, int8: bool = False) -> int:
+    plan_ = _plan_model("", model)
+    return plan_.bytes_int8 if int8 else plan_.bytes_bf16
+
+
+def _offloaded_dit_bytes(transformer: nn.Module) -> int:
+    """Resident DiT weights under block-level group offload: everything but the blocks, plus a few blocks."""
+    blocks = transformer.transformer_blocks
+    per_block = 2 * sum(p.numel() for p in blocks[0].parameters())
+    return _weight_bytes(transformer) - per_block * len(blocks) + per_block * min(DIT_OFFLOAD_RESIDENT_BLOCKS, len(blocks))
+
+
+def inference_memory(models: dict[str, nn.Module], tokens: dict[str, int], condition_hw: tuple[int, int],
+                     bridge_bytes: int = 0) -> dict[str, dict[str, Any]]:
+    """Peak GPU memory of one edit per residency mode (weights + the peak stage's activations; estimate).
+
+    Modes: `all_resident` (VLMs, DiT and VAE stay loaded), `one_model_at_a_time` (each VLM is freed before the
+    next model runs), `+int8_vlms` (bitsandbytes 8-bit VLMs), `+dit_offload` (the DiT's blocks stream from
+    host RAM, `dit_offload=True`). Returns, per mode, the peak bytes, the stage that sets it and the cards it fits.
+    """
+    height, width = condition_hw
+    acts = {"qwen3_vl": vlm_activation_bytes(models["qwen3_vl"], tokens["qwen3_sequence"], tokens["qwen3_patches"]),
+            "qwen25_vl": vlm_activation_bytes(models["qwen25_vl"], tokens["qwen25_sequence"], tokens["qwen25_patches"]),
+            "dit": dit_activation_bytes(models["transformer"], tokens["dit_image_tokens"] + tokens["qwen25_prompt_embeds"]),
+            "vae": vae_decode_bytes(models["vae"], height, width)}
+    vae = _weight_bytes(models["vae"])
+    modes = {}
+    for name, int8, offload, one_at_a_time in (("all_resident", False, False, False),
+                                               ("one_model_at_a_time", False, False, True),
+                                               ("one_model_at_a_time+int8_vlms", True, False, True),
+                                               ("one_model_at_a_time+dit_offload", False, True, True),
+                                               ("one_model_at_a_time+int8_vlms+dit_offload", True, True, True)):
+        vlm = {n: _weight_bytes(models[n], int8) for n in ("qwen3_vl", "qwen25_vl")}
+        dit = _offloaded_dit_bytes(models["transformer"]) if offload else _weight_bytes(models["transformer"])
+        denoise = dit + vae + bridge_bytes
+        if one_at_a_time:
+            stages = {"qwen3_vl": vlm["qwen3_vl"] + acts["qwen3_vl"], "qwen25_vl": vlm["qwen25_vl"] + acts["qwen25_vl"],
+                      "denoise": denoise + acts["dit"], "vae_decode": denoise + acts["vae"]}
+        else:
+            resident = sum(vlm.values()) + denoise
+            stages = {"qwen3_vl": resident + acts["qwen3_vl"], "qwen25_vl": resident + acts["qwen25_vl"],
+                      "denoise": resident + acts["dit"], "vae_decode": resident + acts["vae"]}
+        peak_stage = max(stages, key=stages.get)
+        modes[name] = {"peak_bytes": stages[peak_stage], "peak_gib": stages[peak_stage] / 2**30,
+                       "peak_stage": peak_stage, "stages_gib": {k: v / 2**30 for k, v in stages.items()},
+                       "fits": [gpu for gpu, gib in GPU_MEMORY_GIB.items() if stages[peak_stage] / 2**30 <= 0.95 * gib]}
+    return {"activations_gib": {k: v / 2**30 for k, v in acts.items()}, "modes": modes}
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 
@@ -227,8 +303,9 @@ class ModelPlan:
 
 def _plan_model(name: str, model: nn.Module) -> ModelPlan:
     params = sum(p.numel() for p in model.parameters())
-    # int8 (bitsandbytes LLM.int8): Linear weights in 1 byte; norms, embeddings and biases stay bf16.
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    # int8 (bitsandbytes LLM.int8): Linear weights in 1 byte; norms, embeddings, biases and the LM head (skipped by
+    # `LoadOptions`) stay bf16.
+    linear = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head")
     return ModelPlan(name, params, 2 * params, linear + 2 * (params - linear))
 
 
@@ -257,6 +334,8 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
         "condition_size": [cond_h, cond_w],
         "flop_method": "analytic matmul count (linear layers, patch embedding, attention products), element-wise ops excluded",
         "models": {name: vars(_plan_model(name, m)) for name, m in models.items()},
+        "hidden_sizes": {"qwen3": models["qwen3_vl"].config.text_config.hidden_size,
+                         "qwen25": models["qwen25_vl"].config.text_config.hidden_size},
         "tokens": {"qwen25_vision": tok25, "qwen25_grid": list(g25), "qwen25_sequence": seq25,
                    "qwen25_prompt_embeds": seq25 - REAL_DROP_IDX, "qwen3_vision": tok3, "qwen3_grid": list(g3),
                    "qwen3_sequence": seq3, "dit_image_tokens": 2 * latent_tokens},
@@ -265,6 +344,10 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
         "bridge": {"parameters": bridge["parameters"], "bytes_bf16": 2 * bridge["parameters"],
                    "flops_vs_dit_step": bridge["flops"] / dit},
         "training_memory": training_memory(models["transformer"], bridge["parameters"], seq25 - REAL_DROP_IDX),
+        "inference_memory": inference_memory(
+            models, {"qwen3_sequence": seq3, "qwen3_patches": g3[0] * g3[1], "qwen25_sequence": seq25,
+                     "qwen25_patches": g25[0] * g25[1], "qwen25_prompt_embeds": seq25 - REAL_DROP_IDX,
+                     "dit_image_tokens": 2 * latent_tokens}, (cond_h, cond_w), 4 * bridge["parameters"]),
         "drop_idx_note": f"{REAL_DROP_IDX} system tokens dropped (real tokenizer, template {EDIT_TEMPLATE[:20]!r}...)",
     }
     return report
@@ -298,4 +381,10 @@ def format_plan(report: dict[str, Any]) -> str:
     for row in report["training_memory"]:
         lines.append(f"  {row['resolution']:>4}px  batch {row['batch_size']:>2}: {row['gib']:6.1f} GiB "
                      f"(weights {row['weights_gib']:.1f}, activations {row['activations_gib']:.1f})")
+    memory = report.get("inference_memory")
+    if memory:
+        lines.append("inference memory of one edit (weights + peak activations; estimate; fits = <= 95% of the card):")
+        for mode, row in memory["modes"].items():
+            lines.append(f"  {mode:<42} {row['peak_gib']:6.1f} GiB at {row['peak_stage']:<10} fits: "
+                         + (", ".join(row["fits"]) or "none"))
     return "\n".join(lines)

@@ -320,3 +320,22 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
             marker.write_text(json.dumps({"seed": sizes.seed}))
         paths[name] = path
     return paths
+
+
+def build_tiny_lora(out_file: str | Path, edit_model: str | Path, rank: int = 4, seed: int = 0) -> Path:
+    """A LoRA for the tiny edit pipeline's DiT, with random (non-zero) up-projections so it changes outputs,
+    saved in diffusers' LoRA format (`load_lora_weights` reads it). Offline."""
+    from diffusers import QwenImageEditPipeline, QwenImageTransformer2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    out_file = Path(out_file)
+    transformer = QwenImageTransformer2DModel.from_pretrained(edit_model, subfolder="transformer")
+    torch.manual_seed(seed)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
+                                                       "add_k_proj", "add_v_proj", "to_add_out"]))
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    QwenImageEditPipeline.save_lora_weights(out_file.parent, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                            weight_name=out_file.name)
+    return out_file

@@ -1,0 +1,551 @@
+"""Real-dimension benchmark: every model at its real width (and, on a GPU, real depth) with random weights.
+
+Measures at 1024^2 (or less with --max-tokens): Qwen2.5-VL and Qwen3-VL extraction, the bridge, one DiT step
+without and with true CFG (and per attention backend), VAE encode and decode, a whole edit, model load time
+from local safetensors (GB/s), peak memory per stage against the planner's estimate, MFU against the
+planner's FLOPs, and the bridge's share of the edit. Qwen-Image-2.1's DiT (class defaults, provisional) gets
+one row. Models are built directly on the device in bf16 (`bridgecore/real_models.py`), one large model at a
+time (fits an 80 GB card). No download: the processors use the real image settings and an offline tokenizer.
+
+    python bench/gpu_realdim.py --device cuda --json out.json            # H100/H200, full depth, ~3 min
+    python bench/gpu_realdim.py --device cpu --layers 1 --max-tokens 256  # CI smoke run of the same path
+
+Prints a table; --json FILE gets every number (written after each stage, so a killed run keeps its rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+PROMPT = "Change the text 'Hello' to 'Goodbye' and make the red circle blue"
+MAX_AREA = 1024 * 1024
+QWEN25_TOKEN_PX = 28
+
+
+# -- measuring -----------------------------------------------------------------------------------------------
+
+
+class Meter:
+    """Wall time (synchronised) and peak memory (CUDA allocator, or the process's peak RSS on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def reset_peak(self) -> int:
+        """Resets the peak; returns what is in use now (bytes)."""
+        self.sync()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            pass
+        return self._proc_status("VmRSS")
+
+    def peak(self) -> int:
+        self.sync()
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device)
+        return self._proc_status("VmHWM")
+
+    @staticmethod
+    def _proc_status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def time(self, fn, repeats: int, warmup: int):
+        """(median seconds, every timing, the last result)."""
+        result = None
+        for _ in range(warmup):
+            result = fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            start = time.perf_counter()
+            result = fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times), times, result
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """Achieved bf16 matmul rate on random data: the practical ceiling for MFU."""
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    meter = Meter(device)
+    seconds, _, _ = meter.time(lambda: a @ b, repeats=10 if device.type == "cuda" else 3, warmup=3)
+    return 2 * n**3 / seconds / 1e12
+
+
+def sample_image(side: int = 1024):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (side, side), (235, 232, 225))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((side // 8, side // 6, side // 2, side // 2), fill=(200, 40, 40))
+    draw.ellipse((side // 2, side // 3, side - 40, side - 40), fill=(40, 70, 200))
+    draw.text((side // 8, side - 120), "Hello", fill=(0, 0, 0))
+    return image
+
+
+# -- the benchmark -------------------------------------------------------------------------------------------
+
+
+class RealDimBenchmark:
+    def __init__(self, args: argparse.Namespace):
+        from bridgecore.job_cost import GPUS, gpu_key_for
+
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16
+        self.meter = Meter(self.device)
+        self.repeats = args.repeats or (3 if self.device.type == "cuda" else 1)
+        self.warmup = 1 if self.device.type == "cuda" else 0  # CPU kernels need no warm-up; CI time does
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.gpu_key = gpu_key_for(name) if self.device.type == "cuda" else None
+        self.peak_flops = GPUS[self.gpu_key].bf16_dense_flops if self.gpu_key else None
+        self.area = MAX_AREA if args.max_tokens is None else min(MAX_AREA, args.max_tokens * QWEN25_TOKEN_PX**2)
+        self.results: dict = {
+            "device": name, "gpu_key": self.gpu_key, "torch": torch.__version__, "layers": args.layers,
+            "real_depth": args.layers is None, "vocab_size": args.vocab_size, "steps": args.steps, "dtype": "bfloat16",
+            "peak_bf16_tflops": self.peak_flops and self.peak_flops / 1e12, "stages": {}, "edit": {}, "errors": {},
+        }
+        self.caches: dict = {}
+
+    # -- bookkeeping
+
+    def save(self) -> None:
+        if self.args.json:
+            Path(self.args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.args.json).write_text(json.dumps(self.results, indent=1, default=float))
+
+    def record(self, stage: str, seconds: float, flops: float | None = None, **extra) -> None:
+        row = {"seconds": seconds, **extra}
+        if flops:
+            row["tflop"] = flops / 1e12
+            row["achieved_tflops"] = flops / seconds / 1e12
+            row["mfu"] = flops / seconds / self.peak_flops if self.peak_flops else None
+        self.results["stages"][stage] = row
+        self.save()
+        print(f"  {stage:<28} {seconds * 1e3:10.1f} ms" + (f"  {row['achieved_tflops']:7.1f} TFLOP/s" if flops else ""),
+              flush=True)
+
+    def memory(self, resident: int, planned_activation: int | None = None) -> dict:
+        peak = self.meter.peak()
+        row = {"peak_gib": peak / 2**30, "resident_gib": resident / 2**30,
+               "activation_gib": max(peak - resident, 0) / 2**30}
+        if planned_activation is not None:
+            row["planner_activation_gib"] = planned_activation / 2**30
+        return row
+
+    def stage(self, name: str, fn) -> None:
+        """Runs one section; a failure is recorded and the benchmark goes on with the next."""
+        from bridgecore.real_models import release_memory
+
+        print(f"[{name}]", flush=True)
+        start = time.perf_counter()
+        try:
+            fn()
+        except Exception as error:  # noqa: BLE001 - one broken section must not lose the others
+            traceback.print_exc()
+            self.results["errors"][name] = f"{type(error).__name__}: {error}"
+        release_memory()
+        self.results.setdefault("section_seconds", {})[name] = time.perf_counter() - start
+        self.save()
+
+    # -- sections
+
+    def setup(self) -> None:
+        from bridgecore.edit_prompt import condition_size, prepare_condition_images
+
+        self.image = sample_image()
+        self.resized = prepare_condition_images([self.image], plus=False, condition_area=self.area)[0]
+        width, height = condition_size(self.image, self.area)
+        self.condition_hw = (height, width)
+        self.results.update(condition_size=[height, width], condition_pixels=height * width,
+                            matmul_ceiling_tflops=matmul_tflops(self.device))
+        print(f"device {self.results['device']}, condition {height}x{width}, layers "
+              f"{self.args.layers or 'real'}, bf16 matmul {self.results['matmul_ceiling_tflops']:.1f} TFLOP/s", flush=True)
+
+    def qwen25(self) -> None:
+        from bridgecore.edit_prompt import EditPromptEncoder
+        from bridgecore.extraction import qwen25_caches
+        from bridgecore.planner import vlm_activation_bytes, vlm_forward_flops
+        from bridgecore.real_models import build_real_vlm, release_memory
+
+        start = time.perf_counter()
+        model, processor = build_real_vlm("qwen25_vl", self.device, self.dtype, self.args.layers,
+                                          self.args.vocab_size)
+        self.meter.sync()
+        build_s = time.perf_counter() - start
+        encoder = EditPromptEncoder(model, processor, condition_area=self.area)
+        resident = self.meter.reset_peak()
+        seconds, times, encoding = self.meter.time(lambda: encoder.encode([PROMPT], [[self.resized]], resized=True),
+                                                   self.repeats, self.warmup)
+        cache = qwen25_caches(encoding, [[self.resized]])[0]
+        self.caches["qwen25"] = cache
+        seq = encoding.drop_idx + len(cache.input_ids)
+        grid = [tuple(int(v) for v in g) for g in cache.grid_thw.tolist()]
+        patches = sum(t * h * w for t, h, w in grid)
+        flops = vlm_forward_flops(model, seq, grid)["total"]
+        self.record("qwen25_extract", seconds, flops, times=times, build_s=build_s, sequence=seq,
+                    vision_tokens=cache.num_vision_tokens, parameters=sum(p.numel() for p in model.parameters()),
+                    **self.memory(resident, vlm_activation_bytes(model, seq, patches)))
+        if self.args.no_load:
+            return
+        root = Path(tempfile.mkdtemp(prefix="realdim-", dir=self.args.tmp))
+        try:
+            name, probe = max(model.state_dict().items(), key=lambda item: item[1].numel())
+            expected = probe.float().pow(2).sum().item()
+            start = time.perf_counter()
+            model.save_pretrained(root / "text_encoder")
+            processor.save_pretrained(root / "processor")
+            save_s = time.perf_counter() - start
+            del model, encoder, probe  # one large model at a time: the copy is freed before the load
+            release_memory()
+            self.load_time(root, name, expected, save_s)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    def load_time(self, root: Path, name: str, expected: float, save_s: float) -> None:
+        """Loads the saved model back through the library's loader (cold from disk when possible, then warm)."""
+        from bridgecore.loading import LoadOptions, ResolvedModel, load_edit_text_encoder
+        from bridgecore.real_models import release_memory
+
+        size = sum(f.stat().st_size for f in (root / "text_encoder").glob("*.safetensors"))
+        resolved = ResolvedModel("realdim", root, "realdim")
+        options = LoadOptions(device=str(self.device), dtype="bfloat16")
+        rows = {}
+        for kind in ("cold", "warm"):
+            if kind == "cold" and not self._drop_page_cache():
+                continue
+            start = time.perf_counter()
+            loaded, _ = load_edit_text_encoder(resolved, options)
+            self.meter.sync()
+            rows[kind] = time.perf_counter() - start
+            same = loaded.state_dict()[name].float().pow(2).sum().item() == expected
+            del loaded
+            release_memory()
+            if not same:
+                raise AssertionError(f"{name} differs after save + load")
+        warm = rows["warm"]
+        self.record("load_qwen25_vl", warm, None, gb=size / 1e9, gb_per_s=size / 1e9 / warm, save_s=save_s,
+                    cold_s=rows.get("cold"), cold_gb_per_s=rows.get("cold") and size / 1e9 / rows["cold"],
+                    path="LoadOptions -> from_pretrained" + (" (device_map: straight to the GPU)" if self.device.type == "cuda"
+                                                             else " (CPU: memory-mapped, read lazily: not a disk rate)"))
+
+    def _drop_page_cache(self) -> bool:
+        """Empties the page cache so the next load reads the disk (root on a dedicated machine only)."""
+        if self.device.type != "cuda" or not hasattr(os, "geteuid") or os.geteuid() != 0:
+            return False
+        try:
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+            return True
+        except OSError:
+            return False
+
+    def qwen3(self) -> None:
+        from bridgecore.extraction import default_layer_indices, encode_qwen3_features
+        from bridgecore.planner import vlm_activation_bytes, vlm_forward_flops
+        from bridgecore.real_models import build_real_vlm
+
+        start = time.perf_counter()
+        model, processor = build_real_vlm("qwen3_vl", self.device, self.dtype, self.args.layers,
+                                          self.args.vocab_size)
+        self.meter.sync()
+        build_s = time.perf_counter() - start
+        layers = default_layer_indices(model.config.text_config.num_hidden_layers)
+        resident = self.meter.reset_peak()
+        seconds, times, caches = self.meter.time(
+            lambda: encode_qwen3_features(model, processor, [PROMPT], [[self.resized]], layers), self.repeats, self.warmup)
+        cache = self.caches["qwen3"] = caches[0]
+        grid = [tuple(int(v) for v in g) for g in cache.grid_thw.tolist()]
+        seq = len(cache.input_ids)
+        flops = vlm_forward_flops(model, seq, grid)["total"]
+        patches = sum(t * h * w for t, h, w in grid)
+        self.record("qwen3_extract", seconds, flops, times=times, build_s=build_s, sequence=seq,
+                    vision_tokens=cache.num_vision_tokens, parameters=sum(p.numel() for p in model.parameters()),
+                    **self.memory(resident, vlm_activation_bytes(model, seq, patches)))
+
+    def bridge(self) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+
+        qwen3, qwen25 = self.caches["qwen3"], self.caches["qwen25"]
+        bridge = VisionCacheBridge(BridgeConfig.from_caches(qwen3, qwen25)).to(self.device).eval()
+        with torch.no_grad():
+            bridge.gate.fill_(0.5)  # an open gate: the whole computation runs, as after training
+            resident = self.meter.reset_peak()
+            seconds, times, output = self.meter.time(lambda: bridge(qwen3, qwen25), self.repeats, self.warmup)
+            with FlopCounterMode(display=False) as counter:
+                bridge(qwen3, qwen25)
+        self.caches["embeds"] = output.prompt_embeds.to(self.device, self.dtype)  # [1, L, 3584]
+        self.caches["mask"] = output.prompt_embeds_mask.to(self.device)
+        self.record("bridge", seconds, counter.get_total_flops(), times=times, parameters=bridge.num_parameters(),
+                    **self.memory(resident))
+
+    def dit_and_vae(self) -> None:
+        from bridgecore.planner import dit_activation_bytes, dit_step_flops
+        from bridgecore.real_models import build_real_model
+
+        start = time.perf_counter()
+        transformer = build_real_model("transformer", self.device, self.dtype, self.args.layers)
+        self.meter.sync()
+        build_s = time.perf_counter() - start
+        height, width = self.condition_hw
+        lat_h, lat_w = height // 16, width // 16
+        tokens = 2 * lat_h * lat_w  # noisy target + condition latents
+        embeds, mask = self.caches["embeds"], self.caches["mask"]
+        generator = torch.Generator(self.device).manual_seed(0)
+        inputs = dict(hidden_states=torch.randn(1, tokens, transformer.config.in_channels, generator=generator,
+                                                device=self.device, dtype=self.dtype),
+                      encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                      timestep=torch.tensor([0.5], device=self.device, dtype=self.dtype),
+                      img_shapes=[[(1, lat_h, lat_w), (1, lat_h, lat_w)]], return_dict=False)
+        flops = dit_step_flops(transformer, tokens, embeds.shape[1])
+
+        def step():
+            return transformer(**inputs)[0]
+
+        def cfg_step():  # the pipeline's true CFG: a positive and a negative forward per step
+            return step(), step()
+
+        with torch.no_grad():
+            resident = self.meter.reset_peak()
+            seconds, times, out = self.meter.time(step, self.repeats, self.warmup)
+            self.record("dit_step", seconds, flops, times=times, build_s=build_s, image_tokens=tokens,
+                        text_tokens=embeds.shape[1], finite=bool(torch.isfinite(out).all()),
+                        parameters=sum(p.numel() for p in transformer.parameters()),
+                        **self.memory(resident, dit_activation_bytes(transformer, tokens + embeds.shape[1])))
+            seconds, times, _ = self.meter.time(cfg_step, self.repeats, self.warmup)
+            self.record("dit_step_cfg", seconds, 2 * flops, times=times)
+            if self.device.type == "cuda":
+                self.attention_backends(transformer, step, flops)
+        self.vae_and_edit(transformer, flops)
+        if self.args.compile:
+            self.compiled_step(transformer, step, flops)
+
+    def attention_backends(self, transformer, step, flops: float) -> None:
+        from bridgecore.speed import set_attention_backend
+
+        for backend in ("_native_cudnn", "_native_efficient", "_native_flash"):
+            try:
+                set_attention_backend(transformer, backend)
+                seconds, times, _ = self.meter.time(step, self.repeats, self.warmup)
+                self.record(f"dit_step[{backend}]", seconds, flops, times=times)
+            except Exception as error:  # noqa: BLE001 - a backend may refuse the mask or the card
+                self.results["errors"][f"dit_step[{backend}]"] = f"{type(error).__name__}: {error}"[:500]
+            finally:
+                transformer.reset_attention_backend()
+
+    def vae_and_edit(self, transformer, dit_flops: float) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
+
+        from bridgecore.edit_benchmark import ModuleTimer
+        from bridgecore.edit_pipeline import pipeline_areas
+        from bridgecore.real_models import REAL_SCHEDULER_CONFIG, build_real_model
+
+        vae = build_real_model("vae", self.device, self.dtype)
+        if self.device.type == "cuda":  # on a CPU the VAE (its slowest part) is timed inside the whole edit only
+            self.vae_stages(vae)
+        pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**REAL_SCHEDULER_CONFIG), vae=vae,
+                                     text_encoder=None, tokenizer=None, processor=None, transformer=transformer)
+        pipe.set_progress_bar_config(disable=True)
+
+        def edit():
+            with pipeline_areas(pipe, self.area, self.area):
+                return pipe(image=self.image, prompt_embeds=self.caches["embeds"], prompt_embeds_mask=self.caches["mask"],
+                            true_cfg_scale=1.0, num_inference_steps=self.args.steps, output_type="np",
+                            generator=torch.Generator(self.device).manual_seed(0)).images[0]
+
+        timers = {name: ModuleTimer(getattr(vae, name), self.device) for name in ("encoder", "decoder")}
+        try:
+            resident = self.meter.reset_peak()
+            seconds, times, image = self.meter.time(edit, repeats=1, warmup=0)  # the DiT (and VAE) are already warm
+        finally:
+            for timer in timers.values():
+                timer.remove()
+        self.record("denoise_and_decode", seconds, self.args.steps * dit_flops, times=times,
+                    vae_encode_s=timers["encoder"].seconds, vae_decode_s=timers["decoder"].seconds,
+                    output_shape=list(image.shape), finite=bool(np.isfinite(image).all()), **self.memory(resident))
+        self.summarise_edit()
+
+    def vae_stages(self, vae) -> None:
+        from bridgecore.planner import vae_decode_bytes
+
+        height, width = self.condition_hw
+        latents = torch.randn(1, vae.config.z_dim, 1, height // 8, width // 8, device=self.device, dtype=self.dtype)
+        pixels = torch.rand(1, 3, 1, height, width, device=self.device, dtype=self.dtype) * 2 - 1
+        with torch.no_grad():
+            resident = self.meter.reset_peak()
+            seconds, times, _ = self.meter.time(lambda: vae.decode(latents, return_dict=False)[0], self.repeats,
+                                                self.warmup)
+            self.record("vae_decode", seconds, None, times=times,
+                        **self.memory(resident, vae_decode_bytes(vae, height, width)))
+            resident = self.meter.reset_peak()
+            seconds, times, _ = self.meter.time(lambda: vae.encode(pixels).latent_dist.mode(), self.repeats, self.warmup)
+            self.record("vae_encode", seconds, None, times=times, **self.memory(resident))
+
+    def summarise_edit(self) -> None:
+        stages = self.results["stages"]
+        parts = {name: stages[name]["seconds"] for name in ("qwen25_extract", "qwen3_extract", "bridge",
+                                                            "denoise_and_decode") if name in stages}
+        if len(parts) < 4:
+            return
+        whole = sum(parts.values())
+        baseline = parts["qwen25_extract"] + parts["denoise_and_decode"]  # plain Qwen-Image-Edit
+        self.results["edit"] = {
+            "steps": self.args.steps, "enhanced_s": whole, "baseline_s": baseline, "parts_s": parts,
+            "bridge_share": parts["bridge"] / whole,
+            "qwen3_and_bridge_overhead": (parts["qwen3_extract"] + parts["bridge"]) / baseline,
+            "note": "models resident in turn (one at a time); model loading excluded",
+        }
+        self.save()
+        print(f"  whole edit {whole:.2f} s (baseline {baseline:.2f} s); bridge share {parts['bridge'] / whole:.2e}",
+              flush=True)
+
+    def compiled_step(self, transformer, step, flops: float) -> None:
+        from bridgecore.speed import compile_transformer
+
+        compile_transformer(transformer)
+        with torch.no_grad():
+            self.meter.sync()
+            start = time.perf_counter()
+            step()
+            self.meter.sync()
+            compile_s = time.perf_counter() - start
+            seconds, times, _ = self.meter.time(step, self.repeats, self.warmup)
+        self.record("dit_step_compiled", seconds, flops, times=times, first_call_s=compile_s)
+
+    def qwen_image21(self) -> None:
+        """Qwen-Image-2.1's DiT at its class defaults (provisional: no released config is shipped here)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from bridgecore.real_models import build_real_model
+
+        transformer = build_real_model("qwen_image21_transformer", self.device, self.dtype, self.args.layers)
+        height, width = self.condition_hw
+        lat_h, lat_w = height // 16, width // 16  # its VAE compresses 16x, 64 channels, 1x1 patches
+        slots = (lat_h // 2) * (lat_w // 2)  # one VLM image slot per 2x2 latent tokens
+        prefix, suffix = 14, 20
+        text_len = prefix + slots + suffix
+        img_mask = torch.zeros(1, text_len + slots, dtype=torch.bool, device=self.device)
+        img_mask[0, prefix:prefix + slots] = True
+        img_mask[0, text_len:] = True  # the target image's slots come last
+        inputs = dict(
+            hidden_states=torch.randn(1, 2 * lat_h * lat_w, transformer.config.in_channels, device=self.device,
+                                      dtype=self.dtype),
+            encoder_hidden_states=torch.randn(1, text_len, transformer.config.context_in_dim, device=self.device,
+                                              dtype=self.dtype),
+            encoder_hidden_states_mask=torch.ones(1, text_len, dtype=torch.bool, device=self.device),
+            timestep=torch.tensor([0.5], device=self.device, dtype=self.dtype),
+            img_shapes=[[(1, lat_h, lat_w), (1, lat_h, lat_w)]], img_mask=img_mask, return_dict=False)
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as counter:
+                transformer(**inputs)
+            resident = self.meter.reset_peak()
+            seconds, times, _ = self.meter.time(lambda: transformer(**inputs)[0], self.repeats, self.warmup)
+        self.record("qwen_image21_step", seconds, counter.get_total_flops(), times=times, provisional=True,
+                    parameters=sum(p.numel() for p in transformer.parameters()),
+                    flop_method="torch.utils.flop_counter", **self.memory(resident))
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.setup()
+        self.stage("qwen25", self.qwen25)
+        self.stage("qwen3", self.qwen3)
+        self.stage("bridge", self.bridge)
+        self.caches.pop("qwen3", None)
+        if not self.args.no_qwen21:
+            self.stage("qwen_image21", self.qwen_image21)
+        self.stage("dit_and_vae", self.dit_and_vae)  # last: with --compile its compile step ends the run
+        self.results["total_s"] = time.perf_counter() - start
+        self.save()
+        return self.results
+
+
+def format_table(results: dict) -> str:
+    lines = [f"{results['device']} | condition {results['condition_size'][0]}x{results['condition_size'][1]} | "
+             f"layers {results['layers'] or 'real'} | bf16 matmul ceiling {results['matmul_ceiling_tflops']:.1f} TFLOP/s"
+             + (f" (datasheet {results['peak_bf16_tflops']:.0f})" if results["peak_bf16_tflops"] else ""),
+             f"{'stage':<28}{'ms':>10}{'TFLOP':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'act GiB':>9}{'plan act':>9}"]
+    for name, row in results["stages"].items():
+        def cell(key, fmt):
+            value = row.get(key)
+            width = fmt.lstrip(">").split(".")[0]
+            return format(value, fmt) if isinstance(value, (int, float)) else format("-", f">{width}")
+
+        lines.append(f"{name:<28}{row['seconds'] * 1e3:>10.1f}{cell('tflop', '>9.2f')}{cell('achieved_tflops', '>9.1f')}"
+                     f"{cell('mfu', '>7.2f')}{cell('peak_gib', '>10.2f')}{cell('activation_gib', '>9.2f')}"
+                     f"{cell('planner_activation_gib', '>9.2f')}")
+    load = results["stages"].get("load_qwen25_vl")
+    if load:
+        lines.append(f"load Qwen2.5-VL from local safetensors: {load['gb']:.1f} GB, warm {load['gb_per_s']:.2f} GB/s"
+                     + (f", cold {load['cold_gb_per_s']:.2f} GB/s" if load.get("cold_gb_per_s") else ""))
+    edit = results.get("edit")
+    if edit:
+        lines.append(f"whole edit ({edit['steps']} steps): enhanced {edit['enhanced_s']:.2f} s, baseline "
+                     f"{edit['baseline_s']:.2f} s, bridge share {edit['bridge_share']:.2e}, Qwen3-VL + bridge "
+                     f"overhead {edit['qwen3_and_bridge_overhead']:.1%}")
+    for name, error in results["errors"].items():
+        lines.append(f"error in {name}: {error[:200]}")
+    lines.append(f"total {results['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--layers", type=int, default=None, help="depth of every VLM, vision tower and DiT "
+                        "(default: the real depth); widths stay real")
+    parser.add_argument("--max-tokens", type=int, default=None, help="cap Qwen2.5-VL vision tokens by shrinking "
+                        "the image area (default: 1024^2, 1369 tokens)")
+    parser.add_argument("--steps", type=int, default=None, help="steps of the whole edit (default 50 on cuda, 2 on cpu; "
+                        "at least 2: one step with the scheduler's terminal shift is NaN in diffusers)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per stage (default 3 cuda, 1 cpu)")
+    parser.add_argument("--json", help="write every number to this JSON file")
+    parser.add_argument("--compile", action="store_true", help="also time the regionally compiled DiT step")
+    parser.add_argument("--vocab-size", type=int, default=None, help="VLM vocabulary override for CPU smoke runs "
+                        "(only the embedding tables shrink; default: the real vocabularies)")
+    parser.add_argument("--no-load", action="store_true", help="skip the save + load timing")
+    parser.add_argument("--no-qwen21", action="store_true", help="skip Qwen-Image-2.1's DiT")
+    parser.add_argument("--tmp", default=None, help="folder for the load-time checkpoint (default: the temp dir)")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1")
+    args.steps = args.steps or (50 if args.device.startswith("cuda") else 2)
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (Qwen-Image-Edit's scheduler divides by zero at one step)")
+    torch.manual_seed(0)
+    results = RealDimBenchmark(args).run()
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

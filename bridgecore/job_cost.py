@@ -1,0 +1,167 @@
+"""Job cost planner: GPU-hours, storage and money for a bulk job, from the planner's FLOPs and an efficiency.
+
+    vision-bridge plan --images 10000000 --resolution 1024 --steps 50 --gpu h100 --price 2.5 [--cfg] [--json]
+
+Time per stage = FLOPs (analytic matmul count of the real models, `planner.py`) / (efficiency x the card's
+dense bf16 peak). The efficiency is one number (`--efficiency`) or, with `--measured FILE`, the model FLOP
+utilisation that `bench/gpu_realdim.py` measured per stage. The default comes from the public anchor:
+Qwen-Image-Edit at 1024^2, 50 steps, no CFG, 17.78 s on one H200 is ~9.93 PFLOP, i.e. 0.56 of the H200's
+989 TFLOP/s. Element-wise work and the VAE are not in the FLOP count; with `--measured` the VAE's measured
+seconds are added. Storage counts what the batch job writes per image: vision caches (bf16), fused
+embeddings and the edited PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    bf16_dense_flops: float  # datasheet dense bf16 tensor-core peak, FLOP/s
+    memory_gib: int
+
+
+GPUS = {
+    "h100": GpuSpec("NVIDIA H100 SXM", 989.4e12, 80),
+    "h200": GpuSpec("NVIDIA H200 SXM", 989.4e12, 141),
+    "a100": GpuSpec("NVIDIA A100 SXM", 312e12, 80),
+    "l40s": GpuSpec("NVIDIA L40S", 362.05e12, 48),
+}
+ANCHOR_H200_EDIT_SECONDS = 17.78  # Qwen-Image-Edit, 1024^2, 50 steps, guidance 1.0, warm, one H200 (vLLM-Omni)
+ANCHOR_SGLANG_STEP_SECONDS = 0.605  # Qwen-Image-Edit-2511 on SGLang, seconds per denoising step
+DEFAULT_EFFICIENCY = 0.55  # the H200 anchor implies 0.56 of peak; rounded down for the uncounted VAE and overheads
+PNG_BYTES_PER_PIXEL = 1.5  # edited natural images as PNG (raw RGB is 3)
+CACHE_BYTES_PER_VALUE = 2  # caches are written in the models' dtype: bf16 on GPU
+TRAIN_DIT_PASSES = 3  # forward + checkpoint recompute + input-gradient backward (the frozen DiT has no weight grads)
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    if name.lower() not in GPUS:
+        raise ValueError(f"gpu must be one of {sorted(GPUS)}; got {name!r}")
+    return GPUS[name.lower()]
+
+
+def gpu_key_for(device_name: str) -> str | None:
+    """`h100` for 'NVIDIA H100 80GB HBM3', ...; None for a card not in `GPUS`."""
+    lowered = device_name.lower()
+    return next((key for key in GPUS if key in lowered), None)
+
+
+def implied_efficiency(seconds: float, flops: float, gpu: str) -> float:
+    """The efficiency at which `flops` take `seconds` on `gpu`."""
+    return flops / seconds / gpu_spec(gpu).bf16_dense_flops
+
+
+def measured_efficiencies(path: str | Path) -> dict[str, Any]:
+    """Per-stage model FLOP utilisation and VAE seconds from a `bench/gpu_realdim.py` JSON file."""
+    data = json.loads(Path(path).read_text())
+    stages = data.get("stages", {})
+
+    def mfu(stage: str) -> float | None:
+        return stages.get(stage, {}).get("mfu")
+
+    extract = [v for v in (mfu("qwen25_extract"), mfu("qwen3_extract")) if v]
+    if not mfu("dit_step") or not extract:
+        raise ValueError(f"{path}: no measured dit_step / extraction MFU in it (is it gpu_realdim.py output "
+                         "from a full run on a GPU?)")
+    vae = sum(stages.get(s, {}).get("seconds", 0.0) for s in ("vae_encode", "vae_decode"))
+    return {"edit": mfu("dit_step"), "extract": sum(extract) / len(extract), "vae_seconds": vae,
+            "vae_pixels": data.get("condition_pixels"), "gpu": data.get("gpu_key"), "device": data.get("device")}
+
+
+def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str = "h100", cfg: bool = False,
+                  efficiency: float | None = None, price_per_gpu_hour: float | None = None,
+                  measured: str | Path | None = None, train_steps: int = 0, train_batch_size: int = 4,
+                  train_resolution: int | None = None, gpus: int = 1) -> dict[str, Any]:
+    """GPU-hours (`*_gpu_hours`), storage (`*_gb`) and cost of editing `images` images at `resolution`^2."""
+    from .planner import plan
+
+    if images < 0 or resolution < 64 or steps < 1 or gpus < 1 or train_steps < 0 or train_batch_size < 1:
+        raise ValueError(f"need images >= 0, resolution >= 64, steps >= 1, gpus >= 1, train_steps >= 0, "
+                         f"train_batch_size >= 1; got {images}, {resolution}, {steps}, {gpus}, {train_steps}, "
+                         f"{train_batch_size}")
+    if efficiency is not None and not 0 < efficiency <= 1:
+        raise ValueError(f"efficiency must be in (0, 1]; got {efficiency}")
+    spec = gpu_spec(gpu)
+    eff = {"extract": efficiency or DEFAULT_EFFICIENCY, "edit": efficiency or DEFAULT_EFFICIENCY}
+    vae_seconds, notes = 0.0, []
+    if measured is not None:
+        found = measured_efficiencies(measured)
+        if efficiency is None:
+            eff = {"extract": found["extract"], "edit": found["edit"]}
+        if found["vae_pixels"]:
+            vae_seconds = found["vae_seconds"] * resolution**2 / found["vae_pixels"]
+        if found["gpu"] != gpu.lower():
+            notes.append(f"efficiencies measured on {found['device']}, applied to {spec.name}")
+    report = plan(resolution, resolution, condition_area=resolution**2)
+    flops = report["flops"]
+    branches = 2 if cfg else 1  # true CFG: a negative prompt is encoded and the DiT runs twice per step
+    extract_flops = branches * (flops["qwen25_extraction"]["total"] + flops["qwen3_extraction"]["total"])
+    edit_flops = steps * branches * flops["dit_step"] + branches * flops["bridge"]
+    peak = spec.bf16_dense_flops
+    extract_s, edit_s = extract_flops / (eff["extract"] * peak), edit_flops / (eff["edit"] * peak) + vae_seconds
+    train_resolution = train_resolution or resolution
+    train_report = report if train_resolution == resolution else plan(train_resolution, train_resolution,
+                                                                      condition_area=train_resolution**2)
+    train_flops = train_steps * train_batch_size * TRAIN_DIT_PASSES * train_report["flops"]["dit_step"]
+    hours = {"extract_gpu_hours": images * extract_s / 3600, "edit_gpu_hours": images * edit_s / 3600,
+             "train_gpu_hours": train_flops / (eff["edit"] * peak) / 3600}
+    hours["total_gpu_hours"] = sum(hours.values())
+    storage = _storage_gb(report, images, branches)
+    return {
+        "images": images, "resolution": resolution, "steps": steps, "cfg": cfg, "gpu": gpu.lower(),
+        "gpu_name": spec.name, "gpu_bf16_dense_tflops": peak / 1e12, "gpus": gpus, "efficiency": eff,
+        "efficiency_source": "--efficiency" if efficiency else ("--measured" if measured else "default (H200 anchor)"),
+        "tflop_per_image": {"extract": extract_flops / 1e12, "edit": edit_flops / 1e12},
+        "seconds_per_image": {"extract": extract_s, "edit": edit_s, "total": extract_s + edit_s},
+        **hours,
+        "wall_clock_days": hours["total_gpu_hours"] / gpus / 24,
+        **storage,
+        "price_per_gpu_hour": price_per_gpu_hour,
+        "cost_usd": None if price_per_gpu_hour is None else hours["total_gpu_hours"] * price_per_gpu_hour,
+        "notes": notes + ["FLOP-based times exclude element-wise work" + ("" if vae_seconds else " and the VAE")],
+    }
+
+
+def _storage_gb(report: dict[str, Any], images: int, branches: int) -> dict[str, float]:
+    tokens, d3, d25 = report["tokens"], report["hidden_sizes"]["qwen3"], report["hidden_sizes"]["qwen25"]
+    qwen3 = (3 * tokens["qwen3_sequence"] + 3 * tokens["qwen3_vision"]) * d3  # early/mid/late + DeepStack
+    qwen25 = tokens["qwen25_prompt_embeds"] * d25
+    cache = branches * (qwen3 + qwen25) * CACHE_BYTES_PER_VALUE
+    fused = branches * qwen25 * CACHE_BYTES_PER_VALUE
+    height, width = report["condition_size"]
+    output = height * width * PNG_BYTES_PER_PIXEL
+    per_image = {"cache_storage_gb": cache, "fused_storage_gb": fused, "output_storage_gb": output}
+    result = {key: images * value / 1e9 for key, value in per_image.items()}
+    result["total_storage_gb"] = sum(result.values())
+    result["cache_mb_per_image"] = cache / 1e6
+    return result
+
+
+def format_job_cost(cost: dict[str, Any]) -> str:
+    e = cost["efficiency"]
+    lines = [
+        f"{cost['images']:,} images at {cost['resolution']}^2, {cost['steps']} steps"
+        + (", true CFG" if cost["cfg"] else "") + f" on {cost['gpu_name']} "
+        f"({cost['gpu_bf16_dense_tflops']:.0f} TFLOP/s bf16 dense; efficiency extract {e['extract']:.2f}, "
+        f"edit {e['edit']:.2f}, {cost['efficiency_source']})",
+        f"per image: extract {cost['tflop_per_image']['extract']:.1f} TFLOP {cost['seconds_per_image']['extract']:.2f} s, "
+        f"edit {cost['tflop_per_image']['edit']:.0f} TFLOP {cost['seconds_per_image']['edit']:.2f} s",
+        f"GPU-hours: extract {cost['extract_gpu_hours']:,.0f}, edit {cost['edit_gpu_hours']:,.0f}, "
+        f"train {cost['train_gpu_hours']:,.1f}, total {cost['total_gpu_hours']:,.0f} "
+        f"({cost['wall_clock_days']:,.1f} days on {cost['gpus']} GPU{'s' if cost['gpus'] > 1 else ''})",
+        f"storage: caches {cost['cache_storage_gb']:,.0f} GB ({cost['cache_mb_per_image']:.1f} MB/image), fused "
+        f"{cost['fused_storage_gb']:,.0f} GB, outputs {cost['output_storage_gb']:,.0f} GB, total "
+        f"{cost['total_storage_gb']:,.0f} GB",
+        "cost: " + (f"${cost['cost_usd']:,.0f} at ${cost['price_per_gpu_hour']}/GPU-hour" if cost["cost_usd"] is not None
+                    else "give --price USD_PER_GPU_HOUR"),
+    ]
+    return "\n".join(lines + [f"note: {n}" for n in cost["notes"]])

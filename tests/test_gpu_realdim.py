@@ -1,0 +1,60 @@
+"""The real-dimension GPU benchmark runs on a CPU at reduced depth (the same code path), and the real-width
+model builder keeps the real widths."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridgecore.real_models import build_real_model, build_real_vlm
+from bridgecore.planner import build_meta_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_reduced_depth_keeps_real_widths():
+    meta = build_meta_models()
+    dit = build_real_model("transformer", "meta", layers=2)
+    assert len(dit.transformer_blocks) == 2
+    real_block = {n: p.shape for n, p in meta["transformer"].transformer_blocks[0].named_parameters()}
+    assert {n: p.shape for n, p in dit.transformer_blocks[0].named_parameters()} == real_block
+    vlm = build_real_model("qwen3_vl", "meta", layers=1)
+    assert vlm.config.text_config.hidden_size == meta["qwen3_vl"].config.text_config.hidden_size == 4096
+    assert vlm.config.vision_config.deepstack_visual_indexes == [0] and len(vlm.model.language_model.layers) == 1
+
+
+def test_weights_are_random_in_the_requested_dtype():
+    model, processor = build_real_vlm("qwen25_vl", "cpu", torch.bfloat16, layers=1, vocab_size=1024)
+    weight = model.model.language_model.layers[0].mlp.up_proj.weight
+    assert weight.dtype == torch.bfloat16 and 0.01 < weight.float().std() < 0.05  # std 0.02 init, not zeros
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert processor.image_processor.patch_size == 14 and processor.image_processor.merge_size == 2
+
+
+def test_bench_runs_on_cpu_at_reduced_depth(tmp_path):
+    out = tmp_path / "realdim.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_realdim.py"), "--device", "cpu", "--layers", "1", "--max-tokens",
+         "256", "--vocab-size", "4096", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == {}
+    stages = report["stages"]
+    expected = {"qwen25_extract", "load_qwen25_vl", "qwen3_extract", "bridge", "dit_step", "dit_step_cfg",
+                "denoise_and_decode", "qwen_image21_step"}
+    assert expected <= set(stages)
+    assert report["condition_size"] == [448, 448]
+    assert stages["qwen25_extract"]["vision_tokens"] == 256  # 448 / 28 = 16 tokens a side
+    assert stages["qwen3_extract"]["vision_tokens"] == 196  # 448 / 32 = 14
+    assert stages["dit_step"]["image_tokens"] == 2 * 28 * 28
+    assert stages["dit_step_cfg"]["tflop"] == pytest.approx(2 * stages["dit_step"]["tflop"])
+    assert all(row["seconds"] > 0 for row in stages.values())
+    assert all(row.get("mfu") is None for row in stages.values())  # no datasheet peak for a CPU
+    assert stages["denoise_and_decode"]["vae_decode_s"] > 0 and stages["denoise_and_decode"]["vae_encode_s"] > 0
+    edit = report["edit"]
+    assert 0 < edit["bridge_share"] < 1 and edit["enhanced_s"] > edit["baseline_s"]
+    assert "whole edit" in result.stdout and "qwen25_extract" in result.stdout

@@ -1,0 +1,116 @@
+"""Job cost planner against the public anchors; `vision-bridge plan --images` as JSON; memory per mode."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bridgecore.job_cost import (
+    ANCHOR_H200_EDIT_SECONDS,
+    ANCHOR_SGLANG_STEP_SECONDS,
+    DEFAULT_EFFICIENCY,
+    implied_efficiency,
+    plan_job_cost,
+)
+from bridgecore.planner import plan
+
+
+@pytest.fixture(scope="module")
+def report():
+    return plan(1024, 1024)
+
+
+def test_h200_anchor_implies_an_efficiency_the_planner_expresses(report):
+    # Qwen-Image-Edit (no Qwen3-VL): one Qwen2.5-VL extraction + 50 DiT steps, guidance 1.0.
+    flops = report["flops"]
+    edit_flops = flops["qwen25_extraction"]["total"] + 50 * flops["dit_step"]
+    anchor = implied_efficiency(ANCHOR_H200_EDIT_SECONDS, edit_flops, "h200")
+    assert 0.5 < anchor < 0.6  # ~0.56 of the 989 TFLOP/s peak: a compute-bound DiT
+    assert abs(DEFAULT_EFFICIENCY - anchor) < 0.05
+    job = plan_job_cost(1000, 1024, 50, "h200", efficiency=anchor)
+    # the planner's edit adds the (tiny) bridge; its Qwen2.5-VL extraction is part of `extract`
+    qwen25_seconds = flops["qwen25_extraction"]["total"] / (anchor * 989.4e12)
+    assert job["seconds_per_image"]["edit"] + qwen25_seconds == pytest.approx(ANCHOR_H200_EDIT_SECONDS, rel=0.01)
+    # the floor at 100% of peak: ~10 s per image
+    floor = plan_job_cost(1, 1024, 50, "h200", efficiency=1.0)["seconds_per_image"]["edit"]
+    assert 9.5 < floor < 10.5
+
+
+def test_sglang_step_anchor_is_expressible(report):
+    step = report["flops"]["dit_step"]
+    with_cfg = implied_efficiency(ANCHOR_SGLANG_STEP_SECONDS, 2 * step, "h100")  # Edit-2511 runs true CFG
+    without = implied_efficiency(ANCHOR_SGLANG_STEP_SECONDS, step, "h100")
+    assert 0 < without < with_cfg <= 1
+    job = plan_job_cost(1, 1024, 1, "h100", cfg=True, efficiency=with_cfg)
+    assert job["seconds_per_image"]["edit"] == pytest.approx(ANCHOR_SGLANG_STEP_SECONDS, rel=0.01)
+
+
+def test_hours_scale_with_images_steps_cfg_and_gpu():
+    base = plan_job_cost(1000, 1024, 50, "h100")
+    assert plan_job_cost(2000, 1024, 50, "h100")["edit_gpu_hours"] == pytest.approx(2 * base["edit_gpu_hours"])
+    assert plan_job_cost(1000, 1024, 8, "h100")["edit_gpu_hours"] < base["edit_gpu_hours"] / 5
+    cfg = plan_job_cost(1000, 1024, 50, "h100", cfg=True)
+    assert cfg["edit_gpu_hours"] == pytest.approx(2 * base["edit_gpu_hours"], rel=1e-6)
+    assert cfg["cache_storage_gb"] == pytest.approx(2 * base["cache_storage_gb"])
+    assert plan_job_cost(1000, 1024, 50, "a100")["edit_gpu_hours"] == pytest.approx(
+        base["edit_gpu_hours"] * 989.4 / 312, rel=1e-6)
+    keys = [k for k in base if k.endswith("_gpu_hours")]
+    assert set(keys) == {"extract_gpu_hours", "edit_gpu_hours", "train_gpu_hours", "total_gpu_hours"}
+    assert base["total_gpu_hours"] == pytest.approx(sum(base[k] for k in keys if k != "total_gpu_hours"))
+    trained = plan_job_cost(1000, 1024, 50, "h100", train_steps=100, train_batch_size=2)
+    assert trained["train_gpu_hours"] == pytest.approx(100 * 2 * 3 * base["edit_gpu_hours"] / 1000 / 50, rel=1e-3)
+
+
+def test_storage_follows_the_token_counts(report):
+    job = plan_job_cost(1, 1024, 50, "h100")
+    t = report["tokens"]
+    expected = 2 * (3 * t["qwen3_sequence"] * 4096 + 3 * t["qwen3_vision"] * 4096 + t["qwen25_prompt_embeds"] * 3584)
+    assert job["cache_storage_gb"] == pytest.approx(expected / 1e9)
+    assert job["cost_usd"] is None
+    assert plan_job_cost(10, 1024, 50, "h100", price_per_gpu_hour=2.0)["cost_usd"] == pytest.approx(
+        2.0 * plan_job_cost(10, 1024, 50, "h100")["total_gpu_hours"])
+
+
+def test_measured_efficiencies_are_used(tmp_path):
+    bench = {"device": "NVIDIA H100 80GB HBM3", "gpu_key": "h100", "condition_pixels": 1024 * 1024,
+             "stages": {"dit_step": {"mfu": 0.4}, "qwen25_extract": {"mfu": 0.2}, "qwen3_extract": {"mfu": 0.3},
+                        "vae_decode": {"seconds": 0.5}, "vae_encode": {"seconds": 0.25}}}
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(bench))
+    job = plan_job_cost(100, 1024, 50, "h100", measured=path)
+    assert job["efficiency"] == {"extract": pytest.approx(0.25), "edit": 0.4}
+    by_flops = plan_job_cost(100, 1024, 50, "h100", efficiency=0.4)["seconds_per_image"]["edit"]
+    assert job["seconds_per_image"]["edit"] == pytest.approx(by_flops + 0.75)
+    path.write_text(json.dumps({"stages": {}}))
+    with pytest.raises(ValueError, match="no measured"):
+        plan_job_cost(100, 1024, 50, "h100", measured=path)
+
+
+def test_bad_job_input_is_refused():
+    with pytest.raises(ValueError, match="gpu must be one of"):
+        plan_job_cost(10, gpu="tpu")
+    with pytest.raises(ValueError, match="efficiency"):
+        plan_job_cost(10, efficiency=1.5)
+
+
+def test_plan_images_cli_json():
+    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "plan", "--images", "10000000", "--resolution",
+                             "1024", "--steps", "8", "--gpu", "h200", "--price", "3.5", "--json"],
+                            capture_output=True, text=True, check=True)
+    job = json.loads(result.stdout)
+    assert job["images"] == 10_000_000 and job["gpu"] == "h200" and job["steps"] == 8
+    assert job["total_gpu_hours"] > job["edit_gpu_hours"] > job["extract_gpu_hours"] > 0
+    assert job["cost_usd"] == pytest.approx(3.5 * job["total_gpu_hours"])
+
+
+def test_memory_modes_order(report):
+    modes = report["inference_memory"]["modes"]
+    assert modes["all_resident"]["peak_gib"] > modes["one_model_at_a_time"]["peak_gib"]
+    assert modes["one_model_at_a_time"]["peak_gib"] > modes["one_model_at_a_time+dit_offload"]["peak_gib"]
+    assert modes["one_model_at_a_time+dit_offload"]["peak_gib"] > modes["one_model_at_a_time+int8_vlms+dit_offload"]["peak_gib"]
+    # the bf16 DiT alone (38 GiB) rules out 24 GB cards unless its blocks are offloaded
+    assert "24gb" not in modes["one_model_at_a_time"]["fits"]
+    assert "24gb" in modes["one_model_at_a_time+dit_offload"]["fits"]
+    weights = sum(report["models"][n]["bytes_bf16"] for n in ("qwen3_vl", "qwen25_vl", "transformer", "vae"))
+    assert modes["all_resident"]["peak_bytes"] > weights

@@ -1,0 +1,148 @@
+"""Speed options on the tiny zoo (CPU): LoRA (fused == diffusers' unfused adapter), Lightning scheduler,
+regional compile, attention backend, DiT offload: each must leave the edit as it should be."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_image
+
+from bridgecore.edit_pipeline import EnhancedQwenImageEdit, pipeline_areas
+from bridgecore.loading import LoadOptions, load_edit_pipeline, resolve_model
+from bridgecore.speed import LoraSpec, default_steps, output_fingerprint, parse_loras, resolve_scheduler
+
+AREA = 64 * 64
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_zoo, tmp_path_factory):
+    from bridgecore.tiny_zoo import build_tiny_lora
+
+    root = tmp_path_factory.mktemp("loras")
+    return {"plain": build_tiny_lora(root / "plain" / "tiny-style.safetensors", tiny_zoo["qwen-image-edit"]),
+            "lightning": build_tiny_lora(root / "lightning" / "Tiny-Lightning-4steps-V1.0.safetensors",
+                                         tiny_zoo["qwen-image-edit"], seed=1)}
+
+
+def _edit(tiny_zoo, **options):
+    editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA, **options)
+    return editor.generate(make_image(), "make it blue", seed=1, num_inference_steps=STEPS, output_type="np"), editor
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_zoo):
+    return _edit(tiny_zoo)[0]
+
+
+def test_lora_spec_parsing(tmp_path):
+    local = tmp_path / "style.safetensors"
+    local.write_bytes(b"")
+    assert LoraSpec.parse(f"{local}:0.5") == LoraSpec(str(local), 0.5)
+    assert LoraSpec.parse(str(local)).load_arguments() == (str(local), {})
+    hub_file = LoraSpec.parse("lightx2v/Qwen-Image-Lightning/Qwen-Image-Edit-Lightning-8steps-V1.0-bf16.safetensors:1")
+    assert hub_file.load_arguments() == ("lightx2v/Qwen-Image-Lightning",
+                                         {"weight_name": "Qwen-Image-Edit-Lightning-8steps-V1.0-bf16.safetensors"})
+    assert hub_file.is_lightning and hub_file.distilled_steps == 8 and hub_file.scale == 1.0
+    assert LoraSpec.parse("owner/name").load_arguments() == ("owner/name", {})
+    with pytest.raises(ValueError, match="no such file"):
+        LoraSpec.parse("./missing.safetensors").load_arguments()
+    with pytest.raises(ValueError, match="finite"):
+        LoraSpec.parse("owner/name:nan")
+    with pytest.raises(ValueError, match="PATH_OR_ID"):
+        LoraSpec.parse(":2")
+
+
+def test_scheduler_and_steps_follow_the_lora():
+    lightning = parse_loras(["x/Qwen-Image-Lightning/Qwen-Image-Edit-Lightning-4steps-V1.0-bf16.safetensors"])
+    assert resolve_scheduler("auto", lightning) == "lightning" and default_steps(lightning, "lightning") == 4
+    assert resolve_scheduler("auto", parse_loras(["a/b"])) == "default" and default_steps([], "default") == 50
+    assert resolve_scheduler("default", lightning) == "default"
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        resolve_scheduler("fast", [])
+    assert output_fingerprint(lightning, "lightning") != output_fingerprint(parse_loras(["x/y:0.5"]), "lightning")
+
+
+def test_fused_lora_equals_diffusers_unfused_adapter(tiny_zoo, loras, baseline):
+    ours, editor = _edit(tiny_zoo, lora=f"{loras['plain']}:0.7")
+    assert np.abs(ours - baseline).max() > 1e-3  # the LoRA does something
+    assert not any("lora" in name for name, _ in editor.pipe.transformer.named_parameters())  # fused, layers gone
+    reference = load_edit_pipeline(resolve_model(tiny_zoo["qwen-image-edit"]), LoadOptions(device="cpu"))
+    reference.load_lora_weights(str(loras["plain"]), adapter_name="style")
+    reference.set_adapters(["style"], adapter_weights=[0.7])
+    embeds, mask, _ = editor.encode([[make_image()]], ["make it blue"], use_qwen3_vision=True)
+    with pipeline_areas(reference, AREA, AREA):
+        expected = reference(image=make_image(), prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=1.0,
+                             num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
+                             output_type="np").images[0]
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+
+
+def test_lora_at_scale_zero_is_the_baseline(tiny_zoo, loras, baseline):
+    np.testing.assert_array_equal(_edit(tiny_zoo, lora=f"{loras['plain']}:0")[0], baseline)
+
+
+def test_lightning_lora_brings_its_scheduler(tiny_zoo, loras):
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+
+    editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA,
+                                   lora=str(loras["lightning"]))
+    assert editor.scheduler == "lightning" and editor.default_steps == 4
+    scheduler = editor.pipe.scheduler
+    config = scheduler.config
+    sigmas = np.linspace(1.0, 1 / 4, 4)
+    mu = calculate_shift(256, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu)
+    # A constant shift of 3 whatever the image size: sigma -> 3 sigma / (1 + 2 sigma), then the final 0.
+    np.testing.assert_allclose(scheduler.sigmas[:-1].numpy(), 3 * sigmas / (1 + 2 * sigmas), rtol=1e-5)
+    assert math.isclose(config.base_shift, math.log(3)) and config.shift_terminal is None
+    out = editor.generate(make_image(), "make it blue", output_type="np")  # 4 steps by default
+    assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("options", [{"attention_backend": "_native_math"}, {"dit_offload": True},
+                                     {"compile": True, "compile_options": {"backend": "aot_eager"}}],
+                         ids=["attention-backend", "dit-offload", "regional-compile"])
+def test_speed_option_keeps_the_edit(tiny_zoo, baseline, options):
+    # aot_eager traces the repeated block with fullgraph=True as inductor would, without compiling kernels (CPU time).
+    out, editor = _edit(tiny_zoo, **options)
+    np.testing.assert_allclose(out, baseline, atol=1e-5)
+    if options.get("attention_backend"):
+        from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+        assert _AttentionBackendRegistry._active_backend == AttentionBackendName.NATIVE  # others keep the default
+        assert editor.pipe.transformer.transformer_blocks[0].attn.processor._attention_backend == "_native_math"
+    if options.get("compile"):
+        block = editor.pipe.transformer.transformer_blocks[0]
+        assert getattr(block, "_compiled_call_impl", None) is not None
+
+
+def test_unknown_attention_backend_is_refused(tiny_zoo):
+    with pytest.raises(ValueError, match="attention_backend must be one of"):
+        EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], attention_backend="fastest")
+
+
+def test_edit_command_with_speed_flags(tiny_zoo, loras, tmp_path):
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    source, out = tmp_path / "in.png", tmp_path / "out.png"
+    make_image().save(source)
+    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "edit", str(source), "--prompt", "make it blue",
+                             "--out", str(out), "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
+                             str(tiny_zoo["qwen-image-edit"]), "--condition-area", str(AREA), "--seed", "1",
+                             "--lora", str(loras["lightning"]), "--attention-backend", "_native_math"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA,
+                                   lora=str(loras["lightning"]), attention_backend="_native_math")
+    expected = editor.generate(make_image(), "make it blue", seed=1)  # 4 steps: the Lightning LoRA's default
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+    refused = subprocess.run([sys.executable, "-m", "bridgecore.cli", "edit", str(source), "--prompt", "x", "--out",
+                              str(out), "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
+                              str(tiny_zoo["qwen-image-edit"]), "--attention-backend", "fastest"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "attention_backend must be one of" in refused.stderr
