@@ -222,7 +222,7 @@ def edit(
                                        dit_offload=dit_offload)
     except ValueError as error:
         _fail(str(error))
-    steps = steps or editor.default_steps
+    steps = editor.default_steps if steps is None else steps
     sample = images if len(images) > 1 else images[0]
     try:
         if compare_path is not None:
@@ -250,7 +250,7 @@ def bulk_edit(
     edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
     bridge: Optional[str] = typer.Option(None, help="Trained bridge directory (default: untrained = baseline)."),
     multi_image: bool = typer.Option(False, help="Samples have several images: use the Edit-Plus pipeline."),
-    steps: int = typer.Option(50, help="Denoising steps."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 50, or what a Lightning LoRA needs]."),
     seed: int = typer.Option(0, help="Job seed; each sample's noise seed derives from it and the sample id."),
     cfg: float = typer.Option(1.0, help="true_cfg_scale; > 1 also encodes --negative-prompt (twice the DiT work)."),
     negative_prompt: str = typer.Option(" ", help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
@@ -263,16 +263,27 @@ def bulk_edit(
     verify: bool = typer.Option(False, "--verify", help="Check every edited image against its checksum when "
                                 "summarizing (sizes are always checked); damaged ones are recomputed."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+    load_in_8bit: bool = typer.Option(False, help="Load both VLMs in 8-bit (bitsandbytes): ~17 GiB instead of ~32."),
+    lora: Optional[list[str]] = typer.Option(None, help="LoRA for the DiT, PATH_OR_ID[:scale]; repeatable (see `edit`)."),
+    scheduler: str = typer.Option("auto", help="auto (Lightning's with a Lightning LoRA), default, lightning."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the DiT's repeated block (regional)."),
+    attention_backend: Optional[str] = typer.Option(None, help="diffusers attention backend for the DiT."),
+    dit_offload: bool = typer.Option(False, help="Stream the DiT's blocks from host RAM (24 GB-class cards)."),
 ):
     """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
     evaluate. Reruns resume, and only the stages a changed setting affects run again (a new --bridge reuses
     the extracted caches; new --steps/--seed/--cfg reuse the fused embeddings too)."""
     from .batch.settings import JobSettings
+    from .speed import default_steps, parse_loras, resolve_scheduler
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image)
     try:
+        loras = parse_loras(lora)
+        steps = steps if steps is not None else default_steps(loras, resolve_scheduler(scheduler, loras))
+        speed = dict(load_in_8bit=load_in_8bit, lora=tuple(lora or ()), scheduler=scheduler, compile=compile,
+                     attention_backend=attention_backend, dit_offload=dit_offload)
         settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
-                               cfg=cfg, negative_prompt=negative_prompt)
+                               cfg=cfg, negative_prompt=negative_prompt, **speed)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")
     except ValueError as error:
@@ -300,7 +311,8 @@ def bulk_edit(
             summary = bulk_edit_flow(input=input, output=output, prompt=prompt, qwen3=qwen3, edit_model=edit_model,
                                      bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps,
                                      seed=seed, cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
-                                     batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify)
+                                     batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
+                                     **{**speed, "lora": list(speed["lora"])})
     except _user_errors() as error:
         _fail(str(error))
     counts = summary["counts"]
@@ -458,7 +470,8 @@ def quickstart(
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
               bridge=None, multi_image=False, steps=steps, seed=0, cfg=1.0, negative_prompt=" ",
               condition_area=condition_area, shard_size=4, batch_size=4, retry_failed=False, dry_run=False,
-              device="auto")
+              verify=False, device="auto", load_in_8bit=False, lora=None, scheduler="auto", compile=False,
+              attention_backend=None, dit_offload=False)
     typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<settings>/data/<shard>/<id>.png "
                f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
 

@@ -313,3 +313,18 @@ def test_fingerprints_need_only_config_files(tmp_path, monkeypatch):
     assert set(prints) == {"caches", "fused", "edits", "metrics"}
     assert STAGES["caches"].settings_of(settings)["qwen3_revision"] == "q" * 40
     model_revision.cache_clear()
+
+
+def test_a_lora_reruns_only_the_edits(tmp_path, settings, tiny_zoo):
+    from bridgecore.tiny_zoo import build_tiny_lora
+
+    lora = build_tiny_lora(tmp_path / "style.safetensors", tiny_zoo["qwen-image-edit"])
+    manifest, out = make_inputs(tmp_path / "in", n=1), str(tmp_path / "out")
+    run_all(manifest, out, settings)
+    styled = replace(settings, lora=(f"{lora}:0.8",))
+    before = ModelPool.counts()
+    run_all(manifest, out, styled)
+    after = ModelPool.counts()
+    assert after["vlm_forwards"] == before["vlm_forwards"] and after["dit_calls"] > before["dit_calls"]
+    assert fingerprints("bulk-edit", styled)["fused"] == fingerprints("bulk-edit", settings)["fused"]
+    assert fingerprints("bulk-edit", styled)["edits"] != fingerprints("bulk-edit", replace(settings, lora=(f"{lora}:0.5",)))["edits"]

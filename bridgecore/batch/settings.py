@@ -52,8 +52,15 @@ class JobSettings:
     cfg: float = 1.0  # true_cfg_scale; > 1 also extracts and uses the negative prompt's embeddings
     negative_prompt: str = " "
     max_prompt_tokens: int = 1024  # a longer instruction fails its sample (a guard, not part of any fingerprint)
+    # speed options of the DiT (bridgecore/speed.py); LoRAs and the scheduler change the edits, the rest rounding
+    lora: tuple[str, ...] = ()
+    scheduler: str = "auto"
+    compile: bool = False
+    attention_backend: str | None = None
+    dit_offload: bool = False
 
     def __post_init__(self):
+        object.__setattr__(self, "lora", tuple(self.lora or ()))  # JSON brings a list
         # One step divides by zero in Qwen-Image's scheduler (shift_terminal stretch): NaN images.
         checks = [("steps", self.steps >= 2, "at least 2"), ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("condition_area", self.condition_area >= 32 * 32, "at least 32*32 = 1024 pixels"),
@@ -88,6 +95,14 @@ class JobSettings:
     def bridge_checksum(self) -> str:
         return bridge_checksum(self.bridge)
 
+    @property
+    def speed_fingerprint(self) -> str:
+        """What the speed options change in the edits (LoRA contents and scales, the scheduler)."""
+        from ..speed import output_fingerprint, parse_loras, resolve_scheduler
+
+        loras = parse_loras(list(self.lora))
+        return output_fingerprint(loras, resolve_scheduler(self.scheduler, loras))
+
 
 # -- models, once per worker process ----------------------------------------------------------------------
 
@@ -108,10 +123,13 @@ class ModelPool:
 
         s = self.settings
         key = (s.edit_model, s.revision(s.edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
-               s.device, s.condition_area, s.load_in_8bit)
+               s.device, s.condition_area, s.load_in_8bit, s.lora, s.scheduler, s.compile, s.attention_backend,
+               s.dit_offload)
         if key not in self._editors:
-            self._editors[key] = EnhancedQwenImageEdit(s.edit_model, s.qwen3_model, bridge=s.bridge, device=s.device,
-                                                       condition_area=s.condition_area, load_in_8bit=s.load_in_8bit)
+            self._editors[key] = EnhancedQwenImageEdit(
+                s.edit_model, s.qwen3_model, bridge=s.bridge, device=s.device, condition_area=s.condition_area,
+                load_in_8bit=s.load_in_8bit, lora=list(s.lora) or None, scheduler=s.scheduler, compile=s.compile,
+                attention_backend=s.attention_backend, dit_offload=s.dit_offload)
         return self._editors[key]
 
     @property

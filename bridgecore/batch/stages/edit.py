@@ -32,7 +32,8 @@ class EditStage(Stage):
 
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
-                "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0}
+                "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0,
+                "lora_and_scheduler": settings.speed_fingerprint}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         from ...edit_prompt import pad_prompt_embeds
