@@ -478,7 +478,7 @@ def quickstart(
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock", "botocore", "aiobotocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app()
 

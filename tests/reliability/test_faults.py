@@ -1,0 +1,190 @@
+"""Reliability battery: hostile inputs, damage, concurrent runs, interrupted runs, unreachable storage.
+
+Each test reproduces a defect found by a hostile trial (issue 14) through the real command line, real
+storage (local and SeaweedFS) and the real temporary Prefect server; each must stay green.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_image
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(zoo, *args, home: Path, wait: bool = True, timeout: float = 600, env: dict | None = None):
+    command = [sys.executable, "-m", "bridgecore.cli", "bulk-edit", "--qwen3", str(zoo["qwen3-vl"]),
+               "--edit-model", str(zoo["qwen-image-edit"]), "--steps", "2", "--condition-area", str(64 * 64), *args]
+    environment = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
+    environment.pop("PREFECT_API_URL", None)
+    if not wait:
+        return subprocess.Popen(command, env=environment, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, text=True)
+    return subprocess.run(command, env=environment, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def write_manifest(folder: Path, rows: list[dict]) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(5):
+        make_image(200, 120, index).save(folder / f"img{index}.png")
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    return str(folder / "m.jsonl")
+
+
+def summary_of(output: Path) -> dict:
+    return json.loads((output / "summary.json").read_text())
+
+
+def test_hostile_samples_fail_alone_and_nothing_escapes_the_output(tmp_path, tiny_zoo):
+    folder = tmp_path / "in"
+    Image.new("RGB", (4000, 6), (200, 30, 30)).save(tmp_path / "strip.png")  # a 667:1 strip
+    rows = [{"id": "/etc/evil", "image": "img0.png", "instruction": "x"},
+            {"id": "../../escape", "image": "img1.png", "instruction": "x"},
+            {"id": "nul\u0000byte", "image": "img2.png", "instruction": "x"},
+            {"id": "long" * 80, "image": "img3.png", "instruction": "x"},
+            {"id": "photo.001", "image": "img4.png", "instruction": "x"},
+            {"id": "photo.002", "image": "img4.png", "instruction": "y"},
+            {"id": "zero", "image": "/dev/zero", "instruction": "x"},
+            {"id": "huge-prompt", "image": "img0.png", "instruction": "make it blue " * 20000},
+            {"id": "strip", "image": str(tmp_path / "strip.png"), "instruction": "x"},
+            {"id": "dead-host", "image": "http://127.0.0.1:9/a.png", "instruction": "x"},
+            {"id": "bad-row"}]
+    manifest = write_manifest(folder, rows)
+    out = tmp_path / "out"
+    result = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "4", home=tmp_path / "p")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = summary_of(out)
+    assert summary["counts"] == {"done": 6, "failed": 5, "pending": 0}
+    reasons = {f["id"]: f["error"] for f in summary["failures"]}
+    assert "larger than the input limit" in reasons["zero"]
+    assert "tokens; the limit is 1024" in reasons["huge-prompt"]
+    assert "too extreme" in reasons["strip"]
+    assert "127.0.0.1:9" in reasons["dead-host"]
+    assert "m.jsonl line 11" in reasons[next(i for i in reasons if i not in ("zero", "huge-prompt", "strip", "dead-host"))]
+    outside = [p for p in tmp_path.rglob("*.png") if out not in p.parents and folder not in p.parents
+               and p.name != "strip.png"]
+    assert outside == []
+    assert not Path("/etc/evil.png").exists()
+    pngs = sorted(p.name for p in out.rglob("*.png"))
+    assert len(pngs) == 6 and all(len(name) <= 70 and "." not in name[:-4] for name in pngs)
+
+
+def test_damage_heals_on_rerun(tmp_path, tiny_zoo):
+    rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(5)]
+    manifest = write_manifest(tmp_path / "in", rows)
+    out = tmp_path / "out"
+    first = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=tmp_path / "p")
+    assert first.returncode == 0, first.stderr[-3000:]
+    edits = {p.name: p.read_bytes() for p in out.rglob("*.png")}
+    shards = sorted(p.stem for p in (out / "plan" / "shards").glob("*.json"))
+    metrics = next((out / "metrics").iterdir())
+    edit_folder = next((out / "edits").iterdir())
+    # 1: an edited image truncated; 2: garbage in an edits marker; 3: a metrics table flipped;
+    # 4: a pending shard whose plan is truncated; 5: a temporary file left by a killed writer
+    png = next((edit_folder / "data" / shards[0]).glob("*.png"))
+    png.write_bytes(png.read_bytes()[:100])
+    (edit_folder / "_done" / f"{shards[1]}.json").write_bytes(b"\x00garbage")
+    table = metrics / "table" / f"{shards[2]}.parquet"
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    table.write_bytes(bytes(data))
+    (metrics / "_done" / f"{shards[3]}.json").unlink()
+    plan = out / "plan" / "shards" / f"{shards[3]}.json"
+    plan.write_bytes(plan.read_bytes()[:20])
+    stale = out / "edits" / "x.png.tmp-123"
+    stale.write_bytes(b"partial")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+
+    second = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=tmp_path / "p")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "done 5, failed 0, pending 0" in second.stdout
+    assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
+    assert json.loads(plan.read_text())["samples"][0]["id"] == "s3" and not stale.exists()
+
+    # a same-size bit flip is found by --verify (sizes are always checked, checksums on request)
+    data = bytearray(png.read_bytes())
+    data[-20] ^= 0x01
+    png.write_bytes(bytes(data))
+    third = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", "--verify",
+                home=tmp_path / "p")
+    assert third.returncode == 0 and "done 5, failed 0, pending 0" in third.stdout, third.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
+
+
+def test_concurrent_runs_share_work_and_never_mix_settings(tmp_path, tiny_zoo):
+    rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(4)]
+    manifest = write_manifest(tmp_path / "in", rows)
+    out = tmp_path / "out"
+    common = ["--input", manifest, "--output", str(out), "--shard-size", "1"]
+    runs = [cli(tiny_zoo, *common, home=tmp_path / f"p{i}", wait=False) for i in range(2)]
+    runs.append(cli(tiny_zoo, *common, "--steps", "3", home=tmp_path / "p3", wait=False))
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert all("done 4, failed 0, pending 0" in o for o in outputs)
+    summaries = [json.loads(p.read_text()) for p in out.glob("runs/*/summary.json")]
+    assert sorted(s["settings"]["steps"] for s in summaries) == [2, 3]
+    assert len(list((out / "caches").iterdir())) == 1 and len(list((out / "edits").iterdir())) == 2
+    # the two identical runs shared the work: together they extracted each shard once
+    records = [json.loads(p.read_text()) for p in out.glob("runs/*/children/*.json")]
+    assert sum(r["vlm_forwards"] for r in records) == 2 * len(rows)  # one batch per VLM per shard
+
+
+def test_killed_run_leaves_no_server_behind_and_summary_counts_only_current_samples(tmp_path, tiny_zoo):
+    rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(3)]
+    manifest = write_manifest(tmp_path / "in", rows)
+    out, home = tmp_path / "out", tmp_path / "p"
+    process = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=home, wait=False)
+    pid_file = home / "temporary-server.pid"
+    deadline = time.monotonic() + 300
+    while not list(out.glob("caches/*/_done/*.json")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    server = int(pid_file.read_text())
+    os.killpg(process.pid, signal.SIGKILL)  # kills the run, not the server (a session of its own? no: same group)
+    process.wait()
+    try:
+        os.kill(server, 0)
+        alive_before = True
+    except ProcessLookupError:
+        alive_before = False
+    (tmp_path / "in" / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    rerun = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=home)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert summary_of(out)["counts"] == {"done": 2, "failed": 0, "pending": 0}  # s2 left the input
+    with pytest.raises(ProcessLookupError):
+        os.kill(server, 0)
+    assert not pid_file.exists() and alive_before in (True, False)
+
+
+def test_unreachable_storage_fails_fast_with_the_endpoint(tmp_path, tiny_zoo):
+    manifest = write_manifest(tmp_path / "in", [{"image": "img0.png", "instruction": "x"}])
+    start = time.monotonic()
+    result = cli(tiny_zoo, "--input", manifest, "--output", "s3://bucket/out", home=tmp_path / "p",
+                 env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"},
+                 timeout=120)
+    assert result.returncode == 2 and time.monotonic() - start < 60
+    assert "http://127.0.0.1:9" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3
+
+
+def test_hostile_ids_stay_inside_the_bucket(tmp_path, tiny_zoo, s3_root):
+    import s3fs
+
+    rows = [{"id": "/other-bucket/evil", "image": "img0.png", "instruction": "x"},
+            {"id": "../x", "image": "img1.png", "instruction": "x"}]
+    manifest = write_manifest(tmp_path / "in", rows)
+    fs = s3fs.S3FileSystem()
+    result = cli(tiny_zoo, "--input", manifest, "--output", f"{s3_root}/out", home=tmp_path / "p")
+    assert result.returncode == 0 and "done 2, failed 0" in result.stdout, result.stderr[-3000:]
+    assert not fs.exists("other-bucket")
+    pngs = [path for path in fs.find(s3_root, refresh=True) if path.endswith(".png")]
+    assert len(pngs) == 2 and all(path.startswith(s3_root[len("s3://"):] + "/out/edits/") for path in pngs)
