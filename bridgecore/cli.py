@@ -66,12 +66,25 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
 def tiny_models(
     out_dir: Path = typer.Argument(..., help="Directory to write qwen3-vl/, qwen-image-edit/, qwen-image-edit-plus/ into."),
     overwrite: bool = typer.Option(False, help="Rebuild models that already exist."),
+    trained: bool = typer.Option(False, help="Also write qwen-image-edit-trained/: the tiny edit pipeline with its VAE "
+                                 "and DiT trained on CPU (about a minute or two, seeded) on a synthetic edit task whose "
+                                 "result depends on the instruction ('Make the <shape> <colour>'); with "
+                                 "training_report.json and edits_grid.png. Cached: rebuilt only if missing."),
 ):
     """Write the offline tiny zoo: small random models of the real classes, seeded, in Hugging Face layout."""
     from .tiny_zoo import build_tiny_zoo
 
-    for name, path in build_tiny_zoo(out_dir, overwrite=overwrite).items():
+    for name, path in build_tiny_zoo(out_dir, overwrite=overwrite, trained=trained).items():
         typer.echo(f"{name}: {path}")
+    if trained:
+        from .tiny_edit_model import GRID_NAME, REPORT_NAME
+
+        report = json.loads((out_dir / "qwen-image-edit-trained" / REPORT_NAME).read_text())
+        low, high = report["instruction_gain_ci"]
+        typer.echo(f"trained tiny edit model: held-out loss {report['heldout_loss_correct_instruction']:.4f} with the "
+                   f"correct instructions vs {report['heldout_loss_shuffled_instruction']:.4f} with shuffled ones "
+                   f"(difference 95% CI [{low:.4f}, {high:.4f}]); edit success {report['heldout_edit_success']:.0%}; "
+                   f"edits: {out_dir / 'qwen-image-edit-trained' / GRID_NAME}")
 
 
 @app.command()
@@ -234,26 +247,43 @@ def train(
     eval_every: int = typer.Option(100, help="Held-out loss and checkpoint every K steps."),
     seed: int = typer.Option(0, help="Seed of data order, noise and timesteps (deterministic on CPU)."),
     rank: int = typer.Option(256, help="Bridge rank (256 gives ~5M parameters at real dims)."),
+    ablate_qwen3: str = typer.Option("none", help="Train a control: 'shuffle' pairs each sample with another sample's "
+                                     "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
 ):
     """Train the bridge with Qwen-Image-Edit's own flow-matching loss; the DiT, VAE and VLMs stay frozen.
-    Writes metrics.json with heldout_loss_baseline (zero-init bridge = Qwen-Image-Edit as is) and
-    heldout_loss_trained. Use the result with `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
+    Writes metrics.json with heldout_loss_baseline (zero-init bridge = Qwen-Image-Edit as is),
+    heldout_loss_trained, heldout_loss_qwen3_shuffled (the trained bridge with Qwen3 caches permuted across
+    held-out samples) and qwen3_information_gain (their difference, with a bootstrap 95% CI): the evidence
+    that the bridge uses Qwen3-VL's information rather than a generic bias. Use the result with
+    `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
     from .batch_job import JobSettings
-    from .training import TrainConfig, run_training
+    from .training import ABLATIONS, TrainConfig, run_training
 
+    if ablate_qwen3 not in ABLATIONS:
+        _fail(f"--ablate-qwen3 must be one of {', '.join(ABLATIONS)}; got {ablate_qwen3!r}")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,
-                         eval_every=eval_every, checkpoint_every=eval_every, seed=seed)
+                         eval_every=eval_every, checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
     try:
         metrics = run_training(data, out, settings, config, {"rank": rank})
     except (ValueError, ModelNotAvailableError) as error:
         _fail(str(error))
+    stats = metrics["bridge_statistics"]
     typer.echo(f"held-out flow-matching loss: zero-init bridge {metrics['heldout_loss_baseline']:.5f} -> trained "
-               f"{metrics['heldout_loss_trained']:.5f}; gate |mean| {metrics['gate_abs_mean']:.4f}")
-    typer.echo(f"bridge: {out} (metrics.json, loss_curve.png)")
+               f"{metrics['heldout_loss_trained']:.5f}; trained with Qwen3 caches shuffled across held-out samples "
+               f"{metrics['heldout_loss_qwen3_shuffled']:.5f}" + (f" (trained with --ablate-qwen3 {ablate_qwen3})"
+                                                                   if ablate_qwen3 != "none" else ""))
+    typer.echo(f"bridge: correction/base RMS {stats['correction_rms_ratio']:.3f}, token cosine "
+               f"{stats['token_cosine_base']:.3f} -> {stats['token_cosine_enhanced']:.3f}, gates text "
+               f"{stats['gate_text']:+.3f} vision {stats['gate_vision']:+.3f}; saved in {out} (metrics.json, loss_curve.png)")
+    low, high = metrics["qwen3_information_gain_ci"]
+    typer.echo(f"Qwen3 information gain (held-out loss, shuffled - real Qwen3 caches): "
+               f"{metrics['qwen3_information_gain']:+.5f} [95% CI {low:+.5f}, {high:+.5f}] = "
+               f"{metrics['qwen3_information_gain_relative']:+.2%} of the baseline loss, "
+               f"{metrics['heldout_examples']} held-out samples")
 
 
 @app.command("make-benchmark")

@@ -33,9 +33,11 @@ class TrainingExample:
 
     Args:
         cache: the sample's Qwen3/Qwen2.5 caches.
-        condition (`torch.Tensor` of shape `[N, 4C]`): packed, normalised VAE latents of the source.
+        condition (`torch.Tensor` of shape `[sum N_i, 4C]`): packed, normalised VAE latents of every
+            condition image, concatenated in order, as the edit pipelines feed them to the DiT.
         target (`torch.Tensor` of shape `[N, 4C]`): the same for the target image.
-        latent_hw: (h, w) of the packed latent grid (2x2 latent patches).
+        latent_hw: (h, w) of the target's packed latent grid (2x2 latent patches).
+        condition_hw: (h, w) of each condition image's packed grid; empty means one, of `latent_hw`.
     """
 
     key: str
@@ -43,6 +45,13 @@ class TrainingExample:
     condition: torch.Tensor
     target: torch.Tensor
     latent_hw: tuple[int, int]
+    condition_hw: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        self.condition_hw = tuple(tuple(hw) for hw in self.condition_hw) or (tuple(self.latent_hw),)
+        if sum(h * w for h, w in self.condition_hw) != self.condition.shape[0]:
+            raise ValueError(f"{self.key}: condition latents have {self.condition.shape[0]} tokens but the grids "
+                             f"{self.condition_hw} give {sum(h * w for h, w in self.condition_hw)}")
 
 
 @torch.no_grad()
@@ -70,15 +79,19 @@ def _latents_shard(storage: Storage, shard_id: str, editor, condition_area: int)
         if not sample.target:
             records.append(SampleRecord.failed(sample, "no target image: not a training triplet"))
             continue
-        source, target = load_image(sample.images[0]), load_image(sample.target)
-        if source.size != target.size:
-            records.append(SampleRecord.failed(sample, f"target size {target.size} differs from source size {source.size}"))
+        # Every condition image is VAE-encoded at its own size, as the pipelines do (Edit-Plus: several);
+        # the output takes the size of the last one (Edit-Plus sizes its output from `image[-1]`).
+        sources, target = [load_image(uri) for uri in sample.images], load_image(sample.target)
+        if sources[-1].size != target.size:
+            records.append(SampleRecord.failed(sample, f"target size {target.size} differs from source size {sources[-1].size}"))
             continue
-        width, height = condition_size(source, condition_area)
-        tensors = {"condition": encode_latents(editor.pipe, source, width, height),
-                   "target": encode_latents(editor.pipe, target, width, height)}
+        sizes = [condition_size(source, condition_area) for source in sources]
+        conditions = [encode_latents(editor.pipe, source, w, h) for source, (w, h) in zip(sources, sizes)]
+        width, height = sizes[-1]
+        tensors = {"condition": torch.cat(conditions), "target": encode_latents(editor.pipe, target, width, height)}
         records.append(SampleRecord(sample, "done", payload=save_tensors({k: v.cpu().contiguous() for k, v in tensors.items()}),
-                                    info={"latent_hw": [height // 16, width // 16]}))
+                                    info={"latent_hw": [height // 16, width // 16],
+                                          "condition_hw": [[h // 16, w // 16] for w, h in sizes]}))
     return store.commit(shard_id, records)
 
 
@@ -109,9 +122,10 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
             if row["status"] != "done":
                 problems.append(f"{row['key']}: {row['error']}")
                 continue
-            tensors = load_tensors(latents[row["key"]])
+            tensors, info = load_tensors(latents[row["key"]]), json.loads(row["info"])
             examples.append(TrainingExample(row["key"], cache_from_bytes(caches[row["key"]]), tensors["condition"],
-                                            tensors["target"], tuple(json.loads(row["info"])["latent_hw"])))
+                                            tensors["target"], tuple(info["latent_hw"]),
+                                            tuple(tuple(hw) for hw in info.get("condition_hw", []))))
     size_problems = [p for p in problems if "differs from source" in p]
     if size_problems:
         raise ValueError("triplets whose target size differs from the source: " + "; ".join(size_problems[:10]))
