@@ -37,9 +37,11 @@ def _banner(message: str) -> None:
     typer.secho(f"{line}\n{message}\n{line}", fg=typer.colors.YELLOW, bold=True, err=True)
 
 
-def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False) -> tuple[str, str]:
+def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False,
+                    trained: bool = False) -> tuple[str, str]:
     """The requested models; with none requested, the real defaults if already on this machine (local files or
-    the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly)."""
+    the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly). `trained`
+    picks the zoo's trained tiny edit model (single-image) instead of the random one."""
     from .loading import DEFAULT_EDIT_PLUS_MODEL, resolve_model
     from .tiny_zoo import build_tiny_zoo
 
@@ -51,14 +53,18 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
         resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"], local_only=True)
         return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
     except ModelNotAvailableError as error:
-        zoo = build_tiny_zoo(TINY_ZOO_DIR)
+        trained = trained and not plus
+        zoo = build_tiny_zoo(TINY_ZOO_DIR, trained=trained)
+        what = ("Outputs are meaningless pictures that only prove the machinery runs." if not trained else
+                "The edit model's VAE and DiT are trained (on CPU) on ONE synthetic task, 'Make the <shape> <colour>': "
+                "its edits are real, of that task only; the VLMs stay random.")
         _banner(
-            "NO REAL WEIGHTS FOUND: using the TINY RANDOM MODELS of the offline zoo in "
-            f"{TINY_ZOO_DIR.resolve()}.\nOutputs are meaningless pictures that only prove the machinery runs.\n"
+            f"NO REAL WEIGHTS FOUND: using the TINY {'TRAINED' if trained else 'RANDOM'} MODELS of the offline zoo in "
+            f"{TINY_ZOO_DIR.resolve()}.\n{what}\n"
             f"Reason: {error}\nPass --qwen3 and --edit-model (hub ids or local directories) "
             "to use real models."
         )
-        tiny_edit = zoo["qwen-image-edit-plus" if plus else "qwen-image-edit"]
+        tiny_edit = zoo["qwen-image-edit-plus" if plus else "qwen-image-edit-trained" if trained else "qwen-image-edit"]
         return qwen3 or str(zoo["qwen3-vl"]), edit_model or str(tiny_edit)
 
 
@@ -387,17 +393,32 @@ def _write_sample_set(folder: Path) -> Path:
 def quickstart(
     out_dir: Path = typer.Option(Path("out/quickstart"), help="Where to write the sample set and the run's outputs."),
     qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real model, else tiny zoo)."),
-    edit_model: Optional[str] = typer.Option(None, help="Qwen-Image-Edit hub id or directory (default: real, else tiny)."),
-    steps: int = typer.Option(4, help="Denoising steps (the real default is 50)."),
-    condition_area: int = typer.Option(128 * 128, help="Condition-image area; the real pipeline uses 1048576."),
+    edit_model: Optional[str] = typer.Option(None, help="Qwen-Image-Edit hub id or directory (default: real, else the "
+                                             "tiny zoo's trained edit model)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 4; 20 with the tiny trained model] "
+                                        "(the real default is 50)."),
+    condition_area: Optional[int] = typer.Option(None, help="Condition-image area [default: 128*128; the tiny trained "
+                                                 "model's own 64*64]; the real pipeline uses 1048576."),
 ):
     """The main job end to end on an embedded default: generates a small sample set and runs the bulk-edit
-    flow over it locally (ephemeral Prefect, local storage; the tiny zoo when no real weights are present)."""
-    manifest = _write_sample_set(out_dir / "inputs")
+    flow over it locally (ephemeral Prefect, local storage). Without real weights it uses the tiny zoo's
+    trained edit model on its own task ('Make the <shape> <colour>', with targets, so the run is scored)."""
+    from .tiny_edit_model import REPORT_NAME
+    from .tiny_zoo import TRAINED_EDIT_MODEL
+
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, trained=True)
+    trained_tiny = Path(edit_model).resolve() == (TINY_ZOO_DIR / TRAINED_EDIT_MODEL).resolve()
+    if trained_tiny:
+        from .synthetic_triplets import write_triplets
+
+        size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
+        manifest = write_triplets(out_dir / "inputs", 6, size=size, seed=7)
+    else:
+        manifest = _write_sample_set(out_dir / "inputs")
+    area = condition_area or (size * size if trained_tiny else 128 * 128)
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
-              bridge=None, multi_image=False, steps=steps, seed=0, cfg=1.0, negative_prompt=" ",
-              condition_area=condition_area, shard_size=4,
-              retry_failed=False, device="auto")
+              bridge=None, multi_image=False, steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
+              negative_prompt=" ", condition_area=area, shard_size=4, retry_failed=False, device="auto")
     typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<shard>/<id>.png; caches: {out_dir / 'run' / 'caches'}")
 
 

@@ -302,6 +302,9 @@ def build_edit_pipeline(out_dir: Path, plus: bool = False, sizes: TinySizes = Ti
     return out_dir
 
 
+TRAINED_EDIT_MODEL = "qwen-image-edit-trained"
+
+
 def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: bool = False, trained: bool = False,
                    trained_recipe=None) -> dict[str, Path]:
     """Writes the three tiny models under `root`; skips those already present unless `overwrite`.
@@ -321,8 +324,8 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
     stamps = {name: {"seed": sizes.seed} for name in targets}
     if trained:
         recipe = trained_recipe or TinyEditTrainConfig(seed=sizes.seed)
-        targets["qwen-image-edit-trained"] = lambda p: train_tiny_edit_model(root / "qwen-image-edit", p, recipe)
-        stamps["qwen-image-edit-trained"] = {"seed": sizes.seed, "recipe": json.loads(recipe.fingerprint())}
+        targets[TRAINED_EDIT_MODEL] = lambda p: train_tiny_edit_model(root / "qwen-image-edit", p, recipe)
+        stamps[TRAINED_EDIT_MODEL] = {"seed": sizes.seed, "recipe": json.loads(recipe.fingerprint())}
     paths = {}
     for name, build in targets.items():
         path = root / name

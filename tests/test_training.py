@@ -151,7 +151,7 @@ def test_training_conditions_the_dit_as_inference_does(tmp_path, settings, plus_
     try:
         folder = tmp_path / "data"
         images = [folder / "00000_source.png"] + ([folder / "00000_picture2.png"] if plus else [])
-        editor.generate(images if plus else images[0], "x", use_qwen3_vision=False, num_inference_steps=1,
+        editor.generate(images if plus else images[0], "x", use_qwen3_vision=False, num_inference_steps=2,
                         output_type="np")
     finally:
         hook.remove()
