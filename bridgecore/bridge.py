@@ -64,6 +64,9 @@ class BridgeConfig:
     dropout: float = 0.0
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
+    # Adam moves a parameter by about lr per step, so at lr 1e-4 a zero-init gate would need ~10k steps to
+    # open: the gates (two scalars, no weight decay) learn `gate_learning_rate_scale` times faster.
+    gate_learning_rate_scale: float = 100.0
     qwen3_model_id: str = ""
     qwen25_model_id: str = ""
     qwen3_revision: str = ""
@@ -219,6 +222,12 @@ class VisionCacheBridge(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
         self.gate = nn.Parameter(torch.full((len(GATE_STREAMS),), float(config.gate_init)))  # text, vision
+
+    def parameter_groups(self, learning_rate: float, weight_decay: float) -> list[dict]:
+        """Optimizer groups: everything at `learning_rate`; the gates faster and without weight decay."""
+        others = [p for name, p in self.named_parameters() if name != "gate"]
+        return [{"params": others, "lr": learning_rate, "weight_decay": weight_decay},
+                {"params": [self.gate], "lr": learning_rate * self.config.gate_learning_rate_scale, "weight_decay": 0.0}]
 
     def gate_values(self) -> dict[str, float]:
         """Effective gates in (-max_ratio, max_ratio): the largest correction/base RMS ratio per stream."""

@@ -42,9 +42,9 @@ LABELS = {
 @dataclass
 class ProofConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
-    train_samples: int = 256
+    train_samples: int = 512
     heldout_samples: int = 64
-    steps: int = 400
+    steps: int = 1500
     batch_size: int = 8
     learning_rate: float = 1e-3
     warmup_steps: int = 20

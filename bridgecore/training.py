@@ -340,7 +340,7 @@ class BridgeTrainer:
         """Runs (or resumes) training; writes checkpoints, `metrics.json` and `loss_curve.png` to `out_dir`."""
         config, bridge = self.config, self.bridge
         lr = config.learning_rate or self.bridge_config.learning_rate
-        optimizer = torch.optim.AdamW(bridge.parameters(), lr=lr, weight_decay=self.bridge_config.weight_decay)
+        optimizer = torch.optim.AdamW(bridge.parameter_groups(lr, self.bridge_config.weight_decay))
         warmup = max(1, config.warmup_steps)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         torch.manual_seed(config.seed)
