@@ -159,6 +159,15 @@ def resample_vision_tokens(features: torch.Tensor, grid3: torch.Tensor, grid25: 
     return torch.cat(out) if out else features[:0]
 
 
+def _as_lists(qwen3_cache, qwen25_cache) -> tuple[list, list]:
+    single = not isinstance(qwen3_cache, (list, tuple))
+    qwen3s = [qwen3_cache] if single else list(qwen3_cache)
+    qwen25s = [qwen25_cache] if single else list(qwen25_cache)
+    if len(qwen3s) != len(qwen25s):
+        raise ValueError(f"got {len(qwen3s)} Qwen3 caches for {len(qwen25s)} Qwen2.5 caches")
+    return qwen3s, qwen25s
+
+
 def bounded_correction(delta: torch.Tensor, base: torch.Tensor, gate: torch.Tensor, max_ratio: float,
                        eps: float = 1e-6) -> torch.Tensor:
     """Scales each token's raw correction so that its RMS stays below `max_ratio` times the token's own RMS.
@@ -186,7 +195,16 @@ def mean_token_cosine(embeds: torch.Tensor) -> float:
     return float((gram.sum() - gram.diagonal().sum()) / (count * (count - 1)))
 
 
-def negative_prompt_embeds(qwen25_caches) -> "BridgeOutput":
+@dataclass
+class BridgeOutput:
+    """prompt_embeds `[B, L, D25]`, prompt_embeds_mask `[B, L]`; attention maps per sample on request."""
+
+    prompt_embeds: torch.Tensor
+    prompt_embeds_mask: torch.Tensor
+    attention_weights: list[dict[str, torch.Tensor]] | None = None
+
+
+def negative_prompt_embeds(qwen25_caches) -> BridgeOutput:
     """The true-CFG negative branch: Qwen-Image-Edit's own embeddings of the negative prompt, never bridged.
 
     The bridge is trained on conditional branches only; the DiT was trained with its own unconditional
@@ -195,15 +213,6 @@ def negative_prompt_embeds(qwen25_caches) -> "BridgeOutput":
     """
     caches = qwen25_caches if isinstance(qwen25_caches, (list, tuple)) else [qwen25_caches]
     return BridgeOutput(*pad_prompt_embeds([cache.prompt_embeds for cache in caches]))
-
-
-@dataclass
-class BridgeOutput:
-    """prompt_embeds `[B, L, D25]`, prompt_embeds_mask `[B, L]`; attention maps per sample on request."""
-
-    prompt_embeds: torch.Tensor
-    prompt_embeds_mask: torch.Tensor
-    attention_weights: list[dict[str, torch.Tensor]] | None = None
 
 
 class VisionCacheBridge(nn.Module):
@@ -374,15 +383,6 @@ class VisionCacheBridge(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def _as_lists(qwen3_cache, qwen25_cache) -> tuple[list, list]:
-    single = not isinstance(qwen3_cache, (list, tuple))
-    qwen3s = [qwen3_cache] if single else list(qwen3_cache)
-    qwen25s = [qwen25_cache] if single else list(qwen25_cache)
-    if len(qwen3s) != len(qwen25s):
-        raise ValueError(f"got {len(qwen3s)} Qwen3 caches for {len(qwen25s)} Qwen2.5 caches")
-    return qwen3s, qwen25s
 
 
 def create_default_bridge(qwen3_cache: Qwen3VisionCache | None = None, qwen25_cache: Qwen25VisionCache | None = None,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .edit_prompt import EditPromptEncoder, pad_prompt_embeds
-from .synthetic_triplets import Triplet, edit_success, make_triplets
+from .synthetic_triplets import COLOURS, Triplet, edit_success, make_triplets
 from .training import TrainConfig, derangement, flow_matching_loss, sample_sigmas
 
 logger = logging.getLogger(__name__)
@@ -265,8 +265,6 @@ def _other_instruction(triplet: Triplet) -> str:
     """The same picture, the other shape, another colour: shows that the edit follows the words."""
     other_shape = "circle" if triplet.shape == "square" else "square"
     current = triplet.shapes[other_shape][0]
-    from .synthetic_triplets import COLOURS
-
     colour = next(c for c in COLOURS if c not in (current, triplet.colour))
     return f"Make the {other_shape} {colour}"
 
@@ -297,6 +295,7 @@ def _train_tiny_edit_model(random_pipeline_dir: str | Path, out_dir: str | Path,
     from diffusers import QwenImageEditPipeline
 
     from .edit_pipeline import EnhancedQwenImageEdit
+    from .evaluation import bootstrap_ci
 
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)
@@ -313,15 +312,13 @@ def _train_tiny_edit_model(random_pipeline_dir: str | Path, out_dir: str | Path,
     train_data, heldout_data = encode_triplets(pipe, encoder, train), encode_triplets(pipe, encoder, heldout)
     dit_losses = train_dit(pipe, train_data, config)
     pipe.save_pretrained(out_dir)
-    # 3. Evidence that the instruction matters: held-out loss with correct vs shuffled instructions.
-    # The same pictures with another sample's instruction: only the words differ.
+    # 3. Evidence that the instruction matters: held-out loss with the correct instructions vs the same
+    #    pictures with another sample's instruction (only the words differ).
     shuffled = encode_prompts(encoder, heldout, [heldout[j].instruction for j in derangement(len(heldout), config.seed)])
     correct = heldout_losses(pipe, heldout_data, heldout_data.embeds, config.heldout_repeats, config.seed)
     wrong = heldout_losses(pipe, heldout_data, shuffled, config.heldout_repeats, config.seed)
-    from .evaluation import bootstrap_ci
-
-    # 4. Decoded edits, through the saved directory and the library's own editor.
-    editor = EnhancedQwenImageEdit(out_dir, "unused-qwen3", device="cpu", condition_area=area)
+    # 4. Decoded edits, through the saved directory and the library's own editor (baseline path: no Qwen3-VL).
+    editor = EnhancedQwenImageEdit(out_dir, "qwen3-not-loaded", device="cpu", condition_area=area)
     sources = [t.source for t in heldout]
     edits = editor.generate(sources, [t.instruction for t in heldout], use_qwen3_vision=False, seed=config.seed,
                             num_inference_steps=config.inference_steps, true_cfg_scale=1.0)
