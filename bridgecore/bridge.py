@@ -279,10 +279,10 @@ class VisionCacheBridge(nn.Module):
 
     def _correction(self, qwen3: Qwen3VisionCache, qwen25: Qwen25VisionCache):
         cfg = self.config
-        dtype = self.out.weight.dtype
-        levels = [qwen3.levels[name].to(dtype) for name in cfg.levels]
+        dtype, device = self.out.weight.dtype, self.out.weight.device  # caches may live on another device
+        levels = [qwen3.levels[name].to(device, dtype) for name in cfg.levels]
         fused, level_weights = self.fusion(self.projector(levels))  # [L3, rank], [L3, n_levels]
-        base = qwen25.prompt_embeds.to(dtype)  # [L25, D25]
+        base = qwen25.prompt_embeds.to(device, dtype)  # [L25, D25]
         # Every Qwen2.5 position attends over the Qwen3 sequence (instruction and image).
         heads, width = cfg.num_heads, cfg.rank // cfg.num_heads
         query = self.query(self.query_norm(base)).view(-1, heads, width).transpose(0, 1)  # [H, L25, w]
@@ -293,7 +293,7 @@ class VisionCacheBridge(nn.Module):
         # Vision positions also get the Qwen3 image features resampled onto the Qwen2.5 grid.
         vision = fused[qwen3.vision_positions.to(fused.device)]
         if self.deepstack_projector is not None:
-            deepstack = self.deepstack_projector([t.to(dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
+            deepstack = self.deepstack_projector([t.to(device, dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
             vision = vision + deepstack
         resampled = resample_vision_tokens(vision, qwen3.grid_thw, qwen25.grid_thw)
         positions = qwen25.vision_positions.to(base.device)
