@@ -67,9 +67,11 @@ def _banner(message: str) -> None:
     typer.secho(f"{line}\n{message}\n{line}", fg=typer.colors.YELLOW, bold=True, err=True)
 
 
-def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False) -> tuple[str, str]:
+def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False,
+                    trained: bool = False) -> tuple[str, str]:
     """The requested models; with none requested, the real defaults if already on this machine (local files or
-    the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly)."""
+    the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly). `trained`
+    picks the zoo's trained tiny edit model (single-image) instead of the random one."""
     from .loading import DEFAULT_EDIT_PLUS_MODEL, resolve_model
     from .tiny_zoo import build_tiny_zoo
 
@@ -81,14 +83,18 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
         resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"], local_only=True)
         return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
     except ModelNotAvailableError as error:
-        zoo = build_tiny_zoo(TINY_ZOO_DIR)
+        trained = trained and not plus
+        zoo = build_tiny_zoo(TINY_ZOO_DIR, trained=trained)
+        what = ("Outputs are meaningless pictures that only prove the machinery runs." if not trained else
+                "The edit model's VAE and DiT are trained (on CPU) on ONE synthetic task, 'Make the <shape> <colour>': "
+                "its edits are real, of that task only; the VLMs stay random.")
         _banner(
-            "NO REAL WEIGHTS FOUND: using the TINY RANDOM MODELS of the offline zoo in "
-            f"{TINY_ZOO_DIR.resolve()}.\nOutputs are meaningless pictures that only prove the machinery runs.\n"
+            f"NO REAL WEIGHTS FOUND: using the TINY {'TRAINED' if trained else 'RANDOM'} MODELS of the offline zoo in "
+            f"{TINY_ZOO_DIR.resolve()}.\n{what}\n"
             f"Reason: {error}\nPass --qwen3 and --edit-model (hub ids or local directories) "
             "to use real models."
         )
-        tiny_edit = zoo["qwen-image-edit-plus" if plus else "qwen-image-edit"]
+        tiny_edit = zoo["qwen-image-edit-plus" if plus else "qwen-image-edit-trained" if trained else "qwen-image-edit"]
         return qwen3 or str(zoo["qwen3-vl"]), edit_model or str(tiny_edit)
 
 
@@ -96,12 +102,25 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
 def tiny_models(
     out_dir: Path = typer.Argument(..., help="Directory to write qwen3-vl/, qwen-image-edit/, qwen-image-edit-plus/ into."),
     overwrite: bool = typer.Option(False, help="Rebuild models that already exist."),
+    trained: bool = typer.Option(False, help="Also write qwen-image-edit-trained/: the tiny edit pipeline with its VAE "
+                                 "and DiT trained on CPU (about a minute or two, seeded) on a synthetic edit task whose "
+                                 "result depends on the instruction ('Make the <shape> <colour>'); with "
+                                 "training_report.json and edits_grid.png. Cached: rebuilt only if missing."),
 ):
     """Write the offline tiny zoo: small random models of the real classes, seeded, in Hugging Face layout."""
     from .tiny_zoo import build_tiny_zoo
 
-    for name, path in build_tiny_zoo(out_dir, overwrite=overwrite).items():
+    for name, path in build_tiny_zoo(out_dir, overwrite=overwrite, trained=trained).items():
         typer.echo(f"{name}: {path}")
+    if trained:
+        from .tiny_edit_model import GRID_NAME, REPORT_NAME
+
+        report = json.loads((out_dir / "qwen-image-edit-trained" / REPORT_NAME).read_text())
+        low, high = report["instruction_gain_ci"]
+        typer.echo(f"trained tiny edit model: held-out loss {report['heldout_loss_correct_instruction']:.4f} with the "
+                   f"correct instructions vs {report['heldout_loss_shuffled_instruction']:.4f} with shuffled ones "
+                   f"(difference 95% CI [{low:.4f}, {high:.4f}]); edit success {report['heldout_edit_success']:.0%}; "
+                   f"edits: {out_dir / 'qwen-image-edit-trained' / GRID_NAME}")
 
 
 @app.command()
@@ -337,26 +356,43 @@ def train(
     eval_every: int = typer.Option(100, help="Held-out loss and checkpoint every K steps."),
     seed: int = typer.Option(0, help="Seed of data order, noise and timesteps (deterministic on CPU)."),
     rank: int = typer.Option(256, help="Bridge rank (256 gives ~5M parameters at real dims)."),
+    ablate_qwen3: str = typer.Option("none", help="Train a control: 'shuffle' pairs each sample with another sample's "
+                                     "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
 ):
     """Train the bridge with Qwen-Image-Edit's own flow-matching loss; the DiT, VAE and VLMs stay frozen.
-    Writes metrics.json with heldout_loss_baseline (zero-init bridge = Qwen-Image-Edit as is) and
-    heldout_loss_trained. Use the result with `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
+    Writes metrics.json with heldout_loss_baseline (zero-init bridge = Qwen-Image-Edit as is),
+    heldout_loss_trained, heldout_loss_qwen3_shuffled (the trained bridge with Qwen3 caches permuted across
+    held-out samples) and qwen3_information_gain (their difference, with a bootstrap 95% CI): the evidence
+    that the bridge uses Qwen3-VL's information rather than a generic bias. Use the result with
+    `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
     from .batch.settings import JobSettings
-    from .training import TrainConfig, run_training
+    from .training import ABLATIONS, TrainConfig, run_training
 
+    if ablate_qwen3 not in ABLATIONS:
+        _fail(f"--ablate-qwen3 must be one of {', '.join(ABLATIONS)}; got {ablate_qwen3!r}")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,
-                         eval_every=eval_every, checkpoint_every=eval_every, seed=seed)
+                         eval_every=eval_every, checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
     try:
         metrics = run_training(data, out, settings, config, {"rank": rank})
     except (ValueError, ModelNotAvailableError) as error:
         _fail(str(error))
+    stats = metrics["bridge_statistics"]
     typer.echo(f"held-out flow-matching loss: zero-init bridge {metrics['heldout_loss_baseline']:.5f} -> trained "
-               f"{metrics['heldout_loss_trained']:.5f}; gate |mean| {metrics['gate_abs_mean']:.4f}")
-    typer.echo(f"bridge: {out} (metrics.json, loss_curve.png)")
+               f"{metrics['heldout_loss_trained']:.5f}; trained with Qwen3 caches shuffled across held-out samples "
+               f"{metrics['heldout_loss_qwen3_shuffled']:.5f}" + (f" (trained with --ablate-qwen3 {ablate_qwen3})"
+                                                                   if ablate_qwen3 != "none" else ""))
+    typer.echo(f"bridge: correction/base RMS {stats['correction_rms_ratio']:.3f}, token cosine "
+               f"{stats['token_cosine_base']:.3f} -> {stats['token_cosine_enhanced']:.3f}, gates text "
+               f"{stats['gate_text']:+.3f} vision {stats['gate_vision']:+.3f}; saved in {out} (metrics.json, loss_curve.png)")
+    low, high = metrics["qwen3_information_gain_ci"]
+    typer.echo(f"Qwen3 information gain (held-out loss, shuffled - real Qwen3 caches): "
+               f"{metrics['qwen3_information_gain']:+.5f} [95% CI {low:+.5f}, {high:+.5f}] = "
+               f"{metrics['qwen3_information_gain_relative']:+.2%} of the baseline loss, "
+               f"{metrics['heldout_examples']} held-out samples")
 
 
 @app.command("make-benchmark")
@@ -460,18 +496,34 @@ def _write_sample_set(folder: Path) -> Path:
 def quickstart(
     out_dir: Path = typer.Option(Path("out/quickstart"), help="Where to write the sample set and the run's outputs."),
     qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real model, else tiny zoo)."),
-    edit_model: Optional[str] = typer.Option(None, help="Qwen-Image-Edit hub id or directory (default: real, else tiny)."),
-    steps: int = typer.Option(4, help="Denoising steps (the real default is 50)."),
-    condition_area: int = typer.Option(128 * 128, help="Condition-image area; the real pipeline uses 1048576."),
+    edit_model: Optional[str] = typer.Option(None, help="Qwen-Image-Edit hub id or directory (default: real, else the "
+                                             "tiny zoo's trained edit model)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 4; 20 with the tiny trained model] "
+                                        "(the real default is 50)."),
+    condition_area: Optional[int] = typer.Option(None, help="Condition-image area [default: 128*128; the tiny trained "
+                                                 "model's own 64*64]; the real pipeline uses 1048576."),
 ):
     """The main job end to end on an embedded default: generates a small sample set and runs the bulk-edit
-    flow over it locally (ephemeral Prefect, local storage; the tiny zoo when no real weights are present)."""
-    manifest = _write_sample_set(out_dir / "inputs")
+    flow over it locally (ephemeral Prefect, local storage). Without real weights it uses the tiny zoo's
+    trained edit model on its own task ('Make the <shape> <colour>', with targets, so the run is scored)."""
+    from .tiny_edit_model import REPORT_NAME
+    from .tiny_zoo import TRAINED_EDIT_MODEL
+
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, trained=True)
+    trained_tiny = Path(edit_model).resolve() == (TINY_ZOO_DIR / TRAINED_EDIT_MODEL).resolve()
+    if trained_tiny:
+        from .synthetic_triplets import write_triplets
+
+        size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
+        manifest = write_triplets(out_dir / "inputs", 6, size=size, seed=7)
+    else:
+        manifest = _write_sample_set(out_dir / "inputs")
+    area = condition_area or (size * size if trained_tiny else 128 * 128)
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
-              bridge=None, multi_image=False, steps=steps, seed=0, cfg=1.0, negative_prompt=" ",
-              condition_area=condition_area, shard_size=4, batch_size=4, retry_failed=False, dry_run=False,
-              verify=False, device="auto", load_in_8bit=False, lora=None, scheduler="auto", compile=False,
-              attention_backend=None, dit_offload=False)
+              bridge=None, multi_image=False, steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
+              negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
+              dry_run=False, verify=False, device="auto", load_in_8bit=False, lora=None, scheduler="auto",
+              compile=False, attention_backend=None, dit_offload=False)
     typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<settings>/data/<shard>/<id>.png "
                f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
 

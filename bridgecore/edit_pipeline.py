@@ -2,6 +2,9 @@
 
 No fork of the denoising code: the pipeline gets `prompt_embeds` / `prompt_embeds_mask` (and the
 negative pair for true CFG) computed here the M-RoPE-correct way, optionally enhanced by the bridge.
+With true CFG only the conditional branch goes through the bridge: the negative prompt gets
+Qwen-Image-Edit's own embeddings, as the bridge is never trained on negatives and CFG then amplifies
+exactly the bridge's correction.
 
     editor = EnhancedQwenImageEdit("Qwen/Qwen-Image-Edit", "Qwen/Qwen3-VL-8B-Instruct", bridge="ckpt/")
     image = editor.generate(image, "Change the text 'Hello' to 'Goodbye'", seed=0)
@@ -237,8 +240,8 @@ class EnhancedQwenImageEdit:
         if cfg and self.scheduler == "lightning":
             logger.warning("true CFG with a Lightning (CFG-distilled) LoRA: these are made for true_cfg_scale 1")
         embeds, mask, maps = self.encode(samples, prompts, use_qwen3_vision, return_attention_weights)
-        if cfg:
-            neg_embeds, neg_mask, _ = self.encode(samples, [negative_prompt] * len(prompts), use_qwen3_vision)
+        if cfg:  # the negative branch is never bridged (see `bridge.negative_prompt_embeds`)
+            neg_embeds, neg_mask, _ = self.encode(samples, [negative_prompt] * len(prompts), use_qwen3_vision=False)
         if self.one_model_at_a_time:
             self.extractor.unload()
 

@@ -1,51 +1,129 @@
-"""Simple synthetic edit triplets (source, instruction, target) for training smoke tests and proofs.
+"""Synthetic edit triplets (source, instruction, target) whose result depends on the instruction.
 
-"Make the <shape> <colour>": a scene of two shapes on a plain background, the target with one shape
-recoloured. Deterministic per seed. Written in the batch pipeline's manifest format.
+"Make the <shape> <colour>": a square (left half) and a circle (right half) on a light background; the
+target recolours the named shape. Which shape and which colour come only from the instruction, so an
+editor that ignores it cannot do better than guess. Used to train the tiny edit model
+(`tiny_edit_model.py`), the bridge's tests and proofs. Deterministic per seed.
+
+With `images_per_sample=2` the sample is an Edit-Plus one: picture 2 is a swatch of the new colour
+and the instruction says "Make the <shape> the colour of picture 2".
 """
 
 from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (210, 40, 40), "green": (40, 170, 70), "blue": (40, 70, 210), "yellow": (230, 200, 40),
            "purple": (140, 50, 170), "orange": (240, 140, 30)}
+SHAPES = ("square", "circle")
 
 
-def _scene(size: int, shapes: list[tuple[str, str, tuple[int, int, int, int]]], background) -> Image.Image:
+@dataclass
+class Triplet:
+    """One edit: `source` -> `target` under `instruction`; `shapes` maps shape -> (colour, box) in the source."""
+
+    source: Image.Image
+    target: Image.Image
+    instruction: str
+    shape: str  # the shape the instruction names
+    colour: str  # the colour it asks for
+    shapes: dict[str, tuple[str, tuple[int, int, int, int]]]
+    extra_images: tuple[Image.Image, ...] = ()  # Edit-Plus: pictures 2.. (a colour swatch)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [self.source, *self.extra_images]
+
+    def instruction_without_colour(self) -> str:
+        """The instruction with the colour word removed: what an encoder that must not know it reads."""
+        return f"Make the {self.shape}"
+
+
+def _draw(size: int, shapes: dict[str, tuple[str, tuple]], background) -> Image.Image:
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
-    for kind, colour, box in shapes:
+    for kind, (colour, box) in shapes.items():
         (draw.rectangle if kind == "square" else draw.ellipse)(box, fill=COLOURS[colour])
     return image
 
 
-def write_triplets(folder: str | Path, count: int, size: int = 64, seed: int = 0) -> Path:
-    """Writes `count` triplets and `manifest.jsonl` (id, image, instruction, target) into `folder`."""
+def make_triplet(rng: random.Random, size: int = 64, images_per_sample: int = 1) -> Triplet:
+    """One random triplet; the square stays in the left half and the circle in the right half."""
+    background = tuple(rng.randint(200, 250) for _ in range(3))
+    half = size // 2
+    boxes = {}
+    for kind, x_min in (("square", 0), ("circle", half)):
+        extent = rng.randint(size // 4, size * 3 // 8)
+        x = rng.randint(x_min + 2, x_min + half - extent - 2)
+        y = rng.randint(2, size - extent - 2)
+        boxes[kind] = (x, y, x + extent, y + extent)
+    colours = rng.sample(list(COLOURS), 2)
+    shapes = {kind: (colour, boxes[kind]) for kind, colour in zip(SHAPES, colours)}
+    shape = rng.choice(SHAPES)
+    new_colour = rng.choice([c for c in COLOURS if c != shapes[shape][0]])
+    edited = dict(shapes)
+    edited[shape] = (new_colour, shapes[shape][1])
+    extra: tuple[Image.Image, ...] = ()
+    instruction = f"Make the {shape} {new_colour}"
+    if images_per_sample == 2:
+        extra = (Image.new("RGB", (size, size), COLOURS[new_colour]),)
+        instruction = f"Make the {shape} the colour of picture 2"
+    elif images_per_sample != 1:
+        raise ValueError(f"images_per_sample must be 1 or 2; got {images_per_sample}")
+    return Triplet(_draw(size, shapes, background), _draw(size, edited, background), instruction, shape, new_colour,
+                   shapes, extra)
+
+
+def make_triplets(count: int, size: int = 64, seed: int = 0, images_per_sample: int = 1) -> list[Triplet]:
+    rng = random.Random(seed)
+    return [make_triplet(rng, size, images_per_sample) for _ in range(count)]
+
+
+def shape_mask(kind: str, box: tuple[int, int, int, int], size: int, margin: int = 2) -> np.ndarray:
+    """Boolean [size, size] mask of a shape's interior (shrunk by `margin` px, away from blurred edges)."""
+    x0, y0, x1, y1 = box
+    image = Image.new("L", (size, size), 0)
+    inner = (x0 + margin, y0 + margin, x1 - margin, y1 - margin)
+    (ImageDraw.Draw(image).rectangle if kind == "square" else ImageDraw.Draw(image).ellipse)(inner, fill=1)
+    return np.asarray(image, dtype=bool)
+
+
+def nearest_colour(rgb) -> str:
+    return min(COLOURS, key=lambda name: float(np.linalg.norm(np.asarray(rgb, dtype=np.float64) - COLOURS[name])))
+
+
+def edit_success(triplet: Triplet, edited: Image.Image) -> bool:
+    """Whether `edited` shows the named shape in the asked colour and the other shape unchanged
+    (mean colour inside each shape, nearest of the palette)."""
+    pixels = np.asarray(edited.convert("RGB").resize(triplet.source.size), dtype=np.float64)
+    for kind, (colour, box) in triplet.shapes.items():
+        wanted = triplet.colour if kind == triplet.shape else colour
+        mean = pixels[shape_mask(kind, box, pixels.shape[0])].mean(axis=0)
+        if nearest_colour(mean) != wanted:
+            return False
+    return True
+
+
+def write_triplets(folder: str | Path, count: int, size: int = 64, seed: int = 0, images_per_sample: int = 1) -> Path:
+    """Writes `count` triplets and `manifest.jsonl` (id, image or images, instruction, target) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
     rows = []
-    for index in range(count):
-        background = tuple(rng.randint(200, 250) for _ in range(3))
-        a = rng.randint(2, size // 2 - 12)
-        square = ("square", rng.choice(list(COLOURS)), (a, a, a + size // 3, a + size // 3))
-        b = rng.randint(size // 2, size - size // 4 - 2)
-        circle = ("circle", rng.choice(list(COLOURS)), (b, b // 2, b + size // 4, b // 2 + size // 4))
-        which = rng.choice([0, 1])
-        shapes = [square, circle]
-        new_colour = rng.choice([c for c in COLOURS if c != shapes[which][1]])
-        edited = list(shapes)
-        edited[which] = (shapes[which][0], new_colour, shapes[which][2])
-        source, target = f"{index:05d}_source.png", f"{index:05d}_target.png"
-        _scene(size, shapes, background).save(folder / source)
-        _scene(size, edited, background).save(folder / target)
-        rows.append({"id": f"triplet-{index:05d}", "image": source, "target": target,
-                     "instruction": f"Make the {shapes[which][0]} {new_colour}"})
+    for index, triplet in enumerate(make_triplets(count, size, seed, images_per_sample)):
+        names = [f"{index:05d}_source.png"] + [f"{index:05d}_picture{i + 2}.png" for i in range(len(triplet.extra_images))]
+        for name, image in zip(names, triplet.images):
+            image.save(folder / name)
+        target = f"{index:05d}_target.png"
+        triplet.target.save(folder / target)
+        row = {"id": f"triplet-{index:05d}", "target": target, "instruction": triplet.instruction}
+        row.update({"image": names[0]} if len(names) == 1 else {"images": names})
+        rows.append(row)
     manifest = folder / "manifest.jsonl"
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return manifest

@@ -6,7 +6,8 @@ DeepStack, Qwen2.5-VL's 28 px tokens (patch 14, merge 2). Everything is seeded, 
 are bit-identical, and nothing touches the network. Loaders read them back through the same
 `from_pretrained` path as real checkpoints.
 
-    vision-bridge tiny-models DIR     # writes DIR/qwen3-vl, DIR/qwen-image-edit, DIR/qwen-image-edit-plus
+    vision-bridge tiny-models DIR [--trained]  # DIR/qwen3-vl, DIR/qwen-image-edit, DIR/qwen-image-edit-plus
+                                               # (+ DIR/qwen-image-edit-trained: see tiny_edit_model.py)
 """
 
 from __future__ import annotations
@@ -301,23 +302,39 @@ def build_edit_pipeline(out_dir: Path, plus: bool = False, sizes: TinySizes = Ti
     return out_dir
 
 
-def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: bool = False) -> dict[str, Path]:
-    """Writes the three tiny models under `root`; skips those already present unless `overwrite`."""
+TRAINED_EDIT_MODEL = "qwen-image-edit-trained"
+
+
+def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: bool = False, trained: bool = False,
+                   trained_recipe=None) -> dict[str, Path]:
+    """Writes the three tiny models under `root`; skips those already present unless `overwrite`.
+
+    With `trained`, also `qwen-image-edit-trained`: the tiny edit pipeline with its VAE and DiT trained on
+    the synthetic edit task (`tiny_edit_model.TinyEditTrainConfig`, or `trained_recipe`), cached like the
+    rest: rebuilt only when missing or when the recipe changed.
+    """
+    from .tiny_edit_model import TinyEditTrainConfig, train_tiny_edit_model
+
     root = Path(root)
     targets = {
         "qwen3-vl": lambda p: build_qwen3_vl(p, sizes),
         "qwen-image-edit": lambda p: build_edit_pipeline(p, plus=False, sizes=sizes),
         "qwen-image-edit-plus": lambda p: build_edit_pipeline(p, plus=True, sizes=sizes),
     }
+    stamps = {name: {"seed": sizes.seed} for name in targets}
+    if trained:
+        recipe = trained_recipe or TinyEditTrainConfig(seed=sizes.seed)
+        targets[TRAINED_EDIT_MODEL] = lambda p: train_tiny_edit_model(root / "qwen-image-edit", p, recipe)
+        stamps[TRAINED_EDIT_MODEL] = {"seed": sizes.seed, "recipe": json.loads(recipe.fingerprint())}
     paths = {}
     for name, build in targets.items():
         path = root / name
         marker = path / ".tiny-zoo-complete"
-        if overwrite or not marker.exists():
+        if overwrite or not marker.exists() or json.loads(marker.read_text()) != stamps[name]:
             logger.info("building tiny %s in %s", name, path)
             path.mkdir(parents=True, exist_ok=True)
             build(path)
-            marker.write_text(json.dumps({"seed": sizes.seed}))
+            marker.write_text(json.dumps(stamps[name]))
         paths[name] = path
     return paths
 

@@ -9,8 +9,15 @@ C2C-style: the DiT, the VAE and both VLMs stay frozen; only the bridge learns. O
     loss     = mse(velocity, noise - target)
 
     vision-bridge train --data MANIFEST_OR_CACHE_URL --out CKPT_DIR [--steps N] [--batch-size B] [--lr X]
+                        [--ablate-qwen3 none|shuffle|zeros]
 
-Checkpoints hold the bridge (safetensors + JSON), the optimizer and scheduler state (safetensors +
+Every run measures whether the bridge carries Qwen3-VL information, not just a lower loss: at each
+evaluation the trained bridge is also run with the Qwen3 caches permuted across held-out samples, and
+`qwen3_information_gain = heldout_loss_qwen3_shuffled - heldout_loss_trained` (bootstrap 95% CI over
+held-out samples) goes into `metrics.json`. A bridge that learnt a generic bias scores ~0 there.
+`ablate_qwen3="shuffle"` (re-paired with another sample's Qwen3 caches at every step) or `"zeros"` trains
+the controls. Checkpoints hold the bridge (safetensors + JSON, with `bridge_statistics.json`: correction
+/base RMS ratio, token cosine before/after, gates), the optimizer and scheduler state (safetensors +
 JSON), the step and the RNG states, so a killed run resumes on the same loss curve.
 """
 
@@ -28,10 +35,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .bridge import BridgeConfig, VisionCacheBridge
+from .bridge import STATISTICS_NAME, BridgeConfig, VisionCacheBridge
+from .cache_format import Qwen3VisionCache
 from .training_data import TrainingExample
 
 logger = logging.getLogger(__name__)
+ABLATIONS = ("none", "shuffle", "zeros")
+HELDOUT_SEED = 12345
 
 
 @dataclass
@@ -51,6 +61,12 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    ablate_qwen3: str = "none"  # "shuffle": another sample's Qwen3 caches every step; "zeros": zeroed caches
+    heldout_repeats: int = 4  # noise/timestep draws per held-out sample (fixed, so evaluations compare)
+
+    def __post_init__(self):
+        if self.ablate_qwen3 not in ABLATIONS:
+            raise ValueError(f"ablate_qwen3 must be one of {ABLATIONS}; got {self.ablate_qwen3!r}")
 
 
 # -- the loss ------------------------------------------------------------------------------------------
@@ -71,25 +87,31 @@ def sample_sigmas(scheduler, image_seq_len: int, batch: int, generator: torch.Ge
 
 def flow_matching_loss(transformer, embeds: torch.Tensor, mask: torch.Tensor, condition: torch.Tensor,
                        target: torch.Tensor, latent_hw: tuple[int, int], noise: torch.Tensor,
-                       sigmas: torch.Tensor) -> torch.Tensor:
+                       sigmas: torch.Tensor, condition_hw: tuple[tuple[int, int], ...] | None = None,
+                       reduce: bool = True) -> torch.Tensor:
     """Qwen-Image-Edit's training objective for one batch of equal-sized samples.
 
     Args:
         embeds (`[B, L, D]`), mask (`[B, L]`): prompt embeddings as the DiT reads them.
-        condition, target, noise (`[B, N, 4C]`): packed latents; sigmas (`[B]`) in (0, 1).
+        target, noise (`[B, N, 4C]`): packed latents; sigmas (`[B]`) in (0, 1).
+        condition (`[B, sum N_i, 4C]`): every condition image's packed latents, concatenated in order.
+        condition_hw: each condition image's packed grid (default: one, of `latent_hw`), for the DiT's RoPE.
+        reduce: mean over the batch (default) or one loss per sample `[B]`.
     """
     s = sigmas.view(-1, 1, 1).to(target.dtype)
     noisy = (1 - s) * target + s * noise
     h, w = latent_hw
+    grids = [(1, ch, cw) for ch, cw in (condition_hw or ((h, w),))]
     prediction = transformer(
         hidden_states=torch.cat([noisy, condition], dim=1).to(transformer.dtype),
         timestep=sigmas.to(transformer.dtype),
         encoder_hidden_states=embeds.to(transformer.dtype),
         encoder_hidden_states_mask=mask,
-        img_shapes=[[(1, h, w), (1, h, w)]] * target.shape[0],
+        img_shapes=[[(1, h, w), *grids]] * target.shape[0],
         return_dict=False,
     )[0][:, : target.shape[1]]
-    return torch.nn.functional.mse_loss(prediction.float(), (noise - target).float())
+    errors = (prediction.float() - (noise - target).float()).pow(2)
+    return errors.mean() if reduce else errors.mean(dim=(1, 2))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------
@@ -118,11 +140,14 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(directory: Path, bridge, optimizer, lr_scheduler, step: int, history: dict) -> None:
-    """Bridge + optimizer + scheduler + step + RNG states; written to a temp dir then renamed."""
+def save_checkpoint(directory: Path, bridge, optimizer, lr_scheduler, step: int, history: dict,
+                    statistics: dict | None = None) -> None:
+    """Bridge (+ its statistics) + optimizer + scheduler + step + RNG states; written to a temp dir then renamed."""
     temporary = directory.with_name(directory.name + ".tmp")
     temporary.mkdir(parents=True, exist_ok=True)
     bridge.save_pretrained(temporary)
+    if statistics is not None:
+        (temporary / STATISTICS_NAME).write_text(json.dumps({"step": step, **statistics}, indent=1))
     tensors, meta = _optimizer_to_files(optimizer)
     save_file(tensors, temporary / "optimizer.safetensors")
     save_file({"torch": torch.get_rng_state()}, temporary / "rng.safetensors")  # dropout; data and noise are per step
@@ -166,6 +191,64 @@ def _batch_for_step(groups: list[list[TrainingExample]], batch_size: int, genera
     return [group[i] for i in order]
 
 
+def _image_count(example: TrainingExample) -> int:
+    return int(example.cache.qwen3.grid_thw.shape[0])
+
+
+def detached_qwen3(qwen3: Qwen3VisionCache) -> Qwen3VisionCache:
+    """A Qwen3 cache that may be paired with another sample's Qwen2.5 cache (the ablations do so on purpose)."""
+    from dataclasses import replace
+
+    return replace(qwen3, image_digest="")
+
+
+def zeroed_qwen3(qwen3: Qwen3VisionCache) -> Qwen3VisionCache:
+    """The same cache with every feature zeroed: the bridge gets positions and grids, no content."""
+    from dataclasses import replace
+
+    return replace(qwen3, levels={k: torch.zeros_like(v) for k, v in qwen3.levels.items()},
+                   deepstack={k: torch.zeros_like(v) for k, v in qwen3.deepstack.items()})
+
+
+def derangement(count: int, seed: int) -> list[int]:
+    """A seeded permutation with no fixed point (a shuffled order, each index moved by one place)."""
+    if count < 2:
+        raise ValueError(f"a derangement needs at least 2 items; got {count}")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    permutation = [0] * count
+    for i, index in enumerate(order):
+        permutation[index] = order[(i + 1) % count]
+    return permutation
+
+
+def shuffled_qwen3(examples: list[TrainingExample], seed: int = 0) -> list[Qwen3VisionCache]:
+    """Qwen3 caches permuted across `examples` with no sample keeping its own (a derangement within each
+    group of equal image count). A group of one keeps its own cache; a warning says so."""
+    result: list = [None] * len(examples)
+    groups: dict[int, list[int]] = {}
+    for index, example in enumerate(examples):
+        groups.setdefault(_image_count(example), []).append(index)
+    for count, members in sorted(groups.items()):
+        if len(members) < 2:
+            logger.warning("only one held-out sample with %d image(s): its Qwen3 cache cannot be shuffled", count)
+            result[members[0]] = examples[members[0]].cache.qwen3
+            continue
+        for member, other in zip(members, derangement(len(members), seed + count)):
+            result[member] = detached_qwen3(examples[members[other]].cache.qwen3)
+    return result
+
+
+def paired_gain(worse: np.ndarray, better: np.ndarray, seed: int = 0) -> tuple[float, list[float]]:
+    """mean(worse - better) over paired samples and its bootstrap 95% CI."""
+    from .evaluation import bootstrap_ci
+
+    differences = np.asarray(worse, dtype=np.float64) - np.asarray(better, dtype=np.float64)
+    if differences.size == 0 or not np.isfinite(differences).all():
+        return float("nan"), [float("nan"), float("nan")]
+    return float(differences.mean()), list(bootstrap_ci(differences, resamples=2000, seed=seed))
+
+
 class BridgeTrainer:
     """Trains a `VisionCacheBridge` on prepared examples against a frozen edit pipeline's DiT."""
 
@@ -184,66 +267,109 @@ class BridgeTrainer:
         self.train_set, self.heldout = _split(examples, config.heldout_fraction)
         if not self.train_set:
             raise ValueError("every example went to the held-out split; add data or lower heldout_fraction")
+        self.heldout_shuffled = shuffled_qwen3(self.heldout, config.seed) if len(self.heldout) > 1 else []
         for module in (pipe.transformer, pipe.vae):
             module.requires_grad_(False).eval()
         if config.gradient_checkpointing and hasattr(pipe.transformer, "enable_gradient_checkpointing"):
             pipe.transformer.enable_gradient_checkpointing()
 
-    def _embeds(self, bridge, batch: list[TrainingExample]):
-        output = bridge([e.cache.qwen3 for e in batch], [e.cache.qwen25 for e in batch])
-        return output.prompt_embeds.to(self.device), output.prompt_embeds_mask.to(self.device)
+    # -- the loss ----------------------------------------------------------------------------------------
 
-    def _loss(self, bridge, batch, generator: torch.Generator) -> torch.Tensor:
-        embeds, mask = self._embeds(bridge, batch)
-        target = torch.stack([e.target for e in batch]).to(self.device)
-        condition = torch.stack([e.condition for e in batch]).to(self.device)
+    def _training_qwen3(self, batch: list[TrainingExample], generator: torch.Generator) -> list[Qwen3VisionCache]:
+        """The Qwen3 caches the bridge sees in training: the sample's own, or the ablation's."""
+        if self.config.ablate_qwen3 == "zeros":
+            return [zeroed_qwen3(e.cache.qwen3) for e in batch]
+        if self.config.ablate_qwen3 == "shuffle":
+            caches = []
+            for example in batch:
+                pool = [e for e in self.train_set if e is not example and _image_count(e) == _image_count(example)]
+                other = pool[int(torch.randint(len(pool), (1,), generator=generator))] if pool else example
+                caches.append(detached_qwen3(other.cache.qwen3))
+            return caches
+        return [e.cache.qwen3 for e in batch]
+
+    def _loss(self, bridge, batch, generator: torch.Generator, qwen3s: list | None = None,
+              repeats: int = 1, reduce: bool = True) -> torch.Tensor:
+        output = bridge(qwen3s or [e.cache.qwen3 for e in batch], [e.cache.qwen25 for e in batch])
+        embeds = output.prompt_embeds.to(self.device).repeat_interleave(repeats, 0)
+        mask = output.prompt_embeds_mask.to(self.device).repeat_interleave(repeats, 0)
+        target = torch.stack([e.target for e in batch]).to(self.device).repeat_interleave(repeats, 0)
+        condition = torch.stack([e.condition for e in batch]).to(self.device).repeat_interleave(repeats, 0)
         noise = torch.randn(target.shape, generator=generator).to(self.device, target.dtype)
-        sigmas = sample_sigmas(self.pipe.scheduler, target.shape[1], len(batch), generator, self.config).to(self.device)
+        sigmas = sample_sigmas(self.pipe.scheduler, target.shape[1], target.shape[0], generator, self.config).to(self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         with autocast:
             return flow_matching_loss(self.pipe.transformer, embeds, mask, condition, target, batch[0].latent_hw,
-                                      noise, sigmas)
+                                      noise, sigmas, batch[0].condition_hw, reduce=reduce)
+
+    # -- evaluation --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def heldout_loss(self, bridge, repeats: int = 4) -> float:
-        """Mean loss over the held-out samples with fixed noise and sigmas (comparable across calls)."""
-        if not self.heldout:
-            return float("nan")
-        generator = torch.Generator().manual_seed(12345)
-        losses = [self._loss(bridge, [example], generator).item() for _ in range(repeats) for example in self.heldout]
-        return float(np.mean(losses))
+    def heldout_losses(self, bridge, qwen3s: list | None = None, examples: list | None = None) -> np.ndarray:
+        """Per held-out sample loss `[n]`, with noise and sigmas fixed per sample (the same in every call, for
+        every bridge and every choice of Qwen3 caches, so losses compare pairwise). `examples` replaces the
+        held-out examples one for one (e.g. with other Qwen2.5 caches)."""
+        was_training = bridge.training
+        bridge.eval()
+        losses = []
+        for index, example in enumerate(examples or self.heldout):
+            generator = torch.Generator().manual_seed(HELDOUT_SEED * 1_000_003 + index)
+            qwen3 = [qwen3s[index]] if qwen3s is not None else None
+            losses.append(self._loss(bridge, [example], generator, qwen3, self.config.heldout_repeats).item())
+        bridge.train(was_training)
+        return np.asarray(losses, dtype=np.float64)
+
+    def heldout_loss(self, bridge) -> float:
+        """Mean held-out loss (nan without held-out samples)."""
+        return float(self.heldout_losses(bridge).mean()) if self.heldout else float("nan")
+
+    def evaluate(self, bridge) -> dict:
+        """Held-out loss with the real Qwen3 caches and with caches shuffled across held-out samples, per sample."""
+        trained = self.heldout_losses(bridge)
+        shuffled = self.heldout_losses(bridge, self.heldout_shuffled) if self.heldout_shuffled else np.full(len(trained), np.nan)
+        return {"trained": trained, "qwen3_shuffled": shuffled}
+
+    def statistics(self, bridge) -> dict:
+        """Correction/base RMS ratio, token cosine before/after and gates, on held-out (else training) samples."""
+        examples = (self.heldout or self.train_set)[:16]
+        return bridge.correction_statistics([e.cache.qwen3 for e in examples], [e.cache.qwen25 for e in examples])
+
+    # -- training ----------------------------------------------------------------------------------------
 
     def train(self, resume: bool = True, progress: bool = True) -> dict:
         """Runs (or resumes) training; writes checkpoints, `metrics.json` and `loss_curve.png` to `out_dir`."""
         config, bridge = self.config, self.bridge
         lr = config.learning_rate or self.bridge_config.learning_rate
-        optimizer = torch.optim.AdamW(bridge.parameters(), lr=lr, weight_decay=self.bridge_config.weight_decay)
+        optimizer = torch.optim.AdamW(bridge.parameter_groups(lr, self.bridge_config.weight_decay))
         warmup = max(1, config.warmup_steps)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        step, history = 0, {"step": [], "loss": [], "heldout_step": [], "heldout_loss": []}
+        step, history = 0, {"step": [], "loss": [], "heldout_step": [], "heldout_loss": [],
+                            "heldout_loss_qwen3_shuffled": [], "statistics": []}
         checkpoint = latest_checkpoint(self.out_dir) if resume else None
         if checkpoint is not None:
             step, history = self._restore(checkpoint, optimizer, lr_scheduler)
             logger.info("resumed from %s at step %d", checkpoint, step)
-        baseline = self.heldout_loss(VisionCacheBridge(self.bridge_config).to(self.device))
+        baseline = self.heldout_losses(VisionCacheBridge(self.bridge_config).to(self.device))
         frozen_before = _fingerprint(self.pipe.transformer)
         groups: dict[tuple, list] = {}
         for example in self.train_set:
-            groups.setdefault((example.latent_hw, tuple(example.target.shape)), []).append(example)
+            groups.setdefault((example.latent_hw, example.condition_hw, tuple(example.target.shape)), []).append(example)
         groups_list = [groups[key] for key in sorted(groups)]
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not progress)
         bridge.train()
+        evaluation = None
         while step < config.steps:
             optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(config.grad_accumulation):
                 generator = _step_generator(config.seed, step, micro)
                 batch = _batch_for_step(groups_list, config.batch_size, generator)
-                loss = self._loss(bridge, batch, generator) / config.grad_accumulation
+                qwen3s = self._training_qwen3(batch, generator)
+                loss = self._loss(bridge, batch, generator, qwen3s) / config.grad_accumulation
                 loss.backward()
                 total += loss.item()
             torch.nn.utils.clip_grad_norm_(bridge.parameters(), config.max_grad_norm)
@@ -254,16 +380,22 @@ class BridgeTrainer:
             history["loss"].append(total)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}")
+            statistics = None
             if step % config.eval_every == 0 or step == config.steps:
+                evaluation = self.evaluate(bridge)
+                statistics = self.statistics(bridge)
                 history["heldout_step"].append(step)
-                history["heldout_loss"].append(self.heldout_loss(bridge))
+                history["heldout_loss"].append(_mean(evaluation["trained"]))
+                history["heldout_loss_qwen3_shuffled"].append(_mean(evaluation["qwen3_shuffled"]))
+                history["statistics"].append(statistics)
             if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(self.out_dir / f"step_{step:06d}", bridge, optimizer, lr_scheduler, step, history)
+                save_checkpoint(self.out_dir / f"step_{step:06d}", bridge, optimizer, lr_scheduler, step, history,
+                                statistics or self.statistics(bridge))
         bar.close()
         bridge.eval()
         if _fingerprint(self.pipe.transformer) != frozen_before:
             raise AssertionError("the frozen DiT changed during training")
-        return self._finish(baseline, history)
+        return self._finish(baseline, evaluation or self.evaluate(bridge), history)
 
     def _restore(self, checkpoint: Path, optimizer, lr_scheduler) -> tuple[int, dict]:
         trained = VisionCacheBridge.from_pretrained(checkpoint, expect=self.bridge_config)
@@ -275,22 +407,54 @@ class BridgeTrainer:
         torch.set_rng_state(rng["torch"])
         return state["step"], state["history"]
 
-    def _finish(self, baseline: float, history: dict) -> dict:
+    def _finish(self, baseline: np.ndarray, evaluation: dict, history: dict) -> dict:
         self.bridge.save_pretrained(self.out_dir)  # the final bridge loads from out_dir itself
+        statistics = self.statistics(self.bridge)
+        (self.out_dir / STATISTICS_NAME).write_text(json.dumps(statistics, indent=1))
+        trained, shuffled = evaluation["trained"], evaluation["qwen3_shuffled"]
+        information_gain, information_ci = paired_gain(shuffled, trained, self.config.seed)
+        gain, gain_ci = paired_gain(baseline, trained, self.config.seed)
+        baseline_loss = _mean(baseline)
         metrics = {
-            "heldout_loss_baseline": baseline,
-            "heldout_loss_trained": history["heldout_loss"][-1] if history["heldout_loss"] else float("nan"),
+            "heldout_loss_baseline": baseline_loss,
+            "heldout_loss_trained": _mean(trained),
+            "heldout_loss_qwen3_shuffled": _mean(shuffled),
+            "qwen3_information_gain": information_gain,
+            "qwen3_information_gain_ci": information_ci,
+            "qwen3_information_gain_relative": information_gain / baseline_loss if baseline_loss else float("nan"),
+            "heldout_gain": gain,
+            "heldout_gain_ci": gain_ci,
+            "ablate_qwen3": self.config.ablate_qwen3,
+            "bridge_statistics": statistics,
+            "gates": self.bridge.gate_values(),
+            "gate_abs_mean": float(np.mean([abs(v) for v in self.bridge.gate_values().values()])),
             "final_train_loss": history["loss"][-1] if history["loss"] else float("nan"),
-            "gate_abs_mean": self.bridge.gate.abs().mean().item(),
             "steps": history["step"][-1] if history["step"] else 0,
             "train_examples": len(self.train_set),
             "heldout_examples": len(self.heldout),
+            "heldout_per_sample": {"key": [e.key for e in self.heldout], "baseline": baseline.tolist(),
+                                   "trained": trained.tolist(), "qwen3_shuffled": shuffled.tolist()},
             "config": asdict(self.config),
             "history": history,
         }
-        (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        plot_loss_curve(history, baseline, self.out_dir / "loss_curve.png")
+        (self.out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+        plot_loss_curve(history, baseline_loss, self.out_dir / "loss_curve.png")
         return metrics
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def _json_safe(value):
+    """NaN -> None, so metrics.json is strict JSON."""
+    if isinstance(value, float):
+        return None if math.isnan(value) else value
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _fingerprint(module: torch.nn.Module) -> float:
@@ -310,11 +474,15 @@ def plot_loss_curve(history: dict, baseline: float, path: Path) -> None:
         axis.plot(history["step"][window - 1:], smooth, label="train loss (smoothed)", alpha=0.8)
     if history["heldout_step"]:
         axis.plot(history["heldout_step"], history["heldout_loss"], "o-", label="held-out loss (trained bridge)")
+        shuffled = [np.nan if v is None else v for v in history.get("heldout_loss_qwen3_shuffled", [])]
+        if shuffled and not all(np.isnan(shuffled)):
+            axis.plot(history["heldout_step"], shuffled, "s--",
+                      label="held-out loss (trained bridge, Qwen3 caches shuffled across samples)")
     if not math.isnan(baseline):
         axis.axhline(baseline, color="gray", linestyle="--", label="held-out loss (zero-init = Qwen-Image-Edit)")
     axis.set_xlabel("step")
     axis.set_ylabel("flow-matching loss")
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as load_tensors
 
-from .batch.pipeline import JOBS, fingerprints, plan_job, read_job, run_pipeline
-from .batch.pipeline import STAGES
+from .batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
 from .batch.settings import JobSettings, ModelPool
 from .cache_format import SampleCache, cache_from_bytes
 from .storage import Storage
@@ -30,9 +29,11 @@ class TrainingExample:
 
     Args:
         cache: the sample's Qwen3/Qwen2.5 caches.
-        condition (`torch.Tensor` of shape `[N, 4C]`): packed, normalised VAE latents of the source.
+        condition (`torch.Tensor` of shape `[sum N_i, 4C]`): packed, normalised VAE latents of every
+            condition image, concatenated in order, as the edit pipelines feed them to the DiT.
         target (`torch.Tensor` of shape `[N, 4C]`): the same for the target image.
-        latent_hw: (h, w) of the packed latent grid (2x2 latent patches).
+        latent_hw: (h, w) of the target's packed latent grid (2x2 latent patches).
+        condition_hw: (h, w) of each condition image's packed grid; empty means one, of `latent_hw`.
     """
 
     key: str
@@ -40,6 +41,13 @@ class TrainingExample:
     condition: torch.Tensor
     target: torch.Tensor
     latent_hw: tuple[int, int]
+    condition_hw: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):
+        self.condition_hw = tuple(tuple(hw) for hw in self.condition_hw) or (tuple(self.latent_hw),)
+        if sum(h * w for h, w in self.condition_hw) != self.condition.shape[0]:
+            raise ValueError(f"{self.key}: condition latents have {self.condition.shape[0]} tokens but the grids "
+                             f"{self.condition_hw} give {sum(h * w for h, w in self.condition_hw)}")
 
 
 def _is_manifest(uri: str) -> bool:
@@ -84,10 +92,10 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
             if cache_row["status"] != "done" or row["status"] != "done":
                 problems.append(f"{sample_id}: {cache_row['error'] or row['error']}")
                 continue
-            tensors = load_tensors(latents.payloads[sample_id]["safetensors"])
+            tensors, info = load_tensors(latents.payloads[sample_id]["safetensors"]), json.loads(row["info"])
             examples.append(TrainingExample(sample_id, cache_from_bytes(caches.payloads[sample_id]["safetensors"]),
-                                            tensors["condition"], tensors["target"],
-                                            tuple(json.loads(row["info"])["latent_hw"])))
+                                            tensors["condition"], tensors["target"], tuple(info["latent_hw"]),
+                                            tuple(tuple(hw) for hw in info.get("condition_hw", []))))
     size_problems = [p for p in problems if "differs from source" in p]
     if size_problems:
         raise ValueError("triplets whose target size differs from the source: " + "; ".join(size_problems[:10]))

@@ -18,11 +18,12 @@ from tasks.train import train_bridge_task
 @flow(name="train-bridge")
 def train_bridge(data: str, out: str, qwen3: str = DEFAULT_QWEN3_MODEL, edit_model: str = DEFAULT_EDIT_MODEL,
                  steps: int = 1000, batch_size: int = 4, learning_rate: float = 1e-4, eval_every: int = 100,
-                 seed: int = 0, condition_area: int = 1024 * 1024, device: str = "auto", rank: int = 256) -> dict:
+                 seed: int = 0, condition_area: int = 1024 * 1024, device: str = "auto", rank: int = 256,
+                 ablate_qwen3: str = "none") -> dict:
     # train
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, eval_every=eval_every,
-                  checkpoint_every=eval_every, seed=seed)
+                  checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
     metrics = train_bridge_task(data, out, settings.to_dict(), config, {"rank": rank})
     # report
     curve = Path(out) / "loss_curve.png"
@@ -34,5 +35,9 @@ def train_bridge(data: str, out: str, qwen3: str = DEFAULT_QWEN3_MODEL, edit_mod
     create_markdown_artifact(
         f"# Bridge training\n\n| held-out loss | value |\n|---|---|\n"
         f"| zero-init bridge (Qwen-Image-Edit as is) | {metrics['heldout_loss_baseline']:.5f} |\n"
-        f"| trained bridge | {metrics['heldout_loss_trained']:.5f} |\n\ncheckpoint: `{out}`\n", key="bridge-training")
+        f"| trained bridge | {metrics['heldout_loss_trained']:.5f} |\n"
+        f"| trained bridge, Qwen3 caches shuffled across samples | {metrics['heldout_loss_qwen3_shuffled']:.5f} |\n\n"
+        f"Qwen3 information gain (shuffled - trained): {metrics['qwen3_information_gain']:+.6f}, 95% CI "
+        f"[{metrics['qwen3_information_gain_ci'][0]:+.6f}, {metrics['qwen3_information_gain_ci'][1]:+.6f}] "
+        f"(ablation: {ablate_qwen3})\n\ncheckpoint: `{out}`\n", key="bridge-training")
     return metrics

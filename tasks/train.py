@@ -10,6 +10,8 @@ from bridgecore.training import TrainConfig, run_training
 def train_bridge_task(data: str, out: str, settings: dict, train_config: dict, bridge_overrides: dict) -> dict:
     metrics = run_training(data, out, JobSettings.from_dict(settings), TrainConfig(**train_config), bridge_overrides,
                            progress=False)
-    get_run_logger().info("held-out loss %.5f (zero-init bridge) -> %.5f (trained)",
-                          metrics["heldout_loss_baseline"], metrics["heldout_loss_trained"])
+    get_run_logger().info("held-out loss %.5f (zero-init bridge) -> %.5f (trained), %.5f with Qwen3 shuffled: "
+                          "information gain %+.6f, 95%% CI %s", metrics["heldout_loss_baseline"],
+                          metrics["heldout_loss_trained"], metrics["heldout_loss_qwen3_shuffled"],
+                          metrics["qwen3_information_gain"], metrics["qwen3_information_gain_ci"])
     return {k: v for k, v in metrics.items() if k != "history"}

@@ -21,6 +21,15 @@ def tiny_zoo(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_zoo(tiny_zoo):
+    """The zoo plus `qwen-image-edit-trained`, trained once per session with the short test recipe (~1 min)."""
+    from bridgecore.tiny_edit_model import TEST_RECIPE
+    from bridgecore.tiny_zoo import build_tiny_zoo
+
+    return build_tiny_zoo(tiny_zoo["qwen3-vl"].parent, trained=True, trained_recipe=TEST_RECIPE)
+
+
+@pytest.fixture(scope="session")
 def extractor(tiny_zoo):
     from bridgecore.extraction import VisionCacheExtractor
 

@@ -1,10 +1,17 @@
-"""The bridge: exact no-op when untrained, gradients everywhere once open, alignment, persistence, size."""
+"""The bridge: exact no-op when untrained, bounded once open, gradients everywhere, alignment, persistence, size."""
 
 import pytest
 import torch
 from conftest import make_image
 
-from bridgecore.bridge import BridgeConfig, VisionCacheBridge, create_default_bridge, resample_vision_tokens
+from bridgecore.bridge import (
+    BridgeConfig,
+    VisionCacheBridge,
+    create_default_bridge,
+    mean_token_cosine,
+    negative_prompt_embeds,
+    resample_vision_tokens,
+)
 
 PROMPT = "move the red square to the right"
 
@@ -40,6 +47,59 @@ def test_gradients_reach_every_parameter_once_the_gate_is_open(caches):
     bridge(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
     for name, parameter in bridge.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.2])
+def test_correction_cannot_erase_the_base_even_when_forced(caches, ratio):
+    """Gates wide open and the output layer scaled 1000x: every token's correction stays below `ratio` of the
+    token's own RMS, so each token keeps cosine >= sqrt(1 - ratio^2) with the embedding it corrects."""
+    sample = caches[2]
+    bridge = create_default_bridge(sample.qwen3, sample.qwen25, max_correction_ratio=ratio)
+    with torch.no_grad():
+        bridge.gate.fill_(20.0)
+        bridge.out.weight.mul_(1000.0)
+        bridge.out.bias.fill_(1000.0)  # the same huge vector for every token: the old failure mode
+    base = sample.qwen25.prompt_embeds.float()
+    enhanced = bridge(sample.qwen3, sample.qwen25).prompt_embeds[0].float()
+    token_ratio = (enhanced - base).pow(2).mean(-1).sqrt() / base.pow(2).mean(-1).sqrt()
+    assert token_ratio.max() <= ratio * 1.001 and token_ratio.min() > 0.9 * ratio  # saturated at, not past, the bound
+    cosine = torch.nn.functional.cosine_similarity(enhanced, base, dim=-1)
+    assert cosine.min() >= (1 - ratio**2) ** 0.5 - 1e-4
+    stats = bridge.correction_statistics(sample.qwen3, sample.qwen25)
+    assert stats["correction_rms_ratio_token_max"] <= ratio * 1.001
+    assert stats["token_cosine_enhanced"] < 0.99  # tokens are not collapsed into one vector
+    assert stats["gate_text"] == pytest.approx(ratio) and stats["gate_vision"] == pytest.approx(ratio)
+
+
+def test_statistics_of_an_untrained_bridge(caches):
+    sample = caches[0]
+    stats = create_default_bridge(sample.qwen3, sample.qwen25).correction_statistics(
+        [c.qwen3 for c in caches], [c.qwen25 for c in caches])
+    assert stats["correction_rms_ratio"] == 0 and stats["gate_text"] == stats["gate_vision"] == 0
+    assert stats["token_cosine_enhanced"] == pytest.approx(stats["token_cosine_base"])
+    assert mean_token_cosine(torch.ones(5, 8)) == pytest.approx(1.0)
+    assert mean_token_cosine(torch.eye(6)) == pytest.approx(0.0)
+
+
+def test_one_gate_per_stream(caches):
+    """Opening only the vision gate changes only the vision positions; only the text gate, only the text."""
+    sample = caches[0]
+    base = sample.qwen25.prompt_embeds
+    vision = torch.zeros(base.shape[0], dtype=torch.bool)
+    vision[sample.qwen25.vision_positions] = True
+    for stream, changed in ((0, ~vision), (1, vision)):
+        bridge = create_default_bridge(sample.qwen3, sample.qwen25)
+        with torch.no_grad():
+            bridge.gate[stream] = 1.0
+        out = bridge(sample.qwen3, sample.qwen25).prompt_embeds[0]
+        assert torch.equal(out[~changed], base[~changed])
+        assert not torch.equal(out[changed], base[changed])
+
+
+def test_negative_branch_is_not_bridged(caches):
+    embeds = negative_prompt_embeds([c.qwen25 for c in caches[:2]])
+    assert torch.equal(embeds.prompt_embeds[0, : caches[0].qwen25.prompt_embeds.shape[0]], caches[0].qwen25.prompt_embeds)
+    assert embeds.prompt_embeds_mask[1].sum() == caches[1].qwen25.prompt_embeds.shape[0]
 
 
 def test_open_bridge_changes_the_embeddings(caches):
@@ -89,6 +149,13 @@ def test_save_load_round_trip_and_dimension_check(tmp_path, caches):
     assert torch.equal(loaded(sample.qwen3, sample.qwen25).prompt_embeds, bridge(sample.qwen3, sample.qwen25).prompt_embeds)
     with pytest.raises(ValueError, match="qwen25_hidden_dim: checkpoint 64 vs models 3584"):
         VisionCacheBridge.from_pretrained(tmp_path / "bridge", expect=BridgeConfig())
+    import json
+
+    config = json.loads((tmp_path / "bridge" / "config.json").read_text())
+    del config["bridge_format"]  # a checkpoint of the unbounded bridge
+    (tmp_path / "bridge" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="format 1 .* retrain"):
+        VisionCacheBridge.from_pretrained(tmp_path / "bridge")
 
 
 def test_mismatched_and_non_finite_caches_are_refused(caches, plus_extractor):

@@ -56,6 +56,9 @@ def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
                    "--batch-size", "2", "--eval-every", "2", "--lr", "1e-2", *models)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "held-out flow-matching loss" in trained.stdout and (tmp_path / "bridge" / "step_000004").is_dir()
+    assert trained.stdout.strip().splitlines()[-1].startswith("Qwen3 information gain")
+    refused = _run("train", "--data", str(manifest), "--out", str(tmp_path / "x"), "--ablate-qwen3", "random", *models)
+    assert refused.returncode == 2 and "--ablate-qwen3 must be one of none, shuffle, zeros" in refused.stderr
     common = ["--prompt", "Make the square blue", "--steps", "2", *models]
     source = str(tmp_path / "data" / "00000_source.png")
     enhanced = _run("edit", source, *common, "--bridge", str(tmp_path / "bridge"), "--out", str(tmp_path / "e.png"))

@@ -104,3 +104,33 @@ def test_condition_area_per_call(editor):
                              condition_area=96 * 96)
     assert small.shape == (64, 96, 3) and larger.shape == (64, 128, 3)  # 96*96 at 5:3 rounds to 128x64
     assert editor.condition_area == AREA  # restored after the call
+
+
+def test_true_cfg_bridges_only_the_conditional_branch(tiny_zoo):
+    """With true CFG the positive prompt goes through the (open) bridge, the negative prompt does not: it gets
+    exactly Qwen-Image-Edit's own embeddings, which is what the DiT was trained with as its negative."""
+    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+
+    image, prompt, negative = make_image(), "make it blue", "blurry"
+    plain = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA)
+    cache = plain.extractor.extract(image, prompt)
+    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25))
+    with torch.no_grad():
+        bridge.gate.fill_(1.0)
+    editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], bridge=bridge, condition_area=AREA)
+    captured = {}
+    denoise = editor.denoise
+
+    def spy(samples, embeds, mask, seeds, steps, cfg, negative_pair, output_type):
+        captured.update(embeds=embeds, negative=negative_pair, cfg=cfg)
+        return denoise(samples, embeds, mask, seeds, steps, cfg, negative_pair, output_type)
+
+    editor.denoise = spy
+    guided = editor.generate(image, prompt, negative_prompt=negative, true_cfg_scale=4.0, num_inference_steps=STEPS,
+                             output_type="np")
+    assert captured["cfg"] == 4.0 and np.isfinite(guided).all()
+    plain_negative, plain_negative_mask, _ = plain.encode([[image]], [negative], use_qwen3_vision=False)
+    assert torch.equal(captured["negative"][0], plain_negative)
+    assert torch.equal(captured["negative"][1], plain_negative_mask)
+    torch.testing.assert_close(captured["embeds"], bridge(cache.qwen3, cache.qwen25).prompt_embeds)
+    assert not torch.equal(captured["embeds"], plain.encode([[image]], [prompt], use_qwen3_vision=False)[0])

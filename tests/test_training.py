@@ -1,5 +1,8 @@
-"""Bridge training: it learns on synthetic triplets, only the bridge moves, resume is exact, bad data refused."""
+"""Bridge training: it learns on synthetic triplets, only the bridge moves, every run measures the Qwen3
+information it uses (shuffled-cache evaluation with a CI), ablations, Edit-Plus conditioning as at inference,
+resume is exact, bad data refused."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -8,7 +11,7 @@ import torch
 
 from bridgecore.batch.settings import JobSettings, ModelPool
 from bridgecore.synthetic_triplets import write_triplets
-from bridgecore.training import BridgeTrainer, TrainConfig
+from bridgecore.training import BridgeTrainer, TrainConfig, shuffled_qwen3
 from bridgecore.training_data import prepare_examples
 
 AREA = 64 * 64
@@ -47,8 +50,24 @@ def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settin
     assert metrics["heldout_loss_trained"] < metrics["heldout_loss_baseline"]
     assert metrics["gate_abs_mean"] > 0
     assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in dit_before.items())
-    for name in ("metrics.json", "loss_curve.png", "config.json", "model.safetensors"):
+    for name in ("metrics.json", "loss_curve.png", "config.json", "model.safetensors", "bridge_statistics.json"):
         assert (tmp_path / "ckpt" / name).exists()
+    # The Qwen3 ablation is part of every run: shuffled-cache loss, the paired gain and its CI.
+    saved = json.loads((tmp_path / "ckpt" / "metrics.json").read_text())
+    per_sample = saved["heldout_per_sample"]
+    assert len(per_sample["trained"]) == len(per_sample["qwen3_shuffled"]) == saved["heldout_examples"] == 4
+    gain = np.mean(per_sample["qwen3_shuffled"]) - np.mean(per_sample["trained"])
+    assert saved["qwen3_information_gain"] == pytest.approx(gain)
+    low, high = saved["qwen3_information_gain_ci"]
+    assert low <= saved["qwen3_information_gain"] <= high
+    assert saved["heldout_loss_qwen3_shuffled"] != saved["heldout_loss_trained"]
+    assert len(saved["history"]["heldout_loss_qwen3_shuffled"]) == len(saved["history"]["heldout_step"]) == 2
+    # What the bridge does to the embeddings, recorded at every evaluation and in every checkpoint.
+    stats = saved["bridge_statistics"]
+    assert 0 < stats["correction_rms_ratio"] and stats["correction_rms_ratio_token_max"] < 0.5
+    assert {"token_cosine_base", "token_cosine_enhanced", "gate_text", "gate_vision"} <= set(stats)
+    checkpoint_stats = json.loads((tmp_path / "ckpt" / "step_000040" / "bridge_statistics.json").read_text())
+    assert checkpoint_stats["step"] == 40 and "correction_rms_ratio" in checkpoint_stats
 
 
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples):
@@ -89,3 +108,69 @@ def test_bad_data_is_refused_before_training(tmp_path, settings, examples):
                                                                                    revision="other-revision")))
     with pytest.raises(ValueError, match="revision"):
         BridgeTrainer(ModelPool(settings).editor.pipe, [examples[0], other], tmp_path / "x", FAST)
+
+
+def test_qwen3_ablations(tmp_path, settings, examples):
+    """'shuffle' pairs every sample with another sample's Qwen3 caches, 'zeros' zeroes them, held-out shuffling
+    is a derangement; the control trains and says which ablation it ran."""
+    pipe = ModelPool(settings).editor.pipe
+    shuffled = shuffled_qwen3(examples[:6], seed=0)
+    for example, qwen3 in zip(examples[:6], shuffled):
+        assert not torch.equal(qwen3.levels["late"], example.cache.qwen3.levels["late"]) and qwen3.image_digest == ""
+    control = BridgeTrainer(pipe, examples, tmp_path / "shuffle", replace(FAST, steps=2, ablate_qwen3="shuffle"))
+    batch = control.train_set[:4]
+    for example, qwen3 in zip(batch, control._training_qwen3(batch, torch.Generator().manual_seed(0))):
+        assert not torch.equal(qwen3.levels["late"], example.cache.qwen3.levels["late"])
+    assert control.train(progress=False)["ablate_qwen3"] == "shuffle"
+    zeros = BridgeTrainer(pipe, examples, tmp_path / "zeros", replace(FAST, steps=2, ablate_qwen3="zeros"))
+    assert all(not q.levels["mid"].any() and not any(d.any() for d in q.deepstack.values())
+               for q in zeros._training_qwen3(batch, torch.Generator()))
+    with pytest.raises(ValueError, match="ablate_qwen3 must be one of"):
+        TrainConfig(ablate_qwen3="random")
+
+
+@pytest.fixture(scope="module")
+def plus_settings(tiny_zoo):
+    return JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit-plus"]), condition_area=AREA)
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_training_conditions_the_dit_as_inference_does(tmp_path, settings, plus_settings, plus):
+    """The condition latents and grids the trainer gives the DiT are the ones the edit pipeline gives it at
+    inference (captured from the pipeline's own transformer call), for one image and for Edit-Plus's two."""
+    job = plus_settings if plus else settings
+    manifest = write_triplets(tmp_path / "data", 2, seed=3, images_per_sample=2 if plus else 1)
+    examples = prepare_examples(str(manifest), str(tmp_path / "work"), job)
+    example = sorted(examples, key=lambda e: e.key)[0]
+    h, w = example.latent_hw
+    assert len(example.condition_hw) == (2 if plus else 1)
+    captured = {}
+    editor = ModelPool(job).editor
+    hook = editor.pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(kwargs), with_kwargs=True)
+    try:
+        folder = tmp_path / "data"
+        images = [folder / "00000_source.png"] + ([folder / "00000_picture2.png"] if plus else [])
+        editor.generate(images if plus else images[0], "x", use_qwen3_vision=False, num_inference_steps=2,
+                        output_type="np")
+    finally:
+        hook.remove()
+    assert captured["img_shapes"][0] == [(1, h, w), *[(1, ch, cw) for ch, cw in example.condition_hw]]
+    torch.testing.assert_close(captured["hidden_states"][0, h * w:], example.condition, atol=1e-5, rtol=1e-5)
+
+
+def test_edit_plus_training_reads_every_condition_image(tmp_path, plus_settings):
+    """2-image triplets ('Make the square the colour of picture 2'): the loss depends on picture 2's latents,
+    and the trainer runs on them."""
+    manifest = write_triplets(tmp_path / "data", 8, seed=1, images_per_sample=2)
+    examples = prepare_examples(str(manifest), str(tmp_path / "work"), plus_settings)
+    pipe = ModelPool(plus_settings).editor.pipe
+    trainer = BridgeTrainer(pipe, examples, tmp_path / "ckpt", replace(FAST, steps=4, eval_every=4, checkpoint_every=4))
+    example = trainer.heldout[0]
+    first_tokens = example.condition_hw[0][0] * example.condition_hw[0][1]
+    other = example.condition.clone()
+    other[first_tokens:] = torch.randn(other[first_tokens:].shape, generator=torch.Generator().manual_seed(0))
+    swapped = replace(example, condition=other)
+    assert trainer.heldout_losses(trainer.bridge, examples=[swapped])[0] != trainer.heldout_losses(trainer.bridge)[0]
+    metrics = trainer.train(progress=False)
+    assert np.isfinite(metrics["heldout_loss_trained"])

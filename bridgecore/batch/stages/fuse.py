@@ -2,7 +2,8 @@
 
 The bridge (a trained checkpoint, or untrained = exactly the baseline) reads the Qwen3-VL levels and
 corrects Qwen-Image-Edit's own embeddings; the edit stage then needs only the DiT. With true CFG the
-negative prompt's embeddings are fused too, so the edit stage gets both branches from here.
+negative prompt's embeddings (never bridged) travel in the same entry, so the edit stage gets both
+branches from here.
 """
 
 from __future__ import annotations
@@ -57,12 +58,14 @@ class FuseStage(Stage):
             return bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]  # [L, D]
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from safetensors.torch import load as load_tensors
+
         results = []
         for item in items:
             embeds = self._fuse(item.upstream["caches"]["safetensors"], ctx)
             negative = None
-            if "negatives" in item.upstream:
-                negative = self._fuse(item.upstream["negatives"]["safetensors"], ctx)
+            if "negatives" in item.upstream:  # the negative branch as Qwen-Image-Edit computes it
+                negative = load_tensors(item.upstream["negatives"]["safetensors"])["prompt_embeds"]
             meta = {"bridge_checksum": ctx.settings.bridge_checksum}
             results.append(SampleResult.done(item.sample, {"safetensors": fused_to_bytes(embeds, meta, negative)},
                                              tokens=int(embeds.shape[0])))

@@ -1,4 +1,4 @@
-"""Stage `latents`: VAE latents of a training triplet's condition and target images (GPU; training data).
+"""Stage `latents`: VAE latents of a training triplet's condition images and target (GPU; training data).
 
 The edit pipeline's own VAE encoding (resize to the condition size, normalise, argmax latents, pack),
 so training sees exactly what the pipeline would. Reads only the plan (images), not the caches.
@@ -37,6 +37,7 @@ class LatentsStage(Stage):
                 "condition_area": settings.condition_area}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        import torch
         from safetensors.torch import save as save_tensors
 
         from ...edit_prompt import condition_size
@@ -49,14 +50,18 @@ class LatentsStage(Stage):
             if not sample.target:
                 results.append(SampleResult.failed(sample, "no target image: not a training triplet"))
                 continue
-            source, target = load_image(sample.images[0]), load_image(sample.target)
-            if source.size != target.size:
+            # Every condition image is VAE-encoded at its own size, as the pipelines do (Edit-Plus: several);
+            # the output takes the size of the last one (Edit-Plus sizes its output from `image[-1]`).
+            sources, target = [load_image(uri) for uri in sample.images], load_image(sample.target)
+            if sources[-1].size != target.size:
                 results.append(SampleResult.failed(
-                    sample, f"target size {target.size} differs from source size {source.size}"))
+                    sample, f"target size {target.size} differs from source size {sources[-1].size}"))
                 continue
-            width, height = condition_size(source, ctx.settings.condition_area)
-            tensors = {"condition": encode_latents(pipe, source, width, height),
-                       "target": encode_latents(pipe, target, width, height)}
+            sizes = [condition_size(source, ctx.settings.condition_area) for source in sources]
+            conditions = [encode_latents(pipe, source, w, h) for source, (w, h) in zip(sources, sizes)]
+            width, height = sizes[-1]
+            tensors = {"condition": torch.cat(conditions), "target": encode_latents(pipe, target, width, height)}
             payload = save_tensors({k: v.cpu().contiguous() for k, v in tensors.items()})
-            results.append(SampleResult.done(sample, {"safetensors": payload}, latent_hw=[height // 16, width // 16]))
+            results.append(SampleResult.done(sample, {"safetensors": payload}, latent_hw=[height // 16, width // 16],
+                                             condition_hw=[[h // 16, w // 16] for w, h in sizes]))
         return results

@@ -1,15 +1,18 @@
-"""Stage `negatives`: the negative prompt's caches for true CFG (GPU); runs only when cfg > 1.
+"""Stage `negatives`: Qwen-Image-Edit's own embeddings of the negative prompt, for true CFG (GPU); runs only
+when cfg > 1.
 
-Qwen-Image-Edit's negative conditioning sees the sample's images too, so it is extracted per sample,
-exactly like `caches` but with the job's negative prompt. Being its own stage, turning CFG on (or
-changing the negative prompt) extracts only these, never the samples' own caches again.
+Qwen-Image-Edit's negative conditioning sees the sample's images too, so it is extracted per sample. Only
+Qwen2.5-VL runs: the negative branch is never bridged (see `bridge.negative_prompt_embeds`: the bridge is
+trained on conditional branches only, and CFG then amplifies exactly its correction). Being its own stage,
+turning CFG on (or changing the negative prompt) extracts only these, never the samples' own caches again.
 """
 
 from __future__ import annotations
 
+from ..records import SampleResult
 from ..settings import JobSettings
-from ..stage import StageItem
-from .extract import ExtractStage
+from ..stage import StageContext, StageItem
+from .extract import ExtractStage, read_images
 
 
 class NegativesStage(ExtractStage):
@@ -20,7 +23,24 @@ class NegativesStage(ExtractStage):
         return settings.uses_cfg
 
     def settings_of(self, settings: JobSettings) -> dict:
-        return {**super().settings_of(settings), "negative_prompt": settings.negative_prompt}
+        return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
+                "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit,
+                "negative_prompt": settings.negative_prompt}
 
     def prompt(self, item: StageItem, settings: JobSettings) -> str:
         return settings.negative_prompt
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from safetensors.torch import save as save_tensors
+
+        ready, results = read_images(items, ctx.settings.condition_area)
+        if not ready:
+            return results
+        caches = ctx.models.extractor.extract_qwen25_vision([images for _, images in ready],
+                                                            [ctx.settings.negative_prompt] * len(ready))
+        for (item, _), cache in zip(ready, caches):
+            embeds = cache.prompt_embeds.detach().cpu().contiguous()  # [L, D]
+            results.append(SampleResult.done(item.sample, {"safetensors": save_tensors({"prompt_embeds": embeds})},
+                                             tokens=int(embeds.shape[0])))
+        order = {id(item.sample): index for index, item in enumerate(items)}
+        return sorted(results, key=lambda r: order[id(r.sample)])
