@@ -188,3 +188,43 @@ def test_hostile_ids_stay_inside_the_bucket(tmp_path, tiny_zoo, s3_root):
     assert not fs.exists("other-bucket")
     pngs = [path for path in fs.find(s3_root, refresh=True) if path.endswith(".png")]
     assert len(pngs) == 2 and all(path.startswith(s3_root[len("s3://"):] + "/out/edits/") for path in pngs)
+
+
+RUN_JOB = """
+import sys
+from bridgecore.batch.pipeline import plan_job, run_pipeline, summarize
+from bridgecore.batch.settings import JobSettings
+settings = JobSettings(sys.argv[3], sys.argv[4], condition_area=64 * 64, steps=2)
+plan = plan_job(sys.argv[1], sys.argv[2], settings, shard_size=1)
+run_pipeline(sys.argv[2], "bulk-edit", plan.pending, settings, progress=False)
+print(summarize(sys.argv[2], plan.job, "bulk-edit", settings)["counts"])
+"""
+
+
+def test_full_disk_mid_job_loses_nothing(tmp_path, tiny_zoo):
+    """Writes start failing (a file-size limit stands in for a full disk: EFBIG like ENOSPC) once the job
+    reaches the big cache tars; the run fails cleanly, and a rerun with room gives the uninterrupted outputs."""
+    import resource
+
+    rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(3)]
+    manifest = write_manifest(tmp_path / "in", rows)
+    models = [str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"])]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def job(output, limit=None):
+        def limit_file_size():
+            if limit:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return subprocess.run([sys.executable, "-c", RUN_JOB, manifest, str(output), *models], env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size)
+
+    reference = job(tmp_path / "reference")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    full = job(tmp_path / "out", limit=100_000)
+    assert full.returncode != 0 and "File too large" in full.stderr
+    assert not list((tmp_path / "out").glob("caches/*/_done/*.json"))  # nothing half-written was committed
+    assert list((tmp_path / "out").rglob("*.tar.tmp-*")) and not list((tmp_path / "out").rglob("*.tar"))
+    rerun = job(tmp_path / "out")
+    assert rerun.returncode == 0 and "'done': 3" in rerun.stdout, rerun.stderr[-2000:]
+    pngs = lambda root: {p.name: p.read_bytes() for p in root.rglob("*.png") if "in" not in p.parts}  # noqa: E731
+    assert pngs(tmp_path / "out") == pngs(tmp_path / "reference") and len(pngs(tmp_path / "out")) == 3
