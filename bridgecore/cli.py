@@ -50,14 +50,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, StorageUnreachableError, ModelNotAvailableError)
 
 
-def _preflight(input: str, output: str) -> None:
+def _preflight(input: str, output: str, create_bucket: bool = False) -> None:
     """Fails in seconds, with one line, on the common mistakes: a missing input, an output that cannot be written."""
     from .batch.sharding import check_input
     from .storage import Storage
 
     try:
         check_input(input)
-        Storage(output).check_writable()
+        Storage(output).check_writable(create_bucket)
     except _user_errors() as error:
         _fail(str(error))
 
@@ -281,6 +281,8 @@ def bulk_edit(
                                  "under these settings and what would run; writes nothing but the plan."),
     verify: bool = typer.Option(False, "--verify", help="Check every edited image against its checksum when "
                                 "summarizing (sizes are always checked); damaged ones are recomputed."),
+    create_bucket: bool = typer.Option(False, "--create-bucket", help="Create the output's S3 bucket if it does not "
+                                       "exist (otherwise a missing bucket is an error: it is usually a typo)."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
     load_in_8bit: bool = typer.Option(False, help="Load both VLMs in 8-bit (bitsandbytes): ~17 GiB instead of ~32."),
     lora: Optional[list[str]] = typer.Option(None, help="LoRA for the DiT, PATH_OR_ID[:scale]; repeatable (see `edit`)."),
@@ -311,7 +313,7 @@ def bulk_edit(
         from .batch.pipeline import plan_job
 
         try:
-            plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed)
+            plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket)
         except ValueError as error:
             _fail(str(error))
         typer.echo(f"{plan.samples} samples in {len(plan.shards)} shards; {len(plan.shards) - len(plan.pending)} "
@@ -319,7 +321,7 @@ def bulk_edit(
         for stage, counts in plan.stages.items():
             typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
         return
-    _preflight(input, output)
+    _preflight(input, output, create_bucket)
     from flows.local_server import local_prefect, prefect_environment
 
     prefect_environment(DEFAULT_HOME / "prefect", quiet=not _DEBUG)
@@ -331,7 +333,7 @@ def bulk_edit(
                                      bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps,
                                      seed=seed, cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
                                      batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
-                                     **{**speed, "lora": list(speed["lora"])})
+                                     create_bucket=create_bucket, **{**speed, "lora": list(speed["lora"])})
     except _user_errors() as error:
         _fail(str(error))
     counts = summary["counts"]
@@ -522,7 +524,8 @@ def quickstart(
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
               bridge=None, multi_image=False, steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
               negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
-              dry_run=False, verify=False, device="auto", load_in_8bit=False, lora=None, scheduler="auto",
+              dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
+              scheduler="auto",
               compile=False, attention_backend=None, dit_offload=False)
     typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<settings>/data/<shard>/<id>.png "
                f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")

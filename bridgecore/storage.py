@@ -86,30 +86,39 @@ class Storage:
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root_path, *parts)
 
-    def ensure_root(self) -> None:
-        """Creates the local directory or the S3 bucket if needed. The first contact of a job: an unreachable
-        endpoint fails within seconds, naming it."""
+    def ensure_root(self, create_bucket: bool = False) -> None:
+        """Creates the local directory; checks the bucket exists (creates it only with `create_bucket`: a typo must
+        not silently become a new bucket). The first contact of a job: an unreachable endpoint or missing
+        credentials fail within seconds, with what to set."""
         def make():
             if self.is_local:
                 os.makedirs(self.root_path, exist_ok=True)
-            elif not self.fs.exists(self.root_path.split("/")[0]):
-                self.fs.mkdir(self.root_path.split("/")[0])
+                return
+            bucket = self.root_path.split("/")[0]
+            if not self.fs.exists(bucket):
+                if not create_bucket:
+                    raise FileNotFoundError(f"bucket {bucket!r} of {self.root} does not exist: check the name, or "
+                                            "pass --create-bucket to create it")
+                self.fs.mkdir(bucket)
         try:
             retry_transient(make, budget_s=FIRST_CONTACT_SECONDS)
-        except Exception as error:  # noqa: BLE001 - only connection failures are rephrased
+        except Exception as error:  # noqa: BLE001 - connection and credential failures are rephrased
+            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
+            if "NoCredentials" in type(error).__name__ or "Unable to locate credentials" in str(error):
+                raise PermissionError(f"no credentials for {self.root}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                                      f"(and AWS_ENDPOINT_URL for a store other than AWS; now {endpoint})") from None
             if not is_transient_error(error):
                 raise
-            endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
             raise StorageUnreachableError(f"cannot reach the storage of {self.root} at {endpoint} "
                                           f"({type(error).__name__}: {error}); check AWS_ENDPOINT_URL") from None
 
-    def check_writable(self) -> None:
+    def check_writable(self, create_bucket: bool = False) -> None:
         """Creates the root if needed and writes then deletes a probe object: a read-only folder, a file in the
         way, a full disk or an unreachable endpoint fails here, in seconds, with one clear message."""
         if self.is_local and os.path.exists(self.root_path) and not os.path.isdir(self.root_path):
             raise NotADirectoryError(f"output {self.root} is a file, not a folder")
         try:
-            self.ensure_root()
+            self.ensure_root(create_bucket)
             probe = f".write-check-{os.getpid()}"
             self.write_bytes(b"ok", probe)
             self.remove(probe)

@@ -24,7 +24,7 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
               shard_size: int = 16, steps: int = 50, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
               condition_area: int = 1024 * 1024, batch_size: int = 4, device: str = "auto",
               retry_failed: bool = False, workers_deployment: str | None = None, shards_per_run: int | None = None,
-              deadline_s: float = 6 * 3600, verify: bool = False, load_in_8bit: bool = False,
+              deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False, load_in_8bit: bool = False,
               lora: list[str] | None = None, scheduler: str = "auto", compile: bool = False,
               attention_backend: str | None = None, dit_offload: bool = False) -> dict:
     # plan
@@ -33,7 +33,7 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
                            cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=tuple(lora or ()),
                            scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                            dit_offload=dit_offload).to_dict()
-    plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed)
+    plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket)
     # run
     run_shards(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
     # report (a damaged result found while summarizing is recomputed once)

@@ -79,5 +79,8 @@ def s3_root(s3_server, request):
     """A fresh bucket per test."""
     import re
 
+    import s3fs
+
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + os.urandom(3).hex()
+    s3fs.S3FileSystem().mkdir(name)
     return f"s3://{name}"

@@ -154,14 +154,15 @@ def _repair_plans(storage: Storage, shards: list[str], samples: list[Sample], ro
 
 
 def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: str = "bulk-edit",
-             prompt: str | None = None, shard_size: int = 16, retry_failed: bool = False) -> JobPlan:
+             prompt: str | None = None, shard_size: int = 16, retry_failed: bool = False,
+             create_bucket: bool = False) -> JobPlan:
     """Reads the inputs, assigns new samples to new shards (written under plan/), and says what is left.
 
     Shards already planned are reused whatever the settings, so caches are shared between settings;
     `retry_failed` moves the samples that failed under these settings into new (retry) shards.
     """
     storage = Storage(output_uri)
-    storage.ensure_root()
+    storage.ensure_root(create_bucket)
     samples = read_inputs(input_uri, prompt)
     assignment = read_assignment(storage)
     new = cut_shards([s for s in samples if (s.id, s.input_hash) not in assignment], shard_size)

@@ -2,7 +2,8 @@
 
     STAGE/FP/settings.json              what FP stands for: the stage's settings and its upstream fingerprints
     STAGE/FP/data/<shard>.tar           layout "tar": WebDataset, one `<key>.<ext>` entry per payload
-    STAGE/FP/data/<shard>/<key>.<ext>   layout "files": one object per done sample (e.g. edited PNGs)
+    STAGE/FP/data/<shard>/<key>.<ext>   layout "files": one object per done sample (e.g. edited PNGs), and a
+                                        metadata.parquet (file_name, id, instruction, ...) for `imagefolder`
                                         layout "table": no data objects (e.g. metrics live in the table)
     STAGE/FP/table/<shard>.parquet      one row per sample (records.STAGE_TABLE_SCHEMA), failed ones too
     STAGE/FP/_done/<shard>.json         marker: fingerprint, checksums, counts, timings, worker
@@ -156,13 +157,30 @@ class ShardStore:
         if not self.storage.exists(self.folder, "settings.json"):
             self.storage.write_json(record, self.folder, "settings.json")
 
+    def _write_file_index(self, shard_id: str, rows: list[dict[str, Any]]) -> None:
+        """`metadata.parquet` beside the objects: Hugging Face `imagefolder` joins it on `file_name`, so the edits
+        load with their id, instruction and sources (`load_dataset("imagefolder", data_dir=...)`)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        done = [row for row in rows if row["status"] == "done" and row["files"]]
+        if not done:
+            return
+        index = pa.table({"file_name": [f"{r['key']}.{r['files'][0]}" for r in done], "id": [r["id"] for r in done],
+                          "instruction": [r["instruction"] for r in done], "images": [r["images"] for r in done],
+                          "target": pa.array([r["target"] for r in done], pa.string()),
+                          "input_hash": [r["input_hash"] for r in done], "sha256": [r["sha256"] for r in done]})
+        buffer = io.BytesIO()
+        pq.write_table(index, buffer)
+        self.storage.write_bytes(buffer.getvalue(), self.folder, "data", shard_id, "metadata.parquet")
+
     def commit(self, shard_id: str, results: list[SampleResult], stats: dict[str, Any] | None = None) -> dict:
         """Writes the data, then the table, then the marker (exclusive create). Returns the marker."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         data_sha = None
-        if self.layout == "tar":
+        if self.layout == "tar" and any(r.status == "done" and r.payloads for r in results):  # never an empty tar
             tar = self._tar_bytes(results)
             self.storage.write_bytes(tar, self.folder, "data", shard_id + ".tar")
             data_sha = sha256_bytes(tar)
@@ -180,6 +198,8 @@ class ShardStore:
             sha = (sha256_bytes(next(iter(payloads.values()))) if len(payloads) == 1 else sha256_bytes(joined)) if payloads else None
             rows.append(result_row(result, shard_id, self.stage, self.fingerprint, sorted(payloads),
                                    sum(len(d) for d in payloads.values()), sha))
+        if self.layout == "files":
+            self._write_file_index(shard_id, rows)
         buffer = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows, schema=STAGE_TABLE_SCHEMA), buffer)
         table = buffer.getvalue()
@@ -210,6 +230,8 @@ class ShardStore:
         return pq.read_table(io.BytesIO(data)).to_pylist()
 
     def _tar_payloads(self, shard_id: str, marker: dict[str, Any]) -> dict[str, dict[str, bytes]]:
+        if marker["data_sha256"] is None:  # no sample was done: no tar was written
+            return {}
         url = self.storage.url(self.folder, "data", shard_id + ".tar")
         try:
             data = self.storage.read_bytes(self.folder, "data", shard_id + ".tar")

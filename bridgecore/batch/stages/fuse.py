@@ -20,14 +20,17 @@ if TYPE_CHECKING:
 
 
 def fused_to_bytes(prompt_embeds: torch.Tensor, meta: dict, negative: torch.Tensor | None = None) -> bytes:
-    """`prompt_embeds [L, D]` (+ `negative_prompt_embeds [L', D]`) as safetensors; every position is valid."""
+    """`prompt_embeds [L, D]` + `prompt_embeds_mask [L]` (all ones: the embeddings are unpadded), and the
+    negative pair for true CFG, as safetensors with the provenance (models, bridge) in the header."""
+    import torch
     from safetensors.torch import save as save_tensors
 
-    tensors = {"prompt_embeds": prompt_embeds}
+    tensors = {"prompt_embeds": prompt_embeds, "prompt_embeds_mask": torch.ones(prompt_embeds.shape[0], dtype=torch.long)}
     if negative is not None:
         tensors["negative_prompt_embeds"] = negative
+        tensors["negative_prompt_embeds_mask"] = torch.ones(negative.shape[0], dtype=torch.long)
     return save_tensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                        metadata={"vision_bridge": json.dumps(meta)})
+                        metadata={"vision_bridge": json.dumps(meta, default=str)})
 
 
 def fused_from_bytes(data: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -66,7 +69,9 @@ class FuseStage(Stage):
             negative = None
             if "negatives" in item.upstream:  # the negative branch as Qwen-Image-Edit computes it
                 negative = load_tensors(item.upstream["negatives"]["safetensors"])["prompt_embeds"]
-            meta = {"bridge_checksum": ctx.settings.bridge_checksum}
+            meta = {"id": item.sample.id, "bridge": ctx.settings.bridge, "bridge_checksum": ctx.settings.bridge_checksum,
+                    "qwen3_model": ctx.settings.qwen3_model, "edit_model": ctx.settings.edit_model,
+                    "fingerprint": ctx.fingerprints[self.name]}
             results.append(SampleResult.done(item.sample, {"safetensors": fused_to_bytes(embeds, meta, negative)},
                                              tokens=int(embeds.shape[0])))
         return results
