@@ -350,23 +350,27 @@ class VisionCacheBridge(nn.Module):
     # -- persistence -------------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """`config.json` + `model.safetensors`; no pickle."""
-        from safetensors.torch import save_file
+        """`config.json` + `model.safetensors` (no pickle) to a local directory or an fsspec URL (`s3://...`)."""
+        from safetensors.torch import save
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_NAME)
+        from .storage import Storage
+
+        storage = Storage(str(directory))
+        storage.write_bytes(json.dumps(asdict(self.config), indent=2).encode(), CONFIG_NAME)
+        storage.write_bytes(save({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}), WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, expect: BridgeConfig | None = None) -> "VisionCacheBridge":
-        """Loads a saved bridge; with `expect`, refuses one whose dimensions do not match the models."""
-        from safetensors.torch import load_file
+        """Loads a saved bridge from a local directory or an fsspec URL; with `expect`, refuses one whose dimensions
+        do not match the models."""
+        from safetensors.torch import load
 
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
+        from .storage import Storage
+
+        storage = Storage(str(directory))
+        if not storage.exists(CONFIG_NAME):
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; is this a bridge checkpoint?")
-        values = json.loads((directory / CONFIG_NAME).read_text())
+        values = json.loads(storage.read_bytes(CONFIG_NAME))
         if values.get("bridge_format", 1) != BRIDGE_FORMAT:
             raise ValueError(f"bridge checkpoint {directory} has format {values.get('bridge_format', 1)} (the unbounded "
                              f"gated residual); this code reads format {BRIDGE_FORMAT}: retrain it with `vision-bridge train`")
@@ -378,7 +382,7 @@ class VisionCacheBridge(nn.Module):
             if mismatched:
                 raise ValueError(f"bridge checkpoint {directory} does not match the models: " + "; ".join(mismatched))
         bridge = cls(config)
-        bridge.load_state_dict(load_file(directory / WEIGHTS_NAME))
+        bridge.load_state_dict(load(storage.read_bytes(WEIGHTS_NAME)))
         return bridge
 
     def num_parameters(self) -> int:

@@ -200,7 +200,7 @@ def edit(
     images: list[str] = typer.Argument(..., help="Image path(s) or URL(s) of ONE sample (several need an Edit-Plus model)."),
     prompt: str = typer.Option(..., help="The edit instruction."),
     out: Path = typer.Option(..., help="Output PNG."),
-    bridge: Optional[Path] = typer.Option(None, help="Trained bridge directory. Without it the bridge is UNTRAINED "
+    bridge: Optional[str] = typer.Option(None, help="Trained bridge directory or URL. Without it the bridge is UNTRAINED "
                                           "and, by design, returns the baseline exactly: --baseline and the default "
                                           "then give identical files."),
     baseline: bool = typer.Option(False, "--baseline", help="Plain Qwen-Image-Edit (M-RoPE-correct embeddings), no Qwen3-VL."),
@@ -347,8 +347,8 @@ def bulk_edit(
 def train(
     data: str = typer.Option(..., help="Triplets: a manifest with a 'target' column (e.g. make-benchmark output) or a "
                              "cache location written by build-caches."),
-    out: Path = typer.Option(..., help="Checkpoint directory: the final bridge, step_NNNNNN/ checkpoints, metrics.json, "
-                             "loss_curve.png. An existing run there is resumed."),
+    out: str = typer.Option(..., help="Checkpoint directory or URL (s3://...): the final bridge, step_NNNNNN/ "
+                            "checkpoints, metrics.json, loss_curve.png. An existing run there is resumed."),
     qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real, else tiny zoo)."),
     edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
     steps: int = typer.Option(1000, help="Optimizer steps."),
@@ -414,10 +414,22 @@ def make_benchmark_command(
     typer.echo(f"wrote {manifest} ({4 * per_capability} samples)")
 
 
+def _local_benchmark(benchmark: str) -> str:
+    """A benchmark given as a URL is read from a local copy (its images are opened many times)."""
+    import hashlib
+
+    from .storage import is_remote, mirror_down
+
+    if not is_remote(benchmark):
+        return benchmark
+    local = DEFAULT_HOME / "benchmarks" / hashlib.sha256(benchmark.encode()).hexdigest()[:16]
+    return mirror_down(benchmark, str(local))
+
+
 @app.command()
 def evaluate(
     results: Optional[str] = typer.Argument(None, help="A bulk-edit run (dir or URL) to score; same as --results."),
-    benchmark: Path = typer.Option(..., help="Benchmark folder written by make-benchmark."),
+    benchmark: str = typer.Option(..., help="Benchmark folder (or URL) written by make-benchmark."),
     editor: Optional[str] = typer.Option(None, help="Score a reference editor instead: oracle, identity or noise."),
     results_option: Optional[str] = typer.Option(None, "--results", help="A bulk-edit run (dir or URL) to score."),
     baseline: Optional[str] = typer.Option(None, help="A baseline run over the same benchmark: paired comparison."),
@@ -438,6 +450,7 @@ def evaluate(
     if (editor is None) == (run is None):
         _fail("give exactly one of --editor oracle|identity|noise or a results run (RESULTS or --results)")
     try:
+        benchmark = _local_benchmark(benchmark)
         main_editor = reference_editor(editor) if editor else results_editor(run)
         evaluators = {editor or "enhanced": CapabilityEvaluator(benchmark, main_editor)}
         if baseline:

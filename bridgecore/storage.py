@@ -292,6 +292,42 @@ class FileStamps:
         return self._folders[folder].get(posixpath.basename(uri))
 
 
+def is_remote(uri: str | os.PathLike) -> bool:
+    return "://" in str(uri) and not str(uri).startswith("file://")
+
+
+def mirror_down(uri: str, local: str, exclude: tuple[str, ...] = ()) -> str:
+    """Copies a remote folder (a training run, a benchmark) into `local`, but for the top-level names in
+    `exclude`, and returns it; a local folder is returned as is. A missing remote folder gives an empty one."""
+    if not is_remote(uri):
+        return uri
+    fs, path = fsspec.core.url_to_fs(uri)
+    os.makedirs(local, exist_ok=True)
+    root = path.rstrip("/") + "/"
+    for remote_file in retry_transient(lambda: fs.find(root)):
+        relative = remote_file[len(root):]
+        if relative.split("/", 1)[0] in exclude:
+            continue
+        target = os.path.join(local, *relative.split("/"))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        retry_transient(lambda: fs.get_file(remote_file, target))
+    return local
+
+
+def mirror_up(local: str, uri: str, exclude: tuple[str, ...] = ()) -> None:
+    """Uploads a local folder's files (but for the top-level names in `exclude`) to a remote folder."""
+    if not is_remote(uri):
+        return
+    storage = Storage(uri)
+    for folder, _, files in os.walk(local):
+        if os.path.relpath(folder, local).split(os.sep)[0] in exclude:
+            continue
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as handle:
+                storage.write_bytes(handle.read(), *os.path.relpath(path, local).split(os.sep))
+
+
 def uri_exists(uri: str) -> bool:
     fs, path = fsspec.core.url_to_fs(uri)
     return retry_transient(lambda: fs.exists(path), budget_s=FIRST_CONTACT_SECONDS)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .bridge import STATISTICS_NAME, BridgeConfig, VisionCacheBridge
 from .cache_format import Qwen3VisionCache
@@ -149,8 +149,9 @@ def save_checkpoint(directory: Path, bridge, optimizer, lr_scheduler, step: int,
     if statistics is not None:
         (temporary / STATISTICS_NAME).write_text(json.dumps({"step": step, **statistics}, indent=1))
     tensors, meta = _optimizer_to_files(optimizer)
-    save_file(tensors, temporary / "optimizer.safetensors")
-    save_file({"torch": torch.get_rng_state()}, temporary / "rng.safetensors")  # dropout; data and noise are per step
+    # bytes, then an ordinary write: safetensors' save_file creates files readable by their owner only
+    (temporary / "optimizer.safetensors").write_bytes(save(tensors))
+    (temporary / "rng.safetensors").write_bytes(save({"torch": torch.get_rng_state()}))  # dropout; data/noise per step
     (temporary / "trainer_state.json").write_text(json.dumps(
         {"step": step, "optimizer": meta, "lr_scheduler": lr_scheduler.state_dict(), "history": history}, indent=1))
     if directory.exists():
@@ -257,6 +258,7 @@ class BridgeTrainer:
         if not examples:
             raise ValueError("no training examples")
         self.pipe, self.config, self.out_dir = pipe, config, Path(out_dir)
+        self.after_checkpoint = None  # e.g. upload the run to object storage
         self.device = pipe.transformer.device
         first = examples[0].cache
         expected = BridgeConfig.from_caches(first.qwen3, first.qwen25)
@@ -391,6 +393,8 @@ class BridgeTrainer:
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(self.out_dir / f"step_{step:06d}", bridge, optimizer, lr_scheduler, step, history,
                                 statistics or self.statistics(bridge))
+                if self.after_checkpoint is not None:
+                    self.after_checkpoint()
         bar.close()
         bridge.eval()
         if _fingerprint(self.pipe.transformer) != frozen_before:
@@ -490,14 +494,29 @@ def plot_loss_curve(history: dict, baseline: float, path: Path) -> None:
 
 def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConfig = TrainConfig(),
                  bridge_overrides: dict | None = None, progress: bool = True) -> dict:
-    """Prepares (or reuses) caches and latents under `out_dir/data`, then trains; returns the metrics."""
+    """Prepares (or reuses) caches and latents under `out_dir/data`, then trains; returns the metrics.
+
+    `out_dir` may be an fsspec URL (`s3://bucket/ckpt`): the run is mirrored in a local staging folder
+    (an earlier run there is downloaded first, so training resumes), and uploaded after every checkpoint."""
+    import hashlib
+
     from .batch.settings import ModelPool
+    from .storage import is_remote, mirror_down, mirror_up
     from .training_data import prepare_examples
 
+    remote = str(out_dir) if is_remote(out_dir) else None
+    if remote:
+        staging = Path(".vision-bridge/staging") / hashlib.sha256(remote.encode()).hexdigest()[:16]
+        out_dir = Path(mirror_down(remote, str(staging), exclude=("data",)))  # data stay remote
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    examples = prepare_examples(data_uri, str(out_dir / "data"), settings)
+    examples = prepare_examples(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings)
     first = examples[0].cache
     bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **(bridge_overrides or {}))
     trainer = BridgeTrainer(ModelPool(settings).editor.pipe, examples, out_dir, config, bridge_config)
-    return trainer.train(progress=progress)
+    if remote:
+        trainer.after_checkpoint = lambda: mirror_up(str(out_dir), remote, exclude=("data",))
+    metrics = trainer.train(progress=progress)
+    if remote:
+        mirror_up(str(out_dir), remote, exclude=("data",))
+    return metrics
