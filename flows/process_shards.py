@@ -8,6 +8,7 @@ The run records what it did (shards, model loads and forwards, worker) under run
 from __future__ import annotations
 
 import os
+import time
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -31,9 +32,11 @@ def process_shards(output: str, shard_ids: list[str], settings: dict, pipeline: 
     def as_task(stage, ctx, shard_id):
         return run_stage(output, pipeline, stage.name, shard_id, settings, ctx.fingerprints[stage.name])
 
+    started = time.monotonic()
     counts = run_pipeline(output, pipeline, shard_ids, JobSettings.from_dict(settings), run_stage=as_task)
     # report
-    record = {"flow_run": str(flow_run.id), "worker": worker_id(), "pid": os.getpid(), "shards": shard_ids, **counts}
+    record = {"flow_run": str(flow_run.id), "worker": worker_id(), "pid": os.getpid(), "shards": shard_ids,
+              "seconds": round(time.monotonic() - started, 3), **counts}
     if run is not None:
         Storage(output).write_json(record, "runs", run, "children", f"{flow_run.id}.json")
     get_run_logger().info("%d shards; model loads and forwards: %s", len(shard_ids), counts)

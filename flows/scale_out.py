@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
@@ -32,6 +33,8 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
     for index in range(len(batches)):
         submit(index, 1)
     done: set[int] = set()
+    total = sum(len(batch) for batch in batches)
+    progress = create_progress_artifact(0.0, description=f"0 of {total} shards")
     with get_client(sync_client=True) as client:
         while len(done) < len(batches):
             if time.monotonic() - start > deadline_s:
@@ -44,6 +47,9 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                 kind = state.type.value if state else "PENDING"
                 if kind == "COMPLETED":
                     done.add(index)
+                    finished = sum(len(batches[i]) for i in done)
+                    update_progress_artifact(progress, 100.0 * finished / total, f"{finished} of {total} shards")
+                    logger.info("%d of %d shards finished", finished, total)
                 elif kind in FINAL_BAD or (kind == "RUNNING" and time.monotonic() - since > stuck_s):
                     if count >= max_submissions:
                         raise RuntimeError(f"batch {index} ended {kind} {count} times; last run {run_id}")

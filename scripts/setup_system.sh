@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the evaluation and its tests need: Tesseract with the 32 benchmark languages, Noto fonts
-# for the OCR cards, Chromium for the report screenshot test. Installs only what is missing.
+# for the OCR cards, Chromium for the report screenshot test, PostgreSQL for the Prefect-at-scale test.
+# Installs only what is missing.
 set -euo pipefail
-PACKAGES="tesseract-ocr fonts-noto-core fonts-noto-cjk chromium"
+PACKAGES="tesseract-ocr fonts-noto-core fonts-noto-cjk chromium postgresql"
 for lang in eng deu fra spa ita por nld pol ces tur vie ind swe hun ron rus ukr bul ell ara fas heb hin mar ben \
             tam tha kor jpn chi-sim chi-tra kat; do
   PACKAGES="$PACKAGES tesseract-ocr-$lang"

@@ -33,12 +33,14 @@ def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
 
 
 class PrefectServer:
-    def __init__(self, home: Path):
+    def __init__(self, home: Path, database_url: str | None = None):
         self.home = home
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         self.processes: list[subprocess.Popen] = []
         self.env = prefect_env(home, self.url)
+        if database_url:  # e.g. PostgreSQL, as a cluster runs it (SQLite otherwise)
+            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
 
     def _spawn(self, args, log_name, **env):
         log = open(self.home / log_name, "ab")

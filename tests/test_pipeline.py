@@ -77,6 +77,9 @@ def test_every_sample_ends_done_or_failed(tmp_path, settings):
     assert {f["stage"] for f in summary["failures"]} == {"plan", "caches"}
     stored = json.loads((tmp_path / "out" / "runs" / summary["run"] / "summary.json").read_text())
     assert stored["counts"] == summary["counts"] and stored["settings"]["steps"] == 2
+    stats = json.loads((tmp_path / "out" / "runs" / summary["run"] / "stats.json").read_text())
+    assert stats["caches"]["done"] == 5 and stats["caches"]["failed"] == 6 and stats["caches"]["shards"] == 3
+    assert stats["edits"]["samples_per_s"] > 0 and stats["edits"]["workers"]
 
 
 def test_second_run_reruns_exactly_what_a_changed_setting_affects(tmp_path, settings, trained_bridge):

@@ -323,6 +323,7 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
                             if r["status"] == "failed"],
                "capabilities": {name: {"samples": len(v), "edit_success": float(np.mean(v))}
                                 for name, v in sorted(capabilities.items())}}
+    summary["stats"] = stage_stats(storage, stages, prints, sorted({r["shard"] for r in rows}))
     schema = pa.schema([(name, pa.string()) for name in ("id", "shard", "status", "stage", "error", "output", "metrics")])
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
@@ -330,4 +331,29 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
     for folder in (("runs", run), ()):
         storage.write_bytes(buffer.getvalue(), *folder, "summary.parquet")
         storage.write_bytes(text, *folder, "summary.json")
+    storage.write_json(summary["stats"], "runs", run, "stats.json")
     return summary
+
+
+def stage_stats(storage: Storage, stages: list[Stage], prints: dict[str, str], shards: list[str]) -> dict[str, Any]:
+    """Per stage, from the committed markers of the run's shards (so relaunches merge by themselves): shards,
+    samples done/failed, seconds, samples/s, the workers that did it and their peak memory."""
+    stats = {}
+    for stage in stages:
+        store = stage.store(storage, prints[stage.name])
+        markers = storage.read_many([(store.folder, "_done", f"{shard}.json") for shard in shards])
+        parsed = []
+        for data in markers.values():
+            try:
+                parsed.append(json.loads(data)) if data else None
+            except ValueError:
+                continue
+        seconds = sum(m.get("seconds") or 0.0 for m in parsed)
+        done = sum(m["counts"]["done"] for m in parsed if "counts" in m)
+        stats[stage.name] = {
+            "shards": len(parsed), "done": done, "failed": sum(m["counts"]["failed"] for m in parsed if "counts" in m),
+            "seconds": round(seconds, 3), "samples_per_s": round(done / seconds, 3) if seconds else None,
+            "workers": sorted({m.get("worker", "?") for m in parsed}),
+            "peak_rss_mb": max((m.get("peak_rss_mb") or 0 for m in parsed), default=None),
+            "peak_gpu_mb": max((m.get("peak_gpu_mb") or 0 for m in parsed), default=None)}
+    return stats
