@@ -1,8 +1,9 @@
 """Scale-out on Prefect itself: batches of shards go to `process-shards` runs on a work pool.
 
-Children are submitted without waiting (`timeout=0`) and polled. Anything not Completed (Crashed,
-Failed, or stuck past the deadline after its worker died) is resubmitted; children are idempotent, so
-a resubmitted batch only finishes what its predecessor left.
+Children are submitted without waiting (`timeout=0`) and polled. Anything not Completed is resubmitted:
+Crashed, Failed, or Running without committing a single stage of a shard for `stuck_s` (its worker died
+and Prefect has not noticed yet). Children are idempotent, so a resubmitted batch only finishes what its
+predecessor left.
 """
 
 from __future__ import annotations
@@ -20,9 +21,26 @@ FINAL_BAD = {"CRASHED", "FAILED", "CANCELLED"}
 def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, deadline_s: float = 3600,
                    poll_s: float = 1.0, stuck_s: float = 900, max_submissions: int = 3) -> list[str]:
     """Runs every batch to completion on the pool behind `deployment`; returns the child run ids."""
+    from bridgecore.batch.pipeline import committed_stages
+    from bridgecore.batch.settings import JobSettings
+
     logger = get_run_logger()
     start = time.monotonic()
-    submitted: dict[int, tuple[str, float, int]] = {}  # batch index -> (run id, submit time, submissions)
+    submitted: dict[int, tuple[str, float, int]] = {}  # batch index -> (run id, last progress, submissions)
+    progress_seen: dict[int, int] = {}  # batch index -> committed (stage, shard) pairs at the last look
+    settings = JobSettings.from_dict(parameters["settings"])
+
+    def stalled(index: int, since: float) -> bool:
+        """No stage of any of the batch's shards committed for `stuck_s`: its worker is gone."""
+        if time.monotonic() - since < stuck_s:
+            return False
+        count = committed_stages(parameters["output"], parameters["pipeline"], settings, batches[index])
+        if count > progress_seen.get(index, -1):
+            progress_seen[index] = count
+            run_id, _, submissions = submitted[index]
+            submitted[index] = (run_id, time.monotonic(), submissions)
+            return False
+        return True
 
     def submit(index: int, count: int):
         run = run_deployment(deployment, parameters={**parameters, "shard_ids": batches[index]}, timeout=0,
@@ -50,7 +68,7 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                     finished = sum(len(batches[i]) for i in done)
                     update_progress_artifact(progress, 100.0 * finished / total, f"{finished} of {total} shards")
                     logger.info("%d of %d shards finished", finished, total)
-                elif kind in FINAL_BAD or (kind == "RUNNING" and time.monotonic() - since > stuck_s):
+                elif kind in FINAL_BAD or (kind == "RUNNING" and stalled(index, since)):
                     if count >= max_submissions:
                         raise RuntimeError(f"batch {index} ended {kind} {count} times; last run {run_id}")
                     logger.warning("batch %d run %s ended %s: resubmitting", index, run_id, kind)

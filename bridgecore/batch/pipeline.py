@@ -200,6 +200,13 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
     return JobPlan(job, shards, pending, len(samples), stages)
 
 
+def committed_stages(output_uri: str, pipeline: str, settings: JobSettings, shards: list[str]) -> int:
+    """How many (stage, shard) pairs of `shards` are committed: a worker's progress, one listing per stage."""
+    storage, prints = Storage(output_uri), fingerprints(pipeline, settings)
+    return sum(len(set(shards) & stage.store(storage, prints[stage.name]).done_shards())
+               for stage in pipeline_stages(pipeline, settings))
+
+
 # -- running ----------------------------------------------------------------------------------------------
 
 RunStage = Callable[[Stage, StageContext, str], dict]
