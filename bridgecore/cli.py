@@ -21,6 +21,7 @@ app = typer.Typer(
     "bridge, evaluate capabilities, plan real-scale runs, build the offline tiny zoo.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 50]" or "[target]" must not be read as markup
 )
 
 DEFAULT_HOME = Path(".vision-bridge")
