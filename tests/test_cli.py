@@ -81,3 +81,21 @@ def test_bulk_edit_dry_run_plans_and_writes_nothing_else(tmp_path, tiny_zoo):
     bad = _run("bulk-edit", "--input", manifest, "--output", str(out), "--dry-run", "--steps", "0",
                "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
     assert bad.returncode == 2 and "steps must be at least 2; got 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_common_mistakes_are_one_line_errors(tmp_path, tiny_zoo):
+    from test_pipeline import make_inputs
+
+    manifest = make_inputs(tmp_path / "in", n=1)
+    (tmp_path / "a-file").write_text("x")
+    models = ["--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"])]
+    cases = {("--input", str(tmp_path / "in" / "typo.jsonl"), "--output", str(tmp_path / "o")): "typo.jsonl' does not exist",
+             ("--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")): "does not exist (expected a manifest",
+             ("--input", manifest, "--output", str(tmp_path / "a-file")): "is a file, not a folder",
+             ("--input", manifest, "--output", "/proc/vision-bridge-out"): "cannot write to output",
+             ("--input", manifest, "--output", str(tmp_path / "o"), "--batch-size", "0"): "batch_size must be at least 1"}
+    for args, message in cases.items():
+        result = _run("bulk-edit", *args, *models)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
+    assert not (tmp_path / "o").exists()
