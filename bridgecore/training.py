@@ -390,6 +390,8 @@ class BridgeTrainer:
                 history["heldout_loss"].append(_mean(evaluation["trained"]))
                 history["heldout_loss_qwen3_shuffled"].append(_mean(evaluation["qwen3_shuffled"]))
                 history["statistics"].append(statistics)
+                logger.info("step %d: train loss %.5f, held-out %.5f (Qwen3 shuffled %.5f)", step, total,
+                            history["heldout_loss"][-1], history["heldout_loss_qwen3_shuffled"][-1])
             if step % config.checkpoint_every == 0 or step == config.steps:
                 save_checkpoint(self.out_dir / f"step_{step:06d}", bridge, optimizer, lr_scheduler, step, history,
                                 statistics or self.statistics(bridge))
