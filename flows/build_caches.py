@@ -10,8 +10,7 @@ from prefect import flow
 
 from bridgecore.batch.settings import JobSettings
 from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL
-from flows.reporting import report_run
-from flows.scale_out import run_shards
+from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
@@ -24,12 +23,6 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
     # plan
     settings = JobSettings(qwen3, edit_model, None, device, condition_area, batch_size=batch_size).to_dict()
     plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket)
-    # run
-    run_shards(output, "build-caches", plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
-    # report (a damaged result found while summarizing is recomputed once)
-    summary = report_run(output, plan["job"], "build-caches", settings, verify)
-    if summary["damaged"]:
-        run_shards(output, "build-caches", {**plan, "pending": summary["damaged"]}, settings, shard_size,
-                   workers_deployment, shards_per_run, deadline_s)
-        summary = report_run(output, plan["job"], "build-caches", settings)
-    return summary
+    # run and report
+    return run_and_report(output, "build-caches", plan, settings, shard_size, workers_deployment, shards_per_run,
+                          deadline_s, verify)

@@ -13,8 +13,7 @@ from prefect import flow
 
 from bridgecore.batch.settings import JobSettings
 from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_EDIT_PLUS_MODEL, DEFAULT_QWEN3_MODEL
-from flows.reporting import report_run
-from flows.scale_out import run_shards
+from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
@@ -34,12 +33,6 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
                            scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                            dit_offload=dit_offload).to_dict()
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket)
-    # run
-    run_shards(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
-    # report (a damaged result found while summarizing is recomputed once)
-    summary = report_run(output, plan["job"], "bulk-edit", settings, verify)
-    if summary["damaged"]:
-        run_shards(output, "bulk-edit", {**plan, "pending": summary["damaged"]}, settings, shard_size,
-                   workers_deployment, shards_per_run, deadline_s)
-        summary = report_run(output, plan["job"], "bulk-edit", settings)
-    return summary
+    # run and report
+    return run_and_report(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run,
+                          deadline_s, verify)

@@ -108,3 +108,19 @@ def run_shards(output: str, pipeline: str, plan: dict, settings: dict, shard_siz
     batches = [shard_ids[i:i + shards_per_run] for i in range(0, len(shard_ids), shards_per_run)]
     parameters = {"output": output, "settings": settings, "pipeline": pipeline, "run": run}
     run_on_workers(workers_deployment, batches, parameters, deadline_s)
+
+
+def run_and_report(output: str, pipeline: str, plan: dict, settings: dict, shard_size: int,
+                   workers_deployment: str | None, shards_per_run: int | None, deadline_s: float,
+                   verify: bool = False) -> dict:
+    """Runs the plan's pending shards, then summarizes them as Prefect artifacts; a result found damaged while
+    summarizing is recomputed once, so damage heals within the same run."""
+    from flows.reporting import report_run
+
+    run_shards(output, pipeline, plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
+    summary = report_run(output, plan["job"], pipeline, settings, verify)
+    if summary["damaged"]:
+        run_shards(output, pipeline, {**plan, "pending": summary["damaged"]}, settings, shard_size,
+                   workers_deployment, shards_per_run, deadline_s)
+        summary = report_run(output, plan["job"], pipeline, settings)
+    return summary
