@@ -3,7 +3,8 @@
 A child run pays one model load (about 70 GB of bf16 weights at real scale) and then computes. To keep
 loading at most `max_load_fraction` of the child's time, each child needs enough samples; to keep every
 worker busy, no child may take more than its share. Compute comes from the planner's FLOPs at the job's
-condition size and an assumed sustained throughput (`gpu_tflops`, about 40% of an H100's bf16 peak).
+condition size and sustained throughputs; the defaults are what a lent H200 measured (bench/results:
+VLM extraction ~120 TFLOP/s, DiT ~400 TFLOP/s, cold load from local safetensors 1.3 GB/s).
 """
 
 from __future__ import annotations
@@ -32,19 +33,21 @@ def _real_scale_plan(condition_area: int) -> dict:
     return plan(side, side, condition_area=condition_area)
 
 
-def child_run_cost(settings: JobSettings, pipeline: str, gpu_tflops: float = 400.0,
-                   load_gb_per_s: float = 2.0) -> ChildRunCost:
+def child_run_cost(settings: JobSettings, pipeline: str, vlm_tflops: float = 120.0, dit_tflops: float = 400.0,
+                   load_gb_per_s: float = 1.3) -> ChildRunCost:
     """Real-scale estimate from the planner (real configs on the meta device), whatever models the job names."""
     report = _real_scale_plan(settings.condition_area)
     models, flops = report["models"], report["flops"]
     weights = models["qwen3_vl"]["bytes_bf16"] + models["qwen25_vl"]["bytes_bf16"]
-    work = flops["qwen3_extraction"]["total"] + flops["qwen25_extraction"]["total"]
+    vlm_work = flops["qwen3_extraction"]["total"] + flops["qwen25_extraction"]["total"]
     if settings.uses_cfg:
-        work *= 2
+        vlm_work += flops["qwen25_extraction"]["total"]  # the negative prompt, Qwen2.5-VL only
+    seconds = vlm_work / (vlm_tflops * 1e12)
     if pipeline == "bulk-edit":
         weights += models["transformer"]["bytes_bf16"] + models["vae"]["bytes_bf16"]
-        work += flops["dit_step"] * settings.steps * (2 if settings.uses_cfg else 1) + flops["bridge"]
-    return ChildRunCost(weights / 1e9 / load_gb_per_s, work / (gpu_tflops * 1e12))
+        dit_work = flops["dit_step"] * settings.steps * (2 if settings.uses_cfg else 1) + flops["bridge"]
+        seconds += dit_work / (dit_tflops * 1e12)
+    return ChildRunCost(weights / 1e9 / load_gb_per_s, seconds)
 
 
 def shards_per_run(shards: int, shard_size: int, workers: int, cost: ChildRunCost,
