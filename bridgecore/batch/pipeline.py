@@ -98,7 +98,10 @@ def _write_job(storage: Storage, rows: list[tuple[str, str, str]]) -> str:
     import pyarrow.parquet as pq
 
     rows = sorted(rows)
-    job = hashlib.sha256("\n".join("\0".join(r) for r in rows).encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for row in rows:  # incrementally: a million rows joined into one string would double the planner's memory
+        digest.update("\0".join(row).encode() + b"\n")
+    job = digest.hexdigest()[:16]
     if not storage.exists(JOBS, f"{job}.parquet"):
         buffer = io.BytesIO()
         pq.write_table(pa.table({"id": [r[0] for r in rows], "input_hash": [r[1] for r in rows],
@@ -184,6 +187,7 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
                 assignment.update({(s.id, s.input_hash): (generation, shard_id) for s in members})
         logger.info("retrying %d failed samples", len(failed))
     rows = [(s.id, s.input_hash, assignment[(s.id, s.input_hash)][1]) for s in samples]
+    del assignment  # the largest structure of planning: free it before the job file is written
     job = _write_job(storage, rows)
     shards = sorted({shard for _, _, shard in rows})
     prints = fingerprints(pipeline, settings)
