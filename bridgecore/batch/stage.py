@@ -75,7 +75,7 @@ class Stage:
     name: ClassVar[str]  # the output folder under OUTPUT
     upstream: ClassVar[tuple[str, ...]] = ()  # stages whose committed shards this one reads
     optional_upstream: ClassVar[tuple[str, ...]] = ()  # read when that stage is enabled for the job
-    layout: ClassVar[str] = "tar"  # "tar": a WebDataset tar per shard; "files": one object per sample
+    layout: ClassVar[str] = "tar"  # "tar": a WebDataset tar per shard; "files": one object per sample; "table": none
     models: ClassVar[tuple[str, ...]] = ()  # large models it uses: 'vlm', 'dit' (others are released first)
     code: ClassVar[tuple[str, ...]] = ()  # library modules (besides the stage's own file) its output depends on
 
