@@ -55,7 +55,8 @@ class StorageUnreachableError(ConnectionError):
     """Storage could not be reached within the retry budget."""
 
 
-def retry_transient(fn: Callable[[], T], budget_s: float | None = None, base_delay: float = 0.5) -> T:
+def retry_transient(fn: Callable[[], T], budget_s: float | None = None, base_delay: float = 0.5,
+                    quiet: bool = False) -> T:
     """Retries `fn` on connection-level errors for up to `budget_s` seconds (default RETRY_SECONDS), with
     exponential backoff capped at 30 s; re-raises anything else at once."""
     budget = RETRY_SECONDS if budget_s is None else budget_s
@@ -68,7 +69,7 @@ def retry_transient(fn: Callable[[], T], budget_s: float | None = None, base_del
             if not is_transient_error(error) or time.monotonic() - start + delay > budget:
                 raise
             attempt += 1
-            logger.warning("storage error (%s), retrying in %.1fs", error, delay)
+            logger.log(logging.DEBUG if quiet else logging.WARNING, "storage error (%s), retrying in %.1fs", error, delay)
             time.sleep(delay)
 
 
@@ -95,13 +96,15 @@ class Storage:
                 os.makedirs(self.root_path, exist_ok=True)
                 return
             bucket = self.root_path.split("/")[0]
-            if not self.fs.exists(bucket):
+            try:  # not fs.exists: s3fs answers False to a connection failure as to a missing bucket
+                self.fs.ls(bucket, refresh=True)
+            except FileNotFoundError:
                 if not create_bucket:
                     raise FileNotFoundError(f"bucket {bucket!r} of {self.root} does not exist: check the name, or "
                                             "pass --create-bucket to create it")
                 self.fs.mkdir(bucket)
         try:
-            retry_transient(make, budget_s=FIRST_CONTACT_SECONDS)
+            retry_transient(make, budget_s=FIRST_CONTACT_SECONDS, quiet=True)  # one clear error says it all
         except Exception as error:  # noqa: BLE001 - connection and credential failures are rephrased
             endpoint = os.environ.get("AWS_ENDPOINT_URL", "the default AWS endpoint")
             if "NoCredentials" in type(error).__name__ or "Unable to locate credentials" in str(error):

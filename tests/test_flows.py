@@ -36,7 +36,7 @@ def data_files(root: Path) -> dict[str, bytes]:
     """Every committed data object (markers and run records carry timestamps, worker names, absolute URLs:
     left out)."""
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and
-            p.parent.name != "_done" and "children" not in p.parts and not p.name.startswith("summary")}
+            p.parent.name != "_done" and "runs" not in p.relative_to(root).parts and not p.name.startswith("summary")}
 
 
 def stage_store(root, stage: str):
