@@ -70,6 +70,62 @@ def build_meta_models() -> dict[str, nn.Module]:
         }
 
 
+# -- Qwen-Image-2.1, the native arm -----------------------------------------------------------------------
+
+# Licences of the model families a user can pick (model cards, 2026-11).
+LICENCES = {
+    "Qwen-Image-Edit (2508), Edit-2509, Edit-2511": "Apache-2.0",
+    "Qwen3-VL-8B-Instruct": "Apache-2.0",
+    "Qwen-Image-2.1": "Qwen Research License (research use; commercial use needs Qwen's permission)",
+}
+# Published sizes of Qwen-Image-2.1 (release notes): DiT, text encoder, VAE parameters; bf16 checkpoint.
+QWEN_IMAGE_21_PUBLISHED = {"transformer": 7.1e9, "text_encoder": 8e9, "vae": 0.34e9, "checkpoint_bytes": 30.9e9}
+QWEN21_TEMPLATE_TOKENS = 34  # system message, <image1> tags and the assistant header (tiny-zoo tokenizer count)
+
+
+def dit21_step_flops(transformer: nn.Module, image_tokens: int, text_tokens: int) -> int:
+    """Matmul FLOPs of one `QwenImage21Transformer2DModel` forward: single-stream blocks over text + image tokens;
+    attention counted in full (its block-causal mask only skips some of it: an upper bound)."""
+
+    def tokens(name: str) -> int:
+        if "modulation" in name or "time_text_embed" in name or name == "norm_out.linear":
+            return 1
+        if name.startswith("txt_in"):
+            return text_tokens
+        if name in ("img_in", "proj_out"):
+            return image_tokens
+        return image_tokens + text_tokens
+
+    config = transformer.config
+    joint = image_tokens + text_tokens
+    attention = _attention_flops(joint, joint, config.num_attention_heads * config.attention_head_dim)
+    return _linear_flops(transformer, tokens) + attention * config.num_layers
+
+
+def qwen_image_21_plan(qwen3: nn.Module, cond_hw: tuple[int, int], instruction_tokens: int) -> dict[str, Any]:
+    """Qwen-Image-2.1 at real size, on the meta device: its DiT and VAE from the diffusers class defaults (no
+    released config ships offline; they reproduce the published sizes), Qwen3-VL-8B as text encoder. FLOPs of
+    one DiT step (condition image + target, prompt with the condition's image tokens), analytic."""
+    from diffusers import AutoencoderKLQwenImage21, QwenImage21Transformer2DModel
+
+    with torch.device("meta"):
+        transformer, vae = QwenImage21Transformer2DModel(), AutoencoderKLQwenImage21()
+    height, width = cond_hw
+    lat_h, lat_w = height // 16, width // 16  # 16x VAE, 64 channels, 1x1 patches: one token per 16x16 px
+    slots = (lat_h // 2) * (lat_w // 2)  # Qwen3-VL: one image token per 32x32 px
+    text_len = QWEN21_TEMPLATE_TOKENS + slots + instruction_tokens
+    image_len = 2 * lat_h * lat_w  # the condition image's latents and the target's
+    flops = dit21_step_flops(transformer, image_len, text_len)
+    models = {"transformer": vars(_plan_model("transformer", transformer)),
+              "text_encoder": vars(_plan_model("text_encoder", qwen3)), "vae": vars(_plan_model("vae", vae))}
+    lm_head = qwen3.lm_head.weight.numel()
+    return {"models": models, "dit_step_flops": flops, "dit_tokens": image_len + text_len,
+            "checkpoint_bytes_bf16": sum(m["bytes_bf16"] for m in models.values()),
+            "checkpoint_bytes_bf16_without_lm_head": sum(m["bytes_bf16"] for m in models.values()) - 2 * lm_head,
+            "published": QWEN_IMAGE_21_PUBLISHED, "licence": LICENCES["Qwen-Image-2.1"],
+            "config_source": "diffusers 0.42 class defaults (provisional; no released config ships offline)"}
+
+
 # -- token counts --------------------------------------------------------------------------------------
 
 
@@ -349,7 +405,10 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
                      "qwen25_patches": g25[0] * g25[1], "qwen25_prompt_embeds": seq25 - REAL_DROP_IDX,
                      "dit_image_tokens": 2 * latent_tokens}, (cond_h, cond_w), 4 * bridge["parameters"]),
         "drop_idx_note": f"{REAL_DROP_IDX} system tokens dropped (real tokenizer, template {EDIT_TEMPLATE[:20]!r}...)",
+        "qwen_image_21": qwen_image_21_plan(models["qwen3_vl"], (cond_h, cond_w), instruction_tokens),
+        "licences": LICENCES,
     }
+    report["qwen_image_21"]["dit_step_flops_vs_edit"] = report["qwen_image_21"]["dit_step_flops"] / dit
     return report
 
 
@@ -381,6 +440,19 @@ def format_plan(report: dict[str, Any]) -> str:
     for row in report["training_memory"]:
         lines.append(f"  {row['resolution']:>4}px  batch {row['batch_size']:>2}: {row['gib']:6.1f} GiB "
                      f"(weights {row['weights_gib']:.1f}, activations {row['activations_gib']:.1f})")
+    native = report.get("qwen_image_21")
+    if native:
+        m = native["models"]
+        lines.append(f"Qwen-Image-2.1 (native Qwen3-VL conditioning; {native['config_source']}):")
+        lines.append(f"  DiT {m['transformer']['parameters'] / 1e9:.3f}B, text encoder (Qwen3-VL-8B) "
+                     f"{m['text_encoder']['parameters'] / 1e9:.3f}B, VAE {m['vae']['parameters'] / 1e9:.3f}B; "
+                     f"bf16 {native['checkpoint_bytes_bf16'] / 1e9:.1f} GB "
+                     f"({native['checkpoint_bytes_bf16_without_lm_head'] / 1e9:.1f} GB without the unused LM head; "
+                     f"published {native['published']['checkpoint_bytes'] / 1e9:.1f} GB)")
+        lines.append(f"  DiT step <= {native['dit_step_flops'] / 1e12:.2f} TFLOP ({native['dit_tokens']} tokens, full "
+                     f"attention counted: an upper bound), {native['dit_step_flops_vs_edit']:.2f}x an Edit DiT step")
+    if report.get("licences"):
+        lines.append("licences: " + "; ".join(f"{family}: {licence}" for family, licence in report["licences"].items()))
     memory = report.get("inference_memory")
     if memory:
         lines.append("inference memory of one edit (weights + peak activations; estimate; fits = <= 95% of the card):")

@@ -110,3 +110,21 @@ def test_training_memory_grows_with_batch_and_resolution(report):
     rows = {(r["resolution"], r["batch_size"]): r["gib"] for r in report["training_memory"]}
     assert rows[(1024, 1)] > 2 * 20.43e9 / 2**30  # at least the frozen bf16 DiT
     assert rows[(1024, 8)] > rows[(1024, 4)] > rows[(1024, 1)] > rows[(512, 1)]
+
+
+def test_qwen_image_21_sizes_match_the_published_ones(report):
+    """Class defaults reproduce Qwen-Image-2.1's published sizes (DiT 7.1B, text encoder 8B, VAE 0.34B, 30.9 GB)."""
+    native = report["qwen_image_21"]
+    published = native["published"]
+    for name in ("transformer", "vae"):
+        assert abs(native["models"][name]["parameters"] / published[name] - 1) < 0.01, name
+    assert 8.0e9 <= native["models"]["text_encoder"]["parameters"] < 9.0e9  # "8B": Qwen3-VL-8B, 8.77B with vision
+    assert abs(native["checkpoint_bytes_bf16_without_lm_head"] / published["checkpoint_bytes"] - 1) < 0.02
+    assert native["dit_step_flops"] > 0 and native["licence"].startswith("Qwen Research License")
+    assert report["licences"]["Qwen-Image-Edit (2508), Edit-2509, Edit-2511"] == "Apache-2.0"
+
+
+def test_plan_prints_the_licences():
+    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "plan"], capture_output=True, text=True, check=True)
+    assert "Qwen-Image-2.1: Qwen Research License" in result.stdout and "Apache-2.0" in result.stdout
+    assert "Qwen-Image-2.1 (native Qwen3-VL conditioning" in result.stdout
