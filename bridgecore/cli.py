@@ -415,6 +415,10 @@ def make_benchmark_command(
     typer.echo(f"wrote {manifest} ({4 * per_capability} samples)")
 
 
+SUMMARY_HEADLINES = {"ocr": "exact_match", "spatial": "direction_accuracy", "detail": "edit_success",
+                     "multi_image": "consistency"}
+
+
 def _local_benchmark(benchmark: str) -> str:
     """A benchmark given as a URL is read from a local copy (its images are opened many times)."""
     import hashlib
@@ -429,11 +433,14 @@ def _local_benchmark(benchmark: str) -> str:
 
 @app.command()
 def evaluate(
-    results: Optional[str] = typer.Argument(None, help="A bulk-edit run (dir or URL) to score; same as --results."),
+    runs: Optional[list[str]] = typer.Argument(None, help="Runs to score (bulk-edit outputs or OUTPUT/runs/RUN "
+                                               "folders, local or URL): one, or several arms compared pairwise."),
     benchmark: str = typer.Option(..., help="Benchmark folder (or URL) written by make-benchmark."),
     editor: Optional[str] = typer.Option(None, help="Score a reference editor instead: oracle, identity or noise."),
     results_option: Optional[str] = typer.Option(None, "--results", help="A bulk-edit run (dir or URL) to score."),
     baseline: Optional[str] = typer.Option(None, help="A baseline run over the same benchmark: paired comparison."),
+    names: Optional[str] = typer.Option(None, help="Comma-separated arm names, in order (default: from each run's "
+                                        "settings: Edit, Edit+bridge, Qwen-Image-2.1)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary JSON here."),
     per_sample: Optional[Path] = typer.Option(None, help="Write per-sample scores (Parquet) here."),
     report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML report here."),
@@ -444,26 +451,43 @@ def evaluate(
 ):
     """Score edits on the capability benchmark: OCR (Tesseract: exact match, CER), spatial (direction,
     position error), detail (SSIM/PSNR outside the edit, small objects), multi-image consistency, each
-    with bootstrap confidence intervals; paired against --baseline when given."""
-    from .evaluation import CapabilityEvaluator, paired_comparison, reference_editor, results_editor
+    with bootstrap confidence intervals. Several runs (arms: e.g. Edit, Edit+bridge, Qwen-Image-2.1 over the
+    same benchmark) are compared pairwise on the same samples (differences with 95% CIs); --baseline RUN is
+    the first arm."""
+    from .evaluation import (
+        CapabilityEvaluator,
+        arm_comparisons,
+        arm_name,
+        paired_comparison,
+        reference_editor,
+        results_editor,
+    )
 
-    run = results_option or results
-    if (editor is None) == (run is None):
-        _fail("give exactly one of --editor oracle|identity|noise or a results run (RESULTS or --results)")
+    arm_runs = ([baseline] if baseline else []) + list(runs or []) + ([results_option] if results_option else [])
+    if (editor is None) == (not arm_runs) or (editor is not None and baseline):
+        _fail("give --editor oracle|identity|noise, or one or more runs (RUNS, --results, --baseline)")
     try:
         benchmark = _local_benchmark(benchmark)
-        main_editor = reference_editor(editor) if editor else results_editor(run)
-        evaluators = {editor or "enhanced": CapabilityEvaluator(benchmark, main_editor)}
-        if baseline:
-            evaluators["baseline"] = CapabilityEvaluator(benchmark, results_editor(baseline))
-    except ValueError as error:
+        labels = [n.strip() for n in names.split(",")] if names else [arm_name(run) for run in arm_runs]
+        if len(labels) != len(arm_runs):
+            raise ValueError(f"--names gives {len(labels)} names for {len(arm_runs)} runs")
+        if baseline and not names:
+            labels[0] = "baseline"
+        labels = [f"{label} ({i + 1})" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
+        evaluators = ({editor: CapabilityEvaluator(benchmark, reference_editor(editor))} if editor else
+                      {label: CapabilityEvaluator(benchmark, results_editor(run)) for label, run in zip(labels, arm_runs)})
+    except (ValueError, OSError) as error:
         _fail(str(error))
     summaries = {name: evaluator.evaluate_all() for name, evaluator in evaluators.items()}
-    output = dict(next(iter(summaries.values())))
+    main = list(summaries)[-1]  # the arm under test: the last one (the first is the baseline)
+    output = dict(summaries[main])
     comparison = None
-    if baseline:
-        comparison = paired_comparison(evaluators["baseline"].per_sample, next(iter(evaluators.values())).per_sample)
-        output["baseline"], output["paired"] = summaries["baseline"], comparison
+    if len(summaries) > 1:
+        output["arms"] = summaries
+        output["pairs"] = arm_comparisons({name: e.per_sample for name, e in evaluators.items()})
+        first = list(evaluators)[0]
+        comparison = paired_comparison(evaluators[first].per_sample, evaluators[main].per_sample)
+        output["baseline"], output["paired"] = summaries[first], comparison
     if read_with_encoders:
         from .evaluation import encoder_reading
         from .extraction import VisionCacheExtractor
@@ -472,18 +496,23 @@ def evaluate(
         output["encoder_reading"] = encoder_reading(benchmark, VisionCacheExtractor(qwen3, edit_model))
         for name, reading in output["encoder_reading"].items():
             typer.echo(f"{name} reads the OCR cards with CER {reading['cer']:.3f}")
-    for capability, values in next(iter(summaries.values())).items():
-        headline = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
-        typer.echo(f"{capability:<12} {headline}")
+    for arm, summary in summaries.items():
+        for capability, values in summary.items():
+            headline = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
+            typer.echo(f"{arm + ':' if len(summaries) > 1 else ''}{capability:<12} {headline}")
+    for pair, values in (output.get("pairs") or {}).items():
+        typer.echo(f"{pair}: " + ", ".join(f"{cap} {v[SUMMARY_HEADLINES[cap]]['difference']:+.3f} "
+                                           f"[{v[SUMMARY_HEADLINES[cap]]['ci'][0]:+.3f}, "
+                                           f"{v[SUMMARY_HEADLINES[cap]]['ci'][1]:+.3f}]" for cap, v in values.items()))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(output, indent=1, ensure_ascii=False))
     if per_sample:
-        next(iter(evaluators.values())).write_per_sample(per_sample)
+        evaluators[main].write_per_sample(per_sample)
     if report:
         from .report import write_report
 
-        write_report(report, evaluators, summaries, comparison)
+        write_report(report, evaluators, summaries, output.get("pairs"))
         typer.echo(f"report: {report}")
 
 

@@ -163,6 +163,27 @@ def paired_comparison(baseline: list[dict], enhanced: list[dict], seed: int = 0)
     return result
 
 
+def arm_comparisons(per_sample: dict[str, list[dict]], seed: int = 0) -> dict[str, dict]:
+    """Every pair of arms (in the given order): `"B - A"` -> `paired_comparison(A, B)`, same samples and seeds."""
+    names = list(per_sample)
+    return {f"{b} - {a}": paired_comparison(per_sample[a], per_sample[b], seed)
+            for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def arm_name(run: str) -> str:
+    """A readable arm name from a run's summary: the editor family, and whether the bridge was on."""
+    from .storage import Storage
+
+    try:
+        settings = json.loads(Storage(run).read_bytes("summary.json")).get("settings", {})
+    except (FileNotFoundError, ValueError):
+        return run.rstrip("/").rsplit("/", 1)[-1]
+    family = settings.get("editor") or ""
+    if "2.1" in family or "2.1" in str(settings.get("edit_model", "")):
+        return "Qwen-Image-2.1"
+    return "Edit+bridge" if settings.get("bridge") else "Edit"
+
+
 # -- reading ability of the encoders themselves (the seed's "text detection" claim, without the DiT) ----
 
 READ_PROMPT = "Read the text in the image. Answer with the text only."

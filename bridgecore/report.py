@@ -1,8 +1,9 @@
 """The evaluation report: one self-contained HTML page (embedded PNGs, no external assets).
 
-Per-capability tables with confidence intervals, bar charts of the headline metrics, the per-language
-OCR chart, the paired baseline-vs-enhanced comparison, and comparison grids (input | baseline |
-enhanced | target) of the best and worst samples of each capability.
+Per-capability tables with confidence intervals for every arm side by side, bar charts of the headline
+metrics, the per-language OCR chart, the paired comparisons of every pair of arms, and comparison grids
+(input | arm 1 | arm 2 | ... | target, e.g. input | Edit | Edit+bridge | Qwen-Image-2.1) of the best and
+worst samples of each capability.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
     from .images import load_image
 
     runs = list(evaluators)
-    main = evaluators[runs[0]]
+    main = evaluators[runs[-1]]  # best and worst of the arm under test (the last)
     rows_by_id = {row["id"]: row for row in main.rows}
     parts = []
     for capability in SUMMARY_FIELDS:
@@ -104,7 +105,7 @@ def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
             sources = [load_image(root / n) for n in (row.get("images") or [row["image"]])]
             target = load_image(root / row["target"])
             panels = [("input", sources[0])]
-            for run in reversed(runs):
+            for run in runs:
                 edited = evaluators[run].editor(row, sources, target)
                 panels.append((run, edited if edited is not None else Image.new("RGB", target.size, (128, 128, 128))))
             panels.append(("target", target))
@@ -114,18 +115,19 @@ def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
 
 
 def write_report(path: str | Path, evaluators: dict[str, CapabilityEvaluator], summaries: dict[str, dict],
-                 comparison: dict | None = None) -> Path:
-    """Writes the HTML page; `evaluators`/`summaries` are keyed by run name (first = the main run)."""
+                 pairs: dict[str, dict] | None = None) -> Path:
+    """Writes the HTML page; `evaluators`/`summaries` are keyed by arm name, in order (the first is the
+    baseline, the last the arm under test); `pairs` maps "B - A" to `paired_comparison(A, B)`."""
     path = Path(path)
     root = next(iter(evaluators.values())).root
     sections = [f"<h2>{cap}</h2>" + _table(cap, summaries) for cap in SUMMARY_FIELDS]
     paired = ""
-    if comparison:
+    for pair, comparison in (pairs or {}).items():
         rows = "".join(f"<tr><td>{cap}</td><td>{name}</td><td>{v['difference']:+.3f}</td>"
                        f"<td>[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]</td></tr>"
                        for cap, metrics in comparison.items() for name, v in metrics.items() if name != "count")
-        paired = ("<h2>Paired comparison (enhanced − baseline, same samples and seeds)</h2>"
-                  f"<table><tr><th>capability</th><th>metric</th><th>difference</th><th>95% CI</th></tr>{rows}</table>")
+        paired += (f"<h2>Paired comparison: {html.escape(pair)} (same samples and seeds)</h2>"
+                   f"<table><tr><th>capability</th><th>metric</th><th>difference</th><th>95% CI</th></tr>{rows}</table>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vision-bridge evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}small{{color:#666}}</style></head>

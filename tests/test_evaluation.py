@@ -143,3 +143,43 @@ def test_encoders_read_the_cards(benchmark, extractor, tmp_path):
     assert set(reading) == {"qwen25_vl", "qwen3_vl"}
     for model in reading.values():
         assert len(model["per_language_cer"]) == 2 and model["cer"] >= 0
+
+
+def test_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny_zoo):
+    """Three arms share one OUTPUT (their caches too); `evaluate RUN_A RUN_B RUN_C` compares every pair on the
+    same samples, and the report shows the arms side by side."""
+    import dataclasses
+
+    from test_pipeline import run_all
+
+    from bridgecore.batch.settings import JobSettings
+
+    small = tmp_path / "bench"
+    make_benchmark(small, per_capability=2, seed=1)
+    base = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2)
+    out = tmp_path / "out"
+    runs = [run_all(str(small / "manifest.jsonl"), str(out), settings)["run"]
+            for settings in (base, dataclasses.replace(base, steps=3), dataclasses.replace(base, seed=7))]
+    assert len(set(runs)) == 3
+    scores, report = tmp_path / "arms.json", tmp_path / "arms.html"
+    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "evaluate",
+                             *(str(out / "runs" / run) for run in runs), "--benchmark", str(small),
+                             "--names", "two steps,three steps,seed 7", "--json", str(scores), "--report", str(report)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    output = json.loads(scores.read_text())
+    assert list(output["arms"]) == ["two steps", "three steps", "seed 7"]
+    assert set(output["pairs"]) == {"three steps - two steps", "seed 7 - two steps", "seed 7 - three steps"}
+    for pair, comparison in output["pairs"].items():
+        b, a = pair.split(" - ")
+        for capability in ("ocr", "detail"):
+            difference = comparison[capability]["cer" if capability == "ocr" else "ssim_outside"]
+            metric = "cer" if capability == "ocr" else "ssim_outside"
+            expected = output["arms"][b][capability][metric] - output["arms"][a][capability][metric]
+            assert abs(difference["difference"] - expected) < 1e-9
+            assert difference["ci"][0] <= difference["difference"] <= difference["ci"][1]
+    # different step counts give different pictures: the arms are really distinct runs
+    assert output["pairs"]["three steps - two steps"]["detail"]["ssim_outside"]["difference"] != 0
+    page = report.read_text()
+    assert all(name in page for name in ("two steps", "three steps", "seed 7", "seed 7 - three steps"))
+    assert "three steps - two steps" in result.stdout
