@@ -6,7 +6,8 @@ DeepStack, Qwen2.5-VL's 28 px tokens (patch 14, merge 2). Everything is seeded, 
 are bit-identical, and nothing touches the network. Loaders read them back through the same
 `from_pretrained` path as real checkpoints.
 
-    vision-bridge tiny-models DIR [--trained]  # DIR/qwen3-vl, DIR/qwen-image-edit, DIR/qwen-image-edit-plus
+    vision-bridge tiny-models DIR [--trained]  # DIR/qwen3-vl, DIR/qwen-image-edit, DIR/qwen-image-edit-plus,
+                                               # DIR/qwen-image-2.1
                                                # (+ DIR/qwen-image-edit-trained: see tiny_edit_model.py)
 """
 
@@ -149,6 +150,13 @@ def _token_ids(tokenizer) -> dict[str, int]:
 
 def build_qwen3_vl(out_dir: Path, sizes: TinySizes = TinySizes()) -> Path:
     """Tiny `Qwen3VLForConditionalGeneration` + `Qwen3VLProcessor` (patch 16, merge 2, DeepStack)."""
+    model, processor = _tiny_qwen3_vl(sizes, sizes.seed)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_qwen3_vl(sizes: TinySizes, seed: int, min_pixels: int = 64 * 32 * 32):
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
@@ -194,21 +202,19 @@ def build_qwen3_vl(out_dir: Path, sizes: TinySizes = TinySizes()) -> Path:
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    torch.manual_seed(sizes.seed)
+    torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config).eval()
     image_processor = Qwen2VLImageProcessor(
         patch_size=16, merge_size=2, temporal_patch_size=2,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-        size={"shortest_edge": 64 * 32 * 32, "longest_edge": 16384 * 32 * 32},
+        size={"shortest_edge": min_pixels, "longest_edge": 16384 * 32 * 32},
     )
     video_processor = Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2)
     processor = Qwen3VLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         chat_template=QWEN3_VL_CHAT_TEMPLATE,
     )
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return model, processor
 
 
 def _tiny_text_encoder(tokenizer, sizes: TinySizes):
@@ -302,12 +308,47 @@ def build_edit_pipeline(out_dir: Path, plus: bool = False, sizes: TinySizes = Ti
     return out_dir
 
 
+def build_qwen_image_21(out_dir: Path, sizes: TinySizes = TinySizes()) -> Path:
+    """Tiny `QwenImage21Pipeline`: a Qwen3-VL text encoder (its own weights: 2.1 ships a fine-tuned one), the
+    single-stream block-causal DiT and the 64-channel, 16x VAE, as in the real pipeline.
+
+    Its processor accepts images from 32x32 px: 2.1 fills one vision slot per 2x2 latent tokens, so the encoder
+    must see the condition image at the size the VAE sees it (the real processor's 256x256 floor is below any
+    real output resolution, but above the tiny tests' 64 px)."""
+    from diffusers import (
+        AutoencoderKLQwenImage21,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImage21Pipeline,
+        QwenImage21Transformer2DModel,
+    )
+
+    text_encoder, processor = _tiny_qwen3_vl(sizes, sizes.seed + 20, min_pixels=32 * 32)
+    torch.manual_seed(sizes.seed + 21)
+    vae = AutoencoderKLQwenImage21(  # four downsamples: 16x spatial, as the real one; z_dim is the DiT's input
+        base_dim=8, decoder_base_dim=8, z_dim=64, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1,
+        latents_mean=[0.0] * 64, latents_std=[1.0] * 64,
+    ).eval()
+    torch.manual_seed(sizes.seed + 22)
+    head_dim = sizes.dit_head_dim
+    transformer = QwenImage21Transformer2DModel(
+        num_layers=sizes.dit_layers, attention_head_dim=head_dim, num_attention_heads=sizes.dit_heads,
+        context_in_dim=sizes.qwen3_text_hidden, axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
+        shift=1.0, use_dynamic_shifting=True,
+    )
+    QwenImage21Pipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, processor=processor,
+                        transformer=transformer).save_pretrained(out_dir)
+    return out_dir
+
+
 TRAINED_EDIT_MODEL = "qwen-image-edit-trained"
 
 
 def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: bool = False, trained: bool = False,
                    trained_recipe=None) -> dict[str, Path]:
-    """Writes the three tiny models under `root`; skips those already present unless `overwrite`.
+    """Writes the four tiny models under `root`; skips those already present unless `overwrite`.
 
     With `trained`, also `qwen-image-edit-trained`: the tiny edit pipeline with its VAE and DiT trained on
     the synthetic edit task (`tiny_edit_model.TinyEditTrainConfig`, or `trained_recipe`), cached like the
@@ -320,6 +361,7 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
         "qwen3-vl": lambda p: build_qwen3_vl(p, sizes),
         "qwen-image-edit": lambda p: build_edit_pipeline(p, plus=False, sizes=sizes),
         "qwen-image-edit-plus": lambda p: build_edit_pipeline(p, plus=True, sizes=sizes),
+        "qwen-image-2.1": lambda p: build_qwen_image_21(p, sizes),
     }
     stamps = {name: {"seed": sizes.seed} for name in targets}
     if trained:
