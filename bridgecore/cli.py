@@ -6,6 +6,7 @@ Orchestration (Prefect) is imported lazily, inside the commands that need it, so
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -69,14 +70,19 @@ def _banner(message: str) -> None:
 
 
 def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False,
-                    trained: bool = False) -> tuple[str, str]:
+                    trained: bool = False, editor: str = "auto") -> tuple[str, str]:
     """The requested models; with none requested, the real defaults if already on this machine (local files or
     the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly). `trained`
-    picks the zoo's trained tiny edit model (single-image) instead of the random one."""
-    from .loading import DEFAULT_EDIT_PLUS_MODEL, resolve_model
+    picks the zoo's trained tiny edit model (single-image) instead of the random one; `editor` names the
+    family whose default edit model is wanted (e.g. qwen-image-2.1)."""
+    from .loading import DEFAULT_MODEL_OF_FAMILY, resolve_model
     from .tiny_zoo import build_tiny_zoo
 
-    default_edit = DEFAULT_EDIT_PLUS_MODEL if plus else DEFAULT_EDIT_MODEL
+    family = editor if editor != "auto" else "qwen-image-edit-plus" if plus else "qwen-image-edit"
+    if family not in DEFAULT_MODEL_OF_FAMILY:
+        _fail(f"--editor must be auto, {', '.join(DEFAULT_MODEL_OF_FAMILY)}; got {editor!r}")
+    plus = family == "qwen-image-edit-plus"
+    default_edit = DEFAULT_MODEL_OF_FAMILY[family]
     if qwen3 is not None and edit_model is not None:
         return qwen3, edit_model
     try:
@@ -84,7 +90,7 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
         resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"], local_only=True)
         return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
     except ModelNotAvailableError as error:
-        trained = trained and not plus
+        trained = trained and family == "qwen-image-edit"
         zoo = build_tiny_zoo(TINY_ZOO_DIR, trained=trained)
         what = ("Outputs are meaningless pictures that only prove the machinery runs." if not trained else
                 "The edit model's VAE and DiT are trained (on CPU) on ONE synthetic task, 'Make the <shape> <colour>': "
@@ -95,13 +101,15 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
             f"Reason: {error}\nPass --qwen3 and --edit-model (hub ids or local directories) "
             "to use real models."
         )
-        tiny_edit = zoo["qwen-image-edit-plus" if plus else "qwen-image-edit-trained" if trained else "qwen-image-edit"]
+        tiny_edit = zoo["qwen-image-2.1" if family == "qwen-image-2.1" else "qwen-image-edit-plus" if plus else
+                        "qwen-image-edit-trained" if trained else "qwen-image-edit"]
         return qwen3 or str(zoo["qwen3-vl"]), edit_model or str(tiny_edit)
 
 
 @app.command("tiny-models")
 def tiny_models(
-    out_dir: Path = typer.Argument(..., help="Directory to write qwen3-vl/, qwen-image-edit/, qwen-image-edit-plus/ into."),
+    out_dir: Path = typer.Argument(..., help="Directory to write qwen3-vl/, qwen-image-edit/, qwen-image-edit-plus/, "
+                                   "qwen-image-2.1/ into."),
     overwrite: bool = typer.Option(False, help="Rebuild models that already exist."),
     trained: bool = typer.Option(False, help="Also write qwen-image-edit-trained/: the tiny edit pipeline with its VAE "
                                  "and DiT trained on CPU (about a minute or two, seeded) on a synthetic edit task whose "
@@ -207,6 +215,9 @@ def edit(
     baseline: bool = typer.Option(False, "--baseline", help="Plain Qwen-Image-Edit (M-RoPE-correct embeddings), no Qwen3-VL."),
     qwen3: Optional[str] = typer.Option(None, help=f"Qwen3-VL hub id or directory [default: {DEFAULT_QWEN3_MODEL}]."),
     edit_model: Optional[str] = typer.Option(None, help=f"Edit pipeline hub id or directory [default: {DEFAULT_EDIT_MODEL}]."),
+    editor: str = typer.Option("auto", help="Editor family: auto (from the edit model), qwen-image-edit, "
+                               "qwen-image-edit-plus, or qwen-image-2.1 (Qwen-Image-2.1: its own Qwen3-VL "
+                               "conditioning, no bridge, 40 steps by default)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 50, or a Lightning LoRA's 4/8]."),
     seed: int = typer.Option(0, help="Noise seed."),
     cfg: float = typer.Option(4.0, help="true_cfg_scale; acts only with --negative-prompt."),
@@ -230,11 +241,36 @@ def edit(
     dit_offload: bool = typer.Option(False, help="Stream the DiT's blocks from host RAM (cards with less memory than "
                                      "the 38 GiB bf16 DiT; see `vision-bridge plan` for the peak per mode)."),
 ):
-    """Edit one sample with Qwen-Image-Edit, its conditioning enhanced by Qwen3-VL through the bridge."""
+    """Edit one sample with Qwen-Image-Edit, its conditioning enhanced by Qwen3-VL through the bridge (or with
+    Qwen-Image-2.1, the native arm: --editor qwen-image-2.1)."""
     from .edit_pipeline import EnhancedQwenImageEdit
-    from .images import ImageLoadError
+    from .images import ImageLoadError, load_image
+    from .loading import editor_family
 
-    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1)
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, editor=editor)
+    try:
+        family = editor_family(edit_model)
+        if editor != "auto" and family != editor:
+            raise ValueError(f"--editor {editor}, but {edit_model} is a {family} pipeline")
+    except (ValueError, ModelNotAvailableError) as error:
+        _fail(str(error))
+    if family == "qwen-image-2.1":
+        from .native21 import NativeQwenImage21
+
+        if bridge or baseline or compare_path or negative_prompt or lora or compile or attention_backend or dit_offload:
+            _fail("Qwen-Image-2.1 (the native arm) takes no --bridge, --baseline, --compare, --negative-prompt or "
+                  "speed options: it reads Qwen3-VL itself and is sampled without CFG")
+        try:
+            native = NativeQwenImage21(edit_model, device=device, condition_area=condition_area,
+                                       load_in_8bit=load_in_8bit)
+            result = native.generate([load_image(uri) for uri in images], prompt, seed=seed,
+                                     steps=40 if steps is None else steps)
+        except (ImageLoadError, ModelNotAvailableError, ValueError, FileNotFoundError) as error:
+            _fail(str(error))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.save(out)
+        typer.echo(f"wrote {out} (Qwen-Image-2.1)")
+        return
     try:
         editor = EnhancedQwenImageEdit(edit_model, qwen3, bridge=bridge, device=device, condition_area=condition_area,
                                        one_model_at_a_time=one_model_at_a_time, load_in_8bit=load_in_8bit, lora=lora,
@@ -270,6 +306,9 @@ def bulk_edit(
     edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
     bridge: Optional[str] = typer.Option(None, help="Trained bridge directory (default: untrained = baseline)."),
     multi_image: bool = typer.Option(False, help="Samples have several images: use the Edit-Plus pipeline."),
+    editor: str = typer.Option("auto", help="Editor family: auto (from the edit model's model_index.json), "
+                               "qwen-image-edit, qwen-image-edit-plus, or qwen-image-2.1 (the native arm: Qwen-Image-2.1 "
+                               "reads Qwen3-VL itself; no bridge; default model Qwen/Qwen-Image-2.1, 40 steps)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 50, or what a Lightning LoRA needs]."),
     seed: int = typer.Option(0, help="Job seed; each sample's noise seed derives from it and the sample id."),
     cfg: float = typer.Option(1.0, help="true_cfg_scale; > 1 also encodes --negative-prompt (twice the DiT work)."),
@@ -298,14 +337,17 @@ def bulk_edit(
     from .batch.settings import JobSettings
     from .speed import default_steps, parse_loras, resolve_scheduler
 
-    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image)
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, editor=editor)
     try:
         loras = parse_loras(lora)
-        steps = steps if steps is not None else default_steps(loras, resolve_scheduler(scheduler, loras))
         speed = dict(load_in_8bit=load_in_8bit, lora=tuple(lora or ()), scheduler=scheduler, compile=compile,
                      attention_backend=attention_backend, dit_offload=dit_offload)
-        settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
-                               cfg=cfg, negative_prompt=negative_prompt, **speed)
+        settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, 50, seed, batch_size,
+                               cfg=cfg, negative_prompt=negative_prompt, editor=editor, **speed)
+        settings.check_editor()
+        if steps is None:  # 2.1's own default is 40; Qwen-Image-Edit's 50, or what a Lightning LoRA needs
+            steps = 40 if settings.native else default_steps(loras, resolve_scheduler(scheduler, loras))
+        settings = dataclasses.replace(settings, steps=steps)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")
     except ValueError as error:
@@ -334,7 +376,7 @@ def bulk_edit(
                                      bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps,
                                      seed=seed, cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
                                      batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
-                                     create_bucket=create_bucket, **{**speed, "lora": list(speed["lora"])})
+                                     create_bucket=create_bucket, editor=editor, **{**speed, "lora": list(speed["lora"])})
     except _user_errors() as error:
         _fail(str(error))
     counts = summary["counts"]

@@ -178,8 +178,15 @@ def arm_name(run: str) -> str:
         settings = json.loads(Storage(run).read_bytes("summary.json")).get("settings", {})
     except (FileNotFoundError, ValueError):
         return run.rstrip("/").rsplit("/", 1)[-1]
-    family = settings.get("editor") or ""
-    if "2.1" in family or "2.1" in str(settings.get("edit_model", "")):
+    family = settings.get("editor") or "auto"
+    if family == "auto":
+        from .loading import ModelNotAvailableError, editor_family
+
+        try:
+            family = editor_family(settings["edit_model"])
+        except (KeyError, ValueError, ModelNotAvailableError):  # the model is not on this machine: its name decides
+            family = "qwen-image-2.1" if "2.1" in str(settings.get("edit_model", "")) else "qwen-image-edit"
+    if family == "qwen-image-2.1":
         return "Qwen-Image-2.1"
     return "Edit+bridge" if settings.get("bridge") else "Edit"
 

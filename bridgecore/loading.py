@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_QWEN3_MODEL = "Qwen/Qwen3-VL-8B-Instruct"
 DEFAULT_EDIT_MODEL = "Qwen/Qwen-Image-Edit"
 DEFAULT_EDIT_PLUS_MODEL = "Qwen/Qwen-Image-Edit-2509"
+DEFAULT_QWEN_IMAGE_21_MODEL = "Qwen/Qwen-Image-2.1"
+
+# Editor families by the pipeline class in model_index.json.
+EDITOR_FAMILIES = {"QwenImageEditPipeline": "qwen-image-edit", "QwenImageEditPlusPipeline": "qwen-image-edit-plus",
+                   "QwenImage21Pipeline": "qwen-image-2.1"}
+DEFAULT_MODEL_OF_FAMILY = {"qwen-image-edit": DEFAULT_EDIT_MODEL, "qwen-image-edit-plus": DEFAULT_EDIT_PLUS_MODEL,
+                           "qwen-image-2.1": DEFAULT_QWEN_IMAGE_21_MODEL}
 
 # What extraction needs from an edit-pipeline repository: not the 40 GB DiT.
 EDIT_ENCODER_FILES = ["model_index.json", "text_encoder/*", "processor/*", "tokenizer/*"]
@@ -153,6 +160,15 @@ def pipeline_class_name(resolved: ResolvedModel) -> str:
     if not index.exists():
         raise ModelNotAvailableError(f"model {resolved.name!r}: {index} is missing; is this a diffusers pipeline?")
     return json.loads(index.read_text())["_class_name"]
+
+
+def editor_family(name: str) -> str:
+    """'qwen-image-edit', 'qwen-image-edit-plus' or 'qwen-image-2.1', from the pipeline's model_index.json only."""
+    resolved = resolve_model(name, allow_patterns=["model_index.json"])
+    class_name = pipeline_class_name(resolved)
+    if class_name not in EDITOR_FAMILIES:
+        raise ValueError(f"edit model {name!r} is a {class_name}; supported: {', '.join(EDITOR_FAMILIES)}")
+    return EDITOR_FAMILIES[class_name]
 
 
 def _return_freed_memory_to_os() -> None:

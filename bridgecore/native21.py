@@ -106,6 +106,11 @@ class NativeQwenImage21:
 
     # -- conditioning ---------------------------------------------------------------------------------------
 
+    def prompt_tokens(self, prompt: str) -> int:
+        """Tokens of an instruction under 2.1's tokenizer (the guard against runaway prompts)."""
+        tokenizer = self._encoder.get().processor.tokenizer
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
     def encode(self, images: list[Image.Image], prompt: str) -> dict[str, torch.Tensor]:
         """One sample's conditioning, as `encode_prompt` computes it: {key: tensor} under `CACHE_KEYS`, on CPU
         (prompt_embeds [L, D], prompt_embeds_mask [L] int64, image_pad_mask [L] bool)."""

@@ -1,7 +1,8 @@
 """Flow `build-caches`: extraction only, incremental (new or changed inputs only); meant for a nightly cron.
 
 The caches it writes (`OUTPUT/caches/<fingerprint>/`) feed the bulk-edit runs with the same models and
-condition area, and the bridge training.
+condition area, and the bridge training. With a Qwen-Image-2.1 `edit_model` it builds that model's own
+conditioning instead (`OUTPUT/qwen21-caches/<fingerprint>/`), for the native arm.
 """
 
 from __future__ import annotations

@@ -145,41 +145,52 @@ def test_encoders_read_the_cards(benchmark, extractor, tmp_path):
         assert len(model["per_language_cer"]) == 2 and model["cer"] >= 0
 
 
-def test_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny_zoo):
-    """Three arms share one OUTPUT (their caches too); `evaluate RUN_A RUN_B RUN_C` compares every pair on the
-    same samples, and the report shows the arms side by side."""
+def test_three_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny_zoo):
+    """Edit, Edit+bridge and Qwen-Image-2.1 share one OUTPUT (the bridge arm reuses the Edit arm's caches);
+    `evaluate RUN_A RUN_B RUN_C` names the arms from their settings, compares every pair on the same samples,
+    and the report shows them side by side."""
     import dataclasses
 
+    import torch
+    from conftest import make_image
     from test_pipeline import run_all
 
-    from bridgecore.batch.settings import JobSettings
+    from bridgecore.batch.settings import JobSettings, ModelPool
+    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
 
     small = tmp_path / "bench"
     make_benchmark(small, per_capability=2, seed=1)
-    base = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2)
+    edit = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2)
+    cache = ModelPool(edit).extractor.extract([[make_image()]], ["x"])[0]
+    torch.manual_seed(0)
+    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16))
+    with torch.no_grad():
+        for parameter in bridge.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        bridge.gate.fill_(0.5)
+    bridge.save_pretrained(tmp_path / "bridge")
+    arms = (edit, dataclasses.replace(edit, bridge=str(tmp_path / "bridge")),
+            dataclasses.replace(edit, edit_model=str(tiny_zoo["qwen-image-2.1"])))
     out = tmp_path / "out"
-    runs = [run_all(str(small / "manifest.jsonl"), str(out), settings)["run"]
-            for settings in (base, dataclasses.replace(base, steps=3), dataclasses.replace(base, seed=7))]
-    assert len(set(runs)) == 3
+    runs = [run_all(str(small / "manifest.jsonl"), str(out), settings)["run"] for settings in arms]
     scores, report = tmp_path / "arms.json", tmp_path / "arms.html"
     result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "evaluate",
                              *(str(out / "runs" / run) for run in runs), "--benchmark", str(small),
-                             "--names", "two steps,three steps,seed 7", "--json", str(scores), "--report", str(report)],
-                            capture_output=True, text=True)
+                             "--json", str(scores), "--report", str(report)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     output = json.loads(scores.read_text())
-    assert list(output["arms"]) == ["two steps", "three steps", "seed 7"]
-    assert set(output["pairs"]) == {"three steps - two steps", "seed 7 - two steps", "seed 7 - three steps"}
+    assert list(output["arms"]) == ["Edit", "Edit+bridge", "Qwen-Image-2.1"]
+    assert set(output["pairs"]) == {"Edit+bridge - Edit", "Qwen-Image-2.1 - Edit", "Qwen-Image-2.1 - Edit+bridge"}
     for pair, comparison in output["pairs"].items():
         b, a = pair.split(" - ")
-        for capability in ("ocr", "detail"):
-            difference = comparison[capability]["cer" if capability == "ocr" else "ssim_outside"]
-            metric = "cer" if capability == "ocr" else "ssim_outside"
+        for capability, metric in (("ocr", "cer"), ("detail", "ssim_outside")):
+            difference = comparison[capability][metric]
             expected = output["arms"][b][capability][metric] - output["arms"][a][capability][metric]
             assert abs(difference["difference"] - expected) < 1e-9
             assert difference["ci"][0] <= difference["difference"] <= difference["ci"][1]
-    # different step counts give different pictures: the arms are really distinct runs
-    assert output["pairs"]["three steps - two steps"]["detail"]["ssim_outside"]["difference"] != 0
+    # the arms are really different editors: their pictures differ
+    assert output["pairs"]["Edit+bridge - Edit"]["detail"]["ssim_outside"]["difference"] != 0
+    assert output["pairs"]["Qwen-Image-2.1 - Edit"]["detail"]["ssim_outside"]["difference"] != 0
     page = report.read_text()
-    assert all(name in page for name in ("two steps", "three steps", "seed 7", "seed 7 - three steps"))
-    assert "three steps - two steps" in result.stdout
+    assert all(name in page for name in ("Edit+bridge", "Qwen-Image-2.1 - Edit+bridge", "<th>Qwen-Image-2.1</th>"))
+    assert "Qwen-Image-2.1 - Edit:" in result.stdout

@@ -1,6 +1,8 @@
 """Qwen-Image-2.1, the native arm: cached conditioning equals diffusers' own `encode_prompt`, and an edit
 from the cache equals the pipeline's own call."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -63,3 +65,88 @@ def test_edit_never_loads_the_text_encoder(tiny_zoo):
     assert not native._encoder.loaded and native._pipe.get().text_encoder is None
     with pytest.raises(ValueError, match="different set of images"):
         native.edit(images * 2, conditioning, seed=0, steps=STEPS)
+
+
+def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
+    """bulk-edit with Qwen-Image-2.1 beside an Edit run in one OUTPUT: its own stages, cached conditioning equal
+    to the encoder's, edits equal to the pipeline's own call, and a second run that reruns only what changed."""
+    from dataclasses import replace
+
+    from PIL import Image
+    from safetensors.torch import load as load_tensors
+    from test_pipeline import make_inputs, run_all
+
+    from bridgecore.batch.pipeline import STAGES, fingerprints
+    from bridgecore.batch.settings import JobSettings, ModelPool
+    from bridgecore.batch.sharding import sample_seed
+    from bridgecore.storage import Storage
+
+    manifest, out = make_inputs(tmp_path / "in", n=3), str(tmp_path / "out")
+    edit = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA, steps=STEPS)
+    native = replace(edit, edit_model=str(tiny_zoo["qwen-image-2.1"]))
+    run_all(manifest, out, edit)
+    assert set(fingerprints("bulk-edit", native)) == {"qwen21-caches", "qwen21-edits", "metrics"}
+    before = ModelPool.counts()
+    summary = run_all(manifest, out, native)
+    after = ModelPool.counts()
+    assert summary["counts"] == {"done": 3, "failed": 6, "pending": 0}
+    assert after["qwen21_encodes"] - before["qwen21_encodes"] == 3
+    assert after["vlm_forwards"] == before["vlm_forwards"]  # the bridge's VLMs do not run for the native arm
+
+    prints = fingerprints("bulk-edit", native)
+    storage = Storage(out)
+    reference = NativeQwenImage21(str(tiny_zoo["qwen-image-2.1"]), device="cpu", condition_area=AREA)
+    done = [row for row in summary_rows(out) if row["status"] == "done"]
+    for row in done[:2]:
+        contents = STAGES["qwen21-caches"].store(storage, prints["qwen21-caches"]).read(row["shard"])
+        cached = load_tensors(contents.payloads[row["id"]]["safetensors"])
+        sample = next(s for s in load_samples(storage, row["shard"]) if s.id == row["id"])
+        images = [Image.open(uri).convert("RGB") for uri in sample.images]
+        expected = reference.encode(images, sample.instruction)
+        for key, value in expected.items():
+            torch.testing.assert_close(cached[key], value, atol=1e-5, rtol=0)
+        edited = np.asarray(Image.open(row["output"]))
+        own = reference.generate(images, sample.instruction, seed=sample_seed(native.seed, sample.id), steps=STEPS)
+        np.testing.assert_array_equal(edited, np.asarray(own))
+        assert row["metrics"] and "psnr_vs_source" in json.loads(row["metrics"])
+
+    def delta(settings):
+        before = ModelPool.counts()
+        run_all(manifest, out, settings)
+        after = ModelPool.counts()
+        return {key: after[key] - before[key] for key in ("qwen21_encodes", "qwen21_edits", "vlm_forwards")}
+
+    assert delta(native) == {"qwen21_encodes": 0, "qwen21_edits": 0, "vlm_forwards": 0}
+    assert delta(replace(native, steps=3)) == {"qwen21_encodes": 0, "qwen21_edits": 3, "vlm_forwards": 0}
+    assert delta(edit) == {"qwen21_encodes": 0, "qwen21_edits": 0, "vlm_forwards": 0}  # the Edit arm is untouched
+
+
+def summary_rows(out):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(f"{out}/summary.parquet").to_pylist()
+
+
+def load_samples(storage, shard):
+    from bridgecore.batch.sharding import load_plan
+
+    return load_plan(storage, shard)
+
+
+def test_native_arm_refuses_what_it_cannot_do(tiny_zoo, tmp_path):
+    from dataclasses import replace
+
+    from bridgecore.batch.pipeline import plan_job
+    from bridgecore.batch.settings import JobSettings
+
+    edit = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA)
+    native = replace(edit, edit_model=str(tiny_zoo["qwen-image-2.1"]))
+    with pytest.raises(ValueError, match="is a qwen-image-edit pipeline"):
+        replace(edit, editor="qwen-image-2.1").check_editor()
+    with pytest.raises(ValueError, match="runs without bridge, cfg"):
+        replace(native, bridge="somewhere", cfg=4.0).check_editor()
+    with pytest.raises(ValueError, match="editor must be one of"):
+        replace(native, editor="qwen-image-3")
+    with pytest.raises(ValueError, match="no bridge to train"):
+        plan_job(str(tmp_path), str(tmp_path / "out"), native, "training-data")
+    replace(native, editor="qwen-image-2.1").check_editor()  # named and matching: fine

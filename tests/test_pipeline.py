@@ -309,7 +309,8 @@ def test_fingerprints_need_only_config_files(tmp_path, monkeypatch):
         (folder / "refs").mkdir(parents=True)
         (folder / "refs" / "main").write_text(repo[0] * 40)
         (folder / "snapshots" / (repo[0] * 40)).mkdir(parents=True)
-        (folder / "snapshots" / (repo[0] * 40) / config).write_text("{}")
+        (folder / "snapshots" / (repo[0] * 40) / config).write_text(
+            json.dumps({"_class_name": "QwenImageEditPipeline"} if repo == "edit" else {}))
     model_revision.cache_clear()
     settings = JobSettings("org/qwen3", "org/edit")
     prints = fingerprints("bulk-edit", settings)

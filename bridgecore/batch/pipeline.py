@@ -1,7 +1,8 @@
 """The pipelines, their fingerprints, and the one executor every caller uses.
 
     PIPELINES["bulk-edit"]     caches -> negatives (cfg > 1 only) -> fused -> edits -> metrics
-    PIPELINES["build-caches"]  caches
+                               Qwen-Image-2.1 (the native arm): qwen21-caches -> qwen21-edits -> metrics
+    PIPELINES["build-caches"]  caches (Qwen-Image-2.1: qwen21-caches)
     PIPELINES["training-data"] caches, latents
 
 A stage's fingerprint hashes exactly what its output depends on: its settings (model revisions
@@ -35,16 +36,20 @@ from .stages.evaluate import EvaluateStage
 from .stages.extract import ExtractStage
 from .stages.fuse import FuseStage
 from .stages.latents import LatentsStage
+from .stages.native_edit import NativeEditStage
+from .stages.native_extract import NativeExtractStage
 from .stages.negatives import NegativesStage
 
 logger = logging.getLogger(__name__)
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    ExtractStage(), NegativesStage(), FuseStage(), EditStage(), EvaluateStage(), LatentsStage())}
+    ExtractStage(), NegativesStage(), FuseStage(), EditStage(), NativeExtractStage(), NativeEditStage(),
+    EvaluateStage(), LatentsStage())}
 
+# Each stage's `enabled(settings)` picks the branch: the editor family, CFG.
 PIPELINES: dict[str, tuple[str, ...]] = {
-    "bulk-edit": ("caches", "negatives", "fused", "edits", "metrics"),
-    "build-caches": ("caches",),
+    "bulk-edit": ("caches", "negatives", "fused", "edits", "qwen21-caches", "qwen21-edits", "metrics"),
+    "build-caches": ("caches", "qwen21-caches"),
     "training-data": ("caches", "latents"),
 }
 
@@ -164,6 +169,10 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
     Shards already planned are reused whatever the settings, so caches are shared between settings;
     `retry_failed` moves the samples that failed under these settings into new (retry) shards.
     """
+    settings.check_editor()
+    if pipeline == "training-data" and settings.native:
+        raise ValueError("the bridge is trained for Qwen-Image-Edit's conditioning; Qwen-Image-2.1 reads Qwen3-VL "
+                         "natively and has no bridge to train")
     storage = Storage(output_uri)
     storage.ensure_root(create_bucket)
     samples = read_inputs(input_uri, prompt)

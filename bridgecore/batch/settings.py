@@ -17,6 +17,14 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 UNTRAINED_BRIDGE = "untrained"
+EDITORS = ("auto", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-2.1")
+
+
+@functools.lru_cache(maxsize=16)
+def _family_of(edit_model: str) -> str:
+    from ..loading import editor_family
+
+    return editor_family(edit_model)
 
 
 @functools.lru_cache(maxsize=16)
@@ -58,6 +66,9 @@ class JobSettings:
     compile: bool = False
     attention_backend: str | None = None
     dit_offload: bool = False
+    # editor family: auto (from the edit model's model_index.json), qwen-image-edit, qwen-image-edit-plus,
+    # qwen-image-2.1 (the native arm: its own Qwen3-VL text encoder, no bridge)
+    editor: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(self.lora or ()))  # JSON brings a list
@@ -70,6 +81,35 @@ class JobSettings:
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
+        if self.editor not in EDITORS:
+            raise ValueError(f"editor must be one of {', '.join(EDITORS)}; got {self.editor!r}")
+
+    @property
+    def family(self) -> str:
+        """The edit model's family, read from its model_index.json (config only, never weights)."""
+        return _family_of(self.edit_model)
+
+    @property
+    def native(self) -> bool:
+        """Qwen-Image-2.1: stages qwen21-caches and qwen21-edits replace caches, fused and edits."""
+        return self.family == "qwen-image-2.1"
+
+    def check_editor(self) -> None:
+        """The named family matches the model, and the options make sense for it (called before any work)."""
+        family = self.family
+        if self.editor != "auto" and self.editor != family:
+            raise ValueError(f"--editor {self.editor}, but {self.edit_model} is a {family} pipeline: pass "
+                             f"--edit-model with a {self.editor} model (or leave --editor out)")
+        if family == "qwen-image-2.1":
+            unsupported = [name for name, value, default in [
+                ("bridge", self.bridge, None), ("cfg", self.cfg, 1.0), ("lora", self.lora, ()),
+                ("scheduler", self.scheduler, "auto"), ("compile", self.compile, False),
+                ("attention_backend", self.attention_backend, None), ("dit_offload", self.dit_offload, False)]
+                if value != default]
+            if unsupported:
+                raise ValueError(f"Qwen-Image-2.1 (the native arm) runs without {', '.join(unsupported)}: the bridge "
+                                 "corrects Qwen-Image-Edit's conditioning, 2.1 is sampled without CFG, and the speed "
+                                 "options are wired for Qwen-Image-Edit's DiT only")
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "JobSettings":
@@ -136,6 +176,20 @@ class ModelPool:
     def extractor(self):
         return self.editor.extractor
 
+    _natives: dict[tuple, Any] = {}
+
+    @property
+    def native(self):
+        """The `NativeQwenImage21` for these settings (its text encoder and DiT load separately, lazily)."""
+        from ..native21 import NativeQwenImage21
+
+        s = self.settings
+        key = (s.edit_model, s.revision(s.edit_model), s.device, s.condition_area, s.load_in_8bit)
+        if key not in self._natives:
+            self._natives[key] = NativeQwenImage21(s.edit_model, device=s.device, condition_area=s.condition_area,
+                                                   load_in_8bit=s.load_in_8bit)
+        return self._natives[key]
+
     def release(self, keep: tuple[str, ...]) -> None:
         """Frees the large models a coming stage does not use ('vlm', 'dit'), so one GPU holds one kind."""
         for editor in self._editors.values():
@@ -143,12 +197,21 @@ class ModelPool:
                 editor.extractor.unload()
             if "dit" not in keep:
                 editor._pipe.unload()
+        for native in self._natives.values():
+            if "vlm" not in keep:
+                native.unload_encoder()
+            if "dit" not in keep:
+                native.unload_pipeline()
 
     @classmethod
     def counts(cls) -> dict[str, int]:
         """Model forwards and loads in this process so far: proves what cached work skipped."""
-        editors = cls._editors.values()
-        return {"vlm_forwards": sum(e.extractor.forward_count for e in editors),
+        editors, natives = cls._editors.values(), cls._natives.values()
+        return {"qwen21_encodes": sum(n.encode_count for n in natives),
+                "qwen21_edits": sum(n.edit_count for n in natives),
+                "qwen21_encoder_loads": sum(n._encoder.load_count for n in natives),
+                "qwen21_pipeline_loads": sum(n._pipe.load_count for n in natives),
+                "vlm_forwards": sum(e.extractor.forward_count for e in editors),
                 "dit_calls": sum(e.dit_calls for e in editors),
                 "qwen3_loads": sum(e.extractor._qwen3.load_count for e in editors),
                 "qwen25_loads": sum(e.extractor._qwen25.load_count for e in editors),

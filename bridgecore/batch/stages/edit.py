@@ -30,6 +30,9 @@ class EditStage(Stage):
     models = ("dit",)
     code = ("edit_pipeline", "edit_prompt", "images")
 
+    def enabled(self, settings: JobSettings) -> bool:
+        return not settings.native
+
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0,

@@ -33,7 +33,7 @@ def basic_metrics(edited: "Image.Image", source: "Image.Image", target: "Image.I
 
 class EvaluateStage(Stage):
     name = "metrics"
-    upstream = ("edits",)
+    optional_upstream = ("edits", "qwen21-edits")  # whichever editor family made the edits
     layout = "table"
     code = ("capability_metrics", "images")
 
@@ -44,7 +44,8 @@ class EvaluateStage(Stage):
         results = []
         for item in items:
             sample = item.sample
-            edited = decode_image(item.upstream["edits"]["png"], f"edit of {sample.id}")
+            edits = item.upstream.get("edits") or item.upstream["qwen21-edits"]
+            edited = decode_image(edits["png"], f"edit of {sample.id}")
             sources = [load_image(uri) for uri in sample.images]
             target = load_image(sample.target) if sample.target else None
             metrics = basic_metrics(edited, sources[0], target)

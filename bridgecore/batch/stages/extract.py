@@ -36,6 +36,9 @@ class ExtractStage(Stage):
     models = ("vlm",)
     code = ("extraction", "edit_prompt", "cache_format", "images")
 
+    def enabled(self, settings: JobSettings) -> bool:
+        return not settings.native  # Qwen-Image-2.1 reads its own conditioning (stage qwen21-caches)
+
     def settings_of(self, settings: JobSettings) -> dict:
         return {"qwen3_model": settings.qwen3_model, "qwen3_revision": settings.revision(settings.qwen3_model),
                 "edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),

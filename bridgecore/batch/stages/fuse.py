@@ -47,6 +47,9 @@ class FuseStage(Stage):
     optional_upstream = ("negatives",)
     code = ("bridge", "cache_format")
 
+    def enabled(self, settings: JobSettings) -> bool:
+        return not settings.native
+
     def settings_of(self, settings: JobSettings) -> dict:
         return {"bridge": settings.bridge, "bridge_checksum": settings.bridge_checksum}
 

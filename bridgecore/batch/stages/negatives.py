@@ -20,7 +20,7 @@ class NegativesStage(ExtractStage):
     code = ExtractStage.code + ("batch.stages.extract",)
 
     def enabled(self, settings: JobSettings) -> bool:
-        return settings.uses_cfg
+        return settings.uses_cfg and not settings.native
 
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),

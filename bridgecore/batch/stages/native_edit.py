@@ -1,0 +1,46 @@
+"""Stage `qwen21-edits`: Qwen-Image-2.1's cached conditioning + the condition images -> edited PNGs (GPU).
+
+Only 2.1's DiT and VAE run here (its text encoder never loads). One sample per call: the pipeline takes
+one image set per call. Each sample keeps its own noise seed, derived from the job seed and its id, as
+in the `edits` stage, so the arms of a comparison see the same seeds.
+"""
+
+from __future__ import annotations
+
+from ..records import SampleResult
+from ..settings import JobSettings
+from ..sharding import sample_seed
+from ..stage import Stage, StageContext, StageItem
+from .edit import png_bytes
+from .extract import read_images
+
+
+class NativeEditStage(Stage):
+    name = "qwen21-edits"
+    upstream = ("qwen21-caches",)
+    layout = "files"
+    models = ("dit",)
+    code = ("native21", "images", "batch.stages.edit")
+
+    def enabled(self, settings: JobSettings) -> bool:
+        return settings.native
+
+    def batch_size(self, settings: JobSettings) -> int:
+        return 1
+
+    def settings_of(self, settings: JobSettings) -> dict:
+        return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
+                "condition_area": settings.condition_area, "steps": settings.steps, "seed": settings.seed}
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from safetensors.torch import load as load_tensors
+
+        ready, results = read_images(items)
+        for item, images in ready:
+            conditioning = load_tensors(item.upstream["qwen21-caches"]["safetensors"])
+            image = ctx.models.native.edit(images, conditioning, sample_seed(ctx.settings.seed, item.sample.id),
+                                           ctx.settings.steps)
+            results.append(SampleResult.done(item.sample, {"png": png_bytes(image)}, width=image.width,
+                                             height=image.height))
+        order = {id(item.sample): index for index, item in enumerate(items)}
+        return sorted(results, key=lambda r: order[id(r.sample)])

@@ -1,0 +1,53 @@
+"""Stage `qwen21-caches`: each sample's images and instruction -> Qwen-Image-2.1's conditioning (GPU).
+
+Computed by the pipeline's own encoding (see native21.py) with 2.1's own Qwen3-VL text encoder, and kept
+as one safetensors entry per sample: `qwen21.prompt_embeds` [L, D], `qwen21.prompt_embeds_mask` [L],
+`qwen21.image_pad_mask` [L], with the provenance in the header. Runs only for the native arm.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..records import SampleResult
+from ..settings import JobSettings
+from ..stage import Stage, StageContext, StageItem
+from .extract import read_images
+
+
+class NativeExtractStage(Stage):
+    name = "qwen21-caches"
+    models = ("vlm",)
+    code = ("native21", "images")
+
+    def enabled(self, settings: JobSettings) -> bool:
+        return settings.native
+
+    def batch_size(self, settings: JobSettings) -> int:
+        return 1  # one sample per encoder call: the pipeline shares one image set across a call's prompts
+
+    def settings_of(self, settings: JobSettings) -> dict:
+        return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
+                "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit}
+
+    def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        from safetensors.torch import save as save_tensors
+
+        native = ctx.models.native
+        limit = ctx.settings.max_prompt_tokens
+        ready, results = read_images(items, ctx.settings.condition_area)
+        for item, images in ready:
+            tokens = native.prompt_tokens(item.sample.instruction)
+            if tokens > limit:
+                results.append(SampleResult.failed(item.sample, f"the prompt has {tokens} tokens; the limit is "
+                                                   f"{limit} (max_prompt_tokens)"))
+                continue
+            conditioning = native.encode(images, item.sample.instruction)
+            meta = {"id": item.sample.id, "input_hash": item.sample.input_hash, "edit_model": ctx.settings.edit_model,
+                    "fingerprint": ctx.fingerprints[self.name], "resolution": native.resolution}
+            payload = save_tensors(conditioning, metadata={"vision_bridge": json.dumps(meta)})
+            results.append(SampleResult.done(item.sample, {"safetensors": payload},
+                                             tokens=int(conditioning["qwen21.prompt_embeds"].shape[0]),
+                                             image_slots=int(conditioning["qwen21.image_pad_mask"].sum())))
+        order = {id(item.sample): index for index, item in enumerate(items)}
+        return sorted(results, key=lambda r: order[id(r.sample)])
