@@ -589,10 +589,14 @@ def quickstart(
                                         "(the real default is 50)."),
     condition_area: Optional[int] = typer.Option(None, help="Condition-image area [default: 128*128; the tiny trained "
                                                  "model's own 64*64]; the real pipeline uses 1048576."),
+    native_arm: bool = typer.Option(True, "--native-arm/--no-native-arm", help="Also run Qwen-Image-2.1 (the native "
+                                    "arm; the tiny random one without real weights) over the same samples into the "
+                                    "same output, and print both arms' scores side by side."),
 ):
     """The main job end to end on an embedded default: generates a small sample set and runs the bulk-edit
     flow over it locally (ephemeral Prefect, local storage). Without real weights it uses the tiny zoo's
-    trained edit model on its own task ('Make the <shape> <colour>', with targets, so the run is scored)."""
+    trained edit model on its own task ('Make the <shape> <colour>', with targets, so the run is scored),
+    then the Qwen-Image-2.1 arm over the same samples."""
     from .tiny_edit_model import REPORT_NAME
     from .tiny_zoo import TRAINED_EDIT_MODEL
 
@@ -607,13 +611,41 @@ def quickstart(
         manifest = _write_sample_set(out_dir / "inputs")
     area = condition_area or (size * size if trained_tiny else 128 * 128)
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
-              bridge=None, multi_image=False, steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
+              editor="auto", bridge=None, multi_image=False, steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
               negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
               dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
               scheduler="auto",
               compile=False, attention_backend=None, dit_offload=False)
-    typer.echo(f"edited images: {out_dir / 'run' / 'edits'}/<settings>/data/<shard>/<id>.png "
+    arms = {"Edit": _arm_scores(out_dir / "run")}
+    if native_arm:
+        import subprocess
+
+        # A command of its own, as a user would type it: one process, one temporary Prefect server.
+        command = [sys.executable, "-m", "bridgecore.cli", "bulk-edit", "--input", str(manifest), "--output",
+                   str(out_dir / "run"), "--editor", "qwen-image-2.1", "--steps", str(steps or (20 if trained_tiny else 4)),
+                   "--condition-area", str(area), "--shard-size", "4"]
+        typer.echo("second arm: " + " ".join(command[2:]))
+        if subprocess.run(command).returncode != 0:
+            _fail("the Qwen-Image-2.1 arm failed (see above); the Edit arm's results are complete")
+        arms["Qwen-Image-2.1" + (" (tiny, random)" if trained_tiny else "")] = _arm_scores(out_dir / "run")
+    typer.echo(f"edited images: {out_dir / 'run'}/{{edits,qwen21-edits}}/<settings>/data/<shard>/<id>.png "
                f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
+    for arm, (run, scores) in arms.items():
+        typer.echo(f"arm {arm:<30} run {run}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    if len(arms) > 1:
+        typer.echo("compare arms on a capability benchmark: vision-bridge make-benchmark B; bulk-edit each arm into "
+                   "one OUTPUT; vision-bridge evaluate OUTPUT/runs/RUN_A OUTPUT/runs/RUN_B --benchmark B")
+
+
+def _arm_scores(output: Path) -> tuple[str, dict[str, float]]:
+    """(run id, mean of each numeric metric over its done samples) of an output's latest run."""
+    import pyarrow.parquet as pq
+
+    summary = json.loads((output / "summary.json").read_text())
+    metrics = [json.loads(row["metrics"]) for row in pq.read_table(output / "summary.parquet").to_pylist()
+               if row["status"] == "done" and row["metrics"]]
+    names = [k for k in (metrics[0] if metrics else {}) if isinstance(metrics[0][k], (int, float))]
+    return summary["run"], {k: sum(m[k] for m in metrics) / len(metrics) for k in names}
 
 
 def main() -> None:
