@@ -258,7 +258,7 @@ def _tiny_text_encoder(tokenizer, sizes: TinySizes):
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def _tiny_edit_pipeline(plus: bool, sizes: TinySizes):
+def _tiny_edit_pipeline(plus: bool, sizes: TinySizes, like_2511: bool = False):
     from diffusers import (
         AutoencoderKLQwenImage,
         FlowMatchEulerDiscreteScheduler,
@@ -292,6 +292,7 @@ def _tiny_edit_pipeline(plus: bool, sizes: TinySizes):
         num_layers=sizes.dit_layers, attention_head_dim=head_dim, num_attention_heads=sizes.dit_heads,
         joint_attention_dim=sizes.qwen25_text_hidden,
         axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+        zero_cond_t=like_2511,  # Edit-2511: condition-image tokens modulated at t = 0
     ).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, num_train_timesteps=1000,
@@ -302,9 +303,11 @@ def _tiny_edit_pipeline(plus: bool, sizes: TinySizes):
                processor=processor, transformer=transformer)
 
 
-def build_edit_pipeline(out_dir: Path, plus: bool = False, sizes: TinySizes = TinySizes()) -> Path:
-    """Tiny `QwenImageEditPipeline` (or `...PlusPipeline`) directory, loadable with `from_pretrained`."""
-    _tiny_edit_pipeline(plus, sizes).save_pretrained(out_dir)
+def build_edit_pipeline(out_dir: Path, plus: bool = False, sizes: TinySizes = TinySizes(),
+                        like_2511: bool = False) -> Path:
+    """Tiny `QwenImageEditPipeline` (or `...PlusPipeline`) directory, loadable with `from_pretrained`;
+    `like_2511`: a Plus pipeline configured as Qwen-Image-Edit-2511 (its DiT's `zero_cond_t`)."""
+    _tiny_edit_pipeline(plus or like_2511, sizes, like_2511).save_pretrained(out_dir)
     return out_dir
 
 

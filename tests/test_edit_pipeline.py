@@ -134,3 +134,31 @@ def test_true_cfg_bridges_only_the_conditional_branch(tiny_zoo):
     assert torch.equal(captured["negative"][1], plain_negative_mask)
     torch.testing.assert_close(captured["embeds"], bridge(cache.qwen3, cache.qwen25).prompt_embeds)
     assert not torch.equal(captured["embeds"], plain.encode([[image]], [prompt], use_qwen3_vision=False)[0])
+
+
+def test_edit_2511_equals_diffusers_plus_pipeline(tmp_path):
+    """Qwen-Image-Edit-2511 runs on the Plus pipeline with a DiT that modulates condition tokens at t = 0
+    (`zero_cond_t`): ours equals diffusers' own call on a tiny pipeline configured like it, several images."""
+    import json
+
+    from bridgecore.tiny_zoo import build_edit_pipeline, build_qwen3_vl
+
+    model = build_edit_pipeline(tmp_path / "edit-2511", like_2511=True)
+    assert json.loads((model / "transformer" / "config.json").read_text())["zero_cond_t"] is True
+    editor = EnhancedQwenImageEdit(model, build_qwen3_vl(tmp_path / "qwen3"), condition_area=AREA,
+                                   plus_condition_area=AREA)
+    assert editor.plus
+    images, prompt = [make_image(), make_image(120, 200, 1)], "put the circle of picture 2 into picture 1"
+    ours = editor.generate(images, prompt, use_qwen3_vision=False, seed=2, num_inference_steps=STEPS, output_type="np")
+    plain = load_edit_pipeline(resolve_model(model), LoadOptions(device="cpu"))
+    embeds, mask, _ = editor.encode([images], [prompt], use_qwen3_vision=False)
+    with pipeline_areas(plain, AREA, AREA):
+        expected = plain(image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
+                         true_cfg_scale=1.0, generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    np.testing.assert_array_equal(ours, expected)
+    # zero_cond_t is not a no-op: the same weights without it give another picture
+    plain.transformer.zero_cond_t = False
+    with pipeline_areas(plain, AREA, AREA):
+        other = plain(image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
+                      true_cfg_scale=1.0, generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    assert not np.array_equal(other, expected)
