@@ -306,6 +306,10 @@ def bulk_edit(
     edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
     bridge: Optional[str] = typer.Option(None, help="Trained bridge directory (default: untrained = baseline)."),
     multi_image: bool = typer.Option(False, help="Samples have several images: use the Edit-Plus pipeline."),
+    plus_model: Optional[str] = typer.Option(None, help="Edit-Plus model (e.g. Qwen/Qwen-Image-Edit-2511) for the "
+                                             "multi-image samples of a single-image job, so a mixed manifest runs in "
+                                             "one job [default: Qwen/Qwen-Image-Edit-2509 when it is on this machine, "
+                                             "the tiny zoo's with the tiny models, else none: those samples fail]."),
     editor: str = typer.Option("auto", help="Editor family: auto (from the edit model's model_index.json), "
                                "qwen-image-edit, qwen-image-edit-plus, or qwen-image-2.1 (the native arm: Qwen-Image-2.1 "
                                "reads Qwen3-VL itself; no bridge; default model Qwen/Qwen-Image-2.1, 40 steps)."),
@@ -345,6 +349,14 @@ def bulk_edit(
         settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, 50, seed, batch_size,
                                cfg=cfg, negative_prompt=negative_prompt, editor=editor, **speed)
         settings.check_editor()
+        if plus_model is None and settings.family == "qwen-image-edit":
+            plus_model = _default_plus_model(edit_model)
+        if plus_model is not None:
+            from .loading import editor_family
+
+            if editor_family(plus_model) != "qwen-image-edit-plus":
+                raise ValueError(f"--plus-model {plus_model} is not an Edit-Plus pipeline")
+            settings = dataclasses.replace(settings, plus_model=plus_model if settings.family == "qwen-image-edit" else None)
         if steps is None:  # 2.1's own default is 40; Qwen-Image-Edit's 50, or what a Lightning LoRA needs
             steps = 40 if settings.native else default_steps(loras, resolve_scheduler(scheduler, loras))
         settings = dataclasses.replace(settings, steps=steps)
@@ -376,7 +388,8 @@ def bulk_edit(
                                      bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps,
                                      seed=seed, cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
                                      batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
-                                     create_bucket=create_bucket, editor=editor, **{**speed, "lora": list(speed["lora"])})
+                                     create_bucket=create_bucket, editor=editor, plus_model=settings.plus_model,
+                                     **{**speed, "lora": list(speed["lora"])})
     except _user_errors() as error:
         _fail(str(error))
     counts = summary["counts"]
@@ -611,7 +624,8 @@ def quickstart(
         manifest = _write_sample_set(out_dir / "inputs")
     area = condition_area or (size * size if trained_tiny else 128 * 128)
     bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
-              editor="auto", bridge=None, multi_image=False, steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
+              editor="auto", plus_model=None, bridge=None, multi_image=False,
+              steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
               negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
               dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
               scheduler="auto",
@@ -635,6 +649,21 @@ def quickstart(
     if len(arms) > 1:
         typer.echo("compare arms on a capability benchmark: vision-bridge make-benchmark B; bulk-edit each arm into "
                    "one OUTPUT; vision-bridge evaluate OUTPUT/runs/RUN_A OUTPUT/runs/RUN_B --benchmark B")
+
+
+def _default_plus_model(edit_model: str) -> Optional[str]:
+    """The Edit-Plus model that takes a single-image job's multi-image samples when none is named: the tiny
+    zoo's beside a tiny edit model, Qwen-Image-Edit-2509 when it is already on this machine, else none."""
+    from .loading import DEFAULT_EDIT_PLUS_MODEL, resolve_model
+
+    tiny_plus = TINY_ZOO_DIR / "qwen-image-edit-plus"
+    if Path(edit_model).resolve().parent == TINY_ZOO_DIR.resolve() and tiny_plus.exists():
+        return str(tiny_plus)
+    try:
+        resolve_model(DEFAULT_EDIT_PLUS_MODEL, allow_patterns=["model_index.json"], local_only=True)
+        return DEFAULT_EDIT_PLUS_MODEL
+    except ModelNotAvailableError:
+        return None
 
 
 def _arm_scores(output: Path) -> tuple[str, dict[str, float]]:

@@ -281,6 +281,46 @@ def test_multi_image_samples_through_the_stages(tmp_path, tiny_zoo):
     assert len(list((tmp_path / "out" / "edits").rglob("*.png"))) == 2
 
 
+def test_mixed_manifest_routes_each_sample_to_a_pipeline_that_takes_it(tmp_path, tiny_zoo):
+    """Single- and multi-image samples in one job: with `plus_model`, the multi-image ones run on Edit-Plus and
+    get the very edits an Edit-Plus job gives them; the single-image ones those of an Edit job."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = []
+    for i in range(3):
+        make_image(200, 120, i).save(folder / f"a{i}.png")
+        make_image(120, 200, i + 3).save(folder / f"b{i}.png")
+        rows.append({"id": f"single{i}", "image": f"a{i}.png", "instruction": f"make shape {i} blue"})
+        rows.append({"id": f"set{i}", "images": [f"a{i}.png", f"b{i}.png"], "instruction": "put the circle of "
+                     "picture 2 into picture 1"})
+    (folder / "all.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / "single.jsonl").write_text("\n".join(json.dumps(r) for r in rows if "image" in r))
+    (folder / "multi.jsonl").write_text("\n".join(json.dumps(r) for r in rows if "images" in r))
+    edit = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA, steps=2)
+    plus = replace(edit, edit_model=str(tiny_zoo["qwen-image-edit-plus"]))
+    mixed = replace(edit, plus_model=str(tiny_zoo["qwen-image-edit-plus"]))
+
+    def edits(manifest, settings):
+        out = tmp_path / f"out-{manifest}-{settings.plus_model is not None}-{settings.edit_model[-4:]}"
+        summary = run_all(str(folder / manifest), str(out), settings, shard_size=4)
+        return summary, {r["id"]: open(r["output"], "rb").read() for r in summary_rows(out) if r["status"] == "done"}
+
+    without, _ = edits("all.jsonl", edit)
+    assert without["counts"] == {"done": 3, "failed": 3, "pending": 0}
+    assert all("--plus-model" in f["error"] for f in without["failures"])
+    summary, routed = edits("all.jsonl", mixed)
+    assert summary["counts"] == {"done": 6, "failed": 0, "pending": 0}
+    _, singles = edits("single.jsonl", edit)
+    _, multis = edits("multi.jsonl", plus)
+    assert routed == {**singles, **multis}
+
+
+def summary_rows(out):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(out / "summary.parquet").to_pylist()
+
+
 def test_edits_do_not_depend_on_sharding(tmp_path, settings):
     """Same noise per sample whatever the shard; only batched-matmul rounding may differ (<= 2/255)."""
     import numpy as np

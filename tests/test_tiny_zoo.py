@@ -75,3 +75,18 @@ def test_trained_edit_model_is_deterministic(tmp_path, tiny_zoo):
         assert digest(tmp_path / "a" / part / "diffusion_pytorch_model.safetensors") == digest(
             tmp_path / "b" / part / "diffusion_pytorch_model.safetensors")
     assert digest(tmp_path / "a" / "vae" / "config.json") == digest(tmp_path / "b" / "vae" / "config.json")
+
+
+def test_qwen_image_21_is_the_real_pipeline_class(tiny_zoo):
+    index = json.loads((tiny_zoo["qwen-image-2.1"] / "model_index.json").read_text())
+    assert index["_class_name"] == "QwenImage21Pipeline"
+    assert index["text_encoder"] == ["transformers", "Qwen3VLForConditionalGeneration"]
+    assert index["transformer"] == ["diffusers", "QwenImage21Transformer2DModel"]
+    dit = json.loads((tiny_zoo["qwen-image-2.1"] / "transformer" / "config.json").read_text())
+    encoder = json.loads((tiny_zoo["qwen-image-2.1"] / "text_encoder" / "config.json").read_text())
+    assert dit["context_in_dim"] == encoder["text_config"]["hidden_size"]  # the DiT reads Qwen3-VL's width
+    assert dit["causal_condition"] is True
+    # its own encoder weights, not the Qwen3-VL-Instruct of the zoo (2.1 ships a fine-tuned encoder)
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tiny_zoo["qwen-image-2.1"] / "text_encoder" / "model.safetensors") != digest(
+        tiny_zoo["qwen3-vl"] / "model.safetensors")

@@ -69,6 +69,9 @@ class JobSettings:
     # editor family: auto (from the edit model's model_index.json), qwen-image-edit, qwen-image-edit-plus,
     # qwen-image-2.1 (the native arm: its own Qwen3-VL text encoder, no bridge)
     editor: str = "auto"
+    # Edit-Plus model for the multi-image samples of a job whose edit model takes one image: a mixed manifest
+    # runs in one job, each sample on a pipeline that can take it (None: multi-image samples fail, with a hint)
+    plus_model: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(self.lora or ()))  # JSON brings a list
@@ -135,6 +138,13 @@ class JobSettings:
     def bridge_checksum(self) -> str:
         return bridge_checksum(self.bridge)
 
+    def plus_record(self) -> dict[str, str]:
+        """The Edit-Plus routing model and its revision, for the fingerprints of the stages it runs in (empty
+        when there is none, so jobs without it keep their fingerprints)."""
+        if not self.plus_model:
+            return {}
+        return {"plus_model": self.plus_model, "plus_revision": self.revision(self.plus_model)}
+
     @property
     def speed_fingerprint(self) -> str:
         """What the speed options change in the edits (LoRA contents and scales, the scheduler)."""
@@ -159,18 +169,37 @@ class ModelPool:
     @property
     def editor(self):
         """The `EnhancedQwenImageEdit` for these settings (its VLMs, bridge and pipeline load lazily)."""
+        return self._editor(self.settings.edit_model)
+
+    def _editor(self, edit_model: str):
         from ..edit_pipeline import EnhancedQwenImageEdit
 
         s = self.settings
-        key = (s.edit_model, s.revision(s.edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
+        key = (edit_model, s.revision(edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
                s.device, s.condition_area, s.load_in_8bit, s.lora, s.scheduler, s.compile, s.attention_backend,
                s.dit_offload)
         if key not in self._editors:
             self._editors[key] = EnhancedQwenImageEdit(
-                s.edit_model, s.qwen3_model, bridge=s.bridge, device=s.device, condition_area=s.condition_area,
+                edit_model, s.qwen3_model, bridge=s.bridge, device=s.device, condition_area=s.condition_area,
                 load_in_8bit=s.load_in_8bit, lora=list(s.lora) or None, scheduler=s.scheduler, compile=s.compile,
                 attention_backend=s.attention_backend, dit_offload=s.dit_offload)
         return self._editors[key]
+
+    def editor_for(self, sample):
+        """The editor that can take this sample: the Edit-Plus `plus_model` for a multi-image sample when the
+        job's edit model takes one image, else the job's editor."""
+        if len(sample.images) > 1 and self.settings.plus_model and not self.editor.plus:
+            return self._editor(self.settings.plus_model)
+        return self.editor
+
+    def route(self, items: list) -> list[tuple[Any, list]]:
+        """Items (anything with `.sample`, or (item, images) pairs) grouped by `editor_for`, in first-seen order."""
+        groups: dict[int, tuple[Any, list]] = {}
+        for entry in items:
+            item = entry[0] if isinstance(entry, tuple) else entry
+            editor = self.editor_for(item.sample)
+            groups.setdefault(id(editor), (editor, []))[1].append(entry)
+        return list(groups.values())
 
     @property
     def extractor(self):

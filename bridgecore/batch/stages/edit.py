@@ -13,7 +13,7 @@ from ..records import SampleResult
 from ..settings import JobSettings
 from ..sharding import sample_seed
 from ..stage import Stage, StageContext, StageItem
-from .extract import read_images
+from .extract import multi_image_refusal, read_images
 from .fuse import fused_from_bytes
 
 
@@ -36,17 +36,22 @@ class EditStage(Stage):
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0,
-                "lora_and_scheduler": settings.speed_fingerprint}
+                "lora_and_scheduler": settings.speed_fingerprint, **settings.plus_record()}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
+        ready, results = read_images(items)
+        for editor, group in ctx.models.route(ready):  # multi-image samples may go to the Edit-Plus model
+            results += self._edit(editor, group, ctx)
+        order = {id(item.sample): index for index, item in enumerate(items)}
+        return sorted(results, key=lambda r: order[id(r.sample)])
+
+    def _edit(self, editor, ready: list, ctx: StageContext) -> list[SampleResult]:
         from ...edit_prompt import pad_prompt_embeds
 
-        editor = ctx.models.editor
-        ready, results = read_images(items)
+        results = []
         if not editor.plus:
             for item, images in [r for r in ready if len(r[1]) != 1]:
-                results.append(SampleResult.failed(item.sample, f"{len(images)} images, but {ctx.settings.edit_model} "
-                                                   "is a single-image pipeline: use an Edit-Plus model"))
+                results.append(SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings)))
             ready = [r for r in ready if len(r[1]) == 1]
         if ready:
             fused = [fused_from_bytes(item.upstream["fused"]["safetensors"]) for item, _ in ready]
@@ -58,5 +63,4 @@ class EditStage(Stage):
             for (item, _), image in zip(ready, edited):
                 results.append(SampleResult.done(item.sample, {"png": png_bytes(image)}, width=image.width,
                                                  height=image.height))
-        order = {id(item.sample): index for index, item in enumerate(items)}
-        return sorted(results, key=lambda r: order[id(r.sample)])
+        return results

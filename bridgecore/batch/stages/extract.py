@@ -31,6 +31,11 @@ def read_images(items: list[StageItem], condition_area: int | None = None) -> tu
     return ready, failed
 
 
+def multi_image_refusal(count: int, settings: JobSettings) -> str:
+    return (f"{count} images, but {settings.edit_model} is a single-image pipeline: give an Edit-Plus model for "
+            "the multi-image samples (--plus-model, e.g. Qwen/Qwen-Image-Edit-2511) to run them in this job")
+
+
 class ExtractStage(Stage):
     name = "caches"
     models = ("vlm",)
@@ -42,7 +47,8 @@ class ExtractStage(Stage):
     def settings_of(self, settings: JobSettings) -> dict:
         return {"qwen3_model": settings.qwen3_model, "qwen3_revision": settings.revision(settings.qwen3_model),
                 "edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
-                "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit}
+                "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit,
+                **settings.plus_record()}
 
     def prompt(self, item: StageItem, settings: JobSettings) -> str:
         return item.sample.instruction
@@ -69,9 +75,16 @@ class ExtractStage(Stage):
         results += refused
         if not ready:
             return results
-        caches = ctx.models.extractor.extract([images for _, images in ready],
-                                              [self.prompt(item, ctx.settings) for item, _ in ready])
-        for (item, _), cache in zip(ready, caches):
+        caches = []
+        for editor, group in ctx.models.route(ready):  # multi-image samples may go to the Edit-Plus model
+            if not editor.plus:
+                results += [SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings))
+                            for item, images in group if len(images) != 1]
+                group = [(item, images) for item, images in group if len(images) == 1]
+            if group:
+                prompts = [self.prompt(item, ctx.settings) for item, _ in group]
+                caches += list(zip(group, editor.extractor.extract([images for _, images in group], prompts)))
+        for (item, _), cache in caches:
             cache.extra = {"id": item.sample.id, "input_hash": item.sample.input_hash}
             results.append(SampleResult.done(item.sample, {"safetensors": cache_to_bytes(cache)},
                                              qwen25_tokens=int(cache.qwen25.prompt_embeds.shape[0]),

@@ -53,13 +53,13 @@ class FuseStage(Stage):
     def settings_of(self, settings: JobSettings) -> dict:
         return {"bridge": settings.bridge, "bridge_checksum": settings.bridge_checksum}
 
-    def _fuse(self, data: bytes, ctx: StageContext) -> "torch.Tensor":
+    def _fuse(self, data: bytes, ctx: StageContext, item: StageItem) -> "torch.Tensor":
         import torch
 
         from ...cache_format import cache_from_bytes
 
         cache = cache_from_bytes(data)
-        bridge = ctx.models.editor.bridge_for(cache.qwen3, cache.qwen25)
+        bridge = ctx.models.editor_for(item.sample).bridge_for(cache.qwen3, cache.qwen25)
         with torch.no_grad():
             return bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]  # [L, D]
 
@@ -68,7 +68,7 @@ class FuseStage(Stage):
 
         results = []
         for item in items:
-            embeds = self._fuse(item.upstream["caches"]["safetensors"], ctx)
+            embeds = self._fuse(item.upstream["caches"]["safetensors"], ctx, item)
             negative = None
             if "negatives" in item.upstream:  # the negative branch as Qwen-Image-Edit computes it
                 negative = load_tensors(item.upstream["negatives"]["safetensors"])["prompt_embeds"]

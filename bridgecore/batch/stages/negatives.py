@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..records import SampleResult
 from ..settings import JobSettings
 from ..stage import StageContext, StageItem
-from .extract import ExtractStage, read_images
+from .extract import ExtractStage, multi_image_refusal, read_images
 
 
 class NegativesStage(ExtractStage):
@@ -25,7 +25,7 @@ class NegativesStage(ExtractStage):
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit,
-                "negative_prompt": settings.negative_prompt}
+                "negative_prompt": settings.negative_prompt, **settings.plus_record()}
 
     def prompt(self, item: StageItem, settings: JobSettings) -> str:
         return settings.negative_prompt
@@ -36,9 +36,16 @@ class NegativesStage(ExtractStage):
         ready, results = read_images(items, ctx.settings.condition_area)
         if not ready:
             return results
-        caches = ctx.models.extractor.extract_qwen25_vision([images for _, images in ready],
-                                                            [ctx.settings.negative_prompt] * len(ready))
-        for (item, _), cache in zip(ready, caches):
+        caches = []
+        for editor, group in ctx.models.route(ready):
+            if not editor.plus:
+                results += [SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings))
+                            for item, images in group if len(images) != 1]
+                group = [(item, images) for item, images in group if len(images) == 1]
+            if group:
+                caches += list(zip(group, editor.extractor.extract_qwen25_vision(
+                    [images for _, images in group], [ctx.settings.negative_prompt] * len(group))))
+        for (item, _), cache in caches:
             embeds = cache.prompt_embeds.detach().cpu().contiguous()  # [L, D]
             results.append(SampleResult.done(item.sample, {"safetensors": save_tensors({"prompt_embeds": embeds})},
                                              tokens=int(embeds.shape[0])))
