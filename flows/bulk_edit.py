@@ -13,7 +13,7 @@ from __future__ import annotations
 from prefect import flow
 
 from bridgecore.batch.settings import JobSettings
-from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_EDIT_PLUS_MODEL, DEFAULT_QWEN3_MODEL
+from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_EDIT_PLUS_MODEL, DEFAULT_MODEL_OF_FAMILY, DEFAULT_QWEN3_MODEL
 from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
 
@@ -21,7 +21,7 @@ from tasks.shard_inputs import shard_inputs
 @flow(name="bulk-edit")
 def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
               edit_model: str | None = None, bridge: str | None = None, multi_image: bool = False,
-              shard_size: int = 16, steps: int = 50, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
+              shard_size: int = 16, steps: int | None = None, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
               condition_area: int = 1024 * 1024, batch_size: int = 4, device: str = "auto",
               retry_failed: bool = False, workers_deployment: str | None = None, shards_per_run: int | None = None,
               deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False, load_in_8bit: bool = False,
@@ -29,7 +29,10 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
               attention_backend: str | None = None, dit_offload: bool = False, editor: str = "auto",
               plus_model: str | None = None) -> dict:
     # plan
-    edit_model = edit_model or (DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
+    edit_model = edit_model or DEFAULT_MODEL_OF_FAMILY.get(editor) or (
+        DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
+    if steps is None:  # each family's own default: 40 for Qwen-Image-2.1, 50 for Qwen-Image-Edit
+        steps = 40 if JobSettings(qwen3, edit_model, editor=editor).native else 50
     settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
                            cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=tuple(lora or ()),
                            scheduler=scheduler, compile=compile, attention_backend=attention_backend,
