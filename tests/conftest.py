@@ -53,6 +53,24 @@ def make_image(width: int = 200, height: int = 120, seed: int = 0) -> Image.Imag
     return image
 
 
+def save_open_bridge(settings, path) -> str:
+    """A random bridge whose gate is open (its output differs from the baseline), saved at `path`."""
+    import torch
+
+    from bridgecore.batch.settings import ModelPool
+    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+
+    cache = ModelPool(settings).extractor.extract([[make_image()]], ["x"])[0]
+    torch.manual_seed(0)
+    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16))
+    with torch.no_grad():
+        for parameter in bridge.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+        bridge.gate.fill_(0.5)
+    bridge.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """SeaweedFS on loopback; sets the standard AWS_* variables that s3fs/botocore read."""

@@ -151,25 +151,15 @@ def test_three_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tin
     and the report shows them side by side."""
     import dataclasses
 
-    import torch
-    from conftest import make_image
+    from conftest import save_open_bridge
     from test_pipeline import run_all
 
-    from bridgecore.batch.settings import JobSettings, ModelPool
-    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+    from bridgecore.batch.settings import JobSettings
 
     small = tmp_path / "bench"
     make_benchmark(small, per_capability=2, seed=1)
     edit = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2)
-    cache = ModelPool(edit).extractor.extract([[make_image()]], ["x"])[0]
-    torch.manual_seed(0)
-    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16))
-    with torch.no_grad():
-        for parameter in bridge.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-        bridge.gate.fill_(0.5)
-    bridge.save_pretrained(tmp_path / "bridge")
-    arms = (edit, dataclasses.replace(edit, bridge=str(tmp_path / "bridge")),
+    arms = (edit, dataclasses.replace(edit, bridge=save_open_bridge(edit, tmp_path / "bridge")),
             dataclasses.replace(edit, edit_model=str(tiny_zoo["qwen-image-2.1"])))
     out = tmp_path / "out"
     runs = [run_all(str(small / "manifest.jsonl"), str(out), settings)["run"] for settings in arms]

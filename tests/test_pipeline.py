@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_image
+from conftest import make_image, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
 from bridgecore.batch.records import SampleResult
@@ -48,19 +48,9 @@ def settings(tiny_zoo):
 
 
 @pytest.fixture()
-def trained_bridge(tmp_path, extractor, settings):
+def trained_bridge(tmp_path, settings):
     """A bridge whose gate is open: its output differs from the baseline."""
-    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
-
-    cache = ModelPool(settings).extractor.extract([[make_image()]], ["x"])[0]
-    torch.manual_seed(0)
-    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16))
-    with torch.no_grad():
-        for parameter in bridge.parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-        bridge.gate.fill_(0.5)
-    bridge.save_pretrained(tmp_path / "bridge")
-    return str(tmp_path / "bridge")
+    return save_open_bridge(settings, tmp_path / "bridge")
 
 
 def committed(output, stage, settings, pipeline="bulk-edit"):
