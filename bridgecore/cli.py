@@ -86,7 +86,8 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
     if qwen3 is not None and edit_model is not None:
         return qwen3, edit_model
     try:
-        resolve_model(qwen3 or DEFAULT_QWEN3_MODEL, local_only=True)
+        if family != "qwen-image-2.1":  # 2.1 reads its own encoder: Qwen3-VL-Instruct need not be here
+            resolve_model(qwen3 or DEFAULT_QWEN3_MODEL, local_only=True)
         resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"], local_only=True)
         return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
     except ModelNotAvailableError as error:
@@ -308,8 +309,8 @@ def bulk_edit(
     multi_image: bool = typer.Option(False, help="Samples have several images: use the Edit-Plus pipeline."),
     plus_model: Optional[str] = typer.Option(None, help="Edit-Plus model (e.g. Qwen/Qwen-Image-Edit-2511) for the "
                                              "multi-image samples of a single-image job, so a mixed manifest runs in "
-                                             "one job [default: Qwen/Qwen-Image-Edit-2509 when it is on this machine, "
-                                             "the tiny zoo's with the tiny models, else none: those samples fail]."),
+                                             "one job [default: none, those samples fail with a hint; the tiny zoo's "
+                                             "with the tiny models]. Not with --lora."),
     editor: str = typer.Option("auto", help="Editor family: auto (from the edit model's model_index.json), "
                                "qwen-image-edit, qwen-image-edit-plus, or qwen-image-2.1 (the native arm: Qwen-Image-2.1 "
                                "reads Qwen3-VL itself; no bridge; default model Qwen/Qwen-Image-2.1, 40 steps)."),
@@ -349,7 +350,7 @@ def bulk_edit(
         settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, 50, seed, batch_size,
                                cfg=cfg, negative_prompt=negative_prompt, editor=editor, **speed)
         settings.check_editor()
-        if plus_model is None and settings.family == "qwen-image-edit":
+        if plus_model is None and settings.family == "qwen-image-edit" and not lora:
             plus_model = _default_plus_model(edit_model)
         if plus_model is not None:
             from .loading import editor_family
@@ -360,16 +361,17 @@ def bulk_edit(
         if steps is None:  # 2.1's own default is 40; Qwen-Image-Edit's 50, or what a Lightning LoRA needs
             steps = 40 if settings.native else default_steps(loras, resolve_scheduler(scheduler, loras))
         settings = dataclasses.replace(settings, steps=steps)
+        settings.check_editor()  # again: the Edit-Plus routing is checked too
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")
-    except ValueError as error:
+    except _user_errors() as error:
         _fail(str(error))
     if dry_run:
         from .batch.pipeline import plan_job
 
         try:
             plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket)
-        except ValueError as error:
+        except _user_errors() as error:
             _fail(str(error))
         typer.echo(f"{plan.samples} samples in {len(plan.shards)} shards; {len(plan.shards) - len(plan.pending)} "
                    f"finished under these settings, {len(plan.pending)} to run")
@@ -634,14 +636,20 @@ def quickstart(
     if native_arm:
         import subprocess
 
+        from .native21 import min_condition_area
+
+        qwen3_21, model_21 = resolve_or_tiny(None, None, editor="qwen-image-2.1")
+        tiny_21 = Path(model_21).resolve().parent == TINY_ZOO_DIR.resolve()
+        area_21 = max(area, min_condition_area(model_21) or 0)  # the real processor's floor is 256x256
         # A command of its own, as a user would type it: one process, one temporary Prefect server.
         command = [sys.executable, "-m", "bridgecore.cli", "bulk-edit", "--input", str(manifest), "--output",
-                   str(out_dir / "run"), "--editor", "qwen-image-2.1", "--steps", str(steps or (20 if trained_tiny else 4)),
-                   "--condition-area", str(area), "--shard-size", "4"]
+                   str(out_dir / "run"), "--editor", "qwen-image-2.1", "--qwen3", qwen3_21, "--edit-model", model_21,
+                   "--steps", str(steps or (20 if trained_tiny else 4)), "--condition-area", str(area_21),
+                   "--shard-size", "4"]
         typer.echo("second arm: " + " ".join(command[2:]))
         if subprocess.run(command).returncode != 0:
             _fail("the Qwen-Image-2.1 arm failed (see above); the Edit arm's results are complete")
-        arms["Qwen-Image-2.1" + (" (tiny, random)" if trained_tiny else "")] = _arm_scores(out_dir / "run")
+        arms["Qwen-Image-2.1" + (" (tiny, random)" if tiny_21 else "")] = _arm_scores(out_dir / "run")
     typer.echo(f"edited images: {out_dir / 'run'}/{{edits,qwen21-edits}}/<settings>/data/<shard>/<id>.png "
                f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
     for arm, (run, scores) in arms.items():
@@ -652,18 +660,13 @@ def quickstart(
 
 
 def _default_plus_model(edit_model: str) -> Optional[str]:
-    """The Edit-Plus model that takes a single-image job's multi-image samples when none is named: the tiny
-    zoo's beside a tiny edit model, Qwen-Image-Edit-2509 when it is already on this machine, else none."""
-    from .loading import DEFAULT_EDIT_PLUS_MODEL, resolve_model
-
+    """The Edit-Plus model that takes a single-image job's multi-image samples when none is named: only the tiny
+    zoo's beside a tiny edit model. Real models are never guessed: what is on a machine must not change a
+    job's fingerprints (nor start a 58 GB download on a worker)."""
     tiny_plus = TINY_ZOO_DIR / "qwen-image-edit-plus"
     if Path(edit_model).resolve().parent == TINY_ZOO_DIR.resolve() and tiny_plus.exists():
         return str(tiny_plus)
-    try:
-        resolve_model(DEFAULT_EDIT_PLUS_MODEL, allow_patterns=["model_index.json"], local_only=True)
-        return DEFAULT_EDIT_PLUS_MODEL
-    except ModelNotAvailableError:
-        return None
+    return None
 
 
 def _arm_scores(output: Path) -> tuple[str, dict[str, float]]:

@@ -43,7 +43,9 @@ def output_resolution(condition_area: int) -> int:
 
 def condition_images(images: list[Image.Image], resolution: int) -> list[Image.Image]:
     """The condition images exactly as `QwenImage21Pipeline.__call__` hands them to its text encoder: RGBA,
-    resized to the pipeline's `calculate_dimensions(resolution², aspect)` (multiples of 32)."""
+    resized to the pipeline's `calculate_dimensions(resolution², aspect)` (multiples of 32). Our images come
+    from `load_image` (transparency composited over white, for every arm alike), so their alpha is opaque: a
+    transparent PNG is not seen by 2.1's 4-channel VAE as the pipeline's own call on that file would."""
     from diffusers.image_processor import VaeImageProcessor
     from diffusers.pipelines.qwenimage21.pipeline_qwenimage21 import calculate_dimensions
 
@@ -57,6 +59,28 @@ def condition_images(images: list[Image.Image], resolution: int) -> list[Image.I
                              f"{resolution}px (it would become {width}x{height}); the aspect ratio is too extreme")
         prepared.append(processor.resize(image, width=width, height=height))
     return prepared
+
+
+def processor_min_pixels(image_processor_config: dict) -> int | None:
+    """The smallest image (pixels) the Qwen3-VL image processor keeps as it is; below, it upscales."""
+    size = image_processor_config.get("size") or {}
+    value = size.get("shortest_edge", image_processor_config.get("min_pixels"))
+    return int(value) if value else None
+
+
+def min_condition_area(model: str) -> int | None:
+    """The processor's floor of a Qwen-Image-2.1 pipeline, from its config files only (None if not stated).
+
+    2.1 fills one encoder image slot per 2x2 latent tokens, so the encoder must see each condition image at the
+    size the VAE sees it; a smaller image is upscaled by the processor and the two no longer line up."""
+    import json
+
+    path = resolve_model(model, allow_patterns=["processor/*.json"]).path / "processor"
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        if (path / name).exists():
+            config = json.loads((path / name).read_text())
+            return processor_min_pixels(config.get(key, {}) if key else config)
+    return None
 
 
 class NativeQwenImage21:
@@ -117,9 +141,15 @@ class NativeQwenImage21:
         if not 1 <= len(images) <= MAX_CONDITION_IMAGES:
             raise ValueError(f"Qwen-Image-2.1 takes 1 to {MAX_CONDITION_IMAGES} condition images; got {len(images)}")
         encoder = self._encoder.get()
+        prepared = condition_images(images, self.resolution)
+        floor = processor_min_pixels(encoder.processor.image_processor.to_dict())
+        for image in prepared:
+            if floor and image.width * image.height < floor:
+                raise ValueError(f"a condition image of {image.width}x{image.height} is below Qwen-Image-2.1's "
+                                 f"processor floor of {floor} pixels (it would be upscaled for the encoder only): "
+                                 "raise --condition-area")
         with torch.no_grad():
-            embeds, mask, image_pad = encoder._get_qwen_prompt_embeds(
-                [prompt], condition_images(images, self.resolution), self.options.torch_device())
+            embeds, mask, image_pad = encoder._get_qwen_prompt_embeds([prompt], prepared, self.options.torch_device())
         self.encode_count += 1
         return {"qwen21.prompt_embeds": embeds[0].detach().cpu().contiguous(),
                 "qwen21.prompt_embeds_mask": mask[0].detach().cpu().to(torch.int64).contiguous(),

@@ -93,7 +93,11 @@ def test_common_mistakes_are_one_line_errors(tmp_path, tiny_zoo):
              ("--input", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")): "does not exist (expected a manifest",
              ("--input", manifest, "--output", str(tmp_path / "a-file")): "is a file, not a folder",
              ("--input", manifest, "--output", "/proc/vision-bridge-out"): "cannot write to output",
-             ("--input", manifest, "--output", str(tmp_path / "o"), "--batch-size", "0"): "batch_size must be at least 1"}
+             ("--input", manifest, "--output", str(tmp_path / "o"), "--batch-size", "0"): "batch_size must be at least 1",
+             ("--input", manifest, "--output", str(tmp_path / "o"), "--plus-model", str(tmp_path / "nope")):
+                 "no such model directory",
+             ("--input", manifest, "--output", str(tmp_path / "o"), "--editor", "qwen-image-2.1"):
+                 "is a qwen-image-edit pipeline"}
     for args, message in cases.items():
         result = _run("bulk-edit", *args, *models)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])

@@ -150,3 +150,37 @@ def test_native_arm_refuses_what_it_cannot_do(tiny_zoo, tmp_path):
     with pytest.raises(ValueError, match="no bridge to train"):
         plan_job(str(tmp_path), str(tmp_path / "out"), native, "training-data")
     replace(native, editor="qwen-image-2.1").check_editor()  # named and matching: fine
+
+
+def test_two_condition_images_equal_the_pipelines_own_call(native, plain):
+    """Our preprocessing of several images against `__call__`'s own (not against itself)."""
+    images, prompt = [make_image(200, 120, 1), make_image(120, 200, 2)], "put the circle of picture 2 in picture 1"
+    ours = native.generate(images, prompt, seed=1, steps=STEPS, output_type="np")
+    expected = plain(prompt=prompt, image=images, num_inference_steps=STEPS, output_resolution=native.resolution,
+                     generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_condition_area_below_the_processor_floor_is_refused(tiny_zoo, tmp_path):
+    """Below the processor's floor the encoder would see an upscaled image while the VAE sees the small one."""
+    import json as _json
+    import shutil
+    from dataclasses import replace
+
+    from bridgecore.batch.settings import JobSettings
+    from bridgecore.native21 import min_condition_area
+
+    model = tmp_path / "qwen-image-2.1"
+    shutil.copytree(tiny_zoo["qwen-image-2.1"], model)
+    config_file = model / "processor" / "processor_config.json"
+    config = _json.loads(config_file.read_text())
+    config["image_processor"]["size"]["shortest_edge"] = 256 * 256  # the real Qwen3-VL processor's floor
+    config_file.write_text(_json.dumps(config))
+    assert min_condition_area(str(model)) == 256 * 256
+    settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(model), condition_area=AREA)
+    with pytest.raises(ValueError, match="below Qwen-Image-2.1's processor floor"):
+        settings.check_editor()
+    replace(settings, condition_area=256 * 256).check_editor()
+    native = NativeQwenImage21(str(model), device="cpu", condition_area=AREA)
+    with pytest.raises(ValueError, match="processor floor of 65536 pixels"):
+        native.encode([make_image()], "x")

@@ -291,6 +291,22 @@ def test_mixed_manifest_routes_each_sample_to_a_pipeline_that_takes_it(tmp_path,
     assert routed == {**singles, **multis}
 
 
+def test_a_mixed_job_keeps_one_dit_and_one_vlm_pair_resident(tiny_zoo):
+    """Two DiTs (or two VLM pairs) do not fit one GPU: switching editor frees the other's models of that kind."""
+    mixed = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA,
+                        plus_model=str(tiny_zoo["qwen-image-edit-plus"]))
+    pool = ModelPool(mixed)
+    edit, plus = pool.editor, pool._editor(mixed.plus_model)
+    edit._pipe.get(), edit.extractor._qwen3.get(), plus._pipe.get()
+    pool.use(plus, ("dit",))
+    assert plus._pipe.loaded and not edit._pipe.loaded and edit.extractor._qwen3.loaded
+    pool.use(edit, ("vlm",))
+    assert edit.extractor._qwen3.loaded and not plus.extractor._qwen3.loaded
+    with pytest.raises(ValueError, match="a LoRA is made for one DiT"):
+        replace(mixed, lora=("some/lora",)).check_editor()
+    pool.release(keep=())
+
+
 def summary_rows(out):
     import pyarrow.parquet as pq
 

@@ -103,7 +103,16 @@ class JobSettings:
         if self.editor != "auto" and self.editor != family:
             raise ValueError(f"--editor {self.editor}, but {self.edit_model} is a {family} pipeline: pass "
                              f"--edit-model with a {self.editor} model (or leave --editor out)")
+        if self.plus_model and family == "qwen-image-edit" and self.lora:
+            raise ValueError("--lora with --plus-model: a LoRA is made for one DiT; run the multi-image samples as "
+                             "their own Edit-Plus job (with a LoRA made for it)")
         if family == "qwen-image-2.1":
+            from ..native21 import min_condition_area
+
+            floor = min_condition_area(self.edit_model)
+            if floor and self.condition_area < floor:
+                raise ValueError(f"condition_area {self.condition_area} is below Qwen-Image-2.1's processor floor "
+                                 f"({floor} pixels): the encoder would see the images upscaled, not as the VAE does")
             unsupported = [name for name, value, default in [
                 ("bridge", self.bridge, None), ("cfg", self.cfg, 1.0), ("lora", self.lora, ()),
                 ("scheduler", self.scheduler, "auto"), ("compile", self.compile, False),
@@ -141,7 +150,7 @@ class JobSettings:
     def plus_record(self) -> dict[str, str]:
         """The Edit-Plus routing model and its revision, for the fingerprints of the stages it runs in (empty
         when there is none, so jobs without it keep their fingerprints)."""
-        if not self.plus_model:
+        if not self.plus_model or self.family != "qwen-image-edit":
             return {}
         return {"plus_model": self.plus_model, "plus_revision": self.revision(self.plus_model)}
 
@@ -191,6 +200,23 @@ class ModelPool:
         if len(sample.images) > 1 and self.settings.plus_model and not self.editor.plus:
             return self._editor(self.settings.plus_model)
         return self.editor
+
+    def routes_to_plus(self, sample) -> bool:
+        """Whether this sample goes to the Edit-Plus `plus_model` (a stage batches such samples together)."""
+        return bool(self.settings.plus_model) and self.editor_for(sample) is not self.editor
+
+    def use(self, editor, kinds: tuple[str, ...]) -> None:
+        """Keeps one editor's models of these kinds ('vlm', 'dit') resident: a mixed job has two editors (Edit and
+        Edit-Plus), and two DiTs or two VLM pairs do not fit one GPU. Samples are batched by route (see
+        `Stage.group_key`), so a shard swaps at most once per stage."""
+        if not self.settings.plus_model:
+            return
+        for other in (self.editor, self._editor(self.settings.plus_model)):
+            if other is not editor:
+                if "vlm" in kinds:
+                    other.extractor.unload()
+                if "dit" in kinds:
+                    other._pipe.unload()
 
     def route(self, items: list) -> list[tuple[Any, list]]:
         """Items (anything with `.sample`, or (item, images) pairs) grouped by `editor_for`, in first-seen order."""

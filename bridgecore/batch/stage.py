@@ -89,6 +89,11 @@ class Stage:
     def batch_size(self, settings: JobSettings) -> int:
         return settings.batch_size
 
+    def group_key(self, item: StageItem, ctx: StageContext) -> Any:
+        """Samples with equal keys are batched together (e.g. those one model takes); the order of the results
+        does not depend on it."""
+        return 0
+
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         raise NotImplementedError
 
@@ -172,6 +177,7 @@ class Stage:
             else:
                 ready.append(StageItem(sample, {name: upstream[name].payloads.get(sample.id, {}) for name in rows},
                                        {name: json.loads(row["info"]) for name, row in rows.items()}))
+        ready.sort(key=lambda item: self.group_key(item, ctx))  # stable: plan order within a group
         size = self.batch_size(ctx.settings)
         for start in range(0, len(ready), size):
             for result in self._process_isolated(ready[start:start + size], ctx):

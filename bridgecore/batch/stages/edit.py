@@ -33,6 +33,9 @@ class EditStage(Stage):
     def enabled(self, settings: JobSettings) -> bool:
         return not settings.native
 
+    def group_key(self, item: StageItem, ctx: StageContext) -> bool:
+        return ctx.models.routes_to_plus(item.sample)
+
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0,
@@ -54,6 +57,7 @@ class EditStage(Stage):
                 results.append(SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings)))
             ready = [r for r in ready if len(r[1]) == 1]
         if ready:
+            ctx.models.use(editor, ("dit",))
             fused = [fused_from_bytes(item.upstream["fused"]["safetensors"]) for item, _ in ready]
             embeds, mask = pad_prompt_embeds([positive for positive, _ in fused])
             negative = pad_prompt_embeds([n for _, n in fused]) if ctx.settings.uses_cfg else None

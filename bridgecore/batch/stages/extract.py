@@ -44,6 +44,9 @@ class ExtractStage(Stage):
     def enabled(self, settings: JobSettings) -> bool:
         return not settings.native  # Qwen-Image-2.1 reads its own conditioning (stage qwen21-caches)
 
+    def group_key(self, item: StageItem, ctx: StageContext) -> bool:
+        return ctx.models.routes_to_plus(item.sample)
+
     def settings_of(self, settings: JobSettings) -> dict:
         return {"qwen3_model": settings.qwen3_model, "qwen3_revision": settings.revision(settings.qwen3_model),
                 "edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
@@ -70,8 +73,8 @@ class ExtractStage(Stage):
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         from ...cache_format import cache_to_bytes
 
-        items, refused = self.check_prompt(items, ctx)
-        ready, results = read_images(items, ctx.settings.condition_area)
+        accepted, refused = self.check_prompt(items, ctx)
+        ready, results = read_images(accepted, ctx.settings.condition_area)
         results += refused
         if not ready:
             return results
@@ -82,6 +85,7 @@ class ExtractStage(Stage):
                             for item, images in group if len(images) != 1]
                 group = [(item, images) for item, images in group if len(images) == 1]
             if group:
+                ctx.models.use(editor, ("vlm",))
                 prompts = [self.prompt(item, ctx.settings) for item, _ in group]
                 caches += list(zip(group, editor.extractor.extract([images for _, images in group], prompts)))
         for (item, _), cache in caches:

@@ -43,6 +43,7 @@ class NegativesStage(ExtractStage):
                             for item, images in group if len(images) != 1]
                 group = [(item, images) for item, images in group if len(images) == 1]
             if group:
+                ctx.models.use(editor, ("vlm",))
                 caches += list(zip(group, editor.extractor.extract_qwen25_vision(
                     [images for _, images in group], [ctx.settings.negative_prompt] * len(group))))
         for (item, _), cache in caches:
