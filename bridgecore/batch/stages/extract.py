@@ -36,6 +36,19 @@ def multi_image_refusal(count: int, settings: JobSettings) -> str:
             "the multi-image samples (--plus-model, e.g. Qwen/Qwen-Image-Edit-2511) to run them in this job")
 
 
+def vlm_groups(ready: list, ctx: StageContext, results: list[SampleResult]):
+    """(editor, [(item, images)]) per pipeline that takes them, that editor's VLMs made the resident ones;
+    multi-image samples no pipeline of the job takes are failed into `results` with the hint."""
+    for editor, group in ctx.models.route(ready):  # multi-image samples may go to the Edit-Plus model
+        if not editor.plus:
+            results += [SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings))
+                        for item, images in group if len(images) != 1]
+            group = [(item, images) for item, images in group if len(images) == 1]
+        if group:
+            ctx.models.use(editor, ("vlm",))
+            yield editor, group
+
+
 class ExtractStage(Stage):
     name = "caches"
     models = ("vlm",)
@@ -79,15 +92,9 @@ class ExtractStage(Stage):
         if not ready:
             return results
         caches = []
-        for editor, group in ctx.models.route(ready):  # multi-image samples may go to the Edit-Plus model
-            if not editor.plus:
-                results += [SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings))
-                            for item, images in group if len(images) != 1]
-                group = [(item, images) for item, images in group if len(images) == 1]
-            if group:
-                ctx.models.use(editor, ("vlm",))
-                prompts = [self.prompt(item, ctx.settings) for item, _ in group]
-                caches += list(zip(group, editor.extractor.extract([images for _, images in group], prompts)))
+        for editor, group in vlm_groups(ready, ctx, results):
+            prompts = [self.prompt(item, ctx.settings) for item, _ in group]
+            caches += list(zip(group, editor.extractor.extract([images for _, images in group], prompts)))
         for (item, _), cache in caches:
             cache.extra = {"id": item.sample.id, "input_hash": item.sample.input_hash}
             results.append(SampleResult.done(item.sample, {"safetensors": cache_to_bytes(cache)},

@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..records import SampleResult
 from ..settings import JobSettings
 from ..stage import StageContext, StageItem
-from .extract import ExtractStage, multi_image_refusal, read_images
+from .extract import ExtractStage, read_images, vlm_groups
 
 
 class NegativesStage(ExtractStage):
@@ -37,15 +37,9 @@ class NegativesStage(ExtractStage):
         if not ready:
             return results
         caches = []
-        for editor, group in ctx.models.route(ready):
-            if not editor.plus:
-                results += [SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings))
-                            for item, images in group if len(images) != 1]
-                group = [(item, images) for item, images in group if len(images) == 1]
-            if group:
-                ctx.models.use(editor, ("vlm",))
-                caches += list(zip(group, editor.extractor.extract_qwen25_vision(
-                    [images for _, images in group], [ctx.settings.negative_prompt] * len(group))))
+        for editor, group in vlm_groups(ready, ctx, results):
+            caches += list(zip(group, editor.extractor.extract_qwen25_vision(
+                [images for _, images in group], [ctx.settings.negative_prompt] * len(group))))
         for (item, _), cache in caches:
             embeds = cache.prompt_embeds.detach().cpu().contiguous()  # [L, D]
             results.append(SampleResult.done(item.sample, {"safetensors": save_tensors({"prompt_embeds": embeds})},
