@@ -9,7 +9,7 @@ from bridgecore.cache_format import load_cache
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "bridgecore.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "vision_bridge.cli", *args], capture_output=True, text=True)
 
 
 def test_extract_command(tmp_path, tiny_zoo):

@@ -91,7 +91,7 @@ def test_cli_json_report_and_screenshot(benchmark, tmp_path):
     import shutil
 
     out = tmp_path / "scores.json"
-    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "evaluate", "--benchmark", str(benchmark),
+    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "evaluate", "--benchmark", str(benchmark),
                              "--editor", "identity", "--json", str(out), "--report", str(tmp_path / "r.html")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -164,7 +164,7 @@ def test_three_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tin
     out = tmp_path / "out"
     runs = [run_all(str(small / "manifest.jsonl"), str(out), settings)["run"] for settings in arms]
     scores, report = tmp_path / "arms.json", tmp_path / "arms.html"
-    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "evaluate",
+    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "evaluate",
                              *(str(out / "runs" / run) for run in runs), "--benchmark", str(small),
                              "--json", str(scores), "--report", str(report)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

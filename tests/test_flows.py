@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def bulk_edit_cli(zoo, manifest, output, home, *extra, wait=True):
-    args = [sys.executable, "-m", "bridgecore.cli", "bulk-edit", "--input", manifest, "--output", output,
+    args = [sys.executable, "-m", "vision_bridge.cli", "bulk-edit", "--input", manifest, "--output", output,
             "--qwen3", str(zoo["qwen3-vl"]), "--edit-model", str(zoo["qwen-image-edit"]), "--steps", "2",
             "--condition-area", str(64 * 64), "--shard-size", "2", *extra]
     env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1"}

@@ -95,7 +95,7 @@ def test_bad_job_input_is_refused():
 
 
 def test_plan_images_cli_json():
-    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "plan", "--images", "10000000", "--resolution",
+    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "plan", "--images", "10000000", "--resolution",
                              "1024", "--steps", "8", "--gpu", "h200", "--price", "3.5", "--json"],
                             capture_output=True, text=True, check=True)
     job = json.loads(result.stdout)

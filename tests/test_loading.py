@@ -61,7 +61,24 @@ def test_8bit_runs_on_cpu_and_stays_close(tiny_zoo, extractor):
 
 
 def test_import_bridgecore_does_not_import_prefect():
-    code = ("import sys, bridgecore, bridgecore.cli, bridgecore.extraction, bridgecore.planner, bridgecore.tiny_zoo; "
+    code = ("import sys, bridgecore, vision_bridge.cli, bridgecore.extraction, bridgecore.planner, bridgecore.tiny_zoo; "
             "print('prefect' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_bridgecore_never_imports_the_orchestration_layer():
+    """Not even lazily inside a function: the library must not call into Prefect, the flows or the tasks."""
+    import ast
+    from pathlib import Path
+
+    import bridgecore
+
+    offenders = []
+    for path in Path(bridgecore.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            offenders += [f"{path.name}:{node.lineno} {name}" for name in names
+                          if name.split(".")[0] in ("prefect", "flows", "tasks")]
+    assert not offenders, offenders

@@ -89,7 +89,7 @@ def test_analytic_dit_flops_match_torch_counter(tiny_zoo):
 
 
 def test_plan_cli_json():
-    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "plan", "--image-size", "720", "1280", "--json"],
+    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "plan", "--image-size", "720", "1280", "--json"],
                             capture_output=True, text=True, check=True)
     report = json.loads(result.stdout)
     assert report["image_size"] == [720, 1280]
@@ -125,6 +125,6 @@ def test_qwen_image_21_sizes_match_the_published_ones(report):
 
 
 def test_plan_prints_the_licences():
-    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "plan"], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "plan"], capture_output=True, text=True, check=True)
     assert "Qwen-Image-2.1: Qwen Research License" in result.stdout and "Apache-2.0" in result.stdout
     assert "Qwen-Image-2.1 (native Qwen3-VL conditioning" in result.stdout

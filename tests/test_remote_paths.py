@@ -8,7 +8,7 @@ from conftest import make_image
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "bridgecore.cli", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "vision_bridge.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_train_to_s3_then_edit_and_bulk_edit_with_the_bridge_from_s3(tmp_path, tiny_zoo, s3_root):

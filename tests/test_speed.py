@@ -131,7 +131,7 @@ def test_edit_command_with_speed_flags(tiny_zoo, loras, tmp_path):
 
     source, out = tmp_path / "in.png", tmp_path / "out.png"
     make_image().save(source)
-    result = subprocess.run([sys.executable, "-m", "bridgecore.cli", "edit", str(source), "--prompt", "make it blue",
+    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "edit", str(source), "--prompt", "make it blue",
                              "--out", str(out), "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
                              str(tiny_zoo["qwen-image-edit"]), "--condition-area", str(AREA), "--seed", "1",
                              "--lora", str(loras["lightning"]), "--attention-backend", "_native_math"],
@@ -141,7 +141,7 @@ def test_edit_command_with_speed_flags(tiny_zoo, loras, tmp_path):
                                    lora=str(loras["lightning"]), attention_backend="_native_math")
     expected = editor.generate(make_image(), "make it blue", seed=1)  # 4 steps: the Lightning LoRA's default
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(expected))
-    refused = subprocess.run([sys.executable, "-m", "bridgecore.cli", "edit", str(source), "--prompt", "x", "--out",
+    refused = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "edit", str(source), "--prompt", "x", "--out",
                               str(out), "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
                               str(tiny_zoo["qwen-image-edit"]), "--attention-backend", "fastest"],
                              capture_output=True, text=True)

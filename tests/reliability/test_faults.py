@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(zoo, *args, home: Path, wait: bool = True, timeout: float = 600, env: dict | None = None):
-    command = [sys.executable, "-m", "bridgecore.cli", "bulk-edit", "--qwen3", str(zoo["qwen3-vl"]),
+    command = [sys.executable, "-m", "vision_bridge.cli", "bulk-edit", "--qwen3", str(zoo["qwen3-vl"]),
                "--edit-model", str(zoo["qwen-image-edit"]), "--steps", "2", "--condition-area", str(64 * 64), *args]
     environment = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
     environment.pop("PREFECT_API_URL", None)

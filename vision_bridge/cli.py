@@ -1,7 +1,7 @@
 """`vision-bridge`: the command line. Run `vision-bridge --help`.
 
-Orchestration (Prefect) is imported lazily, inside the commands that need it, so that
-`import bridgecore` stays free of it.
+It sits above both layers: the library (`bridgecore`, which never imports Prefect or the flows) and the
+orchestration (`flows`, imported lazily by the commands that run a flow, so the others start fast).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from .loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
+from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
 
 app = typer.Typer(
     help="Qwen3-VL -> Qwen-Image-Edit vision bridge: extract caches, edit, run bulk jobs on Prefect, train the "
@@ -47,15 +47,15 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show full traceb
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Mistakes a user can fix (bad value, missing file, unreachable storage, unknown model): one line each."""
-    from .storage import StorageUnreachableError
+    from bridgecore.storage import StorageUnreachableError
 
     return (ValueError, OSError, StorageUnreachableError, ModelNotAvailableError)
 
 
 def _preflight(input: str, output: str, create_bucket: bool = False) -> None:
     """Fails in seconds, with one line, on the common mistakes: a missing input, an output that cannot be written."""
-    from .batch.sharding import check_input
-    from .storage import Storage
+    from bridgecore.batch.sharding import check_input
+    from bridgecore.storage import Storage
 
     try:
         check_input(input)
@@ -75,8 +75,8 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
     the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly). `trained`
     picks the zoo's trained tiny edit model (single-image) instead of the random one; `editor` names the
     family whose default edit model is wanted (e.g. qwen-image-2.1)."""
-    from .loading import DEFAULT_MODEL_OF_FAMILY, resolve_model
-    from .tiny_zoo import build_tiny_zoo
+    from bridgecore.loading import DEFAULT_MODEL_OF_FAMILY, resolve_model
+    from bridgecore.tiny_zoo import build_tiny_zoo
 
     family = editor if editor != "auto" else "qwen-image-edit-plus" if plus else "qwen-image-edit"
     if family not in DEFAULT_MODEL_OF_FAMILY:
@@ -118,12 +118,12 @@ def tiny_models(
                                  "training_report.json and edits_grid.png. Cached: rebuilt only if missing."),
 ):
     """Write the offline tiny zoo: small random models of the real classes, seeded, in Hugging Face layout."""
-    from .tiny_zoo import build_tiny_zoo
+    from bridgecore.tiny_zoo import build_tiny_zoo
 
     for name, path in build_tiny_zoo(out_dir, overwrite=overwrite, trained=trained).items():
         typer.echo(f"{name}: {path}")
     if trained:
-        from .tiny_edit_model import GRID_NAME, REPORT_NAME
+        from bridgecore.tiny_edit_model import GRID_NAME, REPORT_NAME
 
         report = json.loads((out_dir / "qwen-image-edit-trained" / REPORT_NAME).read_text())
         low, high = report["instruction_gain_ci"]
@@ -156,9 +156,9 @@ def plan(
     """Real-scale sizes from the real configs on the meta device: parameters, weight memory (bf16, int8),
     inference memory per residency mode, vision tokens, and forward FLOPs of one extraction and one DiT step
     (analytic matmul count). With --images N: the job's GPU-hours (extract, edit, train), storage and cost."""
-    from .job_cost import format_job_cost, plan_job_cost
-    from .planner import format_plan
-    from .planner import plan as make_plan
+    from bridgecore.job_cost import format_job_cost, plan_job_cost
+    from bridgecore.planner import format_plan
+    from bridgecore.planner import plan as make_plan
 
     try:
         if images is not None:
@@ -186,9 +186,9 @@ def extract(
 ):
     """Extract one sample's vision caches (Qwen3-VL levels + DeepStack, Qwen-Image-Edit embeddings) to a file
     and print the comparison of the two caches."""
-    from .cache_format import save_cache
-    from .extraction import VisionCacheExtractor, format_comparison
-    from .images import ImageLoadError
+    from bridgecore.cache_format import save_cache
+    from bridgecore.extraction import VisionCacheExtractor, format_comparison
+    from bridgecore.images import ImageLoadError
 
     if out.suffix != ".safetensors":
         _fail(f"--out must end in .safetensors; got {out}")
@@ -244,9 +244,9 @@ def edit(
 ):
     """Edit one sample with Qwen-Image-Edit, its conditioning enhanced by Qwen3-VL through the bridge (or with
     Qwen-Image-2.1, the native arm: --editor qwen-image-2.1)."""
-    from .edit_pipeline import EnhancedQwenImageEdit
-    from .images import ImageLoadError, load_image
-    from .loading import editor_family
+    from bridgecore.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.images import ImageLoadError, load_image
+    from bridgecore.loading import editor_family
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, editor=editor)
     try:
@@ -256,7 +256,7 @@ def edit(
     except (ValueError, ModelNotAvailableError) as error:
         _fail(str(error))
     if family == "qwen-image-2.1":
-        from .native21 import NativeQwenImage21
+        from bridgecore.native21 import NativeQwenImage21
 
         if bridge or baseline or compare_path or negative_prompt or lora or compile or attention_backend or dit_offload:
             _fail("Qwen-Image-2.1 (the native arm) takes no --bridge, --baseline, --compare, --negative-prompt or "
@@ -339,8 +339,8 @@ def bulk_edit(
     """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
     evaluate. Reruns resume, and only the stages a changed setting affects run again (a new --bridge reuses
     the extracted caches; new --steps/--seed/--cfg reuse the fused embeddings too)."""
-    from .batch.settings import JobSettings
-    from .speed import default_steps, parse_loras, resolve_scheduler
+    from bridgecore.batch.settings import JobSettings
+    from bridgecore.speed import default_steps, parse_loras, resolve_scheduler
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, editor=editor)
     try:
@@ -353,7 +353,7 @@ def bulk_edit(
         if plus_model is None and settings.family == "qwen-image-edit" and not lora:
             plus_model = _default_plus_model(edit_model)
         if plus_model is not None:
-            from .loading import editor_family
+            from bridgecore.loading import editor_family
 
             if editor_family(plus_model) != "qwen-image-edit-plus":
                 raise ValueError(f"--plus-model {plus_model} is not an Edit-Plus pipeline")
@@ -367,7 +367,7 @@ def bulk_edit(
     except _user_errors() as error:
         _fail(str(error))
     if dry_run:
-        from .batch.pipeline import plan_job
+        from bridgecore.batch.pipeline import plan_job
 
         try:
             plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket)
@@ -427,8 +427,8 @@ def train(
     held-out samples) and qwen3_information_gain (their difference, with a bootstrap 95% CI): the evidence
     that the bridge uses Qwen3-VL's information rather than a generic bias. Use the result with
     `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
-    from .batch.settings import JobSettings
-    from .training import ABLATIONS, TrainConfig, run_training
+    from bridgecore.batch.settings import JobSettings
+    from bridgecore.training import ABLATIONS, TrainConfig, run_training
 
     if ablate_qwen3 not in ABLATIONS:
         _fail(f"--ablate-qwen3 must be one of {', '.join(ABLATIONS)}; got {ablate_qwen3!r}")
@@ -463,7 +463,7 @@ def make_benchmark_command(
 ):
     """Write the capability benchmark (OCR in 32 languages, spatial, detail preservation, multi-image) in the
     batch pipeline's manifest format: run it through bulk-edit, train on it, score it with `evaluate`."""
-    from .benchmark_data import FontNotFoundError, make_benchmark
+    from bridgecore.benchmark_data import FontNotFoundError, make_benchmark
 
     try:
         manifest = make_benchmark(out, per_capability, seed)
@@ -480,7 +480,7 @@ def _local_benchmark(benchmark: str) -> str:
     """A benchmark given as a URL is read from a local copy (its images are opened many times)."""
     import hashlib
 
-    from .storage import is_remote, mirror_down
+    from bridgecore.storage import is_remote, mirror_down
 
     if not is_remote(benchmark):
         return benchmark
@@ -511,7 +511,7 @@ def evaluate(
     with bootstrap confidence intervals. Several runs (arms: e.g. Edit, Edit+bridge, Qwen-Image-2.1 over the
     same benchmark) are compared pairwise on the same samples (differences with 95% CIs); --baseline RUN is
     the first arm."""
-    from .evaluation import (
+    from bridgecore.evaluation import (
         CapabilityEvaluator,
         arm_comparisons,
         arm_name,
@@ -546,8 +546,8 @@ def evaluate(
         comparison = paired_comparison(evaluators[first].per_sample, evaluators[main].per_sample)
         output["baseline"], output["paired"] = summaries[first], comparison
     if read_with_encoders:
-        from .evaluation import encoder_reading
-        from .extraction import VisionCacheExtractor
+        from bridgecore.evaluation import encoder_reading
+        from bridgecore.extraction import VisionCacheExtractor
 
         qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
         output["encoder_reading"] = encoder_reading(benchmark, VisionCacheExtractor(qwen3, edit_model))
@@ -567,7 +567,7 @@ def evaluate(
     if per_sample:
         evaluators[main].write_per_sample(per_sample)
     if report:
-        from .report import write_report
+        from bridgecore.report import write_report
 
         write_report(report, evaluators, summaries, output.get("pairs"))
         typer.echo(f"report: {report}")
@@ -612,13 +612,13 @@ def quickstart(
     flow over it locally (ephemeral Prefect, local storage). Without real weights it uses the tiny zoo's
     trained edit model on its own task ('Make the <shape> <colour>', with targets, so the run is scored),
     then the Qwen-Image-2.1 arm over the same samples."""
-    from .tiny_edit_model import REPORT_NAME
-    from .tiny_zoo import TRAINED_EDIT_MODEL
+    from bridgecore.tiny_edit_model import REPORT_NAME
+    from bridgecore.tiny_zoo import TRAINED_EDIT_MODEL
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, trained=True)
     trained_tiny = Path(edit_model).resolve() == (TINY_ZOO_DIR / TRAINED_EDIT_MODEL).resolve()
     if trained_tiny:
-        from .synthetic_triplets import write_triplets
+        from bridgecore.synthetic_triplets import write_triplets
 
         size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
         manifest = write_triplets(out_dir / "inputs", 6, size=size, seed=7)
@@ -636,13 +636,13 @@ def quickstart(
     if native_arm:
         import subprocess
 
-        from .native21 import min_condition_area
+        from bridgecore.native21 import min_condition_area
 
         qwen3_21, model_21 = resolve_or_tiny(None, None, editor="qwen-image-2.1")
         tiny_21 = Path(model_21).resolve().parent == TINY_ZOO_DIR.resolve()
         area_21 = max(area, min_condition_area(model_21) or 0)  # the real processor's floor is 256x256
         # A command of its own, as a user would type it: one process, one temporary Prefect server.
-        command = [sys.executable, "-m", "bridgecore.cli", "bulk-edit", "--input", str(manifest), "--output",
+        command = [sys.executable, "-m", "vision_bridge.cli", "bulk-edit", "--input", str(manifest), "--output",
                    str(out_dir / "run"), "--editor", "qwen-image-2.1", "--qwen3", qwen3_21, "--edit-model", model_21,
                    "--steps", str(steps or (20 if trained_tiny else 4)), "--condition-area", str(area_21),
                    "--shard-size", "4"]
