@@ -1,26 +1,44 @@
-"""VisionCacheBridge: Qwen3-VL multi-level features -> a gated correction of Qwen-Image-Edit's embeddings.
+"""VisionCacheBridge: Qwen3-VL multi-level features -> the prompt embeddings Qwen-Image-Edit's DiT reads.
 
-C2C-style gated residual (Cache-to-Cache, arXiv 2510.03215) whose correction is bounded per token:
+Two paths, chosen by `BridgeConfig.mode` ("residual", "tokens" or "both"):
 
-    delta      = out(align(fuse(project(levels))), queries = base)              # [L25, D25], unbounded
-    u          = delta / rms(base)                                               # per token, in units of the token
-    correction = max_ratio * tanh(gate[kind]) * rms(base) * u / sqrt(1 + rms(u)^2)
-    enhanced   = base + correction                  # rms(correction_t) < max_ratio * rms(base_t), always
+- **tokens** (MetaQuery / Q-Former style): K learned queries cross-attend over Qwen3-VL's fused levels
+  (instruction and image) and become K extra conditioning tokens in the space the DiT reads, appended
+  with their mask right after the sample's own tokens, before any padding:
 
-Why bounded: the DiT RMS-normalises every text-stream token first (`txt_norm`), so what it reads of a
-token is its direction. An unbounded residual can grow until the base is a rounding error and every
-token points the same way (measured before: correction RMS 27x the base, within-sample token cosine
-0.22 -> 0.999, the instruction erased). Here a token's correction is always smaller than
-`max_ratio` (0.5) times that token's own RMS, so the enhanced token stays within arcsin(0.5) = 30
-degrees of what Qwen-Image-Edit was trained on: the bridge can steer the conditioning, never replace
-it. As C2C gates each receiver layer, one gate per stream the DiT reads (text tokens, vision tokens),
-tanh-bounded and starting at 0, so an untrained bridge returns Qwen-Image-Edit's own embeddings bit for
-bit and the recorded gate values say which stream training opened.
+      enhanced = [base ; tokens(fuse(project(levels)))]                          # [L25 + K, D25]
 
-Alignment: Qwen3-VL's vision tokens (32 px) are resampled on their 2-D grid to Qwen2.5-VL's (28 px),
-image by image; every Qwen2.5 position (text and vision) also cross-attends over the whole Qwen3
-sequence, which carries the instruction. Low rank keeps it near 5M parameters at the real dimensions
-(4096 -> 3584, rank 256). With true CFG only the conditional branch is bridged (`negative_prompt_embeds`).
+  This path can *add* information the DiT's own encoder lacks. Measured on the tiny trained edit model:
+  with the colour word only in Qwen3-VL's prompt, a per-token correction of the existing tokens could not
+  carry it (edits identical in 128/128 cases when only Qwen3's colour word changed), while an appended
+  token could. Where the tokens go matters: the DiT gives text token j the RoPE index
+  `max_vid_index + j` of the *padded* tensor, so tokens appended after another sample's padding would
+  land elsewhere than in training; packing per sample keeps them at `L_i .. L_i + K - 1` in training and
+  at inference, in any batch.
+
+- **residual** (C2C-style gated correction, bounded per token):
+
+      delta      = out(align(fuse(project(levels))), queries = base)              # [L25, D25], unbounded
+      u          = delta / rms(base)                                               # per token, in units of the token
+      correction = max_ratio * tanh(gate[kind]) * rms(base) * u / sqrt(1 + rms(u)^2)
+      enhanced   = base + correction                  # rms(correction_t) < max_ratio * rms(base_t), always
+
+  The DiT RMS-normalises every text-stream token first (`txt_norm`), so what it reads of a token is its
+  direction; the bound keeps each enhanced token within arcsin(0.5) = 30 degrees of what Qwen-Image-Edit
+  was trained on (an unbounded residual once grew to 27x the base and erased the instruction). One gate
+  per stream (text, vision), tanh-bounded and starting at 0: an untrained residual bridge returns
+  Qwen-Image-Edit's own embeddings bit for bit.
+
+No bridge at all (no checkpoint) means Qwen-Image-Edit exactly: `identity_bridge` is an untrained
+residual bridge. An untrained token path is not a no-op (the DiT attends to any appended token, even a
+zero one, through `txt_in`'s bias), so it is never used untrained. Checkpoints record their mode;
+format-2 checkpoints (the bounded residual alone) load as "residual".
+
+Alignment (residual path): Qwen3-VL's vision tokens (32 px) are resampled on their 2-D grid to Qwen2.5-VL's
+(28 px), image by image; every Qwen2.5 position also cross-attends over the whole Qwen3 sequence. Low
+rank keeps the bridge small at the real dimensions (4096 -> 3584, rank 256; `vision-bridge plan` prints
+it). With true CFG only the conditional branch is bridged (`negative_prompt_embeds`): the negative prompt
+gets neither a correction nor tokens, so CFG amplifies what the bridge adds instead of cancelling it.
 """
 
 from __future__ import annotations
@@ -43,8 +61,9 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 STATISTICS_NAME = "bridge_statistics.json"
-BRIDGE_FORMAT = 2  # 1: unbounded per-channel gated residual (checkpoints are not compatible)
+BRIDGE_FORMAT = 3  # 3: records `mode`; 2: bounded residual only (loads as "residual"); 1: unbounded (refused)
 GATE_STREAMS = ("text", "vision")
+MODES = ("residual", "tokens", "both")
 
 
 @dataclass
@@ -53,6 +72,8 @@ class BridgeConfig:
 
     qwen3_hidden_dim: int = 4096
     qwen25_hidden_dim: int = 3584
+    mode: str = "tokens"  # "tokens": K appended conditioning tokens; "residual": bounded correction; "both"
+    num_tokens: int = 4  # K, the appended tokens of the token path
     rank: int = 256
     levels: tuple[str, ...] = LEVEL_NAMES
     use_deepstack: bool = False  # add the DeepStack visual features as extra levels on vision tokens
@@ -76,6 +97,10 @@ class BridgeConfig:
 
     def __post_init__(self):
         self.levels = tuple(self.levels)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if self.uses_tokens and self.num_tokens < 1:
+            raise ValueError(f"num_tokens must be at least 1 with mode {self.mode!r}; got {self.num_tokens}")
         if not 0 < self.max_correction_ratio < 1:
             raise ValueError(f"max_correction_ratio must be in (0, 1) so the base stays dominant; got {self.max_correction_ratio}")
         if self.rank % self.num_heads:
@@ -83,21 +108,25 @@ class BridgeConfig:
         if not self.levels:
             raise ValueError("levels must name at least one of 'early', 'mid', 'late'")
 
+    @property
+    def uses_tokens(self) -> bool:
+        return self.mode in ("tokens", "both")
+
+    @property
+    def uses_residual(self) -> bool:
+        return self.mode in ("residual", "both")
+
+    @property
+    def appended_tokens(self) -> int:
+        """Tokens the bridge adds to each sample's sequence (0 for the residual path alone)."""
+        return self.num_tokens if self.uses_tokens else 0
+
     @classmethod
     def from_caches(cls, qwen3: Qwen3VisionCache, qwen25: Qwen25VisionCache, **overrides) -> "BridgeConfig":
         values = dict(qwen3_hidden_dim=qwen3.hidden_size, qwen25_hidden_dim=qwen25.hidden_size,
                       num_deepstack=len(qwen3.deepstack), qwen3_model_id=qwen3.model_id,
                       qwen25_model_id=qwen25.model_id, qwen3_revision=qwen3.revision,
                       qwen25_revision=qwen25.revision)
-        values.update(overrides)
-        return cls(**values)
-
-    @classmethod
-    def from_model_configs(cls, qwen3_config, qwen25_config, **overrides) -> "BridgeConfig":
-        """From `Qwen3VLConfig` and `Qwen2_5_VLConfig` (or their dicts): real dims, never restated."""
-        values = dict(qwen3_hidden_dim=qwen3_config.text_config.hidden_size,
-                      qwen25_hidden_dim=qwen25_config.text_config.hidden_size,
-                      num_deepstack=len(qwen3_config.vision_config.deepstack_visual_indexes))
         values.update(overrides)
         return cls(**values)
 
@@ -133,6 +162,32 @@ class MultiLevelFusion(nn.Module):
             weights = self.score(torch.tanh(stacked)).squeeze(-1).softmax(dim=-1)  # [L3, n_levels]
             return (weights.unsqueeze(-1) * stacked).sum(dim=-2), weights
         return self.mlp(stacked.flatten(-2)), None
+
+
+class ConditioningTokens(nn.Module):
+    """The token path: K learned queries cross-attend over Qwen3-VL's fused sequence (its instruction and its
+    image tokens, every level) and become K tokens in the space the DiT reads: `[L3, rank] -> [K, D25]`."""
+
+    def __init__(self, config: BridgeConfig):
+        super().__init__()
+        self.heads, self.width = config.num_heads, config.rank // config.num_heads
+        self.queries = nn.Parameter(torch.randn(config.num_tokens, config.rank))
+        self.memory_norm = nn.RMSNorm(config.rank, eps=1e-6)
+        self.query = nn.Linear(config.rank, config.rank)
+        self.key_value = nn.Linear(config.rank, 2 * config.rank)
+        self.mlp = nn.Sequential(nn.RMSNorm(config.rank, eps=1e-6), nn.Linear(config.rank, 2 * config.rank), nn.GELU(),
+                                 nn.Linear(2 * config.rank, config.rank))
+        self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
+
+    def forward(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """memory `[L3, rank]` -> (tokens `[K, D25]`, attention `[K, L3]`, averaged over heads)."""
+        heads, width = self.heads, self.width
+        query = self.query(self.queries).view(-1, heads, width).transpose(0, 1)  # [H, K, w]
+        key, value = self.key_value(self.memory_norm(memory)).view(-1, 2, heads, width).permute(1, 2, 0, 3)
+        attention = (query @ key.transpose(-1, -2) / width**0.5).softmax(dim=-1)  # [H, K, L3]
+        read = (attention @ value).transpose(0, 1).reshape(-1, heads * width)  # [K, rank]
+        read = read + self.mlp(read)
+        return self.out(read), attention.mean(0)
 
 
 def resample_vision_tokens(features: torch.Tensor, grid3: torch.Tensor, grid25: torch.Tensor, merge: int = 2) -> torch.Tensor:
@@ -216,7 +271,7 @@ def negative_prompt_embeds(qwen25_caches) -> BridgeOutput:
 
 
 class VisionCacheBridge(nn.Module):
-    """Qwen3-VL caches + Qwen2.5-VL caches -> Qwen2.5-compatible prompt embeddings for the edit DiT."""
+    """Qwen3-VL caches + Qwen2.5-VL caches -> prompt embeddings for the edit DiT (see the module docstring)."""
 
     def __init__(self, config: BridgeConfig | None = None):
         super().__init__()
@@ -225,23 +280,36 @@ class VisionCacheBridge(nn.Module):
         self.projector = DeepStackProjector(config, num_levels)
         self.fusion = MultiLevelFusion(config, num_levels)
         self.deepstack_projector = DeepStackProjector(config, config.num_deepstack) if config.use_deepstack else None
-        self.query_norm = nn.RMSNorm(config.qwen25_hidden_dim, eps=1e-6)
-        self.query = nn.Linear(config.qwen25_hidden_dim, config.rank)
-        self.key_value = nn.Linear(config.rank, 2 * config.rank)
-        self.dropout = nn.Dropout(config.dropout)
-        self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
-        self.gate = nn.Parameter(torch.full((len(GATE_STREAMS),), float(config.gate_init)))  # text, vision
+        if config.uses_residual:
+            self.query_norm = nn.RMSNorm(config.qwen25_hidden_dim, eps=1e-6)
+            self.query = nn.Linear(config.qwen25_hidden_dim, config.rank)
+            self.key_value = nn.Linear(config.rank, 2 * config.rank)
+            self.dropout = nn.Dropout(config.dropout)
+            self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
+            self.gate = nn.Parameter(torch.full((len(GATE_STREAMS),), float(config.gate_init)))  # text, vision
+        self.tokens = ConditioningTokens(config) if config.uses_tokens else None
 
     def parameter_groups(self, learning_rate: float, weight_decay: float) -> list[dict]:
-        """Optimizer groups: everything at `learning_rate`; the gates faster and without weight decay."""
+        """Optimizer groups: everything at `learning_rate`; the residual gates faster and without weight decay."""
         others = [p for name, p in self.named_parameters() if name != "gate"]
-        return [{"params": others, "lr": learning_rate, "weight_decay": weight_decay},
-                {"params": [self.gate], "lr": learning_rate * self.config.gate_learning_rate_scale, "weight_decay": 0.0}]
+        groups = [{"params": others, "lr": learning_rate, "weight_decay": weight_decay}]
+        if self.config.uses_residual:
+            groups.append({"params": [self.gate], "lr": learning_rate * self.config.gate_learning_rate_scale,
+                           "weight_decay": 0.0})
+        return groups
 
     def gate_values(self) -> dict[str, float]:
-        """Effective gates in (-max_ratio, max_ratio): the largest correction/base RMS ratio per stream."""
+        """Effective residual gates in (-max_ratio, max_ratio): the largest correction/base RMS ratio per stream
+        (empty without the residual path)."""
+        if not self.config.uses_residual:
+            return {}
         values = self.config.max_correction_ratio * torch.tanh(self.gate.detach().float())
         return {name: float(v) for name, v in zip(GATE_STREAMS, values)}
+
+    @property
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        weight = self.projector.projections[0].weight
+        return weight.device, weight.dtype
 
     # -- checks ------------------------------------------------------------------------------------------
 
@@ -277,11 +345,20 @@ class VisionCacheBridge(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
 
-    def _correction(self, qwen3: Qwen3VisionCache, qwen25: Qwen25VisionCache):
+    def _fuse(self, qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(fused levels `[L3, rank]`, level weights `[L3, n]` or None, projected DeepStack `[N3, rank]` or None)."""
+        device, dtype = self._device_dtype  # caches may live on another device
+        fused, level_weights = self.fusion(self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels]))
+        deepstack = None
+        if self.deepstack_projector is not None:
+            deepstack = self.deepstack_projector([t.to(device, dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
+        return fused, level_weights, deepstack
+
+    def _correction(self, fused: torch.Tensor, deepstack: torch.Tensor | None, qwen3: Qwen3VisionCache,
+                    qwen25: Qwen25VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual path's raw correction `[L25, D25]` and its cross-attention `[L25, L3]`."""
         cfg = self.config
-        dtype, device = self.out.weight.dtype, self.out.weight.device  # caches may live on another device
-        levels = [qwen3.levels[name].to(device, dtype) for name in cfg.levels]
-        fused, level_weights = self.fusion(self.projector(levels))  # [L3, rank], [L3, n_levels]
+        device, dtype = self._device_dtype
         base = qwen25.prompt_embeds.to(device, dtype)  # [L25, D25]
         # Every Qwen2.5 position attends over the Qwen3 sequence (instruction and image).
         heads, width = cfg.num_heads, cfg.rank // cfg.num_heads
@@ -292,30 +369,46 @@ class VisionCacheBridge(nn.Module):
         attended = (attention @ value).transpose(0, 1).reshape(-1, cfg.rank)  # [L25, rank]
         # Vision positions also get the Qwen3 image features resampled onto the Qwen2.5 grid.
         vision = fused[qwen3.vision_positions.to(fused.device)]
-        if self.deepstack_projector is not None:
-            deepstack = self.deepstack_projector([t.to(device, dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
+        if deepstack is not None:
             vision = vision + deepstack
         resampled = resample_vision_tokens(vision, qwen3.grid_thw, qwen25.grid_thw)
         positions = qwen25.vision_positions.to(base.device)
         if resampled.shape[0] != positions.numel():
             raise ValueError(f"Qwen2.5 cache has {positions.numel()} vision tokens but its grid gives {resampled.shape[0]}")
         attended = attended.index_add(0, positions, resampled)
-        maps = {"levels": level_weights, "cross_attention": attention.mean(0)}
-        return self.out(attended), maps  # [L25, D25]
+        return self.out(attended), attention.mean(0)
+
+    def _appended(self, fused: torch.Tensor, deepstack: torch.Tensor | None,
+                  qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token path: (tokens `[K, D25]`, their attention over the Qwen3 sequence `[K, L3]`)."""
+        memory = fused
+        if deepstack is not None:  # DeepStack's visual features join the image tokens they belong to
+            memory = fused.index_add(0, qwen3.vision_positions.to(fused.device), deepstack)
+        return self.tokens(memory)
 
     def forward(self, qwen3_cache, qwen25_cache, return_attention_weights: bool = False):
-        """Enhanced embeddings for one sample or a list of samples (padded like the pipeline).
+        """Enhanced embeddings for one sample or a list of samples, right-padded like the pipeline.
 
-        Returns `(prompt_embeds [B, L, D25], prompt_embeds_mask [B, L])`, plus a list of per-sample
-        attention maps when `return_attention_weights` (`levels [L3, n]`, `cross_attention [L25, L3]`).
+        Each sample is `[L_i (+ K), D25]` before padding: its own tokens (corrected by the residual path) and
+        then the token path's K tokens, so the appended tokens sit at the same RoPE positions whatever the
+        batch. Returns `BridgeOutput(prompt_embeds [B, L, D25], prompt_embeds_mask [B, L])`, plus per-sample
+        attention maps when `return_attention_weights` (`levels [L3, n]`, `cross_attention [L25, L3]`,
+        `tokens [K, L3]`).
         """
         qwen3s, qwen25s = _as_lists(qwen3_cache, qwen25_cache)
         embeds, maps = [], []
+        device, _ = self._device_dtype
         for qwen3, qwen25 in zip(qwen3s, qwen25s):
             self.check_caches(qwen3, qwen25)
-            base = qwen25.prompt_embeds.to(self.gate.device)
-            delta, sample_maps = self._correction(qwen3, qwen25)
-            enhanced = base + self._bounded(delta, base, qwen25.vision_positions).to(base.dtype)
+            base = qwen25.prompt_embeds.to(device)
+            fused, level_weights, deepstack = self._fuse(qwen3)
+            enhanced, sample_maps = base, {"levels": level_weights}
+            if self.config.uses_residual:
+                delta, sample_maps["cross_attention"] = self._correction(fused, deepstack, qwen3, qwen25)
+                enhanced = base + self._bounded(delta, base, qwen25.vision_positions).to(base.dtype)
+            if self.tokens is not None:
+                tokens, sample_maps["tokens"] = self._appended(fused, deepstack, qwen3)
+                enhanced = torch.cat([enhanced, tokens.to(base.dtype)])
             embeds.append(enhanced)
             maps.append(sample_maps)
         prompt_embeds, mask = pad_prompt_embeds(embeds)
@@ -329,23 +422,34 @@ class VisionCacheBridge(nn.Module):
 
     @torch.no_grad()
     def correction_statistics(self, qwen3_caches, qwen25_caches) -> dict[str, float]:
-        """What the bridge does to the embeddings, over samples: correction/base RMS ratio (mean over
-        samples, and the largest single-token ratio), mean within-sample token cosine before and after,
-        and the effective gates. Recorded at every evaluation and in every checkpoint."""
-        ratios, token_max, before, after = [], [], [], []
+        """What the bridge does to the embeddings, over samples: on the sample's own tokens, correction/base RMS
+        ratio (mean over samples, and the largest single-token ratio) and mean within-sample token cosine before
+        and after; the residual gates; with the token path, the appended tokens' count, their RMS relative to
+        the base tokens' and their mean cosine with the base tokens. Recorded at every evaluation and in every
+        checkpoint."""
+        ratios, token_max, before, after, appended_rms, appended_cosine = [], [], [], [], [], []
         for qwen3, qwen25 in zip(*_as_lists(qwen3_caches, qwen25_caches)):
-            base = qwen25.prompt_embeds.to(self.gate.device).float()
+            base = qwen25.prompt_embeds.to(self._device_dtype[0]).float()
             enhanced = self(qwen3, qwen25).prompt_embeds[0].float()
-            correction = enhanced - base
-            ratios.append(float(correction.pow(2).mean().sqrt() / base.pow(2).mean().sqrt().clamp_min(1e-12)))
+            own, appended = enhanced[: base.shape[0]], enhanced[base.shape[0]:]
+            correction = own - base
+            base_rms = base.pow(2).mean().sqrt().clamp_min(1e-12)
+            ratios.append(float(correction.pow(2).mean().sqrt() / base_rms))
             token_ratio = correction.pow(2).mean(-1).sqrt() / base.pow(2).mean(-1).sqrt().clamp_min(1e-12)
             token_max.append(float(token_ratio.max()))
             before.append(mean_token_cosine(base))
-            after.append(mean_token_cosine(enhanced))
-        gates = self.gate_values()
-        return {"correction_rms_ratio": float(np.mean(ratios)), "correction_rms_ratio_token_max": float(np.max(token_max)),
-                "token_cosine_base": float(np.nanmean(before)), "token_cosine_enhanced": float(np.nanmean(after)),
-                **{f"gate_{name}": value for name, value in gates.items()}}
+            after.append(mean_token_cosine(own))
+            if appended.shape[0]:
+                appended_rms.append(float(appended.pow(2).mean().sqrt() / base_rms))
+                appended_cosine.append(float((F.normalize(appended, dim=-1) @ F.normalize(base, dim=-1).T).mean()))
+        statistics = {"correction_rms_ratio": float(np.mean(ratios)), "correction_rms_ratio_token_max": float(np.max(token_max)),
+                      "token_cosine_base": float(np.nanmean(before)), "token_cosine_enhanced": float(np.nanmean(after)),
+                      "appended_tokens": self.config.appended_tokens,
+                      **{f"gate_{name}": value for name, value in self.gate_values().items()}}
+        if appended_rms:
+            statistics.update(appended_rms_ratio=float(np.mean(appended_rms)),
+                              appended_base_cosine=float(np.mean(appended_cosine)))
+        return statistics
 
     # -- persistence -------------------------------------------------------------------------------------
 
@@ -371,9 +475,13 @@ class VisionCacheBridge(nn.Module):
         if not storage.exists(CONFIG_NAME):
             raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; is this a bridge checkpoint?")
         values = json.loads(storage.read_bytes(CONFIG_NAME))
-        if values.get("bridge_format", 1) != BRIDGE_FORMAT:
-            raise ValueError(f"bridge checkpoint {directory} has format {values.get('bridge_format', 1)} (the unbounded "
-                             f"gated residual); this code reads format {BRIDGE_FORMAT}: retrain it with `vision-bridge train`")
+        version = values.get("bridge_format", 1)
+        if version == 2:  # the bounded residual, before modes existed
+            values.update(mode="residual", bridge_format=BRIDGE_FORMAT)
+        elif version != BRIDGE_FORMAT:
+            raise ValueError(f"bridge checkpoint {directory} has format {version} ("
+                             f"{'the unbounded gated residual' if version == 1 else 'unknown to this code'}); this code "
+                             f"reads formats 2 and {BRIDGE_FORMAT}: retrain it with `vision-bridge train`")
         config = BridgeConfig(**values)
         if expect is not None:
             mismatched = [f"{name}: checkpoint {getattr(config, name)} vs models {getattr(expect, name)}"
@@ -391,7 +499,16 @@ class VisionCacheBridge(nn.Module):
 
 def create_default_bridge(qwen3_cache: Qwen3VisionCache | None = None, qwen25_cache: Qwen25VisionCache | None = None,
                           **overrides) -> VisionCacheBridge:
-    """An untrained bridge (an exact no-op until trained), sized from caches when given, else real dims."""
+    """An untrained bridge of the default design (`BridgeConfig`), sized from caches when given, else real dims.
+    It must be trained before use: see `identity_bridge` for what "no bridge" means."""
     if qwen3_cache is not None and qwen25_cache is not None:
         return VisionCacheBridge(BridgeConfig.from_caches(qwen3_cache, qwen25_cache, **overrides))
     return VisionCacheBridge(BridgeConfig(**overrides))
+
+
+def identity_bridge(config: BridgeConfig) -> VisionCacheBridge:
+    """No bridge: an untrained residual bridge, which returns Qwen-Image-Edit's own embeddings bit for bit (the
+    baseline every trained bridge is compared with, and what runs when no checkpoint is given)."""
+    from dataclasses import replace
+
+    return VisionCacheBridge(replace(config, mode="residual", gate_init=0.0))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .bridge import BridgeConfig, VisionCacheBridge
+from .bridge import BridgeConfig, VisionCacheBridge, identity_bridge
 from .edit_prompt import DEFAULT_CONDITION_AREA, DEFAULT_PLUS_CONDITION_AREA, condition_size
 from .extraction import VisionCacheExtractor
 from .images import load_image
@@ -161,8 +161,8 @@ class EnhancedQwenImageEdit:
         if self._bridge is None:
             expected = BridgeConfig.from_caches(qwen3, qwen25)
             if self._bridge_source is None:
-                logger.warning("no bridge checkpoint given: the bridge is untrained, so output equals the baseline")
-                self._bridge = VisionCacheBridge(expected)
+                logger.warning("no bridge checkpoint given: no bridge, so output equals the baseline")
+                self._bridge = identity_bridge(expected)
             else:
                 self._bridge = VisionCacheBridge.from_pretrained(self._bridge_source, expect=expected)
             self._bridge = self._bridge.to(self.options.torch_device()).eval()

@@ -2,11 +2,22 @@
 
 On the trained tiny edit model (`tiny_edit_model.py`), the task "Make the <shape> <colour>" with the
 colour word removed from the prompt that Qwen2.5-VL (the DiT's own encoder) reads, while Qwen3-VL reads
-the full instruction. Without the bridge the DiT cannot know the colour. Per seed, the bridge is trained
-twice with the project's own trainer: normally, and with Qwen3 caches re-paired with other samples at
-every step (`ablate_qwen3="shuffle"`, which can only learn a generic correction). The bridge carries
-Qwen3-VL information if the normally trained bridge gains more over the zero-init bridge than the
-control does, and loses that gain when its Qwen3 caches are shuffled at evaluation.
+the full instruction. Without the bridge the DiT cannot know the colour. Per seed, every design
+(`residual`, `tokens`, `both`) is trained with the project's own trainer, plus a control trained the same
+way with Qwen3 caches re-paired with other samples at every step (`ablate_qwen3="shuffle"`: it can only
+learn a generic correction of the redacted prompt).
+
+The headline is counterfactual: for held-out images, Qwen2.5-VL reads "Make the <shape>" and Qwen3-VL
+reads "Make the <shape> <k>" for every colour k; the edit is decoded and the named shape's colour read.
+
+- follow rate: how often the decoded colour is the k that Qwen3-VL read (guessing: 1 in 6);
+- changed rate: how often the edit changes at all when only Qwen3-VL's colour word changes;
+- fraction captured = (L_control - L_bridge) / (L_control - L_reference), with held-out flow-matching
+  losses, L_reference the DiT's own encoder given the full instruction: how much of the reference's
+  advantage over a generic correction the bridge recovers.
+
+Intervals are over seeds (Student t, the seed count printed): a bootstrap over three seeds cannot put
+its lower bound below the worst seed.
 
     python bench/prove_bridge_information.py [--quick]      # table + one JSON line
 """
@@ -14,35 +25,33 @@ control does, and loses that gain when its Qwen3 caches are shuffled at evaluati
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .bridge import negative_prompt_embeds
+from .bridge import identity_bridge, negative_prompt_embeds
 from .cache_format import SampleCache
 from .edit_prompt import condition_size
-from .synthetic_triplets import Triplet, edit_success, make_triplets
+from .synthetic_triplets import COLOURS, Triplet, edit_success, make_triplets, nearest_colour, shape_mask
 from .training import BridgeTrainer, TrainConfig
 from .batch.stages.latents import encode_latents
 from .training_data import TrainingExample
 
 logger = logging.getLogger(__name__)
 
-CONDITIONS = ("baseline", "trained", "trained_qwen3_shuffled", "shuffle_trained", "full_instruction")
-LABELS = {
-    "baseline": "zero-init bridge (Qwen2.5-VL without the colour)",
-    "trained": "trained bridge",
-    "trained_qwen3_shuffled": "trained bridge, Qwen3 caches shuffled",
-    "shuffle_trained": "bridge trained on shuffled Qwen3 caches",
-    "full_instruction": "reference: Qwen2.5-VL with the full instruction",
-}
+DESIGNS = ("residual", "tokens", "both")
+CHANGE_THRESHOLD = 2  # an edit "changed" when some pixel moved by more than this (of 255): not rounding noise
 
 
 @dataclass
 class ProofConfig:
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    designs: tuple[str, ...] = DESIGNS
+    default_design: str = "tokens"  # the design the headline numbers and the control are for
+    num_tokens: int = 4
     train_samples: int = 512
     heldout_samples: int = 64
     steps: int = 1500
@@ -50,12 +59,14 @@ class ProofConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 20
     heldout_repeats: int = 4
-    edit_samples: int = 32  # held-out samples decoded per condition for edit success (0: skip)
+    counterfactual_images: int = 16  # held-out images decoded with every colour, per condition (0: skip)
     inference_steps: int = 20
     extract_batch_size: int = 32
+    overrides: dict = field(default_factory=dict)  # extra BridgeConfig fields for every design
 
 
-QUICK = ProofConfig(train_samples=128, heldout_samples=32, steps=200, edit_samples=16)
+QUICK = ProofConfig(seeds=(0, 1), train_samples=128, heldout_samples=32, steps=400, counterfactual_images=8,
+                    inference_steps=10)
 
 
 # -- data ------------------------------------------------------------------------------------------------
@@ -83,34 +94,84 @@ def redacted_examples(editor, triplets: list[Triplet], prefix: str, batch_size: 
     return examples, full
 
 
+def painted_colour(triplet: Triplet, edited) -> str:
+    """The palette colour nearest to the mean inside the named shape of a decoded edit."""
+    pixels = np.asarray(edited.convert("RGB").resize(triplet.source.size), dtype=np.float64)
+    box = triplet.shapes[triplet.shape][1]
+    return nearest_colour(pixels[shape_mask(triplet.shape, box, pixels.shape[0])].mean(axis=0))
+
+
+# -- the counterfactual ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExample], triplets: dict[str, Triplet],
+                         config: ProofConfig) -> dict[str, dict]:
+    """Every held-out image with every colour word, read by Qwen3-VL only (Qwen2.5-VL keeps the redacted prompt).
+
+    Args:
+        conditions: name -> a bridge, or "baseline" / "reference" (the DiT's own encoder without / with the
+            colour word). All conditions decode with the same seed per image, so only the words differ.
+    Returns:
+        name -> {"follow": [n_images x n_colours] bool, "changed": same (False where k is the instruction's own
+        colour), "success": [n_images] bool (the instruction's own colour, both shapes checked)}.
+    """
+    extractor, colours = editor.extractor, list(COLOURS)
+    examples = examples[: config.counterfactual_images]
+    qwen3, full, redacted, samples, seeds, rows = [], [], [], [], [], []
+    for index, example in enumerate(examples):
+        triplet = triplets[example.key]
+        prompts = [f"Make the {triplet.shape} {colour}" for colour in colours]
+        images = [[triplet.source]] * len(colours)
+        qwen3 += extractor.extract_qwen3_vision(images, prompts)
+        full += extractor.extract_qwen25_vision(images, prompts)
+        redacted += [example.cache.qwen25] * len(colours)
+        samples += images
+        seeds += [1000 + index] * len(colours)
+        rows += [(triplet, colour) for colour in colours]
+    results = {}
+    for name, condition in conditions.items():
+        if name == "baseline":
+            output = negative_prompt_embeds(redacted)  # Qwen-Image-Edit's own embeddings, no bridge
+        elif name == "reference":
+            output = negative_prompt_embeds(full)
+        else:
+            output = condition(qwen3, redacted)
+        edits = []
+        for start in range(0, len(samples), 48):  # bounded memory; one DiT call per chunk
+            part = slice(start, start + 48)
+            edits += editor.denoise(samples[part], output.prompt_embeds[part].detach(), output.prompt_embeds_mask[part],
+                                    seeds[part], config.inference_steps, 1.0, None, "pil")
+        painted = np.array([painted_colour(t, e) == k for (t, k), e in zip(rows, edits)]).reshape(len(examples), -1)
+        arrays = [np.asarray(e.convert("RGB"), dtype=np.int16) for e in edits]
+        changed = np.zeros_like(painted)
+        success = np.zeros(len(examples), dtype=bool)
+        for i, example in enumerate(examples):
+            triplet = triplets[example.key]
+            own = i * len(colours) + colours.index(triplet.colour)
+            success[i] = edit_success(triplet, edits[own])
+            for j in range(len(colours)):
+                if j != colours.index(triplet.colour):
+                    changed[i, j] = np.abs(arrays[i * len(colours) + j] - arrays[own]).max() > CHANGE_THRESHOLD
+        results[name] = {"follow": painted, "changed": changed, "success": success}
+    return results
+
+
 # -- one seed --------------------------------------------------------------------------------------------
 
 
-def _edit_success(editor, bridges: dict, examples: list[TrainingExample], shuffled: list, full: dict,
-                  triplets: dict[str, Triplet], config: ProofConfig) -> dict[str, float]:
-    """Fraction of decoded held-out edits that recolour the named shape correctly, per condition."""
-    examples = examples[: config.edit_samples]
-    qwen3 = [e.cache.qwen3 for e in examples]
-    qwen25 = [e.cache.qwen25 for e in examples]
-    embeds = {
-        "baseline": negative_prompt_embeds(qwen25),  # Qwen-Image-Edit's own embeddings, unbridged
-        "trained": bridges["trained"](qwen3, qwen25),
-        "trained_qwen3_shuffled": bridges["trained"](shuffled[: len(examples)], qwen25),
-        "shuffle_trained": bridges["shuffle_trained"](qwen3, qwen25),
-        "full_instruction": negative_prompt_embeds([full[e.key] for e in examples]),
-    }
-    samples = [[triplets[e.key].source] for e in examples]
-    seeds = [1000 + i for i in range(len(examples))]
-    success = {}
-    for name, output in embeds.items():
-        images = editor.denoise(samples, output.prompt_embeds.detach(), output.prompt_embeds_mask, seeds,
-                                config.inference_steps, 1.0, None, "pil")
-        success[name] = float(np.mean([edit_success(triplets[e.key], image) for e, image in zip(examples, images)]))
-    return success
+def _train(editor, examples, work_dir: Path, name: str, train: TrainConfig, config: ProofConfig, mode: str):
+    from .bridge import BridgeConfig
+
+    first = examples[0].cache
+    bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=mode, num_tokens=config.num_tokens,
+                                             **config.overrides)
+    trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train, bridge_config)
+    return trainer, trainer.train(resume=False, progress=False)
 
 
-def run_seed(editor, seed: int, config: ProofConfig, work_dir: Path, image_size: int = 64) -> dict:
-    """Trains the bridge normally and on shuffled Qwen3 caches; per-sample held-out losses of every condition."""
+def run_seed(editor, seed: int, config: ProofConfig, work_dir: Path, image_size: int = 64, progress=None) -> dict:
+    """Trains every design and the control; held-out losses per condition, the counterfactual edits, statistics."""
     total = config.train_samples + config.heldout_samples
     triplets = make_triplets(total, image_size, seed=10_000 + seed)  # disjoint from the DiT's training pictures (seed 0)
     examples, full = redacted_examples(editor, triplets, f"seed{seed}", config.extract_batch_size)
@@ -119,31 +180,46 @@ def run_seed(editor, seed: int, config: ProofConfig, work_dir: Path, image_size:
                         warmup_steps=config.warmup_steps, eval_every=config.steps, checkpoint_every=config.steps,
                         heldout_fraction=config.heldout_samples / total, seed=seed,
                         heldout_repeats=config.heldout_repeats, gradient_checkpointing=False)
-    real = BridgeTrainer(editor.pipe, examples, work_dir / f"seed{seed}-real", train)
-    real_metrics = real.train(resume=False, progress=False)
-    control = BridgeTrainer(editor.pipe, examples, work_dir / f"seed{seed}-shuffle", replace(train, ablate_qwen3="shuffle"))
-    control_metrics = control.train(resume=False, progress=False)
-    from .bridge import VisionCacheBridge
-
-    reference = [replace(e, cache=replace(e.cache, qwen25=full[e.key])) for e in real.heldout]
-    untrained = VisionCacheBridge(real.bridge_config)
-    per_sample = {
-        "baseline": np.asarray(real_metrics["heldout_per_sample"]["baseline"]),
-        "trained": np.asarray(real_metrics["heldout_per_sample"]["trained"]),
-        "trained_qwen3_shuffled": np.asarray(real_metrics["heldout_per_sample"]["qwen3_shuffled"]),
-        "shuffle_trained": np.asarray(control_metrics["heldout_per_sample"]["trained"]),
-        "full_instruction": real.heldout_losses(untrained, examples=reference),
-    }
-    result = {"seed": seed, "losses": per_sample, "statistics": real_metrics["bridge_statistics"],
+    trained, metrics = {}, {}
+    for design in config.designs:
+        trained[design], metrics[design] = _train(editor, examples, work_dir, f"seed{seed}-{design}", train, config, design)
+        if progress:
+            progress(f"seed {seed}: {design} trained")
+    control, control_metrics = _train(editor, examples, work_dir, f"seed{seed}-control", replace(train, ablate_qwen3="shuffle"),
+                                      config, config.default_design)
+    some = trained[config.designs[0]]
+    reference = [replace(e, cache=replace(e.cache, qwen25=full[e.key])) for e in some.heldout]
+    losses = {"baseline": np.asarray(metrics[config.designs[0]]["heldout_per_sample"]["baseline"]),
+              "control": np.asarray(control_metrics["heldout_per_sample"]["trained"]),
+              "reference": some.heldout_losses(identity_bridge(some.bridge_config), examples=reference)}
+    for design in config.designs:
+        losses[design] = np.asarray(metrics[design]["heldout_per_sample"]["trained"])
+        losses[f"{design}_qwen3_shuffled"] = np.asarray(metrics[design]["heldout_per_sample"]["qwen3_shuffled"])
+    result = {"seed": seed, "losses": losses,
+              "statistics": {d: metrics[d]["bridge_statistics"] for d in config.designs},
+              "level_zeroed": {d: metrics[d]["heldout_loss_level_zeroed"] for d in config.designs},
               "control_statistics": control_metrics["bridge_statistics"]}
-    if config.edit_samples:
-        with torch.no_grad():
-            result["edit_success"] = _edit_success(editor, {"trained": real.bridge, "shuffle_trained": control.bridge},
-                                                   real.heldout, real.heldout_shuffled, full, by_key, config)
+    if config.counterfactual_images:
+        conditions = {"baseline": None, **{d: trained[d].bridge.eval() for d in config.designs},
+                      "control": control.bridge.eval(), "reference": None}
+        result["counterfactual"] = counterfactual_edits(editor, conditions, some.heldout, by_key, config)
+        if progress:
+            progress(f"seed {seed}: counterfactual edits decoded")
     return result
 
 
 # -- statistics ------------------------------------------------------------------------------------------
+
+
+def t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean over seeds (NaN with fewer than two)."""
+    from scipy.stats import t
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float("nan"), float("nan")
+    half = t.ppf((1 + level) / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size)
+    return float(values.mean() - half), float(values.mean() + half)
 
 
 def _relative(losses: dict, better: str, worse: str = "baseline") -> float:
@@ -151,61 +227,112 @@ def _relative(losses: dict, better: str, worse: str = "baseline") -> float:
     return float((losses[worse].mean() - losses[better].mean()) / losses["baseline"].mean())
 
 
-def hierarchical_bootstrap_ci(results: list[dict], better: str, worse: str, resamples: int = 2000,
-                              seed: int = 0) -> tuple[float, float]:
-    """95% CI of mean over seeds of (worse - better) / baseline, resampling seeds and then held-out samples."""
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(resamples):
-        draws = []
-        for s in rng.integers(0, len(results), len(results)):
-            losses = results[s]["losses"]
-            pick = rng.integers(0, len(losses["baseline"]), len(losses["baseline"]))
-            draws.append((losses[worse][pick].mean() - losses[better][pick].mean()) / losses["baseline"][pick].mean())
-        values.append(np.mean(draws))
-    return float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))
+def fraction_captured(losses: dict, design: str) -> float:
+    """(L_control - L_design) / (L_control - L_reference), mean held-out losses of one seed."""
+    gap = losses["control"].mean() - losses["reference"].mean()
+    return float((losses["control"].mean() - losses[design].mean()) / gap) if gap > 0 else float("nan")
+
+
+def _rate(result: dict, name: str, what: str) -> float:
+    counterfactual = result.get("counterfactual", {}).get(name)
+    if counterfactual is None:
+        return float("nan")
+    values = counterfactual[what]
+    if what == "changed":  # only the pairs where Qwen3's word differs from the instruction's own
+        return float(values.sum() / max(1, values.size - values.shape[0]))
+    return float(values.mean())
+
+
+def _summary_of(results: list[dict], name: str, per_seed) -> dict:
+    values = [per_seed(r) for r in results]
+    low, high = t_interval(values)
+    return {"mean": float(np.mean(values)), "ci_low": low, "ci_high": high, "per_seed": values}
 
 
 def summarize(results: list[dict], config: ProofConfig) -> dict:
-    """The final JSON: gains as fractions of the baseline held-out loss, averaged over seeds, with CIs."""
-    gain_real = float(np.mean([_relative(r["losses"], "trained") for r in results]))
-    gain_shuffled = float(np.mean([_relative(r["losses"], "shuffle_trained") for r in results]))
-    low, high = hierarchical_bootstrap_ci(results, "trained", "shuffle_trained")
-    eval_low, eval_high = hierarchical_bootstrap_ci(results, "trained", "trained_qwen3_shuffled")
+    """The final JSON: the default design's headline numbers, every design's, intervals over seeds."""
+    default = config.default_design
+    designs = {}
+    for design in config.designs:
+        designs[design] = {
+            "gain": _summary_of(results, design, lambda r, d=design: _relative(r["losses"], d)),
+            "fraction_captured": _summary_of(results, design, lambda r, d=design: fraction_captured(r["losses"], d)),
+            "information_gain_eval": _summary_of(results, design, lambda r, d=design: _relative(
+                r["losses"], d, f"{d}_qwen3_shuffled")),
+            "follow_rate": _summary_of(results, design, lambda r, d=design: _rate(r, d, "follow")),
+            "changed_rate": _summary_of(results, design, lambda r, d=design: _rate(r, d, "changed")),
+            "edit_success": _summary_of(results, design, lambda r, d=design: _rate(r, d, "success")),
+            "level_zeroed_loss": {level: float(np.mean([r["level_zeroed"][design][level] for r in results]))
+                                  for level in results[0]["level_zeroed"][design]},
+        }
+    headline = designs[default] if default in designs else next(iter(designs.values()))
+    diff = [(_relative(r["losses"], default) - _relative(r["losses"], "control")) for r in results] \
+        if default in config.designs else [float("nan")]
+    diff_low, diff_high = t_interval(diff)
+    others = {name: _summary_of(results, name, lambda r, n=name: _rate(r, n, "follow"))
+              for name in ("baseline", "control", "reference")}
     summary = {
-        "gain_real": gain_real,
-        "gain_shuffled": gain_shuffled,
-        "diff": gain_real - gain_shuffled,
-        "diff_ci_low": low,
-        "diff_ci_high": high,
-        "gain_real_evaluated_shuffled": float(np.mean([_relative(r["losses"], "trained_qwen3_shuffled") for r in results])),
-        "information_gain_eval": float(np.mean([_relative(r["losses"], "trained", "trained_qwen3_shuffled") for r in results])),
-        "information_gain_eval_ci": [eval_low, eval_high],
-        "gain_full_instruction": float(np.mean([_relative(r["losses"], "full_instruction") for r in results])),
+        "design": default,
+        "follow_rate": headline["follow_rate"]["mean"],
+        "follow_rate_ci": [headline["follow_rate"]["ci_low"], headline["follow_rate"]["ci_high"]],
+        "follow_rate_control": others["control"]["mean"],
+        "follow_rate_reference": others["reference"]["mean"],
+        "follow_rate_baseline": others["baseline"]["mean"],
+        "guessing": 1 / len(COLOURS),
+        "changed_rate": headline["changed_rate"]["mean"],
+        "changed_rate_control": _summary_of(results, "control", lambda r: _rate(r, "control", "changed"))["mean"],
+        "fraction_captured": headline["fraction_captured"]["mean"],
+        "fraction_captured_ci_low": headline["fraction_captured"]["ci_low"],
+        "fraction_captured_ci_high": headline["fraction_captured"]["ci_high"],
+        "gain_real": headline["gain"]["mean"],
+        "gain_shuffled": float(np.mean([_relative(r["losses"], "control") for r in results])),
+        "diff": float(np.mean(diff)),
+        "diff_ci_low": diff_low,
+        "diff_ci_high": diff_high,
+        "gain_full_instruction": float(np.mean([_relative(r["losses"], "reference") for r in results])),
+        "edit_success": {name: _summary_of(results, name, lambda r, n=name: _rate(r, n, "success"))["mean"]
+                         for name in ("baseline", *config.designs, "control", "reference")},
+        "designs": designs,
         "seeds": len(results),
+        "interval": "95% Student t over seeds",
         "heldout_samples": int(len(results[0]["losses"]["baseline"])),
+        "counterfactual_edits_per_condition": int(config.counterfactual_images * len(COLOURS) * len(results)),
         "config": asdict(config),
-        "bridge_beats_shuffled_control": bool(low > 0),
     }
-    if "edit_success" in results[0]:
-        summary["edit_success"] = {name: float(np.mean([r["edit_success"][name] for r in results])) for name in CONDITIONS}
+    summary["bridge_beats_shuffled_control"] = bool(summary["fraction_captured_ci_low"] > 0)
     return summary
 
 
-def format_table(results: list[dict]) -> str:
-    """Per seed and condition: held-out loss, gain over the zero-init bridge, edit success; bridge statistics."""
-    lines = [f"{'seed':>4}  {'condition':<50} {'held-out loss':>13} {'gain':>8} {'edit success':>13}"]
+def format_table(results: list[dict], config: ProofConfig) -> str:
+    """Per seed and condition: held-out loss, gain over no bridge, counterfactual follow and changed rates, edit
+    success; then each design's bridge statistics and per-level ablation."""
+    names = ("baseline", *config.designs, "control", "reference")
+    labels = {"baseline": "no bridge (Qwen2.5-VL without the colour)", "control": f"control ({config.default_design}, "
+              "trained on shuffled Qwen3)", "reference": "reference: Qwen2.5-VL given the colour",
+              **{d: f"bridge: {d}" for d in config.designs}}
+    lines = [f"{'seed':>4}  {'condition':<46} {'held-out loss':>13} {'gain':>8} {'follow':>7} {'changed':>8} {'success':>8}"]
     for result in results:
         losses = result["losses"]
-        for name in CONDITIONS:
-            success = result.get("edit_success", {}).get(name)
-            lines.append(f"{result['seed']:>4}  {LABELS[name]:<50} {losses[name].mean():>13.5f} "
-                         f"{_relative(losses, name):>+8.2%} {'' if success is None else f'{success:>13.0%}'}")
-        stats = result["statistics"]
-        lines.append(f"{'':>4}  trained bridge: correction/base RMS {stats['correction_rms_ratio']:.3f} "
-                     f"(token max {stats['correction_rms_ratio_token_max']:.3f}), token cosine "
-                     f"{stats['token_cosine_base']:.3f} -> {stats['token_cosine_enhanced']:.3f}, gates text "
-                     f"{stats['gate_text']:+.3f} vision {stats['gate_vision']:+.3f}")
+        for name in names:
+            lines.append(f"{result['seed']:>4}  {labels[name]:<46} {losses[name].mean():>13.5f} "
+                         f"{_relative(losses, name):>+8.2%} {_rate(result, name, 'follow'):>7.0%} "
+                         f"{_rate(result, name, 'changed'):>8.0%} {_rate(result, name, 'success'):>8.0%}")
+        for design in config.designs:
+            zeroed = ", ".join(f"{k} {v:.4f}" for k, v in result["level_zeroed"][design].items())
+            lines.append(f"{'':>4}  {design}: level zeroed -> held-out loss {zeroed}")
+    return "\n".join(lines)
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"over {summary['seeds']} seeds ({summary['interval']}), {summary['heldout_samples']} held-out samples and "
+             f"{summary['counterfactual_edits_per_condition']} counterfactual edits per condition:"]
+    for design, values in summary["designs"].items():
+        f, r = values["fraction_captured"], values["follow_rate"]
+        lines.append(f"  {design:<9} fraction captured {f['mean']:+.2f} [{f['ci_low']:+.2f}, {f['ci_high']:+.2f}]  "
+                     f"follow rate {r['mean']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}]  changed "
+                     f"{values['changed_rate']['mean']:.0%}  edit success {values['edit_success']['mean']:.0%}")
+    lines.append(f"  follow rate: control {summary['follow_rate_control']:.0%}, no bridge {summary['follow_rate_baseline']:.0%}, "
+                 f"reference {summary['follow_rate_reference']:.0%}, guessing {summary['guessing']:.0%}")
     return "\n".join(lines)
 
 
@@ -222,6 +349,6 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
     editor = EnhancedQwenImageEdit(trained_edit_model, qwen3_model, device="cpu", condition_area=size * size)
     results = []
     for seed in config.seeds:
-        results.append(run_seed(editor, seed, config, Path(work_dir), size))
+        results.append(run_seed(editor, seed, config, Path(work_dir), size, progress))
         progress(f"seed {seed} done")
     return results, summarize(results, config)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from .bridge import STATISTICS_NAME, BridgeConfig, VisionCacheBridge
+from .bridge import STATISTICS_NAME, BridgeConfig, VisionCacheBridge, identity_bridge
 from .cache_format import Qwen3VisionCache
 from .training_data import TrainingExample
 
@@ -169,12 +169,19 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 # -- the trainer ---------------------------------------------------------------------------------------
 
 
+MIN_HELDOUT = 4  # the Qwen3-shuffled evaluation needs two or more held-out samples; four give it a spread
+
+
 def _split(examples: list[TrainingExample], fraction: float) -> tuple[list, list]:
-    """Deterministic held-out split by key (at least one held-out sample when there are two or more)."""
+    """Deterministic held-out split by key: `fraction` of the examples, but on small sets up to `MIN_HELDOUT`
+    (never more than a quarter), so the information gain and its ablations have samples to compare."""
     import hashlib
 
     ranked = sorted(examples, key=lambda e: hashlib.sha256(e.key.encode()).hexdigest())
-    count = max(1, round(len(ranked) * fraction)) if len(ranked) > 1 else 0
+    count = max(1, round(len(ranked) * fraction), min(MIN_HELDOUT, len(ranked) // 4)) if len(ranked) > 1 else 0
+    if count < 2:
+        logger.warning("%d example(s): %d held out, so the Qwen3 information gain (which shuffles Qwen3 caches "
+                       "across held-out samples) cannot be measured; use 8 or more examples", len(ranked), count)
     return ranked[count:], ranked[:count]
 
 
@@ -209,6 +216,16 @@ def zeroed_qwen3(qwen3: Qwen3VisionCache) -> Qwen3VisionCache:
 
     return replace(qwen3, levels={k: torch.zeros_like(v) for k, v in qwen3.levels.items()},
                    deepstack={k: torch.zeros_like(v) for k, v in qwen3.deepstack.items()})
+
+
+def without_level(qwen3: Qwen3VisionCache, level: str) -> Qwen3VisionCache:
+    """The same cache with one Qwen3 level zeroed ("early", "mid", "late", or "deepstack" for all DeepStack
+    features): what the per-level ablation evaluates the trained bridge on."""
+    from dataclasses import replace
+
+    if level == "deepstack":
+        return replace(qwen3, deepstack={k: torch.zeros_like(v) for k, v in qwen3.deepstack.items()})
+    return replace(qwen3, levels={k: torch.zeros_like(v) if k == level else v for k, v in qwen3.levels.items()})
 
 
 def derangement(count: int, seed: int) -> list[int]:
@@ -331,6 +348,15 @@ class BridgeTrainer:
         shuffled = self.heldout_losses(bridge, self.heldout_shuffled) if self.heldout_shuffled else np.full(len(trained), np.nan)
         return {"trained": trained, "qwen3_shuffled": shuffled}
 
+    def level_ablation(self, bridge) -> dict[str, float]:
+        """Mean held-out loss with each Qwen3 level the bridge reads zeroed at evaluation (DeepStack too when
+        it is used): the larger the rise over the trained loss, the more that level carries."""
+        if not self.heldout:
+            return {}
+        levels = [*bridge.config.levels, *(["deepstack"] if bridge.config.use_deepstack else [])]
+        return {level: _mean(self.heldout_losses(bridge, [without_level(e.cache.qwen3, level) for e in self.heldout]))
+                for level in levels}
+
     def statistics(self, bridge) -> dict:
         """Correction/base RMS ratio, token cosine before/after and gates, on held-out (else training) samples."""
         examples = (self.heldout or self.train_set)[:16]
@@ -353,7 +379,7 @@ class BridgeTrainer:
         if checkpoint is not None:
             step, history = self._restore(checkpoint, optimizer, lr_scheduler)
             logger.info("resumed from %s at step %d", checkpoint, step)
-        baseline = self.heldout_losses(VisionCacheBridge(self.bridge_config).to(self.device))
+        baseline = self.heldout_losses(identity_bridge(self.bridge_config).to(self.device))  # no bridge
         frozen_before = _fingerprint(self.pipe.transformer)
         groups: dict[tuple, list] = {}
         for example in self.train_set:
@@ -421,6 +447,7 @@ class BridgeTrainer:
         information_gain, information_ci = paired_gain(shuffled, trained, self.config.seed)
         gain, gain_ci = paired_gain(baseline, trained, self.config.seed)
         baseline_loss = _mean(baseline)
+        level_ablation = self.level_ablation(self.bridge)
         metrics = {
             "heldout_loss_baseline": baseline_loss,
             "heldout_loss_trained": _mean(trained),
@@ -430,10 +457,14 @@ class BridgeTrainer:
             "qwen3_information_gain_relative": information_gain / baseline_loss if baseline_loss else float("nan"),
             "heldout_gain": gain,
             "heldout_gain_ci": gain_ci,
+            "heldout_loss_level_zeroed": level_ablation,
             "ablate_qwen3": self.config.ablate_qwen3,
+            "bridge_mode": self.bridge_config.mode,
+            "bridge_tokens": self.bridge_config.appended_tokens,
             "bridge_statistics": statistics,
             "gates": self.bridge.gate_values(),
-            "gate_abs_mean": float(np.mean([abs(v) for v in self.bridge.gate_values().values()])),
+            "gate_abs_mean": (float(np.mean([abs(v) for v in self.bridge.gate_values().values()]))
+                              if self.bridge.gate_values() else None),
             "final_train_loss": history["loss"][-1] if history["loss"] else float("nan"),
             "steps": history["step"][-1] if history["step"] else 0,
             "train_examples": len(self.train_set),

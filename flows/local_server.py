@@ -1,8 +1,14 @@
 """A project-local, temporary Prefect server for command-line runs (no server to set up).
 
-Prefect's own temporary server, started explicitly so that its process is known: its pid is kept in
-`PREFECT_HOME/temporary-server.pid`, a server left behind by a killed earlier run is stopped first, and
-SIGTERM stops it like a normal exit does. `PREFECT_HOME` is project-local, never the user's ~/.prefect.
+Prefect's own temporary server, started explicitly so that its process is known and tied to ours:
+- its pid is kept in `PREFECT_HOME/temporary-server.pid`; a server left behind by a killed earlier run
+  is stopped first;
+- on Linux it gets a parent-death signal, so a SIGKILL of the run takes the server with it at once;
+- SIGTERM stops it like a normal exit does;
+- it may take its time to start: a fresh database is migrated first, and on a busy 2-core machine that
+  alone passes Prefect's default 20 s limit. The limit here is `PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`
+  (Prefect's own setting; 180 s unless set), with one retry, then one clear error.
+`PREFECT_HOME` is project-local, never the user's ~/.prefect.
 """
 
 from __future__ import annotations
@@ -11,12 +17,19 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
 
 logger = logging.getLogger(__name__)
 SERVER_COMMAND_MARK = b"prefect.server.api.server:create_app"
+STARTUP_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+DEFAULT_STARTUP_SECONDS = 180  # a fresh database under load 4-8 on 2 cores took 20-60 s; idle ~10 s
+
+
+class ServerStartError(RuntimeError):
+    """The temporary Prefect server did not answer in time (twice)."""
 
 
 def _stop_leftover(pid_file: Path) -> None:
@@ -39,8 +52,72 @@ def prefect_environment(home: Path, quiet: bool = True) -> None:
     for name, value in (("PREFECT_SERVER_ANALYTICS_ENABLED", "false"), ("PREFECT_SERVER_UI_ENABLED", "false"),
                         ("PREFECT_LOGGING_LEVEL", "CRITICAL" if quiet else "INFO"),
                         ("PREFECT_LOGGING_TO_API_ENABLED", "false"),  # nobody reads a temporary server's logs
-                        ("PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS", "2")):
+                        ("PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS", "2"),
+                        (STARTUP_SETTING, str(DEFAULT_STARTUP_SECONDS))):
         os.environ.setdefault(name, value)
+
+
+def startup_seconds() -> int:
+    value = os.environ.get(STARTUP_SETTING, str(DEFAULT_STARTUP_SECONDS))
+    try:
+        seconds = int(value)
+    except ValueError:
+        raise ValueError(f"{STARTUP_SETTING} must be a whole number of seconds; got {value!r}") from None
+    if seconds < 1:
+        raise ValueError(f"{STARTUP_SETTING} must be at least 1; got {seconds}")
+    return seconds
+
+
+# Run in the server's own process before it becomes uvicorn: a parent-death signal (kept across exec), and an
+# exit if the parent is already gone. No `preexec_fn`: that is unsafe in a process with threads.
+_TIE_TO_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "parent = int(sys.argv[1])\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "if os.getppid() != parent: sys.exit(1)\n"
+    "os.execv(sys.executable, [sys.executable, *sys.argv[2:]])\n"
+)
+
+
+def _server_class():
+    import prefect
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    class TiedServer(SubprocessASGIServer):
+        """Prefect's temporary server whose process dies with ours (parent-death signal, Linux)."""
+
+        # Copied from prefect.server.api.server.SubprocessASGIServer._run_uvicorn_command (3.9), started through
+        # the parent-death launcher
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            command = ["-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                       "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                       "--log-level", "error", "--lifespan", "on"]
+            if sys.platform.startswith("linux"):
+                command = ["-c", _TIE_TO_PARENT, str(os.getpid()), *command]
+            server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            return subprocess.Popen(args=[sys.executable, *command], env={
+                **os.environ, **server_env, **get_current_settings().to_environment_variables(exclude_unset=True)})
+
+    return TiedServer
+
+
+def start_server(attempts: int = 2):
+    """A started temporary server; retries once, then raises `ServerStartError` naming the setting."""
+    seconds = startup_seconds()
+    server_class = _server_class()
+    for attempt in range(1, attempts + 1):
+        server = server_class()
+        try:
+            server.start(timeout=seconds)
+            return server
+        except RuntimeError as error:
+            server.stop()  # a server that did not answer may still be starting: never leave it behind
+            logger.warning("the temporary Prefect server did not answer within %d s (attempt %d of %d): %s",
+                           seconds, attempt, attempts, str(error).splitlines()[0][:200])
+    raise ServerStartError(
+        f"the temporary Prefect server did not answer within {seconds} s, {attempts} times (a busy machine?); "
+        f"raise {STARTUP_SETTING} (now {seconds}) or point PREFECT_API_URL at a running Prefect server")
 
 
 @contextlib.contextmanager
@@ -50,19 +127,19 @@ def local_prefect() -> Iterator[None]:
     if "PREFECT_API_URL" in os.environ:
         yield
         return
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     pid_file = Path(os.environ["PREFECT_HOME"]) / "temporary-server.pid"
     _stop_leftover(pid_file)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # exit normally: the server stops too
-    server = SubprocessASGIServer()
+    server = None
     try:
-        server.start()
+        server = start_server()
         pid_file.write_text(str(server.server_process.pid))
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         pid_file.unlink(missing_ok=True)
         signal.signal(signal.SIGTERM, previous)

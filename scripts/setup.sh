@@ -1,14 +1,29 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs vision-bridge with its test tools. Safe to rerun.
+# Creates .venv (if missing) and installs vision-bridge with its test tools; on a later run it installs only
+# when pyproject.toml changed (or the install is broken), quietly. Safe to rerun.
 # torch 2.14.1 / torchvision 0.29.1 are pinned in pyproject.toml; pip must not pick another torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_system.sh
 PYTHON=${PYTHON:-python3}
+STAMP=.venv/.vision-bridge-installed
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ] \
+   && .venv/bin/python -c "import bridgecore, flows, vision_bridge.cli, pytest" 2>/dev/null; then
+  exit 0
+fi
 if [ ! -x .venv/bin/python ]; then
+  echo "setting up .venv (first time: a few minutes)"
   "$PYTHON" -m venv .venv
 fi
 # pip's own exit status decides (pipefail); only the local index's "Location ... ignored" noise is dropped.
-.venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | { grep -v "^WARNING: Location" || true; }
-.venv/bin/python -m pip install --quiet -e ".[dev]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+log=$(mktemp)
+if ! { .venv/bin/python -m pip install --quiet --upgrade pip && .venv/bin/python -m pip install --quiet -e ".[dev]"; } >"$log" 2>&1; then
+  grep -v "^WARNING: Location" "$log" >&2 || true
+  rm -f "$log"
+  echo "error: installing vision-bridge into .venv failed (pip's output above)" >&2
+  exit 1
+fi
+rm -f "$log"
 .venv/bin/python -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__"
+echo "$wanted" > "$STAMP"

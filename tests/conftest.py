@@ -54,7 +54,7 @@ def make_image(width: int = 200, height: int = 120, seed: int = 0) -> Image.Imag
 
 
 def save_open_bridge(settings, path) -> str:
-    """A random bridge whose gate is open (its output differs from the baseline), saved at `path`."""
+    """A random bridge of both paths, its residual gate open (its output differs from the baseline), saved at `path`."""
     import torch
 
     from bridgecore.batch.settings import ModelPool
@@ -62,7 +62,7 @@ def save_open_bridge(settings, path) -> str:
 
     cache = ModelPool(settings).extractor.extract([[make_image()]], ["x"])[0]
     torch.manual_seed(0)
-    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16))
+    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16, mode="both", num_tokens=2))
     with torch.no_grad():
         for parameter in bridge.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))

@@ -31,7 +31,7 @@ def _open(bridge, value=0.5):
 @pytest.mark.parametrize("attention_fusion", [True, False])
 def test_untrained_bridge_is_the_baseline_bit_for_bit(caches, attention_fusion):
     sample = caches[0]
-    bridge = create_default_bridge(sample.qwen3, sample.qwen25, use_attention_fusion=attention_fusion)
+    bridge = create_default_bridge(sample.qwen3, sample.qwen25, mode="residual", use_attention_fusion=attention_fusion)
     out = bridge(sample.qwen3, sample.qwen25)
     assert torch.equal(out.prompt_embeds[0], sample.qwen25.prompt_embeds)
     assert out.prompt_embeds.dtype == sample.qwen25.prompt_embeds.dtype
@@ -39,11 +39,11 @@ def test_untrained_bridge_is_the_baseline_bit_for_bit(caches, attention_fusion):
 
 def test_gradients_reach_every_parameter_once_the_gate_is_open(caches):
     sample = caches[0]
-    closed = create_default_bridge(sample.qwen3, sample.qwen25, use_deepstack=True)
+    closed = create_default_bridge(sample.qwen3, sample.qwen25, mode="residual", use_deepstack=True)
     closed(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
     assert closed.gate.grad.abs().sum() > 0  # the gate learns first
     assert closed.out.weight.grad.abs().sum() == 0  # nothing else moves until it opens
-    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25, use_deepstack=True))
+    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25, mode="residual", use_deepstack=True))
     bridge(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
     for name, parameter in bridge.named_parameters():
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
@@ -54,7 +54,7 @@ def test_correction_cannot_erase_the_base_even_when_forced(caches, ratio):
     """Gates wide open and the output layer scaled 1000x: every token's correction stays below `ratio` of the
     token's own RMS, so each token keeps cosine >= sqrt(1 - ratio^2) with the embedding it corrects."""
     sample = caches[2]
-    bridge = create_default_bridge(sample.qwen3, sample.qwen25, max_correction_ratio=ratio)
+    bridge = create_default_bridge(sample.qwen3, sample.qwen25, mode="residual", max_correction_ratio=ratio)
     with torch.no_grad():
         bridge.gate.fill_(20.0)
         bridge.out.weight.mul_(1000.0)
@@ -73,7 +73,7 @@ def test_correction_cannot_erase_the_base_even_when_forced(caches, ratio):
 
 def test_statistics_of_an_untrained_bridge(caches):
     sample = caches[0]
-    stats = create_default_bridge(sample.qwen3, sample.qwen25).correction_statistics(
+    stats = create_default_bridge(sample.qwen3, sample.qwen25, mode="residual").correction_statistics(
         [c.qwen3 for c in caches], [c.qwen25 for c in caches])
     assert stats["correction_rms_ratio"] == 0 and stats["gate_text"] == stats["gate_vision"] == 0
     assert stats["token_cosine_enhanced"] == pytest.approx(stats["token_cosine_base"])
@@ -88,7 +88,7 @@ def test_one_gate_per_stream(caches):
     vision = torch.zeros(base.shape[0], dtype=torch.bool)
     vision[sample.qwen25.vision_positions] = True
     for stream, changed in ((0, ~vision), (1, vision)):
-        bridge = create_default_bridge(sample.qwen3, sample.qwen25)
+        bridge = create_default_bridge(sample.qwen3, sample.qwen25, mode="residual")
         with torch.no_grad():
             bridge.gate[stream] = 1.0
         out = bridge(sample.qwen3, sample.qwen25).prompt_embeds[0]
@@ -104,7 +104,7 @@ def test_negative_branch_is_not_bridged(caches):
 
 def test_open_bridge_changes_the_embeddings(caches):
     sample = caches[0]
-    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25))
+    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25, mode="residual"))
     out = bridge(sample.qwen3, sample.qwen25, return_attention_weights=True)
     assert not torch.equal(out.prompt_embeds[0], sample.qwen25.prompt_embeds)
     maps = out.attention_weights[0]
@@ -113,7 +113,7 @@ def test_open_bridge_changes_the_embeddings(caches):
 
 
 def test_batch_equals_one_by_one(caches):
-    bridge = _open(create_default_bridge(caches[0].qwen3, caches[0].qwen25)).eval()
+    bridge = _open(create_default_bridge(caches[0].qwen3, caches[0].qwen25, mode="residual")).eval()
     batch = bridge([c.qwen3 for c in caches], [c.qwen25 for c in caches])
     for b, cache in enumerate(caches):
         single = bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]
@@ -136,14 +136,14 @@ def test_resampling_keeps_the_2d_layout(grid3, grid25):
 
 def test_multi_image_alignment(plus_extractor):
     cache = plus_extractor.extract([make_image(200, 120, 0), make_image(120, 200, 1)], "swap them")
-    bridge = _open(create_default_bridge(cache.qwen3, cache.qwen25))
+    bridge = _open(create_default_bridge(cache.qwen3, cache.qwen25, mode="residual"))
     out = bridge(cache.qwen3, cache.qwen25)
     assert out.prompt_embeds.shape[1:] == cache.qwen25.prompt_embeds.shape
 
 
 def test_save_load_round_trip_and_dimension_check(tmp_path, caches):
     sample = caches[0]
-    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25), 0.3)
+    bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25, mode="residual"), 0.3)
     bridge.save_pretrained(tmp_path / "bridge")
     loaded = VisionCacheBridge.from_pretrained(tmp_path / "bridge", expect=BridgeConfig.from_caches(sample.qwen3, sample.qwen25))
     assert torch.equal(loaded(sample.qwen3, sample.qwen25).prompt_embeds, bridge(sample.qwen3, sample.qwen25).prompt_embeds)
@@ -152,6 +152,12 @@ def test_save_load_round_trip_and_dimension_check(tmp_path, caches):
     import json
 
     config = json.loads((tmp_path / "bridge" / "config.json").read_text())
+    # a checkpoint of the bounded residual written before modes existed loads as "residual", unchanged
+    legacy = {k: v for k, v in config.items() if k not in ("mode", "num_tokens")} | {"bridge_format": 2}
+    (tmp_path / "bridge" / "config.json").write_text(json.dumps(legacy))
+    old = VisionCacheBridge.from_pretrained(tmp_path / "bridge")
+    assert old.config.mode == "residual" and old.tokens is None
+    assert torch.equal(old(sample.qwen3, sample.qwen25).prompt_embeds, bridge(sample.qwen3, sample.qwen25).prompt_embeds)
     del config["bridge_format"]  # a checkpoint of the unbounded bridge
     (tmp_path / "bridge" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="format 1 .* retrain"):
@@ -160,7 +166,7 @@ def test_save_load_round_trip_and_dimension_check(tmp_path, caches):
 
 def test_mismatched_and_non_finite_caches_are_refused(caches, plus_extractor):
     sample = caches[0]
-    bridge = create_default_bridge(sample.qwen3, sample.qwen25)
+    bridge = create_default_bridge(sample.qwen3, sample.qwen25, mode="residual")
     with pytest.raises(ValueError, match="different numbers of images"):
         plus = plus_extractor.extract([make_image(), make_image(90, 90, 1)], "x")
         bridge(sample.qwen3, plus.qwen25)
@@ -176,18 +182,104 @@ def test_mismatched_and_non_finite_caches_are_refused(caches, plus_extractor):
         wrong(sample.qwen3, sample.qwen25)
 
 
-def test_parameter_count_at_real_dimensions():
+@pytest.mark.parametrize("mode, low, high", [("residual", 4e6, 6e6), ("tokens", 3e6, 10e6), ("both", 5e6, 10e6)])
+def test_parameter_count_at_real_dimensions(mode, low, high):
     with torch.device("meta"):
-        bridge = VisionCacheBridge(BridgeConfig())
-    assert 4e6 <= bridge.num_parameters() <= 6e6
+        bridge = VisionCacheBridge(BridgeConfig(mode=mode))
+    assert low <= bridge.num_parameters() <= high
 
 
 def test_caches_of_different_images_or_revisions_are_refused(caches):
     from dataclasses import replace
 
     first, second = caches[0], caches[1]
-    bridge = create_default_bridge(first.qwen3, first.qwen25)
+    bridge = create_default_bridge(first.qwen3, first.qwen25, mode="residual")
     with pytest.raises(ValueError, match="different images"):
         bridge(first.qwen3, replace(second.qwen25, grid_thw=first.qwen25.grid_thw))
     with pytest.raises(ValueError, match="Qwen2.5 revision 'other' != bridge's"):
         bridge(first.qwen3, replace(first.qwen25, revision="other"))
+
+
+# -- the token path -------------------------------------------------------------------------------------------
+
+
+def _tokens_bridge(cache, mode="tokens", num_tokens=3, **overrides):
+    torch.manual_seed(0)
+    bridge = create_default_bridge(cache.qwen3, cache.qwen25, mode=mode, num_tokens=num_tokens, rank=32, **overrides)
+    return _open(bridge) if mode == "both" else bridge
+
+
+@pytest.mark.parametrize("mode", ["residual", "tokens", "both"])
+def test_no_bridge_is_the_baseline_whatever_the_design(caches, mode):
+    from bridgecore.bridge import identity_bridge
+
+    sample = caches[1]
+    config = BridgeConfig.from_caches(sample.qwen3, sample.qwen25, mode=mode)
+    out = identity_bridge(config)(sample.qwen3, sample.qwen25)
+    assert torch.equal(out.prompt_embeds[0], sample.qwen25.prompt_embeds) and out.prompt_embeds_mask.all()
+
+
+@pytest.mark.parametrize("mode", ["tokens", "both"])
+def test_tokens_are_packed_right_after_each_sample_own_tokens(caches, mode):
+    """Prompts of three lengths in one batch: each row is [own tokens ; K tokens ; padding], the mask covers exactly
+    the first L_i + K positions, and every row equals the sample bridged alone (RoPE positions L_i .. L_i + K - 1
+    in any batch, as in training)."""
+    bridge = _tokens_bridge(caches[0], mode).eval()
+    lengths = [c.qwen25.prompt_embeds.shape[0] for c in caches]
+    assert len(set(lengths)) == 3
+    batch = bridge([c.qwen3 for c in caches], [c.qwen25 for c in caches])
+    assert batch.prompt_embeds.shape[1] == max(lengths) + 3
+    for b, (cache, length) in enumerate(zip(caches, lengths)):
+        single = bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]
+        assert single.shape[0] == length + 3
+        torch.testing.assert_close(batch.prompt_embeds[b, : length + 3], single)
+        assert batch.prompt_embeds_mask[b].tolist() == [1] * (length + 3) + [0] * (max(lengths) - length)
+        if mode == "tokens":  # the sample's own tokens are untouched: the information arrives in the new ones
+            assert torch.equal(single[:length], cache.qwen25.prompt_embeds)
+        assert single[length:].abs().sum() > 0
+
+
+def test_tokens_follow_what_qwen3_read_and_nothing_else(caches, extractor):
+    """Only the Qwen3 cache changes (another instruction, the same image): the appended tokens change, the
+    sample's own tokens do not. A Qwen2.5 cache of another instruction changes nothing in the tokens."""
+    bridge = _tokens_bridge(caches[0]).eval()
+    image = make_image(200, 120, 0)
+    red, blue = extractor.extract([image, image], ["make the square red", "make the square blue"])
+    with_red = bridge(red.qwen3, red.qwen25).prompt_embeds[0]
+    with_blue = bridge(blue.qwen3, red.qwen25).prompt_embeds[0]  # Qwen2.5 read "red", Qwen3 read "blue"
+    length = red.qwen25.prompt_embeds.shape[0]
+    assert torch.equal(with_red[:length], with_blue[:length]) and not torch.allclose(with_red[length:], with_blue[length:])
+    blue_25 = bridge(red.qwen3, blue.qwen25).prompt_embeds[0]
+    torch.testing.assert_close(blue_25[length:], with_red[length:])
+
+
+@pytest.mark.parametrize("mode", ["tokens", "both"])
+def test_gradients_reach_every_token_parameter(caches, mode):
+    sample = caches[0]
+    bridge = _tokens_bridge(sample, mode, use_deepstack=True)
+    bridge(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
+    for name, parameter in bridge.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_token_bridge_round_trip_and_attention_maps(tmp_path, caches):
+    sample = caches[2]
+    bridge = _tokens_bridge(sample, "both").eval()
+    bridge.save_pretrained(tmp_path / "bridge")
+    loaded = VisionCacheBridge.from_pretrained(tmp_path / "bridge")
+    assert loaded.config.mode == "both" and loaded.config.num_tokens == 3
+    out = loaded(sample.qwen3, sample.qwen25, return_attention_weights=True)
+    assert torch.equal(out.prompt_embeds, bridge(sample.qwen3, sample.qwen25).prompt_embeds)
+    tokens_map = out.attention_weights[0]["tokens"]
+    assert tokens_map.shape == (3, sample.qwen3.input_ids.numel())
+    torch.testing.assert_close(tokens_map.sum(-1), torch.ones(3))
+    stats = loaded.correction_statistics(sample.qwen3, sample.qwen25)
+    assert stats["appended_tokens"] == 3 and stats["appended_rms_ratio"] > 0 and "gate_text" in stats
+
+
+def test_modes_are_checked():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        BridgeConfig(mode="append")
+    with pytest.raises(ValueError, match="num_tokens must be at least 1"):
+        BridgeConfig(mode="tokens", num_tokens=0)
+    assert BridgeConfig(mode="residual", num_tokens=0).appended_tokens == 0

@@ -108,13 +108,14 @@ def test_condition_area_per_call(editor):
 
 def test_true_cfg_bridges_only_the_conditional_branch(tiny_zoo):
     """With true CFG the positive prompt goes through the (open) bridge, the negative prompt does not: it gets
-    exactly Qwen-Image-Edit's own embeddings, which is what the DiT was trained with as its negative."""
+    exactly Qwen-Image-Edit's own embeddings (no correction, no appended tokens), which is what the DiT was trained
+    with as its negative; CFG then amplifies what the bridge adds instead of cancelling it."""
     from bridgecore.bridge import BridgeConfig, VisionCacheBridge
 
     image, prompt, negative = make_image(), "make it blue", "blurry"
     plain = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA)
     cache = plain.extractor.extract(image, prompt)
-    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25))
+    bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, mode="both", num_tokens=2))
     with torch.no_grad():
         bridge.gate.fill_(1.0)
     editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], bridge=bridge, condition_area=AREA)
@@ -133,6 +134,7 @@ def test_true_cfg_bridges_only_the_conditional_branch(tiny_zoo):
     assert torch.equal(captured["negative"][0], plain_negative)
     assert torch.equal(captured["negative"][1], plain_negative_mask)
     torch.testing.assert_close(captured["embeds"], bridge(cache.qwen3, cache.qwen25).prompt_embeds)
+    assert captured["embeds"].shape[1] == cache.qwen25.prompt_embeds.shape[0] + 2  # the tokens: positive branch only
     assert not torch.equal(captured["embeds"], plain.encode([[image]], [prompt], use_qwen3_vision=False)[0])
 
 

@@ -38,17 +38,22 @@ def test_examples_are_packed_latents_with_caches(examples):
     assert example.cache.qwen25.prompt_embeds.ndim == 2 and not torch.equal(example.target, example.condition)
 
 
-def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settings, examples):
+@pytest.mark.parametrize("mode", ["residual", "tokens"])
+def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settings, examples, mode):
+    from bridgecore.bridge import BridgeConfig
+
     pipe = ModelPool(settings).editor.pipe
     dit_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
-    trainer = BridgeTrainer(pipe, examples, tmp_path / "ckpt", replace(FAST, steps=80, eval_every=40,
-                                                                       checkpoint_every=40))
+    first = examples[0].cache
+    trainer = BridgeTrainer(pipe, examples, tmp_path / "ckpt", replace(FAST, steps=80, eval_every=40, checkpoint_every=40),
+                            BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=mode))
     assert not any(p.requires_grad for p in pipe.transformer.parameters())
     assert not any(p.requires_grad for p in pipe.vae.parameters())
     assert all(p.requires_grad for p in trainer.bridge.parameters())
     metrics = trainer.train(progress=False)
     assert metrics["heldout_loss_trained"] < metrics["heldout_loss_baseline"]
-    assert metrics["gate_abs_mean"] > 0
+    assert metrics["bridge_mode"] == mode and (metrics["gate_abs_mean"] > 0 if mode == "residual" else
+                                              metrics["bridge_tokens"] == 4 and metrics["gate_abs_mean"] is None)
     assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in dit_before.items())
     for name in ("metrics.json", "loss_curve.png", "config.json", "model.safetensors", "bridge_statistics.json"):
         assert (tmp_path / "ckpt" / name).exists()
@@ -64,8 +69,15 @@ def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settin
     assert len(saved["history"]["heldout_loss_qwen3_shuffled"]) == len(saved["history"]["heldout_step"]) == 2
     # What the bridge does to the embeddings, recorded at every evaluation and in every checkpoint.
     stats = saved["bridge_statistics"]
-    assert 0 < stats["correction_rms_ratio"] and stats["correction_rms_ratio_token_max"] < 0.5
-    assert {"token_cosine_base", "token_cosine_enhanced", "gate_text", "gate_vision"} <= set(stats)
+    if mode == "residual":
+        assert 0 < stats["correction_rms_ratio"] and stats["correction_rms_ratio_token_max"] < 0.5
+        assert {"token_cosine_base", "token_cosine_enhanced", "gate_text", "gate_vision"} <= set(stats)
+    else:  # the sample's own tokens are untouched; the information is in the appended ones
+        assert stats["correction_rms_ratio"] == 0 and stats["appended_tokens"] == 4 and stats["appended_rms_ratio"] > 0
+    # Per-level ablation in every run: held-out loss with each Qwen3 level zeroed at evaluation.
+    zeroed = saved["heldout_loss_level_zeroed"]
+    assert set(zeroed) == {"early", "mid", "late"} and all(np.isfinite(list(zeroed.values())))
+    assert any(v != saved["heldout_loss_trained"] for v in zeroed.values())
     checkpoint_stats = json.loads((tmp_path / "ckpt" / "step_000040" / "bridge_statistics.json").read_text())
     assert checkpoint_stats["step"] == 40 and "correction_rms_ratio" in checkpoint_stats
 

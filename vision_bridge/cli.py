@@ -379,7 +379,7 @@ def bulk_edit(
             typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
         return
     _preflight(input, output, create_bucket)
-    from flows.local_server import local_prefect, prefect_environment
+    from flows.local_server import ServerStartError, local_prefect, prefect_environment
 
     prefect_environment(DEFAULT_HOME / "prefect", quiet=not _DEBUG)
     from flows.bulk_edit import bulk_edit as bulk_edit_flow
@@ -392,7 +392,7 @@ def bulk_edit(
                                      batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
                                      create_bucket=create_bucket, editor=editor, plus_model=settings.plus_model,
                                      **{**speed, "lora": list(speed["lora"])})
-    except _user_errors() as error:
+    except (*_user_errors(), ServerStartError) as error:
         _fail(str(error))
     counts = summary["counts"]
     typer.echo(f"done {counts['done']}, failed {counts['failed']}, pending {counts['pending']} "
@@ -416,6 +416,10 @@ def train(
     eval_every: int = typer.Option(100, help="Held-out loss and checkpoint every K steps."),
     seed: int = typer.Option(0, help="Seed of data order, noise and timesteps (deterministic on CPU)."),
     rank: int = typer.Option(256, help="Bridge rank (256 gives ~5M parameters at real dims)."),
+    mode: str = typer.Option("tokens", help="Bridge design: 'tokens' appends K conditioning tokens read from Qwen3-VL "
+                             "(can add what the DiT's own encoder lacks), 'residual' corrects the existing tokens "
+                             "(bounded), 'both'."),
+    num_tokens: int = typer.Option(4, help="K, the tokens the token path appends."),
     ablate_qwen3: str = typer.Option("none", help="Train a control: 'shuffle' pairs each sample with another sample's "
                                      "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
@@ -437,7 +441,7 @@ def train(
     config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,
                          eval_every=eval_every, checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
     try:
-        metrics = run_training(data, out, settings, config, {"rank": rank})
+        metrics = run_training(data, out, settings, config, {"rank": rank, "mode": mode, "num_tokens": num_tokens})
     except (ValueError, ModelNotAvailableError) as error:
         _fail(str(error))
     stats = metrics["bridge_statistics"]
@@ -445,14 +449,29 @@ def train(
                f"{metrics['heldout_loss_trained']:.5f}; trained with Qwen3 caches shuffled across held-out samples "
                f"{metrics['heldout_loss_qwen3_shuffled']:.5f}" + (f" (trained with --ablate-qwen3 {ablate_qwen3})"
                                                                    if ablate_qwen3 != "none" else ""))
-    typer.echo(f"bridge: correction/base RMS {stats['correction_rms_ratio']:.3f}, token cosine "
-               f"{stats['token_cosine_base']:.3f} -> {stats['token_cosine_enhanced']:.3f}, gates text "
-               f"{stats['gate_text']:+.3f} vision {stats['gate_vision']:+.3f}; saved in {out} (metrics.json, loss_curve.png)")
+    typer.echo(f"bridge ({metrics['bridge_mode']}): {_describe_statistics(stats)}; saved in {out} (metrics.json, "
+               "loss_curve.png)")
+    zeroed = metrics["heldout_loss_level_zeroed"]
+    if zeroed:
+        typer.echo("held-out loss with one Qwen3 level zeroed (higher = that level carries more): " + ", ".join(
+            f"{level} {loss:.5f}" for level, loss in zeroed.items()) + f" (none zeroed {metrics['heldout_loss_trained']:.5f})")
     low, high = metrics["qwen3_information_gain_ci"]
     typer.echo(f"Qwen3 information gain (held-out loss, shuffled - real Qwen3 caches): "
                f"{metrics['qwen3_information_gain']:+.5f} [95% CI {low:+.5f}, {high:+.5f}] = "
                f"{metrics['qwen3_information_gain_relative']:+.2%} of the baseline loss, "
                f"{metrics['heldout_examples']} held-out samples")
+
+
+def _describe_statistics(stats: dict) -> str:
+    parts = []
+    if "gate_text" in stats:
+        parts.append(f"correction/base RMS {stats['correction_rms_ratio']:.3f}, token cosine {stats['token_cosine_base']:.3f}"
+                     f" -> {stats['token_cosine_enhanced']:.3f}, gates text {stats['gate_text']:+.3f} vision "
+                     f"{stats['gate_vision']:+.3f}")
+    if stats.get("appended_tokens"):
+        parts.append(f"{stats['appended_tokens']} appended tokens (RMS {stats['appended_rms_ratio']:.2f}x the base's, "
+                     f"cosine with the base tokens {stats['appended_base_cosine']:+.3f})")
+    return "; ".join(parts)
 
 
 @app.command("make-benchmark")
