@@ -43,6 +43,7 @@ def main() -> None:
     import torch
 
     from bridgecore.information_proof import QUICK, ProofConfig, format_summary, format_table, run_proof
+    from bridgecore.training import json_safe
     from bridgecore.tiny_zoo import build_tiny_zoo
 
     torch.set_num_threads(1)  # tiny models: as fast, and immune to oversubscription on a shared CPU
@@ -68,7 +69,7 @@ def main() -> None:
           f"{summary['fraction_captured_ci_high']:+.2f}] over {summary['seeds']} seeds; follow rate "
           f"{summary['follow_rate']:.0%} vs control {summary['follow_rate_control']:.0%}; {time.time() - start:.0f} s")
     summary["seconds"] = round(time.time() - start, 1)
-    print(json.dumps(summary))
+    print(json.dumps(json_safe(summary)))  # strict JSON: an interval over one seed is null, not NaN
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ class ProofConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     designs: tuple[str, ...] = DESIGNS
     default_design: str = "tokens"  # the design the headline numbers and the control are for
-    num_tokens: int = 4
+    num_tokens: int = 1
     train_samples: int = 512
     heldout_samples: int = 64
     steps: int = 1500
@@ -65,7 +65,7 @@ class ProofConfig:
     overrides: dict = field(default_factory=dict)  # extra BridgeConfig fields for every design
 
 
-QUICK = ProofConfig(seeds=(0, 1), train_samples=128, heldout_samples=32, steps=400, counterfactual_images=8,
+QUICK = ProofConfig(seeds=(0, 1), train_samples=256, heldout_samples=32, steps=500, counterfactual_images=8,
                     inference_steps=10)
 
 
@@ -106,7 +106,7 @@ def painted_colour(triplet: Triplet, edited) -> str:
 
 @torch.no_grad()
 def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExample], triplets: dict[str, Triplet],
-                         config: ProofConfig) -> dict[str, dict]:
+                         config: ProofConfig, keep_images: bool = False) -> dict[str, dict]:
     """Every held-out image with every colour word, read by Qwen3-VL only (Qwen2.5-VL keeps the redacted prompt).
 
     Args:
@@ -114,7 +114,8 @@ def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExampl
             colour word). All conditions decode with the same seed per image, so only the words differ.
     Returns:
         name -> {"follow": [n_images x n_colours] bool, "changed": same (False where k is the instruction's own
-        colour), "success": [n_images] bool (the instruction's own colour, both shapes checked)}.
+        colour), "success": [n_images] bool (the instruction's own colour, both shapes checked)}, plus "images"
+        (the decoded edits, image-major, colours in `COLOURS` order) with `keep_images`.
     """
     extractor, colours = editor.extractor, list(COLOURS)
     examples = examples[: config.counterfactual_images]
@@ -153,7 +154,7 @@ def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExampl
             for j in range(len(colours)):
                 if j != colours.index(triplet.colour):
                     changed[i, j] = np.abs(arrays[i * len(colours) + j] - arrays[own]).max() > CHANGE_THRESHOLD
-        results[name] = {"follow": painted, "changed": changed, "success": success}
+        results[name] = {"follow": painted, "changed": changed, "success": success, **({"images": edits} if keep_images else {})}
     return results
 
 

@@ -347,16 +347,20 @@ def build_qwen_image_21(out_dir: Path, sizes: TinySizes = TinySizes()) -> Path:
 
 
 TRAINED_EDIT_MODEL = "qwen-image-edit-trained"
+TINY_BRIDGE = "bridge-tokens"
 
 
 def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: bool = False, trained: bool = False,
-                   trained_recipe=None) -> dict[str, Path]:
+                   trained_recipe=None, bridge: bool = False, bridge_recipe=None) -> dict[str, Path]:
     """Writes the four tiny models under `root`; skips those already present unless `overwrite`.
 
     With `trained`, also `qwen-image-edit-trained`: the tiny edit pipeline with its VAE and DiT trained on
     the synthetic edit task (`tiny_edit_model.TinyEditTrainConfig`, or `trained_recipe`), cached like the
-    rest: rebuilt only when missing or when the recipe changed.
+    rest: rebuilt only when missing or when the recipe changed. With `bridge` (implies `trained`), also
+    `bridge-tokens`: a bridge trained for that model with the colour word hidden from Qwen2.5-VL
+    (`tiny_bridge.TinyBridgeRecipe`, or `bridge_recipe`), retrained when its recipe or the edit model changed.
     """
+    from .tiny_bridge import TinyBridgeRecipe, train_tiny_bridge
     from .tiny_edit_model import TinyEditTrainConfig, train_tiny_edit_model
 
     root = Path(root)
@@ -367,10 +371,14 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
         "qwen-image-2.1": lambda p: build_qwen_image_21(p, sizes),
     }
     stamps = {name: {"seed": sizes.seed} for name in targets}
-    if trained:
+    if trained or bridge:
         recipe = trained_recipe or TinyEditTrainConfig(seed=sizes.seed)
         targets[TRAINED_EDIT_MODEL] = lambda p: train_tiny_edit_model(root / "qwen-image-edit", p, recipe)
         stamps[TRAINED_EDIT_MODEL] = {"seed": sizes.seed, "recipe": json.loads(recipe.fingerprint())}
+    if bridge:
+        chosen = bridge_recipe or TinyBridgeRecipe(seed=sizes.seed)
+        targets[TINY_BRIDGE] = lambda p: train_tiny_bridge(root / TRAINED_EDIT_MODEL, root / "qwen3-vl", p, chosen)
+        stamps[TINY_BRIDGE] = {"edit_model": stamps[TRAINED_EDIT_MODEL], "recipe": json.loads(chosen.fingerprint())}
     paths = {}
     for name, build in targets.items():
         path = root / name

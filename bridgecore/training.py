@@ -474,7 +474,7 @@ class BridgeTrainer:
             "config": asdict(self.config),
             "history": history,
         }
-        (self.out_dir / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=1))
+        (self.out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
         plot_loss_curve(history, baseline_loss, self.out_dir / "loss_curve.png")
         return metrics
 
@@ -483,14 +483,14 @@ def _mean(values: np.ndarray) -> float:
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def _json_safe(value):
+def json_safe(value):
     """NaN -> None, so metrics.json is strict JSON."""
     if isinstance(value, float):
         return None if math.isnan(value) else value
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 

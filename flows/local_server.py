@@ -120,11 +120,20 @@ def start_server(attempts: int = 2):
         f"raise {STARTUP_SETTING} (now {seconds}) or point PREFECT_API_URL at a running Prefect server")
 
 
+_active_url: list[str] = []  # the temporary server of this process, while one runs (nested calls reuse it)
+
+
+def active_api_url() -> str | None:
+    """The API URL of this process's temporary server (give it to a child process as PREFECT_API_URL), or None."""
+    return _active_url[-1] if _active_url else os.environ.get("PREFECT_API_URL")
+
+
 @contextlib.contextmanager
 def local_prefect() -> Iterator[None]:
-    """Runs the body against a temporary Prefect server (unless PREFECT_API_URL names one); see
-    `prefect_environment` for the settings, which must be in place before Prefect is imported."""
-    if "PREFECT_API_URL" in os.environ:
+    """Runs the body against a temporary Prefect server (unless PREFECT_API_URL names one, or one of this
+    process already runs: one process talks to one server, as Prefect's event worker stays with the first);
+    see `prefect_environment` for the settings, which must be in place before Prefect is imported."""
+    if "PREFECT_API_URL" in os.environ or _active_url:
         yield
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -136,9 +145,11 @@ def local_prefect() -> Iterator[None]:
     try:
         server = start_server()
         pid_file.write_text(str(server.server_process.pid))
+        _active_url.append(server.api_url)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        _active_url.clear()
         if server is not None:
             server.stop()
         pid_file.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -419,7 +420,7 @@ def train(
     mode: str = typer.Option("tokens", help="Bridge design: 'tokens' appends K conditioning tokens read from Qwen3-VL "
                              "(can add what the DiT's own encoder lacks), 'residual' corrects the existing tokens "
                              "(bounded), 'both'."),
-    num_tokens: int = typer.Option(4, help="K, the tokens the token path appends."),
+    num_tokens: int = typer.Option(1, help="K, the tokens the token path appends."),
     ablate_qwen3: str = typer.Option("none", help="Train a control: 'shuffle' pairs each sample with another sample's "
                                      "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
@@ -626,13 +627,17 @@ def quickstart(
     native_arm: bool = typer.Option(True, "--native-arm/--no-native-arm", help="Also run Qwen-Image-2.1 (the native "
                                     "arm; the tiny random one without real weights) over the same samples into the "
                                     "same output, and print both arms' scores side by side."),
+    bridge: Optional[str] = typer.Option(None, help="A trained bridge checkpoint for the Edit+bridge arm [default: the "
+                                         "tiny zoo's, trained once on the tiny task; none with real models]."),
 ):
     """The main job end to end on an embedded default: generates a small sample set and runs the bulk-edit
-    flow over it locally (ephemeral Prefect, local storage). Without real weights it uses the tiny zoo's
-    trained edit model on its own task ('Make the <shape> <colour>', with targets, so the run is scored),
-    then the Qwen-Image-2.1 arm over the same samples."""
+    flow over it locally (ephemeral Prefect, local storage), in three arms: Edit, Edit+bridge and Qwen-Image-2.1.
+    Without real weights it uses the tiny zoo's trained edit model on its own task ('Make the <shape> <colour>',
+    with targets, so the run is scored) and a tiny bridge trained for it; it ends with a page (index.html in
+    OUT_DIR) showing the arms side by side and the mechanism demonstration (the colour word hidden from the
+    DiT's own encoder and read by Qwen3-VL through the bridge)."""
     from bridgecore.tiny_edit_model import REPORT_NAME
-    from bridgecore.tiny_zoo import TRAINED_EDIT_MODEL
+    from bridgecore.tiny_zoo import TINY_BRIDGE, TRAINED_EDIT_MODEL, build_tiny_zoo
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, trained=True)
     trained_tiny = Path(edit_model).resolve() == (TINY_ZOO_DIR / TRAINED_EDIT_MODEL).resolve()
@@ -641,17 +646,50 @@ def quickstart(
 
         size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
         manifest = write_triplets(out_dir / "inputs", 6, size=size, seed=7)
+        if bridge is None:
+            if not (TINY_ZOO_DIR / TINY_BRIDGE / ".tiny-zoo-complete").exists():
+                typer.echo("training the tiny bridge for the tiny edit model (once, about a minute; cached in the zoo)",
+                           err=True)
+            bridge = str(build_tiny_zoo(TINY_ZOO_DIR, trained=True, bridge=True)[TINY_BRIDGE])
     else:
         manifest = _write_sample_set(out_dir / "inputs")
     area = condition_area or (size * size if trained_tiny else 128 * 128)
-    bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
-              editor="auto", plus_model=None, bridge=None, multi_image=False,
-              steps=steps or (20 if trained_tiny else 4), seed=0, cfg=1.0,
-              negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
-              dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
-              scheduler="auto",
-              compile=False, attention_backend=None, dit_offload=False)
-    arms = {"Edit": _arm_scores(out_dir / "run")}
+    edit_steps = steps or (20 if trained_tiny else 4)
+    from flows.local_server import ServerStartError, active_api_url, local_prefect, prefect_environment
+
+    prefect_environment(DEFAULT_HOME / "prefect", quiet=not _DEBUG)
+    try:
+        with local_prefect():  # one temporary Prefect server for every arm of the main job
+            arms = _quickstart_arms(out_dir, manifest, qwen3, edit_model, bridge, area, edit_steps, native_arm,
+                                    active_api_url())
+    except ServerStartError as error:
+        _fail(str(error))
+    typer.echo(f"edited images: {out_dir / 'run'}/{{edits,qwen21-edits}}/<settings>/data/<shard>/<id>.png "
+               f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
+    for arm, (run, scores) in arms.items():
+        typer.echo(f"arm {arm:<30} run {run}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    page = _main_job_page(out_dir, manifest, arms, qwen3, edit_model, bridge if trained_tiny else None, edit_steps)
+    typer.echo(f"open the page: {page.resolve()}")
+    if len(arms) > 1:
+        typer.echo("compare arms on a capability benchmark: vision-bridge make-benchmark B; bulk-edit each arm into "
+                   "one OUTPUT; vision-bridge evaluate OUTPUT/runs/RUN_A OUTPUT/runs/RUN_B --benchmark B")
+
+
+def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str, bridge: Optional[str], area: int,
+                     edit_steps: int, native_arm: bool, api_url: Optional[str]) -> dict:
+    """Edit, Edit+bridge (with a bridge) and Qwen-Image-2.1 over the same samples into one OUTPUT."""
+    arms = {}
+    for arm, arm_bridge in (("Edit", None), ("Edit+bridge", bridge)):
+        if arm == "Edit+bridge" and arm_bridge is None:
+            continue
+        typer.echo(f"arm {arm}: bulk-edit --input {manifest} --output {out_dir / 'run'}"
+                   + (f" --bridge {arm_bridge}" if arm_bridge else ""), err=True)
+        bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
+                  editor="auto", plus_model=None, bridge=arm_bridge, multi_image=False, steps=edit_steps, seed=0,
+                  cfg=1.0, negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
+                  dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
+                  scheduler="auto", compile=False, attention_backend=None, dit_offload=False)
+        arms[arm] = _arm_scores(out_dir / "run")
     if native_arm:
         import subprocess
 
@@ -660,22 +698,39 @@ def quickstart(
         qwen3_21, model_21 = resolve_or_tiny(None, None, editor="qwen-image-2.1")
         tiny_21 = Path(model_21).resolve().parent == TINY_ZOO_DIR.resolve()
         area_21 = max(area, min_condition_area(model_21) or 0)  # the real processor's floor is 256x256
-        # A command of its own, as a user would type it: one process, one temporary Prefect server.
+        # A command of its own, as a user would type it (the 2.1 arm loads its own models), on our Prefect server.
         command = [sys.executable, "-m", "vision_bridge.cli", "bulk-edit", "--input", str(manifest), "--output",
                    str(out_dir / "run"), "--editor", "qwen-image-2.1", "--qwen3", qwen3_21, "--edit-model", model_21,
-                   "--steps", str(steps or (20 if trained_tiny else 4)), "--condition-area", str(area_21),
-                   "--shard-size", "4"]
-        typer.echo("second arm: " + " ".join(command[2:]))
-        if subprocess.run(command).returncode != 0:
-            _fail("the Qwen-Image-2.1 arm failed (see above); the Edit arm's results are complete")
+                   "--steps", str(edit_steps), "--condition-area", str(area_21), "--shard-size", "4"]
+        typer.echo("arm Qwen-Image-2.1: " + " ".join(command[2:]), err=True)
+        environment = {**os.environ, **({"PREFECT_API_URL": api_url} if api_url else {})}  # our server, not a new one
+        if subprocess.run(command, env=environment).returncode != 0:
+            _fail("the Qwen-Image-2.1 arm failed (see above); the other arms' results are complete")
         arms["Qwen-Image-2.1" + (" (tiny, random)" if tiny_21 else "")] = _arm_scores(out_dir / "run")
-    typer.echo(f"edited images: {out_dir / 'run'}/{{edits,qwen21-edits}}/<settings>/data/<shard>/<id>.png "
-               f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
-    for arm, (run, scores) in arms.items():
-        typer.echo(f"arm {arm:<30} run {run}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    if len(arms) > 1:
-        typer.echo("compare arms on a capability benchmark: vision-bridge make-benchmark B; bulk-edit each arm into "
-                   "one OUTPUT; vision-bridge evaluate OUTPUT/runs/RUN_A OUTPUT/runs/RUN_B --benchmark B")
+    return arms
+
+
+def _main_job_page(out_dir: Path, manifest: Path, arms: dict, qwen3: str, edit_model: str, tiny_bridge: Optional[str],
+                   steps: int) -> Path:
+    """index.html: the arms side by side, and with the tiny zoo the mechanism demonstration (its follow rates)."""
+    from bridgecore.demo_page import arms_grid, mechanism_demo, write_page
+
+    notes = [f"Samples: {manifest}; outputs: {out_dir / 'run'}; models: Qwen3-VL {qwen3}, edit model {edit_model}."]
+    mechanism = numbers = None
+    if tiny_bridge is not None:
+        notes.insert(0, "TINY OFFLINE DEMONSTRATION: no real weights were found, so every model here is a tiny model of "
+                        "the real class: random VLMs, and an edit model (VAE + DiT) trained on CPU on one synthetic task, "
+                        "'Make the <shape> <colour>'. The numbers show the machinery and the mechanism at toy scale, "
+                        "not the real models' quality.")
+        typer.echo("mechanism demonstration: the colour word hidden from Qwen2.5-VL, read by Qwen3-VL through the bridge",
+                   err=True)
+        mechanism, numbers = mechanism_demo(edit_model, qwen3, tiny_bridge, steps=steps)
+        typer.echo(f"mechanism: follow rate (decoded colour == the colour only Qwen3-VL read, "
+                   f"{numbers['edits_per_condition']} edits): Edit+bridge {numbers['bridge']:.0%}, Edit without the "
+                   f"colour {numbers['baseline']:.0%}, Edit given the colour {numbers['reference']:.0%}, guessing "
+                   f"{numbers['guessing']:.0%}")
+    grid = arms_grid(manifest, out_dir / "run", {arm: run for arm, (run, _) in arms.items()})
+    return write_page(out_dir, grid, mechanism, numbers, notes)
 
 
 def _default_plus_model(edit_model: str) -> Optional[str]:

@@ -1,0 +1,141 @@
+"""The main job's page: the arms side by side on the quickstart samples, and the mechanism demonstration.
+
+`vision-bridge quickstart` ends by writing `index.html` (with its PNG grids beside it) into its output
+folder. On the tiny offline zoo it shows:
+
+- the arms: input | Edit | Edit+bridge | Qwen-Image-2.1 | target, one row per sample (read from each arm's
+  `runs/<run>/summary.parquet`);
+- the mechanism: Qwen2.5-VL (the DiT's own encoder) reads "Make the <shape>" without the colour; the
+  bridge's Qwen3-VL reads the colour. Per image: Edit without the colour | Edit+bridge | the reference (Edit
+  given the colour) | target, and one image with Qwen3-VL reading every colour in turn, with the follow rate
+  (decoded colour == the colour Qwen3-VL read) of each condition over images x colours.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from PIL import Image
+
+from .edit_pipeline import comparison_grid
+from .images import load_image
+
+TILE = 128
+ARM_TILE = 176  # room for an arm name above each picture
+
+
+def _stack(rows: list[Image.Image]) -> Image.Image:
+    width = max(r.width for r in rows)
+    grid = Image.new("RGB", (width, sum(r.height for r in rows)), (255, 255, 255))
+    y = 0
+    for row in rows:
+        grid.paste(row, (0, y))
+        y += row.height
+    return grid
+
+
+def _outputs(output: Path, run: str) -> dict[str, str]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(output / "runs" / run / "summary.parquet").to_pylist()
+    return {row["id"]: row["output"] for row in table if row["status"] == "done" and row["output"]}
+
+
+def arms_grid(manifest: Path, output: Path, runs: dict[str, str], limit: int = 6) -> Image.Image:
+    """input | each arm (by name, its run id in `output`) | target, for the manifest's first `limit` samples."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()][:limit]
+    outputs = {arm: _outputs(output, run) for arm, run in runs.items()}
+    grids = []
+    for row in rows:
+        source = load_image(manifest.parent / (row.get("images") or [row["image"]])[0])
+        panels = [("input", source)]
+        for arm, found in outputs.items():
+            path = found.get(row["id"])
+            panels.append((arm, load_image(path) if path else Image.new("RGB", source.size, (128, 128, 128))))
+        if row.get("target"):
+            panels.append(("target", load_image(manifest.parent / row["target"])))
+        grids.append(comparison_grid(panels, ARM_TILE))
+        grids.append(_caption(row["instruction"], grids[-1].width))
+    return _stack(grids)
+
+
+def _caption(text: str, width: int) -> Image.Image:
+    from PIL import ImageDraw
+
+    strip = Image.new("RGB", (width, 18), (240, 240, 240))
+    ImageDraw.Draw(strip).text((4, 3), text[:120], fill=(0, 0, 0))
+    return strip
+
+
+def mechanism_demo(edit_model: str | Path, qwen3_model: str | Path, bridge: str | Path, images: int = 8,
+                   steps: int = 20, seed: int = 30_000) -> tuple[Image.Image, dict]:
+    """Redacted-colour edits on fresh pictures; returns (the grid, follow rates and counts)."""
+    from .edit_pipeline import EnhancedQwenImageEdit
+    from .information_proof import QUICK, counterfactual_edits, redacted_examples
+    from .synthetic_triplets import COLOURS, make_triplets
+    from .tiny_edit_model import REPORT_NAME, one_thread
+
+    size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
+    with one_thread():
+        editor = EnhancedQwenImageEdit(edit_model, qwen3_model, bridge=bridge, device="cpu", condition_area=size * size)
+        triplets = make_triplets(images, size, seed=seed)  # pictures neither the edit model nor the bridge saw
+        examples, _ = redacted_examples(editor, triplets, "demo")
+        by_key = {e.key: t for e, t in zip(examples, triplets)}
+        first = examples[0].cache
+        conditions = {"baseline": None, "bridge": editor.bridge_for(first.qwen3, first.qwen25), "reference": None}
+        config = replace(QUICK, counterfactual_images=images, inference_steps=steps)
+        results = counterfactual_edits(editor, conditions, examples, by_key, config, keep_images=True)
+    colours, rows = list(COLOURS), []
+    labels = {"baseline": "Edit, no colour", "bridge": "Edit+bridge", "reference": "Edit, told it"}
+    for i, example in enumerate(examples):
+        triplet = by_key[example.key]
+        own = i * len(colours) + colours.index(triplet.colour)
+        panels = [("input", triplet.source), *((labels[n], results[n]["images"][own]) for n in labels),
+                  ("target", triplet.target)]
+        rows += [comparison_grid(panels, TILE), _caption(f"{triplet.instruction}  (Qwen2.5-VL read: "
+                                                         f"'{triplet.instruction_without_colour()}'; Qwen3-VL read it "
+                                                         "all; 'told it': Qwen2.5-VL read it all)", 5 * TILE)]
+    first_triplet = by_key[examples[0].key]
+    sweep = [("input", first_triplet.source)] + [(f"Qwen3: {c}", results["bridge"]["images"][j])
+                                                 for j, c in enumerate(colours)]
+    rows += [_caption(f"the same picture, Qwen2.5-VL reading 'Make the {first_triplet.shape}' and Qwen3-VL reading "
+                      "every colour in turn (Edit+bridge):", 7 * TILE), comparison_grid(sweep, TILE)]
+    numbers = {name: float(result["follow"].mean()) for name, result in results.items()}
+    numbers.update(images=images, colours=len(colours), edits_per_condition=images * len(colours),
+                   guessing=1 / len(colours))
+    return _stack(rows), numbers
+
+
+def write_page(folder: Path, arms: Image.Image | None, mechanism: Image.Image | None, numbers: dict | None,
+               notes: list[str]) -> Path:
+    """`folder/index.html` with `arms.png` and `mechanism.png` beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = [f"<p>{html.escape(note)}</p>" for note in notes]
+    if arms is not None:
+        arms.save(folder / "arms.png")
+        parts.append("<h2>The arms on the job's samples</h2><p>input | each arm | target (the task's ground truth)</p>"
+                     "<img src='arms.png' alt='arms side by side'>")
+    if mechanism is not None and numbers is not None:
+        mechanism.save(folder / "mechanism.png")
+        parts.append(
+            "<h2>Mechanism: the colour word reaches the DiT only through Qwen3-VL and the bridge</h2>"
+            "<p>Qwen2.5-VL, the DiT's own encoder, reads the instruction <em>without</em> its colour word; Qwen3-VL "
+            "reads it in full, and the bridge appends what it reads as a conditioning token. Follow rate = the "
+            f"decoded colour is the colour Qwen3-VL read, over {numbers['images']} unseen pictures x "
+            f"{numbers['colours']} colours ({numbers['edits_per_condition']} edits per condition):</p><table>"
+            f"<tr><th>condition</th><th>follow rate</th></tr>"
+            f"<tr><td>Edit, colour hidden (no bridge)</td><td>{numbers['baseline']:.0%}</td></tr>"
+            f"<tr><td>Edit+bridge (Qwen3-VL reads the colour)</td><td>{numbers['bridge']:.0%}</td></tr>"
+            f"<tr><td>reference: Edit given the colour by its own encoder</td><td>{numbers['reference']:.0%}</td></tr>"
+            f"<tr><td>guessing</td><td>{numbers['guessing']:.0%}</td></tr></table>"
+            "<img src='mechanism.png' alt='mechanism demonstration'>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>vision-bridge main job</title><style>"
+            "body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%}</style></head><body>"
+            "<h1>vision-bridge: the main job</h1>" + "".join(parts) + "</body></html>")
+    path = folder / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
