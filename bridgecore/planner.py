@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bridge import BridgeConfig
 from .edit_prompt import DEFAULT_CONDITION_AREA, EDIT_TEMPLATE
 
 REAL_CONFIGS = {
@@ -243,6 +244,17 @@ def bridge_cost(qwen3_seq: int, qwen3_grid: tuple[int, int], qwen25_seq: int, qw
     return {"parameters": bridge.num_parameters(), "flops": counter.get_total_flops()}
 
 
+def bridge_designs(token_counts: tuple[int, ...] = (1, 4, 16)) -> dict[str, int]:
+    """Parameters of each bridge design at the real dimensions (meta device: nothing allocated)."""
+    from .bridge import BridgeConfig, VisionCacheBridge
+
+    designs = {"residual": BridgeConfig(mode="residual")}
+    for mode in ("tokens", "both"):
+        designs.update({f"{mode} K={k}": BridgeConfig(mode=mode, num_tokens=k) for k in token_counts})
+    with torch.device("meta"):
+        return {name: VisionCacheBridge(config).num_parameters() for name, config in designs.items()}
+
+
 # Widths of `inner_dim` kept per token while one DiT block is recomputed for backward (q, k, v, attention
 # output, the 4x MLP before and after its activation, modulated norms, residuals, both streams): an estimate.
 BLOCK_RECOMPUTE_WIDTHS = 30
@@ -398,7 +410,8 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
         "flops": {"qwen25_extraction": flops25, "qwen3_extraction": flops3, "dit_step": dit,
                   "bridge": bridge["flops"]},
         "bridge": {"parameters": bridge["parameters"], "bytes_bf16": 2 * bridge["parameters"],
-                   "flops_vs_dit_step": bridge["flops"] / dit},
+                   "flops_vs_dit_step": bridge["flops"] / dit, "mode": BridgeConfig().mode,
+                   "num_tokens": BridgeConfig().num_tokens, "parameters_per_design": bridge_designs()},
         "training_memory": training_memory(models["transformer"], bridge["parameters"], seq25 - REAL_DROP_IDX),
         "inference_memory": inference_memory(
             models, {"qwen3_sequence": seq3, "qwen3_patches": g3[0] * g3[1], "qwen25_sequence": seq25,
@@ -419,7 +432,10 @@ def format_plan(report: dict[str, Any]) -> str:
     for name, m in report["models"].items():
         lines.append(f"{name:<14}{m['parameters'] / 1e9:>13.3f}B{m['bytes_bf16'] / 2**30:>11.2f}{m['bytes_int8'] / 2**30:>11.2f}")
     b = report["bridge"]
-    lines.append(f"{'bridge':<14}{b['parameters'] / 1e6:>13.3f}M{b['bytes_bf16'] / 2**30:>11.4f}")
+    lines.append(f"{'bridge':<14}{b['parameters'] / 1e6:>13.3f}M{b['bytes_bf16'] / 2**30:>11.4f}  "
+                 f"(default design: {b['mode']}, K={b['num_tokens']})")
+    lines.append("bridge designs (parameters): " + ", ".join(
+        f"{name} {count / 1e6:.2f}M" for name, count in b["parameters_per_design"].items()))
     t = report["tokens"]
     lines.append(f"vision tokens: Qwen2.5-VL {t['qwen25_vision']} (grid {t['qwen25_grid']} patches of 14 px), "
                  f"Qwen3-VL {t['qwen3_vision']} (grid {t['qwen3_grid']} patches of 16 px)")

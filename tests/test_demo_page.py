@@ -1,0 +1,53 @@
+"""The main job's page pieces: the tiny bridge is trained once and cached like the tiny edit model (retrained when
+its recipe changes), and the mechanism demonstration decodes redacted-colour edits and writes the page."""
+
+import json
+
+import pytest
+
+from bridgecore.tiny_bridge import TinyBridgeRecipe
+from bridgecore.tiny_edit_model import TEST_RECIPE
+from bridgecore.tiny_zoo import TINY_BRIDGE, build_tiny_zoo
+
+MICRO = TinyBridgeRecipe(train_samples=8, heldout_samples=8, steps=3)
+
+
+@pytest.fixture(scope="module")
+def bridged_zoo(trained_zoo):
+    root = trained_zoo["qwen3-vl"].parent
+    return build_tiny_zoo(root, trained=True, trained_recipe=TEST_RECIPE, bridge=True, bridge_recipe=MICRO)
+
+
+def test_tiny_bridge_is_cached_and_retrained_only_when_its_recipe_changes(bridged_zoo):
+    from bridgecore.bridge import VisionCacheBridge
+
+    path = bridged_zoo[TINY_BRIDGE]
+    bridge = VisionCacheBridge.from_pretrained(path)
+    assert bridge.config.mode == "tokens" and bridge.config.num_tokens == 1
+    report = json.loads((path / "tiny_bridge_report.json").read_text())
+    assert report["recipe"]["steps"] == 3 and set(report["heldout_loss_level_zeroed"]) == {"early", "mid", "late"}
+    assert not list(path.glob("step_*"))
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    root = path.parent
+    build_tiny_zoo(root, trained=True, trained_recipe=TEST_RECIPE, bridge=True, bridge_recipe=MICRO)  # second run
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    changed = TinyBridgeRecipe(train_samples=8, heldout_samples=8, steps=4)
+    build_tiny_zoo(root, trained=True, trained_recipe=TEST_RECIPE, bridge=True, bridge_recipe=changed)
+    assert json.loads((path / "tiny_bridge_report.json").read_text())["recipe"]["steps"] == 4
+    build_tiny_zoo(root, trained=True, trained_recipe=TEST_RECIPE, bridge=True, bridge_recipe=MICRO)  # back, for others
+
+
+def test_mechanism_demonstration_and_page(tmp_path, bridged_zoo):
+    from bridgecore.demo_page import mechanism_demo, write_page
+
+    grid, numbers = mechanism_demo(bridged_zoo["qwen-image-edit-trained"], bridged_zoo["qwen3-vl"],
+                                   bridged_zoo[TINY_BRIDGE], images=2, steps=2)
+    assert numbers["edits_per_condition"] == 12 and set(numbers) >= {"baseline", "bridge", "reference"}
+    # Without a bridge the DiT never sees the colour Qwen3-VL read: one edit per picture whatever the word, so exactly
+    # one colour in six "matches" it.
+    assert numbers["baseline"] == pytest.approx(1 / 6)
+    assert grid.width >= 5 * 128 and grid.height > 2 * 128
+    page = write_page(tmp_path / "page", None, grid, numbers, ["TINY OFFLINE DEMONSTRATION"])
+    text = page.read_text()
+    assert (tmp_path / "page" / "mechanism.png").exists() and "mechanism.png" in text
+    assert "TINY OFFLINE DEMONSTRATION" in text and f"{numbers['bridge']:.0%}" in text
