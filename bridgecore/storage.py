@@ -8,11 +8,14 @@ shard without a marker does not exist for readers, and two writers cannot both c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import posixpath
+import secrets
+import stat
 import time
 from typing import Any, Callable, TypeVar
 
@@ -155,16 +158,64 @@ class Storage:
         data = retry_transient(lambda: self.fs.cat(list(paths), on_error="return"))
         return {paths[path]: (None if isinstance(value, Exception) else value) for path, value in data.items()}
 
+    def _open_folder(self, parts: tuple[str, ...]) -> int:
+        """A descriptor of the folder holding `parts[-1]`, reached from the root one real folder at a time.
+
+        Never follows a link inside the output: a symbolic link found where the job writes (a data folder
+        replaced by a link to elsewhere) is removed and replaced by a real folder, with a warning. So every
+        write lands under the root, whatever others planted in a shared output. The root itself may be a link
+        (an output on another disk)."""
+        names = [name for part in parts[:-1] for name in part.split("/") if name]
+        if any(name in (".", "..") for name in names) or not parts or "/" in parts[-1] or parts[-1] in ("", ".", ".."):
+            raise ValueError(f"refusing to write {'/'.join(parts)!r}: not a plain path under {self.root}")
+        os.makedirs(self.root_path, exist_ok=True)
+        folder = os.open(self.root_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for depth, name in enumerate(names):
+                try:
+                    os.mkdir(name, dir_fd=folder)
+                except FileExistsError:
+                    pass
+                try:
+                    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+                except OSError:
+                    if not stat.S_ISLNK(os.lstat(name, dir_fd=folder).st_mode):
+                        raise NotADirectoryError(f"{self.url(*names[:depth + 1])}: expected a folder, found a file in "
+                                                 "the way") from None
+                    logger.warning("%s is a symbolic link to %s inside the output: replaced by a folder, not followed",
+                                   self.url(*names[:depth + 1]), os.readlink(name, dir_fd=folder))
+                    os.unlink(name, dir_fd=folder)
+                    os.mkdir(name, dir_fd=folder)
+                    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+                os.close(folder)
+                folder = inner
+            return folder
+        except BaseException:
+            os.close(folder)
+            raise
+
     def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Writes an object whole. Locally via a temporary file and an atomic rename."""
-        path = self.path(*parts)
+        """Writes an object whole. Locally: into an exclusively created temporary file with an unpredictable
+        name (a link planted there is never followed), then an atomic rename, in a folder reached without
+        following links (see `_open_folder`)."""
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            temporary = f"{path}.tmp-{os.getpid()}"
-            with open(temporary, "wb") as handle:
-                handle.write(data)
-            os.replace(temporary, path)
+            name = parts[-1]
+            folder = self._open_folder(parts)
+            try:
+                temporary = f"{name}.tmp-{secrets.token_hex(8)}"
+                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+                try:
+                    with os.fdopen(descriptor, "wb") as handle:
+                        handle.write(data)
+                    os.replace(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)  # replaces a link, never follows it
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temporary, dir_fd=folder)
+                    raise
+            finally:
+                os.close(folder)
             return
+        path = self.path(*parts)
         retry_transient(lambda: self.fs.pipe_file(path, data))
 
     def write_json(self, value: Any, *parts: str, indent: int | None = 1) -> None:
@@ -179,11 +230,13 @@ class Storage:
         path = self.path(*parts)
         data = json.dumps(value, sort_keys=True).encode()
         if self.is_local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            folder = self._open_folder(parts)
             try:
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError as error:
+                descriptor = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+            except FileExistsError as error:  # a link planted at the marker's name counts as taken: never followed
                 raise MarkerExistsError(path) from error
+            finally:
+                os.close(folder)
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
             return

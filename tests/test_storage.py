@@ -124,3 +124,67 @@ def test_object_store_away_for_a_moment_is_retried(s3_server, s3_root):
     finally:
         restarter.join()
     assert Storage(s3_root).read_bytes("objects", "a.bin") == b"survives an outage"
+
+
+# -- hostile local outputs: links planted where the job writes ---------------------------------------------
+
+
+def test_writes_never_follow_links_planted_in_the_output(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("precious")
+    storage = Storage(str(tmp_path / "out"))
+    storage.write_bytes(b"first", "edits", "fp", "data", "shard-a", "k0.png")
+    data = tmp_path / "out" / "edits" / "fp" / "data" / "shard-a"
+    # a data folder replaced by a link to an outside folder: replaced by a real folder, the outside untouched
+    for child in data.iterdir():
+        child.unlink()
+    data.rmdir()
+    data.symlink_to(outside, target_is_directory=True)
+    storage.write_bytes(b"second", "edits", "fp", "data", "shard-a", "k0.png")
+    assert not data.is_symlink() and (data / "k0.png").read_bytes() == b"second"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"] and victim.read_text() == "precious"
+    # links at the file's own name, at the old predictable temporary names and at a marker's name: never followed
+    import os
+
+    (data / "k1.png").symlink_to(victim)
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        (data / f"k2.png.tmp-{pid}").symlink_to(victim)
+    storage.write_bytes(b"k1", "edits", "fp", "data", "shard-a", "k1.png")
+    storage.write_bytes(b"k2", "edits", "fp", "data", "shard-a", "k2.png")
+    assert (data / "k1.png").read_bytes() == b"k1" and not (data / "k1.png").is_symlink()
+    (tmp_path / "out" / "edits" / "fp" / "_done").mkdir()
+    (tmp_path / "out" / "edits" / "fp" / "_done" / "shard-a.json").symlink_to(victim)
+    with pytest.raises(MarkerExistsError):
+        storage.create_marker({"x": 1}, "edits", "fp", "_done", "shard-a.json")
+    assert victim.read_text() == "precious"
+    with pytest.raises(ValueError, match="not a plain path"):
+        storage.write_bytes(b"x", "edits", "..", "escape.bin")
+
+
+def test_a_lease_is_released_only_by_its_holder(tmp_path):
+    """Expiry, takeover, and the old holder's late release: the new holder keeps its lease, so a third worker
+    finds the shard busy instead of computing it again."""
+    import json
+
+    from bridgecore.batch.shard_store import ShardBusyError
+
+    storage = Storage(str(tmp_path / "out"))
+    old, new, third = (ShardStore(storage, "caches", "fp") for _ in range(3))
+    old.acquire_lease("shard-a", seconds=60)
+    lease = tmp_path / "out" / "caches" / "fp" / "_lease" / "shard-a.json"
+    record = json.loads(lease.read_text())
+    record.update(expires=time.time() - 1, host="another-host")  # the old holder stalled past its lease
+    lease.write_text(json.dumps(record))
+    new.acquire_lease("shard-a", seconds=60)  # takes over the expired lease
+    taken = json.loads(lease.read_text())
+    assert taken["token"] != record["token"]
+    taken["host"] = "yet-another-host"  # the new holder is another machine, alive
+    lease.write_text(json.dumps(taken))
+    old.release_lease("shard-a")  # late: must not delete the new holder's lease
+    assert json.loads(lease.read_text()) == taken
+    with pytest.raises(ShardBusyError):
+        third.acquire_lease("shard-a")
+    new.release_lease("shard-a")
+    assert not lease.exists()

@@ -84,6 +84,7 @@ class ShardStore:
             raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
         self.storage, self.stage, self.fingerprint, self.layout = storage, stage, fingerprint, layout
         self.folder = f"{stage}/{fingerprint}"
+        self._tokens: dict[str, str] = {}  # shard -> the token of the lease this store holds
 
     # -- markers --------------------------------------------------------------------------------------------
 
@@ -116,24 +117,41 @@ class ShardStore:
         a dead process of this host or by an earlier run of this same named worker); raises `ShardBusyError`
         while another live worker holds it. A lease only saves work: two workers that do compute the same
         shard write identical objects and one marker."""
+        token = os.urandom(16).hex()  # what makes this holder's lease its own
         lease = {"worker": worker_id(), "host": socket.gethostname(), "pid": os.getpid(),
-                 "expires": time.time() + seconds}
+                 "expires": time.time() + seconds, "token": token}
         for _ in range(2):
             try:
                 self.storage.create_marker(lease, self.folder, "_lease", shard_id + ".json")
+                self._tokens[shard_id] = token
                 return
             except MarkerExistsError:
-                try:
-                    holder = self.storage.read_json(self.folder, "_lease", shard_id + ".json")
-                except (FileNotFoundError, ValueError):
-                    holder = None
+                holder = self._lease(shard_id)
                 if _lease_is_live(holder):
                     raise ShardBusyError(f"{self.stage}/{shard_id} is being computed by {holder['worker']}") from None
-                self.release_lease(shard_id)
+                self._remove_lease_if(shard_id, holder)  # a stale lease: taken over (unless it changed meanwhile)
         raise ShardBusyError(f"{self.stage}/{shard_id}: another worker took the lease first")
 
-    def release_lease(self, shard_id: str) -> None:
+    def _lease(self, shard_id: str) -> Any:
+        try:
+            return self.storage.read_json(self.folder, "_lease", shard_id + ".json")
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _remove_lease_if(self, shard_id: str, expected: Any) -> bool:
+        """Deletes the lease only if it is still `expected` (read, compare, delete: the window is one round
+        trip, against leases that live for `LEASE_SECONDS`)."""
+        if self._lease(shard_id) != expected:
+            return False
         self.storage.remove(self.folder, "_lease", shard_id + ".json")
+        return True
+
+    def release_lease(self, shard_id: str) -> None:
+        """Gives back this holder's lease; a lease that expired and was taken over by another worker is left to it."""
+        token = self._tokens.pop(shard_id, None)
+        holder = self._lease(shard_id)
+        if token is not None and isinstance(holder, dict) and holder.get("token") == token:
+            self._remove_lease_if(shard_id, holder)
 
     def invalidate(self, shard_id: str) -> None:
         """Forgets a shard (removes its marker) so that it is recomputed; its objects are overwritten then."""

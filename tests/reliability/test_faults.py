@@ -215,6 +215,28 @@ def _environ(process: Path) -> str:
         return ""
 
 
+def test_a_link_planted_at_a_data_folder_is_never_followed(tmp_path, tiny_zoo):
+    """A shard folder of the edits replaced by a link to an outside folder, its marker removed: the rerun writes
+    its PNGs and metadata.parquet inside the output, and nothing outside."""
+    rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(2)]
+    manifest = write_manifest(tmp_path / "in", rows)
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    outside.mkdir()
+    assert cli(tiny_zoo, "--input", manifest, "--output", str(out), home=tmp_path / "p").returncode == 0
+    (shard,) = [p for p in (out / "edits").glob("*/data/*") if p.is_dir()]
+    expected = {p.name: p.read_bytes() for p in shard.iterdir()}
+    for child in shard.iterdir():
+        child.unlink()
+    shard.rmdir()
+    shard.symlink_to(outside, target_is_directory=True)
+    for marker in (out / "edits").glob(f"*/_done/{shard.name}.json"):
+        marker.unlink()
+    rerun = cli(tiny_zoo, "--input", manifest, "--output", str(out), home=tmp_path / "p")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "symbolic link" in rerun.stderr and list(outside.iterdir()) == []
+    assert not shard.is_symlink() and {p.name: p.read_bytes() for p in shard.iterdir()} == expected
+
+
 def test_unreachable_storage_fails_fast_with_the_endpoint(tmp_path, tiny_zoo):
     manifest = write_manifest(tmp_path / "in", [{"image": "img0.png", "instruction": "x"}])
     start = time.monotonic()
