@@ -178,7 +178,7 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
     samples = read_inputs(input_uri, prompt)
     assignment = read_assignment(storage)
     new = cut_shards([s for s in samples if (s.id, s.input_hash) not in assignment], shard_size)
-    write_plan(storage, new)
+    fresh = write_plan(storage, new)
     for shard_id, members in new.items():
         assignment.update({(s.id, s.input_hash): (0, shard_id) for s in members})
     if retry_failed:
@@ -204,7 +204,7 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
                  for stage in pipeline_stages(pipeline, settings)}
     finished = set(shards).intersection(*committed.values())
     pending = [shard for shard in shards if shard not in finished]
-    _repair_plans(storage, [shard for shard in pending if shard not in new], samples, rows)
+    _repair_plans(storage, [shard for shard in pending if shard not in fresh], samples, rows)
     storage.remove_stale_temporaries()
     stages = {name: {"committed": len(done & set(shards)), "to_run": len(set(shards) - done)}
               for name, done in committed.items()}

@@ -244,7 +244,16 @@ def read_assignment(storage: Storage) -> dict[tuple[str, str], tuple[int, str]]:
 
     assignment: dict[tuple[str, str], tuple[int, str]] = {}
     for name in storage.list(PLAN_INDEX, suffix=".parquet"):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(PLAN_INDEX, name)))
+        try:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(PLAN_INDEX, name)),
+                                  columns=["id", "input_hash", "shard", "generation"])
+        except (OSError, ValueError, KeyError) as error:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
+            # The index is derived from the inputs: its samples are planned again, and the same pending set
+            # gives the same shards (ids hash their members), so their caches are found again.
+            logger.warning("plan index %s is damaged (%s): removed; its samples are planned again from the inputs",
+                           storage.url(PLAN_INDEX, name), str(error).splitlines()[0][:120])
+            storage.remove(PLAN_INDEX, name)
+            continue
         values: dict[tuple[int, str], tuple[int, str]] = {}  # one value object per shard, not per row
         for sample_id, digest, shard, generation in zip(*(table.column(c).to_pylist() for c in
                                                           ("id", "input_hash", "shard", "generation"))):
@@ -254,18 +263,21 @@ def read_assignment(storage: Storage) -> dict[tuple[str, str], tuple[int, str]]:
     return assignment
 
 
-def write_plan(storage: Storage, shards: dict[str, list[Sample]], generation: int = 0) -> None:
-    """Writes each new shard's members, then one index file naming them (data first, index last)."""
+def write_plan(storage: Storage, shards: dict[str, list[Sample]], generation: int = 0) -> set[str]:
+    """Writes each new shard's members, then one index file naming them (data first, index last). Returns the
+    shards whose plan file it wrote (the others already had one, e.g. when a damaged index is rebuilt)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if not shards:
-        return
+        return set()
     existing = set(storage.list(PLAN_SHARDS, suffix=".json"))
+    written = set()
     for shard_id, members in shards.items():
         if shard_id + ".json" not in existing:
             storage.write_json({"shard": shard_id, "samples": [s.to_dict() for s in members]}, PLAN_SHARDS,
                                shard_id + ".json", indent=None)
+            written.add(shard_id)
     rows = [(s.id, s.input_hash, shard_id) for shard_id, members in sorted(shards.items()) for s in members]
     table = pa.table({"id": [r[0] for r in rows], "input_hash": [r[1] for r in rows], "shard": [r[2] for r in rows],
                       "generation": pa.array([generation] * len(rows), pa.int32())})
@@ -273,6 +285,7 @@ def write_plan(storage: Storage, shards: dict[str, list[Sample]], generation: in
     pq.write_table(table, buffer)
     name = hashlib.sha256("\n".join(f"{a}\0{b}\0{c}" for a, b, c in rows).encode()).hexdigest()[:16]
     storage.write_bytes(buffer.getvalue(), PLAN_INDEX, f"{name}.parquet")
+    return written
 
 
 def sample_seed(job_seed: int, sample_id: str) -> int:

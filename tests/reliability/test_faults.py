@@ -104,12 +104,18 @@ def test_damage_heals_on_rerun(tmp_path, tiny_zoo):
     stale = out / "edits" / "x.png.tmp-123"
     stale.write_bytes(b"partial")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    # 6: the plan index truncated: named, rebuilt from the inputs (the same shards, so nothing is recomputed)
+    (index,) = (out / "plan" / "index").glob("*.parquet")
+    index_bytes = index.read_bytes()
+    index.write_bytes(index_bytes[: len(index_bytes) // 2])
 
     second = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=tmp_path / "p")
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "done 5, failed 0, pending 0" in second.stdout
     assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
     assert json.loads(plan.read_text())["samples"][0]["id"] == planned and not stale.exists()
+    assert f"plan index {index}" in second.stderr and "damaged" in second.stderr
+    assert index.read_bytes() == index_bytes and sorted(p.stem for p in (out / "plan" / "shards").glob("*.json")) == shards
 
     # a same-size bit flip is found by --verify (sizes are always checked, checksums on request)
     data = bytearray(png.read_bytes())
