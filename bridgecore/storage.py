@@ -385,7 +385,18 @@ def mirror_up(local: str, uri: str, exclude: tuple[str, ...] = ()) -> None:
 
 
 def uri_exists(uri: str) -> bool:
+    """Whether a local path or URL exists; an unreachable server is an error naming it, not a missing file."""
     fs, path = fsspec.core.url_to_fs(uri)
+    if uri.startswith(("http://", "https://")):
+        try:
+            retry_transient(lambda: fs.info(path), budget_s=FIRST_CONTACT_SECONDS, quiet=True)
+            return True
+        except FileNotFoundError as error:  # fsspec turns every HTTP failure into this; the cause says which
+            cause = error.__cause__
+            if cause is not None and ("Connect" in type(cause).__name__ or isinstance(cause, (OSError, TimeoutError))):
+                raise StorageUnreachableError(f"cannot reach {uri}: {cause.__class__.__name__} "
+                                              f"({str(cause).split(', ', 1)[-1][:120]})") from None
+            return False
     return retry_transient(lambda: fs.exists(path), budget_s=FIRST_CONTACT_SECONDS)
 
 
@@ -405,14 +416,75 @@ class InputTooLargeError(ValueError):
     """An input file is larger than the configured read limit."""
 
 
+class NotARegularFileError(ValueError):
+    """A local input is a FIFO, a device, a socket or a folder (reading it could hang or never end)."""
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _read_regular_file(path: str, max_bytes: int | None, what: str = "input") -> bytes:
+    """At most `max_bytes` of a local regular file; a FIFO, device, socket or folder is refused before any read
+    (opened non-blocking: a FIFO without a writer never hangs us)."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+            raise NotARegularFileError(f"{what} {path} is {kind}, not a regular file")
+        os.set_blocking(descriptor, True)
+        with os.fdopen(descriptor, "rb", closefd=False) as handle:
+            return handle.read() if max_bytes is None else handle.read(max_bytes)
+    finally:
+        os.close(descriptor)
+
+
+def read_limited(uri: str, max_bytes: int, what: str = "input", setting: str = "") -> bytes:
+    """Reads a regular local file or a URL whole, safely: a FIFO, device or folder is refused before it is
+    opened for reading (never blocks), at most `max_bytes` are read, and nothing is decompressed behind our
+    back: an HTTP body is read as sent (`Content-Encoding` is not undone), and only a name ending in `.gz`
+    is inflated, capped at `max_bytes` inflated. `setting` names the variable that raises the limit."""
+    limit_hint = f" (raise {setting})" if setting else ""
+    if "://" not in uri or uri.startswith("file://"):
+        data = _read_regular_file(uri.removeprefix("file://"), max_bytes + 1, what)
+    else:
+        options = {"client_kwargs": {"auto_decompress": False}} if uri.startswith(("http://", "https://")) else {}
+
+        def read() -> bytes:
+            with fsspec.open(uri, "rb", compression=None, **options) as handle:
+                return handle.read(max_bytes + 1)
+        data = retry_transient(read, budget_s=FIRST_CONTACT_SECONDS)
+    if len(data) > max_bytes:
+        raise InputTooLargeError(f"{what} {uri} is larger than the limit of {max_bytes} bytes{limit_hint}")
+    if uri.lower().endswith(".gz"):
+        import zlib
+
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            inflated = inflater.decompress(data, max_bytes + 1)
+        except zlib.error as error:
+            raise ValueError(f"{what} {uri} is named .gz but is not gzip data ({error})") from None
+        if len(inflated) > max_bytes or inflater.unconsumed_tail:
+            raise InputTooLargeError(f"{what} {uri} inflates to more than the limit of {max_bytes} bytes{limit_hint}")
+        return inflated
+    if data.startswith(GZIP_MAGIC):
+        raise ValueError(f"{what} {uri} is gzip-compressed (or served with Content-Encoding: gzip) but its name does "
+                         "not end in .gz: name it .jsonl.gz or .csv.gz to have it inflated (with a size limit)")
+    return data
+
+
 def read_uri(uri: str, max_bytes: int | None = None, budget_s: float | None = None) -> bytes:
     """Reads a whole local file or fsspec URL, retried on transient errors for `budget_s`, refusing more than
     `max_bytes` (read in chunks: a device file or a huge object is never loaded whole)."""
     def read() -> bytes:
-        with fsspec.open(uri, "rb") as handle:
-            if max_bytes is None:
-                return handle.read()
-            data = handle.read(max_bytes + 1)
+        if "://" not in uri or uri.startswith("file://"):  # local: regular files only
+            data = _read_regular_file(uri.removeprefix("file://"), None if max_bytes is None else max_bytes + 1)
+        else:
+            with fsspec.open(uri, "rb") as handle:
+                data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        if max_bytes is None:
+            return data
         if len(data) > max_bytes:
             raise InputTooLargeError(f"{uri}: larger than the input limit of {max_bytes} bytes")
         return data

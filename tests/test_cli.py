@@ -8,8 +8,11 @@ from conftest import make_image
 from bridgecore.cache_format import load_cache
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, "-m", "vision_bridge.cli", *args], capture_output=True, text=True)
+def _run(*args, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "vision_bridge.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def test_extract_command(tmp_path, tiny_zoo):
@@ -103,3 +106,82 @@ def test_common_mistakes_are_one_line_errors(tmp_path, tiny_zoo):
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _gzip_server(body: bytes):
+    """An HTTP server on loopback that sends `body` gzip-compressed with `Content-Encoding: gzip`."""
+    import gzip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    compressed = gzip.compress(body)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(compressed)))
+            self.end_headers()
+            self.wfile.write(compressed)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_hostile_manifests_and_addresses_are_one_line_errors(tmp_path, tiny_zoo):
+    """FIFOs, devices, oversized and gzip-bombed manifests, transparent HTTP decompression, missing columns, a
+    refused connection, an object-store URL with '..', a folder that is no model: each refused in one line, before
+    any server starts, with nothing written."""
+    import gzip
+    import json
+    import os
+    import time
+
+    from test_pipeline import make_inputs
+
+    manifest = make_inputs(tmp_path / "in", n=1)
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.jsonl").symlink_to("/dev/zero")
+    (tmp_path / "packed.jsonl").write_bytes(gzip.compress(b'{"image": "a.png", "instruction": "x"}\n'))
+    (tmp_path / "bomb.jsonl.gz").write_bytes(gzip.compress(b"{}\n" * 1_000_000))
+    (tmp_path / "columns.jsonl").write_text(json.dumps({"picture": "a.png", "instruction": "x"}) + "\n")
+    (tmp_path / "not-a-model").mkdir()
+    server = _gzip_server(b'{"image": "a.png", "instruction": "x"}\n' * 1000)
+    models = ["--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"])]
+    out = str(tmp_path / "o")
+    cases = [
+        (["--input", str(fifo), "--output", out], {}, "is a FIFO, not a regular file"),
+        (["--input", str(tmp_path / "zero.jsonl"), "--output", out], {}, "is a device, not a regular file"),
+        (["--input", manifest, "--output", out], {"VISION_BRIDGE_MAX_MANIFEST_BYTES": "10"},
+         "larger than the limit of 10 bytes (raise VISION_BRIDGE_MAX_MANIFEST_BYTES)"),
+        (["--input", str(tmp_path / "packed.jsonl"), "--output", out], {}, "is gzip-compressed"),
+        (["--input", str(tmp_path / "bomb.jsonl.gz"), "--output", out], {"VISION_BRIDGE_MAX_MANIFEST_BYTES": "100000"},
+         "inflates to more than the limit of 100000 bytes"),
+        (["--input", f"http://127.0.0.1:{server.server_address[1]}/m.jsonl", "--output", out], {},
+         "served with Content-Encoding: gzip"),
+        (["--input", str(tmp_path / "columns.jsonl"), "--output", out], {},
+         "lacks the column 'image' (or 'images', a list); columns found: 'instruction', 'picture'"),
+        (["--input", "http://127.0.0.1:9/m.jsonl", "--output", out], {}, "cannot reach http://127.0.0.1:9/m.jsonl"),
+        (["--input", manifest, "--output", "s3://bucket/a/../b"], {}, "without '.' or '..' segments"),
+        (["--input", manifest, "--output", out, "--qwen3", str(tmp_path / "not-a-model")], {}, "has no config.json"),
+    ]
+    try:
+        for args, env, message in cases:
+            started = time.monotonic()
+            result = _run("bulk-edit", *models, *args, env=env)
+            assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1500:])
+            assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3, result.stderr
+            assert time.monotonic() - started < 60, args
+    finally:
+        server.shutdown()
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "a-file").write_text("x")
+    trained = _run("train", "--data", manifest, "--out", str(tmp_path / "a-file"), *models)
+    assert trained.returncode == 2 and "is a file, not a folder" in trained.stderr and "Traceback" not in trained.stderr

@@ -53,16 +53,41 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, OSError, StorageUnreachableError, ModelNotAvailableError)
 
 
-def _preflight(input: str, output: str, create_bucket: bool = False) -> None:
-    """Fails in seconds, with one line, on the common mistakes: a missing input, an output that cannot be written."""
-    from bridgecore.batch.sharding import check_input
+def _preflight(input: str, output: str, create_bucket: bool = False, prompt: Optional[str] = None,
+               qwen3: Optional[str] = None) -> None:
+    """Fails in seconds, with one line, before a server starts or anything is written, on the common mistakes: a
+    missing or unreadable input, a manifest without the columns a job needs, an output URL that cannot be
+    right or cannot be written, a Qwen3-VL model that is not there."""
+    from bridgecore.batch.sharding import check_input, check_manifest_columns
     from bridgecore.storage import Storage
 
     try:
         check_input(input)
+        check_manifest_columns(input, prompt)
+        _check_output_url(output)
+        if qwen3 is not None:
+            _check_model_config(qwen3)
         Storage(output).check_writable(create_bucket)
     except _user_errors() as error:
         _fail(str(error))
+
+
+def _check_output_url(output: str) -> None:
+    if "://" in output and not output.startswith("file://"):
+        parts = output.split("://", 1)[1].split("/")
+        if any(part in (".", "..") for part in parts) or not parts[0]:
+            raise ValueError(f"output {output}: an object-store URL is bucket/prefix, without '.' or '..' segments "
+                             "or an empty bucket name")
+
+
+def _check_model_config(name: str) -> None:
+    """A Qwen3-VL model: a local directory or hub id with a config.json (its weights are not fetched here)."""
+    from bridgecore.loading import resolve_model
+
+    resolved = resolve_model(name, allow_patterns=["config.json"])
+    if not (resolved.path / "config.json").exists():
+        raise ModelNotAvailableError(f"model {name!r}: {resolved.path} has no config.json; is this a Qwen3-VL model "
+                                     "directory?")
 
 
 def _banner(message: str) -> None:
@@ -379,7 +404,7 @@ def bulk_edit(
         for stage, counts in plan.stages.items():
             typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
         return
-    _preflight(input, output, create_bucket)
+    _preflight(input, output, create_bucket, prompt, None if settings.native else qwen3)
     from flows.local_server import ServerStartError, local_prefect, prefect_environment
 
     prefect_environment(DEFAULT_HOME / "prefect", quiet=not _DEBUG)
@@ -437,6 +462,8 @@ def train(
 
     if ablate_qwen3 not in ABLATIONS:
         _fail(f"--ablate-qwen3 must be one of {', '.join(ABLATIONS)}; got {ablate_qwen3!r}")
+    if "://" not in out and Path(out).exists() and not Path(out).is_dir():
+        _fail(f"--out {out} is a file, not a folder: training writes a checkpoint folder there")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,

@@ -14,6 +14,7 @@ members, so the same pending set always gives the same shards.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -25,13 +26,23 @@ import posixpath
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
-from ..storage import FileStamps, Storage, find_files, read_uri, uri_exists
+from ..storage import FileStamps, Storage, find_files, read_limited, uri_exists
 from .records import Sample
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
-MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet")
+MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet", ".csv.gz", ".jsonl.gz")
+MANIFEST_LIMIT_SETTING = "VISION_BRIDGE_MAX_MANIFEST_BYTES"
+
+
+def manifest_limit() -> int:
+    """Bytes a manifest may have (inflated, for .gz): 2 GiB unless VISION_BRIDGE_MAX_MANIFEST_BYTES says."""
+    value = os.environ.get(MANIFEST_LIMIT_SETTING, str(2 * 2**30))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{MANIFEST_LIMIT_SETTING} must be a number of bytes; got {value!r}") from None
 _KNOWN_COLUMNS = {"id", "image", "images", "instruction", "target"}
 PLAN_SHARDS, PLAN_INDEX = "plan/shards", "plan/index"
 
@@ -49,12 +60,10 @@ def _is_url(reference: str) -> bool:
 
 def _read_rows(source: str) -> Iterable[tuple[str, dict[str, Any] | str]]:
     """(row label, row dict) per manifest row; the dict is replaced by an error text for unparsable rows."""
-    try:
-        data = read_uri(source)
-    except FileNotFoundError:
-        raise ManifestError(f"manifest {source!r} does not exist") from None
+    data = read_manifest(source)
     name = posixpath.basename(source)
-    if source.endswith(".jsonl"):
+    kind = source.lower().removesuffix(".gz")
+    if kind.endswith(".jsonl"):
         for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
             if line.strip():
                 try:
@@ -62,14 +71,63 @@ def _read_rows(source: str) -> Iterable[tuple[str, dict[str, Any] | str]]:
                     yield f"{name} line {number}", row if isinstance(row, dict) else f"not a JSON object: {line[:80]!r}"
                 except json.JSONDecodeError as error:
                     yield f"{name} line {number}", f"invalid JSON ({error.msg} at column {error.colno})"
-    elif source.endswith(".csv"):
+    elif kind.endswith(".csv"):
         for number, row in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))), start=2):
             yield f"{name} line {number}", row
     else:
-        import pyarrow.parquet as pq
-
-        for number, row in enumerate(pq.read_table(io.BytesIO(data)).to_pylist(), start=1):
+        for number, row in enumerate(_parquet(source, data).to_pylist(), start=1):
             yield f"{name} row {number}", row
+
+
+def read_manifest(source: str) -> bytes:
+    """A manifest's bytes: a regular file or URL, within `manifest_limit()`; every refusal is one ManifestError line."""
+    try:
+        return read_limited(source, manifest_limit(), "manifest", MANIFEST_LIMIT_SETTING)
+    except FileNotFoundError:
+        raise ManifestError(f"manifest {source!r} does not exist") from None
+    except (ValueError, PermissionError, IsADirectoryError) as error:
+        raise ManifestError(str(error)) from None
+
+
+def _parquet(source: str, data: bytes):
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(io.BytesIO(data))
+    except (OSError, ValueError) as error:
+        raise ManifestError(f"manifest {source} is not a readable Parquet file ({str(error).splitlines()[0][:120]})") from None
+
+
+def manifest_columns(source: str) -> set[str]:
+    """The columns of a manifest: CSV header, Parquet schema, keys of the first 1000 JSONL rows."""
+    data = read_manifest(source)
+    kind = source.lower().removesuffix(".gz")
+    if kind.endswith(".csv"):
+        return set(next(csv.reader(io.StringIO(data.decode("utf-8-sig"))), []))
+    if kind.endswith(".jsonl"):
+        columns: set[str] = set()
+        for line in data.decode("utf-8-sig").splitlines()[:1000]:
+            with contextlib.suppress(json.JSONDecodeError, AttributeError):
+                columns.update(json.loads(line).keys())
+        return columns
+    return set(_parquet(source, data).schema.names)
+
+
+def check_manifest_columns(source: str, prompt: str | None) -> None:
+    """Refuses, before anything runs or is written, a manifest with no image column, or with no instruction
+    column and no --prompt; the error names the columns it found."""
+    source = str(source).rstrip("/")
+    if not source.lower().endswith(MANIFEST_EXTENSIONS):
+        return
+    columns = manifest_columns(source)
+    missing = []
+    if not columns & {"image", "images"}:
+        missing.append("'image' (or 'images', a list)")
+    if "instruction" not in columns and prompt is None:
+        missing.append("'instruction' (or give --prompt)")
+    if missing:
+        found = ", ".join(sorted(repr(c) for c in columns)) or "none"
+        raise ManifestError(f"manifest {source} lacks the column {' and '.join(missing)}; columns found: {found}")
 
 
 def _manifest_root(source: str) -> str:
