@@ -314,10 +314,15 @@ def _stamp(info: dict[str, Any]) -> str:
 
 class FileStamps:
     """"size:stamp" of files, with one listing per folder (not one request per file), cached: a changed file
-    gets a new stamp, a missing one None. URLs that cannot be listed (http) are stamped by their URI."""
+    gets a new stamp, a missing one None. URLs that cannot be listed (http) are stamped by their URI.
 
-    def __init__(self):
+    With `content_hash`, local files are stamped by the SHA-256 of their bytes instead (every file read once):
+    a file replaced by other bytes of the same size and modification time is then a new input. Object-store
+    files keep their ETag (a content hash already, for single-part uploads)."""
+
+    def __init__(self, content_hash: bool = False):
         self._folders: dict[str, dict[str, str]] = {}
+        self.content_hash = content_hash
 
     def _list(self, folder: str) -> dict[str, str]:
         if "://" not in folder:  # local: os.scandir is several times cheaper than fsspec's ls
@@ -337,6 +342,8 @@ class FileStamps:
     def stamp(self, uri: str) -> str | None:
         if uri.startswith(("http://", "https://")):
             return uri
+        if self.content_hash and "://" not in uri:
+            return _file_sha256(uri)
         folder = posixpath.dirname(uri)
         if folder not in self._folders:
             try:
@@ -346,6 +353,24 @@ class FileStamps:
                 self._folders[folder] = {}
                 return uri
         return self._folders[folder].get(posixpath.basename(uri))
+
+
+def _file_sha256(path: str) -> str | None:
+    """"sha256:<hex>" of a regular local file's bytes (read in 1 MiB blocks), None if it is missing or not a file."""
+    digest = hashlib.sha256()
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            return None
+        os.set_blocking(descriptor, True)
+        while block := os.read(descriptor, 1 << 20):
+            digest.update(block)
+    finally:
+        os.close(descriptor)
+    return "sha256:" + digest.hexdigest()
 
 
 def is_remote(uri: str | os.PathLike) -> bool:

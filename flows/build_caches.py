@@ -20,10 +20,12 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
                  edit_model: str = DEFAULT_EDIT_MODEL, shard_size: int = 64, condition_area: int = 1024 * 1024,
                  batch_size: int = 8, device: str = "auto", retry_failed: bool = False,
                  workers_deployment: str | None = None, shards_per_run: int | None = None,
-                 deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False) -> dict:
+                 deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,
+                 content_hash: bool = False) -> dict:
     # plan
     settings = JobSettings(qwen3, edit_model, None, device, condition_area, batch_size=batch_size).to_dict()
-    plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket)
+    plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket,
+                        content_hash)
     # run and report
     return run_and_report(output, "build-caches", plan, settings, shard_size, workers_deployment, shards_per_run,
                           deadline_s, verify)

@@ -24,9 +24,9 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
               shard_size: int = 16, steps: int | None = None, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
               condition_area: int = 1024 * 1024, batch_size: int = 4, device: str = "auto",
               retry_failed: bool = False, workers_deployment: str | None = None, shards_per_run: int | None = None,
-              deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False, load_in_8bit: bool = False,
-              lora: list[str] | None = None, scheduler: str = "auto", compile: bool = False,
-              attention_backend: str | None = None, dit_offload: bool = False, editor: str = "auto",
+              deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,
+              content_hash: bool = False, load_in_8bit: bool = False, lora: list[str] | None = None,
+              scheduler: str = "auto", compile: bool = False, attention_backend: str | None = None, dit_offload: bool = False, editor: str = "auto",
               plus_model: str | None = None) -> dict:
     # plan
     edit_model = edit_model or DEFAULT_MODEL_OF_FAMILY.get(editor) or (
@@ -37,7 +37,8 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
                            cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=tuple(lora or ()),
                            scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                            dit_offload=dit_offload, editor=editor, plus_model=plus_model).to_dict()
-    plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket)
+    plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
+                        content_hash)
     # run and report
     return run_and_report(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run,
                           deadline_s, verify)

@@ -116,3 +116,25 @@ def test_shards_are_deterministic_and_the_plan_keeps_assignments(inputs, tmp_pat
 
 def test_sample_seed_is_per_sample():
     assert sample_seed(0, "a") == sample_seed(0, "a") != sample_seed(0, "b") != sample_seed(1, "a")
+
+
+def test_content_hash_sees_bytes_replaced_in_place(tmp_path):
+    """Same size, same modification time, other bytes: the same sample by default (documented), a new one with
+    `content_hash`; and with it an unchanged file keeps its identity from one planning run to the next."""
+    import json
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = folder / "a.png"
+    image.write_bytes(b"A" * 64)
+    (folder / "m.jsonl").write_text(json.dumps({"image": "a.png", "instruction": "x"}) + "\n")
+    manifest = str(folder / "m.jsonl")
+    before = {flag: read_inputs(manifest, content_hash=flag)[0].input_hash for flag in (False, True)}
+    assert before[False] != before[True]  # two kinds of identity
+    assert read_inputs(manifest, content_hash=True)[0].input_hash == before[True]  # stable across runs
+    stamp = image.stat()
+    image.write_bytes(b"B" * 64)
+    os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert read_inputs(manifest)[0].input_hash == before[False]
+    assert read_inputs(manifest, content_hash=True)[0].input_hash != before[True]

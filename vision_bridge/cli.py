@@ -348,6 +348,9 @@ def bulk_edit(
     shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
     batch_size: int = typer.Option(4, help="Samples per model forward (VLM batch, DiT batch of equal sizes)."),
     retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
+    content_hash: bool = typer.Option(False, "--content-hash", help="Identify local input files by a hash of their "
+                                      "bytes instead of size + modification time (reads every file while planning; "
+                                      "use it when files may be replaced in place with the same size and time)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the shards, what is already done "
                                  "under these settings and what would run; writes nothing but the plan."),
     verify: bool = typer.Option(False, "--verify", help="Check every edited image against its checksum when "
@@ -396,7 +399,8 @@ def bulk_edit(
         from bridgecore.batch.pipeline import plan_job
 
         try:
-            plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket)
+            plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
+                            content_hash)
         except _user_errors() as error:
             _fail(str(error))
         typer.echo(f"{plan.samples} samples in {len(plan.shards)} shards; {len(plan.shards) - len(plan.pending)} "
@@ -416,6 +420,7 @@ def bulk_edit(
                                      bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps,
                                      seed=seed, cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
                                      batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
+                                     content_hash=content_hash,
                                      create_bucket=create_bucket, editor=editor, plus_model=settings.plus_model,
                                      **{**speed, "lora": list(speed["lora"])})
     except (*_user_errors(), ServerStartError) as error:
@@ -714,6 +719,7 @@ def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str,
         bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
                   editor="auto", plus_model=None, bridge=arm_bridge, multi_image=False, steps=edit_steps, seed=0,
                   cfg=1.0, negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
+                  content_hash=False,
                   dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
                   scheduler="auto", compile=False, attention_backend=None, dit_offload=False)
         arms[arm] = _arm_scores(out_dir / "run")

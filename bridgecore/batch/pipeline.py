@@ -163,11 +163,12 @@ def _repair_plans(storage: Storage, shards: list[str], samples: list[Sample], ro
 
 def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: str = "bulk-edit",
              prompt: str | None = None, shard_size: int = 16, retry_failed: bool = False,
-             create_bucket: bool = False) -> JobPlan:
+             create_bucket: bool = False, content_hash: bool = False) -> JobPlan:
     """Reads the inputs, assigns new samples to new shards (written under plan/), and says what is left.
 
     Shards already planned are reused whatever the settings, so caches are shared between settings;
-    `retry_failed` moves the samples that failed under these settings into new (retry) shards.
+    `retry_failed` moves the samples that failed under these settings into new (retry) shards. `content_hash`
+    identifies local inputs by the hash of their bytes (see `storage.FileStamps`).
     """
     settings.check_editor()
     if pipeline == "training-data" and settings.native:
@@ -175,7 +176,7 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
                          "natively and has no bridge to train")
     storage = Storage(output_uri)
     storage.ensure_root(create_bucket)
-    samples = read_inputs(input_uri, prompt)
+    samples = read_inputs(input_uri, prompt, content_hash)
     assignment = read_assignment(storage)
     new = cut_shards([s for s in samples if (s.id, s.input_hash) not in assignment], shard_size)
     fresh = write_plan(storage, new)

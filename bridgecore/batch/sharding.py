@@ -246,12 +246,13 @@ def check_input(source: str) -> None:
                         "images or a glob)")
 
 
-def read_inputs(source: str, prompt: str | None = None) -> list[Sample]:
-    """Samples from a manifest, or from a folder/glob of images with one `prompt` for all."""
+def read_inputs(source: str, prompt: str | None = None, content_hash: bool = False) -> list[Sample]:
+    """Samples from a manifest, or from a folder/glob of images with one `prompt` for all. With `content_hash`,
+    local files are identified by a hash of their bytes, not by size and modification time."""
     source = str(source).rstrip("/")
     if not _is_url(source):
         source = os.path.abspath(os.path.expanduser(source))
-    stamps = FileStamps()
+    stamps = FileStamps(content_hash)
     if source.lower().endswith(MANIFEST_EXTENSIONS):
         samples = list(_manifest_samples(source, prompt, stamps))
     else:
