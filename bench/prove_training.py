@@ -46,7 +46,8 @@ def main() -> None:
         print(f"{seed:>4} {base:>19.5f} {trained:>17.5f} {(trained - base) / base:>+8.2%} "
               f"{metrics['heldout_loss_qwen3_shuffled']:>15.5f} "
               f"{metrics['qwen3_information_gain']:>+12.6f} [{low:+.6f}, {high:+.6f}] "
-              f"{stats['correction_rms_ratio']:>14.3f} {gates['text']:>+9.3f}, {gates['vision']:+.3f}")
+              f"{stats['correction_rms_ratio']:>14.3f} " + (f"{gates['text']:>+9.3f}, {gates['vision']:+.3f}" if gates
+                                                             else f"{'no gates (' + metrics['bridge_mode'] + ')':>19}"))
 
 
 if __name__ == "__main__":

@@ -84,14 +84,14 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_P
     """Loads a local path, fsspec URL or PIL image as RGB. Errors name the source."""
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source))
-    from .storage import InputTooLargeError, read_uri
+    from .storage import InputTooLargeError, NotARegularFileError, read_uri
 
     uri = str(source)
     try:
         data = read_uri(uri, max_bytes, budget_s=INPUT_RETRY_SECONDS)
     except FileNotFoundError as error:
         raise ImageLoadError(f"{uri}: file not found") from error
-    except InputTooLargeError as error:
+    except (InputTooLargeError, NotARegularFileError) as error:
         raise ImageLoadError(str(error)) from error
     except Exception as error:  # noqa: BLE001 - fsspec backends raise their own types (botocore, aiohttp, ...)
         raise ImageLoadError(f"{uri}: could not be read ({type(error).__name__}: {error})") from error

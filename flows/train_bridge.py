@@ -19,12 +19,13 @@ from tasks.train import train_bridge_task
 def train_bridge(data: str, out: str, qwen3: str = DEFAULT_QWEN3_MODEL, edit_model: str = DEFAULT_EDIT_MODEL,
                  steps: int = 1000, batch_size: int = 4, learning_rate: float = 1e-4, eval_every: int = 100,
                  seed: int = 0, condition_area: int = 1024 * 1024, device: str = "auto", rank: int = 256,
-                 ablate_qwen3: str = "none") -> dict:
+                 ablate_qwen3: str = "none", mode: str = "tokens", num_tokens: int = 1) -> dict:
     # train
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, eval_every=eval_every,
                   checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
-    metrics = train_bridge_task(data, out, settings.to_dict(), config, {"rank": rank})
+    metrics = train_bridge_task(data, out, settings.to_dict(), config, {"rank": rank, "mode": mode,
+                                                                       "num_tokens": num_tokens})
     # report
     curve = Path(out) / "loss_curve.png"
     if curve.exists():
@@ -39,5 +40,7 @@ def train_bridge(data: str, out: str, qwen3: str = DEFAULT_QWEN3_MODEL, edit_mod
         f"| trained bridge, Qwen3 caches shuffled across samples | {metrics['heldout_loss_qwen3_shuffled']:.5f} |\n\n"
         f"Qwen3 information gain (shuffled - trained): {metrics['qwen3_information_gain']:+.6f}, 95% CI "
         f"[{metrics['qwen3_information_gain_ci'][0]:+.6f}, {metrics['qwen3_information_gain_ci'][1]:+.6f}] "
-        f"(ablation: {ablate_qwen3})\n\ncheckpoint: `{out}`\n", key="bridge-training")
+        f"(ablation: {ablate_qwen3})\n\nheld-out loss with one Qwen3 level zeroed: "
+        + ", ".join(f"{level} {loss:.5f}" for level, loss in metrics["heldout_loss_level_zeroed"].items())
+        + f"\n\nbridge: {mode}, K={num_tokens}; checkpoint: `{out}`\n", key="bridge-training")
     return metrics
