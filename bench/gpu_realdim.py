@@ -295,9 +295,10 @@ class RealDimBenchmark:
         from bridgecore.bridge import BridgeConfig, VisionCacheBridge
 
         qwen3, qwen25 = self.caches["qwen3"], self.caches["qwen25"]
-        bridge = VisionCacheBridge(BridgeConfig.from_caches(qwen3, qwen25)).to(self.device).eval()
+        # the default design (correction and appended tokens); an open gate runs the whole computation, as trained
+        bridge = VisionCacheBridge(BridgeConfig.from_caches(qwen3, qwen25, mode="both")).to(self.device).eval()
         with torch.no_grad():
-            bridge.gate.fill_(0.5)  # an open gate: the whole computation runs, as after training
+            bridge.gate.fill_(0.5)
             resident = self.meter.reset_peak()
             seconds, times, output = self.meter.time(lambda: bridge(qwen3, qwen25), self.repeats, self.warmup)
             with FlopCounterMode(display=False) as counter:

@@ -72,7 +72,7 @@ class BridgeConfig:
 
     qwen3_hidden_dim: int = 4096
     qwen25_hidden_dim: int = 3584
-    mode: str = "tokens"  # "tokens": K appended conditioning tokens; "residual": bounded correction; "both"
+    mode: str = "both"  # "both" (measured best): correction + appended tokens; "tokens"; "residual" (see README)
     num_tokens: int = 1  # K, the appended tokens of the token path (1 formed fastest on the tiny task; see README)
     rank: int = 256
     levels: tuple[str, ...] = LEVEL_NAMES

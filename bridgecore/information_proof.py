@@ -50,7 +50,8 @@ CHANGE_THRESHOLD = 2  # an edit "changed" when some pixel moved by more than thi
 class ProofConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     designs: tuple[str, ...] = DESIGNS
-    default_design: str = "tokens"  # the design the headline numbers and the control are for
+    default_design: str = "both"  # the design of the headline numbers
+    controls: tuple[str, ...] | None = None  # designs that get a shuffled-Qwen3 control (None: every design)
     num_tokens: int = 1
     train_samples: int = 512
     heldout_samples: int = 64
@@ -161,6 +162,12 @@ def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExampl
 # -- one seed --------------------------------------------------------------------------------------------
 
 
+def control_designs(config: ProofConfig) -> tuple[str, ...]:
+    """The designs that get their own shuffled-Qwen3 control (the default design always does)."""
+    chosen = config.designs if config.controls is None else config.controls
+    return tuple(dict.fromkeys((*chosen, config.default_design)))
+
+
 def _train(editor, examples, work_dir: Path, name: str, train: TrainConfig, config: ProofConfig, mode: str):
     from .bridge import BridgeConfig
 
@@ -186,24 +193,32 @@ def run_seed(editor, seed: int, config: ProofConfig, work_dir: Path, image_size:
         trained[design], metrics[design] = _train(editor, examples, work_dir, f"seed{seed}-{design}", train, config, design)
         if progress:
             progress(f"seed {seed}: {design} trained")
-    control, control_metrics = _train(editor, examples, work_dir, f"seed{seed}-control", replace(train, ablate_qwen3="shuffle"),
-                                      config, config.default_design)
+    controls = {}
+    for design in control_designs(config):  # trained the same way, on Qwen3 caches of other samples
+        controls[design] = _train(editor, examples, work_dir, f"seed{seed}-control-{design}",
+                                  replace(train, ablate_qwen3="shuffle"), config, design)
+        if progress:
+            progress(f"seed {seed}: {design} control trained")
     some = trained[config.designs[0]]
     reference = [replace(e, cache=replace(e.cache, qwen25=full[e.key])) for e in some.heldout]
     losses = {"baseline": np.asarray(metrics[config.designs[0]]["heldout_per_sample"]["baseline"]),
-              "control": np.asarray(control_metrics["heldout_per_sample"]["trained"]),
               "reference": some.heldout_losses(identity_bridge(some.bridge_config), examples=reference)}
+    for design, (_, control_metrics) in controls.items():
+        losses[f"control_{design}"] = np.asarray(control_metrics["heldout_per_sample"]["trained"])
+    losses["control"] = losses[f"control_{config.default_design}"]
     for design in config.designs:
         losses[design] = np.asarray(metrics[design]["heldout_per_sample"]["trained"])
         losses[f"{design}_qwen3_shuffled"] = np.asarray(metrics[design]["heldout_per_sample"]["qwen3_shuffled"])
     result = {"seed": seed, "losses": losses,
               "statistics": {d: metrics[d]["bridge_statistics"] for d in config.designs},
               "level_zeroed": {d: metrics[d]["heldout_loss_level_zeroed"] for d in config.designs},
-              "control_statistics": control_metrics["bridge_statistics"]}
+              "control_statistics": {d: m["bridge_statistics"] for d, (_, m) in controls.items()}}
     if config.counterfactual_images:
         conditions = {"baseline": None, **{d: trained[d].bridge.eval() for d in config.designs},
-                      "control": control.bridge.eval(), "reference": None}
+                      **{f"control_{d}": trainer.bridge.eval() for d, (trainer, _) in controls.items()},
+                      "reference": None}
         result["counterfactual"] = counterfactual_edits(editor, conditions, some.heldout, by_key, config)
+        result["counterfactual"]["control"] = result["counterfactual"][f"control_{config.default_design}"]
         if progress:
             progress(f"seed {seed}: counterfactual edits decoded")
     return result
@@ -229,9 +244,11 @@ def _relative(losses: dict, better: str, worse: str = "baseline") -> float:
 
 
 def fraction_captured(losses: dict, design: str) -> float:
-    """(L_control - L_design) / (L_control - L_reference), mean held-out losses of one seed."""
-    gap = losses["control"].mean() - losses["reference"].mean()
-    return float((losses["control"].mean() - losses[design].mean()) / gap) if gap > 0 else float("nan")
+    """(L_control - L_design) / (L_control - L_reference), mean held-out losses of one seed; L_control is the
+    design's own control (trained the same way on shuffled Qwen3 caches) when it has one."""
+    control = losses.get(f"control_{design}", losses["control"]).mean()
+    gap = control - losses["reference"].mean()
+    return float((control - losses[design].mean()) / gap) if gap > 0 else float("nan")
 
 
 def _rate(result: dict, name: str, what: str) -> float:
@@ -260,7 +277,11 @@ def summarize(results: list[dict], config: ProofConfig) -> dict:
             "fraction_captured": _summary_of(results, design, lambda r, d=design: fraction_captured(r["losses"], d)),
             "information_gain_eval": _summary_of(results, design, lambda r, d=design: _relative(
                 r["losses"], d, f"{d}_qwen3_shuffled")),
+            "control": f"control_{design}" if f"control_{design}" in results[0]["losses"] else
+                       f"control_{config.default_design}",
             "follow_rate": _summary_of(results, design, lambda r, d=design: _rate(r, d, "follow")),
+            "follow_rate_control": _summary_of(results, design, lambda r, d=design: _rate(
+                r, f"control_{d}" if f"control_{d}" in r["losses"] else "control", "follow")),
             "changed_rate": _summary_of(results, design, lambda r, d=design: _rate(r, d, "changed")),
             "edit_success": _summary_of(results, design, lambda r, d=design: _rate(r, d, "success")),
             "level_zeroed_loss": {level: float(np.mean([r["level_zeroed"][design][level] for r in results]))
@@ -292,7 +313,7 @@ def summarize(results: list[dict], config: ProofConfig) -> dict:
         "diff_ci_high": diff_high,
         "gain_full_instruction": float(np.mean([_relative(r["losses"], "reference") for r in results])),
         "edit_success": {name: _summary_of(results, name, lambda r, n=name: _rate(r, n, "success"))["mean"]
-                         for name in ("baseline", *config.designs, "control", "reference")},
+                         for name in ("baseline", *config.designs, *_control_names(config), "reference")},
         "designs": designs,
         "seeds": len(results),
         "interval": "95% Student t over seeds",
@@ -304,13 +325,17 @@ def summarize(results: list[dict], config: ProofConfig) -> dict:
     return summary
 
 
+def _control_names(config: ProofConfig) -> tuple[str, ...]:
+    return tuple(f"control_{d}" for d in control_designs(config))
+
+
 def format_table(results: list[dict], config: ProofConfig) -> str:
     """Per seed and condition: held-out loss, gain over no bridge, counterfactual follow and changed rates, edit
-    success; then each design's bridge statistics and per-level ablation."""
-    names = ("baseline", *config.designs, "control", "reference")
-    labels = {"baseline": "no bridge (Qwen2.5-VL without the colour)", "control": f"control ({config.default_design}, "
-              "trained on shuffled Qwen3)", "reference": "reference: Qwen2.5-VL given the colour",
-              **{d: f"bridge: {d}" for d in config.designs}}
+    success; then each design's per-level ablation."""
+    names = ("baseline", *config.designs, *_control_names(config), "reference")
+    labels = {"baseline": "no bridge (Qwen2.5-VL without the colour)", "reference": "reference: Qwen2.5-VL given the colour",
+              **{d: f"bridge: {d}" for d in config.designs},
+              **{f"control_{d}": f"control: {d}, trained on shuffled Qwen3" for d in control_designs(config)}}
     lines = [f"{'seed':>4}  {'condition':<46} {'held-out loss':>13} {'gain':>8} {'follow':>7} {'changed':>8} {'success':>8}"]
     for result in results:
         losses = result["losses"]
@@ -329,8 +354,9 @@ def format_summary(summary: dict) -> str:
              f"{summary['counterfactual_edits_per_condition']} counterfactual edits per condition:"]
     for design, values in summary["designs"].items():
         f, r = values["fraction_captured"], values["follow_rate"]
-        lines.append(f"  {design:<9} fraction captured {f['mean']:+.2f} [{f['ci_low']:+.2f}, {f['ci_high']:+.2f}]  "
-                     f"follow rate {r['mean']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}]  changed "
+        lines.append(f"  {design:<9} fraction captured {f['mean']:+.2f} [{f['ci_low']:+.2f}, {f['ci_high']:+.2f}] (vs "
+                     f"{values['control']})  follow rate {r['mean']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] "
+                     f"(its control {values['follow_rate_control']['mean']:.0%})  changed "
                      f"{values['changed_rate']['mean']:.0%}  edit success {values['edit_success']['mean']:.0%}")
     lines.append(f"  follow rate: control {summary['follow_rate_control']:.0%}, no bridge {summary['follow_rate_baseline']:.0%}, "
                  f"reference {summary['follow_rate_reference']:.0%}, guessing {summary['guessing']:.0%}")

@@ -5,7 +5,7 @@ encoder) reads "Make the <shape>", Qwen3-VL reads "Make the <shape> <colour>", a
 with the project's own trainer and loss (the DiT, VAE and both VLMs frozen). Deterministic from its
 recipe and cached in the tiny zoo like the trained edit model (`vision-bridge tiny-models DIR --trained`).
 
-    bridge = VisionCacheBridge.from_pretrained(zoo["bridge-tokens"])
+    bridge = VisionCacheBridge.from_pretrained(zoo["bridge-tokens"])   # the token path (with the correction)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class TinyBridgeRecipe:
     """How the tiny bridge is trained; its JSON is part of the zoo's cache key."""
 
     seed: int = 0
-    mode: str = "tokens"
+    mode: str = "both"
     num_tokens: int = 1
     train_samples: int = 256
     heldout_samples: int = 32

@@ -19,7 +19,7 @@ from tasks.train import train_bridge_task
 def train_bridge(data: str, out: str, qwen3: str = DEFAULT_QWEN3_MODEL, edit_model: str = DEFAULT_EDIT_MODEL,
                  steps: int = 1000, batch_size: int = 4, learning_rate: float = 1e-4, eval_every: int = 100,
                  seed: int = 0, condition_area: int = 1024 * 1024, device: str = "auto", rank: int = 256,
-                 ablate_qwen3: str = "none", mode: str = "tokens", num_tokens: int = 1) -> dict:
+                 ablate_qwen3: str = "none", mode: str = "both", num_tokens: int = 1) -> dict:
     # train
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, eval_every=eval_every,

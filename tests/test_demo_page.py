@@ -23,7 +23,7 @@ def test_tiny_bridge_is_cached_and_retrained_only_when_its_recipe_changes(bridge
 
     path = bridged_zoo[TINY_BRIDGE]
     bridge = VisionCacheBridge.from_pretrained(path)
-    assert bridge.config.mode == "tokens" and bridge.config.num_tokens == 1
+    assert bridge.config.mode == "both" and bridge.config.num_tokens == 1
     report = json.loads((path / "tiny_bridge_report.json").read_text())
     assert report["recipe"]["steps"] == 3 and set(report["heldout_loss_level_zeroed"]) == {"early", "mid", "late"}
     assert not list(path.glob("step_*"))

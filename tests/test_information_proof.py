@@ -18,8 +18,10 @@ from bridgecore.information_proof import (
 )
 from bridgecore.synthetic_triplets import COLOURS, make_triplets
 
-MICRO = ProofConfig(seeds=(0, 1), designs=("residual", "tokens"), train_samples=8, heldout_samples=4, steps=3,
-                    batch_size=4, heldout_repeats=1, counterfactual_images=2, inference_steps=2, extract_batch_size=8)
+MICRO = ProofConfig(seeds=(0, 1), designs=("residual", "tokens"), default_design="tokens", train_samples=8,
+                    heldout_samples=4, steps=3,
+                    batch_size=4, heldout_repeats=1, counterfactual_images=2, inference_steps=2,
+                    extract_batch_size=8)
 
 
 def test_only_qwen3_reads_the_colour(trained_zoo):
@@ -54,8 +56,9 @@ def test_proof_summary_on_a_small_run(tmp_path, trained_zoo):
     results, summary = run_proof(trained_zoo["qwen-image-edit-trained"], trained_zoo["qwen3-vl"], MICRO, tmp_path)
     assert len(results) == summary["seeds"] == 2 and summary["heldout_samples"] == 4
     for result in results:
-        assert set(result["losses"]) == {"baseline", "control", "reference", "residual", "tokens",
-                                         "residual_qwen3_shuffled", "tokens_qwen3_shuffled"}
+        assert set(result["losses"]) == {"baseline", "control", "control_residual", "control_tokens", "reference",
+                                         "residual", "tokens", "residual_qwen3_shuffled", "tokens_qwen3_shuffled"}
+        assert result["losses"]["control"] is result["losses"]["control_tokens"]  # the default design's own control
         assert all(len(v) == 4 and np.isfinite(v).all() for v in result["losses"].values())
         for name, counterfactual in result["counterfactual"].items():
             assert counterfactual["follow"].shape == (2, len(COLOURS)) and counterfactual["success"].shape == (2,)
@@ -63,6 +66,7 @@ def test_proof_summary_on_a_small_run(tmp_path, trained_zoo):
         assert not result["counterfactual"]["baseline"]["changed"].any()
         assert set(result["level_zeroed"]["tokens"]) == {"early", "mid", "late"}
     assert summary["design"] == "tokens" and 0 <= summary["follow_rate"] <= 1
+    assert summary["designs"]["residual"]["control"] == "control_residual"  # each design against its own control
     assert summary["fraction_captured_ci_low"] <= summary["fraction_captured"] <= summary["fraction_captured_ci_high"]
     assert summary["diff"] == pytest.approx(summary["gain_real"] - summary["gain_shuffled"])
     for key in ("follow_rate", "follow_rate_control", "fraction_captured", "fraction_captured_ci_low",
@@ -70,5 +74,5 @@ def test_proof_summary_on_a_small_run(tmp_path, trained_zoo):
         assert key in summary
     json.loads(json.dumps(summary))  # one JSON line
     table = format_table(results, MICRO)
-    assert table.count("\n") == 2 * (2 + 3 + 2) and "reference" in table
+    assert table.count("\n") == 2 * (1 + 2 + 2 + 1 + 2) and "reference" in table
     assert "tokens" in format_summary(summary)

@@ -186,3 +186,47 @@ def test_edit_plus_training_reads_every_condition_image(tmp_path, plus_settings)
     assert trainer.heldout_losses(trainer.bridge, examples=[swapped])[0] != trainer.heldout_losses(trainer.bridge)[0]
     metrics = trainer.train(progress=False)
     assert np.isfinite(metrics["heldout_loss_trained"])
+
+
+def test_tokens_sit_where_inference_puts_them_in_any_batch(settings, examples):
+    """The DiT's loss of a sample in a batch of prompts of different lengths equals its loss alone: the appended
+    tokens are packed before padding, so their RoPE positions (max_vid_index + j of the padded tensor) are the
+    same in a training batch as in a single-sample edit."""
+    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+    from bridgecore.training import flow_matching_loss
+
+    pipe = ModelPool(settings).editor.pipe
+    by_length = {}
+    for example in examples:
+        by_length.setdefault(example.cache.qwen25.prompt_embeds.shape[0], example)
+    assert len(by_length) >= 2, "the triplets should have prompts of different lengths"
+    batch = [by_length[length] for length in sorted(by_length)[:3]]
+    first = batch[0].cache
+    torch.manual_seed(0)
+    bridge = VisionCacheBridge(BridgeConfig.from_caches(first.qwen3, first.qwen25, mode="tokens", num_tokens=2)).eval()
+    generator = torch.Generator().manual_seed(0)
+    target = torch.stack([e.target for e in batch])
+    noise = torch.randn(target.shape, generator=generator)
+    sigmas = torch.full((len(batch),), 0.6)
+    condition = torch.stack([e.condition for e in batch])
+    with torch.no_grad():
+        out = bridge([e.cache.qwen3 for e in batch], [e.cache.qwen25 for e in batch])
+        together = flow_matching_loss(pipe.transformer, out.prompt_embeds, out.prompt_embeds_mask, condition, target,
+                                      batch[0].latent_hw, noise, sigmas, reduce=False)
+        for i, example in enumerate(batch):
+            alone = bridge(example.cache.qwen3, example.cache.qwen25)
+            single = flow_matching_loss(pipe.transformer, alone.prompt_embeds, alone.prompt_embeds_mask, condition[i:i + 1],
+                                        target[i:i + 1], example.latent_hw, noise[i:i + 1], sigmas[i:i + 1], reduce=False)
+            torch.testing.assert_close(together[i], single[0], rtol=1e-4, atol=1e-6)
+        # the same tokens placed after the padding would be read at other positions: another loss
+        shifted = torch.zeros_like(out.prompt_embeds)
+        mask = torch.zeros_like(out.prompt_embeds_mask)
+        shortest = batch[0].cache.qwen25.prompt_embeds.shape[0]
+        length = out.prompt_embeds.shape[1]
+        shifted[0, :shortest] = out.prompt_embeds[0, :shortest]
+        shifted[0, length - 2:] = out.prompt_embeds[0, shortest:shortest + 2]
+        mask[0, :shortest] = 1
+        mask[0, length - 2:] = 1
+        late = flow_matching_loss(pipe.transformer, shifted[:1], mask[:1], condition[:1], target[:1], batch[0].latent_hw,
+                                  noise[:1], sigmas[:1], reduce=False)
+    assert not torch.allclose(late[0], together[0], rtol=1e-4, atol=1e-6)

@@ -447,9 +447,9 @@ def train(
     eval_every: int = typer.Option(100, help="Held-out loss and checkpoint every K steps."),
     seed: int = typer.Option(0, help="Seed of data order, noise and timesteps (deterministic on CPU)."),
     rank: int = typer.Option(256, help="Bridge rank (256 gives ~5M parameters at real dims)."),
-    mode: str = typer.Option("tokens", help="Bridge design: 'tokens' appends K conditioning tokens read from Qwen3-VL "
+    mode: str = typer.Option("both", help="Bridge design: 'tokens' appends K conditioning tokens read from Qwen3-VL "
                              "(can add what the DiT's own encoder lacks), 'residual' corrects the existing tokens "
-                             "(bounded), 'both'."),
+                             "(bounded; cannot add a missing word), 'both' (the default: measured best)."),
     num_tokens: int = typer.Option(1, help="K, the tokens the token path appends."),
     ablate_qwen3: str = typer.Option("none", help="Train a control: 'shuffle' pairs each sample with another sample's "
                                      "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),

@@ -301,7 +301,7 @@ def test_full_disk_mid_job_loses_nothing(tmp_path, tiny_zoo):
     full = job(tmp_path / "out", limit=100_000)
     assert full.returncode != 0 and "File too large" in full.stderr
     assert not list((tmp_path / "out").glob("caches/*/_done/*.json"))  # nothing half-written was committed
-    assert list((tmp_path / "out").rglob("*.tar.tmp-*")) and not list((tmp_path / "out").rglob("*.tar"))
+    assert not list((tmp_path / "out").rglob("*.tmp-*")) and not list((tmp_path / "out").rglob("*.tar"))  # cleaned
     rerun = job(tmp_path / "out")
     assert rerun.returncode == 0 and "'done': 3" in rerun.stdout, rerun.stderr[-2000:]
     pngs = lambda root: {p.name: p.read_bytes() for p in root.rglob("*.png") if "in" not in p.parts}  # noqa: E731
