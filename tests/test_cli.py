@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import make_image
 
 from bridgecore.cache_format import load_cache
@@ -49,6 +50,7 @@ def test_edit_command_baseline_and_untrained_default_are_identical(tmp_path, tin
     assert (tmp_path / "g.png").exists()
 
 
+@pytest.mark.slow
 def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
     from bridgecore.synthetic_triplets import write_triplets
 
@@ -134,6 +136,7 @@ def _gzip_server(body: bytes):
     return server
 
 
+@pytest.mark.slow
 def test_hostile_manifests_and_addresses_are_one_line_errors(tmp_path, tiny_zoo):
     """FIFOs, devices, oversized and gzip-bombed manifests, transparent HTTP decompression, missing columns, a
     refused connection, an object-store URL with '..', a folder that is no model: each refused in one line, before

@@ -9,6 +9,8 @@ from bridgecore.tiny_bridge import TinyBridgeRecipe
 from bridgecore.tiny_edit_model import TEST_RECIPE
 from bridgecore.tiny_zoo import TINY_BRIDGE, build_tiny_zoo
 
+pytestmark = pytest.mark.slow  # trains the tiny edit model (test recipe) and a tiny bridge
+
 MICRO = TinyBridgeRecipe(train_samples=8, heldout_samples=8, steps=3)
 
 

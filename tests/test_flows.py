@@ -17,6 +17,8 @@ from test_pipeline import make_inputs
 from bridgecore.batch.pipeline import STAGES
 from bridgecore.storage import Storage
 
+pytestmark = pytest.mark.slow  # real CLI processes and Prefect servers
+
 REPO = Path(__file__).resolve().parents[1]
 
 

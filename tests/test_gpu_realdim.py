@@ -34,6 +34,7 @@ def test_weights_are_random_in_the_requested_dtype():
     assert processor.image_processor.patch_size == 14 and processor.image_processor.merge_size == 2
 
 
+@pytest.mark.slow
 def test_bench_runs_on_cpu_at_reduced_depth(tmp_path):
     out = tmp_path / "realdim.json"
     result = subprocess.run(

@@ -24,6 +24,7 @@ MICRO = ProofConfig(seeds=(0, 1), designs=("residual", "tokens"), default_design
                     extract_batch_size=8)
 
 
+@pytest.mark.slow
 def test_only_qwen3_reads_the_colour(trained_zoo):
     from bridgecore.edit_pipeline import EnhancedQwenImageEdit
 
@@ -52,6 +53,7 @@ def test_t_interval_over_seeds():
     assert all(np.isnan(t_interval([0.5])))
 
 
+@pytest.mark.slow
 def test_proof_summary_on_a_small_run(tmp_path, trained_zoo):
     results, summary = run_proof(trained_zoo["qwen-image-edit-trained"], trained_zoo["qwen3-vl"], MICRO, tmp_path)
     assert len(results) == summary["seeds"] == 2 and summary["heldout_samples"] == 4

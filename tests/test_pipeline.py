@@ -255,6 +255,7 @@ def test_retry_failed_replans_only_failed_samples(tmp_path, settings):
     assert len(Storage(out).list("plan/shards")) == 3
 
 
+@pytest.mark.slow
 def test_mixed_manifest_routes_each_sample_to_a_pipeline_that_takes_it(tmp_path, tiny_zoo):
     """Single- and multi-image samples in one job: with `plus_model`, the multi-image ones run on Edit-Plus and
     get the very edits an Edit-Plus job gives them; the single-image ones those of an Edit job. Without it,

@@ -102,8 +102,12 @@ def test_bad_image_size_is_refused():
 
 
 def test_bridge_is_reported_at_real_dims(report):
-    assert 4e6 <= report["bridge"]["parameters"] <= 6e6
-    assert 0 < report["bridge"]["flops_vs_dit_step"] < 0.01
+    bridge = report["bridge"]
+    assert bridge["mode"] == "both" and 5e6 <= bridge["parameters"] <= 10e6  # the budget: <= 10M
+    assert 0 < bridge["flops_vs_dit_step"] < 0.01
+    designs = bridge["parameters_per_design"]
+    assert designs["residual"] < designs["both K=1"] and designs["tokens K=1"] < designs["both K=1"]
+    assert max(designs.values()) <= 10e6
 
 
 def test_training_memory_grows_with_batch_and_resolution(report):

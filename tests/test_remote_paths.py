@@ -4,6 +4,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import make_image
 
 
@@ -11,6 +12,7 @@ def _run(*args):
     return subprocess.run([sys.executable, "-m", "vision_bridge.cli", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_train_to_s3_then_edit_and_bulk_edit_with_the_bridge_from_s3(tmp_path, tiny_zoo, s3_root):
     import s3fs
 

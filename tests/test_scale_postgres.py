@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import make_image
 
+pytestmark = pytest.mark.slow  # PostgreSQL, a Prefect server and 500 shards
+
 REPO = Path(__file__).resolve().parents[1]
 SHARDS = 500
 

@@ -3,6 +3,8 @@
 import hashlib
 import json
 
+import pytest
+
 from bridgecore.tiny_zoo import QWEN_SPECIAL_TOKENS, build_qwen3_vl, build_tokenizer
 
 
@@ -44,6 +46,7 @@ def test_classes_and_grids_are_the_real_ones(tiny_zoo):
     assert encoder["vision_config"]["patch_size"] == 14 and encoder["vision_config"]["spatial_merge_size"] == 2
 
 
+@pytest.mark.slow
 def test_trained_edit_model_follows_its_instruction(trained_zoo):
     """The trained tiny DiT's held-out loss is clearly lower with the right instructions than with shuffled ones;
     it loads through from_pretrained like any pipeline and shows its edits in a grid."""

@@ -18,6 +18,8 @@ import pytest
 from conftest import make_image
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # real CLI processes, each with its Prefect server
+
 REPO = Path(__file__).resolve().parents[2]
 
 
