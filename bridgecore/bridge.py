@@ -288,6 +288,7 @@ class VisionCacheBridge(nn.Module):
             self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
             self.gate = nn.Parameter(torch.full((len(GATE_STREAMS),), float(config.gate_init)))  # text, vision
         self.tokens = ConditioningTokens(config) if config.uses_tokens else None
+        self.is_identity = False  # see `identity_bridge`
 
     def parameter_groups(self, learning_rate: float, weight_decay: float) -> list[dict]:
         """Optimizer groups: everything at `learning_rate`; the residual gates faster and without weight decay."""
@@ -401,6 +402,10 @@ class VisionCacheBridge(nn.Module):
         for qwen3, qwen25 in zip(qwen3s, qwen25s):
             self.check_caches(qwen3, qwen25)
             base = qwen25.prompt_embeds.to(device)
+            if self.is_identity:
+                embeds.append(base)
+                maps.append({})
+                continue
             fused, level_weights, deepstack = self._fuse(qwen3)
             enhanced, sample_maps = base, {"levels": level_weights}
             if self.config.uses_residual:
@@ -507,8 +512,11 @@ def create_default_bridge(qwen3_cache: Qwen3VisionCache | None = None, qwen25_ca
 
 
 def identity_bridge(config: BridgeConfig) -> VisionCacheBridge:
-    """No bridge: an untrained residual bridge, which returns Qwen-Image-Edit's own embeddings bit for bit (the
-    baseline every trained bridge is compared with, and what runs when no checkpoint is given)."""
+    """No bridge: Qwen-Image-Edit's own embeddings, exactly (the baseline every trained bridge is compared with,
+    and what runs when no checkpoint is given). An untrained residual bridge whose forward returns the base
+    without computing a correction, so nothing (not even a non-finite feature) can touch it."""
     from dataclasses import replace
 
-    return VisionCacheBridge(replace(config, mode="residual", gate_init=0.0))
+    bridge = VisionCacheBridge(replace(config, mode="residual", gate_init=0.0))
+    bridge.is_identity = True
+    return bridge

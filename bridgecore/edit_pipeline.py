@@ -301,10 +301,14 @@ class EnhancedQwenImageEdit:
 
 def attention_overlay(image: Image.Image, qwen3_maps: dict[str, torch.Tensor], vision_positions: torch.Tensor,
                       grid_thw: torch.Tensor) -> Image.Image:
-    """Where the bridge looked: mean cross-attention onto Qwen3's image tokens, drawn over the image."""
+    """Where the bridge looked: its attention onto Qwen3's image tokens (the appended tokens' when it has a token
+    path, else the correction's cross-attention), averaged, drawn over the image."""
     import numpy as np
 
-    attention = qwen3_maps["cross_attention"].float().mean(0)[vision_positions]  # [N3]
+    if "tokens" not in qwen3_maps and "cross_attention" not in qwen3_maps:
+        return image.convert("RGB")  # no bridge: it looked nowhere
+    looked = qwen3_maps["tokens"] if "tokens" in qwen3_maps else qwen3_maps["cross_attention"]  # [K or L25, L3]
+    attention = looked.float().mean(0)[vision_positions]  # [N3]
     _, h, w = (int(v) for v in grid_thw[0])
     heat = attention[: (h // 2) * (w // 2)].reshape(h // 2, w // 2).cpu().numpy()
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)

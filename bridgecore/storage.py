@@ -9,7 +9,9 @@ shard without a marker does not exist for readers, and two writers cannot both c
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,6 +31,10 @@ TRANSIENT_ERRORS = (ConnectionError, TimeoutError)
 
 class MarkerExistsError(FileExistsError):
     """Another writer committed the shard first."""
+
+
+class UnsafeOutputError(PermissionError):
+    """A symbolic link stands where the job writes inside its output: refused, never followed."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -162,9 +168,9 @@ class Storage:
         """A descriptor of the folder holding `parts[-1]`, reached from the root one real folder at a time.
 
         Never follows a link inside the output: a symbolic link found where the job writes (a data folder
-        replaced by a link to elsewhere) is removed and replaced by a real folder, with a warning. So every
-        write lands under the root, whatever others planted in a shared output. The root itself may be a link
-        (an output on another disk)."""
+        replaced by a link to elsewhere, even a link a user made on purpose) is refused with a message naming
+        it, and nothing is written through it. So every write lands under the root, whatever others planted in
+        a shared output. The root itself may be a link (an output on another disk)."""
         names = [name for part in parts[:-1] for name in part.split("/") if name]
         if any(name in (".", "..") for name in names) or not parts or "/" in parts[-1] or parts[-1] in ("", ".", ".."):
             raise ValueError(f"refusing to write {'/'.join(parts)!r}: not a plain path under {self.root}")
@@ -172,21 +178,19 @@ class Storage:
         folder = os.open(self.root_path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             for depth, name in enumerate(names):
-                try:
+                with contextlib.suppress(FileExistsError):
                     os.mkdir(name, dir_fd=folder)
-                except FileExistsError:
-                    pass
                 try:
                     inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
-                except OSError:
-                    if not stat.S_ISLNK(os.lstat(name, dir_fd=folder).st_mode):
-                        raise NotADirectoryError(f"{self.url(*names[:depth + 1])}: expected a folder, found a file in "
-                                                 "the way") from None
-                    logger.warning("%s is a symbolic link to %s inside the output: replaced by a folder, not followed",
-                                   self.url(*names[:depth + 1]), os.readlink(name, dir_fd=folder))
-                    os.unlink(name, dir_fd=folder)
-                    os.mkdir(name, dir_fd=folder)
-                    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder)
+                except OSError as error:
+                    where = self.url(*names[:depth + 1])
+                    if error.errno == errno.ELOOP or stat.S_ISLNK(os.lstat(name, dir_fd=folder).st_mode):
+                        raise UnsafeOutputError(
+                            f"{where} is a symbolic link (to {os.readlink(name, dir_fd=folder)}) inside the output: the "
+                            "job never writes through links; remove it (or point the output at the real folder)") from None
+                    if error.errno == errno.ENOTDIR:
+                        raise NotADirectoryError(f"{where}: expected a folder, found a file in the way") from None
+                    raise
                 os.close(folder)
                 folder = inner
             return folder
@@ -203,7 +207,7 @@ class Storage:
             folder = self._open_folder(parts)
             try:
                 temporary = f"{name}.tmp-{secrets.token_hex(8)}"
-                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=folder)
                 try:
                     with os.fdopen(descriptor, "wb") as handle:
                         handle.write(data)
@@ -232,7 +236,7 @@ class Storage:
         if self.is_local:
             folder = self._open_folder(parts)
             try:
-                descriptor = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=folder)
+                descriptor = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=folder)
             except FileExistsError as error:  # a link planted at the marker's name counts as taken: never followed
                 raise MarkerExistsError(path) from error
             finally:
@@ -322,6 +326,7 @@ class FileStamps:
 
     def __init__(self, content_hash: bool = False):
         self._folders: dict[str, dict[str, str]] = {}
+        self._hashes: dict[str, str | None] = {}
         self.content_hash = content_hash
 
     def _list(self, folder: str) -> dict[str, str]:
@@ -343,7 +348,9 @@ class FileStamps:
         if uri.startswith(("http://", "https://")):
             return uri
         if self.content_hash and "://" not in uri:
-            return _file_sha256(uri)
+            if uri not in self._hashes:  # a picture named by many rows is read once
+                self._hashes[uri] = _file_sha256(uri)
+            return self._hashes[uri]
         folder = posixpath.dirname(uri)
         if folder not in self._folders:
             try:
@@ -465,32 +472,36 @@ def _read_regular_file(path: str, max_bytes: int | None, what: str = "input") ->
         os.close(descriptor)
 
 
-def read_limited(uri: str, max_bytes: int, what: str = "input", setting: str = "") -> bytes:
-    """Reads a regular local file or a URL whole, safely: a FIFO, device or folder is refused before it is
-    opened for reading (never blocks), at most `max_bytes` are read, and nothing is decompressed behind our
-    back: an HTTP body is read as sent (`Content-Encoding` is not undone), and only a name ending in `.gz`
-    is inflated, capped at `max_bytes` inflated. `setting` names the variable that raises the limit."""
+def read_limited(uri: str, max_bytes: int, what: str = "input", setting: str = "", budget_s: float | None = None) -> bytes:
+    """Reads a regular local file or a URL whole, safely: a FIFO, device or folder is refused without a read
+    (never blocks), at most `max_bytes` are read, and nothing is decompressed behind our back: an HTTP server
+    is asked for the bytes as stored (`Accept-Encoding: identity`) and a compressed answer is refused; only a
+    name ending in `.gz` is inflated, every gzip member of it, capped at `max_bytes` inflated. Transient
+    errors are retried for `budget_s` (default `RETRY_SECONDS`). `setting` names the variable that raises the limit."""
     limit_hint = f" (raise {setting})" if setting else ""
     if "://" not in uri or uri.startswith("file://"):
-        data = _read_regular_file(uri.removeprefix("file://"), max_bytes + 1, what)
+        data = _read_regular_file(os.path.expanduser(uri.removeprefix("file://")), max_bytes + 1, what)
     else:
-        options = {"client_kwargs": {"auto_decompress": False}} if uri.startswith(("http://", "https://")) else {}
+        options = {}
+        if uri.startswith(("http://", "https://")):
+            options = {"client_kwargs": {"auto_decompress": False}, "headers": {"Accept-Encoding": "identity"}}
 
         def read() -> bytes:
             with fsspec.open(uri, "rb", compression=None, **options) as handle:
                 return handle.read(max_bytes + 1)
-        data = retry_transient(read, budget_s=FIRST_CONTACT_SECONDS)
+        data = retry_transient(read, budget_s)
     if len(data) > max_bytes:
         raise InputTooLargeError(f"{what} {uri} is larger than the limit of {max_bytes} bytes{limit_hint}")
-    if uri.lower().endswith(".gz"):
+    if uri.lower().split("?", 1)[0].endswith(".gz"):
+        import gzip
         import zlib
 
-        inflater = zlib.decompressobj(wbits=31)
         try:
-            inflated = inflater.decompress(data, max_bytes + 1)
-        except zlib.error as error:
-            raise ValueError(f"{what} {uri} is named .gz but is not gzip data ({error})") from None
-        if len(inflated) > max_bytes or inflater.unconsumed_tail:
+            with gzip.GzipFile(fileobj=io.BytesIO(data)) as inflating:  # every member; EOFError when truncated
+                inflated = inflating.read(max_bytes + 1)
+        except (OSError, EOFError, zlib.error) as error:
+            raise ValueError(f"{what} {uri} is named .gz but is not complete gzip data ({error})") from None
+        if len(inflated) > max_bytes:
             raise InputTooLargeError(f"{what} {uri} inflates to more than the limit of {max_bytes} bytes{limit_hint}")
         return inflated
     if data.startswith(GZIP_MAGIC):

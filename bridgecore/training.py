@@ -431,6 +431,12 @@ class BridgeTrainer:
 
     def _restore(self, checkpoint: Path, optimizer, lr_scheduler) -> tuple[int, dict]:
         trained = VisionCacheBridge.from_pretrained(checkpoint, expect=self.bridge_config)
+        ours, theirs = self.bridge_config, trained.config
+        if (theirs.mode, theirs.appended_tokens, theirs.rank) != (ours.mode, ours.appended_tokens, ours.rank):
+            raise ValueError(f"{checkpoint} is a {theirs.mode} bridge (K={theirs.appended_tokens}, rank {theirs.rank}); "
+                             f"this run asks for {ours.mode} (K={ours.appended_tokens}, rank {ours.rank}): resume it with "
+                             f"--mode {theirs.mode} --num-tokens {max(1, theirs.appended_tokens)} --rank {theirs.rank}, "
+                             "or train into a new --out")
         self.bridge.load_state_dict(trained.state_dict())
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         optimizer.load_state_dict(_optimizer_from_files(load_file(checkpoint / "optimizer.safetensors"), state["optimizer"]))

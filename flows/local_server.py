@@ -1,8 +1,8 @@
 """A project-local, temporary Prefect server for command-line runs (no server to set up).
 
 Prefect's own temporary server, started explicitly so that its process is known and tied to ours:
-- its pid is kept in `PREFECT_HOME/temporary-server.pid`; a server left behind by a killed earlier run
-  is stopped first;
+- its pid is kept in `PREFECT_HOME/temporary-server-<run pid>.pid`; a server left behind by a killed earlier
+  run is stopped first (a concurrent run's live server is left alone);
 - on Linux it gets a parent-death signal, so a SIGKILL of the run takes the server with it at once;
 - SIGTERM stops it like a normal exit does;
 - it may take its time to start: a fresh database is migrated first, and on a busy 2-core machine that
@@ -32,17 +32,31 @@ class ServerStartError(RuntimeError):
     """The temporary Prefect server did not answer in time (twice)."""
 
 
-def _stop_leftover(pid_file: Path) -> None:
+def _alive(pid: int) -> bool:
     try:
-        pid = int(pid_file.read_text())
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return
-    if SERVER_COMMAND_MARK in command:
-        logger.warning("stopping the temporary Prefect server (pid %d) left by an interrupted run", pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    pid_file.unlink(missing_ok=True)
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _stop_leftovers(home: Path) -> None:
+    """Stops temporary servers whose run is gone (killed where a parent-death signal does not exist); a server
+    of a run still alive (a concurrent run with the same PREFECT_HOME) is left alone. One pid file per run:
+    `temporary-server-<run pid>.pid` holds its server's pid (`temporary-server.pid`: an older version's)."""
+    for pid_file in home.glob("temporary-server*.pid"):
+        owner = pid_file.stem.removeprefix("temporary-server").removeprefix("-")
+        if owner.isdigit() and _alive(int(owner)):
+            continue
+        try:
+            pid = int(pid_file.read_text())
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            command = b""
+        if SERVER_COMMAND_MARK in command:
+            logger.warning("stopping the temporary Prefect server (pid %d) left by an interrupted run", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        pid_file.unlink(missing_ok=True)
 
 
 def prefect_environment(home: Path, quiet: bool = True) -> None:
@@ -111,7 +125,7 @@ def start_server(attempts: int = 2):
         try:
             server.start(timeout=seconds)
             return server
-        except RuntimeError as error:
+        except Exception as error:  # noqa: BLE001 - a timeout (RuntimeError), an unhealthy answer (httpx), no port
             server.stop()  # a server that did not answer may still be starting: never leave it behind
             logger.warning("the temporary Prefect server did not answer within %d s (attempt %d of %d): %s",
                            seconds, attempt, attempts, str(error).splitlines()[0][:200])
@@ -138,8 +152,9 @@ def local_prefect() -> Iterator[None]:
         return
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    pid_file = Path(os.environ["PREFECT_HOME"]) / "temporary-server.pid"
-    _stop_leftover(pid_file)
+    home = Path(os.environ["PREFECT_HOME"])
+    _stop_leftovers(home)
+    pid_file = home / f"temporary-server-{os.getpid()}.pid"
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # exit normally: the server stops too
     server = None
     try:

@@ -137,14 +137,21 @@ def test_writes_never_follow_links_planted_in_the_output(tmp_path):
     storage = Storage(str(tmp_path / "out"))
     storage.write_bytes(b"first", "edits", "fp", "data", "shard-a", "k0.png")
     data = tmp_path / "out" / "edits" / "fp" / "data" / "shard-a"
-    # a data folder replaced by a link to an outside folder: replaced by a real folder, the outside untouched
+    # a data folder replaced by a link to an outside folder: refused, naming the link; the outside untouched
+    from bridgecore.storage import UnsafeOutputError
+
     for child in data.iterdir():
         child.unlink()
     data.rmdir()
     data.symlink_to(outside, target_is_directory=True)
-    storage.write_bytes(b"second", "edits", "fp", "data", "shard-a", "k0.png")
-    assert not data.is_symlink() and (data / "k0.png").read_bytes() == b"second"
+    with pytest.raises(UnsafeOutputError, match="shard-a is a symbolic link .* never writes through links"):
+        storage.write_bytes(b"second", "edits", "fp", "data", "shard-a", "k0.png")
+    with pytest.raises(UnsafeOutputError):
+        storage.create_marker({"x": 1}, "edits", "fp", "data", "shard-a", "marker.json")
     assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"] and victim.read_text() == "precious"
+    data.unlink()
+    storage.write_bytes(b"second", "edits", "fp", "data", "shard-a", "k0.png")
+    assert (data / "k0.png").read_bytes() == b"second"
     # links at the file's own name, at the old predictable temporary names and at a marker's name: never followed
     import os
 

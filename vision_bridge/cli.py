@@ -350,7 +350,8 @@ def bulk_edit(
     retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
     content_hash: bool = typer.Option(False, "--content-hash", help="Identify local input files by a hash of their "
                                       "bytes instead of size + modification time (reads every file while planning; "
-                                      "use it when files may be replaced in place with the same size and time)."),
+                                      "use it when files may be replaced in place with the same size and time; "
+                                      "switching it changes every sample's identity, so the next run plans anew)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the shards, what is already done "
                                  "under these settings and what would run; writes nothing but the plan."),
     verify: bool = typer.Option(False, "--verify", help="Check every edited image against its checksum when "
@@ -469,6 +470,12 @@ def train(
         _fail(f"--ablate-qwen3 must be one of {', '.join(ABLATIONS)}; got {ablate_qwen3!r}")
     if "://" not in out and Path(out).exists() and not Path(out).is_dir():
         _fail(f"--out {out} is a file, not a folder: training writes a checkpoint folder there")
+    from bridgecore.bridge import MODES
+
+    if mode not in MODES:
+        _fail(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if num_tokens < 1:
+        _fail(f"--num-tokens must be at least 1; got {num_tokens}")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
     settings = JobSettings(qwen3, edit_model, None, device, condition_area)
     config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,

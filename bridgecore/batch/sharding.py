@@ -64,7 +64,7 @@ def _read_rows(source: str) -> Iterable[tuple[str, dict[str, Any] | str]]:
     name = posixpath.basename(source)
     kind = source.lower().removesuffix(".gz")
     if kind.endswith(".jsonl"):
-        for number, line in enumerate(data.decode("utf-8-sig").splitlines(), start=1):
+        for number, line in enumerate(_text(source, data).splitlines(), start=1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -72,21 +72,29 @@ def _read_rows(source: str) -> Iterable[tuple[str, dict[str, Any] | str]]:
                 except json.JSONDecodeError as error:
                     yield f"{name} line {number}", f"invalid JSON ({error.msg} at column {error.colno})"
     elif kind.endswith(".csv"):
-        for number, row in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))), start=2):
+        for number, row in enumerate(csv.DictReader(io.StringIO(_text(source, data))), start=2):
             yield f"{name} line {number}", row
     else:
         for number, row in enumerate(_parquet(source, data).to_pylist(), start=1):
             yield f"{name} row {number}", row
 
 
-def read_manifest(source: str) -> bytes:
-    """A manifest's bytes: a regular file or URL, within `manifest_limit()`; every refusal is one ManifestError line."""
+def read_manifest(source: str, budget_s: float | None = None) -> bytes:
+    """A manifest's bytes: a regular file or URL, within `manifest_limit()`; every refusal is one ManifestError line.
+    Transient storage errors are retried for `budget_s` (default: a running job's whole budget)."""
     try:
-        return read_limited(source, manifest_limit(), "manifest", MANIFEST_LIMIT_SETTING)
+        return read_limited(source, manifest_limit(), "manifest", MANIFEST_LIMIT_SETTING, budget_s)
     except FileNotFoundError:
         raise ManifestError(f"manifest {source!r} does not exist") from None
     except (ValueError, PermissionError, IsADirectoryError) as error:
         raise ManifestError(str(error)) from None
+
+
+def _text(source: str, data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"manifest {source} is not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 def _parquet(source: str, data: bytes):
@@ -98,15 +106,17 @@ def _parquet(source: str, data: bytes):
         raise ManifestError(f"manifest {source} is not a readable Parquet file ({str(error).splitlines()[0][:120]})") from None
 
 
-def manifest_columns(source: str) -> set[str]:
+def manifest_columns(source: str, budget_s: float | None = None) -> set[str]:
     """The columns of a manifest: CSV header, Parquet schema, keys of the first 1000 JSONL rows."""
-    data = read_manifest(source)
+    from itertools import islice
+
+    data = read_manifest(source, budget_s)
     kind = source.lower().removesuffix(".gz")
     if kind.endswith(".csv"):
-        return set(next(csv.reader(io.StringIO(data.decode("utf-8-sig"))), []))
+        return set(csv.DictReader(io.StringIO(_text(source, data))).fieldnames or [])
     if kind.endswith(".jsonl"):
         columns: set[str] = set()
-        for line in data.decode("utf-8-sig").splitlines()[:1000]:
+        for line in islice(io.StringIO(_text(source, data)), 1000):
             with contextlib.suppress(json.JSONDecodeError, AttributeError):
                 columns.update(json.loads(line).keys())
         return columns
@@ -116,10 +126,14 @@ def manifest_columns(source: str) -> set[str]:
 def check_manifest_columns(source: str, prompt: str | None) -> None:
     """Refuses, before anything runs or is written, a manifest with no image column, or with no instruction
     column and no --prompt; the error names the columns it found."""
+    from ..storage import FIRST_CONTACT_SECONDS
+
     source = str(source).rstrip("/")
     if not source.lower().endswith(MANIFEST_EXTENSIONS):
         return
-    columns = manifest_columns(source)
+    if not _is_url(source):
+        source = os.path.abspath(os.path.expanduser(source))
+    columns = manifest_columns(source, FIRST_CONTACT_SECONDS)  # a check before the job: fail fast
     missing = []
     if not columns & {"image", "images"}:
         missing.append("'image' (or 'images', a list)")
@@ -298,20 +312,20 @@ def load_plan(storage: Storage, shard_id: str) -> list[Sample]:
 
 def read_assignment(storage: Storage) -> dict[tuple[str, str], tuple[int, str]]:
     """{(id, input_hash): (generation, shard)} from every planning run so far; a retry shard (a higher
-    generation) supersedes the shard its samples failed in."""
+    generation) supersedes the shard its samples failed in. A damaged index file is named, removed and
+    rebuilt from the shard plans it summarised (`plan/shards/*.json`, written before any index)."""
     import pyarrow.parquet as pq
 
     assignment: dict[tuple[str, str], tuple[int, str]] = {}
+    damaged = []
     for name in storage.list(PLAN_INDEX, suffix=".parquet"):
+        data = storage.read_bytes(PLAN_INDEX, name)  # storage errors propagate: unreachable is not damaged
         try:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(PLAN_INDEX, name)),
-                                  columns=["id", "input_hash", "shard", "generation"])
-        except (OSError, ValueError, KeyError) as error:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
-            # The index is derived from the inputs: its samples are planned again, and the same pending set
-            # gives the same shards (ids hash their members), so their caches are found again.
-            logger.warning("plan index %s is damaged (%s): removed; its samples are planned again from the inputs",
+            table = pq.read_table(io.BytesIO(data), columns=["id", "input_hash", "shard", "generation"])
+        except (ValueError, KeyError, OSError) as error:  # pyarrow: ArrowInvalid (ValueError), OSError on bad bytes
+            logger.warning("plan index %s is damaged (%s): rebuilding it from the shard plans",
                            storage.url(PLAN_INDEX, name), str(error).splitlines()[0][:120])
-            storage.remove(PLAN_INDEX, name)
+            damaged.append(name)
             continue
         values: dict[tuple[int, str], tuple[int, str]] = {}  # one value object per shard, not per row
         for sample_id, digest, shard, generation in zip(*(table.column(c).to_pylist() for c in
@@ -319,7 +333,42 @@ def read_assignment(storage: Storage) -> dict[tuple[str, str], tuple[int, str]]:
             key = (sample_id, digest)
             if key not in assignment or generation > assignment[key][0]:
                 assignment[key] = values.setdefault((generation, shard), (generation, shard))
+    if damaged:
+        _rebuild_index(storage, assignment, damaged)
     return assignment
+
+
+def _rebuild_index(storage: Storage, assignment: dict, damaged: list[str]) -> None:
+    """Assigns every sample of a shard plan that no intact index names to that shard (generation 0; where a
+    sample is in several such plans, the first by shard id), writes one index for them, then removes the
+    damaged files. The same shards come back, so every stage finds its committed work again."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = [(PLAN_SHARDS, name) for name in storage.list(PLAN_SHARDS, suffix=".json")]
+    recovered: dict[tuple[str, str], str] = {}
+    for (_, name), data in sorted(storage.read_many(names).items()):
+        try:
+            members = json.loads(data)["samples"]
+        except (TypeError, ValueError, KeyError):
+            continue  # a damaged shard plan: its samples are planned again (and the plan repaired)
+        for member in members:
+            key = (member["id"], member["input_hash"])
+            if key not in assignment and key not in recovered:
+                recovered[key] = name[: -len(".json")]
+    if recovered:
+        rows = sorted((key[0], key[1], shard) for key, shard in recovered.items())
+        table = pa.table({"id": [r[0] for r in rows], "input_hash": [r[1] for r in rows], "shard": [r[2] for r in rows],
+                          "generation": pa.array([0] * len(rows), pa.int32())})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        rebuilt = hashlib.sha256("\n".join(f"{a}\0{b}\0{c}" for a, b, c in rows).encode()).hexdigest()[:16] + ".parquet"
+        storage.write_bytes(buffer.getvalue(), PLAN_INDEX, rebuilt)
+        assignment.update({key: (0, shard) for key, shard in recovered.items()})
+    rebuilt = {rebuilt} if recovered else set()
+    for name in damaged:
+        if name not in rebuilt:  # the rebuilt index may have the damaged one's own name (same rows)
+            storage.remove(PLAN_INDEX, name)
 
 
 def write_plan(storage: Storage, shards: dict[str, list[Sample]], generation: int = 0) -> set[str]:
