@@ -66,7 +66,7 @@ class ProofConfig:
     overrides: dict = field(default_factory=dict)  # extra BridgeConfig fields for every design
 
 
-QUICK = ProofConfig(seeds=(0, 1), train_samples=256, heldout_samples=32, steps=500, counterfactual_images=8,
+QUICK = ProofConfig(seeds=(0, 1), train_samples=256, heldout_samples=32, steps=800, counterfactual_images=8,
                     inference_steps=10, controls=("both",))  # every design, one control: under 10 minutes on 2 cores
 
 
