@@ -3,8 +3,8 @@
 `vision-bridge quickstart` ends by writing `index.html` (with its PNG grids beside it) into its output
 folder. On the tiny offline zoo it shows:
 
-- the arms: input | Edit | Edit+bridge | Qwen-Image-2.1 | target, one row per sample (read from each arm's
-  `runs/<run>/summary.parquet`);
+- the arms: input | Edit | Edit+bridge | Edit+rewrite | Qwen-Image-2.1 | target, one row per sample (read from
+  each arm's `runs/<run>/summary.parquet`), and what the rewrite arm's Qwen3-VL wrote for each instruction;
 - the mechanism: Qwen2.5-VL (the DiT's own encoder) reads "Make the <shape>" without the colour; the
   bridge's Qwen3-VL reads the colour. Per image: Edit without the colour | Edit+bridge | the reference (Edit
   given the colour) | target, and one image with Qwen3-VL reading every colour in turn, with the follow rate
@@ -37,11 +37,26 @@ def _stack(rows: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def _outputs(output: Path, run: str) -> dict[str, str]:
+def _summary_rows(output: Path, run: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(output / "runs" / run / "summary.parquet").to_pylist()
-    return {row["id"]: row["output"] for row in table if row["status"] == "done" and row["output"]}
+    return pq.read_table(output / "runs" / run / "summary.parquet").to_pylist()
+
+
+def _outputs(output: Path, run: str) -> dict[str, str]:
+    return {row["id"]: row["output"] for row in _summary_rows(output, run) if row["status"] == "done" and row["output"]}
+
+
+def rewrites_of(manifest: Path, output: Path, runs: dict[str, str], limit: int = 6) -> list[dict]:
+    """[{"id", "instruction", arm: rewrite, ...}] for the manifest's first `limit` samples and the arms that rewrite
+    (empty when none does)."""
+    rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()][:limit]
+    written = {arm: {row["id"]: row.get("rewrite") for row in _summary_rows(output, run)} for arm, run in runs.items()}
+    written = {arm: texts for arm, texts in written.items() if any(texts.values())}
+    if not written:
+        return []
+    return [{"id": row["id"], "instruction": row["instruction"],
+             **{arm: texts.get(row["id"]) for arm, texts in written.items()}} for row in rows]
 
 
 def arms_grid(manifest: Path, output: Path, runs: dict[str, str], limit: int = 6) -> Image.Image:
@@ -110,14 +125,22 @@ def mechanism_demo(edit_model: str | Path, qwen3_model: str | Path, bridge: str 
 
 
 def write_page(folder: Path, arms: Image.Image | None, mechanism: Image.Image | None, numbers: dict | None,
-               notes: list[str]) -> Path:
-    """`folder/index.html` with `arms.png` and `mechanism.png` beside it."""
+               notes: list[str], rewrites: list[dict] | None = None) -> Path:
+    """`folder/index.html` with `arms.png` and `mechanism.png` beside it; `rewrites` from `rewrites_of`."""
     folder.mkdir(parents=True, exist_ok=True)
     parts = [f"<p>{html.escape(note)}</p>" for note in notes]
     if arms is not None:
         arms.save(folder / "arms.png")
         parts.append("<h2>The arms on the job's samples</h2><p>input | each arm | target (the task's ground truth)</p>"
                      "<img src='arms.png' alt='arms side by side'>")
+    if rewrites:
+        names = [key for key in rewrites[0] if key not in ("id", "instruction")]
+        head = "".join(f"<th>{html.escape(name)}: the instruction as rewritten</th>" for name in names)
+        body = "".join("<tr><td><code>" + html.escape(row["id"]) + "</code></td><td>" + html.escape(row["instruction"])
+                       + "</td>" + "".join(f"<td>{html.escape(row[name] or '(failed)')}</td>" for name in names)
+                       + "</tr>" for row in rewrites)
+        parts.append("<h3>What the rewrite arm gave the edit model's encoder</h3>"
+                     f"<table><tr><th>sample</th><th>instruction</th>{head}</tr>{body}</table>")
     if mechanism is not None and numbers is not None:
         mechanism.save(folder / "mechanism.png")
         parts.append(

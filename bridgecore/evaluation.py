@@ -81,6 +81,8 @@ def results_editor(run: str) -> Editor:
     def edited(row, sources, target):
         uri = outputs.get(row["id"])
         return load_image(uri) if uri else None
+    # the rewrite arm's rewritten instructions, for the report to show under its pictures
+    edited.rewrites = {row["id"]: row["rewrite"] for row in rows if row.get("rewrite")}
     return edited
 
 
@@ -171,7 +173,8 @@ def arm_comparisons(per_sample: dict[str, list[dict]], seed: int = 0) -> dict[st
 
 
 def arm_name(run: str) -> str:
-    """A readable arm name from a run's summary: the editor family, and whether the bridge was on."""
+    """A readable arm name from a run's summary: the editor family, whether the instruction was rewritten and
+    whether the bridge was on (Edit, Edit+bridge, Edit+rewrite, Edit+rewrite+bridge, Qwen-Image-2.1)."""
     from .storage import Storage
 
     try:
@@ -188,7 +191,8 @@ def arm_name(run: str) -> str:
             family = "qwen-image-2.1" if "2.1" in str(settings.get("edit_model", "")) else "qwen-image-edit"
     if family == "qwen-image-2.1":
         return "Qwen-Image-2.1"
-    return "Edit+bridge" if settings.get("bridge") else "Edit"
+    rewrite = {"qwen3": "+rewrite", "identity": "+rewrite(identity)"}.get(settings.get("rewrite_with") or "none", "")
+    return "Edit" + rewrite + ("+bridge" if settings.get("bridge") else "")
 
 
 # -- reading ability of the encoders themselves (the seed's "text detection" claim, without the DiT) ----

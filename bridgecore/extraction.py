@@ -127,6 +127,7 @@ class VisionCacheExtractor:
         self._qwen3 = LazyModel(self._load_qwen3, f"Qwen3-VL ({self.qwen3_name})")
         self._qwen25 = LazyModel(self._load_qwen25, f"Qwen2.5-VL of {self.edit_name}")
         self.forward_count = 0  # model forwards run; lets callers prove that cached work was skipped
+        self.generate_count = 0  # Qwen3-VL rewrite batches generated (see `rewrite`)
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -213,6 +214,19 @@ class VisionCacheExtractor:
         samples, prompts, batched = _as_samples(images, text_prompt)
         caches = self._encode_qwen25(prompts, [self.prepare_images(s) for s in samples])
         return caches if batched else caches[0]
+
+    def rewrite(self, sample_images: list[list[Any]], instructions: list[str], system_prompt: str,
+                max_new_tokens: int) -> list[tuple[str, int]]:
+        """Qwen3-VL's rewritten instruction (and its generated token count) per sample, seeing the same resized
+        images as its features do (see `rewrite.rewrite_instructions`)."""
+        from .rewrite import rewrite_instructions
+
+        handle = self._qwen3.get()
+        results = rewrite_instructions(handle.model, handle.processor, instructions,
+                                       [self.prepare_images(images) for images in sample_images], system_prompt,
+                                       max_new_tokens)
+        self.generate_count += 1
+        return results
 
     def extract(self, images, text_prompt: str | list[str], one_model_at_a_time: bool = False):
         """Both caches, as `SampleCache` (or a list for a batch). Images are loaded and resized once.

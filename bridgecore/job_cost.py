@@ -27,14 +27,16 @@ class GpuSpec:
     name: str
     bf16_dense_flops: float  # datasheet dense bf16 tensor-core peak, FLOP/s
     memory_gib: int
+    memory_bandwidth: float  # datasheet HBM/GDDR bandwidth, bytes/s (prices memory-bound decoding)
 
 
 GPUS = {
-    "h100": GpuSpec("NVIDIA H100 SXM", 989.4e12, 80),
-    "h200": GpuSpec("NVIDIA H200 SXM", 989.4e12, 141),
-    "a100": GpuSpec("NVIDIA A100 SXM", 312e12, 80),
-    "l40s": GpuSpec("NVIDIA L40S", 362.05e12, 48),
+    "h100": GpuSpec("NVIDIA H100 SXM", 989.4e12, 80, 3.35e12),
+    "h200": GpuSpec("NVIDIA H200 SXM", 989.4e12, 141, 4.8e12),
+    "a100": GpuSpec("NVIDIA A100 SXM", 312e12, 80, 2.039e12),
+    "l40s": GpuSpec("NVIDIA L40S", 362.05e12, 48, 0.864e12),
 }
+BANDWIDTH_EFFICIENCY = 0.7  # fraction of the datasheet bandwidth a decoding step reaches (estimate, not measured)
 ANCHOR_H200_EDIT_SECONDS = 17.78  # Qwen-Image-Edit, 1024^2, 50 steps, guidance 1.0, warm, one H200 (vLLM-Omni)
 ANCHOR_SGLANG_STEP_SECONDS = 0.605  # Qwen-Image-Edit-2511 on SGLang, seconds per denoising step
 DEFAULT_EFFICIENCY = 0.55  # the H200 anchor implies 0.56 of peak; rounded down for the uncounted VAE and overheads
@@ -80,14 +82,19 @@ def measured_efficiencies(path: str | Path) -> dict[str, Any]:
 def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str = "h100", cfg: bool = False,
                   efficiency: float | None = None, price_per_gpu_hour: float | None = None,
                   measured: str | Path | None = None, train_steps: int = 0, train_batch_size: int = 4,
-                  train_resolution: int | None = None, gpus: int = 1) -> dict[str, Any]:
-    """GPU-hours (`*_gpu_hours`), storage (`*_gb`) and cost of editing `images` images at `resolution`^2."""
+                  train_resolution: int | None = None, gpus: int = 1, rewrite: bool = False,
+                  rewrite_tokens: int = 256, rewrite_batch: int = 4) -> dict[str, Any]:
+    """GPU-hours (`*_gpu_hours`), storage (`*_gb`) and cost of editing `images` images at `resolution`^2.
+    `rewrite` adds the rewrite arm: Qwen3-VL generating `rewrite_tokens` per sample (the cap: an upper bound)
+    in batches of `rewrite_batch`, and Qwen2.5-VL encoding the rewrite."""
     from .planner import plan
 
     if images < 0 or resolution < 64 or steps < 1 or gpus < 1 or train_steps < 0 or train_batch_size < 1:
         raise ValueError(f"need images >= 0, resolution >= 64, steps >= 1, gpus >= 1, train_steps >= 0, "
                          f"train_batch_size >= 1; got {images}, {resolution}, {steps}, {gpus}, {train_steps}, "
                          f"{train_batch_size}")
+    if rewrite and (rewrite_tokens < 1 or rewrite_batch < 1):
+        raise ValueError(f"need rewrite_tokens >= 1 and rewrite_batch >= 1; got {rewrite_tokens}, {rewrite_batch}")
     if efficiency is not None and not 0 < efficiency <= 1:
         raise ValueError(f"efficiency must be in (0, 1]; got {efficiency}")
     spec = gpu_spec(gpu)
@@ -101,7 +108,7 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
             vae_seconds = found["vae_seconds"] * resolution**2 / found["vae_pixels"]
         if found["gpu"] != gpu.lower():
             notes.append(f"efficiencies measured on {found['device']}, applied to {spec.name}")
-    report = plan(resolution, resolution, condition_area=resolution**2)
+    report = plan(resolution, resolution, condition_area=resolution**2, rewrite_tokens=rewrite_tokens)
     flops = report["flops"]
     branches = 2 if cfg else 1  # true CFG: a negative prompt is encoded and the DiT runs twice per step
     extract_flops = branches * (flops["qwen25_extraction"]["total"] + flops["qwen3_extraction"]["total"])
@@ -112,16 +119,21 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
     train_report = report if train_resolution == resolution else plan(train_resolution, train_resolution,
                                                                       condition_area=train_resolution**2)
     train_flops = train_steps * train_batch_size * TRAIN_DIT_PASSES * train_report["flops"]["dit_step"]
+    rewrite_flops, rewrite_s = (rewrite_seconds(report["rewrite"], spec, eff["extract"], rewrite_batch) if rewrite
+                                else (0.0, 0.0))
     hours = {"extract_gpu_hours": images * extract_s / 3600, "edit_gpu_hours": images * edit_s / 3600,
+             "rewrite_gpu_hours": images * rewrite_s / 3600,
              "train_gpu_hours": train_flops / (eff["edit"] * peak) / 3600}
     hours["total_gpu_hours"] = sum(hours.values())
-    storage = _storage_gb(report, images, branches)
+    storage = _storage_gb(report, images, branches, rewrite)
     return {
         "images": images, "resolution": resolution, "steps": steps, "cfg": cfg, "gpu": gpu.lower(),
         "gpu_name": spec.name, "gpu_bf16_dense_tflops": peak / 1e12, "gpus": gpus, "efficiency": eff,
         "efficiency_source": "--efficiency" if efficiency else ("--measured" if measured else "default (H200 anchor)"),
-        "tflop_per_image": {"extract": extract_flops / 1e12, "edit": edit_flops / 1e12},
-        "seconds_per_image": {"extract": extract_s, "edit": edit_s, "total": extract_s + edit_s},
+        "rewrite": rewrite, "rewrite_tokens": rewrite_tokens if rewrite else 0,
+        "tflop_per_image": {"extract": extract_flops / 1e12, "edit": edit_flops / 1e12, "rewrite": rewrite_flops / 1e12},
+        "seconds_per_image": {"extract": extract_s, "edit": edit_s, "rewrite": rewrite_s,
+                              "total": extract_s + edit_s + rewrite_s},
         **hours,
         "wall_clock_days": hours["total_gpu_hours"] / gpus / 24,
         **storage,
@@ -131,7 +143,21 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
     }
 
 
-def _storage_gb(report: dict[str, Any], images: int, branches: int) -> dict[str, float]:
+def rewrite_seconds(cost: dict[str, Any], spec: GpuSpec, efficiency: float, batch: int) -> tuple[float, float]:
+    """(FLOPs, seconds) of the rewrite arm per sample: prefill and re-encode at the extraction efficiency; each
+    decoding step of a batch takes the longer of its FLOPs and its memory traffic (the weights once, every
+    sample's KV cache) at `BANDWIDTH_EFFICIENCY` of the card's bandwidth."""
+    flops = cost["prefill"] + cost["decode"] + cost["reencode"]
+    compute = (cost["prefill"] + cost["reencode"]) / (efficiency * spec.bf16_dense_flops)
+    steps = cost["new_tokens"]
+    mean_context = cost["context_tokens"] / max(1, steps)
+    step_bytes = cost["decode_weight_bytes"] + batch * mean_context * cost["kv_bytes_per_token"]
+    step_seconds = max(batch * cost["decode"] / max(1, steps) / (efficiency * spec.bf16_dense_flops),
+                       step_bytes / (BANDWIDTH_EFFICIENCY * spec.memory_bandwidth))
+    return flops, compute + steps * step_seconds / batch
+
+
+def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: bool = False) -> dict[str, float]:
     tokens, d3, d25 = report["tokens"], report["hidden_sizes"]["qwen3"], report["hidden_sizes"]["qwen25"]
     qwen3 = (3 * tokens["qwen3_sequence"] + 3 * tokens["qwen3_vision"]) * d3  # early/mid/late + DeepStack
     qwen25 = tokens["qwen25_prompt_embeds"] * d25
@@ -140,6 +166,11 @@ def _storage_gb(report: dict[str, Any], images: int, branches: int) -> dict[str,
     height, width = report["condition_size"]
     output = height * width * PNG_BYTES_PER_PIXEL
     per_image = {"cache_storage_gb": cache, "fused_storage_gb": fused, "output_storage_gb": output}
+    if rewrite:  # the rewrite's Qwen2.5-VL encoding: the prompt with the rewrite (at its cap) for the instruction
+        from .planner import DEFAULT_INSTRUCTION_TOKENS
+
+        rewritten = tokens["qwen25_prompt_embeds"] - DEFAULT_INSTRUCTION_TOKENS + report["rewrite"]["new_tokens"]
+        per_image["rewrite_storage_gb"] = rewritten * d25 * CACHE_BYTES_PER_VALUE
     result = {key: images * value / 1e9 for key, value in per_image.items()}
     result["total_storage_gb"] = sum(result.values())
     result["cache_mb_per_image"] = cache / 1e6
@@ -154,12 +185,16 @@ def format_job_cost(cost: dict[str, Any]) -> str:
         f"({cost['gpu_bf16_dense_tflops']:.0f} TFLOP/s bf16 dense; efficiency extract {e['extract']:.2f}, "
         f"edit {e['edit']:.2f}, {cost['efficiency_source']})",
         f"per image: extract {cost['tflop_per_image']['extract']:.1f} TFLOP {cost['seconds_per_image']['extract']:.2f} s, "
-        f"edit {cost['tflop_per_image']['edit']:.0f} TFLOP {cost['seconds_per_image']['edit']:.2f} s",
+        f"edit {cost['tflop_per_image']['edit']:.0f} TFLOP {cost['seconds_per_image']['edit']:.2f} s"
+        + (f", rewrite ({cost['rewrite_tokens']} tokens) {cost['tflop_per_image']['rewrite']:.1f} TFLOP "
+           f"{cost['seconds_per_image']['rewrite']:.2f} s" if cost["rewrite"] else ""),
         f"GPU-hours: extract {cost['extract_gpu_hours']:,.0f}, edit {cost['edit_gpu_hours']:,.0f}, "
-        f"train {cost['train_gpu_hours']:,.1f}, total {cost['total_gpu_hours']:,.0f} "
+        + (f"rewrite {cost['rewrite_gpu_hours']:,.0f}, " if cost["rewrite"] else "")
+        + f"train {cost['train_gpu_hours']:,.1f}, total {cost['total_gpu_hours']:,.0f} "
         f"({cost['wall_clock_days']:,.1f} days on {cost['gpus']} GPU{'s' if cost['gpus'] > 1 else ''})",
         f"storage: caches {cost['cache_storage_gb']:,.0f} GB ({cost['cache_mb_per_image']:.1f} MB/image), fused "
-        f"{cost['fused_storage_gb']:,.0f} GB, outputs {cost['output_storage_gb']:,.0f} GB, total "
+        f"{cost['fused_storage_gb']:,.0f} GB, outputs {cost['output_storage_gb']:,.0f} GB, "
+        + (f"rewrites {cost['rewrite_storage_gb']:,.0f} GB, " if cost["rewrite"] else "") + f"total "
         f"{cost['total_storage_gb']:,.0f} GB",
         "cost: " + (f"${cost['cost_usd']:,.0f} at ${cost['price_per_gpu_hour']}/GPU-hour" if cost["cost_usd"] is not None
                     else "give --price USD_PER_GPU_HOUR"),

@@ -202,6 +202,49 @@ def vlm_forward_flops(model: nn.Module, seq_len: int, grid_thw: list[tuple[int, 
     return {"vision": vision, "text": text, "lm_head": lm_head, "total": vision + text + lm_head}
 
 
+REWRITE_SYSTEM_TOKENS_PER_CHAR = 0.25  # English text with Qwen's BPE: about 4 characters per token (estimate)
+
+
+def generate_flops(model: nn.Module, prompt_tokens: int, grid_thw: list[tuple[int, int, int]],
+                   new_tokens: int) -> dict[str, int]:
+    """Matmul FLOPs of a greedy `generate` of `new_tokens` after a prompt of `prompt_tokens` with images `grid_thw`:
+    the prefill, whose LM head on the last position gives token 1, then tokens 2..N as one-token forwards
+    attending over the prompt and the tokens before them (KV cache)."""
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    lm_head = 2 * model.lm_head.in_features * model.lm_head.out_features
+    prefill = vlm_forward_flops(model, prompt_tokens, grid_thw)["total"] + lm_head
+    context = sum(prompt_tokens + t for t in range(1, new_tokens))
+    decode = (_linear_flops(model.model.language_model, lambda name: 1) + lm_head) * (new_tokens - 1) \
+        + _attention_flops(1, 1, text.num_attention_heads * head_dim) * text.num_hidden_layers * context
+    return {"prefill": prefill, "decode": decode, "context_tokens": context}
+
+
+def rewrite_cost(qwen3: nn.Module, qwen25: nn.Module, grid3: tuple[int, int], grid25: tuple[int, int],
+                 instruction_tokens: int, new_tokens: int, system_tokens: int | None = None) -> dict[str, int]:
+    """What the rewrite arm adds per sample: Qwen3-VL's prefill of system prompt + images + instruction, greedy
+    decoding of `new_tokens`, and Qwen2.5-VL encoding the rewrite. Decoding is bound by memory, not FLOPs:
+    `decode_weight_bytes` (bf16 weights read per decoding step, shared by a batch) and `kv_bytes_per_token`
+    let the cost model price it."""
+    from .rewrite import SYSTEM_PROMPT
+
+    system_tokens = system_tokens if system_tokens is not None else round(len(SYSTEM_PROMPT) * REWRITE_SYSTEM_TOKENS_PER_CHAR)
+    merge3 = qwen3.config.vision_config.spatial_merge_size
+    # chat header and the system turn's own template tokens (5) around the image and "Instruction: ..."
+    prompt = QWEN3_TEMPLATE_TOKENS + 5 + system_tokens + grid3[0] * grid3[1] // merge3**2 + instruction_tokens
+    generation = generate_flops(qwen3, prompt, [(1, *grid3)], new_tokens)
+    merge25 = qwen25.config.vision_config.spatial_merge_size
+    seq25 = REAL_DROP_IDX + QWEN25_TEMPLATE_TOKENS_AFTER_DROP + grid25[0] * grid25[1] // merge25**2 + new_tokens
+    reencode = vlm_forward_flops(qwen25, seq25, [(1, *grid25)])["total"]
+    text = qwen3.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    unique = {id(p): p for p in [*qwen3.model.language_model.parameters(), qwen3.lm_head.weight]}  # tied: once
+    weights = sum(p.numel() for p in unique.values())
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * 2  # K and V, bf16
+    return {"prompt_tokens": prompt, "new_tokens": new_tokens, "system_tokens": system_tokens, **generation,
+            "reencode": reencode, "decode_weight_bytes": 2 * weights, "kv_bytes_per_token": kv}
+
+
 def dit_step_flops(transformer: nn.Module, image_tokens: int, text_tokens: int, batch: int = 1) -> int:
     """Matmul FLOPs of one `QwenImageTransformer2DModel` forward (one denoising step, one CFG branch).
     `image_tokens` counts the noisy target latents plus the concatenated condition latents."""
@@ -378,7 +421,8 @@ def _plan_model(name: str, model: nn.Module) -> ModelPlan:
 
 
 def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CONDITION_AREA,
-         instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS, extra_models: dict[str, nn.Module] | None = None) -> dict[str, Any]:
+         instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS, extra_models: dict[str, nn.Module] | None = None,
+         rewrite_tokens: int = 256) -> dict[str, Any]:
     """Everything `vision-bridge plan` prints, as one dict."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive; got {height}x{width}")
@@ -418,6 +462,7 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
                      "qwen25_patches": g25[0] * g25[1], "qwen25_prompt_embeds": seq25 - REAL_DROP_IDX,
                      "dit_image_tokens": 2 * latent_tokens}, (cond_h, cond_w), 4 * bridge["parameters"]),
         "drop_idx_note": f"{REAL_DROP_IDX} system tokens dropped (real tokenizer, template {EDIT_TEMPLATE[:20]!r}...)",
+        "rewrite": rewrite_cost(models["qwen3_vl"], models["qwen25_vl"], g3, g25, instruction_tokens, rewrite_tokens),
         "qwen_image_21": qwen_image_21_plan(models["qwen3_vl"], (cond_h, cond_w), instruction_tokens),
         "licences": LICENCES,
     }
@@ -452,6 +497,12 @@ def format_plan(report: dict[str, Any]) -> str:
         if key not in ("qwen25_extraction", "qwen3_extraction", "dit_step"):
             lines.append(f"  {key:<21} {value / 1e12:.4f} TFLOP")
     lines.append(f"  bridge / one DiT step = {b['flops_vs_dit_step']:.2e}")
+    r = report.get("rewrite")
+    if r:
+        lines.append(f"  rewrite arm: Qwen3-VL prefill {r['prefill'] / 1e12:.2f} TFLOP ({r['prompt_tokens']} tokens, system "
+                     f"prompt ~{r['system_tokens']}), decode {r['new_tokens']} tokens {r['decode'] / 1e12:.3f} TFLOP "
+                     f"(memory-bound: {r['decode_weight_bytes'] / 1e9:.1f} GB of weights read per step), Qwen2.5-VL "
+                     f"re-encode {r['reencode'] / 1e12:.2f} TFLOP")
     lines.append("training memory (frozen bf16 DiT + bridge with AdamW + checkpointed activations; estimate):")
     for row in report["training_memory"]:
         lines.append(f"  {row['resolution']:>4}px  batch {row['batch_size']:>2}: {row['gib']:6.1f} GiB "

@@ -2,8 +2,8 @@
 
 Per-capability tables with confidence intervals for every arm side by side, bar charts of the headline
 metrics, the per-language OCR chart, the paired comparisons of every pair of arms, and comparison grids
-(input | arm 1 | arm 2 | ... | target, e.g. input | Edit | Edit+bridge | Qwen-Image-2.1) of the best and
-worst samples of each capability.
+(input | arm 1 | arm 2 | ... | target, e.g. input | Edit | Edit+bridge | Edit+rewrite | Qwen-Image-2.1) of the
+best and worst samples of each capability, with the rewrite arm's rewritten instruction under the picture.
 """
 
 from __future__ import annotations
@@ -109,8 +109,12 @@ def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
                 edited = evaluators[run].editor(row, sources, target)
                 panels.append((run, edited if edited is not None else Image.new("RGB", target.size, (128, 128, 128))))
             panels.append(("target", target))
+            rewritten = "".join(f"<br><b>{html.escape(run)}</b> read: <i>{html.escape(texts[row['id']])}</i>"
+                                for run in runs for texts in [getattr(evaluators[run].editor, "rewrites", {})]
+                                if row["id"] in texts)
             parts.append(f"<h4>{capability}: {label} sample <code>{html.escape(row['id'])}</code> — "
-                         f"{html.escape(row['instruction'])}</h4><img src='{_png(comparison_grid(panels, 160))}'>")
+                         f"{html.escape(row['instruction'])}</h4><img src='{_png(comparison_grid(panels, 160))}'>"
+                         + (f"<p><small>the instruction as rewritten:{rewritten}</small></p>" if rewritten else ""))
     return "".join(parts)
 
 

@@ -1,5 +1,6 @@
-"""Flow `bulk-edit`: shard -> extract -> (negatives) -> fuse -> edit -> evaluate over a whole input set
-(with `editor="qwen-image-2.1"`: shard -> 2.1's own conditioning -> 2.1 edits -> evaluate).
+"""Flow `bulk-edit`: shard -> extract -> (negatives) -> (rewrites) -> fuse -> edit -> evaluate over a whole input
+set (with `editor="qwen-image-2.1"`: shard -> 2.1's own conditioning -> 2.1 edits -> evaluate). `rewrite_with="qwen3"`
+is the rewrite arm: Qwen3-VL rewrites each instruction and Qwen-Image-Edit's encoder reads the rewrite.
 
     prefect deployment run bulk-edit/default --param input=s3://bucket/in/manifest.jsonl --param output=s3://bucket/out
 
@@ -27,7 +28,8 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
               deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,
               content_hash: bool = False, load_in_8bit: bool = False, lora: list[str] | None = None,
               scheduler: str = "auto", compile: bool = False, attention_backend: str | None = None, dit_offload: bool = False, editor: str = "auto",
-              plus_model: str | None = None) -> dict:
+              plus_model: str | None = None, rewrite_with: str = "none", rewrite_system_prompt: str | None = None,
+              rewrite_max_tokens: int = 256) -> dict:
     # plan
     edit_model = edit_model or DEFAULT_MODEL_OF_FAMILY.get(editor) or (
         DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
@@ -36,7 +38,8 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = D
     settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
                            cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=tuple(lora or ()),
                            scheduler=scheduler, compile=compile, attention_backend=attention_backend,
-                           dit_offload=dit_offload, editor=editor, plus_model=plus_model).to_dict()
+                           dit_offload=dit_offload, editor=editor, plus_model=plus_model, rewrite_with=rewrite_with,
+                           rewrite_system_prompt=rewrite_system_prompt, rewrite_max_tokens=rewrite_max_tokens).to_dict()
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
                         content_hash)
     # run and report

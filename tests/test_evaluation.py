@@ -1,5 +1,6 @@
 """Capability evaluation: the metrics are validated by reference editors; Tesseract reads every language."""
 
+import html
 import json
 import subprocess
 import sys
@@ -145,10 +146,10 @@ def test_encoders_read_the_cards(benchmark, extractor, tmp_path):
         assert len(model["per_language_cer"]) == 2 and model["cer"] >= 0
 
 
-def test_three_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny_zoo):
-    """Edit, Edit+bridge and Qwen-Image-2.1 share one OUTPUT (the bridge arm reuses the Edit arm's caches);
-    `evaluate RUN_A RUN_B RUN_C` names the arms from their settings, compares every pair on the same samples,
-    and the report shows them side by side."""
+def test_four_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny_zoo):
+    """Edit, Edit+bridge, Edit+rewrite and Qwen-Image-2.1 share one OUTPUT (the bridge and rewrite arms reuse the
+    Edit arm's caches); `evaluate RUN_A RUN_B ...` names the arms from their settings, compares every pair on the
+    same samples, and the report shows them side by side, the rewritten instruction under the picture."""
     import dataclasses
 
     from conftest import save_open_bridge
@@ -160,6 +161,7 @@ def test_three_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tin
     make_benchmark(small, per_capability=2, seed=1)
     edit = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2)
     arms = (edit, dataclasses.replace(edit, bridge=save_open_bridge(edit, tmp_path / "bridge")),
+            dataclasses.replace(edit, rewrite_with="qwen3", rewrite_max_tokens=12),
             dataclasses.replace(edit, edit_model=str(tiny_zoo["qwen-image-2.1"])))
     out = tmp_path / "out"
     runs = [run_all(str(small / "manifest.jsonl"), str(out), settings)["run"] for settings in arms]
@@ -169,8 +171,10 @@ def test_three_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tin
                              "--json", str(scores), "--report", str(report)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     output = json.loads(scores.read_text())
-    assert list(output["arms"]) == ["Edit", "Edit+bridge", "Qwen-Image-2.1"]
-    assert set(output["pairs"]) == {"Edit+bridge - Edit", "Qwen-Image-2.1 - Edit", "Qwen-Image-2.1 - Edit+bridge"}
+    assert list(output["arms"]) == ["Edit", "Edit+bridge", "Edit+rewrite", "Qwen-Image-2.1"]
+    assert set(output["pairs"]) == {"Edit+bridge - Edit", "Edit+rewrite - Edit", "Edit+rewrite - Edit+bridge",
+                                    "Qwen-Image-2.1 - Edit", "Qwen-Image-2.1 - Edit+bridge",
+                                    "Qwen-Image-2.1 - Edit+rewrite"}
     for pair, comparison in output["pairs"].items():
         b, a = pair.split(" - ")
         for capability, metric in (("ocr", "cer"), ("detail", "ssim_outside")):
@@ -184,3 +188,10 @@ def test_three_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tin
     page = report.read_text()
     assert all(name in page for name in ("Edit+bridge", "Qwen-Image-2.1 - Edit+bridge", "<th>Qwen-Image-2.1</th>"))
     assert "Qwen-Image-2.1 - Edit:" in result.stdout
+    import pyarrow.parquet as pq
+
+    # 8 samples, the 2 multi-image ones fail on the single-image tiny Edit
+    rewrites = [row["rewrite"] for row in pq.read_table(out / "runs" / runs[2] / "summary.parquet").to_pylist()
+                if row["rewrite"]]
+    assert len(rewrites) == 6 and "the instruction as rewritten:<br><b>Edit+rewrite</b> read:" in page
+    assert sum(html.escape(text) in page for text in set(rewrites)) >= 1

@@ -56,7 +56,7 @@ def test_hours_scale_with_images_steps_cfg_and_gpu():
     assert plan_job_cost(1000, 1024, 50, "a100")["edit_gpu_hours"] == pytest.approx(
         base["edit_gpu_hours"] * 989.4 / 312, rel=1e-6)
     keys = [k for k in base if k.endswith("_gpu_hours")]
-    assert set(keys) == {"extract_gpu_hours", "edit_gpu_hours", "train_gpu_hours", "total_gpu_hours"}
+    assert set(keys) == {"extract_gpu_hours", "edit_gpu_hours", "rewrite_gpu_hours", "train_gpu_hours", "total_gpu_hours"}
     assert base["total_gpu_hours"] == pytest.approx(sum(base[k] for k in keys if k != "total_gpu_hours"))
     trained = plan_job_cost(1000, 1024, 50, "h100", train_steps=100, train_batch_size=2)
     assert trained["train_gpu_hours"] == pytest.approx(100 * 2 * 3 * base["edit_gpu_hours"] / 1000 / 50, rel=1e-3)

@@ -132,3 +132,44 @@ def test_plan_prints_the_licences():
     result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "plan"], capture_output=True, text=True, check=True)
     assert "Qwen-Image-2.1: Qwen Research License" in result.stdout and "Apache-2.0" in result.stdout
     assert "Qwen-Image-2.1 (native Qwen3-VL conditioning" in result.stdout
+
+
+def test_analytic_generate_flops_match_torch_counter(extractor):
+    """The rewrite arm's cost: a greedy `generate` (prefill + one-token forwards over the KV cache) counted
+    exactly as torch's counter sees it on the tiny Qwen3-VL."""
+    from conftest import make_image
+
+    from bridgecore.edit_prompt import resize_for_condition
+    from bridgecore.planner import generate_flops
+    from bridgecore.rewrite import rewrite_messages
+
+    handle = extractor._qwen3.get()
+    text = handle.processor.apply_chat_template(rewrite_messages("make it blue", 1, "Rewrite it."), tokenize=False,
+                                                add_generation_prompt=True)
+    inputs = _vlm_inputs(handle.processor, text, resize_for_condition(make_image(300, 200), 128 * 128))
+    for new_tokens in (1, 5):
+        measured = _measured(lambda: handle.model.generate(**inputs, max_new_tokens=new_tokens,
+                                                           min_new_tokens=new_tokens, do_sample=False))
+        grid = [tuple(g) for g in inputs["image_grid_thw"].tolist()]
+        analytic = generate_flops(handle.model, inputs["input_ids"].shape[1], grid, new_tokens)
+        assert analytic["prefill"] + analytic["decode"] == measured, (new_tokens, analytic, measured)
+
+
+def test_the_rewrite_arm_is_priced_at_real_dimensions(report):
+    """Decoding 8B bf16 reads ~16 GB of weights per step: memory-bound, priced by bandwidth, not FLOPs."""
+    from bridgecore.job_cost import BANDWIDTH_EFFICIENCY, GPUS, plan_job_cost
+
+    rewrite = report["rewrite"]
+    assert 15e9 < rewrite["decode_weight_bytes"] < 18e9  # Qwen3-VL-8B's language model + LM head in bf16
+    per_token = rewrite["decode"] / rewrite["new_tokens"]
+    assert per_token == pytest.approx(rewrite["decode_weight_bytes"], rel=0.15)  # ~2 FLOP per weight per token
+    plain = plan_job_cost(1000, 1024, 50, "h100")
+    job = plan_job_cost(1000, 1024, 50, "h100", rewrite=True, rewrite_batch=1)
+    assert job["edit_gpu_hours"] == plain["edit_gpu_hours"] and plain["rewrite_gpu_hours"] == 0
+    assert job["total_gpu_hours"] == pytest.approx(plain["total_gpu_hours"] + job["rewrite_gpu_hours"])
+    # batch 1: each of the 256 steps reads the weights once at the bandwidth (plus a small KV cache)
+    floor = 256 * rewrite["decode_weight_bytes"] / (BANDWIDTH_EFFICIENCY * GPUS["h100"].memory_bandwidth)
+    assert floor < job["seconds_per_image"]["rewrite"] < 1.5 * floor + 1
+    batched = plan_job_cost(1000, 1024, 50, "h100", rewrite=True, rewrite_batch=8)
+    assert batched["seconds_per_image"]["rewrite"] < job["seconds_per_image"]["rewrite"] / 3
+    assert job["rewrite_storage_gb"] > 0 and "rewrite_storage_gb" not in plain

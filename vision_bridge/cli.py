@@ -177,11 +177,15 @@ def plan(
     train_steps: int = typer.Option(0, help="Job: bridge training steps to add (frozen DiT: 3 DiT passes per sample)."),
     train_batch_size: int = typer.Option(4, help="Job: training batch size."),
     gpus: int = typer.Option(1, help="Job: GPUs working in parallel (for the wall-clock days)."),
+    rewrite: bool = typer.Option(False, "--rewrite", help="Job: add the rewrite arm (Qwen3-VL generates each rewrite, "
+                                 "memory-bound decoding priced from the card's bandwidth; Qwen2.5-VL encodes it)."),
+    rewrite_tokens: int = typer.Option(256, help="Job: generated tokens per rewrite (the cap: an upper bound)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
     """Real-scale sizes from the real configs on the meta device: parameters, weight memory (bf16, int8),
     inference memory per residency mode, vision tokens, and forward FLOPs of one extraction and one DiT step
-    (analytic matmul count). With --images N: the job's GPU-hours (extract, edit, train), storage and cost."""
+    (analytic matmul count), and the rewrite arm's prefill, decoding and re-encoding. With --images N: the job's
+    GPU-hours (extract, edit, rewrite with --rewrite, train), storage and cost."""
     from bridgecore.job_cost import format_job_cost, plan_job_cost
     from bridgecore.planner import format_plan
     from bridgecore.planner import plan as make_plan
@@ -189,10 +193,10 @@ def plan(
     try:
         if images is not None:
             report = plan_job_cost(images, resolution, steps, gpu, cfg, efficiency, price, measured, train_steps,
-                                   train_batch_size, gpus=gpus)
+                                   train_batch_size, gpus=gpus, rewrite=rewrite, rewrite_tokens=rewrite_tokens)
             text = format_job_cost(report)
         else:
-            report = make_plan(*image_size, condition_area=condition_area)
+            report = make_plan(*image_size, condition_area=condition_area, rewrite_tokens=rewrite_tokens)
             text = format_plan(report)
     except (ValueError, FileNotFoundError) as error:
         _fail(str(error))
@@ -365,10 +369,19 @@ def bulk_edit(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the DiT's repeated block (regional)."),
     attention_backend: Optional[str] = typer.Option(None, help="diffusers attention backend for the DiT."),
     dit_offload: bool = typer.Option(False, help="Stream the DiT's blocks from host RAM (24 GB-class cards)."),
+    rewrite_with: str = typer.Option("none", help="The rewrite arm: qwen3 lets Qwen3-VL (the bridge's model, the same "
+                                     "images) rewrite each instruction, greedily, and Qwen-Image-Edit's own encoder "
+                                     "reads the rewrite (stored in summary.parquet); identity forces the rewrite to be "
+                                     "the instruction (the control: the Edit arm's edits); none: off. Combines with "
+                                     "--bridge."),
+    rewrite_system_prompt: Optional[str] = typer.Option(None, help="The rewriter's system prompt, as TEXT or @FILE "
+                                                        "[default: bridgecore.rewrite.SYSTEM_PROMPT]."),
+    rewrite_max_tokens: int = typer.Option(256, help="Token cap of each rewrite."),
 ):
     """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
     evaluate. Reruns resume, and only the stages a changed setting affects run again (a new --bridge reuses
-    the extracted caches; new --steps/--seed/--cfg reuse the fused embeddings too)."""
+    the extracted caches; new --steps/--seed/--cfg reuse the fused embeddings too; a new rewrite system prompt
+    reruns the rewrites and what reads them)."""
     from bridgecore.batch.settings import JobSettings
     from bridgecore.speed import default_steps, parse_loras, resolve_scheduler
 
@@ -377,8 +390,12 @@ def bulk_edit(
         loras = parse_loras(lora)
         speed = dict(load_in_8bit=load_in_8bit, lora=tuple(lora or ()), scheduler=scheduler, compile=compile,
                      attention_backend=attention_backend, dit_offload=dit_offload)
+        if rewrite_system_prompt is not None and rewrite_system_prompt.startswith("@"):
+            rewrite_system_prompt = Path(rewrite_system_prompt[1:]).expanduser().read_text(encoding="utf-8")
+        rewrite = dict(rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
+                       rewrite_max_tokens=rewrite_max_tokens)
         settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, 50, seed, batch_size,
-                               cfg=cfg, negative_prompt=negative_prompt, editor=editor, **speed)
+                               cfg=cfg, negative_prompt=negative_prompt, editor=editor, **speed, **rewrite)
         settings.check_editor()
         if plus_model is None and settings.family == "qwen-image-edit" and not lora:
             plus_model = _default_plus_model(edit_model)
@@ -396,6 +413,10 @@ def bulk_edit(
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")
     except _user_errors() as error:
         _fail(str(error))
+    if rewrite_with == "qwen3" and Path(qwen3).resolve().parent == TINY_ZOO_DIR.resolve():
+        _banner("THE REWRITE ARM WITH THE TINY RANDOM Qwen3-VL: its rewrites are gibberish (a random model writes "
+                "random tokens),\nso Edit+rewrite shows the plumbing only; the arm's value can only be measured with "
+                "real weights (--qwen3).")
     if dry_run:
         from bridgecore.batch.pipeline import plan_job
 
@@ -423,7 +444,7 @@ def bulk_edit(
                                      batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
                                      content_hash=content_hash,
                                      create_bucket=create_bucket, editor=editor, plus_model=settings.plus_model,
-                                     **{**speed, "lora": list(speed["lora"])})
+                                     **{**speed, "lora": list(speed["lora"])}, **rewrite)
     except (*_user_errors(), ServerStartError) as error:
         _fail(str(error))
     counts = summary["counts"]
@@ -668,9 +689,13 @@ def quickstart(
                                     "same output, and print both arms' scores side by side."),
     bridge: Optional[str] = typer.Option(None, help="A trained bridge checkpoint for the Edit+bridge arm [default: the "
                                          "tiny zoo's, trained once on the tiny task; none with real models]."),
+    rewrite_arm: bool = typer.Option(True, "--rewrite-arm/--no-rewrite-arm", help="Also run Edit+rewrite: Qwen3-VL "
+                                     "rewrites each instruction and the edit model's own encoder reads the rewrite "
+                                     "(gibberish with the tiny random Qwen3-VL: the plumbing only)."),
 ):
     """The main job end to end on an embedded default: generates a small sample set and runs the bulk-edit
-    flow over it locally (ephemeral Prefect, local storage), in three arms: Edit, Edit+bridge and Qwen-Image-2.1.
+    flow over it locally (ephemeral Prefect, local storage), in four arms: Edit, Edit+bridge, Edit+rewrite and
+    Qwen-Image-2.1.
     Without real weights it uses the tiny zoo's trained edit model on its own task ('Make the <shape> <colour>',
     with targets, so the run is scored) and a tiny bridge trained for it; it ends with a page (index.html in
     OUT_DIR) showing the arms side by side and the mechanism demonstration (the colour word hidden from the
@@ -700,7 +725,7 @@ def quickstart(
     try:
         with local_prefect():  # one temporary Prefect server for every arm of the main job
             arms = _quickstart_arms(out_dir, manifest, qwen3, edit_model, bridge, area, edit_steps, native_arm,
-                                    active_api_url())
+                                    rewrite_arm, active_api_url())
     except ServerStartError as error:
         _fail(str(error))
     typer.echo(f"edited images: {out_dir / 'run'}/{{edits,qwen21-edits}}/<settings>/data/<shard>/<id>.png "
@@ -715,20 +740,23 @@ def quickstart(
 
 
 def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str, bridge: Optional[str], area: int,
-                     edit_steps: int, native_arm: bool, api_url: Optional[str]) -> dict:
-    """Edit, Edit+bridge (with a bridge) and Qwen-Image-2.1 over the same samples into one OUTPUT."""
+                     edit_steps: int, native_arm: bool, rewrite_arm: bool, api_url: Optional[str]) -> dict:
+    """Edit, Edit+bridge (with a bridge), Edit+rewrite and Qwen-Image-2.1 over the same samples into one OUTPUT."""
     arms = {}
-    for arm, arm_bridge in (("Edit", None), ("Edit+bridge", bridge)):
-        if arm == "Edit+bridge" and arm_bridge is None:
+    for arm, arm_bridge, rewrite_with in (("Edit", None, "none"), ("Edit+bridge", bridge, "none"),
+                                          ("Edit+rewrite", None, "qwen3")):
+        if (arm == "Edit+bridge" and arm_bridge is None) or (arm == "Edit+rewrite" and not rewrite_arm):
             continue
         typer.echo(f"arm {arm}: bulk-edit --input {manifest} --output {out_dir / 'run'}"
-                   + (f" --bridge {arm_bridge}" if arm_bridge else ""), err=True)
+                   + (f" --bridge {arm_bridge}" if arm_bridge else "")
+                   + (f" --rewrite-with {rewrite_with}" if rewrite_with != "none" else ""), err=True)
         bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
                   editor="auto", plus_model=None, bridge=arm_bridge, multi_image=False, steps=edit_steps, seed=0,
                   cfg=1.0, negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
                   content_hash=False,
                   dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
-                  scheduler="auto", compile=False, attention_backend=None, dit_offload=False)
+                  scheduler="auto", compile=False, attention_backend=None, dit_offload=False,
+                  rewrite_with=rewrite_with, rewrite_system_prompt=None, rewrite_max_tokens=256)
         arms[arm] = _arm_scores(out_dir / "run")
     if native_arm:
         import subprocess
@@ -753,7 +781,7 @@ def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str,
 def _main_job_page(out_dir: Path, manifest: Path, arms: dict, qwen3: str, edit_model: str, tiny_bridge: Optional[str],
                    steps: int) -> Path:
     """index.html: the arms side by side, and with the tiny zoo the mechanism demonstration (its follow rates)."""
-    from bridgecore.demo_page import arms_grid, mechanism_demo, write_page
+    from bridgecore.demo_page import arms_grid, mechanism_demo, rewrites_of, write_page
 
     notes = [f"Samples: {manifest}; outputs: {out_dir / 'run'}; models: Qwen3-VL {qwen3}, edit model {edit_model}."]
     mechanism = numbers = None
@@ -769,8 +797,12 @@ def _main_job_page(out_dir: Path, manifest: Path, arms: dict, qwen3: str, edit_m
                    f"{numbers['edits_per_condition']} edits): Edit+bridge {numbers['bridge']:.0%}, Edit without the "
                    f"colour {numbers['baseline']:.0%}, Edit given the colour {numbers['reference']:.0%}, guessing "
                    f"{numbers['guessing']:.0%}")
-    grid = arms_grid(manifest, out_dir / "run", {arm: run for arm, (run, _) in arms.items()})
-    return write_page(out_dir, grid, mechanism, numbers, notes)
+    runs = {arm: run for arm, (run, _) in arms.items()}
+    rewrites = rewrites_of(manifest, out_dir / "run", runs)
+    if rewrites and tiny_bridge is not None:
+        notes.append("The rewrite arm's Qwen3-VL is a tiny RANDOM model here: its rewrites are gibberish, so Edit+rewrite "
+                     "shows the plumbing only; the arm's value can only be measured with real weights.")
+    return write_page(out_dir, arms_grid(manifest, out_dir / "run", runs), mechanism, numbers, notes, rewrites)
 
 
 def _default_plus_model(edit_model: str) -> Optional[str]:

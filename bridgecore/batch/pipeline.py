@@ -1,8 +1,9 @@
 """The pipelines, their fingerprints, and the one executor every caller uses.
 
-    PIPELINES["bulk-edit"]     caches -> negatives (cfg > 1 only) -> fused -> edits -> metrics
+    PIPELINES["bulk-edit"]     caches -> negatives (cfg > 1 only) -> rewrites (rewrite arm only) -> fused -> edits
+                               -> metrics
                                Qwen-Image-2.1 (the native arm): qwen21-caches -> qwen21-edits -> metrics
-    PIPELINES["build-caches"]  caches (Qwen-Image-2.1: qwen21-caches)
+    PIPELINES["build-caches"]  caches, rewrites (rewrite arm only) (Qwen-Image-2.1: qwen21-caches)
     PIPELINES["training-data"] caches, latents
 
 A stage's fingerprint hashes exactly what its output depends on: its settings (model revisions
@@ -39,17 +40,18 @@ from .stages.latents import LatentsStage
 from .stages.native_edit import NativeEditStage
 from .stages.native_extract import NativeExtractStage
 from .stages.negatives import NegativesStage
+from .stages.rewrite import RewriteStage
 
 logger = logging.getLogger(__name__)
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
-    ExtractStage(), NegativesStage(), FuseStage(), EditStage(), NativeExtractStage(), NativeEditStage(),
+    ExtractStage(), NegativesStage(), RewriteStage(), FuseStage(), EditStage(), NativeExtractStage(), NativeEditStage(),
     EvaluateStage(), LatentsStage())}
 
-# Each stage's `enabled(settings)` picks the branch: the editor family, CFG.
+# Each stage's `enabled(settings)` picks the branch: the editor family, CFG, the rewrite arm.
 PIPELINES: dict[str, tuple[str, ...]] = {
-    "bulk-edit": ("caches", "negatives", "fused", "edits", "qwen21-caches", "qwen21-edits", "metrics"),
-    "build-caches": ("caches", "qwen21-caches"),
+    "bulk-edit": ("caches", "negatives", "rewrites", "fused", "edits", "qwen21-caches", "qwen21-edits", "metrics"),
+    "build-caches": ("caches", "rewrites", "qwen21-caches"),
     "training-data": ("caches", "latents"),
 }
 
@@ -304,13 +306,14 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
     stages = pipeline_stages(pipeline, settings)
     stores = {stage.name: stage.store(storage, prints[stage.name]) for stage in stages}
     done_shards = {name: store.done_shards() for name, store in stores.items()}
-    rows, damaged = [], []
+    rows, damaged, empty_rewrites = [], [], 0
     for shard_id, wanted in sorted(read_job(storage, job).items()):
         states = {sample_id: {"id": sample_id, "shard": shard_id, "status": "pending", "stage": None, "error": None,
-                              "output": None, "metrics": None} for sample_id in wanted}
+                              "output": None, "metrics": None, "rewrite": None} for sample_id in wanted}
         committed = [stage for stage in stages if shard_id in done_shards[stage.name]]
         # Tables carry earlier failures forward: the last committed stage knows every failure so far.
-        readable = committed[-1:] + [stage for stage in committed[:-1] if stage.layout == "files"]
+        # ... and the rewrite arm's table holds the rewritten instructions, for people to read.
+        readable = committed[-1:] + [stage for stage in committed[:-1] if stage.layout == "files" or stage.name == "rewrites"]
         try:
             tables = {stage.name: {row["id"]: row for row in stores[stage.name].table(shard_id)} for stage in readable}
             for stage in readable:
@@ -330,6 +333,10 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
                 state.update(status="done", metrics=rows_of["metrics"]["info"] if "metrics" in rows_of else None)
             for name, row in rows_of.items():
                 state["output"] = stores[name].file_url(shard_id, row) or state["output"]
+            if "rewrites" in rows_of and rows_of["rewrites"]["status"] == "done":
+                info = json.loads(rows_of["rewrites"]["info"])
+                state["rewrite"] = info.get("rewrite")
+                empty_rewrites += bool(info.get("empty_rewrite"))
         rows.extend(states.values())
     counts = {state: sum(r["status"] == state for r in rows) for state in ("done", "failed", "pending")}
     capabilities: dict[str, list[float]] = {}
@@ -344,8 +351,12 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
                             if r["status"] == "failed"],
                "capabilities": {name: {"samples": len(v), "edit_success": float(np.mean(v))}
                                 for name, v in sorted(capabilities.items())}}
+    if settings.rewrites:
+        summary["rewrites"] = {"samples": sum(r["rewrite"] is not None for r in rows),
+                               "empty_kept_the_instruction": empty_rewrites}
     summary["stats"] = stage_stats(storage, stages, prints, sorted({r["shard"] for r in rows}))
-    schema = pa.schema([(name, pa.string()) for name in ("id", "shard", "status", "stage", "error", "output", "metrics")])
+    schema = pa.schema([(name, pa.string()) for name in ("id", "shard", "status", "stage", "error", "output", "metrics",
+                                                         "rewrite")])
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     text = json.dumps(summary, indent=1).encode()

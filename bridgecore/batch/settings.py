@@ -14,6 +14,8 @@ import posixpath
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from ..rewrite import REWRITERS, SYSTEM_PROMPT
+
 logger = logging.getLogger(__name__)
 
 UNTRAINED_BRIDGE = "untrained"
@@ -72,6 +74,11 @@ class JobSettings:
     # Edit-Plus model for the multi-image samples of a job whose edit model takes one image: a mixed manifest
     # runs in one job, each sample on a pipeline that can take it (None: multi-image samples fail, with a hint)
     plus_model: str | None = None
+    # the rewrite arm (bridgecore/rewrite.py): "qwen3" lets Qwen3-VL rewrite each instruction and Qwen-Image-Edit's
+    # encoder reads the rewrite; "identity" forces the rewrite to be the instruction (the plumbing's control)
+    rewrite_with: str = "none"
+    rewrite_system_prompt: str | None = None  # None: rewrite.SYSTEM_PROMPT
+    rewrite_max_tokens: int = 256
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(self.lora or ()))  # JSON brings a list
@@ -86,6 +93,13 @@ class JobSettings:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
         if self.editor not in EDITORS:
             raise ValueError(f"editor must be one of {', '.join(EDITORS)}; got {self.editor!r}")
+        if self.rewrite_with not in REWRITERS:
+            raise ValueError(f"rewrite_with must be one of {', '.join(REWRITERS)}; got {self.rewrite_with!r}")
+        if not 8 <= self.rewrite_max_tokens <= self.max_prompt_tokens:
+            raise ValueError(f"rewrite_max_tokens must be between 8 and max_prompt_tokens ({self.max_prompt_tokens}); "
+                             f"got {self.rewrite_max_tokens}")
+        if self.rewrite_system_prompt is not None and not self.rewrite_system_prompt.strip():
+            raise ValueError("rewrite_system_prompt is empty; leave it out for the default")
 
     @property
     def family(self) -> str:
@@ -115,13 +129,15 @@ class JobSettings:
                                  f"({floor} pixels): the encoder would see the images upscaled, not as the VAE does")
             unsupported = [name for name, value, default in [
                 ("bridge", self.bridge, None), ("cfg", self.cfg, 1.0), ("lora", self.lora, ()),
+                ("rewrite_with", self.rewrite_with, "none"),
                 ("scheduler", self.scheduler, "auto"), ("compile", self.compile, False),
                 ("attention_backend", self.attention_backend, None), ("dit_offload", self.dit_offload, False)]
                 if value != default]
             if unsupported:
                 raise ValueError(f"Qwen-Image-2.1 (the native arm) runs without {', '.join(unsupported)}: the bridge "
-                                 "corrects Qwen-Image-Edit's conditioning, 2.1 is sampled without CFG, and the speed "
-                                 "options are wired for Qwen-Image-Edit's DiT only")
+                                 "and the rewrite arm feed Qwen-Image-Edit's conditioning (2.1 reads Qwen3-VL itself), "
+                                 "2.1 is sampled without CFG, and the speed options are wired for Qwen-Image-Edit's DiT "
+                                 "only")
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "JobSettings":
@@ -142,6 +158,19 @@ class JobSettings:
         from ..loading import model_revision
 
         return model_revision(model)
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether the edits read a rewritten instruction (stage `rewrites`)."""
+        return self.rewrite_with != "none"
+
+    def rewrite_record(self) -> dict[str, Any]:
+        """What a rewrite depends on: for qwen3 the model, its revision, the system prompt and the decoding."""
+        if self.rewrite_with != "qwen3":
+            return {"rewrite_with": self.rewrite_with}
+        return {"rewrite_with": "qwen3", "qwen3_model": self.qwen3_model, "qwen3_revision": self.revision(self.qwen3_model),
+                "system_prompt": self.rewrite_system_prompt or SYSTEM_PROMPT,
+                "decoding": {"greedy": True, "max_new_tokens": self.rewrite_max_tokens}}
 
     @property
     def bridge_checksum(self) -> str:
@@ -267,6 +296,7 @@ class ModelPool:
                 "qwen21_encoder_loads": sum(n._encoder.load_count for n in natives),
                 "qwen21_pipeline_loads": sum(n._pipe.load_count for n in natives),
                 "vlm_forwards": sum(e.extractor.forward_count for e in editors),
+                "qwen3_rewrites": sum(e.extractor.generate_count for e in editors),
                 "dit_calls": sum(e.dit_calls for e in editors),
                 "qwen3_loads": sum(e.extractor._qwen3.load_count for e in editors),
                 "qwen25_loads": sum(e.extractor._qwen25.load_count for e in editors),

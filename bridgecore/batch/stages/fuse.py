@@ -1,7 +1,9 @@
 """Stage `fused`: a sample's caches -> Qwen2.5-compatible prompt embeddings through the bridge.
 
 The bridge (a trained checkpoint, or untrained = exactly the baseline) reads the Qwen3-VL levels and
-corrects Qwen-Image-Edit's own embeddings; the edit stage then needs only the DiT. With true CFG the
+corrects Qwen-Image-Edit's own embeddings; the edit stage then needs only the DiT. In the rewrite arm the
+own embeddings are those of the rewritten instruction (stage `rewrites`); Qwen3-VL's features stay those of
+the user's instruction. With true CFG the
 negative prompt's embeddings (never bridged) travel in the same entry, so the edit stage gets both
 branches from here.
 """
@@ -44,7 +46,7 @@ def fused_from_bytes(data: bytes) -> tuple[torch.Tensor, torch.Tensor | None]:
 class FuseStage(Stage):
     name = "fused"
     upstream = ("caches",)
-    optional_upstream = ("negatives",)
+    optional_upstream = ("negatives", "rewrites")
     code = ("bridge", "cache_format")
 
     def enabled(self, settings: JobSettings) -> bool:
@@ -56,12 +58,15 @@ class FuseStage(Stage):
     def _fuse(self, data: bytes, ctx: StageContext, item: StageItem) -> "torch.Tensor":
         import torch
 
-        from ...cache_format import cache_from_bytes
+        from ...cache_format import cache_from_bytes, rewritten_from_bytes
 
         cache = cache_from_bytes(data)
-        bridge = ctx.models.editor_for(item.sample).bridge_for(cache.qwen3, cache.qwen25)
+        qwen25 = cache.qwen25
+        if "rewrites" in item.upstream:
+            qwen25, _ = rewritten_from_bytes(item.upstream["rewrites"]["safetensors"])
+        bridge = ctx.models.editor_for(item.sample).bridge_for(cache.qwen3, qwen25)
         with torch.no_grad():
-            return bridge(cache.qwen3, cache.qwen25).prompt_embeds[0]  # [L, D]
+            return bridge(cache.qwen3, qwen25).prompt_embeds[0]  # [L, D]
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         from safetensors.torch import load as load_tensors
@@ -74,6 +79,7 @@ class FuseStage(Stage):
                 negative = load_tensors(item.upstream["negatives"]["safetensors"])["prompt_embeds"]
             meta = {"id": item.sample.id, "bridge": ctx.settings.bridge, "bridge_checksum": ctx.settings.bridge_checksum,
                     "qwen3_model": ctx.settings.qwen3_model, "edit_model": ctx.settings.edit_model,
+                    "rewrite_with": ctx.settings.rewrite_with,
                     "fingerprint": ctx.fingerprints[self.name]}
             results.append(SampleResult.done(item.sample, {"safetensors": fused_to_bytes(embeds, meta, negative)},
                                              tokens=int(embeds.shape[0])))
