@@ -189,7 +189,7 @@ def format_job_cost(cost: dict[str, Any]) -> str:
         + (f", rewrite ({cost['rewrite_tokens']} tokens) {cost['tflop_per_image']['rewrite']:.1f} TFLOP "
            f"{cost['seconds_per_image']['rewrite']:.2f} s" if cost["rewrite"] else ""),
         f"GPU-hours: extract {cost['extract_gpu_hours']:,.0f}, edit {cost['edit_gpu_hours']:,.0f}, "
-        + (f"rewrite {cost['rewrite_gpu_hours']:,.0f}, " if cost["rewrite"] else "")
+        + (f"rewrite {cost['rewrite_gpu_hours']:,.1f}, " if cost["rewrite"] else "")
         + f"train {cost['train_gpu_hours']:,.1f}, total {cost['total_gpu_hours']:,.0f} "
         f"({cost['wall_clock_days']:,.1f} days on {cost['gpus']} GPU{'s' if cost['gpus'] > 1 else ''})",
         f"storage: caches {cost['cache_storage_gb']:,.0f} GB ({cost['cache_mb_per_image']:.1f} MB/image), fused "
