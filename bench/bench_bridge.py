@@ -35,9 +35,9 @@ def main() -> None:
     parser.add_argument("--area", type=int, default=64 * 64)
     args = parser.parse_args()
 
-    from bridgecore.edit_pipeline import EnhancedQwenImageEdit
-    from bridgecore.planner import plan
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.planning.planner import plan
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(args.zoo)
     editor = EnhancedQwenImageEdit(zoo["qwen-image-edit"], zoo["qwen3-vl"], condition_area=args.area)

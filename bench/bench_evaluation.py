@@ -16,8 +16,8 @@ def main() -> None:
     parser.add_argument("--per-capability", type=int, default=32)
     args = parser.parse_args()
 
-    from bridgecore.benchmark_data import make_benchmark
-    from bridgecore.evaluation import CapabilityEvaluator, reference_editor
+    from bridgecore.evaluation.benchmark_data import make_benchmark
+    from bridgecore.evaluation.capabilities import CapabilityEvaluator, reference_editor
 
     root = tempfile.mkdtemp(prefix="vb-eval-")
     start = time.perf_counter()

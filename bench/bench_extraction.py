@@ -41,8 +41,8 @@ def main() -> None:
     parser.add_argument("--area", type=int, default=128 * 128)
     args = parser.parse_args()
 
-    from bridgecore.extraction import VisionCacheExtractor
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.model.extraction import VisionCacheExtractor
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(args.zoo) if not (args.qwen3 and args.edit_model) else {}
     before = rss_mib()

@@ -112,7 +112,7 @@ def main() -> None:
 
     from bridgecore.batch.pipeline import plan_job
     from bridgecore.batch.settings import JobSettings, ModelPool
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(".vision-bridge/tiny-zoo")
     settings = JobSettings(str(zoo["qwen3-vl"]), str(zoo["qwen-image-edit"]), condition_area=64 * 64, steps=4)

@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--content-hash", action="store_true", help="also plan with content hashes (a fresh output)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(".vision-bridge/tiny-zoo")
     work = Path(tempfile.mkdtemp(prefix="vb-plan-"))

@@ -4,7 +4,7 @@ Measures at 1024^2 (or less with --max-tokens): Qwen2.5-VL and Qwen3-VL extracti
 without and with true CFG (and per attention backend), VAE encode and decode, a whole edit, model load time
 from local safetensors (GB/s), peak memory per stage against the planner's estimate, MFU against the
 planner's FLOPs, and the bridge's share of the edit. Qwen-Image-2.1's DiT (class defaults, provisional) gets
-one row. Models are built directly on the device in bf16 (`bridgecore/real_models.py`), one large model at a
+one row. Models are built directly on the device in bf16 (`bridgecore/zoo/real_models.py`), one large model at a
 time (fits an 80 GB card). No download: the processors use the real image settings and an offline tokenizer.
 
     python bench/gpu_realdim.py --device cuda --json out.json            # H100/H200, full depth, ~3 min
@@ -114,7 +114,7 @@ def sample_image(side: int = 1024):
 
 class RealDimBenchmark:
     def __init__(self, args: argparse.Namespace):
-        from bridgecore.job_cost import GPUS, gpu_key_for
+        from bridgecore.planning.job_cost import GPUS, gpu_key_for
 
         self.args = args
         self.device = torch.device(args.device)
@@ -161,7 +161,7 @@ class RealDimBenchmark:
 
     def stage(self, name: str, fn) -> None:
         """Runs one section; a failure is recorded and the benchmark goes on with the next."""
-        from bridgecore.real_models import release_memory
+        from bridgecore.zoo.real_models import release_memory
 
         print(f"[{name}]", flush=True)
         start = time.perf_counter()
@@ -177,7 +177,7 @@ class RealDimBenchmark:
     # -- sections
 
     def setup(self) -> None:
-        from bridgecore.edit_prompt import condition_size, prepare_condition_images
+        from bridgecore.model.edit_prompt import condition_size, prepare_condition_images
 
         self.image = sample_image()
         self.resized = prepare_condition_images([self.image], plus=False, condition_area=self.area)[0]
@@ -189,10 +189,10 @@ class RealDimBenchmark:
               f"{self.args.layers or 'real'}, bf16 matmul {self.results['matmul_ceiling_tflops']:.1f} TFLOP/s", flush=True)
 
     def qwen25(self) -> None:
-        from bridgecore.edit_prompt import EditPromptEncoder
-        from bridgecore.extraction import qwen25_caches
-        from bridgecore.planner import vlm_activation_bytes, vlm_forward_flops
-        from bridgecore.real_models import build_real_vlm, release_memory
+        from bridgecore.model.edit_prompt import EditPromptEncoder
+        from bridgecore.model.extraction import qwen25_caches
+        from bridgecore.planning.planner import vlm_activation_bytes, vlm_forward_flops
+        from bridgecore.zoo.real_models import build_real_vlm, release_memory
 
         start = time.perf_counter()
         model, processor = build_real_vlm("qwen25_vl", self.device, self.dtype, self.args.layers,
@@ -230,8 +230,8 @@ class RealDimBenchmark:
 
     def load_time(self, root: Path, name: str, expected: float, save_s: float) -> None:
         """Loads the saved model back through the library's loader (cold from disk when possible, then warm)."""
-        from bridgecore.loading import LoadOptions, ResolvedModel, load_edit_text_encoder
-        from bridgecore.real_models import release_memory
+        from bridgecore.model.loading import LoadOptions, ResolvedModel, load_edit_text_encoder
+        from bridgecore.zoo.real_models import release_memory
 
         size = sum(f.stat().st_size for f in (root / "text_encoder").glob("*.safetensors"))
         resolved = ResolvedModel("realdim", root, "realdim")
@@ -267,9 +267,9 @@ class RealDimBenchmark:
             return False
 
     def qwen3(self) -> None:
-        from bridgecore.extraction import default_layer_indices, encode_qwen3_features
-        from bridgecore.planner import vlm_activation_bytes, vlm_forward_flops
-        from bridgecore.real_models import build_real_vlm
+        from bridgecore.model.extraction import default_layer_indices, encode_qwen3_features
+        from bridgecore.planning.planner import vlm_activation_bytes, vlm_forward_flops
+        from bridgecore.zoo.real_models import build_real_vlm
 
         start = time.perf_counter()
         model, processor = build_real_vlm("qwen3_vl", self.device, self.dtype, self.args.layers,
@@ -292,7 +292,7 @@ class RealDimBenchmark:
     def bridge(self) -> None:
         from torch.utils.flop_counter import FlopCounterMode
 
-        from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+        from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
 
         qwen3, qwen25 = self.caches["qwen3"], self.caches["qwen25"]
         # the default design (correction and appended tokens); an open gate runs the whole computation, as trained
@@ -309,8 +309,8 @@ class RealDimBenchmark:
                     **self.memory(resident))
 
     def dit_and_vae(self) -> None:
-        from bridgecore.planner import dit_activation_bytes, dit_step_flops
-        from bridgecore.real_models import build_real_model
+        from bridgecore.planning.planner import dit_activation_bytes, dit_step_flops
+        from bridgecore.zoo.real_models import build_real_model
 
         start = time.perf_counter()
         transformer = build_real_model("transformer", self.device, self.dtype, self.args.layers)
@@ -350,7 +350,7 @@ class RealDimBenchmark:
             self.compiled_step(transformer, step, flops)
 
     def attention_backends(self, transformer, step, flops: float) -> None:
-        from bridgecore.speed import set_attention_backend
+        from bridgecore.model.speed import set_attention_backend
 
         for backend in ("_native_cudnn", "_native_efficient", "_native_flash"):
             try:
@@ -365,9 +365,9 @@ class RealDimBenchmark:
     def vae_and_edit(self, transformer, dit_flops: float) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
-        from bridgecore.edit_benchmark import ModuleTimer
-        from bridgecore.edit_pipeline import pipeline_areas
-        from bridgecore.real_models import REAL_SCHEDULER_CONFIG, build_real_model
+        from bridgecore.model.edit_benchmark import ModuleTimer
+        from bridgecore.model.edit_pipeline import pipeline_areas
+        from bridgecore.zoo.real_models import REAL_SCHEDULER_CONFIG, build_real_model
 
         vae = build_real_model("vae", self.device, self.dtype)
         if self.device.type == "cuda":  # on a CPU the VAE (its slowest part) is timed inside the whole edit only
@@ -395,7 +395,7 @@ class RealDimBenchmark:
         self.summarise_edit()
 
     def vae_stages(self, vae) -> None:
-        from bridgecore.planner import vae_decode_bytes
+        from bridgecore.planning.planner import vae_decode_bytes
 
         height, width = self.condition_hw
         latents = torch.randn(1, vae.config.z_dim, 1, height // 8, width // 8, device=self.device, dtype=self.dtype)
@@ -429,7 +429,7 @@ class RealDimBenchmark:
               flush=True)
 
     def compiled_step(self, transformer, step, flops: float) -> None:
-        from bridgecore.speed import compile_transformer
+        from bridgecore.model.speed import compile_transformer
 
         compile_transformer(transformer)
         with torch.no_grad():
@@ -445,7 +445,7 @@ class RealDimBenchmark:
         """Qwen-Image-2.1's DiT at its class defaults (provisional: no released config is shipped here)."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        from bridgecore.real_models import build_real_model
+        from bridgecore.zoo.real_models import build_real_model
 
         transformer = build_real_model("qwen_image21_transformer", self.device, self.dtype, self.args.layers)
         height, width = self.condition_hw

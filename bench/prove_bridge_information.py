@@ -42,9 +42,9 @@ def main() -> None:
 
     import torch
 
-    from bridgecore.information_proof import QUICK, ProofConfig, format_summary, format_table, run_proof
-    from bridgecore.training import json_safe
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.zoo.information_proof import QUICK, ProofConfig, format_summary, format_table, run_proof
+    from bridgecore.training.trainer import json_safe
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     torch.set_num_threads(1)  # tiny models: as fast, and immune to oversubscription on a shared CPU
 

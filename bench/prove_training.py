@@ -25,9 +25,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from bridgecore.batch.settings import JobSettings
-    from bridgecore.synthetic_triplets import write_triplets
-    from bridgecore.tiny_zoo import build_tiny_zoo
-    from bridgecore.training import TrainConfig, run_training
+    from bridgecore.zoo.synthetic_triplets import write_triplets
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
+    from bridgecore.batch.training_data import run_training
+    from bridgecore.training.trainer import TrainConfig
 
     zoo = build_tiny_zoo(".vision-bridge/tiny-zoo")
     settings = JobSettings(str(zoo["qwen3-vl"]), str(zoo["qwen-image-edit"]), condition_area=64 * 64)

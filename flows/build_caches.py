@@ -10,24 +10,25 @@ from __future__ import annotations
 
 from prefect import flow
 
-from bridgecore.batch.settings import JobSettings
-from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL
+from bridgecore.batch.settings import JOB_DEFAULTS as D
+from bridgecore.batch.settings import settings_for_job
 from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
 @flow(name="build-caches")
-def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
-                 edit_model: str = DEFAULT_EDIT_MODEL, shard_size: int = 64, condition_area: int = 1024 * 1024,
-                 batch_size: int = 8, device: str = "auto", retry_failed: bool = False,
+def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str | None = None,
+                 edit_model: str | None = None, shard_size: int = 64, condition_area: int = D["condition_area"],
+                 batch_size: int = 8, device: str = D["device"], retry_failed: bool = False,
                  workers_deployment: str | None = None, shards_per_run: int | None = None,
                  deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,
-                 content_hash: bool = False, rewrite_with: str = "none", rewrite_system_prompt: str | None = None,
-                 rewrite_max_tokens: int = 256) -> dict:
+                 content_hash: bool = False, load_in_8bit: bool = D["load_in_8bit"], rewrite_with: str = D["rewrite_with"],
+                 rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"]) -> dict:
     # plan
-    settings = JobSettings(qwen3, edit_model, None, device, condition_area, batch_size=batch_size,
-                           rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-                           rewrite_max_tokens=rewrite_max_tokens).to_dict()
+    settings = settings_for_job(dict(
+        qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area, batch_size=batch_size,
+        load_in_8bit=load_in_8bit, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
+        rewrite_max_tokens=rewrite_max_tokens)).to_dict()
     plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket,
                         content_hash)
     # run and report

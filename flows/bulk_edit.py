@@ -6,40 +6,39 @@ is the rewrite arm: Qwen3-VL rewrites each instruction and Qwen-Image-Edit's enc
 
 Runs the stages in this process, or, with `workers_deployment` (e.g. "process-shards/gpu"), sends
 batches of shards to the GPU work pool so that N workers share the job. Outputs are scoped by settings:
-a rerun with other settings (a bridge, more steps) reuses every stage it does not change.
+a rerun with other settings (a bridge, more steps) reuses every stage it does not change. Every default of
+the job (its edit model, its steps, the Edit-Plus routing) is decided by `JobSettings.for_job`, as for the CLI.
 """
 
 from __future__ import annotations
 
 from prefect import flow
 
-from bridgecore.batch.settings import JobSettings
-from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_EDIT_PLUS_MODEL, DEFAULT_MODEL_OF_FAMILY, DEFAULT_QWEN3_MODEL
+from bridgecore.batch.settings import JOB_DEFAULTS as D
+from bridgecore.batch.settings import settings_for_job
 from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
 @flow(name="bulk-edit")
-def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str = DEFAULT_QWEN3_MODEL,
+def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | None = None,
               edit_model: str | None = None, bridge: str | None = None, multi_image: bool = False,
-              shard_size: int = 16, steps: int | None = None, seed: int = 0, cfg: float = 1.0, negative_prompt: str = " ",
-              condition_area: int = 1024 * 1024, batch_size: int = 4, device: str = "auto",
-              retry_failed: bool = False, workers_deployment: str | None = None, shards_per_run: int | None = None,
-              deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,
-              content_hash: bool = False, load_in_8bit: bool = False, lora: list[str] | None = None,
-              scheduler: str = "auto", compile: bool = False, attention_backend: str | None = None, dit_offload: bool = False, editor: str = "auto",
-              plus_model: str | None = None, rewrite_with: str = "none", rewrite_system_prompt: str | None = None,
-              rewrite_max_tokens: int = 256) -> dict:
+              shard_size: int = 16, steps: int | None = None, seed: int = D["seed"], cfg: float = D["cfg"],
+              negative_prompt: str = D["negative_prompt"], condition_area: int = D["condition_area"],
+              batch_size: int = D["batch_size"], device: str = D["device"], retry_failed: bool = False,
+              workers_deployment: str | None = None, shards_per_run: int | None = None, deadline_s: float = 6 * 3600,
+              verify: bool = False, create_bucket: bool = False, content_hash: bool = False,
+              load_in_8bit: bool = D["load_in_8bit"], lora: list[str] | None = None, scheduler: str = D["scheduler"],
+              compile: bool = D["compile"], attention_backend: str | None = None, dit_offload: bool = D["dit_offload"],
+              editor: str = D["editor"], plus_model: str | None = None, rewrite_with: str = D["rewrite_with"],
+              rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"]) -> dict:
     # plan
-    edit_model = edit_model or DEFAULT_MODEL_OF_FAMILY.get(editor) or (
-        DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
-    if steps is None:  # each family's own default: 40 for Qwen-Image-2.1, 50 for Qwen-Image-Edit
-        steps = 40 if JobSettings(qwen3, edit_model, editor=editor).native else 50
-    settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, steps, seed, batch_size,
-                           cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=tuple(lora or ()),
-                           scheduler=scheduler, compile=compile, attention_backend=attention_backend,
-                           dit_offload=dit_offload, editor=editor, plus_model=plus_model, rewrite_with=rewrite_with,
-                           rewrite_system_prompt=rewrite_system_prompt, rewrite_max_tokens=rewrite_max_tokens).to_dict()
+    settings = settings_for_job(dict(
+        qwen3=qwen3, edit_model=edit_model, editor=editor, multi_image=multi_image, steps=steps, plus_model=plus_model,
+        bridge=bridge, device=device, condition_area=condition_area, seed=seed, batch_size=batch_size, cfg=cfg,
+        negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=lora, scheduler=scheduler, compile=compile,
+        attention_backend=attention_backend, dit_offload=dit_offload, rewrite_with=rewrite_with,
+        rewrite_system_prompt=rewrite_system_prompt, rewrite_max_tokens=rewrite_max_tokens)).to_dict()
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
                         content_hash)
     # run and report

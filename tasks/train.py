@@ -3,7 +3,8 @@
 from prefect import get_run_logger, task
 
 from bridgecore.batch.settings import JobSettings
-from bridgecore.training import TrainConfig, run_training
+from bridgecore.batch.training_data import run_training
+from bridgecore.training.trainer import TrainConfig
 
 
 @task(name="train_bridge", result_serializer="json")

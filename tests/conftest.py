@@ -15,7 +15,7 @@ SMALL_AREA = 128 * 128  # condition area for tests: the real 1024*1024 makes tin
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
 
@@ -23,22 +23,22 @@ def tiny_zoo(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_zoo(tiny_zoo):
     """The zoo plus `qwen-image-edit-trained`, trained once per session with the short test recipe (~1 min)."""
-    from bridgecore.tiny_edit_model import TEST_RECIPE
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.zoo.tiny_edit_model import TEST_RECIPE
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     return build_tiny_zoo(tiny_zoo["qwen3-vl"].parent, trained=True, trained_recipe=TEST_RECIPE)
 
 
 @pytest.fixture(scope="session")
 def extractor(tiny_zoo):
-    from bridgecore.extraction import VisionCacheExtractor
+    from bridgecore.model.extraction import VisionCacheExtractor
 
     return VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit"], condition_area=SMALL_AREA)
 
 
 @pytest.fixture(scope="session")
 def plus_extractor(tiny_zoo):
-    from bridgecore.extraction import VisionCacheExtractor
+    from bridgecore.model.extraction import VisionCacheExtractor
 
     return VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit-plus"], condition_area=SMALL_AREA,
                                 plus_condition_area=96 * 96)
@@ -58,7 +58,7 @@ def save_open_bridge(settings, path) -> str:
     import torch
 
     from bridgecore.batch.settings import ModelPool
-    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+    from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
 
     cache = ModelPool(settings).extractor.extract([[make_image()]], ["x"])[0]
     torch.manual_seed(0)

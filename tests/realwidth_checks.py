@@ -15,7 +15,7 @@ PROMPT = "make the circle blue"
 
 def real_width_zoo(root: Path, device: str, layers: int = 2, vocab_size: int | None = None) -> dict[str, Path]:
     """The real-width zoo, written once under `root` (models built directly on `device`)."""
-    from bridgecore.real_models import write_real_width_zoo
+    from bridgecore.zoo.real_models import write_real_width_zoo
 
     marker = root / "zoo.json"
     if marker.exists() and json.loads(marker.read_text())["layers"] == layers:
@@ -24,7 +24,7 @@ def real_width_zoo(root: Path, device: str, layers: int = 2, vocab_size: int | N
 
 
 def editor_for(zoo, device: str, area: int, **options):
-    from bridgecore.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
     return EnhancedQwenImageEdit(zoo["qwen-image-edit"], zoo["qwen3-vl"], device=device, dtype="bfloat16",
                                  condition_area=area, **options)
@@ -34,8 +34,8 @@ def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> t
     """(ours, diffusers', ours at another seed): our baseline edit, diffusers' own pipeline (loaded separately,
     same dtype and device) given the same prompt embeddings, seed and condition area, and the scale of an
     unrelated difference."""
-    from bridgecore.edit_pipeline import pipeline_areas
-    from bridgecore.loading import LoadOptions, load_edit_pipeline, resolve_model
+    from bridgecore.model.edit_pipeline import pipeline_areas
+    from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
 
     editor = editor_for(zoo, device, area)
     image = make_image(320, 200)
@@ -85,7 +85,7 @@ def meta_models(zoo) -> dict[str, torch.nn.Module]:
 
 def planned_memory(zoo, caches, condition_hw: tuple[int, int]) -> dict:
     """The planner's per-mode estimate for the zoo's models at the token counts of real caches."""
-    from bridgecore.planner import inference_memory
+    from bridgecore.planning.planner import inference_memory
 
     qwen3, qwen25 = caches.qwen3, caches.qwen25
     patches3 = int(qwen3.grid_thw.prod(-1).sum())

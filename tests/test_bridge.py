@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from bridgecore.bridge import (
+from bridgecore.model.bridge import (
     BridgeConfig,
     VisionCacheBridge,
     create_default_bridge,
@@ -211,7 +211,7 @@ def _tokens_bridge(cache, mode="tokens", num_tokens=3, **overrides):
 
 @pytest.mark.parametrize("mode", ["residual", "tokens", "both"])
 def test_no_bridge_is_the_baseline_whatever_the_design(caches, mode):
-    from bridgecore.bridge import identity_bridge
+    from bridgecore.model.bridge import identity_bridge
 
     sample = caches[1]
     config = BridgeConfig.from_caches(sample.qwen3, sample.qwen25, mode=mode)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from bridgecore.cache_format import (
+from bridgecore.model.cache_format import (
     Qwen3VisionCache,
     Qwen25VisionCache,
     SampleCache,

@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import make_image
 
-from bridgecore.cache_format import load_cache
+from bridgecore.model.cache_format import load_cache
 
 
 def _run(*args, env=None):
@@ -52,7 +52,7 @@ def test_edit_command_baseline_and_untrained_default_are_identical(tmp_path, tin
 
 @pytest.mark.slow
 def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
-    from bridgecore.synthetic_triplets import write_triplets
+    from bridgecore.zoo.synthetic_triplets import write_triplets
 
     manifest = write_triplets(tmp_path / "data", 6)
     models = ["--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]),

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from bridgecore.tiny_bridge import TinyBridgeRecipe
-from bridgecore.tiny_edit_model import TEST_RECIPE
-from bridgecore.tiny_zoo import TINY_BRIDGE, build_tiny_zoo
+from bridgecore.zoo.tiny_bridge import TinyBridgeRecipe
+from bridgecore.zoo.tiny_edit_model import TEST_RECIPE
+from bridgecore.zoo.tiny_zoo import TINY_BRIDGE, build_tiny_zoo
 
 pytestmark = pytest.mark.slow  # trains the tiny edit model (test recipe) and a tiny bridge
 
@@ -21,7 +21,7 @@ def bridged_zoo(trained_zoo):
 
 
 def test_tiny_bridge_is_cached_and_retrained_only_when_its_recipe_changes(bridged_zoo):
-    from bridgecore.bridge import VisionCacheBridge
+    from bridgecore.model.bridge import VisionCacheBridge
 
     path = bridged_zoo[TINY_BRIDGE]
     bridge = VisionCacheBridge.from_pretrained(path)
@@ -40,7 +40,7 @@ def test_tiny_bridge_is_cached_and_retrained_only_when_its_recipe_changes(bridge
 
 
 def test_mechanism_demonstration_and_page(tmp_path, bridged_zoo):
-    from bridgecore.demo_page import mechanism_demo, write_page
+    from bridgecore.zoo.demo_page import mechanism_demo, write_page
 
     grid, numbers = mechanism_demo(bridged_zoo["qwen-image-edit-trained"], bridged_zoo["qwen3-vl"],
                                    bridged_zoo[TINY_BRIDGE], images=2, steps=2)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import make_image
 
-from bridgecore.edit_pipeline import EnhancedQwenImageEdit, pipeline_areas
-from bridgecore.loading import LoadOptions, load_edit_pipeline, resolve_model
+from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, pipeline_areas
+from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
 
 AREA = 64 * 64
 STEPS = 2
@@ -110,7 +110,7 @@ def test_true_cfg_bridges_only_the_conditional_branch(tiny_zoo):
     """With true CFG the positive prompt goes through the (open) bridge, the negative prompt does not: it gets
     exactly Qwen-Image-Edit's own embeddings (no correction, no appended tokens), which is what the DiT was trained
     with as its negative; CFG then amplifies what the bridge adds instead of cancelling it."""
-    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
+    from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
 
     image, prompt, negative = make_image(), "make it blue", "blurry"
     plain = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA)
@@ -143,7 +143,7 @@ def test_edit_2511_equals_diffusers_plus_pipeline(tmp_path):
     (`zero_cond_t`): ours equals diffusers' own call on a tiny pipeline configured like it, several images."""
     import json
 
-    from bridgecore.tiny_zoo import build_edit_pipeline, build_qwen3_vl
+    from bridgecore.zoo.tiny_zoo import build_edit_pipeline, build_qwen3_vl
 
     model = build_edit_pipeline(tmp_path / "edit-2511", like_2511=True)
     assert json.loads((model / "transformer" / "config.json").read_text())["zero_cond_t"] is True

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from bridgecore.benchmark_data import LANGUAGES, make_benchmark
-from bridgecore.capability_metrics import normalise_text, read_text
-from bridgecore.evaluation import CapabilityEvaluator, paired_comparison, reference_editor
+from bridgecore.evaluation.benchmark_data import LANGUAGES, make_benchmark
+from bridgecore.evaluation.metrics import normalise_text, read_text
+from bridgecore.evaluation.capabilities import CapabilityEvaluator, paired_comparison, reference_editor
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_bulk_edit_run_over_the_benchmark_is_scored(benchmark, tmp_path, tiny_zo
     from test_pipeline import run_all
 
     from bridgecore.batch.settings import JobSettings
-    from bridgecore.evaluation import results_editor
+    from bridgecore.evaluation.capabilities import results_editor
 
     small = tmp_path / "bench"
     make_benchmark(small, per_capability=2, seed=1)
@@ -136,7 +136,7 @@ def test_bulk_edit_run_over_the_benchmark_is_scored(benchmark, tmp_path, tiny_zo
 
 def test_encoders_read_the_cards(benchmark, extractor, tmp_path):
     """Runs `generate` on both VLMs over OCR cards (tiny random models read nonsense: CER is high)."""
-    from bridgecore.evaluation import encoder_reading
+    from bridgecore.evaluation.capabilities import encoder_reading
 
     small = tmp_path / "b"
     make_benchmark(small, per_capability=2)

@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import SMALL_AREA, make_image
 
-from bridgecore.edit_prompt import EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE, resize_for_condition, system_prefix_length
-from bridgecore.loading import LoadOptions, load_edit_pipeline, resolve_model
-from bridgecore.planner import vision_grid
+from bridgecore.model.edit_prompt import EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE, resize_for_condition, system_prefix_length
+from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
+from bridgecore.planning.planner import vision_grid
 
 PROMPT = "Change the text 'Hello' to 'Goodbye'"
 
@@ -23,7 +23,7 @@ def _independent_inputs(pipe, image, prompt):
 
 
 def test_templates_are_the_pipelines_own(pipe, tiny_zoo):
-    from bridgecore.loading import load_edit_pipeline
+    from bridgecore.model.loading import load_edit_pipeline
 
     assert pipe.prompt_template_encode == EDIT_TEMPLATE
     plus = load_edit_pipeline(resolve_model(tiny_zoo["qwen-image-edit-plus"]))
@@ -165,7 +165,7 @@ def test_unload_frees_and_reloads(tiny_zoo):
     import gc
     import weakref
 
-    from bridgecore.extraction import VisionCacheExtractor
+    from bridgecore.model.extraction import VisionCacheExtractor
 
     extractor = VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit"], condition_area=SMALL_AREA)
     assert not extractor._qwen3.loaded  # lazy

@@ -43,7 +43,7 @@ def _images_close(ours: np.ndarray, reference: np.ndarray, unrelated: float) -> 
 
 
 def test_bf16_edit_equals_diffusers_pipeline(zoo):
-    from bridgecore.edit_prompt import condition_size
+    from bridgecore.model.edit_prompt import condition_size
 
     ours, reference, other = edit_parity(zoo, "cuda", AREA)
     width, height = condition_size(make_image(320, 200), AREA)
@@ -61,9 +61,9 @@ def test_batched_equals_one_by_one_on_cuda(zoo):
 
 
 def test_one_model_at_a_time_stays_under_the_planned_ceiling(zoo):
-    from bridgecore.real_models import release_memory
+    from bridgecore.zoo.real_models import release_memory
 
-    from bridgecore.edit_prompt import condition_size
+    from bridgecore.model.edit_prompt import condition_size
 
     probe = editor_for(zoo, "cuda", AREA)
     caches = probe.extractor.extract(make_image(320, 200), PROMPT)  # the real token counts, for the planner
@@ -98,10 +98,10 @@ def test_8bit_vlm_loading_on_cuda(zoo):
         pytest.skip(f"bitsandbytes does not import here: {error}")
     if type(lib).__name__ != "CudaBNBNativeLibrary":
         pytest.skip(f"bitsandbytes found no CUDA library for torch {torch.version.cuda} ({type(lib).__name__})")
-    from bridgecore.edit_prompt import EditPromptEncoder, prepare_condition_images
-    from bridgecore.loading import LoadOptions, load_edit_text_encoder, resolve_model
-    from bridgecore.planner import _plan_model
-    from bridgecore.real_models import release_memory
+    from bridgecore.model.edit_prompt import EditPromptEncoder, prepare_condition_images
+    from bridgecore.model.loading import LoadOptions, load_edit_text_encoder, resolve_model
+    from bridgecore.planning.planner import _plan_model
+    from bridgecore.zoo.real_models import release_memory
 
     resolved = resolve_model(zoo["qwen-image-edit"])
     image = prepare_condition_images([make_image(320, 200)], plus=False, condition_area=AREA)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bridgecore.real_models import build_real_model, build_real_vlm
-from bridgecore.planner import build_meta_models
+from bridgecore.zoo.real_models import build_real_model, build_real_vlm
+from bridgecore.planning.planner import build_meta_models
 
 ROOT = Path(__file__).resolve().parents[1]
 

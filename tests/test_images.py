@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bridgecore.images import ImageLoadError, load_image
+from bridgecore.model.images import ImageLoadError, load_image
 
 
 def _save(tmp_path, image, name, **kwargs):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bridgecore.information_proof import (
+from bridgecore.zoo.information_proof import (
     ProofConfig,
     format_summary,
     format_table,
@@ -16,7 +16,7 @@ from bridgecore.information_proof import (
     run_proof,
     t_interval,
 )
-from bridgecore.synthetic_triplets import COLOURS, make_triplets
+from bridgecore.zoo.synthetic_triplets import COLOURS, make_triplets
 
 MICRO = ProofConfig(seeds=(0, 1), designs=("residual", "tokens"), default_design="tokens", train_samples=8,
                     heldout_samples=4, steps=3,
@@ -26,7 +26,7 @@ MICRO = ProofConfig(seeds=(0, 1), designs=("residual", "tokens"), default_design
 
 @pytest.mark.slow
 def test_only_qwen3_reads_the_colour(trained_zoo):
-    from bridgecore.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
     editor = EnhancedQwenImageEdit(trained_zoo["qwen-image-edit-trained"], trained_zoo["qwen3-vl"], device="cpu",
                                    condition_area=64 * 64)

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from bridgecore.job_cost import (
+from bridgecore.planning.job_cost import (
     ANCHOR_H200_EDIT_SECONDS,
     ANCHOR_SGLANG_STEP_SECONDS,
     DEFAULT_EFFICIENCY,
     implied_efficiency,
     plan_job_cost,
 )
-from bridgecore.planner import plan
+from bridgecore.planning.planner import plan
 
 
 @pytest.fixture(scope="module")

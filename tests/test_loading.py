@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import SMALL_AREA, make_image
 
-from bridgecore.loading import LoadOptions, ModelNotAvailableError, resolve_model
+from bridgecore.model.loading import LoadOptions, ModelNotAvailableError, resolve_model
 
 
 def test_unavailable_hub_model_fails_fast_with_advice(monkeypatch):
@@ -45,7 +45,7 @@ def test_conflicting_quantisation_is_refused():
 
 
 def test_8bit_runs_on_cpu_and_stays_close(tiny_zoo, extractor):
-    from bridgecore.extraction import VisionCacheExtractor
+    from bridgecore.model.extraction import VisionCacheExtractor
 
     quantised = VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit"], condition_area=SMALL_AREA,
                                      load_in_8bit=True)
@@ -61,7 +61,7 @@ def test_8bit_runs_on_cpu_and_stays_close(tiny_zoo, extractor):
 
 
 def test_import_bridgecore_does_not_import_prefect():
-    code = ("import sys, bridgecore, vision_bridge.cli, bridgecore.extraction, bridgecore.planner, bridgecore.tiny_zoo; "
+    code = ("import sys, bridgecore, vision_bridge.cli, bridgecore.model.extraction, bridgecore.planning.planner, bridgecore.zoo.tiny_zoo; "
             "print('prefect' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from bridgecore.native21 import NativeQwenImage21, condition_images
+from bridgecore.model.native21 import NativeQwenImage21, condition_images
 
 AREA = 64 * 64
 STEPS = 2
@@ -78,7 +78,7 @@ def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
 
     from bridgecore.batch.pipeline import STAGES, fingerprints
     from bridgecore.batch.settings import JobSettings, ModelPool
-    from bridgecore.batch.sharding import sample_seed
+    from bridgecore.batch.stages.common import sample_seed
     from bridgecore.storage import Storage
 
     manifest, out = make_inputs(tmp_path / "in", n=3), str(tmp_path / "out")
@@ -168,7 +168,7 @@ def test_condition_area_below_the_processor_floor_is_refused(tiny_zoo, tmp_path)
     from dataclasses import replace
 
     from bridgecore.batch.settings import JobSettings
-    from bridgecore.native21 import min_condition_area
+    from bridgecore.model.native21 import min_condition_area
 
     model = tmp_path / "qwen-image-2.1"
     shutil.copytree(tiny_zoo["qwen-image-2.1"], model)

@@ -123,7 +123,7 @@ def test_cfg_scale_change_reuses_every_extraction(tmp_path, settings):
 def test_model_revision_change_reruns_everything(tmp_path, settings, tiny_zoo):
     import shutil
 
-    from bridgecore.loading import model_revision
+    from bridgecore.model.loading import model_revision
 
     qwen3 = tmp_path / "qwen3-copy"
     shutil.copytree(tiny_zoo["qwen3-vl"], qwen3)
@@ -334,7 +334,7 @@ def test_fingerprints_need_only_config_files(tmp_path, monkeypatch):
     """A job naming hub models is fingerprinted from their config files alone: no weights on the control pool."""
     import huggingface_hub.constants
 
-    from bridgecore.loading import model_revision
+    from bridgecore.model.loading import model_revision
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     for repo, config in (("qwen3", "config.json"), ("edit", "model_index.json")):
@@ -353,7 +353,7 @@ def test_fingerprints_need_only_config_files(tmp_path, monkeypatch):
 
 
 def test_a_lora_reruns_only_the_edits(tmp_path, settings, tiny_zoo):
-    from bridgecore.tiny_zoo import build_tiny_lora
+    from bridgecore.zoo.tiny_zoo import build_tiny_lora
 
     lora = build_tiny_lora(tmp_path / "style.safetensors", tiny_zoo["qwen-image-edit"])
     manifest, out = make_inputs(tmp_path / "in", n=1), str(tmp_path / "out")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bridgecore.planner import dit_step_flops, plan, vlm_forward_flops
+from bridgecore.planning.planner import dit_step_flops, plan, vlm_forward_flops
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _vlm_inputs(processor, text, image):
 def test_analytic_vlm_flops_match_torch_counter(extractor):
     from conftest import make_image
 
-    from bridgecore.edit_prompt import resize_for_condition
+    from bridgecore.model.edit_prompt import resize_for_condition
 
     for handle, prompt in ((extractor._qwen3.get(), None), (None, "make it blue")):
         if handle is not None:
@@ -139,9 +139,9 @@ def test_analytic_generate_flops_match_torch_counter(extractor):
     exactly as torch's counter sees it on the tiny Qwen3-VL."""
     from conftest import make_image
 
-    from bridgecore.edit_prompt import resize_for_condition
-    from bridgecore.planner import generate_flops
-    from bridgecore.rewrite import rewrite_messages
+    from bridgecore.model.edit_prompt import resize_for_condition
+    from bridgecore.planning.planner import generate_flops
+    from bridgecore.model.rewrite import rewrite_messages
 
     handle = extractor._qwen3.get()
     text = handle.processor.apply_chat_template(rewrite_messages("make it blue", 1, "Rewrite it."), tokenize=False,
@@ -157,7 +157,7 @@ def test_analytic_generate_flops_match_torch_counter(extractor):
 
 def test_the_rewrite_arm_is_priced_at_real_dimensions(report):
     """Decoding 8B bf16 reads ~16 GB of weights per step: memory-bound, priced by bandwidth, not FLOPs."""
-    from bridgecore.job_cost import BANDWIDTH_EFFICIENCY, GPUS, plan_job_cost
+    from bridgecore.planning.job_cost import BANDWIDTH_EFFICIENCY, GPUS, plan_job_cost
 
     rewrite = report["rewrite"]
     assert 15e9 < rewrite["decode_weight_bytes"] < 18e9  # Qwen3-VL-8B's language model + LM head in bf16

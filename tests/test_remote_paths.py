@@ -16,7 +16,7 @@ def _run(*args):
 def test_train_to_s3_then_edit_and_bulk_edit_with_the_bridge_from_s3(tmp_path, tiny_zoo, s3_root):
     import s3fs
 
-    from bridgecore.synthetic_triplets import write_triplets
+    from bridgecore.zoo.synthetic_triplets import write_triplets
 
     manifest = write_triplets(tmp_path / "data", 6)
     models = ["--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]),
@@ -43,7 +43,7 @@ def test_train_to_s3_then_edit_and_bulk_edit_with_the_bridge_from_s3(tmp_path, t
 def test_evaluate_a_benchmark_on_s3(tmp_path, s3_root):
     import s3fs
 
-    from bridgecore.benchmark_data import make_benchmark
+    from bridgecore.evaluation.benchmark_data import make_benchmark
 
     make_benchmark(tmp_path / "bench", per_capability=1, seed=2)
     s3fs.S3FileSystem().put(str(tmp_path / "bench") + "/", f"{s3_root}/bench/", recursive=True)

@@ -14,7 +14,7 @@ from conftest import make_image, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
 from bridgecore.batch.settings import JobSettings, ModelPool
-from bridgecore.rewrite import clean_rewrite, rewrite_messages
+from bridgecore.model.rewrite import clean_rewrite, rewrite_messages
 from bridgecore.storage import Storage
 
 AREA = 64 * 64

@@ -9,7 +9,8 @@ import pytest
 from conftest import make_image
 
 from bridgecore.batch.records import storage_key
-from bridgecore.batch.sharding import ManifestError, cut_shards, read_assignment, read_inputs, sample_seed, write_plan
+from bridgecore.batch.sharding import ManifestError, cut_shards, read_assignment, read_inputs, write_plan
+from bridgecore.batch.stages.common import sample_seed
 from bridgecore.storage import Storage
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import make_image
 
-from bridgecore.edit_pipeline import EnhancedQwenImageEdit, pipeline_areas
-from bridgecore.loading import LoadOptions, load_edit_pipeline, resolve_model
-from bridgecore.speed import LoraSpec, default_steps, output_fingerprint, parse_loras, resolve_scheduler
+from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, pipeline_areas
+from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
+from bridgecore.model.speed import LoraSpec, default_steps, output_fingerprint, parse_loras, resolve_scheduler
 
 AREA = 64 * 64
 STEPS = 2
@@ -18,7 +18,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def loras(tiny_zoo, tmp_path_factory):
-    from bridgecore.tiny_zoo import build_tiny_lora
+    from bridgecore.zoo.tiny_zoo import build_tiny_lora
 
     root = tmp_path_factory.mktemp("loras")
     return {"plain": build_tiny_lora(root / "plain" / "tiny-style.safetensors", tiny_zoo["qwen-image-edit"]),

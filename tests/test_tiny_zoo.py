@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from bridgecore.tiny_zoo import QWEN_SPECIAL_TOKENS, build_qwen3_vl, build_tokenizer
+from bridgecore.zoo.tiny_zoo import QWEN_SPECIAL_TOKENS, build_qwen3_vl, build_tokenizer
 
 
 def test_build_is_deterministic(tmp_path, tiny_zoo):
@@ -52,7 +52,7 @@ def test_trained_edit_model_follows_its_instruction(trained_zoo):
     it loads through from_pretrained like any pipeline and shows its edits in a grid."""
     from diffusers import QwenImageEditPipeline
 
-    from bridgecore.tiny_edit_model import GRID_NAME, REPORT_NAME
+    from bridgecore.zoo.tiny_edit_model import GRID_NAME, REPORT_NAME
 
     path = trained_zoo["qwen-image-edit-trained"]
     report = json.loads((path / REPORT_NAME).read_text())
@@ -66,7 +66,7 @@ def test_trained_edit_model_follows_its_instruction(trained_zoo):
 
 def test_trained_edit_model_is_deterministic(tmp_path, tiny_zoo):
     """Two trainings from the same seed give the same weights, bit for bit (a few steps of each stage)."""
-    from bridgecore.tiny_edit_model import TinyEditTrainConfig, train_tiny_edit_model
+    from bridgecore.zoo.tiny_edit_model import TinyEditTrainConfig, train_tiny_edit_model
 
     micro = TinyEditTrainConfig(train_triplets=8, heldout_triplets=4, vae_encoder_steps=2, vae_decoder_steps=2,
                                 vae_batch_size=4, dit_steps=3, dit_batch_size=4, dit_warmup_steps=1, heldout_repeats=1,

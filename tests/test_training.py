@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bridgecore.batch.settings import JobSettings, ModelPool
-from bridgecore.synthetic_triplets import write_triplets
-from bridgecore.training import BridgeTrainer, TrainConfig, shuffled_qwen3
-from bridgecore.training_data import prepare_examples
+from bridgecore.zoo.synthetic_triplets import write_triplets
+from bridgecore.training.trainer import BridgeTrainer, TrainConfig, shuffled_qwen3
+from bridgecore.batch.training_data import prepare_examples
 
 AREA = 64 * 64
 FAST = TrainConfig(steps=12, batch_size=4, eval_every=6, checkpoint_every=6, warmup_steps=2, heldout_fraction=0.25,
@@ -40,7 +40,7 @@ def test_examples_are_packed_latents_with_caches(examples):
 
 @pytest.mark.parametrize("mode", ["residual", "tokens"])
 def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settings, examples, mode):
-    from bridgecore.bridge import BridgeConfig
+    from bridgecore.model.bridge import BridgeConfig
 
     pipe = ModelPool(settings).editor.pipe
     dit_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
@@ -92,7 +92,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples)
 
 
 def test_trained_bridge_changes_edits(tmp_path, settings, examples, tiny_zoo):
-    from bridgecore.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
     BridgeTrainer(ModelPool(settings).editor.pipe, examples, tmp_path / "ckpt", FAST).train(progress=False)
     editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], bridge=tmp_path / "ckpt",
@@ -192,8 +192,8 @@ def test_tokens_sit_where_inference_puts_them_in_any_batch(settings, examples):
     """The DiT's loss of a sample in a batch of prompts of different lengths equals its loss alone: the appended
     tokens are packed before padding, so their RoPE positions (max_vid_index + j of the padded tensor) are the
     same in a training batch as in a single-sample edit."""
-    from bridgecore.bridge import BridgeConfig, VisionCacheBridge
-    from bridgecore.training import flow_matching_loss
+    from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
+    from bridgecore.training.trainer import flow_matching_loss
 
     pipe = ModelPool(settings).editor.pipe
     by_length = {}

@@ -6,7 +6,6 @@ orchestration (`flows`, imported lazily by the commands that run a flow, so the 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -16,7 +15,8 @@ from typing import Optional
 
 import typer
 
-from bridgecore.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
+from bridgecore.batch.settings import JOB_DEFAULTS as D  # the one home of a job's defaults
+from bridgecore.model.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
 
 app = typer.Typer(
     help="Qwen3-VL -> Qwen-Image-Edit vision bridge: extract caches, edit, run bulk jobs on Prefect, train the "
@@ -82,7 +82,7 @@ def _check_output_url(output: str) -> None:
 
 def _check_model_config(name: str) -> None:
     """A Qwen3-VL model: a local directory or hub id with a config.json (its weights are not fetched here)."""
-    from bridgecore.loading import resolve_model
+    from bridgecore.model.loading import resolve_model
 
     resolved = resolve_model(name, allow_patterns=["config.json"])
     if not (resolved.path / "config.json").exists():
@@ -101,8 +101,8 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
     the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly). `trained`
     picks the zoo's trained tiny edit model (single-image) instead of the random one; `editor` names the
     family whose default edit model is wanted (e.g. qwen-image-2.1)."""
-    from bridgecore.loading import DEFAULT_MODEL_OF_FAMILY, resolve_model
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.model.loading import DEFAULT_MODEL_OF_FAMILY, resolve_model
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     family = editor if editor != "auto" else "qwen-image-edit-plus" if plus else "qwen-image-edit"
     if family not in DEFAULT_MODEL_OF_FAMILY:
@@ -144,12 +144,12 @@ def tiny_models(
                                  "training_report.json and edits_grid.png. Cached: rebuilt only if missing."),
 ):
     """Write the offline tiny zoo: small random models of the real classes, seeded, in Hugging Face layout."""
-    from bridgecore.tiny_zoo import build_tiny_zoo
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     for name, path in build_tiny_zoo(out_dir, overwrite=overwrite, trained=trained).items():
         typer.echo(f"{name}: {path}")
     if trained:
-        from bridgecore.tiny_edit_model import GRID_NAME, REPORT_NAME
+        from bridgecore.zoo.tiny_edit_model import GRID_NAME, REPORT_NAME
 
         report = json.loads((out_dir / "qwen-image-edit-trained" / REPORT_NAME).read_text())
         low, high = report["instruction_gain_ci"]
@@ -186,9 +186,9 @@ def plan(
     inference memory per residency mode, vision tokens, and forward FLOPs of one extraction and one DiT step
     (analytic matmul count), and the rewrite arm's prefill, decoding and re-encoding. With --images N: the job's
     GPU-hours (extract, edit, rewrite with --rewrite, train), storage and cost."""
-    from bridgecore.job_cost import format_job_cost, plan_job_cost
-    from bridgecore.planner import format_plan
-    from bridgecore.planner import plan as make_plan
+    from bridgecore.planning.job_cost import format_job_cost, plan_job_cost
+    from bridgecore.planning.planner import format_plan
+    from bridgecore.planning.planner import plan as make_plan
 
     try:
         if images is not None:
@@ -216,9 +216,9 @@ def extract(
 ):
     """Extract one sample's vision caches (Qwen3-VL levels + DeepStack, Qwen-Image-Edit embeddings) to a file
     and print the comparison of the two caches."""
-    from bridgecore.cache_format import save_cache
-    from bridgecore.extraction import VisionCacheExtractor, format_comparison
-    from bridgecore.images import ImageLoadError
+    from bridgecore.model.cache_format import save_cache
+    from bridgecore.model.extraction import VisionCacheExtractor, format_comparison
+    from bridgecore.model.images import ImageLoadError
 
     if out.suffix != ".safetensors":
         _fail(f"--out must end in .safetensors; got {out}")
@@ -274,9 +274,9 @@ def edit(
 ):
     """Edit one sample with Qwen-Image-Edit, its conditioning enhanced by Qwen3-VL through the bridge (or with
     Qwen-Image-2.1, the native arm: --editor qwen-image-2.1)."""
-    from bridgecore.edit_pipeline import EnhancedQwenImageEdit
-    from bridgecore.images import ImageLoadError, load_image
-    from bridgecore.loading import editor_family
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.model.images import ImageLoadError, load_image
+    from bridgecore.model.loading import editor_family
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, editor=editor)
     try:
@@ -286,7 +286,7 @@ def edit(
     except (ValueError, ModelNotAvailableError) as error:
         _fail(str(error))
     if family == "qwen-image-2.1":
-        from bridgecore.native21 import NativeQwenImage21
+        from bridgecore.model.native21 import NativeQwenImage21
 
         if bridge or baseline or compare_path or negative_prompt or lora or compile or attention_backend or dit_offload:
             _fail("Qwen-Image-2.1 (the native arm) takes no --bridge, --baseline, --compare, --negative-prompt or "
@@ -341,16 +341,16 @@ def bulk_edit(
                                              "multi-image samples of a single-image job, so a mixed manifest runs in "
                                              "one job [default: none, those samples fail with a hint; the tiny zoo's "
                                              "with the tiny models]. Not with --lora."),
-    editor: str = typer.Option("auto", help="Editor family: auto (from the edit model's model_index.json), "
+    editor: str = typer.Option(D["editor"], help="Editor family: auto (from the edit model's model_index.json), "
                                "qwen-image-edit, qwen-image-edit-plus, or qwen-image-2.1 (the native arm: Qwen-Image-2.1 "
                                "reads Qwen3-VL itself; no bridge; default model Qwen/Qwen-Image-2.1, 40 steps)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 50, or what a Lightning LoRA needs]."),
-    seed: int = typer.Option(0, help="Job seed; each sample's noise seed derives from it and the sample id."),
-    cfg: float = typer.Option(1.0, help="true_cfg_scale; > 1 also encodes --negative-prompt (twice the DiT work)."),
-    negative_prompt: str = typer.Option(" ", help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
-    condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
+    seed: int = typer.Option(D["seed"], help="Job seed; each sample's noise seed derives from it and the sample id."),
+    cfg: float = typer.Option(D["cfg"], help="true_cfg_scale; > 1 also encodes --negative-prompt (twice the DiT work)."),
+    negative_prompt: str = typer.Option(D["negative_prompt"], help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
+    condition_area: int = typer.Option(D["condition_area"], help="Condition-image area in pixels."),
     shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
-    batch_size: int = typer.Option(4, help="Samples per model forward (VLM batch, DiT batch of equal sizes)."),
+    batch_size: int = typer.Option(D["batch_size"], help="Samples per model forward (VLM batch, DiT batch of equal sizes)."),
     retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
     content_hash: bool = typer.Option(False, "--content-hash", help="Identify local input files by a hash of their "
                                       "bytes instead of size + modification time (reads every file while planning; "
@@ -362,53 +362,40 @@ def bulk_edit(
                                 "summarizing (sizes are always checked); damaged ones are recomputed."),
     create_bucket: bool = typer.Option(False, "--create-bucket", help="Create the output's S3 bucket if it does not "
                                        "exist (otherwise a missing bucket is an error: it is usually a typo)."),
-    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
-    load_in_8bit: bool = typer.Option(False, help="Load both VLMs in 8-bit (bitsandbytes): ~17 GiB instead of ~32."),
+    device: str = typer.Option(D["device"], help="'auto', 'cpu', 'cuda', ..."),
+    load_in_8bit: bool = typer.Option(D["load_in_8bit"], help="Load both VLMs in 8-bit (bitsandbytes): ~17 GiB instead of ~32."),
     lora: Optional[list[str]] = typer.Option(None, help="LoRA for the DiT, PATH_OR_ID[:scale]; repeatable (see `edit`)."),
-    scheduler: str = typer.Option("auto", help="auto (Lightning's with a Lightning LoRA), default, lightning."),
-    compile: bool = typer.Option(False, "--compile", help="torch.compile the DiT's repeated block (regional)."),
+    scheduler: str = typer.Option(D["scheduler"], help="auto (Lightning's with a Lightning LoRA), default, lightning."),
+    compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the DiT's repeated block (regional)."),
     attention_backend: Optional[str] = typer.Option(None, help="diffusers attention backend for the DiT."),
-    dit_offload: bool = typer.Option(False, help="Stream the DiT's blocks from host RAM (24 GB-class cards)."),
-    rewrite_with: str = typer.Option("none", help="The rewrite arm: qwen3 lets Qwen3-VL (the bridge's model, the same "
+    dit_offload: bool = typer.Option(D["dit_offload"], help="Stream the DiT's blocks from host RAM (24 GB-class cards)."),
+    rewrite_with: str = typer.Option(D["rewrite_with"], help="The rewrite arm: qwen3 lets Qwen3-VL (the bridge's model, the same "
                                      "images) rewrite each instruction, greedily, and Qwen-Image-Edit's own encoder "
                                      "reads the rewrite (stored in summary.parquet); identity forces the rewrite to be "
                                      "the instruction (the control: the Edit arm's edits); none: off. Combines with "
                                      "--bridge."),
     rewrite_system_prompt: Optional[str] = typer.Option(None, help="The rewriter's system prompt, as TEXT or @FILE "
-                                                        "[default: bridgecore.rewrite.SYSTEM_PROMPT]."),
-    rewrite_max_tokens: int = typer.Option(256, help="Token cap of each rewrite."),
+                                                        "[default: bridgecore.model.rewrite.SYSTEM_PROMPT]."),
+    rewrite_max_tokens: int = typer.Option(D["rewrite_max_tokens"], help="Token cap of each rewrite."),
 ):
     """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
     evaluate. Reruns resume, and only the stages a changed setting affects run again (a new --bridge reuses
     the extracted caches; new --steps/--seed/--cfg reuse the fused embeddings too; a new rewrite system prompt
     reruns the rewrites and what reads them)."""
-    from bridgecore.batch.settings import JobSettings
-    from bridgecore.speed import default_steps, parse_loras, resolve_scheduler
+    from bridgecore.batch.settings import settings_for_job
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, editor=editor)
     try:
-        loras = parse_loras(lora)
-        speed = dict(load_in_8bit=load_in_8bit, lora=tuple(lora or ()), scheduler=scheduler, compile=compile,
-                     attention_backend=attention_backend, dit_offload=dit_offload)
         if rewrite_system_prompt is not None and rewrite_system_prompt.startswith("@"):
             rewrite_system_prompt = Path(rewrite_system_prompt[1:]).expanduser().read_text(encoding="utf-8")
-        rewrite = dict(rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-                       rewrite_max_tokens=rewrite_max_tokens)
-        settings = JobSettings(qwen3, edit_model, bridge, device, condition_area, 50, seed, batch_size,
-                               cfg=cfg, negative_prompt=negative_prompt, editor=editor, **speed, **rewrite)
-        settings.check_editor()
-        if plus_model is None and settings.family == "qwen-image-edit" and not lora:
-            plus_model = _default_plus_model(edit_model)
-        if plus_model is not None:
-            from bridgecore.loading import editor_family
-
-            if editor_family(plus_model) != "qwen-image-edit-plus":
-                raise ValueError(f"--plus-model {plus_model} is not an Edit-Plus pipeline")
-            settings = dataclasses.replace(settings, plus_model=plus_model if settings.family == "qwen-image-edit" else None)
-        if steps is None:  # 2.1's own default is 40; Qwen-Image-Edit's 50, or what a Lightning LoRA needs
-            steps = 40 if settings.native else default_steps(loras, resolve_scheduler(scheduler, loras))
-        settings = dataclasses.replace(settings, steps=steps)
-        settings.check_editor()  # again: the Edit-Plus routing is checked too
+        # The job as the deployment's flow receives it; `JobSettings.for_job` decides every default, there and here.
+        job = dict(qwen3=qwen3, edit_model=edit_model, editor=editor, multi_image=multi_image, steps=steps,
+                   plus_model=plus_model, bridge=bridge, device=device, condition_area=condition_area, seed=seed,
+                   batch_size=batch_size, cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit,
+                   lora=list(lora or []), scheduler=scheduler, compile=compile, attention_backend=attention_backend,
+                   dit_offload=dit_offload, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
+                   rewrite_max_tokens=rewrite_max_tokens)
+        settings = settings_for_job(job)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")
     except _user_errors() as error:
@@ -429,6 +416,9 @@ def bulk_edit(
                    f"finished under these settings, {len(plan.pending)} to run")
         for stage, counts in plan.stages.items():
             typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
+        from bridgecore.batch.pipeline import fingerprints
+
+        typer.echo(f"steps {settings.steps}; fingerprints {json.dumps(fingerprints('bulk-edit', settings))}")
         return
     _preflight(input, output, create_bucket, prompt, None if settings.native else qwen3)
     from flows.local_server import ServerStartError, local_prefect, prefect_environment
@@ -438,13 +428,9 @@ def bulk_edit(
 
     try:
         with local_prefect():
-            summary = bulk_edit_flow(input=input, output=output, prompt=prompt, qwen3=qwen3, edit_model=edit_model,
-                                     bridge=bridge, multi_image=multi_image, shard_size=shard_size, steps=steps,
-                                     seed=seed, cfg=cfg, negative_prompt=negative_prompt, condition_area=condition_area,
-                                     batch_size=batch_size, device=device, retry_failed=retry_failed, verify=verify,
-                                     content_hash=content_hash,
-                                     create_bucket=create_bucket, editor=editor, plus_model=settings.plus_model,
-                                     **{**speed, "lora": list(speed["lora"])}, **rewrite)
+            summary = bulk_edit_flow(input=input, output=output, prompt=prompt, shard_size=shard_size,
+                                     retry_failed=retry_failed, verify=verify, content_hash=content_hash,
+                                     create_bucket=create_bucket, **job)
     except (*_user_errors(), ServerStartError) as error:
         _fail(str(error))
     counts = summary["counts"]
@@ -484,21 +470,25 @@ def train(
     held-out samples) and qwen3_information_gain (their difference, with a bootstrap 95% CI): the evidence
     that the bridge uses Qwen3-VL's information rather than a generic bias. Use the result with
     `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
-    from bridgecore.batch.settings import JobSettings
-    from bridgecore.training import ABLATIONS, TrainConfig, run_training
+    from bridgecore.batch.settings import settings_for_job
+    from bridgecore.batch.training_data import run_training
+    from bridgecore.training.trainer import ABLATIONS, TrainConfig
 
     if ablate_qwen3 not in ABLATIONS:
         _fail(f"--ablate-qwen3 must be one of {', '.join(ABLATIONS)}; got {ablate_qwen3!r}")
     if "://" not in out and Path(out).exists() and not Path(out).is_dir():
         _fail(f"--out {out} is a file, not a folder: training writes a checkpoint folder there")
-    from bridgecore.bridge import MODES
+    from bridgecore.model.bridge import MODES
 
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
     if num_tokens < 1:
         _fail(f"--num-tokens must be at least 1; got {num_tokens}")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
-    settings = JobSettings(qwen3, edit_model, None, device, condition_area)
+    try:  # the build-caches job's settings: its fingerprints find the caches it wrote
+        settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area))
+    except _user_errors() as error:
+        _fail(str(error))
     config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,
                          eval_every=eval_every, checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
     try:
@@ -543,7 +533,7 @@ def make_benchmark_command(
 ):
     """Write the capability benchmark (OCR in 32 languages, spatial, detail preservation, multi-image) in the
     batch pipeline's manifest format: run it through bulk-edit, train on it, score it with `evaluate`."""
-    from bridgecore.benchmark_data import FontNotFoundError, make_benchmark
+    from bridgecore.evaluation.benchmark_data import FontNotFoundError, make_benchmark
 
     try:
         manifest = make_benchmark(out, per_capability, seed)
@@ -591,7 +581,7 @@ def evaluate(
     with bootstrap confidence intervals. Several runs (arms: e.g. Edit, Edit+bridge, Qwen-Image-2.1 over the
     same benchmark) are compared pairwise on the same samples (differences with 95% CIs); --baseline RUN is
     the first arm."""
-    from bridgecore.evaluation import (
+    from bridgecore.evaluation.capabilities import (
         CapabilityEvaluator,
         arm_comparisons,
         arm_name,
@@ -626,8 +616,8 @@ def evaluate(
         comparison = paired_comparison(evaluators[first].per_sample, evaluators[main].per_sample)
         output["baseline"], output["paired"] = summaries[first], comparison
     if read_with_encoders:
-        from bridgecore.evaluation import encoder_reading
-        from bridgecore.extraction import VisionCacheExtractor
+        from bridgecore.evaluation.capabilities import encoder_reading
+        from bridgecore.model.extraction import VisionCacheExtractor
 
         qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
         output["encoder_reading"] = encoder_reading(benchmark, VisionCacheExtractor(qwen3, edit_model))
@@ -647,7 +637,7 @@ def evaluate(
     if per_sample:
         evaluators[main].write_per_sample(per_sample)
     if report:
-        from bridgecore.report import write_report
+        from bridgecore.evaluation.report import write_report
 
         write_report(report, evaluators, summaries, output.get("pairs"))
         typer.echo(f"report: {report}")
@@ -700,13 +690,13 @@ def quickstart(
     with targets, so the run is scored) and a tiny bridge trained for it; it ends with a page (index.html in
     OUT_DIR) showing the arms side by side and the mechanism demonstration (the colour word hidden from the
     DiT's own encoder and read by Qwen3-VL through the bridge)."""
-    from bridgecore.tiny_edit_model import REPORT_NAME
-    from bridgecore.tiny_zoo import TINY_BRIDGE, TRAINED_EDIT_MODEL, build_tiny_zoo
+    from bridgecore.zoo.tiny_edit_model import REPORT_NAME
+    from bridgecore.zoo.tiny_zoo import TINY_BRIDGE, TRAINED_EDIT_MODEL, build_tiny_zoo
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, trained=True)
     trained_tiny = Path(edit_model).resolve() == (TINY_ZOO_DIR / TRAINED_EDIT_MODEL).resolve()
     if trained_tiny:
-        from bridgecore.synthetic_triplets import write_triplets
+        from bridgecore.zoo.synthetic_triplets import write_triplets
 
         size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
         manifest = write_triplets(out_dir / "inputs", 6, size=size, seed=7)
@@ -741,7 +731,11 @@ def quickstart(
 
 def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str, bridge: Optional[str], area: int,
                      edit_steps: int, native_arm: bool, rewrite_arm: bool, api_url: Optional[str]) -> dict:
-    """Edit, Edit+bridge (with a bridge), Edit+rewrite and Qwen-Image-2.1 over the same samples into one OUTPUT."""
+    """Edit, Edit+bridge (with a bridge), Edit+rewrite and Qwen-Image-2.1 over the same samples into one OUTPUT,
+    each arm one run of the bulk-edit flow on the temporary Prefect server."""
+    from flows.bulk_edit import bulk_edit as bulk_edit_flow
+
+    _preflight(str(manifest), str(out_dir / "run"), False, None, qwen3)
     arms = {}
     for arm, arm_bridge, rewrite_with in (("Edit", None, "none"), ("Edit+bridge", bridge, "none"),
                                           ("Edit+rewrite", None, "qwen3")):
@@ -749,19 +743,20 @@ def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str,
             continue
         typer.echo(f"arm {arm}: bulk-edit --input {manifest} --output {out_dir / 'run'}"
                    + (f" --bridge {arm_bridge}" if arm_bridge else "")
-                   + (f" --rewrite-with {rewrite_with}" if rewrite_with != "none" else ""), err=True)
-        bulk_edit(input=str(manifest), output=str(out_dir / "run"), prompt=None, qwen3=qwen3, edit_model=edit_model,
-                  editor="auto", plus_model=None, bridge=arm_bridge, multi_image=False, steps=edit_steps, seed=0,
-                  cfg=1.0, negative_prompt=" ", condition_area=area, shard_size=4, batch_size=4, retry_failed=False,
-                  content_hash=False,
-                  dry_run=False, verify=False, create_bucket=False, device="auto", load_in_8bit=False, lora=None,
-                  scheduler="auto", compile=False, attention_backend=None, dit_offload=False,
-                  rewrite_with=rewrite_with, rewrite_system_prompt=None, rewrite_max_tokens=256)
+                   + (f" --rewrite-with {rewrite_with}" if rewrite_with != "none" else "")
+                   + (" (the tiny RANDOM Qwen3-VL writes gibberish rewrites: the plumbing only)"
+                      if rewrite_with == "qwen3" and Path(qwen3).resolve().parent == TINY_ZOO_DIR.resolve() else ""),
+                   err=True)
+        summary = bulk_edit_flow(input=str(manifest), output=str(out_dir / "run"), qwen3=qwen3, edit_model=edit_model,
+                                 bridge=arm_bridge, steps=edit_steps, condition_area=area, shard_size=4,
+                                 rewrite_with=rewrite_with)
+        counts = summary["counts"]
+        typer.echo(f"arm {arm}: done {counts['done']}, failed {counts['failed']}, pending {counts['pending']}", err=True)
         arms[arm] = _arm_scores(out_dir / "run")
     if native_arm:
         import subprocess
 
-        from bridgecore.native21 import min_condition_area
+        from bridgecore.model.native21 import min_condition_area
 
         qwen3_21, model_21 = resolve_or_tiny(None, None, editor="qwen-image-2.1")
         tiny_21 = Path(model_21).resolve().parent == TINY_ZOO_DIR.resolve()
@@ -781,7 +776,7 @@ def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str,
 def _main_job_page(out_dir: Path, manifest: Path, arms: dict, qwen3: str, edit_model: str, tiny_bridge: Optional[str],
                    steps: int) -> Path:
     """index.html: the arms side by side, and with the tiny zoo the mechanism demonstration (its follow rates)."""
-    from bridgecore.demo_page import arms_grid, mechanism_demo, rewrites_of, write_page
+    from bridgecore.zoo.demo_page import arms_grid, mechanism_demo, rewrites_of, write_page
 
     notes = [f"Samples: {manifest}; outputs: {out_dir / 'run'}; models: Qwen3-VL {qwen3}, edit model {edit_model}."]
     mechanism = numbers = None
@@ -803,16 +798,6 @@ def _main_job_page(out_dir: Path, manifest: Path, arms: dict, qwen3: str, edit_m
         notes.append("The rewrite arm's Qwen3-VL is a tiny RANDOM model here: its rewrites are gibberish, so Edit+rewrite "
                      "shows the plumbing only; the arm's value can only be measured with real weights.")
     return write_page(out_dir, arms_grid(manifest, out_dir / "run", runs), mechanism, numbers, notes, rewrites)
-
-
-def _default_plus_model(edit_model: str) -> Optional[str]:
-    """The Edit-Plus model that takes a single-image job's multi-image samples when none is named: only the tiny
-    zoo's beside a tiny edit model. Real models are never guessed: what is on a machine must not change a
-    job's fingerprints (nor start a 58 GB download on a worker)."""
-    tiny_plus = TINY_ZOO_DIR / "qwen-image-edit-plus"
-    if Path(edit_model).resolve().parent == TINY_ZOO_DIR.resolve() and tiny_plus.exists():
-        return str(tiny_plus)
-    return None
 
 
 def _arm_scores(output: Path) -> tuple[str, dict[str, float]]:

@@ -26,21 +26,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..storage import Storage
-from .records import Sample
-from .settings import JobSettings, ModelPool
-from .shard_store import CorruptShardError, ShardBusyError
-from .sharding import cut_shards, load_plan, read_assignment, read_inputs, write_plan
-from .stage import Stage, StageContext
-from .stages.edit import EditStage
-from .stages.evaluate import EvaluateStage
-from .stages.extract import ExtractStage
-from .stages.fuse import FuseStage
-from .stages.latents import LatentsStage
-from .stages.native_edit import NativeEditStage
-from .stages.native_extract import NativeExtractStage
-from .stages.negatives import NegativesStage
-from .stages.rewrite import RewriteStage
+from bridgecore.storage import Storage
+from bridgecore.batch.records import Sample
+from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.shard_store import CorruptShardError, ShardBusyError
+from bridgecore.batch.sharding import cut_shards, read_assignment, read_inputs, write_plan
+from bridgecore.batch.stage import Stage, StageContext
+from bridgecore.batch.stages.edit import EditStage
+from bridgecore.batch.stages.evaluate import EvaluateStage
+from bridgecore.batch.stages.extract import ExtractStage
+from bridgecore.batch.stages.fuse import FuseStage
+from bridgecore.batch.stages.latents import LatentsStage
+from bridgecore.batch.stages.native_edit import NativeEditStage
+from bridgecore.batch.stages.native_extract import NativeExtractStage
+from bridgecore.batch.stages.negatives import NegativesStage
+from bridgecore.batch.stages.rewrite import RewriteStage
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def _failed_samples(storage: Storage, pipeline: str, settings: JobSettings, shar
 def _repair_plans(storage: Storage, shards: list[str], samples: list[Sample], rows: list[tuple[str, str, str]]) -> None:
     """Rewrites the plan files of shards about to run that are missing or unreadable (a truncated write, a
     deleted object), from the inputs: damage heals on rerun instead of failing every run the same way."""
-    from .sharding import PLAN_SHARDS
+    from bridgecore.batch.sharding import PLAN_SHARDS
 
     contents = storage.read_many([(PLAN_SHARDS, f"{shard}.json") for shard in shards])
     broken = []
@@ -233,7 +233,7 @@ def run_stage_here(stage: Stage, ctx: StageContext, shard_id: str) -> dict:
 
 
 def make_context(output_uri: str, pipeline: str, settings: JobSettings) -> StageContext:
-    return StageContext(Storage(output_uri), settings, fingerprints(pipeline, settings), ModelPool(settings))
+    return StageContext(Storage(output_uri), settings, fingerprints(pipeline, settings), ModelPool(settings), STAGES)
 
 
 def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings: JobSettings,

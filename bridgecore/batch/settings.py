@@ -11,10 +11,10 @@ import functools
 import hashlib
 import logging
 import posixpath
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-from ..rewrite import REWRITERS, SYSTEM_PROMPT
+from bridgecore.model.rewrite import REWRITERS, SYSTEM_PROMPT
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ EDITORS = ("auto", "qwen-image-edit", "qwen-image-edit-plus", "qwen-image-2.1")
 
 @functools.lru_cache(maxsize=16)
 def _family_of(edit_model: str) -> str:
-    from ..loading import editor_family
+    from bridgecore.model.loading import editor_family
 
     return editor_family(edit_model)
 
@@ -32,7 +32,7 @@ def _family_of(edit_model: str) -> str:
 @functools.lru_cache(maxsize=16)
 def bridge_checksum(bridge: str | None) -> str:
     """sha256 of a bridge checkpoint (config + weights, local or URL); 'untrained' for the zero-gated default."""
-    from ..storage import read_uri
+    from bridgecore.storage import read_uri
 
     if bridge is None:
         return UNTRAINED_BRIDGE
@@ -62,7 +62,7 @@ class JobSettings:
     cfg: float = 1.0  # true_cfg_scale; > 1 also extracts and uses the negative prompt's embeddings
     negative_prompt: str = " "
     max_prompt_tokens: int = 1024  # a longer instruction fails its sample (a guard, not part of any fingerprint)
-    # speed options of the DiT (bridgecore/speed.py); LoRAs and the scheduler change the edits, the rest rounding
+    # speed options of the DiT (bridgecore/model/speed.py); LoRAs and the scheduler change the edits, the rest rounding
     lora: tuple[str, ...] = ()
     scheduler: str = "auto"
     compile: bool = False
@@ -74,7 +74,7 @@ class JobSettings:
     # Edit-Plus model for the multi-image samples of a job whose edit model takes one image: a mixed manifest
     # runs in one job, each sample on a pipeline that can take it (None: multi-image samples fail, with a hint)
     plus_model: str | None = None
-    # the rewrite arm (bridgecore/rewrite.py): "qwen3" lets Qwen3-VL rewrite each instruction and Qwen-Image-Edit's
+    # the rewrite arm (bridgecore/model/rewrite.py): "qwen3" lets Qwen3-VL rewrite each instruction and Qwen-Image-Edit's
     # encoder reads the rewrite; "identity" forces the rewrite to be the instruction (the plumbing's control)
     rewrite_with: str = "none"
     rewrite_system_prompt: str | None = None  # None: rewrite.SYSTEM_PROMPT
@@ -121,7 +121,7 @@ class JobSettings:
             raise ValueError("--lora with --plus-model: a LoRA is made for one DiT; run the multi-image samples as "
                              "their own Edit-Plus job (with a LoRA made for it)")
         if family == "qwen-image-2.1":
-            from ..native21 import min_condition_area
+            from bridgecore.model.native21 import min_condition_area
 
             floor = min_condition_area(self.edit_model)
             if floor and self.condition_area < floor:
@@ -140,6 +140,47 @@ class JobSettings:
                                  "only")
 
     @classmethod
+    def for_job(cls, qwen3_model: str | None = None, edit_model: str | None = None, *, editor: str = "auto",
+                multi_image: bool = False, steps: int | None = None, plus_model: str | None = None,
+                **settings: Any) -> "JobSettings":
+        """A job's settings with every default decided here, once: the CLI, the flows and their deployments
+        call this and compute nothing themselves, so the same job gets the same fingerprints whichever way it
+        is started.
+
+        - `edit_model`: the `editor` family's default model, else Qwen-Image-Edit (Edit-Plus with `multi_image`);
+        - `steps`: Qwen-Image-2.1's 40, a distilled (Lightning) LoRA's 4 or 8, else 50;
+        - `plus_model`: none for real models (what is on a machine must not change a job); beside a tiny-zoo
+          edit model, the zoo's tiny Edit-Plus (so the offline demo runs mixed manifests); refused when it is not
+          an Edit-Plus pipeline, dropped for editors that take several images themselves.
+        Settings are checked (`check_editor`) before anything runs.
+        """
+        from bridgecore.model.loading import (
+            DEFAULT_EDIT_MODEL,
+            DEFAULT_EDIT_PLUS_MODEL,
+            DEFAULT_MODEL_OF_FAMILY,
+            DEFAULT_QWEN3_MODEL,
+            editor_family,
+        )
+        from bridgecore.model.speed import default_steps, parse_loras, resolve_scheduler
+
+        edit_model = edit_model or DEFAULT_MODEL_OF_FAMILY.get(editor) or (
+            DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
+        job = cls(qwen3_model or DEFAULT_QWEN3_MODEL, edit_model, editor=editor, **settings)
+        job.check_editor()
+        if steps is None:
+            loras = parse_loras(list(job.lora))
+            steps = 40 if job.native else default_steps(loras, resolve_scheduler(job.scheduler, loras))
+        if plus_model is None and job.family == "qwen-image-edit" and not job.lora:
+            plus_model = tiny_plus_model_beside(edit_model)
+        if plus_model is not None:
+            if editor_family(plus_model) != "qwen-image-edit-plus":
+                raise ValueError(f"plus_model {plus_model} is not an Edit-Plus pipeline")
+            plus_model = plus_model if job.family == "qwen-image-edit" else None
+        job = replace(job, steps=steps, plus_model=plus_model)
+        job.check_editor()  # again: the Edit-Plus routing is checked too
+        return job
+
+    @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "JobSettings":
         known = {f.name for f in fields(cls)}
         unknown = set(value) - known
@@ -155,7 +196,7 @@ class JobSettings:
         return self.cfg > 1
 
     def revision(self, model: str) -> str:
-        from ..loading import model_revision
+        from bridgecore.model.loading import model_revision
 
         return model_revision(model)
 
@@ -186,10 +227,33 @@ class JobSettings:
     @property
     def speed_fingerprint(self) -> str:
         """What the speed options change in the edits (LoRA contents and scales, the scheduler)."""
-        from ..speed import output_fingerprint, parse_loras, resolve_scheduler
+        from bridgecore.model.speed import output_fingerprint, parse_loras, resolve_scheduler
 
         loras = parse_loras(list(self.lora))
         return output_fingerprint(loras, resolve_scheduler(self.scheduler, loras))
+
+
+JOB_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(JobSettings) if f.default is not MISSING}
+
+
+def settings_for_job(parameters: dict[str, Any]) -> JobSettings:
+    """`JobSettings.for_job` from a job's parameters as the flows and their deployments name them (`qwen3` for
+    the Qwen3-VL model, `lora` a list): the one path from a job to its settings."""
+    arguments = dict(parameters)
+    arguments["qwen3_model"] = arguments.pop("qwen3", None)
+    arguments["lora"] = tuple(arguments.get("lora") or ())
+    return JobSettings.for_job(**arguments)
+
+
+def tiny_plus_model_beside(edit_model: str) -> str | None:
+    """The tiny zoo's Edit-Plus model when `edit_model` is one of the zoo's models (decided from the files alone)."""
+    from pathlib import Path
+
+    edit = Path(edit_model)
+    plus = edit.parent / "qwen-image-edit-plus"
+    if (edit / ".tiny-zoo-complete").is_file() and (plus / ".tiny-zoo-complete").is_file():
+        return str(plus)
+    return None
 
 
 # -- models, once per worker process ----------------------------------------------------------------------
@@ -210,7 +274,7 @@ class ModelPool:
         return self._editor(self.settings.edit_model)
 
     def _editor(self, edit_model: str):
-        from ..edit_pipeline import EnhancedQwenImageEdit
+        from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
         s = self.settings
         key = (edit_model, s.revision(edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
@@ -265,7 +329,7 @@ class ModelPool:
     @property
     def native(self):
         """The `NativeQwenImage21` for these settings (its text encoder and DiT load separately, lazily)."""
-        from ..native21 import NativeQwenImage21
+        from bridgecore.model.native21 import NativeQwenImage21
 
         s = self.settings
         key = (s.edit_model, s.revision(s.edit_model), s.device, s.condition_area, s.load_in_8bit)

@@ -18,7 +18,6 @@ executor recomputes the shard.
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 import tarfile
@@ -26,8 +25,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..storage import MarkerExistsError, Storage, sha256_bytes
-from .records import STAGE_TABLE_SCHEMA, SampleResult, result_row
+from bridgecore.storage import MarkerExistsError, Storage, sha256_bytes
+from bridgecore.batch.records import STAGE_TABLE_SCHEMA, SampleResult, result_row
 
 LAYOUTS = ("tar", "files", "table")
 

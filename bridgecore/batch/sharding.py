@@ -26,8 +26,8 @@ import posixpath
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
-from ..storage import FileStamps, Storage, find_files, read_limited, uri_exists
-from .records import Sample
+from bridgecore.storage import FileStamps, Storage, find_files, read_limited, uri_exists
+from bridgecore.batch.records import Sample
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def manifest_columns(source: str, budget_s: float | None = None) -> set[str]:
 def check_manifest_columns(source: str, prompt: str | None) -> None:
     """Refuses, before anything runs or is written, a manifest with no image column, or with no instruction
     column and no --prompt; the error names the columns it found."""
-    from ..storage import FIRST_CONTACT_SECONDS
+    from bridgecore.storage import FIRST_CONTACT_SECONDS
 
     source = str(source).rstrip("/")
     if not source.lower().endswith(MANIFEST_EXTENSIONS):
@@ -298,7 +298,7 @@ def cut_shards(samples: list[Sample], shard_size: int, salt: str = "") -> dict[s
 
 
 def load_plan(storage: Storage, shard_id: str) -> list[Sample]:
-    from .shard_store import CorruptShardError
+    from bridgecore.batch.shard_store import CorruptShardError
 
     try:
         value = storage.read_json(PLAN_SHARDS, shard_id + ".json")
@@ -394,8 +394,3 @@ def write_plan(storage: Storage, shards: dict[str, list[Sample]], generation: in
     name = hashlib.sha256("\n".join(f"{a}\0{b}\0{c}" for a, b, c in rows).encode()).hexdigest()[:16]
     storage.write_bytes(buffer.getvalue(), PLAN_INDEX, f"{name}.parquet")
     return written
-
-
-def sample_seed(job_seed: int, sample_id: str) -> int:
-    """The noise seed of one sample: depends on the job seed and the sample, not on shard or worker."""
-    return int.from_bytes(hashlib.sha256(f"{job_seed}:{sample_id}".encode()).digest()[:4], "little")

@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 
-from .settings import JobSettings
+from bridgecore.batch.settings import JobSettings
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class ChildRunCost:
 
 @functools.lru_cache(maxsize=8)
 def _real_scale_plan(condition_area: int) -> dict:
-    from ..planner import plan
+    from bridgecore.planning.planner import plan
 
     side = int(math.sqrt(condition_area))
     return plan(side, side, condition_area=condition_area)

@@ -15,7 +15,6 @@ sample out. Everything else is here, the same for every stage and every executor
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -25,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
-from ..storage import Storage, is_transient_error
-from .records import Sample, SampleResult
-from .settings import JobSettings, ModelPool
-from .shard_store import ShardContents, ShardStore
-from .sharding import load_plan
+from bridgecore.storage import Storage, is_transient_error
+from bridgecore.batch.records import Sample, SampleResult
+from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.shard_store import ShardContents, ShardStore
+from bridgecore.batch.sharding import load_plan
 
 logger = logging.getLogger(__name__)
 
@@ -45,22 +44,14 @@ class StageItem:
 
 @dataclass
 class StageContext:
-    """What a stage sees besides its items: storage, settings, every stage's fingerprint, the models."""
+    """What a stage sees besides its items: storage, settings, every stage's fingerprint, the models, and the
+    pipeline's stages by name (where its upstream stages' shards are found)."""
 
     storage: Storage
     settings: JobSettings
     fingerprints: dict[str, str]
     models: ModelPool
-
-
-def source_digest(files: list[Path]) -> str:
-    """sha256 of source files, named relative to `bridgecore` where they are part of it."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in files:
-        name = path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name
-        digest.update(name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
+    stages: dict[str, "Stage"] = field(default_factory=dict)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -77,7 +68,6 @@ class Stage:
     optional_upstream: ClassVar[tuple[str, ...]] = ()  # read when that stage is enabled for the job
     layout: ClassVar[str] = "tar"  # "tar": a WebDataset tar per shard; "files": one object per sample; "table": none
     models: ClassVar[tuple[str, ...]] = ()  # large models it uses: 'vlm', 'dit' (others are released first)
-    code: ClassVar[tuple[str, ...]] = ()  # library modules (besides the stage's own file) its output depends on
 
     def enabled(self, settings: JobSettings) -> bool:
         return True
@@ -99,11 +89,14 @@ class Stage:
 
     # -- fingerprint ----------------------------------------------------------------------------------------
 
-    def code_version(self) -> str:
-        """Digest of the stage's own file and the library modules it declares in `code`."""
-        package = Path(__file__).resolve().parents[1]
-        library = [package / (module.replace(".", "/") + ".py") for module in self.code]
-        return source_digest([Path(inspect.getfile(type(self))).resolve(), *library])
+    def code_version(self, root: Path | None = None) -> str:
+        """Digest of the stage's own file and the value code it reaches through imports (see `code_version.py`);
+        `root` reads another copy of the source tree."""
+        from bridgecore.batch.code_version import ROOT, code_version
+
+        own = Path(inspect.getfile(type(self))).resolve()
+        root = (root or ROOT).resolve()
+        return code_version(root / own.relative_to(ROOT), root)
 
     def fingerprint_record(self, settings: JobSettings, upstream_fingerprints: dict[str, str]) -> dict[str, Any]:
         return {"stage": self.name, "settings": self.settings_of(settings), "upstream": upstream_fingerprints,
@@ -138,10 +131,8 @@ class Stage:
             return [result for item in items for result in self._process_isolated([item], ctx)]
 
     def _upstream_contents(self, ctx: StageContext, shard_id: str) -> dict[str, ShardContents]:
-        from .pipeline import STAGES
-
         names = self.upstream + tuple(n for n in self.optional_upstream if n in ctx.fingerprints)
-        return {name: STAGES[name].store(ctx.storage, ctx.fingerprints[name]).read(shard_id) for name in names}
+        return {name: ctx.stages[name].store(ctx.storage, ctx.fingerprints[name]).read(shard_id) for name in names}
 
     def run_shard(self, ctx: StageContext, shard_id: str, progress: Callable[[int], None] | None = None) -> dict:
         """Runs one shard through this stage unless it is committed. Returns the marker."""

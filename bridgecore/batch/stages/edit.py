@@ -7,20 +7,17 @@ not depend on its shard, batch or worker.
 
 from __future__ import annotations
 
-import io
-
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..sharding import sample_seed
-from ..stage import Stage, StageContext, StageItem
-from .extract import multi_image_refusal, read_images
-from .fuse import fused_from_bytes
+from typing import TYPE_CHECKING
 
 
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import Stage, StageContext, StageItem
+from bridgecore.batch.stages.common import in_input_order, multi_image_refusal, png_bytes, read_images, sample_seed
+from bridgecore.batch.stages.fuse import fused_from_bytes
+
+if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
 
 class EditStage(Stage):
@@ -28,7 +25,6 @@ class EditStage(Stage):
     upstream = ("fused",)
     layout = "files"
     models = ("dit",)
-    code = ("edit_pipeline", "edit_prompt", "images")
 
     def enabled(self, settings: JobSettings) -> bool:
         return not settings.native
@@ -45,11 +41,10 @@ class EditStage(Stage):
         ready, results = read_images(items)
         for editor, group in ctx.models.route(ready):  # multi-image samples may go to the Edit-Plus model
             results += self._edit(editor, group, ctx)
-        order = {id(item.sample): index for index, item in enumerate(items)}
-        return sorted(results, key=lambda r: order[id(r.sample)])
+        return in_input_order(results, items)
 
-    def _edit(self, editor, ready: list, ctx: StageContext) -> list[SampleResult]:
-        from ...edit_prompt import pad_prompt_embeds
+    def _edit(self, editor: EnhancedQwenImageEdit, ready: list, ctx: StageContext) -> list[SampleResult]:
+        from bridgecore.model.edit_prompt import pad_prompt_embeds
 
         results = []
         if not editor.plus:

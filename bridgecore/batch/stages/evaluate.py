@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..records import SampleResult
-from ..stage import Stage, StageContext, StageItem
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.stage import Stage, StageContext, StageItem
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -20,7 +20,7 @@ def basic_metrics(edited: "Image.Image", source: "Image.Image", target: "Image.I
     import numpy as np
     from PIL import Image
 
-    from ...capability_metrics import psnr
+    from bridgecore.evaluation.metrics import psnr
 
     edited_array = np.asarray(edited)
     source_array = np.asarray(source.resize(edited.size, Image.BICUBIC))
@@ -35,11 +35,10 @@ class EvaluateStage(Stage):
     name = "metrics"
     optional_upstream = ("edits", "qwen21-edits")  # whichever editor family made the edits
     layout = "table"
-    code = ("capability_metrics", "images")
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from ...capability_metrics import score_sample
-        from ...images import decode_image, load_image
+        from bridgecore.evaluation.metrics import score_sample
+        from bridgecore.model.images import decode_image, load_image
 
         results = []
         for item in items:

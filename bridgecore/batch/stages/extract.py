@@ -7,52 +7,20 @@ A batch runs one forward per model; images that cannot be read fail their sample
 
 from __future__ import annotations
 
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..stage import Stage, StageContext, StageItem
+from typing import TYPE_CHECKING
 
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import Stage, StageContext, StageItem
+from bridgecore.batch.stages.common import in_input_order, read_images, vlm_groups
 
-def read_images(items: list[StageItem], condition_area: int | None = None) -> tuple[list[tuple[StageItem, list]],
-                                                                                  list[SampleResult]]:
-    """(items whose images all load, with the images; failures for the others). With `condition_area`, an
-    image too thin for it fails its sample here, with the reason, before any batch runs."""
-    from ...edit_prompt import condition_size
-    from ...images import ImageLoadError, load_image
-
-    ready, failed = [], []
-    for item in items:
-        try:
-            images = [load_image(uri) for uri in item.sample.images]
-            for image in images if condition_area else []:
-                condition_size(image, condition_area)
-            ready.append((item, images))
-        except (ImageLoadError, ValueError) as error:
-            failed.append(SampleResult.failed(item.sample, str(error)))
-    return ready, failed
-
-
-def multi_image_refusal(count: int, settings: JobSettings) -> str:
-    return (f"{count} images, but {settings.edit_model} is a single-image pipeline: give an Edit-Plus model for "
-            "the multi-image samples (--plus-model, e.g. Qwen/Qwen-Image-Edit-2511) to run them in this job")
-
-
-def vlm_groups(ready: list, ctx: StageContext, results: list[SampleResult]):
-    """(editor, [(item, images)]) per pipeline that takes them, that editor's VLMs made the resident ones;
-    multi-image samples no pipeline of the job takes are failed into `results` with the hint."""
-    for editor, group in ctx.models.route(ready):  # multi-image samples may go to the Edit-Plus model
-        if not editor.plus:
-            results += [SampleResult.failed(item.sample, multi_image_refusal(len(images), ctx.settings))
-                        for item, images in group if len(images) != 1]
-            group = [(item, images) for item, images in group if len(images) == 1]
-        if group:
-            ctx.models.use(editor, ("vlm",))
-            yield editor, group
+if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
+    from bridgecore.model.extraction import VisionCacheExtractor
 
 
 class ExtractStage(Stage):
     name = "caches"
     models = ("vlm",)
-    code = ("extraction", "edit_prompt", "cache_format", "images")
 
     def enabled(self, settings: JobSettings) -> bool:
         return not settings.native  # Qwen-Image-2.1 reads its own conditioning (stage qwen21-caches)
@@ -72,7 +40,8 @@ class ExtractStage(Stage):
     def check_prompt(self, items: list[StageItem], ctx: StageContext) -> tuple[list[StageItem], list[SampleResult]]:
         """Items whose prompt is within `max_prompt_tokens` (Qwen2.5-VL's tokenizer); failures for the others.
         A runaway instruction must fail its sample, not allocate a run's worth of memory downstream."""
-        tokenizer = ctx.models.extractor.qwen25_encoder.processor.tokenizer
+        extractor: VisionCacheExtractor = ctx.models.extractor
+        tokenizer = extractor.qwen25_encoder.processor.tokenizer
         limit, kept, failed = ctx.settings.max_prompt_tokens, [], []
         for item in items:
             count = len(tokenizer(self.prompt(item, ctx.settings), add_special_tokens=False)["input_ids"])
@@ -84,7 +53,7 @@ class ExtractStage(Stage):
         return kept, failed
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from ...cache_format import cache_to_bytes
+        from bridgecore.model.cache_format import cache_to_bytes
 
         accepted, refused = self.check_prompt(items, ctx)
         ready, results = read_images(accepted, ctx.settings.condition_area)
@@ -102,5 +71,4 @@ class ExtractStage(Stage):
                                              qwen3_tokens=int(next(iter(cache.qwen3.levels.values())).shape[0]),
                                              qwen3_vision_tokens=cache.qwen3.num_vision_tokens,
                                              qwen25_vision_tokens=cache.qwen25.num_vision_tokens))
-        order = {id(item.sample): index for index, item in enumerate(items)}
-        return sorted(results, key=lambda r: order[id(r.sample)])
+        return in_input_order(results, items)

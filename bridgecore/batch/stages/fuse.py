@@ -13,12 +13,14 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..stage import Stage, StageContext, StageItem
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import Stage, StageContext, StageItem
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
     import torch
+
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
 
 def fused_to_bytes(prompt_embeds: torch.Tensor, meta: dict, negative: torch.Tensor | None = None) -> bytes:
@@ -47,7 +49,6 @@ class FuseStage(Stage):
     name = "fused"
     upstream = ("caches",)
     optional_upstream = ("negatives", "rewrites")
-    code = ("bridge", "cache_format")
 
     def enabled(self, settings: JobSettings) -> bool:
         return not settings.native
@@ -58,13 +59,14 @@ class FuseStage(Stage):
     def _fuse(self, data: bytes, ctx: StageContext, item: StageItem) -> "torch.Tensor":
         import torch
 
-        from ...cache_format import cache_from_bytes, rewritten_from_bytes
+        from bridgecore.model.cache_format import cache_from_bytes, rewritten_from_bytes
 
         cache = cache_from_bytes(data)
         qwen25 = cache.qwen25
         if "rewrites" in item.upstream:
             qwen25, _ = rewritten_from_bytes(item.upstream["rewrites"]["safetensors"])
-        bridge = ctx.models.editor_for(item.sample).bridge_for(cache.qwen3, qwen25)
+        editor: EnhancedQwenImageEdit = ctx.models.editor_for(item.sample)
+        bridge = editor.bridge_for(cache.qwen3, qwen25)
         with torch.no_grad():
             return bridge(cache.qwen3, qwen25).prompt_embeds[0]  # [L, D]
 

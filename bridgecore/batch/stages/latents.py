@@ -6,31 +6,20 @@ so training sees exactly what the pipeline would. Reads only the plan (images), 
 
 from __future__ import annotations
 
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..stage import Stage, StageContext, StageItem
+from typing import TYPE_CHECKING
 
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import Stage, StageContext, StageItem
+from bridgecore.model.latents import encode_latents
 
-def encode_latents(pipe, image, width: int, height: int):
-    """The edit pipeline's own VAE encoding: `[N, 4C]` packed, normalised latents."""
-    import torch
-
-    with torch.no_grad():
-        return _encode(pipe, image, width, height)
-
-
-def _encode(pipe, image, width: int, height: int):
-    pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, height, width), height, width)
-    pixels = pixels.unsqueeze(2).to(pipe.vae.device, pipe.vae.dtype)  # [1, 3, 1, H, W]
-    latents = pipe._encode_vae_image(pixels, generator=None)  # [1, C, 1, h, w], normalised
-    _, channels, _, h, w = latents.shape
-    return pipe._pack_latents(latents, 1, channels, h, w)[0]
+if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
 
 class LatentsStage(Stage):
     name = "latents"
     models = ("dit",)
-    code = ("edit_prompt", "images")
 
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
@@ -40,10 +29,11 @@ class LatentsStage(Stage):
         import torch
         from safetensors.torch import save as save_tensors
 
-        from ...edit_prompt import condition_size
-        from ...images import load_image
+        from bridgecore.model.edit_prompt import condition_size
+        from bridgecore.model.images import load_image
 
-        pipe = ctx.models.editor.pipe
+        editor: EnhancedQwenImageEdit = ctx.models.editor
+        pipe = editor.pipe
         results = []
         for item in items:
             sample = item.sample

@@ -7,12 +7,15 @@ in the `edits` stage, so the arms of a comparison see the same seeds.
 
 from __future__ import annotations
 
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..sharding import sample_seed
-from ..stage import Stage, StageContext, StageItem
-from .edit import png_bytes
-from .extract import read_images
+from typing import TYPE_CHECKING
+
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import Stage, StageContext, StageItem
+from bridgecore.batch.stages.common import in_input_order, png_bytes, read_images, sample_seed
+
+if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
+    from bridgecore.model.native21 import NativeQwenImage21
 
 
 class NativeEditStage(Stage):
@@ -20,7 +23,6 @@ class NativeEditStage(Stage):
     upstream = ("qwen21-caches",)
     layout = "files"
     models = ("dit",)
-    code = ("native21", "images", "batch.stages.edit")
 
     def enabled(self, settings: JobSettings) -> bool:
         return settings.native
@@ -38,9 +40,9 @@ class NativeEditStage(Stage):
         ready, results = read_images(items)
         for item, images in ready:
             conditioning = load_tensors(item.upstream["qwen21-caches"]["safetensors"])
-            image = ctx.models.native.edit(images, conditioning, sample_seed(ctx.settings.seed, item.sample.id),
-                                           ctx.settings.steps)
+            native: NativeQwenImage21 = ctx.models.native
+            image = native.edit(images, conditioning, sample_seed(ctx.settings.seed, item.sample.id),
+                                ctx.settings.steps)
             results.append(SampleResult.done(item.sample, {"png": png_bytes(image)}, width=image.width,
                                              height=image.height))
-        order = {id(item.sample): index for index, item in enumerate(items)}
-        return sorted(results, key=lambda r: order[id(r.sample)])
+        return in_input_order(results, items)

@@ -7,18 +7,22 @@ as one safetensors entry per sample: `qwen21.prompt_embeds` [L, D], `qwen21.prom
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import json
 
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..stage import Stage, StageContext, StageItem
-from .extract import read_images
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import Stage, StageContext, StageItem
+from bridgecore.batch.stages.common import in_input_order, read_images
+
+if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
+    from bridgecore.model.native21 import NativeQwenImage21
 
 
 class NativeExtractStage(Stage):
     name = "qwen21-caches"
     models = ("vlm",)
-    code = ("native21", "images")
 
     def enabled(self, settings: JobSettings) -> bool:
         return settings.native
@@ -33,7 +37,7 @@ class NativeExtractStage(Stage):
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         from safetensors.torch import save as save_tensors
 
-        native = ctx.models.native
+        native: NativeQwenImage21 = ctx.models.native
         limit = ctx.settings.max_prompt_tokens
         ready, results = read_images(items, ctx.settings.condition_area)
         for item, images in ready:
@@ -49,5 +53,4 @@ class NativeExtractStage(Stage):
             results.append(SampleResult.done(item.sample, {"safetensors": payload},
                                              tokens=int(conditioning["qwen21.prompt_embeds"].shape[0]),
                                              image_slots=int(conditioning["qwen21.image_pad_mask"].sum())))
-        order = {id(item.sample): index for index, item in enumerate(items)}
-        return sorted(results, key=lambda r: order[id(r.sample)])
+        return in_input_order(results, items)

@@ -9,15 +9,15 @@ turning CFG on (or changing the negative prompt) extracts only these, never the 
 
 from __future__ import annotations
 
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..stage import StageContext, StageItem
-from .extract import ExtractStage, read_images, vlm_groups
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import StageContext, StageItem
+from bridgecore.batch.stages.common import in_input_order, read_images, vlm_groups
+from bridgecore.batch.stages.extract import ExtractStage
 
 
 class NegativesStage(ExtractStage):
     name = "negatives"
-    code = ExtractStage.code + ("batch.stages.extract",)
 
     def enabled(self, settings: JobSettings) -> bool:
         return settings.uses_cfg and not settings.native
@@ -44,5 +44,4 @@ class NegativesStage(ExtractStage):
             embeds = cache.prompt_embeds.detach().cpu().contiguous()  # [L, D]
             results.append(SampleResult.done(item.sample, {"safetensors": save_tensors({"prompt_embeds": embeds})},
                                              tokens=int(embeds.shape[0])))
-        order = {id(item.sample): index for index, item in enumerate(items)}
-        return sorted(results, key=lambda r: order[id(r.sample)])
+        return in_input_order(results, items)

@@ -1,7 +1,7 @@
 """Stage `rewrites`: the rewrite arm's instruction (GPU, both VLMs); runs only with `rewrite_with`.
 
 Qwen3-VL (the bridge's model, the same resized images) rewrites each instruction greedily under a token cap
-(see bridgecore/rewrite.py); Qwen-Image-Edit's Qwen2.5-VL then encodes the rewrite exactly as it encodes an
+(see bridgecore/model/rewrite.py); Qwen-Image-Edit's Qwen2.5-VL then encodes the rewrite exactly as it encodes an
 instruction. The rewrite is stored in the stage's table (and from there in summary.parquet) so that a person
 can read every one; the encoding replaces the sample's own Qwen2.5 embeddings in stage `fused`. Being its own
 stage, a new system prompt reruns the rewrites and what reads them, never the caches. With
@@ -10,15 +10,15 @@ stage, a new system prompt reruns the rewrites and what reads them, never the ca
 
 from __future__ import annotations
 
-from ..records import SampleResult
-from ..settings import JobSettings
-from ..stage import StageContext, StageItem
-from .extract import ExtractStage, read_images, vlm_groups
+from bridgecore.batch.records import SampleResult
+from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.stage import StageContext, StageItem
+from bridgecore.batch.stages.common import in_input_order, read_images, vlm_groups
+from bridgecore.batch.stages.extract import ExtractStage
 
 
 class RewriteStage(ExtractStage):
     name = "rewrites"
-    code = ExtractStage.code + ("batch.stages.extract", "rewrite")
 
     def enabled(self, settings: JobSettings) -> bool:
         return settings.rewrites and not settings.native
@@ -27,8 +27,8 @@ class RewriteStage(ExtractStage):
         return {**super().settings_of(settings), "rewrite": settings.rewrite_record()}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from ...cache_format import rewritten_to_bytes
-        from ...rewrite import SYSTEM_PROMPT
+        from bridgecore.model.cache_format import rewritten_to_bytes
+        from bridgecore.model.rewrite import SYSTEM_PROMPT, rewrite_for
 
         accepted, refused = self.check_prompt(items, ctx)
         ready, results = read_images(accepted, ctx.settings.condition_area)
@@ -37,9 +37,8 @@ class RewriteStage(ExtractStage):
         for editor, group in vlm_groups(ready, ctx, results):
             instructions = [item.sample.instruction for item, _ in group]
             if settings.rewrite_with == "qwen3":
-                generated = editor.extractor.rewrite([images for _, images in group], instructions,
-                                                     settings.rewrite_system_prompt or SYSTEM_PROMPT,
-                                                     settings.rewrite_max_tokens)
+                generated = rewrite_for(editor.extractor, [images for _, images in group], instructions,
+                                        settings.rewrite_system_prompt or SYSTEM_PROMPT, settings.rewrite_max_tokens)
             else:
                 generated = [(instruction, 0) for instruction in instructions]
             # An empty answer (a model that only closed its turn) falls back to the instruction, flagged.
@@ -49,5 +48,4 @@ class RewriteStage(ExtractStage):
                 results.append(SampleResult.done(item.sample, {"safetensors": rewritten_to_bytes(qwen25, rewrite)},
                                                  rewrite=rewrite, generated_tokens=tokens, empty_rewrite=not text,
                                                  tokens=int(qwen25.prompt_embeds.shape[0])))
-        order = {id(item.sample): index for index, item in enumerate(items)}
-        return sorted(results, key=lambda r: order[id(r.sample)])
+        return in_input_order(results, items)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .planner import QWEN3_PIXELS, QWEN25_PIXELS, load_real_config
+from bridgecore.planning.planner import QWEN3_PIXELS, QWEN25_PIXELS, load_real_config
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def real_processor(name: str):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor, Qwen3VLProcessor
     from transformers import Qwen3VLVideoProcessor
 
-    from .tiny_zoo import QWEN3_VL_CHAT_TEMPLATE, QWEN25_VL_CHAT_TEMPLATE, build_tokenizer
+    from bridgecore.zoo.tiny_zoo import QWEN3_VL_CHAT_TEMPLATE, QWEN25_VL_CHAT_TEMPLATE, build_tokenizer
 
     tokenizer = build_tokenizer()
     vision = load_real_config(name)["vision_config"]

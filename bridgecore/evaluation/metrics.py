@@ -12,7 +12,7 @@ import unicodedata
 import numpy as np
 from PIL import Image, ImageOps
 
-from .benchmark_data import COLOURS
+from bridgecore.evaluation.benchmark_data import COLOURS
 
 COLOUR_TOLERANCE = 60.0  # RGB distance that still counts as a benchmark colour
 _INVISIBLE = re.compile(r"[\s\u200b\u200c\u200d\u2060\ufeff]")

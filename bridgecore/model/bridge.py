@@ -53,8 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache
-from .edit_prompt import pad_prompt_embeds
+from bridgecore.model.cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache
+from bridgecore.model.edit_prompt import pad_prompt_embeds
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class VisionCacheBridge(nn.Module):
         """`config.json` + `model.safetensors` (no pickle) to a local directory or an fsspec URL (`s3://...`)."""
         from safetensors.torch import save
 
-        from .storage import Storage
+        from bridgecore.storage import Storage
 
         storage = Storage(str(directory))
         storage.write_bytes(json.dumps(asdict(self.config), indent=2).encode(), CONFIG_NAME)
@@ -474,7 +474,7 @@ class VisionCacheBridge(nn.Module):
         do not match the models."""
         from safetensors.torch import load
 
-        from .storage import Storage
+        from bridgecore.storage import Storage
 
         storage = Storage(str(directory))
         if not storage.exists(CONFIG_NAME):

@@ -26,12 +26,10 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .loading import LazyModel, LoadOptions, resolve_model
+from bridgecore.model.loading import LazyModel, LoadOptions, resolve_model
 
 logger = logging.getLogger(__name__)
 
-FAMILY = "qwen-image-2.1"
-PIPELINE_CLASS = "QwenImage21Pipeline"
 CACHE_KEYS = ("qwen21.prompt_embeds", "qwen21.prompt_embeds_mask", "qwen21.image_pad_mask")
 MAX_CONDITION_IMAGES = 10  # the pipeline's template numbers <image1>..<image10>
 

@@ -1,53 +1,28 @@
-"""Training data for the bridge: (caches, condition latents, target latents) per triplet, all cached.
+"""Training the bridge from the pipeline's data: (caches, condition latents, target latents) per triplet, all cached.
 
 `--data` is either a manifest with a `target` column (the batch pipeline's format; the evaluation
 benchmark writes one) or an output location written by `build-caches`. Both go through the batch
 executor's `training-data` pipeline (stages `caches` and `latents`): committed shards are reused under
-the same settings, so training itself never runs a VLM when caches exist.
+the same settings, so training itself never runs a VLM when caches exist. `run_training` then trains.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from pathlib import Path
 
-import torch
 from safetensors.torch import load as load_tensors
 
-from .batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
-from .batch.settings import JobSettings, ModelPool
-from .cache_format import SampleCache, cache_from_bytes
-from .storage import Storage
+from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
+from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.model.bridge import BridgeConfig
+from bridgecore.model.cache_format import cache_from_bytes
+from bridgecore.storage import Storage
+from bridgecore.training.examples import TrainingExample
+from bridgecore.training.trainer import BridgeTrainer, TrainConfig
 
 logger = logging.getLogger(__name__)
 PIPELINE = "training-data"
-
-
-@dataclass
-class TrainingExample:
-    """One triplet, ready for the loss.
-
-    Args:
-        cache: the sample's Qwen3/Qwen2.5 caches.
-        condition (`torch.Tensor` of shape `[sum N_i, 4C]`): packed, normalised VAE latents of every
-            condition image, concatenated in order, as the edit pipelines feed them to the DiT.
-        target (`torch.Tensor` of shape `[N, 4C]`): the same for the target image.
-        latent_hw: (h, w) of the target's packed latent grid (2x2 latent patches).
-        condition_hw: (h, w) of each condition image's packed grid; empty means one, of `latent_hw`.
-    """
-
-    key: str
-    cache: SampleCache
-    condition: torch.Tensor
-    target: torch.Tensor
-    latent_hw: tuple[int, int]
-    condition_hw: tuple[tuple[int, int], ...] = ()
-
-    def __post_init__(self):
-        self.condition_hw = tuple(tuple(hw) for hw in self.condition_hw) or (tuple(self.latent_hw),)
-        if sum(h * w for h, w in self.condition_hw) != self.condition.shape[0]:
-            raise ValueError(f"{self.key}: condition latents have {self.condition.shape[0]} tokens but the grids "
-                             f"{self.condition_hw} give {sum(h * w for h, w in self.condition_hw)}")
 
 
 def _is_manifest(uri: str) -> bool:
@@ -104,3 +79,31 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
     if not examples:
         raise ValueError(f"no usable training triplets in {data_uri}" + (f" ({problems[0]})" if problems else ""))
     return examples
+
+
+def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConfig = TrainConfig(),
+                 bridge_overrides: dict | None = None, progress: bool = True) -> dict:
+    """Prepares (or reuses) caches and latents under `out_dir/data`, then trains; returns the metrics.
+
+    `out_dir` may be an fsspec URL (`s3://bucket/ckpt`): the run is mirrored in a local staging folder
+    (an earlier run there is downloaded first, so training resumes), and uploaded after every checkpoint."""
+    import hashlib
+
+    from bridgecore.storage import is_remote, mirror_down, mirror_up
+
+    remote = str(out_dir) if is_remote(out_dir) else None
+    if remote:
+        staging = Path(".vision-bridge/staging") / hashlib.sha256(remote.encode()).hexdigest()[:16]
+        out_dir = Path(mirror_down(remote, str(staging), exclude=("data",)))  # data stay remote
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = prepare_examples(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings)
+    first = examples[0].cache
+    bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **(bridge_overrides or {}))
+    trainer = BridgeTrainer(ModelPool(settings).editor.pipe, examples, out_dir, config, bridge_config)
+    if remote:
+        trainer.after_checkpoint = lambda: mirror_up(str(out_dir), remote, exclude=("data",))
+    metrics = trainer.train(progress=progress)
+    if remote:
+        mirror_up(str(out_dir), remote, exclude=("data",))
+    return metrics

@@ -41,7 +41,7 @@ class TinyBridgeRecipe:
 def train_tiny_bridge(edit_model: str | Path, qwen3_model: str | Path, out_dir: str | Path,
                       recipe: TinyBridgeRecipe = TinyBridgeRecipe(), progress: bool = True) -> dict:
     """Trains the bridge on the redacted-colour task and saves it (config.json + model.safetensors, metrics.json)."""
-    from .tiny_edit_model import one_thread
+    from bridgecore.zoo.tiny_edit_model import one_thread
 
     with one_thread():
         return _train(edit_model, qwen3_model, Path(out_dir), recipe, progress)
@@ -50,12 +50,12 @@ def train_tiny_bridge(edit_model: str | Path, qwen3_model: str | Path, out_dir: 
 def _train(edit_model, qwen3_model, out_dir: Path, recipe: TinyBridgeRecipe, progress: bool) -> dict:
     import torch
 
-    from .bridge import BridgeConfig
-    from .edit_pipeline import EnhancedQwenImageEdit
-    from .information_proof import redacted_examples
-    from .synthetic_triplets import make_triplets
-    from .tiny_edit_model import REPORT_NAME as EDIT_REPORT
-    from .training import BridgeTrainer, TrainConfig
+    from bridgecore.model.bridge import BridgeConfig
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.zoo.information_proof import redacted_examples
+    from bridgecore.zoo.synthetic_triplets import make_triplets
+    from bridgecore.zoo.tiny_edit_model import REPORT_NAME as EDIT_REPORT
+    from bridgecore.training.trainer import BridgeTrainer, TrainConfig
 
     torch.manual_seed(recipe.seed)
     size = json.loads((Path(edit_model) / EDIT_REPORT).read_text())["config"]["image_size"]

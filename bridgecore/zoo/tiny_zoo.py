@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from bridgecore.model.chat_templates import QWEN3_VL_CHAT_TEMPLATE, QWEN25_VL_CHAT_TEMPLATE  # noqa: F401 - re-exported
+
 logger = logging.getLogger(__name__)
 
 # Qwen's special tokens, in the order (and relative ids) of the real vocabulary (151643...).
@@ -40,27 +42,6 @@ QWEN_SPECIAL_TOKENS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-
-# Chat templates with the structure of the real ones for image + text messages. Qwen2.5-VL adds a
-# default system message, Qwen3-VL does not.
-_CONTENT_LOOP = (
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-)
-QWEN3_VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    + _CONTENT_LOOP
-    + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-QWEN25_VL_CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    + QWEN3_VL_CHAT_TEMPLATE
-)
 
 # Text the tiny BPE is trained on: the pipelines' templates plus typical edit instructions, so
 # that the tokenizer merges real words the way a real one would (fewer, but real, merges).
@@ -360,8 +341,8 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
     `bridge-tokens`: a bridge trained for that model with the colour word hidden from Qwen2.5-VL
     (`tiny_bridge.TinyBridgeRecipe`, or `bridge_recipe`), retrained when its recipe or the edit model changed.
     """
-    from .tiny_bridge import TinyBridgeRecipe, train_tiny_bridge
-    from .tiny_edit_model import TinyEditTrainConfig, train_tiny_edit_model
+    from bridgecore.zoo.tiny_bridge import TinyBridgeRecipe, train_tiny_bridge
+    from bridgecore.zoo.tiny_edit_model import TinyEditTrainConfig, train_tiny_edit_model
 
     root = Path(root)
     targets = {

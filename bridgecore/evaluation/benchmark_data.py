@@ -18,7 +18,6 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-CAPABILITIES = ("ocr", "spatial", "detail", "multi_image")
 
 # Language: (Tesseract code, Noto family, three words). Every word is read back exactly by Tesseract at
 # 40-48 px, light and dark cards, +-1 degree (tests/test_evaluation.py); words it misread were replaced. Scripts: Latin, Cyrillic, Greek, Arabic, Hebrew,

@@ -87,7 +87,7 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
     """GPU-hours (`*_gpu_hours`), storage (`*_gb`) and cost of editing `images` images at `resolution`^2.
     `rewrite` adds the rewrite arm: Qwen3-VL generating `rewrite_tokens` per sample (the cap: an upper bound)
     in batches of `rewrite_batch`, and Qwen2.5-VL encoding the rewrite."""
-    from .planner import plan
+    from bridgecore.planning.planner import plan
 
     if images < 0 or resolution < 64 or steps < 1 or gpus < 1 or train_steps < 0 or train_batch_size < 1:
         raise ValueError(f"need images >= 0, resolution >= 64, steps >= 1, gpus >= 1, train_steps >= 0, "
@@ -167,7 +167,7 @@ def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: boo
     output = height * width * PNG_BYTES_PER_PIXEL
     per_image = {"cache_storage_gb": cache, "fused_storage_gb": fused, "output_storage_gb": output}
     if rewrite:  # the rewrite's Qwen2.5-VL encoding: the prompt with the rewrite (at its cap) for the instruction
-        from .planner import DEFAULT_INSTRUCTION_TOKENS
+        from bridgecore.planning.planner import DEFAULT_INSTRUCTION_TOKENS
 
         rewritten = tokens["qwen25_prompt_embeds"] - DEFAULT_INSTRUCTION_TOKENS + report["rewrite"]["new_tokens"]
         per_image["rewrite_storage_gb"] = rewritten * d25 * CACHE_BYTES_PER_VALUE

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .evaluation import SUMMARY_FIELDS, CapabilityEvaluator
+from bridgecore.evaluation.capabilities import SUMMARY_FIELDS, CapabilityEvaluator
 
 
 def _png(image: Image.Image) -> str:
@@ -88,8 +88,8 @@ def _table(capability: str, summaries: dict[str, dict]) -> str:
 
 
 def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
-    from .edit_pipeline import comparison_grid
-    from .images import load_image
+    from bridgecore.model.edit_pipeline import comparison_grid
+    from bridgecore.model.images import load_image
 
     runs = list(evaluators)
     main = evaluators[runs[-1]]  # best and worst of the arm under test (the last)

@@ -11,14 +11,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
-from .images import load_image
-
-if TYPE_CHECKING:
-    from .edit_pipeline import EnhancedQwenImageEdit
+from bridgecore.model.images import load_image
 
 STAGES = ("qwen25_encode", "qwen3_encode", "bridge", "denoise", "decode")
 
@@ -59,9 +54,10 @@ class ModuleTimer:
             handle.remove()
 
 
-def benchmark_edits(editor: "EnhancedQwenImageEdit", test_images: list, test_prompts: list[str], output_dir: str | Path,
+def benchmark_edits(editor, test_images: list, test_prompts: list[str], output_dir: str | Path,
                     num_inference_steps: int = 50, seed: int = 0, use_qwen3_vision: bool = True) -> list[dict]:
-    """Edits each sample, timing every stage; writes PNGs, `summary.parquet`, `summary.json`; prints a table."""
+    """Edits each sample with `editor` (an `EnhancedQwenImageEdit`), timing every stage; writes PNGs,
+    `summary.parquet`, `summary.json`; prints a table."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -99,16 +95,13 @@ def benchmark_edits(editor: "EnhancedQwenImageEdit", test_images: list, test_pro
             embeds, mask = qwen25.prompt_embeds[None], qwen25.prompt_embeds_mask[None]
         if editor.one_model_at_a_time:
             extractor.unload()
-        from .edit_pipeline import pipeline_areas
-
         pipe = editor.pipe
         decode_timer = ModuleTimer(pipe.vae.decoder, device)
         try:
-            with pipeline_areas(pipe, editor.condition_area, editor.plus_condition_area):
-                edited = run("pipeline", lambda: pipe(
-                    image=sample if editor.plus else sample[0], prompt_embeds=embeds, prompt_embeds_mask=mask,
-                    true_cfg_scale=1.0, num_inference_steps=num_inference_steps,
-                    generator=torch.Generator(device).manual_seed(seed + index)).images[0])
+            edited = run("pipeline", lambda: editor.call_pipeline(
+                images=sample if editor.plus else sample[0], prompt_embeds=embeds, prompt_embeds_mask=mask,
+                true_cfg_scale=1.0, num_inference_steps=num_inference_steps,
+                generator=torch.Generator(device).manual_seed(seed + index)).images[0])
         finally:
             decode_timer.remove()
         times["decode"] = decode_timer.seconds

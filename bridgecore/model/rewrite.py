@@ -93,6 +93,18 @@ def rewrite_instructions(model, processor, instructions: list[str], sample_image
     return results
 
 
+def rewrite_for(extractor, sample_images: list[list], instructions: list[str], system_prompt: str = SYSTEM_PROMPT,
+                max_new_tokens: int = DEFAULT_MAX_TOKENS) -> list[tuple[str, int]]:
+    """`rewrite_instructions` with a `VisionCacheExtractor`'s Qwen3-VL, on the images resized exactly as its features
+    see them (the bridge's view)."""
+    model, processor = extractor.qwen3
+    results = rewrite_instructions(model, processor, instructions,
+                                   [extractor.prepare_images(images) for images in sample_images], system_prompt,
+                                   max_new_tokens)
+    extractor.generate_count += 1
+    return results
+
+
 def _stop_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])

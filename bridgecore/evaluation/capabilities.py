@@ -19,8 +19,9 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .capability_metrics import score_sample
-from .images import load_image
+from bridgecore.evaluation.metrics import score_sample
+from bridgecore.stats import bootstrap_ci  # noqa: F401 - part of this module's API (scores with CIs)
+from bridgecore.model.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,6 @@ WORST = {"exact_match": 0.0, "cer": 1.0, "ned": 1.0, "source_residue": 0.0, "pre
          "background_psnr": 0.0}
 
 
-def bootstrap_ci(values, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the mean."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
-
-
 def reference_editor(name: str) -> Editor:
     """`oracle` (the ground truth), `identity` (the input, unchanged) or `noise` (uniform noise)."""
     if name == "oracle":
@@ -70,7 +61,7 @@ def results_editor(run: str) -> Editor:
     """The edits of a `bulk-edit` run (local dir or URL), looked up by sample id in its summary."""
     import pyarrow.parquet as pq
 
-    from .storage import Storage
+    from bridgecore.storage import Storage
 
     storage = Storage(run)
     if not storage.exists("summary.parquet"):
@@ -175,7 +166,7 @@ def arm_comparisons(per_sample: dict[str, list[dict]], seed: int = 0) -> dict[st
 def arm_name(run: str) -> str:
     """A readable arm name from a run's summary: the editor family, whether the instruction was rewritten and
     whether the bridge was on (Edit, Edit+bridge, Edit+rewrite, Edit+rewrite+bridge, Qwen-Image-2.1)."""
-    from .storage import Storage
+    from bridgecore.storage import Storage
 
     try:
         settings = json.loads(Storage(run).read_bytes("summary.json")).get("settings", {})
@@ -183,7 +174,7 @@ def arm_name(run: str) -> str:
         return run.rstrip("/").rsplit("/", 1)[-1]
     family = settings.get("editor") or "auto"
     if family == "auto":
-        from .loading import ModelNotAvailableError, editor_family
+        from bridgecore.model.loading import ModelNotAvailableError, editor_family
 
         try:
             family = editor_family(settings["edit_model"])
@@ -203,7 +194,7 @@ READ_PROMPT = "Read the text in the image. Answer with the text only."
 def _generate_text(model, processor, image: Image.Image, max_new_tokens: int) -> str:
     import torch
 
-    from .tiny_zoo import QWEN25_VL_CHAT_TEMPLATE
+    from bridgecore.model.chat_templates import QWEN25_VL_CHAT_TEMPLATE
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": READ_PROMPT}]}]
     template = processor.chat_template or QWEN25_VL_CHAT_TEMPLATE
@@ -217,13 +208,12 @@ def _generate_text(model, processor, image: Image.Image, max_new_tokens: int) ->
 def encoder_reading(benchmark_dir: str | Path, extractor, max_new_tokens: int = 24) -> dict[str, dict]:
     """Character error rate of Qwen2.5-VL (Qwen-Image-Edit's encoder) and Qwen3-VL reading each OCR card,
     per model and language (greedy decoding)."""
-    from .capability_metrics import levenshtein, normalise_text
+    from bridgecore.evaluation.metrics import levenshtein, normalise_text
 
     root = Path(benchmark_dir)
     rows = [json.loads(line) for line in (root / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if line]
     qwen25 = extractor.qwen25_encoder
-    qwen3 = extractor._qwen3.get()
-    models = {"qwen25_vl": (qwen25.text_encoder, qwen25.processor), "qwen3_vl": (qwen3.model, qwen3.processor)}
+    models = {"qwen25_vl": (qwen25.text_encoder, qwen25.processor), "qwen3_vl": extractor.qwen3}
     result: dict[str, dict] = {name: {} for name in models}
     for row in (r for r in rows if r["capability"] == "ocr"):
         image = load_image(root / row["image"])

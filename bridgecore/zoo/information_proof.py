@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bridge import identity_bridge, negative_prompt_embeds
-from .cache_format import SampleCache
-from .edit_prompt import condition_size
-from .synthetic_triplets import COLOURS, Triplet, edit_success, make_triplets, nearest_colour, shape_mask
-from .training import BridgeTrainer, TrainConfig
-from .batch.stages.latents import encode_latents
-from .training_data import TrainingExample
+from bridgecore.model.bridge import identity_bridge, negative_prompt_embeds
+from bridgecore.model.cache_format import SampleCache
+from bridgecore.model.edit_prompt import condition_size
+from bridgecore.zoo.synthetic_triplets import COLOURS, Triplet, edit_success, make_triplets, nearest_colour, shape_mask
+from bridgecore.training.trainer import BridgeTrainer, TrainConfig
+from bridgecore.model.latents import encode_latents
+from bridgecore.training.examples import TrainingExample
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def control_designs(config: ProofConfig) -> tuple[str, ...]:
 
 
 def _train(editor, examples, work_dir: Path, name: str, train: TrainConfig, config: ProofConfig, mode: str):
-    from .bridge import BridgeConfig
+    from bridgecore.model.bridge import BridgeConfig
 
     first = examples[0].cache
     bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=mode, num_tokens=config.num_tokens,
@@ -380,8 +380,8 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
     """All seeds on the trained tiny edit model; returns (per-seed results, summary)."""
     import json
 
-    from .edit_pipeline import EnhancedQwenImageEdit
-    from .tiny_edit_model import REPORT_NAME
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.zoo.tiny_edit_model import REPORT_NAME
 
     report = Path(trained_edit_model) / REPORT_NAME
     size = json.loads(report.read_text())["config"]["image_size"] if report.exists() else 64

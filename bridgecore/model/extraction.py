@@ -21,16 +21,16 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
-from .cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache, SampleCache
-from .edit_prompt import (
+from bridgecore.model.cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache, SampleCache
+from bridgecore.model.edit_prompt import (
     DEFAULT_CONDITION_AREA,
     DEFAULT_PLUS_CONDITION_AREA,
     EditPromptEncoder,
     EditPromptEncoding,
     prepare_condition_images,
 )
-from .images import load_image
-from .loading import (
+from bridgecore.model.images import load_image
+from bridgecore.model.loading import (
     DEFAULT_EDIT_MODEL,
     DEFAULT_QWEN3_MODEL,
     EDIT_ENCODER_FILES,
@@ -44,9 +44,6 @@ from .loading import (
 )
 
 logger = logging.getLogger(__name__)
-
-ImageInput = "Image.Image | str | Path"
-
 
 def default_layer_indices(num_layers: int) -> dict[str, int]:
     """Early / mid / late `hidden_states` indices spread over the depth (9, 18, 27 for 36 layers)."""
@@ -127,7 +124,7 @@ class VisionCacheExtractor:
         self._qwen3 = LazyModel(self._load_qwen3, f"Qwen3-VL ({self.qwen3_name})")
         self._qwen25 = LazyModel(self._load_qwen25, f"Qwen2.5-VL of {self.edit_name}")
         self.forward_count = 0  # model forwards run; lets callers prove that cached work was skipped
-        self.generate_count = 0  # Qwen3-VL rewrite batches generated (see `rewrite`)
+        self.generate_count = 0  # Qwen3-VL generations run (the rewrite arm, `rewrite.rewrite_for`)
 
     # -- loading -----------------------------------------------------------------------------------------
 
@@ -147,6 +144,12 @@ class VisionCacheExtractor:
     @property
     def qwen25_encoder(self) -> EditPromptEncoder:
         return self._qwen25.get().encoder
+
+    @property
+    def qwen3(self) -> tuple[Any, Any]:
+        """(model, processor) of Qwen3-VL, loaded on first use."""
+        handle = self._qwen3.get()
+        return handle.model, handle.processor
 
     @property
     def qwen3_layers(self) -> dict[str, int]:
@@ -214,19 +217,6 @@ class VisionCacheExtractor:
         samples, prompts, batched = _as_samples(images, text_prompt)
         caches = self._encode_qwen25(prompts, [self.prepare_images(s) for s in samples])
         return caches if batched else caches[0]
-
-    def rewrite(self, sample_images: list[list[Any]], instructions: list[str], system_prompt: str,
-                max_new_tokens: int) -> list[tuple[str, int]]:
-        """Qwen3-VL's rewritten instruction (and its generated token count) per sample, seeing the same resized
-        images as its features do (see `rewrite.rewrite_instructions`)."""
-        from .rewrite import rewrite_instructions
-
-        handle = self._qwen3.get()
-        results = rewrite_instructions(handle.model, handle.processor, instructions,
-                                       [self.prepare_images(images) for images in sample_images], system_prompt,
-                                       max_new_tokens)
-        self.generate_count += 1
-        return results
 
     def extract(self, images, text_prompt: str | list[str], one_model_at_a_time: bool = False):
         """Both caches, as `SampleCache` (or a list for a batch). Images are loaded and resized once.

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .bridge import BridgeConfig
-from .edit_prompt import DEFAULT_CONDITION_AREA, EDIT_TEMPLATE
+from bridgecore.model.bridge import BridgeConfig
+from bridgecore.model.edit_prompt import DEFAULT_CONDITION_AREA, EDIT_TEMPLATE
 
 REAL_CONFIGS = {
     "qwen3_vl": "qwen3_vl_8b_instruct.json",
@@ -41,7 +41,7 @@ DEFAULT_INSTRUCTION_TOKENS = 20
 
 def load_real_config(name: str) -> dict[str, Any]:
     """One of the shipped real configs, without our `_source` annotation."""
-    text = resources.files("bridgecore.real_configs").joinpath(REAL_CONFIGS[name]).read_text()
+    text = resources.files("bridgecore.planning.real_configs").joinpath(REAL_CONFIGS[name]).read_text()
     config = json.loads(text)
     config.pop("_source", None)
     return config
@@ -226,7 +226,7 @@ def rewrite_cost(qwen3: nn.Module, qwen25: nn.Module, grid3: tuple[int, int], gr
     decoding of `new_tokens`, and Qwen2.5-VL encoding the rewrite. Decoding is bound by memory, not FLOPs:
     `decode_weight_bytes` (bf16 weights read per decoding step, shared by a batch) and `kv_bytes_per_token`
     let the cost model price it."""
-    from .rewrite import SYSTEM_PROMPT
+    from bridgecore.model.rewrite import SYSTEM_PROMPT
 
     system_tokens = system_tokens if system_tokens is not None else round(len(SYSTEM_PROMPT) * REWRITE_SYSTEM_TOKENS_PER_CHAR)
     merge3 = qwen3.config.vision_config.spatial_merge_size
@@ -267,8 +267,8 @@ def bridge_cost(qwen3_seq: int, qwen3_grid: tuple[int, int], qwen25_seq: int, qw
     """Parameters and FLOPs (measured with `torch.utils.flop_counter`) of one bridge forward at real dims."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .bridge import BridgeConfig, VisionCacheBridge
-    from .cache_format import Qwen3VisionCache, Qwen25VisionCache
+    from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
+    from bridgecore.model.cache_format import Qwen3VisionCache, Qwen25VisionCache
 
     config = config or BridgeConfig()
     bridge = VisionCacheBridge(config)
@@ -289,7 +289,7 @@ def bridge_cost(qwen3_seq: int, qwen3_grid: tuple[int, int], qwen25_seq: int, qw
 
 def bridge_designs(token_counts: tuple[int, ...] = (1, 4, 16)) -> dict[str, int]:
     """Parameters of each bridge design at the real dimensions (meta device: nothing allocated)."""
-    from .bridge import BridgeConfig, VisionCacheBridge
+    from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
 
     designs = {"residual": BridgeConfig(mode="residual")}
     for mode in ("tokens", "both"):

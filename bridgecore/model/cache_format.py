@@ -197,12 +197,12 @@ def save_cache(cache: SampleCache, uri: str) -> None:
     """Writes one cache to a local path or fsspec URL."""
     import posixpath
 
-    from .storage import Storage
+    from bridgecore.storage import Storage
 
     Storage(posixpath.dirname(str(uri)) or ".").write_bytes(cache_to_bytes(cache), posixpath.basename(str(uri)))
 
 
 def load_cache(uri: str) -> SampleCache:
-    from .storage import read_uri
+    from bridgecore.storage import read_uri
 
     return cache_from_bytes(read_uri(str(uri)))

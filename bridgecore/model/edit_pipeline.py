@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .bridge import BridgeConfig, VisionCacheBridge, identity_bridge
-from .edit_prompt import DEFAULT_CONDITION_AREA, DEFAULT_PLUS_CONDITION_AREA, condition_size
-from .extraction import VisionCacheExtractor
-from .images import load_image
-from .loading import (
+from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge, identity_bridge
+from bridgecore.model.edit_prompt import DEFAULT_CONDITION_AREA, DEFAULT_PLUS_CONDITION_AREA, condition_size
+from bridgecore.model.extraction import VisionCacheExtractor
+from bridgecore.model.images import load_image
+from bridgecore.model.loading import (
     DEFAULT_EDIT_MODEL,
     DEFAULT_QWEN3_MODEL,
     LazyModel,
@@ -35,7 +35,7 @@ from .loading import (
     pipeline_class_name,
     resolve_model,
 )
-from .speed import (
+from bridgecore.model.speed import (
     attention_backends,
     compile_transformer,
     default_steps,
@@ -86,7 +86,7 @@ class EnhancedQwenImageEdit:
         condition_area: condition-image area (the pipelines' 1024*1024 by default).
         one_model_at_a_time: keep at most one large model resident (Qwen3-VL, Qwen2.5-VL, DiT in turn).
         load_in_8bit: load the two VLMs in 8-bit.
-        lora: LoRA(s) for the DiT, each `PATH_OR_ID[:scale]` (see `bridgecore.speed`); fused after loading.
+        lora: LoRA(s) for the DiT, each `PATH_OR_ID[:scale]` (see `bridgecore.model.speed`); fused after loading.
         scheduler: "auto" (Lightning's scheduler when a Lightning LoRA is given), "default" or "lightning".
         compile: regional `torch.compile` of the DiT's repeated blocks; `compile_options` go to torch.compile.
         attention_backend: diffusers attention backend for the DiT ("native", "_native_cudnn", "flash", ...).
@@ -217,14 +217,24 @@ class EnhancedQwenImageEdit:
         `condition_area` overrides the editor's for this call. Returns an image (or a list), plus
         attention maps when `return_attention_weights`.
         """
-        if condition_area is not None and condition_area != self.condition_area:
-            previous = self.condition_area
-            self.set_condition_area(condition_area)
-            try:
-                return self.generate(image, prompt, use_qwen3_vision, seed, num_inference_steps, true_cfg_scale,
-                                     negative_prompt, output_type, return_attention_weights)
-            finally:
+        with self._condition_area(condition_area):
+            return self._generate(image, prompt, use_qwen3_vision, seed, num_inference_steps, true_cfg_scale,
+                                  negative_prompt, output_type, return_attention_weights)
+
+    @contextlib.contextmanager
+    def _condition_area(self, area: int | None):
+        """This editor's condition area set to `area` for one call (None: unchanged)."""
+        previous = self.condition_area
+        if area is not None and area != previous:
+            self.set_condition_area(area)
+        try:
+            yield
+        finally:
+            if self.condition_area != previous:
                 self.set_condition_area(previous)
+
+    def _generate(self, image, prompt, use_qwen3_vision, seed, num_inference_steps, true_cfg_scale, negative_prompt,
+                  output_type, return_attention_weights):
         batched = isinstance(prompt, (list, tuple))
         prompts = list(prompt) if batched else [prompt]
         raw = list(image) if batched else [image]
@@ -272,21 +282,25 @@ class EnhancedQwenImageEdit:
                               negative_prompt_embeds_mask=neg_mask[group, :neg_length].to(device))
             images = samples[group[0]] if self.plus else [samples[i][0] for i in group]
             generators = [torch.Generator(device).manual_seed(seeds[i]) for i in group]
-            with pipeline_areas(self.pipe, self.condition_area, self.plus_condition_area):
-                result = self.pipe(image=images if len(images) > 1 or self.plus else images[0],
-                                   true_cfg_scale=true_cfg_scale if negative is not None else 1.0,
-                                   num_inference_steps=num_inference_steps,
-                                   generator=generators if len(generators) > 1 else generators[0],
-                                   output_type=output_type, **kwargs).images
+            result = self.call_pipeline(images=images if len(images) > 1 or self.plus else images[0],
+                                        true_cfg_scale=true_cfg_scale if negative is not None else 1.0,
+                                        num_inference_steps=num_inference_steps,
+                                        generator=generators if len(generators) > 1 else generators[0],
+                                        output_type=output_type, **kwargs).images
             self.dit_calls += 1
             for slot, index in enumerate(group):
                 outputs[index] = result[slot]
         return outputs
 
+    def call_pipeline(self, images, **kwargs):
+        """The diffusers pipeline's own call on given embeddings, its condition images sized to this editor's areas."""
+        with pipeline_areas(self.pipe, self.condition_area, self.plus_condition_area):
+            return self.pipe(image=images, **kwargs)
+
     def benchmark(self, test_images: list, test_prompts: list[str], output_dir: str | Path,
                   num_inference_steps: int = 50, seed: int = 0, use_qwen3_vision: bool = True) -> list[dict]:
         """Per-sample latency by stage and peak memory; writes outputs, summary.parquet/json; prints a table."""
-        from .edit_benchmark import benchmark_edits
+        from bridgecore.model.edit_benchmark import benchmark_edits
 
         return benchmark_edits(self, test_images, test_prompts, output_dir, num_inference_steps, seed, use_qwen3_vision)
 

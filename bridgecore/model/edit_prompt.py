@@ -128,10 +128,6 @@ class EditPromptEncoder:
         self.drop_idx = system_prefix_length(processor.tokenizer, self.template)
         self.image_token_id = processor.image_token_id
 
-    @property
-    def vlm_area(self) -> int:
-        return self.plus_condition_area if self.plus else self.condition_area
-
     def prepare_images(self, images: list[Image.Image]) -> list[Image.Image]:
         """Resizes one sample's images as the pipeline does before handing them to the VLM."""
         return prepare_condition_images(images, self.plus, self.condition_area, self.plus_condition_area)

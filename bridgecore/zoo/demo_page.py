@@ -20,8 +20,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .edit_pipeline import comparison_grid
-from .images import load_image
+from bridgecore.model.edit_pipeline import comparison_grid
+from bridgecore.model.images import load_image
 
 TILE = 128
 ARM_TILE = 176  # room for an arm name above each picture
@@ -88,10 +88,10 @@ def _caption(text: str, width: int) -> Image.Image:
 def mechanism_demo(edit_model: str | Path, qwen3_model: str | Path, bridge: str | Path, images: int = 8,
                    steps: int = 20, seed: int = 30_000) -> tuple[Image.Image, dict]:
     """Redacted-colour edits on fresh pictures; returns (the grid, follow rates and counts)."""
-    from .edit_pipeline import EnhancedQwenImageEdit
-    from .information_proof import QUICK, counterfactual_edits, redacted_examples
-    from .synthetic_triplets import COLOURS, make_triplets
-    from .tiny_edit_model import REPORT_NAME, one_thread
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.zoo.information_proof import QUICK, counterfactual_edits, redacted_examples
+    from bridgecore.zoo.synthetic_triplets import COLOURS, make_triplets
+    from bridgecore.zoo.tiny_edit_model import REPORT_NAME, one_thread
 
     size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
     with one_thread():

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .edit_prompt import EditPromptEncoder, pad_prompt_embeds
-from .synthetic_triplets import COLOURS, Triplet, edit_success, make_triplets
-from .training import TrainConfig, derangement, flow_matching_loss, sample_sigmas
+from bridgecore.model.edit_prompt import EditPromptEncoder, pad_prompt_embeds
+from bridgecore.zoo.synthetic_triplets import COLOURS, Triplet, edit_success, make_triplets
+from bridgecore.training.trainer import TrainConfig, derangement, flow_matching_loss, sample_sigmas
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +298,8 @@ def train_tiny_edit_model(random_pipeline_dir: str | Path, out_dir: str | Path,
 def _train_tiny_edit_model(random_pipeline_dir: str | Path, out_dir: str | Path, config: TinyEditTrainConfig) -> dict:
     from diffusers import QwenImageEditPipeline
 
-    from .edit_pipeline import EnhancedQwenImageEdit
-    from .evaluation import bootstrap_ci
+    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
+    from bridgecore.stats import bootstrap_ci
 
     torch.manual_seed(config.seed)
     out_dir = Path(out_dir)

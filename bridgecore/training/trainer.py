@@ -35,9 +35,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from .bridge import STATISTICS_NAME, BridgeConfig, VisionCacheBridge, identity_bridge
-from .cache_format import Qwen3VisionCache
-from .training_data import TrainingExample
+from bridgecore.model.bridge import STATISTICS_NAME, BridgeConfig, VisionCacheBridge, identity_bridge
+from bridgecore.model.cache_format import Qwen3VisionCache
+from bridgecore.training.examples import TrainingExample
 
 logger = logging.getLogger(__name__)
 ABLATIONS = ("none", "shuffle", "zeros")
@@ -259,7 +259,7 @@ def shuffled_qwen3(examples: list[TrainingExample], seed: int = 0) -> list[Qwen3
 
 def paired_gain(worse: np.ndarray, better: np.ndarray, seed: int = 0) -> tuple[float, list[float]]:
     """mean(worse - better) over paired samples and its bootstrap 95% CI."""
-    from .evaluation import bootstrap_ci
+    from bridgecore.stats import bootstrap_ci
 
     differences = np.asarray(worse, dtype=np.float64) - np.asarray(better, dtype=np.float64)
     if differences.size == 0 or not np.isfinite(differences).all():
@@ -529,33 +529,3 @@ def plot_loss_curve(history: dict, baseline: float, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConfig = TrainConfig(),
-                 bridge_overrides: dict | None = None, progress: bool = True) -> dict:
-    """Prepares (or reuses) caches and latents under `out_dir/data`, then trains; returns the metrics.
-
-    `out_dir` may be an fsspec URL (`s3://bucket/ckpt`): the run is mirrored in a local staging folder
-    (an earlier run there is downloaded first, so training resumes), and uploaded after every checkpoint."""
-    import hashlib
-
-    from .batch.settings import ModelPool
-    from .storage import is_remote, mirror_down, mirror_up
-    from .training_data import prepare_examples
-
-    remote = str(out_dir) if is_remote(out_dir) else None
-    if remote:
-        staging = Path(".vision-bridge/staging") / hashlib.sha256(remote.encode()).hexdigest()[:16]
-        out_dir = Path(mirror_down(remote, str(staging), exclude=("data",)))  # data stay remote
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    examples = prepare_examples(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings)
-    first = examples[0].cache
-    bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **(bridge_overrides or {}))
-    trainer = BridgeTrainer(ModelPool(settings).editor.pipe, examples, out_dir, config, bridge_config)
-    if remote:
-        trainer.after_checkpoint = lambda: mirror_up(str(out_dir), remote, exclude=("data",))
-    metrics = trainer.train(progress=progress)
-    if remote:
-        mirror_up(str(out_dir), remote, exclude=("data",))
-    return metrics

@@ -84,7 +84,7 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_P
     """Loads a local path, fsspec URL or PIL image as RGB. Errors name the source."""
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source))
-    from .storage import InputTooLargeError, NotARegularFileError, read_uri
+    from bridgecore.storage import InputTooLargeError, NotARegularFileError, read_uri
 
     uri = str(source)
     try:

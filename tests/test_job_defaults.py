@@ -1,0 +1,116 @@
+"""One home for a job's defaults: the same job started from the CLI and from the deployment's flow parameters gets
+the same settings and fingerprints (a Lightning LoRA's 4 steps, Qwen-Image-2.1's 40, the tiny zoo's Edit-Plus
+routing), because both call `JobSettings.for_job` and compute nothing themselves."""
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from bridgecore.batch.pipeline import fingerprints
+from bridgecore.batch.settings import JOB_DEFAULTS, JobSettings
+
+DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
+
+
+class Planned(Exception):
+    """Raised by the stand-in for the planning task: the flow got as far as its settings."""
+
+
+def deployment_parameters(entrypoint: str) -> dict:
+    deployments = yaml.safe_load(DEPLOYMENTS.read_text())["deployments"]
+    found = [d for d in deployments if d["entrypoint"] == entrypoint]
+    assert found, f"no deployment of {entrypoint} in {DEPLOYMENTS}"
+    return dict(found[0].get("parameters") or {})
+
+
+def settings_through_the_deployment(monkeypatch, **user_parameters) -> JobSettings:
+    """`prefect deployment run bulk-edit/default --param ...`: the deployment's parameters, then the user's, through
+    the flow's own code up to the planning task (which would need a server and the inputs)."""
+    import flows.bulk_edit as module
+
+    seen = {}
+
+    def planning(input, output, settings, *args):
+        seen["settings"] = settings
+        raise Planned
+
+    monkeypatch.setattr(module, "shard_inputs", planning)
+    parameters = {**deployment_parameters("flows/bulk_edit.py:bulk_edit"), **user_parameters}
+    parameters.pop("workers_deployment", None)  # where it runs, not what it computes
+    with pytest.raises(Planned):
+        module.bulk_edit.fn(**parameters)
+    return JobSettings.from_dict(seen["settings"])
+
+
+def settings_through_the_cli(tmp_path, args) -> tuple[int, dict]:
+    from vision_bridge.cli import app
+
+    result = CliRunner().invoke(app, ["bulk-edit", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                                      "--prompt", "make it blue", "--dry-run", *args])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if line.startswith("steps "))
+    steps, prints = line.split("; fingerprints ")
+    return int(steps.split()[1]), json.loads(prints)
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    from conftest import make_image
+
+    (tmp_path / "in").mkdir()
+    make_image().save(tmp_path / "in" / "a.png")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def lightning_lora(tiny_zoo, tmp_path_factory):
+    from bridgecore.zoo.tiny_zoo import build_tiny_lora
+
+    path = tmp_path_factory.mktemp("lora") / "Tiny-Lightning-4steps-V1.0.safetensors"
+    return str(build_tiny_lora(path, tiny_zoo["qwen-image-edit"], seed=1))
+
+
+@pytest.mark.parametrize("case", ["edit", "lightning lora", "qwen-image-2.1"])
+def test_the_cli_and_the_deployment_give_the_same_job(case, inputs, tiny_zoo, lightning_lora, monkeypatch):
+    qwen3 = str(tiny_zoo["qwen3-vl"])
+    edit_model = str(tiny_zoo["qwen-image-2.1" if case == "qwen-image-2.1" else "qwen-image-edit"])
+    extra_cli, extra_params = [], {}
+    if case == "lightning lora":
+        extra_cli, extra_params = ["--lora", lightning_lora], {"lora": [lightning_lora]}
+    if case == "qwen-image-2.1":
+        extra_cli, extra_params = ["--editor", "qwen-image-2.1"], {"editor": "qwen-image-2.1"}
+    steps, cli_prints = settings_through_the_cli(inputs, ["--qwen3", qwen3, "--edit-model", edit_model, *extra_cli])
+    flow = settings_through_the_deployment(monkeypatch, input=str(inputs / "in"), output=str(inputs / "out"),
+                                           prompt="make it blue", qwen3=qwen3, edit_model=edit_model, **extra_params)
+    assert steps == flow.steps == {"edit": 50, "lightning lora": 4, "qwen-image-2.1": 40}[case]
+    assert fingerprints("bulk-edit", flow) == cli_prints
+    if case == "edit":  # the tiny zoo's Edit-Plus takes a tiny job's multi-image samples, decided from the files
+        assert flow.plus_model == str(tiny_zoo["qwen-image-edit-plus"])
+
+
+def test_the_flows_and_the_cli_take_their_defaults_from_one_place():
+    """No default of a job is written twice: every flow parameter and CLI option that is a job setting defaults to
+    `JOB_DEFAULTS` (or to None, leaving the decision to `JobSettings.for_job`)."""
+    import click
+    import typer.main
+
+    from flows.build_caches import build_caches
+    from flows.bulk_edit import bulk_edit
+    from flows.train_bridge import train_bridge
+    from vision_bridge.cli import app
+
+    # train-bridge's steps, batch size and seed are the trainer's, not the job's; the nightly batches 8 (no
+    # fingerprint reads batch_size)
+    own = {"train_bridge": {"steps", "batch_size", "seed"}, "build_caches": {"batch_size"}}
+    for flow in (bulk_edit, build_caches, train_bridge):
+        for name, parameter in inspect.signature(flow.fn).parameters.items():
+            if name in JOB_DEFAULTS and name not in own.get(flow.fn.__name__, ()):
+                assert parameter.default in (JOB_DEFAULTS[name], None), (flow.fn.__name__, name, parameter.default)
+    command = typer.main.get_command(app).commands["bulk-edit"]
+    for option in command.params:
+        if option.name in JOB_DEFAULTS and isinstance(option, click.Option):
+            assert option.default in (JOB_DEFAULTS[option.name], None, list(JOB_DEFAULTS[option.name])), option.name
