@@ -292,6 +292,26 @@ def test_mixed_manifest_routes_each_sample_to_a_pipeline_that_takes_it(tmp_path,
     assert routed == {**singles, **multis}
 
 
+def test_a_bridge_that_cannot_serve_the_edit_plus_samples_is_refused_at_planning(tmp_path, settings, trained_bridge):
+    """The bridge was trained on Qwen-Image-Edit's conditioning: with multi-image samples routed to an Edit-Plus model
+    the job stops at planning with one line, before anything is planned; without such samples it plans."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_image(200, 120, 0).save(folder / "a.png")
+    make_image(120, 200, 1).save(folder / "b.png")
+    rows = [{"id": "single", "image": "a.png", "instruction": "make it blue"},
+            {"id": "set", "images": ["a.png", "b.png"], "instruction": "put picture 2 into picture 1"}]
+    (folder / "mixed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (folder / "single.jsonl").write_text(json.dumps(rows[0]))
+    routed = replace(settings, bridge=trained_bridge, plus_model=settings.edit_model.replace("qwen-image-edit",
+                                                                                            "qwen-image-edit-plus"))
+    with pytest.raises(ValueError, match="was trained on .*qwen-image-edit's conditioning and cannot serve the "
+                                         "multi-image samples"):
+        plan_job(str(folder / "mixed.jsonl"), str(tmp_path / "out"), routed)
+    assert list((tmp_path / "out").iterdir()) == []  # nothing planned
+    assert plan_job(str(folder / "single.jsonl"), str(tmp_path / "out"), routed).samples == 1
+
+
 def test_a_mixed_job_keeps_one_dit_and_one_vlm_pair_resident(tiny_zoo):
     """Two DiTs (or two VLM pairs) do not fit one GPU: switching editor frees the other's models of that kind."""
     mixed = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA,

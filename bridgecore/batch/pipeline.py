@@ -179,6 +179,8 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
     storage = Storage(output_uri)
     storage.ensure_root(create_bucket)
     samples = read_inputs(input_uri, prompt, content_hash)
+    if settings.bridge and any(len(sample.images) > 1 for sample in samples):
+        settings.check_bridge_serves_plus()  # before anything is planned or dispatched
     assignment = read_assignment(storage)
     new = cut_shards([s for s in samples if (s.id, s.input_hash) not in assignment], shard_size)
     fresh = write_plan(storage, new)

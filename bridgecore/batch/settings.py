@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import posixpath
 from dataclasses import MISSING, asdict, dataclass, fields, replace
@@ -199,6 +200,21 @@ class JobSettings:
         from bridgecore.model.loading import model_revision
 
         return model_revision(model)
+
+    def check_bridge_serves_plus(self) -> None:
+        """A job whose multi-image samples go to the Edit-Plus `plus_model` can bridge them only with a bridge trained
+        on that model's conditioning (the bridge records the Qwen2.5-VL model it was trained with): refused here,
+        at planning, in one line, instead of failing those samples at the fused stage after dispatch."""
+        if not self.plus_model or self.family != "qwen-image-edit":
+            return
+        from bridgecore.storage import read_uri
+
+        trained_with = json.loads(read_uri(posixpath.join(str(self.bridge).rstrip("/"), "config.json"))).get(
+            "qwen25_model_id")
+        if trained_with and trained_with != self.plus_model:
+            raise ValueError(f"the bridge {self.bridge} was trained on {trained_with}'s conditioning and cannot serve "
+                             f"the multi-image samples, which go to the Edit-Plus model {self.plus_model}: run them as "
+                             "their own Edit-Plus job (with a bridge trained for it, or without --bridge)")
 
     @property
     def rewrites(self) -> bool:
