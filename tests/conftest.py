@@ -13,6 +13,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SMALL_AREA = 128 * 128  # condition area for tests: the real 1024*1024 makes tiny models slow
 
 
+def _loaded_models():
+    from bridgecore.batch.settings import LoadedModels
+
+    return LoadedModels()
+
+
+# The models the in-process tests' runs share (as a worker shares them across its shards): each tiny model loads
+# once per session, and `LOADED.counts` before and after a run says what that run computed.
+LOADED = _loaded_models()
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     from bridgecore.zoo.tiny_zoo import build_tiny_zoo
@@ -60,7 +71,7 @@ def save_open_bridge(settings, path) -> str:
     from bridgecore.batch.settings import ModelPool
     from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
 
-    cache = ModelPool(settings).extractor.extract([[make_image()]], ["x"])[0]
+    cache = ModelPool(settings, LOADED).extractor.extract([[make_image()]], ["x"])[0]
     torch.manual_seed(0)
     bridge = VisionCacheBridge(BridgeConfig.from_caches(cache.qwen3, cache.qwen25, rank=16, mode="both", num_tokens=2))
     with torch.no_grad():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
+from conftest import LOADED, make_image
 
 from bridgecore.model.native21 import NativeQwenImage21, condition_images
 
@@ -77,7 +77,7 @@ def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
     from test_pipeline import make_inputs, run_all
 
     from bridgecore.batch.pipeline import STAGES, fingerprints
-    from bridgecore.batch.settings import JobSettings, ModelPool
+    from bridgecore.batch.settings import JobSettings
     from bridgecore.batch.stages.common import sample_seed
     from bridgecore.storage import Storage
 
@@ -86,9 +86,9 @@ def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
     native = replace(edit, edit_model=str(tiny_zoo["qwen-image-2.1"]))
     run_all(manifest, out, edit)
     assert set(fingerprints("bulk-edit", native)) == {"qwen21-caches", "qwen21-edits", "metrics"}
-    before = ModelPool.counts()
+    before = LOADED.counts
     summary = run_all(manifest, out, native)
-    after = ModelPool.counts()
+    after = LOADED.counts
     assert summary["counts"] == {"done": 3, "failed": 6, "pending": 0}
     assert after["qwen21_encodes"] - before["qwen21_encodes"] == 3
     assert after["vlm_forwards"] == before["vlm_forwards"]  # the bridge's VLMs do not run for the native arm
@@ -111,9 +111,9 @@ def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
         assert row["metrics"] and "psnr_vs_source" in json.loads(row["metrics"])
 
     def delta(settings):
-        before = ModelPool.counts()
+        before = LOADED.counts
         run_all(manifest, out, settings)
-        after = ModelPool.counts()
+        after = LOADED.counts
         return {key: after[key] - before[key] for key in ("qwen21_encodes", "qwen21_edits", "vlm_forwards")}
 
     assert delta(native) == {"qwen21_encodes": 0, "qwen21_edits": 0, "vlm_forwards": 0}

@@ -7,11 +7,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_image, save_open_bridge
+from conftest import LOADED, make_image, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
 from bridgecore.batch.records import SampleResult
-from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
 from bridgecore.batch.stage import Stage, StageContext
 from bridgecore.batch.sharding import cut_shards, read_inputs, write_plan
 from bridgecore.storage import Storage
@@ -35,10 +35,10 @@ def make_inputs(folder, n=5):
     return str(folder / "manifest.jsonl")
 
 
-def run_all(manifest, output, settings, shard_size=4, **plan_options):
+def run_all(manifest, output, settings, shard_size=4, loaded=LOADED, **plan_options):
     """Plan, run every pending shard through the bulk-edit pipeline here, summarize: what a local run does."""
     plan = plan_job(manifest, output, settings, "bulk-edit", shard_size=shard_size, **plan_options)
-    run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False)
+    run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False, loaded=loaded)
     return summarize(output, plan.job, "bulk-edit", settings)
 
 
@@ -80,9 +80,9 @@ def test_second_run_reruns_exactly_what_a_changed_setting_affects(tmp_path, sett
     edits = lambda s: {p.name: p.read_bytes() for p in (tmp_path / "out" / "edits" / fingerprints("bulk-edit", s)["edits"]).rglob("*.png")}  # noqa: E731
 
     def delta(new_settings):
-        before = ModelPool.counts()
+        before = LOADED.counts
         summary = run_all(manifest, out, new_settings)
-        after = ModelPool.counts()
+        after = LOADED.counts
         assert summary["counts"] == {"done": 3, "failed": 6, "pending": 0}
         return {k: after[k] - before[k] for k in ("vlm_forwards", "dit_calls")}
 
@@ -110,13 +110,13 @@ def test_cfg_scale_change_reuses_every_extraction(tmp_path, settings):
     manifest, out = make_inputs(tmp_path / "in", n=1), str(tmp_path / "out")
     with_cfg = replace(settings, cfg=4.0, negative_prompt="blurry")
     run_all(manifest, out, settings)
-    before = ModelPool.counts()["vlm_forwards"]
+    before = LOADED.counts["vlm_forwards"]
     run_all(manifest, out, with_cfg)  # turning CFG on extracts only the negative prompt's caches
-    assert ModelPool.counts()["vlm_forwards"] == before + 1  # Qwen2.5-VL only: the negative is never bridged
+    assert LOADED.counts["vlm_forwards"] == before + 1  # Qwen2.5-VL only: the negative is never bridged
     assert committed(out, "caches", with_cfg) == committed(out, "caches", settings)
-    before = ModelPool.counts()
+    before = LOADED.counts
     run_all(manifest, out, replace(with_cfg, cfg=6.0))
-    after = ModelPool.counts()
+    after = LOADED.counts
     assert after["vlm_forwards"] == before["vlm_forwards"] and after["dit_calls"] > before["dit_calls"]
 
 
@@ -133,9 +133,9 @@ def test_model_revision_change_reruns_everything(tmp_path, settings, tiny_zoo):
     config = json.loads((qwen3 / "config.json").read_text())
     (qwen3 / "config.json").write_text(json.dumps({**config, "vision_bridge_note": "retrained"}))
     model_revision.cache_clear()  # a new worker process would see the new revision anyway
-    before = ModelPool.counts()["vlm_forwards"]
+    before = LOADED.counts["vlm_forwards"]
     run_all(manifest, out, copied)
-    assert ModelPool.counts()["vlm_forwards"] > before
+    assert LOADED.counts["vlm_forwards"] > before
     assert len(list((tmp_path / "out" / "caches").iterdir())) == 2
 
 
@@ -147,15 +147,14 @@ def test_dotted_ids_and_models_loaded_once_across_shards(tmp_path, tiny_zoo):
         make_image(200, 120, i).save(folder / f"photo.{i:03d}.png")
         rows.append({"id": f"photo.{i:03d}", "image": f"photo.{i:03d}.png", "instruction": f"edit {i}"})
     (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    # a fresh pool entry (other condition area), so the loads counted are this job's
     settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=40 * 40,
                            steps=2)
-    before = ModelPool.counts()
-    summary = run_all(str(folder / "m.jsonl"), str(tmp_path / "out"), settings, shard_size=1)
-    after = ModelPool.counts()
+    own = LoadedModels()  # this run's models, owned by it: its counters are this job's alone
+    summary = run_all(str(folder / "m.jsonl"), str(tmp_path / "out"), settings, shard_size=1, loaded=own)
     assert summary["counts"] == {"done": 4, "failed": 0, "pending": 0} and summary["shards"] == 4
     for model in ("qwen3_loads", "qwen25_loads", "pipeline_loads"):
-        assert after[model] - before[model] == 1, model
+        assert own.counts[model] == 1, model
+    assert own.counts["vlm_forwards"] == 8 and own.counts["dit_calls"] == 4  # 2 VLMs and 1 DiT call per shard
 
 
 class FlakyStage(Stage):
@@ -194,15 +193,15 @@ def test_failures_are_isolated_per_sample_and_oom_halves_the_batch(tmp_path, set
 def test_corrupt_or_missing_upstream_is_recomputed(tmp_path, settings):
     manifest, out = make_inputs(tmp_path / "in", n=2), str(tmp_path / "out")
     plan = plan_job(manifest, out, settings, shard_size=20)
-    run_pipeline(out, "build-caches", plan.shards, settings, progress=False)
+    run_pipeline(out, "build-caches", plan.shards, settings, progress=False, loaded=LOADED)
     prints = fingerprints("bulk-edit", settings)
     tar = tmp_path / "out" / "caches" / prints["caches"] / "data" / f"{plan.shards[0]}.tar"
     data = bytearray(tar.read_bytes())
     data[len(data) // 2] ^= 0xFF
     tar.write_bytes(bytes(data))
-    before = ModelPool.counts()["vlm_forwards"]
-    run_pipeline(out, "bulk-edit", plan.shards, settings, progress=False)
-    assert ModelPool.counts()["vlm_forwards"] > before  # recomputed, never used corrupt
+    before = LOADED.counts["vlm_forwards"]
+    run_pipeline(out, "bulk-edit", plan.shards, settings, progress=False, loaded=LOADED)
+    assert LOADED.counts["vlm_forwards"] > before  # recomputed, never used corrupt
     assert summarize(out, plan.job, "bulk-edit", settings)["counts"]["done"] == 2
 
     # a deleted marker: the shard is pending again (never silently), and a rerun recomputes just that stage
@@ -210,9 +209,9 @@ def test_corrupt_or_missing_upstream_is_recomputed(tmp_path, settings):
     assert summarize(out, plan.job, "bulk-edit", settings)["counts"] == {"done": 0, "failed": 6, "pending": 2}
     again = plan_job(manifest, out, settings, shard_size=20)
     assert again.pending == plan.shards and again.stages["fused"] == {"committed": 0, "to_run": 1}
-    before = ModelPool.counts()
-    run_pipeline(out, "bulk-edit", again.pending, settings, progress=False)
-    assert ModelPool.counts() == before  # the bridge only: no VLM forward, no DiT call
+    before = LOADED.counts
+    run_pipeline(out, "bulk-edit", again.pending, settings, progress=False, loaded=LOADED)
+    assert LOADED.counts == before  # the bridge only: no VLM forward, no DiT call
     assert summarize(out, plan.job, "bulk-edit", settings)["counts"]["done"] == 2
 
 
@@ -317,7 +316,7 @@ def test_a_mixed_job_keeps_one_dit_and_one_vlm_pair_resident(tiny_zoo):
     mixed = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA,
                         plus_model=str(tiny_zoo["qwen-image-edit-plus"]))
     pool = ModelPool(mixed)
-    edit, plus = pool.editor, pool._editor(mixed.plus_model)
+    edit, plus = pool.editor, pool.plus_editor
     edit._pipe.get(), edit.extractor._qwen3.get(), plus._pipe.get()
     pool.use(plus, ("dit",))
     assert plus._pipe.loaded and not edit._pipe.loaded and edit.extractor._qwen3.loaded
@@ -379,9 +378,9 @@ def test_a_lora_reruns_only_the_edits(tmp_path, settings, tiny_zoo):
     manifest, out = make_inputs(tmp_path / "in", n=1), str(tmp_path / "out")
     run_all(manifest, out, settings)
     styled = replace(settings, lora=(f"{lora}:0.8",))
-    before = ModelPool.counts()
+    before = LOADED.counts
     run_all(manifest, out, styled)
-    after = ModelPool.counts()
+    after = LOADED.counts
     assert after["vlm_forwards"] == before["vlm_forwards"] and after["dit_calls"] > before["dit_calls"]
     assert fingerprints("bulk-edit", styled)["fused"] == fingerprints("bulk-edit", settings)["fused"]
     assert fingerprints("bulk-edit", styled)["edits"] != fingerprints("bulk-edit", replace(settings, lora=(f"{lora}:0.5",)))["edits"]

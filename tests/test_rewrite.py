@@ -10,10 +10,10 @@ from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_image, save_open_bridge
+from conftest import LOADED, make_image, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
-from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.settings import JobSettings
 from bridgecore.model.rewrite import clean_rewrite, rewrite_messages
 from bridgecore.storage import Storage
 
@@ -39,9 +39,9 @@ def make_manifest(folder, n=3):
 
 def run_job(manifest, output, settings):
     plan = plan_job(manifest, output, settings, "bulk-edit", shard_size=2)
-    before = ModelPool.counts()
-    run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False)
-    after = ModelPool.counts()
+    before = LOADED.counts
+    run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False, loaded=LOADED)
+    after = LOADED.counts
     return summarize(output, plan.job, "bulk-edit", settings), {k: after[k] - before[k] for k in after}
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import LOADED
 import torch
 
 from bridgecore.batch.settings import JobSettings, ModelPool
@@ -42,7 +43,7 @@ def test_examples_are_packed_latents_with_caches(examples):
 def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settings, examples, mode):
     from bridgecore.model.bridge import BridgeConfig
 
-    pipe = ModelPool(settings).editor.pipe
+    pipe = ModelPool(settings, LOADED).editor.pipe
     dit_before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
     first = examples[0].cache
     trainer = BridgeTrainer(pipe, examples, tmp_path / "ckpt", replace(FAST, steps=80, eval_every=40, checkpoint_every=40),
@@ -83,7 +84,7 @@ def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settin
 
 
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples):
-    pipe = ModelPool(settings).editor.pipe
+    pipe = ModelPool(settings, LOADED).editor.pipe
     straight = BridgeTrainer(pipe, examples, tmp_path / "straight", FAST).train(progress=False)
     BridgeTrainer(pipe, examples, tmp_path / "resumed", replace(FAST, steps=6)).train(progress=False)
     resumed = BridgeTrainer(pipe, examples, tmp_path / "resumed", FAST).train(progress=False)
@@ -94,7 +95,7 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples)
 def test_trained_bridge_changes_edits(tmp_path, settings, examples, tiny_zoo):
     from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
-    BridgeTrainer(ModelPool(settings).editor.pipe, examples, tmp_path / "ckpt", FAST).train(progress=False)
+    BridgeTrainer(ModelPool(settings, LOADED).editor.pipe, examples, tmp_path / "ckpt", FAST).train(progress=False)
     editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], bridge=tmp_path / "ckpt",
                                    condition_area=AREA)
     from PIL import Image
@@ -119,13 +120,13 @@ def test_bad_data_is_refused_before_training(tmp_path, settings, examples):
     other = replace(examples[1], cache=replace(examples[1].cache, qwen25=replace(examples[1].cache.qwen25,
                                                                                    revision="other-revision")))
     with pytest.raises(ValueError, match="revision"):
-        BridgeTrainer(ModelPool(settings).editor.pipe, [examples[0], other], tmp_path / "x", FAST)
+        BridgeTrainer(ModelPool(settings, LOADED).editor.pipe, [examples[0], other], tmp_path / "x", FAST)
 
 
 def test_qwen3_ablations(tmp_path, settings, examples):
     """'shuffle' pairs every sample with another sample's Qwen3 caches, 'zeros' zeroes them, held-out shuffling
     is a derangement; the control trains and says which ablation it ran."""
-    pipe = ModelPool(settings).editor.pipe
+    pipe = ModelPool(settings, LOADED).editor.pipe
     shuffled = shuffled_qwen3(examples[:6], seed=0)
     for example, qwen3 in zip(examples[:6], shuffled):
         assert not torch.equal(qwen3.levels["late"], example.cache.qwen3.levels["late"]) and qwen3.image_digest == ""
@@ -157,7 +158,7 @@ def test_training_conditions_the_dit_as_inference_does(tmp_path, settings, plus_
     h, w = example.latent_hw
     assert len(example.condition_hw) == (2 if plus else 1)
     captured = {}
-    editor = ModelPool(job).editor
+    editor = ModelPool(job, LOADED).editor
     hook = editor.pipe.transformer.register_forward_pre_hook(
         lambda module, args, kwargs: captured.update(kwargs), with_kwargs=True)
     try:
@@ -176,7 +177,7 @@ def test_edit_plus_training_reads_every_condition_image(tmp_path, plus_settings)
     and the trainer runs on them."""
     manifest = write_triplets(tmp_path / "data", 8, seed=1, images_per_sample=2)
     examples = prepare_examples(str(manifest), str(tmp_path / "work"), plus_settings)
-    pipe = ModelPool(plus_settings).editor.pipe
+    pipe = ModelPool(plus_settings, LOADED).editor.pipe
     trainer = BridgeTrainer(pipe, examples, tmp_path / "ckpt", replace(FAST, steps=4, eval_every=4, checkpoint_every=4))
     example = trainer.heldout[0]
     first_tokens = example.condition_hw[0][0] * example.condition_hw[0][1]
@@ -195,7 +196,7 @@ def test_tokens_sit_where_inference_puts_them_in_any_batch(settings, examples):
     from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
     from bridgecore.training.trainer import flow_matching_loss
 
-    pipe = ModelPool(settings).editor.pipe
+    pipe = ModelPool(settings, LOADED).editor.pipe
     by_length = {}
     for example in examples:
         by_length.setdefault(example.cache.qwen25.prompt_embeds.shape[0], example)

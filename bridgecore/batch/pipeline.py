@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from bridgecore.storage import Storage
 from bridgecore.batch.records import Sample
-from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
 from bridgecore.batch.shard_store import CorruptShardError, ShardBusyError
 from bridgecore.batch.sharding import cut_shards, read_assignment, read_inputs, write_plan
 from bridgecore.batch.stage import Stage, StageContext
@@ -234,20 +234,23 @@ def run_stage_here(stage: Stage, ctx: StageContext, shard_id: str) -> dict:
     return stage.run_shard(ctx, shard_id)
 
 
-def make_context(output_uri: str, pipeline: str, settings: JobSettings) -> StageContext:
-    return StageContext(Storage(output_uri), settings, fingerprints(pipeline, settings), ModelPool(settings), STAGES)
+def make_context(output_uri: str, pipeline: str, settings: JobSettings, loaded: LoadedModels | None = None) -> StageContext:
+    return StageContext(Storage(output_uri), settings, fingerprints(pipeline, settings), ModelPool(settings, loaded),
+                        STAGES)
 
 
 def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings: JobSettings,
-                 run_stage: RunStage = run_stage_here, progress: bool = True) -> dict[str, int]:
-    """Runs every enabled stage of `pipeline` over the shards, stage-major. Returns the model counts.
+                 run_stage: RunStage = run_stage_here, progress: bool = True,
+                 loaded: LoadedModels | None = None) -> dict[str, int]:
+    """Runs every enabled stage of `pipeline` over the shards, stage-major. Returns the model counts (of `loaded`,
+    the models this run draws from: its own unless given; pass one to share models across runs).
 
     `run_stage` runs one stage on one shard: directly by default; the Prefect flow passes one that calls
     the stage's task (cache policy, retries). A corrupt or missing upstream shard is recomputed once.
     """
     from tqdm.auto import tqdm
 
-    ctx = make_context(output_uri, pipeline, settings)
+    ctx = make_context(output_uri, pipeline, settings, loaded)
     stages = pipeline_stages(pipeline, settings)
 
     def run(stage: Stage, shard_id: str, attempts: int = len(stages) + 1) -> dict:
@@ -280,7 +283,7 @@ def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings:
                 except ShardBusyError:
                     still.append(shard_id)
             busy = still
-    return ModelPool.counts()
+    return ctx.models.counts
 
 
 # -- summary ----------------------------------------------------------------------------------------------

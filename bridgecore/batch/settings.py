@@ -272,17 +272,43 @@ def tiny_plus_model_beside(edit_model: str) -> str | None:
     return None
 
 
-# -- models, once per worker process ----------------------------------------------------------------------
+# -- the models of a run ----------------------------------------------------------------------------------
+
+
+COUNTS = ("qwen21_encodes", "qwen21_edits", "qwen21_encoder_loads", "qwen21_pipeline_loads", "vlm_forwards",
+          "qwen3_rewrites", "dit_calls", "qwen3_loads", "qwen25_loads", "pipeline_loads")
+
+
+class LoadedModels:
+    """The models a run has built, by what determines them (model, revision, bridge, placement, speed options).
+    Owned by whoever runs: `run_pipeline` makes one per call unless given one (a test, or training after its
+    data preparation, shares one so that nothing loads twice)."""
+
+    def __init__(self):
+        self.editors: dict[tuple, Any] = {}
+        self.natives: dict[tuple, Any] = {}
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Model forwards and loads so far, summed over the models: proves what cached work skipped."""
+        totals = dict.fromkeys(COUNTS, 0)
+        for model in (*self.editors.values(), *self.natives.values()):
+            for name, value in model.counts.items():
+                totals[name] += value
+        return totals
 
 
 class ModelPool:
-    """The process's models for one job's settings: each loads on first use and stays resident across
+    """The models of one job's settings, drawn from `loaded`: each loads on first use and stays resident across
     shards (and across the stages that share it) until `release` frees it."""
 
-    _editors: dict[tuple, Any] = {}  # shared by every pool of the process
-
-    def __init__(self, settings: JobSettings):
+    def __init__(self, settings: JobSettings, loaded: LoadedModels | None = None):
         self.settings = settings
+        self.loaded = loaded if loaded is not None else LoadedModels()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.loaded.counts
 
     @property
     def editor(self):
@@ -296,18 +322,23 @@ class ModelPool:
         key = (edit_model, s.revision(edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
                s.device, s.condition_area, s.load_in_8bit, s.lora, s.scheduler, s.compile, s.attention_backend,
                s.dit_offload)
-        if key not in self._editors:
-            self._editors[key] = EnhancedQwenImageEdit(
+        if key not in self.loaded.editors:
+            self.loaded.editors[key] = EnhancedQwenImageEdit(
                 edit_model, s.qwen3_model, bridge=s.bridge, device=s.device, condition_area=s.condition_area,
                 load_in_8bit=s.load_in_8bit, lora=list(s.lora) or None, scheduler=s.scheduler, compile=s.compile,
                 attention_backend=s.attention_backend, dit_offload=s.dit_offload)
-        return self._editors[key]
+        return self.loaded.editors[key]
+
+    @property
+    def plus_editor(self):
+        """The Edit-Plus `plus_model`'s editor (None without one)."""
+        return self._editor(self.settings.plus_model) if self.settings.plus_model else None
 
     def editor_for(self, sample):
         """The editor that can take this sample: the Edit-Plus `plus_model` for a multi-image sample when the
         job's edit model takes one image, else the job's editor."""
         if len(sample.images) > 1 and self.settings.plus_model and not self.editor.plus:
-            return self._editor(self.settings.plus_model)
+            return self.plus_editor
         return self.editor
 
     def routes_to_plus(self, sample) -> bool:
@@ -320,12 +351,12 @@ class ModelPool:
         `Stage.group_key`), so a shard swaps at most once per stage."""
         if not self.settings.plus_model:
             return
-        for other in (self.editor, self._editor(self.settings.plus_model)):
+        for other in (self.editor, self.plus_editor):
             if other is not editor:
                 if "vlm" in kinds:
                     other.extractor.unload()
                 if "dit" in kinds:
-                    other._pipe.unload()
+                    other.unload_pipeline()
 
     def route(self, items: list) -> list[tuple[Any, list]]:
         """Items (anything with `.sample`, or (item, images) pairs) grouped by `editor_for`, in first-seen order."""
@@ -340,8 +371,6 @@ class ModelPool:
     def extractor(self):
         return self.editor.extractor
 
-    _natives: dict[tuple, Any] = {}
-
     @property
     def native(self):
         """The `NativeQwenImage21` for these settings (its text encoder and DiT load separately, lazily)."""
@@ -349,35 +378,20 @@ class ModelPool:
 
         s = self.settings
         key = (s.edit_model, s.revision(s.edit_model), s.device, s.condition_area, s.load_in_8bit)
-        if key not in self._natives:
-            self._natives[key] = NativeQwenImage21(s.edit_model, device=s.device, condition_area=s.condition_area,
-                                                   load_in_8bit=s.load_in_8bit)
-        return self._natives[key]
+        if key not in self.loaded.natives:
+            self.loaded.natives[key] = NativeQwenImage21(s.edit_model, device=s.device,
+                                                         condition_area=s.condition_area, load_in_8bit=s.load_in_8bit)
+        return self.loaded.natives[key]
 
     def release(self, keep: tuple[str, ...]) -> None:
         """Frees the large models a coming stage does not use ('vlm', 'dit'), so one GPU holds one kind."""
-        for editor in self._editors.values():
+        for editor in self.loaded.editors.values():
             if "vlm" not in keep:
                 editor.extractor.unload()
             if "dit" not in keep:
-                editor._pipe.unload()
-        for native in self._natives.values():
+                editor.unload_pipeline()
+        for native in self.loaded.natives.values():
             if "vlm" not in keep:
                 native.unload_encoder()
             if "dit" not in keep:
                 native.unload_pipeline()
-
-    @classmethod
-    def counts(cls) -> dict[str, int]:
-        """Model forwards and loads in this process so far: proves what cached work skipped."""
-        editors, natives = cls._editors.values(), cls._natives.values()
-        return {"qwen21_encodes": sum(n.encode_count for n in natives),
-                "qwen21_edits": sum(n.edit_count for n in natives),
-                "qwen21_encoder_loads": sum(n._encoder.load_count for n in natives),
-                "qwen21_pipeline_loads": sum(n._pipe.load_count for n in natives),
-                "vlm_forwards": sum(e.extractor.forward_count for e in editors),
-                "qwen3_rewrites": sum(e.extractor.generate_count for e in editors),
-                "dit_calls": sum(e.dit_calls for e in editors),
-                "qwen3_loads": sum(e.extractor._qwen3.load_count for e in editors),
-                "qwen25_loads": sum(e.extractor._qwen25.load_count for e in editors),
-                "pipeline_loads": sum(e._pipe.load_count for e in editors)}

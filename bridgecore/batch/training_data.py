@@ -14,7 +14,7 @@ from pathlib import Path
 from safetensors.torch import load as load_tensors
 
 from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
-from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
 from bridgecore.model.bridge import BridgeConfig
 from bridgecore.model.cache_format import cache_from_bytes
 from bridgecore.storage import Storage
@@ -38,8 +38,10 @@ def _latest_job(storage: Storage, data_uri: str) -> str:
     return newest[: -len(".parquet")]
 
 
-def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64) -> list[TrainingExample]:
-    """Caches and latents for every triplet of `data_uri`, computed once; refuses bad data."""
+def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64,
+                     loaded: LoadedModels | None = None) -> list[TrainingExample]:
+    """Caches and latents for every triplet of `data_uri`, computed once; refuses bad data. With `loaded`, the
+    models stay there for the trainer (the VLMs freed, the DiT kept)."""
     import json
 
     if _is_manifest(data_uri):
@@ -55,8 +57,9 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
                              f"(looked in caches/{caches_fp}); found: {storage.list('caches') or 'none'}")
         job = _latest_job(storage, data_uri)
         shards = sorted(read_job(storage, job))
-    run_pipeline(output, PIPELINE, shards, settings)
-    ModelPool(settings).release(keep=("dit",))
+    loaded = loaded if loaded is not None else LoadedModels()
+    run_pipeline(output, PIPELINE, shards, settings, loaded=loaded)
+    ModelPool(settings, loaded).release(keep=("dit",))
     storage, prints = Storage(output), fingerprints(PIPELINE, settings)
     problems, examples = [], []
     for shard_id in shards:
@@ -97,10 +100,12 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
         out_dir = Path(mirror_down(remote, str(staging), exclude=("data",)))  # data stay remote
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    examples = prepare_examples(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings)
+    loaded = LoadedModels()  # the data preparation's DiT serves the training
+    examples = prepare_examples(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings,
+                                loaded=loaded)
     first = examples[0].cache
     bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **(bridge_overrides or {}))
-    trainer = BridgeTrainer(ModelPool(settings).editor.pipe, examples, out_dir, config, bridge_config)
+    trainer = BridgeTrainer(ModelPool(settings, loaded).editor.pipe, examples, out_dir, config, bridge_config)
     if remote:
         trainer.after_checkpoint = lambda: mirror_up(str(out_dir), remote, exclude=("data",))
     metrics = trainer.train(progress=progress)

@@ -180,6 +180,15 @@ class EnhancedQwenImageEdit:
         self.extractor.unload()
         self._pipe.unload()
 
+    def unload_pipeline(self) -> None:
+        """Frees the DiT and VAE; the next edit loads them again."""
+        self._pipe.unload()
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Model forwards and loads so far (its extractor's included)."""
+        return {**self.extractor.counts, "dit_calls": self.dit_calls, "pipeline_loads": self._pipe.load_count}
+
     # -- embeddings --------------------------------------------------------------------------------------
 
     @torch.no_grad()

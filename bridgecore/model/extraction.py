@@ -170,6 +170,12 @@ class VisionCacheExtractor:
     def unload_qwen25(self) -> None:
         self._qwen25.unload()
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Forwards, generations and loads so far: lets callers prove that cached work was skipped."""
+        return {"vlm_forwards": self.forward_count, "qwen3_rewrites": self.generate_count,
+                "qwen3_loads": self._qwen3.load_count, "qwen25_loads": self._qwen25.load_count}
+
     def unload(self) -> None:
         """Frees both models; the next extraction loads them again."""
         self.unload_qwen3()

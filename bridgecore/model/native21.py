@@ -126,6 +126,12 @@ class NativeQwenImage21:
     def unload_pipeline(self) -> None:
         self._pipe.unload()
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Encodes, edits and loads so far."""
+        return {"qwen21_encodes": self.encode_count, "qwen21_edits": self.edit_count,
+                "qwen21_encoder_loads": self._encoder.load_count, "qwen21_pipeline_loads": self._pipe.load_count}
+
     # -- conditioning ---------------------------------------------------------------------------------------
 
     def prompt_tokens(self, prompt: str) -> int:
