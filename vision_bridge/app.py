@@ -1,0 +1,127 @@
+"""The command line's shared parts: the Typer app, the loud tiny-zoo fallback, one-line errors, the preflight."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bridgecore.model.loading import DEFAULT_QWEN3_MODEL, ModelNotAvailableError
+
+app = typer.Typer(
+    help="Qwen3-VL -> Qwen-Image-Edit vision bridge: extract caches, edit, run bulk jobs on Prefect, train the "
+    "bridge, evaluate capabilities, plan real-scale runs, build the offline tiny zoo.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,  # help texts are plain: "[default: 50]" or "[target]" must not be read as markup
+)
+
+DEFAULT_HOME = Path(".vision-bridge")
+TINY_ZOO_DIR = DEFAULT_HOME / "tiny-zoo"
+
+
+DEBUG = False
+
+
+def fail(message: str) -> None:
+    if DEBUG and sys.exc_info()[1] is not None:
+        raise
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (and Prefect's logs) on errors.")):
+    global DEBUG
+    DEBUG = debug
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Mistakes a user can fix (bad value, missing file, unreachable storage, unknown model): one line each."""
+    from bridgecore.storage import StorageUnreachableError
+
+    return (ValueError, OSError, StorageUnreachableError, ModelNotAvailableError)
+
+
+def preflight(input: str, output: str, create_bucket: bool = False, prompt: Optional[str] = None,
+               qwen3: Optional[str] = None) -> None:
+    """Fails in seconds, with one line, before a server starts or anything is written, on the common mistakes: a
+    missing or unreadable input, a manifest without the columns a job needs, an output URL that cannot be
+    right or cannot be written, a Qwen3-VL model that is not there."""
+    from bridgecore.batch.sharding import check_input, check_manifest_columns
+    from bridgecore.storage import Storage
+
+    try:
+        check_input(input)
+        check_manifest_columns(input, prompt)
+        _check_output_url(output)
+        if qwen3 is not None:
+            _check_model_config(qwen3)
+        Storage(output).check_writable(create_bucket)
+    except user_errors() as error:
+        fail(str(error))
+
+
+def _check_output_url(output: str) -> None:
+    if "://" in output and not output.startswith("file://"):
+        parts = output.split("://", 1)[1].split("/")
+        if any(part in (".", "..") for part in parts) or not parts[0]:
+            raise ValueError(f"output {output}: an object-store URL is bucket/prefix, without '.' or '..' segments "
+                             "or an empty bucket name")
+
+
+def _check_model_config(name: str) -> None:
+    """A Qwen3-VL model: a local directory or hub id with a config.json (its weights are not fetched here)."""
+    from bridgecore.model.loading import resolve_model
+
+    resolved = resolve_model(name, allow_patterns=["config.json"])
+    if not (resolved.path / "config.json").exists():
+        raise ModelNotAvailableError(f"model {name!r}: {resolved.path} has no config.json; is this a Qwen3-VL model "
+                                     "directory?")
+
+
+def banner(message: str) -> None:
+    line = "!" * 100
+    typer.secho(f"{line}\n{message}\n{line}", fg=typer.colors.YELLOW, bold=True, err=True)
+
+
+def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False,
+                    trained: bool = False, editor: str = "auto") -> tuple[str, str]:
+    """The requested models; with none requested, the real defaults if already on this machine (local files or
+    the Hugging Face cache: a probe must not start a 60 GB download), else the tiny zoo (loudly). `trained`
+    picks the zoo's trained tiny edit model (single-image) instead of the random one; `editor` names the
+    family whose default edit model is wanted (e.g. qwen-image-2.1)."""
+    from bridgecore.model.loading import DEFAULT_MODEL_OF_FAMILY, resolve_model
+    from bridgecore.zoo.tiny_zoo import build_tiny_zoo
+
+    family = editor if editor != "auto" else "qwen-image-edit-plus" if plus else "qwen-image-edit"
+    if family not in DEFAULT_MODEL_OF_FAMILY:
+        fail(f"--editor must be auto, {', '.join(DEFAULT_MODEL_OF_FAMILY)}; got {editor!r}")
+    plus = family == "qwen-image-edit-plus"
+    default_edit = DEFAULT_MODEL_OF_FAMILY[family]
+    if qwen3 is not None and edit_model is not None:
+        return qwen3, edit_model
+    try:
+        if family != "qwen-image-2.1":  # 2.1 reads its own encoder: Qwen3-VL-Instruct need not be here
+            resolve_model(qwen3 or DEFAULT_QWEN3_MODEL, local_only=True)
+        resolve_model(edit_model or default_edit, allow_patterns=["model_index.json"], local_only=True)
+        return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
+    except ModelNotAvailableError as error:
+        trained = trained and family == "qwen-image-edit"
+        zoo = build_tiny_zoo(TINY_ZOO_DIR, trained=trained)
+        what = ("Outputs are meaningless pictures that only prove the machinery runs." if not trained else
+                "The edit model's VAE and DiT are trained (on CPU) on ONE synthetic task, 'Make the <shape> <colour>': "
+                "its edits are real, of that task only; the VLMs stay random.")
+        banner(
+            f"NO REAL WEIGHTS FOUND: using the TINY {'TRAINED' if trained else 'RANDOM'} MODELS of the offline zoo in "
+            f"{TINY_ZOO_DIR.resolve()}.\n{what}\n"
+            f"Reason: {error}\nPass --qwen3 and --edit-model (hub ids or local directories) "
+            "to use real models."
+        )
+        tiny_edit = zoo["qwen-image-2.1" if family == "qwen-image-2.1" else "qwen-image-edit-plus" if plus else
+                        "qwen-image-edit-trained" if trained else "qwen-image-edit"]
+        return qwen3 or str(zoo["qwen3-vl"]), edit_model or str(tiny_edit)
+
+

@@ -1,0 +1,127 @@
+"""`vision-bridge bulk-edit`: the bulk-edit flow, locally, on a temporary Prefect server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bridgecore.batch.settings import JOB_DEFAULTS as D  # the one home of a job's defaults
+from vision_bridge import app as shared
+from vision_bridge.app import DEFAULT_HOME, TINY_ZOO_DIR, app, banner, fail, preflight, resolve_or_tiny, user_errors
+
+
+@app.command("bulk-edit")
+def bulk_edit(
+    input: str = typer.Option(..., "--input", help="Manifest (.csv/.jsonl/.parquet with image|images, instruction, "
+                              "optional target and id) or a folder/glob of images (then --prompt). Local path or URL."),
+    output: str = typer.Option(..., help="Output directory or URL (s3://bucket/prefix). Several settings can share "
+                               "one output: each stage's results are kept per the settings they depend on."),
+    prompt: Optional[str] = typer.Option(None, help="Instruction for every image of a folder/glob input."),
+    qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real, else tiny zoo)."),
+    edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
+    bridge: Optional[str] = typer.Option(None, help="Trained bridge directory (default: untrained = baseline)."),
+    multi_image: bool = typer.Option(False, help="Samples have several images: use the Edit-Plus pipeline."),
+    plus_model: Optional[str] = typer.Option(None, help="Edit-Plus model (e.g. Qwen/Qwen-Image-Edit-2511) for the "
+                                             "multi-image samples of a single-image job, so a mixed manifest runs in "
+                                             "one job [default: none, those samples fail with a hint; the tiny zoo's "
+                                             "with the tiny models]. Not with --lora."),
+    editor: str = typer.Option(D["editor"], help="Editor family: auto (from the edit model's model_index.json), "
+                               "qwen-image-edit, qwen-image-edit-plus, or qwen-image-2.1 (the native arm: Qwen-Image-2.1 "
+                               "reads Qwen3-VL itself; no bridge; default model Qwen/Qwen-Image-2.1, 40 steps)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 50, or what a Lightning LoRA needs]."),
+    seed: int = typer.Option(D["seed"], help="Job seed; each sample's noise seed derives from it and the sample id."),
+    cfg: float = typer.Option(D["cfg"], help="true_cfg_scale; > 1 also encodes --negative-prompt (twice the DiT work)."),
+    negative_prompt: str = typer.Option(D["negative_prompt"], help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
+    condition_area: int = typer.Option(D["condition_area"], help="Condition-image area in pixels."),
+    shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
+    batch_size: int = typer.Option(D["batch_size"], help="Samples per model forward (VLM batch, DiT batch of equal sizes)."),
+    retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
+    content_hash: bool = typer.Option(False, "--content-hash", help="Identify local input files by a hash of their "
+                                      "bytes instead of size + modification time (reads every file while planning; "
+                                      "use it when files may be replaced in place with the same size and time; "
+                                      "switching it changes every sample's identity, so the next run plans anew)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the shards, what is already done "
+                                 "under these settings and what would run; writes nothing but the plan."),
+    verify: bool = typer.Option(False, "--verify", help="Check every edited image against its checksum when "
+                                "summarizing (sizes are always checked); damaged ones are recomputed."),
+    create_bucket: bool = typer.Option(False, "--create-bucket", help="Create the output's S3 bucket if it does not "
+                                       "exist (otherwise a missing bucket is an error: it is usually a typo)."),
+    device: str = typer.Option(D["device"], help="'auto', 'cpu', 'cuda', ..."),
+    load_in_8bit: bool = typer.Option(D["load_in_8bit"], help="Load both VLMs in 8-bit (bitsandbytes): ~17 GiB instead of ~32."),
+    lora: Optional[list[str]] = typer.Option(None, help="LoRA for the DiT, PATH_OR_ID[:scale]; repeatable (see `edit`)."),
+    scheduler: str = typer.Option(D["scheduler"], help="auto (Lightning's with a Lightning LoRA), default, lightning."),
+    compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the DiT's repeated block (regional)."),
+    attention_backend: Optional[str] = typer.Option(None, help="diffusers attention backend for the DiT."),
+    dit_offload: bool = typer.Option(D["dit_offload"], help="Stream the DiT's blocks from host RAM (24 GB-class cards)."),
+    rewrite_with: str = typer.Option(D["rewrite_with"], help="The rewrite arm: qwen3 lets Qwen3-VL (the bridge's model, the same "
+                                     "images) rewrite each instruction, greedily, and Qwen-Image-Edit's own encoder "
+                                     "reads the rewrite (stored in summary.parquet); identity forces the rewrite to be "
+                                     "the instruction (the control: the Edit arm's edits); none: off. Combines with "
+                                     "--bridge."),
+    rewrite_system_prompt: Optional[str] = typer.Option(None, help="The rewriter's system prompt, as TEXT or @FILE "
+                                                        "[default: bridgecore.model.rewrite.SYSTEM_PROMPT]."),
+    rewrite_max_tokens: int = typer.Option(D["rewrite_max_tokens"], help="Token cap of each rewrite."),
+):
+    """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
+    evaluate. Reruns resume, and only the stages a changed setting affects run again (a new --bridge reuses
+    the extracted caches; new --steps/--seed/--cfg reuse the fused embeddings too; a new rewrite system prompt
+    reruns the rewrites and what reads them)."""
+    from bridgecore.batch.settings import settings_for_job
+
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, editor=editor)
+    try:
+        if rewrite_system_prompt is not None and rewrite_system_prompt.startswith("@"):
+            rewrite_system_prompt = Path(rewrite_system_prompt[1:]).expanduser().read_text(encoding="utf-8")
+        # The job as the deployment's flow receives it; `JobSettings.for_job` decides every default, there and here.
+        job = dict(qwen3=qwen3, edit_model=edit_model, editor=editor, multi_image=multi_image, steps=steps,
+                   plus_model=plus_model, bridge=bridge, device=device, condition_area=condition_area, seed=seed,
+                   batch_size=batch_size, cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit,
+                   lora=list(lora or []), scheduler=scheduler, compile=compile, attention_backend=attention_backend,
+                   dit_offload=dit_offload, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
+                   rewrite_max_tokens=rewrite_max_tokens)
+        settings = settings_for_job(job)
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be at least 1; got {shard_size}")
+    except user_errors() as error:
+        fail(str(error))
+    if rewrite_with == "qwen3" and Path(qwen3).resolve().parent == TINY_ZOO_DIR.resolve():
+        banner("THE REWRITE ARM WITH THE TINY RANDOM Qwen3-VL: its rewrites are gibberish (a random model writes "
+                "random tokens),\nso Edit+rewrite shows the plumbing only; the arm's value can only be measured with "
+                "real weights (--qwen3).")
+    if dry_run:
+        from bridgecore.batch.pipeline import plan_job
+
+        try:
+            plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
+                            content_hash)
+        except user_errors() as error:
+            fail(str(error))
+        typer.echo(f"{plan.samples} samples in {len(plan.shards)} shards; {len(plan.shards) - len(plan.pending)} "
+                   f"finished under these settings, {len(plan.pending)} to run")
+        for stage, counts in plan.stages.items():
+            typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
+        from bridgecore.batch.pipeline import fingerprints
+
+        typer.echo(f"steps {settings.steps}; fingerprints {json.dumps(fingerprints('bulk-edit', settings))}")
+        return
+    preflight(input, output, create_bucket, prompt, None if settings.native else qwen3)
+    from flows.local_server import ServerStartError, local_prefect, prefect_environment
+
+    prefect_environment(DEFAULT_HOME / "prefect", quiet=not shared.DEBUG)
+    from flows.bulk_edit import bulk_edit as bulk_edit_flow
+
+    try:
+        with local_prefect():
+            summary = bulk_edit_flow(input=input, output=output, prompt=prompt, shard_size=shard_size,
+                                     retry_failed=retry_failed, verify=verify, content_hash=content_hash,
+                                     create_bucket=create_bucket, **job)
+    except (*user_errors(), ServerStartError) as error:
+        fail(str(error))
+    counts = summary["counts"]
+    typer.echo(f"done {counts['done']}, failed {counts['failed']}, pending {counts['pending']} "
+               f"({summary['shards']} shards); summary: {output.rstrip('/')}/runs/{summary['run']}/summary.json")
+    for failure in summary["failures"][:20]:
+        typer.echo(f"  failed {failure['id']} at {failure['stage']}: {failure['error']}")
