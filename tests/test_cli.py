@@ -1,4 +1,5 @@
-"""The command line: extract writes a readable cache and prints the comparison; bad input exits cleanly."""
+"""The command line, in process (typer's runner): extract writes a readable cache and prints the comparison; bad
+input exits cleanly with one line. One test runs the console script in its own process."""
 
 import subprocess
 import sys
@@ -10,10 +11,25 @@ from bridgecore.model.cache_format import load_cache
 
 
 def _run(*args, env=None):
-    import os
+    """A command run in this process (typer's runner: its exit code, stdout and stderr), as a user would type it.
+    No process boundary is under test here; an exception the command did not turn into an exit fails the test."""
+    from types import SimpleNamespace
 
-    return subprocess.run([sys.executable, "-m", "vision_bridge.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    from typer.testing import CliRunner
+
+    from vision_bridge.cli import app
+
+    result = CliRunner().invoke(app, [str(arg) for arg in args], env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
+def test_the_console_script_runs_in_its_own_process():
+    """The one process boundary here: `python -m vision_bridge.cli` (what the `vision-bridge` script runs)."""
+    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "bulk-edit", "--input", "/nonexistent-input",
+                             "--output", "/tmp/unused"], capture_output=True, text=True)
+    assert result.returncode == 2 and "error: input '/nonexistent-input' does not exist" in result.stderr
 
 
 def test_extract_command(tmp_path, tiny_zoo):
@@ -50,7 +66,6 @@ def test_edit_command_baseline_and_untrained_default_are_identical(tmp_path, tin
     assert (tmp_path / "g.png").exists()
 
 
-@pytest.mark.slow
 def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
     from bridgecore.zoo.synthetic_triplets import write_triplets
 
@@ -136,7 +151,6 @@ def _gzip_server(body: bytes):
     return server
 
 
-@pytest.mark.slow
 def test_hostile_manifests_and_addresses_are_one_line_errors(tmp_path, tiny_zoo):
     """FIFOs, devices, oversized and gzip-bombed manifests, transparent HTTP decompression, missing columns, a
     refused connection, an object-store URL with '..', a folder that is no model: each refused in one line, before
