@@ -4,7 +4,6 @@ input exits cleanly with one line. One test runs the console script in its own p
 import subprocess
 import sys
 
-import pytest
 from conftest import make_image
 
 from bridgecore.model.cache_format import load_cache
