@@ -55,6 +55,21 @@ def plus_extractor(tiny_zoo):
                                 plus_condition_area=96 * 96)
 
 
+def run_cli(*args, env=None):
+    """A command run in this process (typer's runner: its exit code, stdout and stderr), as a user would type it.
+    No process boundary is under test here; an exception the command did not turn into an exit fails the test."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from vision_bridge.cli import app
+
+    result = CliRunner().invoke(app, [str(arg) for arg in args], env=env)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
+
+
 def make_image(width: int = 200, height: int = 120, seed: int = 0) -> Image.Image:
     """A deterministic picture with shapes, so that different seeds give different features."""
     image = Image.new("RGB", (width, height), (240 - 20 * seed % 200, 235, 230))

@@ -5,23 +5,9 @@ import subprocess
 import sys
 
 from conftest import make_image
+from conftest import run_cli as _run
 
 from bridgecore.model.cache_format import load_cache
-
-
-def _run(*args, env=None):
-    """A command run in this process (typer's runner: its exit code, stdout and stderr), as a user would type it.
-    No process boundary is under test here; an exception the command did not turn into an exit fails the test."""
-    from types import SimpleNamespace
-
-    from typer.testing import CliRunner
-
-    from vision_bridge.cli import app
-
-    result = CliRunner().invoke(app, [str(arg) for arg in args], env=env)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
 def test_the_console_script_runs_in_its_own_process():

@@ -3,10 +3,10 @@
 import html
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from bridgecore.evaluation.benchmark_data import LANGUAGES, make_benchmark
 from bridgecore.evaluation.metrics import normalise_text, read_text
@@ -92,9 +92,8 @@ def test_cli_json_report_and_screenshot(benchmark, tmp_path):
     import shutil
 
     out = tmp_path / "scores.json"
-    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "evaluate", "--benchmark", str(benchmark),
-                             "--editor", "identity", "--json", str(out), "--report", str(tmp_path / "r.html")],
-                            capture_output=True, text=True)
+    result = run_cli("evaluate", "--benchmark", benchmark, "--editor", "identity", "--json", out,
+                     "--report", tmp_path / "r.html")
     assert result.returncode == 0, result.stderr
     scores = json.loads(out.read_text())
     for capability, metric in [("ocr", "exact_match"), ("ocr", "cer"), ("spatial", "direction_accuracy"),
@@ -166,9 +165,8 @@ def test_four_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny
     out = tmp_path / "out"
     runs = [run_all(str(small / "manifest.jsonl"), str(out), settings)["run"] for settings in arms]
     scores, report = tmp_path / "arms.json", tmp_path / "arms.html"
-    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "evaluate",
-                             *(str(out / "runs" / run) for run in runs), "--benchmark", str(small),
-                             "--json", str(scores), "--report", str(report)], capture_output=True, text=True)
+    result = run_cli("evaluate", *(out / "runs" / run for run in runs), "--benchmark", small, "--json", scores,
+                     "--report", report)
     assert result.returncode == 0, result.stderr
     output = json.loads(scores.read_text())
     assert list(output["arms"]) == ["Edit", "Edit+bridge", "Edit+rewrite", "Qwen-Image-2.1"]

@@ -1,10 +1,9 @@
 """Job cost planner against the public anchors; `vision-bridge plan --images` as JSON; memory per mode."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 
 from bridgecore.planning.job_cost import (
     ANCHOR_H200_EDIT_SECONDS,
@@ -95,9 +94,9 @@ def test_bad_job_input_is_refused():
 
 
 def test_plan_images_cli_json():
-    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "plan", "--images", "10000000", "--resolution",
-                             "1024", "--steps", "8", "--gpu", "h200", "--price", "3.5", "--json"],
-                            capture_output=True, text=True, check=True)
+    result = run_cli("plan", "--images", "10000000", "--resolution", "1024", "--steps", "8", "--gpu", "h200",
+                     "--price", "3.5", "--json")
+    assert result.returncode == 0, result.stderr
     job = json.loads(result.stdout)
     assert job["images"] == 10_000_000 and job["gpu"] == "h200" and job["steps"] == 8
     assert job["total_gpu_hours"] > job["edit_gpu_hours"] > job["extract_gpu_hours"] > 0

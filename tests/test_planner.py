@@ -1,10 +1,9 @@
 """Real-scale planner: the real configs' counts, and the analytic FLOPs checked against torch's counter."""
 
 import json
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -89,8 +88,8 @@ def test_analytic_dit_flops_match_torch_counter(tiny_zoo):
 
 
 def test_plan_cli_json():
-    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "plan", "--image-size", "720", "1280", "--json"],
-                            capture_output=True, text=True, check=True)
+    result = run_cli("plan", "--image-size", "720", "1280", "--json")
+    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["image_size"] == [720, 1280]
     assert report["flops"]["dit_step"] > report["flops"]["qwen3_extraction"]["total"] > 0
@@ -129,7 +128,8 @@ def test_qwen_image_21_sizes_match_the_published_ones(report):
 
 
 def test_plan_prints_the_licences():
-    result = subprocess.run([sys.executable, "-m", "vision_bridge.cli", "plan"], capture_output=True, text=True, check=True)
+    result = run_cli("plan")
+    assert result.returncode == 0, result.stderr
     assert "Qwen-Image-2.1: Qwen Research License" in result.stdout and "Apache-2.0" in result.stdout
     assert "Qwen-Image-2.1 (native Qwen3-VL conditioning" in result.stdout
 

@@ -1,15 +1,13 @@
 """Every path a command takes may be an s3:// URL: train --out, edit/bulk-edit --bridge, evaluate --benchmark
 (real SeaweedFS on loopback)."""
 
-import subprocess
-import sys
 
 import pytest
-from conftest import make_image
+from conftest import make_image, run_cli
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "vision_bridge.cli", *args], capture_output=True, text=True, timeout=600)
+    return run_cli(*args)
 
 
 @pytest.mark.slow
