@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -77,6 +78,33 @@ def make_image(width: int = 200, height: int = 120, seed: int = 0) -> Image.Imag
     draw.rectangle((width // 8, height // 6, width // 2, height // 2 + seed % 7), fill=(200, 30 + 10 * seed, 30))
     draw.ellipse((width // 2, height // 3, width - 5, height - 5), fill=(30, 60, 200 - 15 * seed))
     return image
+
+
+def make_inputs(folder, n=5):
+    """A manifest of `n` good samples (with targets) and six hostile ones (empty, not an image, truncated, missing,
+    outside the input root, an unreachable bucket)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        make_image(200, 120, i).save(folder / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "instruction": f"make shape {i} blue", "target": f"img{i}.png"})
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    (folder / "truncated.png").write_bytes((folder / "img0.png").read_bytes()[:200])
+    rows += [{"image": "empty.png", "instruction": "x"}, {"image": "text.png", "instruction": "x"},
+             {"image": "truncated.png", "instruction": "x"}, {"image": "missing.png", "instruction": "x"},
+             {"image": "../outside.png", "instruction": "x"}, {"image": "s3://no-such-bucket-xyz/a.png", "instruction": "x"}]
+    (folder / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return str(folder / "manifest.jsonl")
+
+
+def run_all(manifest, output, settings, shard_size=4, loaded=LOADED, **plan_options):
+    """Plan, run every pending shard through the bulk-edit pipeline here, summarize: what a local run does."""
+    from bridgecore.batch.pipeline import plan_job, run_pipeline, summarize
+
+    plan = plan_job(manifest, output, settings, "bulk-edit", shard_size=shard_size, **plan_options)
+    run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False, loaded=loaded)
+    return summarize(output, plan.job, "bulk-edit", settings)
 
 
 def save_open_bridge(settings, path) -> str:

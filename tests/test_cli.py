@@ -73,7 +73,7 @@ def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
 
 
 def test_bulk_edit_dry_run_plans_and_writes_nothing_else(tmp_path, tiny_zoo):
-    from test_pipeline import make_inputs
+    from conftest import make_inputs
 
     manifest = make_inputs(tmp_path / "in", n=3)
     out = tmp_path / "out"
@@ -89,7 +89,7 @@ def test_bulk_edit_dry_run_plans_and_writes_nothing_else(tmp_path, tiny_zoo):
 
 
 def test_common_mistakes_are_one_line_errors(tmp_path, tiny_zoo):
-    from test_pipeline import make_inputs
+    from conftest import make_inputs
 
     manifest = make_inputs(tmp_path / "in", n=1)
     (tmp_path / "a-file").write_text("x")
@@ -145,7 +145,7 @@ def test_hostile_manifests_and_addresses_are_one_line_errors(tmp_path, tiny_zoo)
     import os
     import time
 
-    from test_pipeline import make_inputs
+    from conftest import make_inputs
 
     manifest = make_inputs(tmp_path / "in", n=1)
     fifo = tmp_path / "fifo.jsonl"

@@ -117,7 +117,7 @@ def test_cli_json_report_and_screenshot(benchmark, tmp_path):
 
 def test_bulk_edit_run_over_the_benchmark_is_scored(benchmark, tmp_path, tiny_zoo):
     """The harness end to end with the tiny models: bulk stages over the benchmark, then --results scoring."""
-    from test_pipeline import run_all
+    from conftest import run_all
 
     from bridgecore.batch.settings import JobSettings
     from bridgecore.evaluation.capabilities import results_editor
@@ -152,7 +152,7 @@ def test_four_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny
     import dataclasses
 
     from conftest import save_open_bridge
-    from test_pipeline import run_all
+    from conftest import run_all
 
     from bridgecore.batch.settings import JobSettings
 

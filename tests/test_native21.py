@@ -74,7 +74,7 @@ def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
 
     from PIL import Image
     from safetensors.torch import load as load_tensors
-    from test_pipeline import make_inputs, run_all
+    from conftest import make_inputs, run_all
 
     from bridgecore.batch.pipeline import STAGES, fingerprints
     from bridgecore.batch.settings import JobSettings

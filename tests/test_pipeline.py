@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import LOADED, make_image, save_open_bridge
+from conftest import LOADED, make_image, make_inputs, run_all, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
 from bridgecore.batch.records import SampleResult
@@ -17,29 +17,6 @@ from bridgecore.batch.sharding import cut_shards, read_inputs, write_plan
 from bridgecore.storage import Storage
 
 AREA = 64 * 64
-
-
-def make_inputs(folder, n=5):
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        make_image(200, 120, i).save(folder / f"img{i}.png")
-        rows.append({"image": f"img{i}.png", "instruction": f"make shape {i} blue", "target": f"img{i}.png"})
-    (folder / "empty.png").write_bytes(b"")
-    (folder / "text.png").write_text("not an image")
-    (folder / "truncated.png").write_bytes((folder / "img0.png").read_bytes()[:200])
-    rows += [{"image": "empty.png", "instruction": "x"}, {"image": "text.png", "instruction": "x"},
-             {"image": "truncated.png", "instruction": "x"}, {"image": "missing.png", "instruction": "x"},
-             {"image": "../outside.png", "instruction": "x"}, {"image": "s3://no-such-bucket-xyz/a.png", "instruction": "x"}]
-    (folder / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    return str(folder / "manifest.jsonl")
-
-
-def run_all(manifest, output, settings, shard_size=4, loaded=LOADED, **plan_options):
-    """Plan, run every pending shard through the bulk-edit pipeline here, summarize: what a local run does."""
-    plan = plan_job(manifest, output, settings, "bulk-edit", shard_size=shard_size, **plan_options)
-    run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False, loaded=loaded)
-    return summarize(output, plan.job, "bulk-edit", settings)
 
 
 @pytest.fixture()
