@@ -2,7 +2,7 @@
 # The whole GPU check as one command (about 6-8 minutes on one H100/H200, under 8.5 by construction):
 #   1. installs the wheels carried in .whl/ (bash scripts/fetch_gpu_wheels.sh fetches them) into /tmp/site,
 #   2. runs the real-dimension benchmark at full depth (bench/gpu_realdim.py --compile),
-#   3. runs the GPU tests (pytest -m gpu tests/test_gpu.py) in the time left.
+#   3. runs the GPU tests (pytest -m gpu tests/model/test_gpu.py) in the time left.
 # Logs and results go to $OUT (default out/gpu_check): env.txt, install.log, gpu_realdim.log,
 # gpu_realdim.json, pytest_gpu.log, pytest_gpu.xml, summary.txt.
 #
@@ -42,7 +42,7 @@ bench_rc=${PIPESTATUS[0]}
 rm -rf .realdim-tmp
 
 # 2. GPU tests in the time left
-timeout $(( $(left) > 60 ? $(left) : 60 )) python3 -m pytest -m gpu tests/test_gpu.py -q -rs -s -p no:cacheprovider \
+timeout $(( $(left) > 60 ? $(left) : 60 )) python3 -m pytest -m gpu tests/model/test_gpu.py -q -rs -s -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml" 2>&1 | tee "$OUT/pytest_gpu.log"
 tests_rc=${PIPESTATUS[0]}
 

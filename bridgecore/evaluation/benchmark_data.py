@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 
 # Language: (Tesseract code, Noto family, three words). Every word is read back exactly by Tesseract at
-# 40-48 px, light and dark cards, +-1 degree (tests/test_evaluation.py); words it misread were replaced. Scripts: Latin, Cyrillic, Greek, Arabic, Hebrew,
+# 40-48 px, light and dark cards, +-1 degree (tests/evaluation/test_evaluation.py); words it misread were replaced. Scripts: Latin, Cyrillic, Greek, Arabic, Hebrew,
 # Devanagari, Bengali, Tamil, Thai, Hangul, Japanese, Chinese (simplified and traditional), Georgian.
 LANGUAGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "English": ("eng", "Noto Sans", ("Hello", "Garden", "Window")),

@@ -5,7 +5,7 @@ device (no memory, no download). FLOPs are an exact analytic count of the matrix
 (every `nn.Linear` times the tokens that pass through it, the patch-embedding convolution, attention
 score and value products,
 counted in full as SDPA executes them); element-wise work and the VAE convolutions are not counted.
-`tests/test_planner.py` checks the count against `torch.utils.flop_counter` on the tiny models.
+`tests/planning/test_planner.py` checks the count against `torch.utils.flop_counter` on the tiny models.
 
     vision-bridge plan --image-size 1024 1024 [--json]
 """

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from bridgecore.batch.pipeline import fingerprints
 from bridgecore.batch.settings import JOB_DEFAULTS, JobSettings
 
-DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments" / "prefect.yaml"
+DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
 
 
 class Planned(Exception):

@@ -15,7 +15,7 @@ from conftest import make_image
 
 pytestmark = pytest.mark.slow  # PostgreSQL, a Prefect server and 500 shards
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHARDS = 500
 
 

@@ -19,7 +19,7 @@ from bridgecore.storage import Storage
 
 pytestmark = pytest.mark.slow  # real CLI processes and Prefect servers
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def bulk_edit_cli(zoo, manifest, output, home, *extra, wait=True):

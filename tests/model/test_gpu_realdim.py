@@ -12,7 +12,7 @@ import torch
 from bridgecore.zoo.real_models import build_real_model, build_real_vlm
 from bridgecore.planning.planner import build_meta_models
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_reduced_depth_keeps_real_widths():
