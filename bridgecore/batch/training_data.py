@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from safetensors.torch import load as load_tensors
 
 from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
 from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
 from bridgecore.model.bridge import BridgeConfig
 from bridgecore.model.cache_format import cache_from_bytes
+from bridgecore.model.payloads import latents_from_bytes
 from bridgecore.storage import Storage
 from bridgecore.training.examples import TrainingExample
 from bridgecore.training.trainer import BridgeTrainer, TrainConfig
@@ -70,9 +70,10 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
             if cache_row["status"] != "done" or row["status"] != "done":
                 problems.append(f"{sample_id}: {cache_row['error'] or row['error']}")
                 continue
-            tensors, info = load_tensors(latents.payloads[sample_id]["safetensors"]), json.loads(row["info"])
+            condition, target = latents_from_bytes(latents.payloads[sample_id]["safetensors"])
+            info = json.loads(row["info"])
             examples.append(TrainingExample(sample_id, cache_from_bytes(caches.payloads[sample_id]["safetensors"]),
-                                            tensors["condition"], tensors["target"], tuple(info["latent_hw"]),
+                                            condition, target, tuple(info["latent_hw"]),
                                             tuple(tuple(hw) for hw in info.get("condition_hw", []))))
     size_problems = [p for p in problems if "differs from source" in p]
     if size_problems:

@@ -14,7 +14,7 @@ from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
 from bridgecore.batch.stages.common import in_input_order, multi_image_refusal, png_bytes, read_images, sample_seed
-from bridgecore.batch.stages.fuse import fused_from_bytes
+from bridgecore.model.payloads import fused_from_bytes
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
     from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit

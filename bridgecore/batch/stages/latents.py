@@ -27,9 +27,9 @@ class LatentsStage(Stage):
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         import torch
-        from safetensors.torch import save as save_tensors
 
         from bridgecore.model.edit_prompt import condition_size
+        from bridgecore.model.payloads import latents_to_bytes
         from bridgecore.model.images import load_image
 
         editor: EnhancedQwenImageEdit = ctx.models.editor
@@ -50,8 +50,7 @@ class LatentsStage(Stage):
             sizes = [condition_size(source, ctx.settings.condition_area) for source in sources]
             conditions = [encode_latents(pipe, source, w, h) for source, (w, h) in zip(sources, sizes)]
             width, height = sizes[-1]
-            tensors = {"condition": torch.cat(conditions), "target": encode_latents(pipe, target, width, height)}
-            payload = save_tensors({k: v.cpu().contiguous() for k, v in tensors.items()})
+            payload = latents_to_bytes(torch.cat(conditions), encode_latents(pipe, target, width, height))
             results.append(SampleResult.done(sample, {"safetensors": payload}, latent_hw=[height // 16, width // 16],
                                              condition_hw=[[h // 16, w // 16] for w, h in sizes]))
         return results

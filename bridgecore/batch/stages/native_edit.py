@@ -35,11 +35,11 @@ class NativeEditStage(Stage):
                 "condition_area": settings.condition_area, "steps": settings.steps, "seed": settings.seed}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from safetensors.torch import load as load_tensors
+        from bridgecore.model.payloads import qwen21_from_bytes
 
         ready, results = read_images(items)
         for item, images in ready:
-            conditioning = load_tensors(item.upstream["qwen21-caches"]["safetensors"])
+            conditioning = qwen21_from_bytes(item.upstream["qwen21-caches"]["safetensors"])
             native: NativeQwenImage21 = ctx.models.native
             image = native.edit(images, conditioning, sample_seed(ctx.settings.seed, item.sample.id),
                                 ctx.settings.steps)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import json
 
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
@@ -35,7 +34,7 @@ class NativeExtractStage(Stage):
                 "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from safetensors.torch import save as save_tensors
+        from bridgecore.model.payloads import qwen21_to_bytes
 
         native: NativeQwenImage21 = ctx.models.native
         limit = ctx.settings.max_prompt_tokens
@@ -49,7 +48,7 @@ class NativeExtractStage(Stage):
             conditioning = native.encode(images, item.sample.instruction)
             meta = {"id": item.sample.id, "input_hash": item.sample.input_hash, "edit_model": ctx.settings.edit_model,
                     "fingerprint": ctx.fingerprints[self.name], "resolution": native.resolution}
-            payload = save_tensors(conditioning, metadata={"vision_bridge": json.dumps(meta)})
+            payload = qwen21_to_bytes(conditioning, meta)
             results.append(SampleResult.done(item.sample, {"safetensors": payload},
                                              tokens=int(conditioning["qwen21.prompt_embeds"].shape[0]),
                                              image_slots=int(conditioning["qwen21.image_pad_mask"].sum())))

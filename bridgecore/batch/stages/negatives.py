@@ -31,7 +31,7 @@ class NegativesStage(ExtractStage):
         return settings.negative_prompt
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from safetensors.torch import save as save_tensors
+        from bridgecore.model.payloads import negatives_to_bytes
 
         ready, results = read_images(items, ctx.settings.condition_area)
         if not ready:
@@ -42,6 +42,6 @@ class NegativesStage(ExtractStage):
                 [images for _, images in group], [ctx.settings.negative_prompt] * len(group))))
         for (item, _), cache in caches:
             embeds = cache.prompt_embeds.detach().cpu().contiguous()  # [L, D]
-            results.append(SampleResult.done(item.sample, {"safetensors": save_tensors({"prompt_embeds": embeds})},
+            results.append(SampleResult.done(item.sample, {"safetensors": negatives_to_bytes(embeds)},
                                              tokens=int(embeds.shape[0])))
         return in_input_order(results, items)
