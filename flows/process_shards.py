@@ -17,7 +17,7 @@ from bridgecore.batch.pipeline import run_pipeline
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.shard_store import worker_id
 from bridgecore.storage import Storage
-from tasks.run_stage import run_stage
+from tasks.run_stage import WORKER_MODELS, run_stage
 
 
 def _child_name() -> str:
@@ -32,8 +32,10 @@ def process_shards(output: str, shard_ids: list[str], settings: dict, pipeline: 
     def as_task(stage, ctx, shard_id):
         return run_stage(output, pipeline, stage.name, shard_id, settings, ctx.fingerprints[stage.name])
 
-    started = time.monotonic()
-    counts = run_pipeline(output, pipeline, shard_ids, JobSettings.from_dict(settings), run_stage=as_task)
+    started, before = time.monotonic(), WORKER_MODELS.counts
+    after = run_pipeline(output, pipeline, shard_ids, JobSettings.from_dict(settings), run_stage=as_task,
+                         loaded=WORKER_MODELS)
+    counts = {name: after[name] - before[name] for name in after}  # this run's, in a process that may run several
     # report
     record = {"flow_run": str(flow_run.id), "worker": worker_id(), "pid": os.getpid(), "shards": shard_ids,
               "seconds": round(time.monotonic() - started, 3), **counts}

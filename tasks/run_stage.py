@@ -4,14 +4,19 @@ stage: the stage itself (bridgecore.batch.stages) says what it does."""
 from prefect import get_run_logger, task
 
 from bridgecore.batch.pipeline import STAGES, make_context
-from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.settings import JobSettings, LoadedModels
 from tasks.cache_policy import StageCachePolicy, is_transient
+
+# The worker process's models: one process serves one GPU, and every stage task it runs draws from these, so a
+# model loads once per process and stays resident across shards (Prefect's process worker starts a process per
+# flow run).
+WORKER_MODELS = LoadedModels()
 
 
 @task(name="run-stage", task_run_name="{stage}-{shard_id}", cache_policy=StageCachePolicy(),
       result_serializer="json", retries=3, retry_delay_seconds=2, retry_condition_fn=is_transient)
 def run_stage(output: str, pipeline: str, stage: str, shard_id: str, settings: dict, fingerprint: str) -> dict:
-    ctx = make_context(output, pipeline, JobSettings.from_dict(settings))
+    ctx = make_context(output, pipeline, JobSettings.from_dict(settings), WORKER_MODELS)
     if ctx.fingerprints[stage] != fingerprint:
         raise RuntimeError(f"{stage}: this worker computes fingerprint {ctx.fingerprints[stage]}, the job planned "
                            f"{fingerprint}: its code or models differ from the planner's; update the worker")

@@ -234,7 +234,8 @@ def run_stage_here(stage: Stage, ctx: StageContext, shard_id: str) -> dict:
     return stage.run_shard(ctx, shard_id)
 
 
-def make_context(output_uri: str, pipeline: str, settings: JobSettings, loaded: LoadedModels | None = None) -> StageContext:
+def make_context(output_uri: str, pipeline: str, settings: JobSettings,
+                 loaded: LoadedModels | None = None) -> StageContext:
     return StageContext(Storage(output_uri), settings, fingerprints(pipeline, settings), ModelPool(settings, loaded),
                         STAGES)
 
