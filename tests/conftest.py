@@ -126,6 +126,18 @@ def save_open_bridge(settings, path) -> str:
 
 
 @pytest.fixture(scope="session")
+def shared_prefect(tmp_path_factory):
+    """The API URL of one real Prefect server for the session's CLI runs whose own temporary server is not what
+    they test (each would otherwise start one: 10-20 s a run on this machine)."""
+    from prefect_server import PrefectServer
+
+    server = PrefectServer(tmp_path_factory.mktemp("shared-prefect"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """SeaweedFS on loopback; sets the standard AWS_* variables that s3fs/botocore read."""
     from s3_server import SeaweedServer

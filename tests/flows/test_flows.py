@@ -22,12 +22,14 @@ pytestmark = pytest.mark.slow  # real CLI processes and Prefect servers
 REPO = Path(__file__).resolve().parents[2]
 
 
-def bulk_edit_cli(zoo, manifest, output, home, *extra, wait=True):
+def bulk_edit_cli(zoo, manifest, output, home, *extra, wait=True, api_url=None):
     args = [sys.executable, "-m", "vision_bridge.cli", "bulk-edit", "--input", manifest, "--output", output,
             "--qwen3", str(zoo["qwen3-vl"]), "--edit-model", str(zoo["qwen-image-edit"]), "--steps", "2",
             "--condition-area", str(64 * 64), "--shard-size", "2", *extra]
     env = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     env.pop("PREFECT_API_URL", None)
+    if api_url:  # the session's shared server: these tests are about the runs, not their temporary server
+        env["PREFECT_API_URL"] = api_url
     if not wait:
         return subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -48,15 +50,15 @@ def stage_store(root, stage: str):
     return STAGES[stage].store(Storage(str(root)), fingerprint)
 
 
-def test_local_run_then_rerun_loads_no_model(tmp_path, tiny_zoo):
+def test_local_run_then_rerun_loads_no_model(tmp_path, tiny_zoo, shared_prefect):
     manifest = make_inputs(tmp_path / "in", n=3)
     out = tmp_path / "out"
-    first = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect")
+    first = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect", api_url=shared_prefect)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "done 3, failed 6, pending 0" in first.stdout
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()
               and not p.name.startswith("summary") and "runs" not in p.relative_to(out).parts}  # run reports are rewritten
-    second = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect")
+    second = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect", api_url=shared_prefect)
     assert second.returncode == 0 and "done 3, failed 6, pending 0" in second.stdout
     assert "loading Qwen" not in second.stderr and "loading edit pipeline" not in second.stderr
     assert before == {p: p.stat().st_mtime_ns for p in before}
@@ -69,19 +71,19 @@ def test_local_run_then_rerun_loads_no_model(tmp_path, tiny_zoo):
     tar.write_bytes(bytes(data))
     for stage in ("fused", "edits", "metrics"):
         next((out / stage).glob(f"*/_done/{tar.stem}.json")).unlink()
-    third = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect")
+    third = bulk_edit_cli(tiny_zoo, manifest, str(out), tmp_path / "prefect", api_url=shared_prefect)
     assert third.returncode == 0, third.stdout + third.stderr
     assert "corrupt or missing" in third.stdout + third.stderr and "done 3, failed 6, pending 0" in third.stdout
     assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
 
 
-def test_sigkill_mid_job_then_rerun_matches_uninterrupted(tmp_path, tiny_zoo):
+def test_sigkill_mid_job_then_rerun_matches_uninterrupted(tmp_path, tiny_zoo, shared_prefect):
     manifest = make_inputs(tmp_path / "in", n=6)
     reference = tmp_path / "reference"
-    assert bulk_edit_cli(tiny_zoo, manifest, str(reference), tmp_path / "p1").returncode == 0
+    assert bulk_edit_cli(tiny_zoo, manifest, str(reference), tmp_path / "p1", api_url=shared_prefect).returncode == 0
 
     killed = tmp_path / "killed"
-    process = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2", wait=False)
+    process = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2", wait=False, api_url=shared_prefect)
     deadline = time.monotonic() + 300
     while not list((killed / "caches").glob("*/_done/*.json")) if killed.exists() else True:
         assert time.monotonic() < deadline and process.poll() is None, "job ended before it could be killed"
@@ -91,7 +93,7 @@ def test_sigkill_mid_job_then_rerun_matches_uninterrupted(tmp_path, tiny_zoo):
     plans = [name[:-5] for name in Storage(str(killed)).list("plan/shards", suffix=".json")]
     assert not all(stage_store(killed, "metrics").is_done(s) for s in plans), "killed too late to test resuming"
 
-    rerun = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2")
+    rerun = bulk_edit_cli(tiny_zoo, manifest, str(killed), tmp_path / "p2", api_url=shared_prefect)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert data_files(killed) == data_files(reference)
     summary = json.loads((killed / "summary.json").read_text())

@@ -24,11 +24,16 @@ pytestmark = pytest.mark.slow  # real CLI processes, each with its Prefect serve
 REPO = Path(__file__).resolve().parents[2]
 
 
-def cli(zoo, *args, home: Path, wait: bool = True, timeout: float = 600, env: dict | None = None):
+def cli(zoo, *args, home: Path, wait: bool = True, timeout: float = 600, env: dict | None = None,
+        api_url: str | None = None):
+    """`vision-bridge bulk-edit` in its own process, on its own temporary Prefect server, or on `api_url`'s (the
+    session's shared server, for tests about something else than the temporary server)."""
     command = [sys.executable, "-m", "vision_bridge.cli", "bulk-edit", "--qwen3", str(zoo["qwen3-vl"]),
                "--edit-model", str(zoo["qwen-image-edit"]), "--steps", "2", "--condition-area", str(64 * 64), *args]
     environment = {**os.environ, "PREFECT_HOME": str(home), "HF_HUB_OFFLINE": "1", **(env or {})}
     environment.pop("PREFECT_API_URL", None)
+    if api_url:
+        environment["PREFECT_API_URL"] = api_url
     if not wait:
         return subprocess.Popen(command, env=environment, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True)
@@ -47,7 +52,7 @@ def summary_of(output: Path) -> dict:
     return json.loads((output / "summary.json").read_text())
 
 
-def test_hostile_samples_fail_alone_and_nothing_escapes_the_output(tmp_path, tiny_zoo):
+def test_hostile_samples_fail_alone_and_nothing_escapes_the_output(tmp_path, tiny_zoo, shared_prefect):
     folder = tmp_path / "in"
     Image.new("RGB", (4000, 6), (200, 30, 30)).save(tmp_path / "strip.png")  # a 667:1 strip
     rows = [{"id": "/etc/evil", "image": "img0.png", "instruction": "x"},
@@ -63,7 +68,8 @@ def test_hostile_samples_fail_alone_and_nothing_escapes_the_output(tmp_path, tin
             {"id": "bad-row"}]
     manifest = write_manifest(folder, rows)
     out = tmp_path / "out"
-    result = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "4", home=tmp_path / "p")
+    result = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "4",
+                 home=tmp_path / "p", api_url=shared_prefect)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = summary_of(out)
     assert summary["counts"] == {"done": 6, "failed": 5, "pending": 0}
@@ -81,11 +87,12 @@ def test_hostile_samples_fail_alone_and_nothing_escapes_the_output(tmp_path, tin
     assert len(pngs) == 6 and all(len(name) <= 70 and "." not in name[:-4] for name in pngs)
 
 
-def test_damage_heals_on_rerun(tmp_path, tiny_zoo):
+def test_damage_heals_on_rerun(tmp_path, tiny_zoo, shared_prefect):
     rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(5)]
     manifest = write_manifest(tmp_path / "in", rows)
     out = tmp_path / "out"
-    first = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=tmp_path / "p")
+    first = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1",
+                home=tmp_path / "p", api_url=shared_prefect)
     assert first.returncode == 0, first.stderr[-3000:]
     edits = {p.name: p.read_bytes() for p in out.rglob("*.png")}
     shards = sorted(p.stem for p in (out / "plan" / "shards").glob("*.json"))
@@ -114,7 +121,8 @@ def test_damage_heals_on_rerun(tmp_path, tiny_zoo):
     pq = pytest.importorskip("pyarrow.parquet")
     assigned = sorted(zip(*pq.read_table(io.BytesIO(index_bytes), columns=["id", "shard"]).to_pydict().values()))
 
-    second = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=tmp_path / "p")
+    second = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1",
+                 home=tmp_path / "p", api_url=shared_prefect)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "done 5, failed 0, pending 0" in second.stdout
     assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
@@ -130,18 +138,18 @@ def test_damage_heals_on_rerun(tmp_path, tiny_zoo):
     data[-20] ^= 0x01
     png.write_bytes(bytes(data))
     third = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", "--verify",
-                home=tmp_path / "p")
+                home=tmp_path / "p", api_url=shared_prefect)
     assert third.returncode == 0 and "done 5, failed 0, pending 0" in third.stdout, third.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in out.rglob("*.png")} == edits
 
 
-def test_concurrent_runs_share_work_and_never_mix_settings(tmp_path, tiny_zoo):
+def test_concurrent_runs_share_work_and_never_mix_settings(tmp_path, tiny_zoo, shared_prefect):
     rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(4)]
     manifest = write_manifest(tmp_path / "in", rows)
     out = tmp_path / "out"
     common = ["--input", manifest, "--output", str(out), "--shard-size", "1"]
-    runs = [cli(tiny_zoo, *common, home=tmp_path / f"p{i}", wait=False) for i in range(2)]
-    runs.append(cli(tiny_zoo, *common, "--steps", "3", home=tmp_path / "p3", wait=False))
+    runs = [cli(tiny_zoo, *common, home=tmp_path / f"p{i}", wait=False, api_url=shared_prefect) for i in range(2)]
+    runs.append(cli(tiny_zoo, *common, "--steps", "3", home=tmp_path / "p3", wait=False, api_url=shared_prefect))
     outputs = [run.communicate(timeout=600)[0] for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], "\n".join(o[-2000:] for o in outputs)
     assert all("done 4, failed 0, pending 0" in o for o in outputs)
@@ -229,14 +237,15 @@ def _environ(process: Path) -> str:
         return ""
 
 
-def test_a_link_planted_at_a_data_folder_is_never_followed(tmp_path, tiny_zoo):
+def test_a_link_planted_at_a_data_folder_is_never_followed(tmp_path, tiny_zoo, shared_prefect):
     """A shard folder of the edits replaced by a link to an outside folder, its marker removed: the rerun refuses to
     write through it in one line naming the link, and writes nothing outside; with the link gone it completes."""
     rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(2)]
     manifest = write_manifest(tmp_path / "in", rows)
     out, outside = tmp_path / "out", tmp_path / "outside"
     outside.mkdir()
-    assert cli(tiny_zoo, "--input", manifest, "--output", str(out), home=tmp_path / "p").returncode == 0
+    assert cli(tiny_zoo, "--input", manifest, "--output", str(out),
+               home=tmp_path / "p", api_url=shared_prefect).returncode == 0
     (shard,) = [p for p in (out / "edits").glob("*/data/*") if p.is_dir()]
     expected = {p.name: p.read_bytes() for p in shard.iterdir()}
     for child in shard.iterdir():
@@ -245,12 +254,12 @@ def test_a_link_planted_at_a_data_folder_is_never_followed(tmp_path, tiny_zoo):
     shard.symlink_to(outside, target_is_directory=True)
     for marker in (out / "edits").glob(f"*/_done/{shard.name}.json"):
         marker.unlink()
-    refused = cli(tiny_zoo, "--input", manifest, "--output", str(out), home=tmp_path / "p")
+    refused = cli(tiny_zoo, "--input", manifest, "--output", str(out), home=tmp_path / "p", api_url=shared_prefect)
     assert refused.returncode != 0 and list(outside.iterdir()) == []
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"{shard.name} is a symbolic link" in errors[0], refused.stderr[-3000:]
     shard.unlink()
-    rerun = cli(tiny_zoo, "--input", manifest, "--output", str(out), home=tmp_path / "p")
+    rerun = cli(tiny_zoo, "--input", manifest, "--output", str(out), home=tmp_path / "p", api_url=shared_prefect)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert {p.name: p.read_bytes() for p in shard.iterdir()} == expected
 
@@ -266,14 +275,15 @@ def test_unreachable_storage_fails_fast_with_the_endpoint(tmp_path, tiny_zoo):
     assert len(result.stderr.strip().splitlines()) <= 3
 
 
-def test_hostile_ids_stay_inside_the_bucket(tmp_path, tiny_zoo, s3_root):
+def test_hostile_ids_stay_inside_the_bucket(tmp_path, tiny_zoo, s3_root, shared_prefect):
     import s3fs
 
     rows = [{"id": "/other-bucket/evil", "image": "img0.png", "instruction": "x"},
             {"id": "../x", "image": "img1.png", "instruction": "x"}]
     manifest = write_manifest(tmp_path / "in", rows)
     fs = s3fs.S3FileSystem()
-    result = cli(tiny_zoo, "--input", manifest, "--output", f"{s3_root}/out", home=tmp_path / "p")
+    result = cli(tiny_zoo, "--input", manifest, "--output", f"{s3_root}/out",
+                 home=tmp_path / "p", api_url=shared_prefect)
     assert result.returncode == 0 and "done 2, failed 0" in result.stdout, result.stderr[-3000:]
     assert not fs.exists("other-bucket")
     pngs = [path for path in fs.find(s3_root, refresh=True) if path.endswith(".png")]
