@@ -28,7 +28,7 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
     settings = settings_for_job(dict(
         qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area, batch_size=batch_size,
         load_in_8bit=load_in_8bit, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-        rewrite_max_tokens=rewrite_max_tokens)).to_dict()
+        rewrite_max_tokens=rewrite_max_tokens), route_multi_image=False).to_dict()
     plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket,
                         content_hash)
     # run and report

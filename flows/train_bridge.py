@@ -18,11 +18,13 @@ from tasks.train import train_bridge_task
 @flow(name="train-bridge")
 def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str | None = None,
                  steps: int = 1000, batch_size: int = 4, learning_rate: float = 1e-4, eval_every: int = 100,
-                 seed: int = 0, condition_area: int = D["condition_area"], device: str = D["device"], rank: int = 256,
+                 seed: int = 0, condition_area: int = D["condition_area"], device: str = D["device"],
+                 load_in_8bit: bool = D["load_in_8bit"], rank: int = 256,
                  ablate_qwen3: str = "none", mode: str = "both", num_tokens: int = 1) -> dict:
     # train
     # the same settings as the build-caches job that wrote the caches: its fingerprints find them
-    settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area))
+    settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
+                                     load_in_8bit=load_in_8bit), route_multi_image=False)
     config = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, eval_every=eval_every,
                   checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
     metrics = train_bridge_task(data, out, settings.to_dict(), config, {"rank": rank, "mode": mode,

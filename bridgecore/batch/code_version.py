@@ -6,6 +6,10 @@ Starting from the stage's own file, every `bridgecore` import (at module level, 
 settings) only moves bytes and is not followed: fixing a retry loop must not recompute a million edits. A
 stage that calls a model through the model pool names the class in a `TYPE_CHECKING` import, and that import
 is followed like any other (e.g. `fused` names `EnhancedQwenImageEdit`, whose `bridge_for` it calls).
+
+Known gaps: how the pool builds an editor (`settings.ModelPool`, `EnhancedQwenImageEdit.__init__`) is not
+followed from the caches stages; modules are followed whole, so an edit to one payload format reruns every
+stage that reads any.
 """
 
 from __future__ import annotations

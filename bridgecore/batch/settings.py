@@ -96,7 +96,7 @@ class JobSettings:
             raise ValueError(f"editor must be one of {', '.join(EDITORS)}; got {self.editor!r}")
         if self.rewrite_with not in REWRITERS:
             raise ValueError(f"rewrite_with must be one of {', '.join(REWRITERS)}; got {self.rewrite_with!r}")
-        if not 8 <= self.rewrite_max_tokens <= self.max_prompt_tokens:
+        if self.rewrite_with != "none" and not 8 <= self.rewrite_max_tokens <= self.max_prompt_tokens:
             raise ValueError(f"rewrite_max_tokens must be between 8 and max_prompt_tokens ({self.max_prompt_tokens}); "
                              f"got {self.rewrite_max_tokens}")
         if self.rewrite_system_prompt is not None and not self.rewrite_system_prompt.strip():
@@ -143,7 +143,7 @@ class JobSettings:
     @classmethod
     def for_job(cls, qwen3_model: str | None = None, edit_model: str | None = None, *, editor: str = "auto",
                 multi_image: bool = False, steps: int | None = None, plus_model: str | None = None,
-                **settings: Any) -> "JobSettings":
+                route_multi_image: bool = True, **settings: Any) -> "JobSettings":
         """A job's settings with every default decided here, once: the CLI, the flows and their deployments
         call this and compute nothing themselves, so the same job gets the same fingerprints whichever way it
         is started.
@@ -151,8 +151,10 @@ class JobSettings:
         - `edit_model`: the `editor` family's default model, else Qwen-Image-Edit (Edit-Plus with `multi_image`);
         - `steps`: Qwen-Image-2.1's 40, a distilled (Lightning) LoRA's 4 or 8, else 50;
         - `plus_model`: none for real models (what is on a machine must not change a job); beside a tiny-zoo
-          edit model, the zoo's tiny Edit-Plus (so the offline demo runs mixed manifests); refused when it is not
-          an Edit-Plus pipeline, dropped for editors that take several images themselves.
+          edit model, the zoo's tiny Edit-Plus (so the offline demo runs mixed manifests) unless
+          `route_multi_image` is off (training data and its caches: a bridge is trained for one pipeline) or
+          `plus_model="none"` says no; refused when it is not an Edit-Plus pipeline, dropped for editors that take
+          several images themselves.
         Settings are checked (`check_editor`) before anything runs.
         """
         from bridgecore.model.loading import (
@@ -171,8 +173,10 @@ class JobSettings:
         if steps is None:
             loras = parse_loras(list(job.lora))
             steps = 40 if job.native else default_steps(loras, resolve_scheduler(job.scheduler, loras))
-        if plus_model is None and job.family == "qwen-image-edit" and not job.lora:
+        if plus_model is None and route_multi_image and job.family == "qwen-image-edit" and not job.lora:
             plus_model = tiny_plus_model_beside(edit_model)
+        if plus_model == "none":  # said explicitly: multi-image samples fail alone, with the hint
+            plus_model = None
         if plus_model is not None:
             if editor_family(plus_model) != "qwen-image-edit-plus":
                 raise ValueError(f"plus_model {plus_model} is not an Edit-Plus pipeline")
@@ -214,7 +218,8 @@ class JobSettings:
         if trained_with and trained_with != self.plus_model:
             raise ValueError(f"the bridge {self.bridge} was trained on {trained_with}'s conditioning and cannot serve "
                              f"the multi-image samples, which go to the Edit-Plus model {self.plus_model}: run them as "
-                             "their own Edit-Plus job (with a bridge trained for it, or without --bridge)")
+                             "their own Edit-Plus job (with a bridge trained for it, or without --bridge), or pass "
+                             "--plus-model none to let them fail alone")
 
     @property
     def rewrites(self) -> bool:
@@ -252,13 +257,13 @@ class JobSettings:
 JOB_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(JobSettings) if f.default is not MISSING}
 
 
-def settings_for_job(parameters: dict[str, Any]) -> JobSettings:
+def settings_for_job(parameters: dict[str, Any], route_multi_image: bool = True) -> JobSettings:
     """`JobSettings.for_job` from a job's parameters as the flows and their deployments name them (`qwen3` for
     the Qwen3-VL model, `lora` a list): the one path from a job to its settings."""
     arguments = dict(parameters)
     arguments["qwen3_model"] = arguments.pop("qwen3", None)
     arguments["lora"] = tuple(arguments.get("lora") or ())
-    return JobSettings.for_job(**arguments)
+    return JobSettings.for_job(**arguments, route_multi_image=route_multi_image)
 
 
 def tiny_plus_model_beside(edit_model: str) -> str | None:

@@ -16,8 +16,7 @@ One sample is one safetensors blob. Tensor names:
 Metadata (model ids, revisions, layer indices, prompt, image sizes, dtype, format version) is one
 JSON string under the header key `vision_bridge`. No pickle anywhere; bf16 round-trips bit-exactly.
 
-A rewritten instruction's encoding (stage `rewrites`) is the `qwen25.*` half alone, its prompt the rewrite
-(`rewritten_to_bytes` / `rewritten_from_bytes`).
+A rewritten instruction's encoding (stage `rewrites`) is the `qwen25.*` half alone: see `payloads.py`.
 """
 
 from __future__ import annotations
@@ -101,14 +100,14 @@ class SampleCache:
             "qwen3": {"model_id": self.qwen3.model_id, "revision": self.qwen3.revision,
                       "layer_indices": self.qwen3.layer_indices, "deepstack_indices": sorted(self.qwen3.deepstack),
                       "image_digest": self.qwen3.image_digest},
-            "qwen25": _qwen25_metadata(self.qwen25),
+            "qwen25": qwen25_metadata(self.qwen25),
             "extra": self.extra,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         q3 = self.qwen3
         tensors = {
-            **_qwen25_tensors(self.qwen25),
+            **qwen25_tensors(self.qwen25),
             "qwen3.input_ids": q3.input_ids,
             "qwen3.vision_positions": q3.vision_positions,
             "qwen3.grid_thw": q3.grid_thw,
@@ -122,7 +121,7 @@ def cache_to_bytes(cache: SampleCache) -> bytes:
     return save_safetensors(cache.tensors(), metadata={METADATA_KEY: json.dumps(cache.metadata())})
 
 
-def _read_metadata(data: bytes) -> dict[str, Any]:
+def read_metadata(data: bytes) -> dict[str, Any]:
     header_len = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + header_len])
     raw = header.get("__metadata__", {}).get(METADATA_KEY)
@@ -132,7 +131,7 @@ def _read_metadata(data: bytes) -> dict[str, Any]:
 
 
 def cache_from_bytes(data: bytes) -> SampleCache:
-    meta = _read_metadata(data)
+    meta = read_metadata(data)
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"cache format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
     tensors = load_safetensors(data)
@@ -148,22 +147,22 @@ def cache_from_bytes(data: bytes) -> SampleCache:
         revision=m3["revision"],
         image_digest=m3.get("image_digest", ""),
     )
-    return SampleCache(qwen3, _qwen25_from(tensors, m25), meta["prompt"], [tuple(s) for s in meta["image_sizes"]],
+    return SampleCache(qwen3, qwen25_from(tensors, m25), meta["prompt"], [tuple(s) for s in meta["image_sizes"]],
                        meta.get("extra", {}))
 
 
-def _qwen25_tensors(q25: Qwen25VisionCache) -> dict[str, torch.Tensor]:
+def qwen25_tensors(q25: Qwen25VisionCache) -> dict[str, torch.Tensor]:
     return {"qwen25.prompt_embeds": q25.prompt_embeds, "qwen25.prompt_embeds_mask": q25.prompt_embeds_mask,
             "qwen25.input_ids": q25.input_ids, "qwen25.vision_positions": q25.vision_positions,
             "qwen25.grid_thw": q25.grid_thw}
 
 
-def _qwen25_metadata(q25: Qwen25VisionCache) -> dict[str, Any]:
+def qwen25_metadata(q25: Qwen25VisionCache) -> dict[str, Any]:
     return {"model_id": q25.model_id, "revision": q25.revision, "template": q25.template, "drop_idx": q25.drop_idx,
             "image_digest": q25.image_digest}
 
 
-def _qwen25_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Qwen25VisionCache:
+def qwen25_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Qwen25VisionCache:
     return Qwen25VisionCache(
         prompt_embeds=tensors["qwen25.prompt_embeds"],
         prompt_embeds_mask=tensors["qwen25.prompt_embeds_mask"],
@@ -176,21 +175,6 @@ def _qwen25_from(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Qwen
         drop_idx=meta["drop_idx"],
         image_digest=meta.get("image_digest", ""),
     )
-
-
-def rewritten_to_bytes(qwen25: Qwen25VisionCache, rewrite: str) -> bytes:
-    """Qwen-Image-Edit's encoding of a rewritten instruction (the `qwen25.*` tensors), the rewrite in the header."""
-    tensors = {name: value.detach().cpu().contiguous() for name, value in _qwen25_tensors(qwen25).items()}
-    meta = {"format_version": FORMAT_VERSION, "prompt": rewrite, "qwen25": _qwen25_metadata(qwen25)}
-    return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(meta)})
-
-
-def rewritten_from_bytes(data: bytes) -> tuple[Qwen25VisionCache, str]:
-    """(the rewritten instruction's Qwen25VisionCache, the rewrite)."""
-    meta = _read_metadata(data)
-    if meta.get("format_version") != FORMAT_VERSION or "qwen3" in meta:
-        raise ValueError("not a rewritten-instruction encoding (stage `rewrites`)")
-    return _qwen25_from(load_safetensors(data), meta["qwen25"]), meta["prompt"]
 
 
 def save_cache(cache: SampleCache, uri: str) -> None:

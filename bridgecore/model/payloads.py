@@ -7,12 +7,23 @@ sample each, with their names and shapes in one place. No pickle; provenance as 
                negative_prompt_embeds [L', D], negative_prompt_embeds_mask [L'] (with true CFG)
     latents    condition [sum N_i, 4C], target [N, 4C]   packed, normalised VAE latents (training)
     qwen21     qwen21.prompt_embeds [L, D], qwen21.prompt_embeds_mask [L], qwen21.image_pad_mask [L]
+    rewritten  qwen25.* as in the cache (prompt_embeds, mask, input_ids, vision_positions, grid_thw), the rewrite
+               as the header's prompt
 """
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Any
+
+from bridgecore.model.cache_format import (
+    FORMAT_VERSION,
+    Qwen25VisionCache,
+    qwen25_from,
+    qwen25_metadata,
+    qwen25_tensors,
+    read_metadata,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -75,3 +86,18 @@ def qwen21_to_bytes(conditioning: dict[str, "torch.Tensor"], meta: dict) -> byte
 
 def qwen21_from_bytes(data: bytes) -> dict[str, "torch.Tensor"]:
     return _load(data)
+
+
+def rewritten_to_bytes(qwen25: Qwen25VisionCache, rewrite: str) -> bytes:
+    """Qwen-Image-Edit's encoding of a rewritten instruction (the `qwen25.*` tensors), the rewrite in the header."""
+    tensors = {name: value.detach().cpu().contiguous() for name, value in qwen25_tensors(qwen25).items()}
+    meta = {"format_version": FORMAT_VERSION, "prompt": rewrite, "qwen25": qwen25_metadata(qwen25)}
+    return _save(tensors, meta)
+
+
+def rewritten_from_bytes(data: bytes) -> tuple[Qwen25VisionCache, str]:
+    """(the rewritten instruction's Qwen25VisionCache, the rewrite)."""
+    meta = read_metadata(data)
+    if meta.get("format_version") != FORMAT_VERSION or "qwen3" in meta:
+        raise ValueError("not a rewritten-instruction encoding (stage `rewrites`)")
+    return qwen25_from(_load(data), meta["qwen25"]), meta["prompt"]

@@ -149,10 +149,10 @@ def rewrite_seconds(cost: dict[str, Any], spec: GpuSpec, efficiency: float, batc
     sample's KV cache) at `BANDWIDTH_EFFICIENCY` of the card's bandwidth."""
     flops = cost["prefill"] + cost["decode"] + cost["reencode"]
     compute = (cost["prefill"] + cost["reencode"]) / (efficiency * spec.bf16_dense_flops)
-    steps = cost["new_tokens"]
+    steps = cost["new_tokens"] - 1  # token 1 comes from the prefill's LM head
     mean_context = cost["context_tokens"] / max(1, steps)
     step_bytes = cost["decode_weight_bytes"] + batch * mean_context * cost["kv_bytes_per_token"]
-    step_seconds = max(batch * cost["decode"] / max(1, steps) / (efficiency * spec.bf16_dense_flops),
+    step_seconds = max(batch * cost["decode"] / max(1, cost["new_tokens"]) / (efficiency * spec.bf16_dense_flops),
                        step_bytes / (BANDWIDTH_EFFICIENCY * spec.memory_bandwidth))
     return flops, compute + steps * step_seconds / batch
 

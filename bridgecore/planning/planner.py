@@ -426,6 +426,8 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
     """Everything `vision-bridge plan` prints, as one dict."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive; got {height}x{width}")
+    if rewrite_tokens < 1:
+        raise ValueError(f"rewrite tokens must be at least 1; got {rewrite_tokens}")
     models = build_meta_models()
     models.update(extra_models or {})
     cond_h, cond_w = condition_hw(height, width, condition_area)

@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from bridgecore.batch.pipeline import fingerprints
-from bridgecore.batch.settings import JOB_DEFAULTS, JobSettings
+from bridgecore.batch.settings import JOB_DEFAULTS, JobSettings, settings_for_job
 
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
 
@@ -90,6 +90,10 @@ def test_the_cli_and_the_deployment_give_the_same_job(case, inputs, tiny_zoo, li
     assert fingerprints("bulk-edit", flow) == cli_prints
     if case == "edit":  # the tiny zoo's Edit-Plus takes a tiny job's multi-image samples, decided from the files
         assert flow.plus_model == str(tiny_zoo["qwen-image-edit-plus"])
+        job = {"qwen3": qwen3, "edit_model": edit_model}
+        assert settings_for_job({**job, "plus_model": "none"}).plus_model is None  # the opt-out
+        # training data and its caches: a bridge is trained for one pipeline, so no routing
+        assert settings_for_job(job, route_multi_image=False).plus_model is None
 
 
 def test_the_flows_and_the_cli_take_their_defaults_from_one_place():

@@ -77,6 +77,7 @@ def test_rewrite_settings_are_checked(tiny_zoo, settings):
         replace(settings, rewrite_with="gpt")
     with pytest.raises(ValueError, match="rewrite_max_tokens"):
         replace(settings, rewrite_max_tokens=4)
+    assert replace(settings, rewrite_with="none", max_prompt_tokens=128).rewrite_max_tokens == 12  # only checked in use
     with pytest.raises(ValueError, match="rewrite_system_prompt is empty"):
         replace(settings, rewrite_system_prompt="  ")
     native = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-2.1"]), rewrite_with="qwen3",

@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from vision_bridge import app as shared
-from vision_bridge.app import DEFAULT_HOME, TINY_ZOO_DIR, app, fail, preflight, resolve_or_tiny
+from vision_bridge.app import DEFAULT_HOME, TINY_ZOO_DIR, app, fail, preflight, resolve_or_tiny, user_errors
 
 
 def _write_sample_set(folder: Path) -> Path:
@@ -87,7 +87,7 @@ def quickstart(
         with local_prefect():  # one temporary Prefect server for every arm of the main job
             arms = _quickstart_arms(out_dir, manifest, qwen3, edit_model, bridge, area, edit_steps, native_arm,
                                     rewrite_arm, active_api_url())
-    except ServerStartError as error:
+    except (*user_errors(), ServerStartError) as error:
         fail(str(error))
     typer.echo(f"edited images: {out_dir / 'run'}/{{edits,qwen21-edits}}/<settings>/data/<shard>/<id>.png "
                f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")

@@ -34,6 +34,8 @@ def train(
                                      "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
+    load_in_8bit: bool = typer.Option(False, help="The caches were built with 8-bit VLMs (build-caches' "
+                                      "load_in_8bit): part of their fingerprint, so training finds them."),
 ):
     """Train the bridge with Qwen-Image-Edit's own flow-matching loss; the DiT, VAE and VLMs stay frozen.
     Writes metrics.json with heldout_loss_baseline (zero-init bridge = Qwen-Image-Edit as is),
@@ -57,7 +59,8 @@ def train(
         fail(f"--num-tokens must be at least 1; got {num_tokens}")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
     try:  # the build-caches job's settings: its fingerprints find the caches it wrote
-        settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area))
+        settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
+                                         load_in_8bit=load_in_8bit), route_multi_image=False)
     except user_errors() as error:
         fail(str(error))
     config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,

@@ -37,7 +37,8 @@ class FuseStage(Stage):
     def _fuse(self, data: bytes, ctx: StageContext, item: StageItem) -> "torch.Tensor":
         import torch
 
-        from bridgecore.model.cache_format import cache_from_bytes, rewritten_from_bytes
+        from bridgecore.model.cache_format import cache_from_bytes
+        from bridgecore.model.payloads import rewritten_from_bytes
 
         cache = cache_from_bytes(data)
         qwen25 = cache.qwen25

@@ -27,7 +27,7 @@ class RewriteStage(ExtractStage):
         return {**super().settings_of(settings), "rewrite": settings.rewrite_record()}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from bridgecore.model.cache_format import rewritten_to_bytes
+        from bridgecore.model.payloads import rewritten_to_bytes
         from bridgecore.model.rewrite import SYSTEM_PROMPT, rewrite_for
 
         accepted, refused = self.check_prompt(items, ctx)
