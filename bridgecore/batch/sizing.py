@@ -26,23 +26,33 @@ class ChildRunCost:
 
 
 @functools.lru_cache(maxsize=8)
-def _real_scale_plan(condition_area: int) -> dict:
+def _real_scale_plan(condition_area: int, rewrite_tokens: int = 256) -> dict:
     from bridgecore.planning.planner import plan
 
     side = int(math.sqrt(condition_area))
-    return plan(side, side, condition_area=condition_area)
+    return plan(side, side, condition_area=condition_area, rewrite_tokens=rewrite_tokens)
 
 
 def child_run_cost(settings: JobSettings, pipeline: str, vlm_tflops: float = 120.0, dit_tflops: float = 400.0,
-                   load_gb_per_s: float = 1.3) -> ChildRunCost:
-    """Real-scale estimate from the planner (real configs on the meta device), whatever models the job names."""
-    report = _real_scale_plan(settings.condition_area)
+                   load_gb_per_s: float = 1.3, decode_gb_per_s: float = 3360.0) -> ChildRunCost:
+    """Real-scale estimate from the planner (real configs on the meta device), whatever models the job names.
+    The rewrite arm adds Qwen3-VL's prefill, its decoding (memory-bound: the weights read once per step of a
+    batch, at `decode_gb_per_s`, 70% of an H200's 4.8 TB/s) and the rewrite's Qwen2.5-VL encoding."""
+    report = _real_scale_plan(settings.condition_area, settings.rewrite_max_tokens)
     models, flops = report["models"], report["flops"]
     weights = models["qwen3_vl"]["bytes_bf16"] + models["qwen25_vl"]["bytes_bf16"]
     vlm_work = flops["qwen3_extraction"]["total"] + flops["qwen25_extraction"]["total"]
     if settings.uses_cfg:
         vlm_work += flops["qwen25_extraction"]["total"]  # the negative prompt, Qwen2.5-VL only
+    if settings.rewrite_with != "none":
+        rewrite = report["rewrite"]
+        vlm_work += rewrite["reencode"]
+        if settings.rewrite_with == "qwen3":
+            vlm_work += rewrite["prefill"]
     seconds = vlm_work / (vlm_tflops * 1e12)
+    if settings.rewrite_with == "qwen3":
+        steps = report["rewrite"]["new_tokens"] - 1
+        seconds += steps * report["rewrite"]["decode_weight_bytes"] / (decode_gb_per_s * 1e9) / settings.batch_size
     if pipeline == "bulk-edit":
         weights += models["transformer"]["bytes_bf16"] + models["vae"]["bytes_bf16"]
         dit_work = flops["dit_step"] * settings.steps * (2 if settings.uses_cfg else 1) + flops["bridge"]
