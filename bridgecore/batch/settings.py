@@ -226,12 +226,17 @@ class JobSettings:
         """Whether the edits read a rewritten instruction (stage `rewrites`)."""
         return self.rewrite_with != "none"
 
+    @property
+    def rewrite_prompt(self) -> str:
+        """The rewriter's system prompt: the job's, else `rewrite.SYSTEM_PROMPT`."""
+        return self.rewrite_system_prompt or SYSTEM_PROMPT
+
     def rewrite_record(self) -> dict[str, Any]:
         """What a rewrite depends on: for qwen3 the model, its revision, the system prompt and the decoding."""
         if self.rewrite_with != "qwen3":
             return {"rewrite_with": self.rewrite_with}
         return {"rewrite_with": "qwen3", "qwen3_model": self.qwen3_model, "qwen3_revision": self.revision(self.qwen3_model),
-                "system_prompt": self.rewrite_system_prompt or SYSTEM_PROMPT,
+                "system_prompt": self.rewrite_prompt,
                 "decoding": {"greedy": True, "max_new_tokens": self.rewrite_max_tokens}}
 
     @property

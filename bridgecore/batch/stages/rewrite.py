@@ -28,7 +28,7 @@ class RewriteStage(ExtractStage):
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         from bridgecore.model.payloads import rewritten_to_bytes
-        from bridgecore.model.rewrite import SYSTEM_PROMPT, rewrite_for
+        from bridgecore.model.rewrite import rewrite_for
 
         accepted, refused = self.check_prompt(items, ctx)
         ready, results = read_images(accepted, ctx.settings.condition_area)
@@ -38,7 +38,7 @@ class RewriteStage(ExtractStage):
             instructions = [item.sample.instruction for item, _ in group]
             if settings.rewrite_with == "qwen3":
                 generated = rewrite_for(editor.extractor, [images for _, images in group], instructions,
-                                        settings.rewrite_system_prompt or SYSTEM_PROMPT, settings.rewrite_max_tokens)
+                                        settings.rewrite_prompt, settings.rewrite_max_tokens)
             else:
                 generated = [(instruction, 0) for instruction in instructions]
             # An empty answer (a model that only closed its turn) falls back to the instruction, flagged.
