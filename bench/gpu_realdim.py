@@ -366,7 +366,7 @@ class RealDimBenchmark:
         from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
         from bridgecore.model.edit_benchmark import ModuleTimer
-        from bridgecore.model.edit_pipeline import pipeline_areas
+        from bridgecore.model.edit_pipeline import call_with_areas
         from bridgecore.zoo.real_models import REAL_SCHEDULER_CONFIG, build_real_model
 
         vae = build_real_model("vae", self.device, self.dtype)
@@ -377,10 +377,10 @@ class RealDimBenchmark:
         pipe.set_progress_bar_config(disable=True)
 
         def edit():
-            with pipeline_areas(pipe, self.area, self.area):
-                return pipe(image=self.image, prompt_embeds=self.caches["embeds"], prompt_embeds_mask=self.caches["mask"],
-                            true_cfg_scale=1.0, num_inference_steps=self.args.steps, output_type="np",
-                            generator=torch.Generator(self.device).manual_seed(0)).images[0]
+            return call_with_areas(pipe, self.area, self.area,
+                                   image=self.image, prompt_embeds=self.caches["embeds"], prompt_embeds_mask=self.caches["mask"],
+                                   true_cfg_scale=1.0, num_inference_steps=self.args.steps, output_type="np",
+                                   generator=torch.Generator(self.device).manual_seed(0)).images[0]
 
         timers = {name: ModuleTimer(getattr(vae, name), self.device) for name in ("encoder", "decoder")}
         try:

@@ -30,7 +30,7 @@ def process_shards(output: str, shard_ids: list[str], settings: dict, pipeline: 
                    run: str | None = None) -> dict:
     # run
     def as_task(stage, ctx, shard_id):
-        return run_stage(output, pipeline, stage.name, shard_id, settings, ctx.fingerprints[stage.name])
+        return run_stage(output, pipeline, stage.name, shard_id, settings, ctx.for_shard(shard_id).fingerprints[stage.name])
 
     started, before = time.monotonic(), WORKER_MODELS.counts
     after = run_pipeline(output, pipeline, shard_ids, JobSettings.from_dict(settings), run_stage=as_task,

@@ -1,17 +1,19 @@
-"""Flow `train-bridge`: train the bridge against the frozen DiT from precomputed caches.
+"""Flow `train-bridge`: train the bridge against the frozen DiT from precomputed caches, on one GPU or on
+`nproc_per_node` GPUs of the worker (torch.distributed, one process each).
 
-    prefect deployment run train-bridge/gpu --param data=s3://bucket/caches --param out=/ckpt/bridge-v1
+    prefect deployment run train-bridge/gpu --param data=s3://bucket/caches --param out=s3://bucket/bridge-v1
+    prefect deployment run train-bridge/gpu --param data=s3://bucket/caches --param out=s3://bucket/bridge-v1 \
+        --param nproc_per_node=8
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
+from bridgecore.storage import Storage
 from tasks.train import train_bridge_task
 
 
@@ -20,21 +22,24 @@ def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str 
                  steps: int = 1000, batch_size: int = 4, learning_rate: float = 1e-4, eval_every: int = 100,
                  seed: int = 0, condition_area: int = D["condition_area"], device: str = D["device"],
                  load_in_8bit: bool = D["load_in_8bit"], rank: int = 256,
-                 ablate_qwen3: str = "none", mode: str = "both", num_tokens: int = 1) -> dict:
+                 ablate_qwen3: str = "none", mode: str = "both", num_tokens: int = 1, nproc_per_node: int = 1,
+                 data_streams: int | None = None, shuffle_buffer: int = 64, data_workers: int = 1) -> dict:
     # train
     # the same settings as the build-caches job that wrote the caches: its fingerprints find them
     settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
                                      load_in_8bit=load_in_8bit), route_multi_image=False)
     config = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, eval_every=eval_every,
-                  checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
+                  checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3,
+                  data_streams=data_streams or nproc_per_node, shuffle_buffer=shuffle_buffer, data_workers=data_workers)
     metrics = train_bridge_task(data, out, settings.to_dict(), config, {"rank": rank, "mode": mode,
-                                                                       "num_tokens": num_tokens})
-    # report
-    curve = Path(out) / "loss_curve.png"
-    if curve.exists():
+                                                                       "num_tokens": num_tokens}, nproc_per_node)
+    # report: the loss curve wherever --out is (a local folder or object storage)
+    storage = Storage(out)
+    if storage.exists("loss_curve.png"):
         import base64
 
-        create_markdown_artifact(f"![loss curve](data:image/png;base64,{base64.b64encode(curve.read_bytes()).decode()})",
+        curve = storage.read_bytes("loss_curve.png")
+        create_markdown_artifact(f"![loss curve](data:image/png;base64,{base64.b64encode(curve).decode()})",
                                  key="bridge-loss-curve")
     create_markdown_artifact(
         f"# Bridge training\n\n| held-out loss | value |\n|---|---|\n"
@@ -45,5 +50,7 @@ def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str 
         f"[{metrics['qwen3_information_gain_ci'][0]:+.6f}, {metrics['qwen3_information_gain_ci'][1]:+.6f}] "
         f"(ablation: {ablate_qwen3})\n\nheld-out loss with one Qwen3 level zeroed: "
         + ", ".join(f"{level} {loss:.5f}" for level, loss in metrics["heldout_loss_level_zeroed"].items())
-        + f"\n\nbridge: {mode}, K={num_tokens}; checkpoint: `{out}`\n", key="bridge-training")
+        + f"\n\nbridge: {mode}, K={num_tokens}; {metrics['world_size']} process(es), {metrics['data_streams']} data "
+        f"stream(s), global batch {metrics['global_batch']}, {metrics['samples_per_s']:.1f} samples/s, "
+        f"{metrics['data_wait_share']:.0%} waiting for data; checkpoint: `{out}`\n", key="bridge-training")
     return metrics

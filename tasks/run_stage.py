@@ -16,7 +16,7 @@ WORKER_MODELS = LoadedModels()
 @task(name="run-stage", task_run_name="{stage}-{shard_id}", cache_policy=StageCachePolicy(),
       result_serializer="json", retries=3, retry_delay_seconds=2, retry_condition_fn=is_transient)
 def run_stage(output: str, pipeline: str, stage: str, shard_id: str, settings: dict, fingerprint: str) -> dict:
-    ctx = make_context(output, pipeline, JobSettings.from_dict(settings), WORKER_MODELS)
+    ctx = make_context(output, pipeline, JobSettings.from_dict(settings), WORKER_MODELS).for_shard(shard_id)
     if ctx.fingerprints[stage] != fingerprint:
         raise RuntimeError(f"{stage}: this worker computes fingerprint {ctx.fingerprints[stage]}, the job planned "
                            f"{fingerprint}: its code or models differ from the planner's; update the worker")

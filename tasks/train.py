@@ -1,5 +1,7 @@
 """Task: train the bridge from a manifest or a cache location (GPU). Resumes from the latest checkpoint."""
 
+import logging
+
 from prefect import get_run_logger, task
 
 from bridgecore.batch.settings import JobSettings
@@ -8,9 +10,11 @@ from bridgecore.training.trainer import TrainConfig
 
 
 @task(name="train_bridge", result_serializer="json")
-def train_bridge_task(data: str, out: str, settings: dict, train_config: dict, bridge_overrides: dict) -> dict:
+def train_bridge_task(data: str, out: str, settings: dict, train_config: dict, bridge_overrides: dict,
+                      nproc_per_node: int = 1) -> dict:
+    logging.getLogger("bridgecore").setLevel(logging.INFO)  # per-step progress and evaluations, to the UI
     metrics = run_training(data, out, JobSettings.from_dict(settings), TrainConfig(**train_config), bridge_overrides,
-                           progress=False)
+                           progress=False, nproc_per_node=nproc_per_node)
     get_run_logger().info("held-out loss %.5f (zero-init bridge) -> %.5f (trained), %.5f with Qwen3 shuffled: "
                           "information gain %+.6f, 95%% CI %s", metrics["heldout_loss_baseline"],
                           metrics["heldout_loss_trained"], metrics["heldout_loss_qwen3_shuffled"],

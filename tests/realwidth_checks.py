@@ -34,7 +34,7 @@ def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> t
     """(ours, diffusers', ours at another seed): our baseline edit, diffusers' own pipeline (loaded separately,
     same dtype and device) given the same prompt embeddings, seed and condition area, and the scale of an
     unrelated difference."""
-    from bridgecore.model.edit_pipeline import pipeline_areas
+    from bridgecore.model.edit_pipeline import call_with_areas
     from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
 
     editor = editor_for(zoo, device, area)
@@ -46,10 +46,10 @@ def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> t
     embeds, mask, _ = editor.encode([[image]], [PROMPT], use_qwen3_vision=False)
     editor.unload()
     plain = load_edit_pipeline(resolve_model(zoo["qwen-image-edit"]), LoadOptions(device=device, dtype="bfloat16"))
-    with pipeline_areas(plain, area, area):
-        reference = plain(image=image, prompt_embeds=embeds.to(device), prompt_embeds_mask=mask.to(device),
-                          num_inference_steps=steps, true_cfg_scale=1.0, output_type="np",
-                          generator=torch.Generator(device).manual_seed(seed)).images[0]
+    reference = call_with_areas(plain, area, area,
+                                image=image, prompt_embeds=embeds.to(device), prompt_embeds_mask=mask.to(device),
+                                num_inference_steps=steps, true_cfg_scale=1.0, output_type="np",
+                                generator=torch.Generator(device).manual_seed(seed)).images[0]
     del plain
     return ours, reference, other_seed
 

@@ -23,14 +23,14 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from bridgecore.storage import Storage
-from bridgecore.batch.records import Sample
+from bridgecore.batch.records import ROUTES, Sample
 from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
-from bridgecore.batch.shard_store import CorruptShardError, ShardBusyError
-from bridgecore.batch.sharding import cut_shards, read_assignment, read_inputs, write_plan
+from bridgecore.batch.shard_store import CorruptShardError, ShardBusyError, ShardStore
+from bridgecore.batch.sharding import PLAN_SHARDS, cut_shards, read_assignment, read_inputs, write_plan
 from bridgecore.batch.stage import Stage, StageContext
 from bridgecore.batch.stages.edit import EditStage
 from bridgecore.batch.stages.evaluate import EvaluateStage
@@ -66,8 +66,16 @@ def pipeline_stages(pipeline: str, settings: JobSettings) -> list[Stage]:
     return [STAGES[name] for name in PIPELINES[pipeline] if STAGES[name].enabled(settings)]
 
 
-def fingerprints(pipeline: str, settings: JobSettings) -> dict[str, str]:
-    """{stage: fingerprint} of the pipeline's enabled stages under these settings."""
+def fingerprints(pipeline: str, settings: JobSettings, route: str = "single") -> dict[str, str]:
+    """{stage: fingerprint} of the pipeline's enabled stages under these settings, for the shards of one route.
+
+    A single-image shard's outputs are what the job gives without an Edit-Plus `plus_model`, so its route is
+    fingerprinted without it: adding `plus_model` to a finished job runs only its multi-image shards.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}; got {route!r}")
+    if route == "single" and settings.plus_model:
+        settings = replace(settings, plus_model=None)
     result: dict[str, str] = {}
     for stage in pipeline_stages(pipeline, settings):
         upstream = {name: result[name] for name in stage.upstream + stage.optional_upstream if name in result}
@@ -77,6 +85,57 @@ def fingerprints(pipeline: str, settings: JobSettings) -> dict[str, str]:
         record = json.dumps(stage.fingerprint_record(settings, upstream), sort_keys=True, default=str)
         result[stage.name] = hashlib.sha256(record.encode()).hexdigest()[:16]
     return result
+
+
+def route_fingerprints(pipeline: str, settings: JobSettings) -> dict[str, dict[str, str]]:
+    """{route: {stage: fingerprint}}."""
+    return {route: fingerprints(pipeline, settings, route) for route in ROUTES}
+
+
+def shard_routes(storage: Storage, shards: list[str]) -> dict[str, str]:
+    """{shard: route}, from the shards' plans (a shard whose plan is unreadable counts as single-image)."""
+    routes = {}
+    for (_, name), data in storage.read_many([(PLAN_SHARDS, f"{shard}.json") for shard in shards]).items():
+        try:
+            samples = json.loads(data)["samples"]
+        except (TypeError, ValueError, KeyError):
+            samples = []
+        routes[name[: -len(".json")]] = "multi" if any(len(s.get("images") or ()) > 1 for s in samples) else "single"
+    return routes
+
+
+class ShardFingerprints:
+    """The fingerprints of each shard of a job: its route's. Plans are read only when the routes differ."""
+
+    def __init__(self, storage: Storage, pipeline: str, settings: JobSettings, shards: list[str],
+                 known_routes: dict[str, str] | None = None):
+        self.storage, self.routes = storage, route_fingerprints(pipeline, settings)
+        self.stages = pipeline_stages(pipeline, settings)
+        self.differ = self.routes["single"] != self.routes["multi"]
+        self.shard_route: dict[str, str] = {}
+        if self.differ:
+            self.shard_route = dict(known_routes or {})
+            self.shard_route.update(shard_routes(storage, [s for s in shards if s not in self.shard_route]))
+
+    def of(self, shard_id: str) -> dict[str, str]:
+        return self.routes[self.shard_route.get(shard_id, "single")]
+
+    def record(self) -> dict[str, Any]:
+        """What identifies the job's outputs: one route's fingerprints, or both when they differ."""
+        return self.routes if self.differ else self.routes["single"]
+
+    def committed(self, shards: list[str]) -> dict[str, set[str]]:
+        """{stage: the shards committed under their route's fingerprint}, one listing per stage and route."""
+        result = {}
+        for stage in self.stages:
+            listed: dict[str, set[str]] = {}  # fingerprint -> its committed shards
+            for fingerprint in {self.of(shard)[stage.name] for shard in shards}:
+                listed[fingerprint] = stage.store(self.storage, fingerprint).done_shards()
+            result[stage.name] = {shard for shard in shards if shard in listed[self.of(shard)[stage.name]]}
+        return result
+
+    def store(self, stage: Stage, shard_id: str) -> ShardStore:
+        return stage.store(self.storage, self.of(shard_id)[stage.name])
 
 
 def leaf_stages(pipeline: str, settings: JobSettings) -> list[str]:
@@ -129,22 +188,20 @@ def read_job(storage: Storage, job: str) -> dict[str, list[str]]:
 
 
 def _failed_samples(storage: Storage, pipeline: str, settings: JobSettings, shards: list[str]) -> set[str]:
-    prints = fingerprints(pipeline, settings)
+    prints = ShardFingerprints(storage, pipeline, settings, shards)
+    committed = prints.committed(shards)
     failed: set[str] = set()
     for name in leaf_stages(pipeline, settings):
-        store = STAGES[name].store(storage, prints[name])
-        done = store.done_shards()
         for shard in shards:
-            if shard in done:
-                failed |= {row["id"] for row in store.table(shard) if row["status"] == "failed"}
+            if shard in committed[name]:
+                failed |= {row["id"] for row in prints.store(STAGES[name], shard).table(shard)
+                           if row["status"] == "failed"}
     return failed
 
 
 def _repair_plans(storage: Storage, shards: list[str], samples: list[Sample], rows: list[tuple[str, str, str]]) -> None:
     """Rewrites the plan files of shards about to run that are missing or unreadable (a truncated write, a
     deleted object), from the inputs: damage heals on rerun instead of failing every run the same way."""
-    from bridgecore.batch.sharding import PLAN_SHARDS
-
     contents = storage.read_many([(PLAN_SHARDS, f"{shard}.json") for shard in shards])
     broken = []
     for (_, name), data in contents.items():
@@ -204,9 +261,9 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
     del assignment  # the largest structure of planning: free it before the job file is written
     job = _write_job(storage, rows)
     shards = sorted({shard for _, _, shard in rows})
-    prints = fingerprints(pipeline, settings)
-    committed = {stage.name: stage.store(storage, prints[stage.name]).done_shards()
-                 for stage in pipeline_stages(pipeline, settings)}
+    multi = {shard for sample, (_, _, shard) in zip(samples, rows) if sample.multi_image}
+    routes = {shard: "multi" if shard in multi else "single" for shard in shards}
+    committed = ShardFingerprints(storage, pipeline, settings, shards, known_routes=routes).committed(shards)
     finished = set(shards).intersection(*committed.values())
     pending = [shard for shard in shards if shard not in finished]
     _repair_plans(storage, [shard for shard in pending if shard not in fresh], samples, rows)
@@ -220,9 +277,8 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
 
 def committed_stages(output_uri: str, pipeline: str, settings: JobSettings, shards: list[str]) -> int:
     """How many (stage, shard) pairs of `shards` are committed: a worker's progress, one listing per stage."""
-    storage, prints = Storage(output_uri), fingerprints(pipeline, settings)
-    return sum(len(set(shards) & stage.store(storage, prints[stage.name]).done_shards())
-               for stage in pipeline_stages(pipeline, settings))
+    storage = Storage(output_uri)
+    return sum(len(done) for done in ShardFingerprints(storage, pipeline, settings, shards).committed(shards).values())
 
 
 # -- running ----------------------------------------------------------------------------------------------
@@ -236,8 +292,9 @@ def run_stage_here(stage: Stage, ctx: StageContext, shard_id: str) -> dict:
 
 def make_context(output_uri: str, pipeline: str, settings: JobSettings,
                  loaded: LoadedModels | None = None) -> StageContext:
-    return StageContext(Storage(output_uri), settings, fingerprints(pipeline, settings), ModelPool(settings, loaded),
-                        STAGES)
+    routes = route_fingerprints(pipeline, settings)
+    return StageContext(Storage(output_uri), settings, routes["single"], ModelPool(settings, loaded), STAGES,
+                        routes=routes if routes["single"] != routes["multi"] else {})
 
 
 def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings: JobSettings,
@@ -258,10 +315,11 @@ def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings:
         try:
             return run_stage(stage, ctx, shard_id)
         except CorruptShardError as error:
-            if attempts <= 0 or error.stage not in ctx.fingerprints:
+            prints = ctx.for_shard(shard_id).fingerprints
+            if attempts <= 0 or error.stage not in prints:
                 raise
             logger.warning("%s of %s is corrupt or missing (%s): recomputing it", error.stage, shard_id, error)
-            STAGES[error.stage].store(ctx.storage, ctx.fingerprints[error.stage]).invalidate(shard_id)
+            STAGES[error.stage].store(ctx.storage, prints[error.stage]).invalidate(shard_id)
             if error.stage != stage.name:
                 run(STAGES[error.stage], shard_id, attempts - 1)
             return run(stage, shard_id, attempts - 1)
@@ -291,7 +349,8 @@ def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings:
 
 
 def run_id(job: str, pipeline: str, settings: JobSettings) -> str:
-    prints = fingerprints(pipeline, settings)
+    routes = route_fingerprints(pipeline, settings)
+    prints = routes if routes["single"] != routes["multi"] else routes["single"]
     return hashlib.sha256(json.dumps([job, pipeline, prints], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -308,12 +367,13 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
     import pyarrow.parquet as pq
 
     storage = Storage(output_uri)
-    prints = fingerprints(pipeline, settings)
-    stages = pipeline_stages(pipeline, settings)
-    stores = {stage.name: stage.store(storage, prints[stage.name]) for stage in stages}
-    done_shards = {name: store.done_shards() for name, store in stores.items()}
+    members = read_job(storage, job)
+    prints = ShardFingerprints(storage, pipeline, settings, sorted(members))
+    stages = prints.stages
+    done_shards = prints.committed(sorted(members))
     rows, damaged, empty_rewrites = [], [], 0
-    for shard_id, wanted in sorted(read_job(storage, job).items()):
+    for shard_id, wanted in sorted(members.items()):
+        stores = {stage.name: prints.store(stage, shard_id) for stage in stages}
         states = {sample_id: {"id": sample_id, "shard": shard_id, "status": "pending", "stage": None, "error": None,
                               "output": None, "metrics": None, "rewrite": None} for sample_id in wanted}
         committed = [stage for stage in stages if shard_id in done_shards[stage.name]]
@@ -351,12 +411,15 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
         if "capability" in metrics:
             capabilities.setdefault(metrics["capability"], []).append(metrics["edit_success"])
     run = run_id(job, pipeline, settings)
-    summary = {"run": run, "job": job, "pipeline": pipeline, "settings": settings.to_dict(), "fingerprints": prints,
+    summary = {"run": run, "job": job, "pipeline": pipeline, "settings": settings.to_dict(),
+               "fingerprints": prints.routes["single"],
                "counts": counts, "shards": len({r["shard"] for r in rows}), "damaged": damaged,
                "failures": [{"id": r["id"], "stage": r["stage"], "error": r["error"]} for r in rows
                             if r["status"] == "failed"],
                "capabilities": {name: {"samples": len(v), "edit_success": float(np.mean(v))}
                                 for name, v in sorted(capabilities.items())}}
+    if prints.differ:  # the multi-image shards' stages run the Edit-Plus model: other fingerprints
+        summary["multi_image_fingerprints"] = prints.routes["multi"]
     if settings.rewrites:
         summary["rewrites"] = {"samples": sum(r["rewrite"] is not None for r in rows),
                                "empty_kept_the_instruction": empty_rewrites}
@@ -373,13 +436,12 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
     return summary
 
 
-def stage_stats(storage: Storage, stages: list[Stage], prints: dict[str, str], shards: list[str]) -> dict[str, Any]:
+def stage_stats(storage: Storage, stages: list[Stage], prints: ShardFingerprints, shards: list[str]) -> dict[str, Any]:
     """Per stage, from the committed markers of the run's shards (so relaunches merge by themselves): shards,
     samples done/failed, seconds, samples/s, the workers that did it and their peak memory."""
     stats = {}
     for stage in stages:
-        store = stage.store(storage, prints[stage.name])
-        markers = storage.read_many([(store.folder, "_done", f"{shard}.json") for shard in shards])
+        markers = storage.read_many([(prints.store(stage, shard).folder, "_done", f"{shard}.json") for shard in shards])
         parsed = []
         for data in markers.values():
             try:

@@ -58,6 +58,10 @@ class Sample:
     def key(self) -> str:
         return storage_key(self.id)
 
+    @property
+    def multi_image(self) -> bool:
+        return len(self.images) > 1
+
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "images": list(self.images), "instruction": self.instruction,
                 "input_hash": self.input_hash, "target": self.target, "error": self.error, "extra": self.extra}
@@ -66,6 +70,15 @@ class Sample:
     def from_dict(cls, value: dict[str, Any]) -> "Sample":
         return cls(value["id"], tuple(value["images"]), value["instruction"], value["input_hash"],
                    value.get("target"), value.get("error"), value.get("extra") or {})
+
+
+# A shard's route: "multi" when it holds a multi-image sample (those an Edit-Plus `plus_model` takes), else
+# "single". New shards hold one route only, so each route is fingerprinted by its own pipeline.
+ROUTES = ("single", "multi")
+
+
+def shard_route(samples: list[Sample]) -> str:
+    return "multi" if any(sample.multi_image for sample in samples) else "single"
 
 
 @dataclass

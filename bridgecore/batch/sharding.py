@@ -289,12 +289,19 @@ def shard_id_for(samples: list[Sample], salt: str = "") -> str:
 
 
 def cut_shards(samples: list[Sample], shard_size: int, salt: str = "") -> dict[str, list[Sample]]:
-    """Shards of `shard_size` samples, sorted by id; the same samples always give the same shards."""
+    """Shards of `shard_size` samples, sorted by id; the same samples always give the same shards.
+
+    Single-image and multi-image samples go to separate shards: a job that routes multi-image samples to an
+    Edit-Plus model fingerprints those shards with it and leaves the single-image shards' outputs as they are.
+    """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1; got {shard_size}")
-    ordered = sorted(samples, key=lambda s: s.id)
-    chunks = [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
-    return {shard_id_for(chunk, salt): chunk for chunk in chunks}
+    shards: dict[str, list[Sample]] = {}
+    for multi in (False, True):
+        ordered = sorted((s for s in samples if s.multi_image == multi), key=lambda s: s.id)
+        chunks = [ordered[i:i + shard_size] for i in range(0, len(ordered), shard_size)]
+        shards.update({shard_id_for(chunk, salt): chunk for chunk in chunks})
+    return shards
 
 
 def load_plan(storage: Storage, shard_id: str) -> list[Sample]:

@@ -20,15 +20,18 @@ import json
 import logging
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from bridgecore.storage import Storage, is_transient_error
-from bridgecore.batch.records import Sample, SampleResult
+from bridgecore.batch.records import Sample, SampleResult, shard_route
 from bridgecore.batch.settings import JobSettings, ModelPool
 from bridgecore.batch.shard_store import ShardContents, ShardStore
 from bridgecore.batch.sharding import load_plan
+
+if TYPE_CHECKING:
+    from bridgecore.batch.stages.outputs import StageOutput
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +44,44 @@ class StageItem:
     upstream: dict[str, dict[str, bytes]] = field(default_factory=dict)  # stage -> extension -> bytes
     upstream_info: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage -> its row's info
 
+    def has(self, output: "StageOutput") -> bool:
+        """Whether that stage (an upstream stage enabled for the job) handed this sample its output."""
+        return output.stage in self.upstream
+
+    def output(self, output: "StageOutput") -> Any:
+        """An upstream stage's output for this sample, read back (see `stages/outputs.py`)."""
+        if output.stage not in self.upstream:
+            raise KeyError(f"sample {self.sample.id} has no {output.stage} output (not upstream of this stage?)")
+        return output.read(self.upstream[output.stage])
+
 
 @dataclass
 class StageContext:
     """What a stage sees besides its items: storage, settings, every stage's fingerprint, the models, and the
-    pipeline's stages by name (where its upstream stages' shards are found)."""
+    pipeline's stages by name (where its upstream stages' shards are found).
+
+    `fingerprints` are those of one route (see `records.ROUTES`): a run's context holds the single-image
+    route's, and `for_shard` gives the context of one shard's route (its plan says which).
+    """
 
     storage: Storage
     settings: JobSettings
     fingerprints: dict[str, str]
     models: ModelPool
     stages: dict[str, "Stage"] = field(default_factory=dict)
+    routes: dict[str, dict[str, str]] = field(default_factory=dict)  # route -> fingerprints, when routes differ
+    shard_routes: dict[str, str] = field(default_factory=dict)  # shard -> route, read from plans once
+
+    def route(self, shard_id: str) -> str:
+        if shard_id not in self.shard_routes:
+            self.shard_routes[shard_id] = shard_route(load_plan(self.storage, shard_id))
+        return self.shard_routes[shard_id]
+
+    def for_shard(self, shard_id: str) -> "StageContext":
+        """This context with the fingerprints of the shard's route (itself when every route has the same)."""
+        if not self.routes:
+            return self
+        return replace(self, fingerprints=self.routes[self.route(shard_id)])
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -136,6 +166,7 @@ class Stage:
 
     def run_shard(self, ctx: StageContext, shard_id: str, progress: Callable[[int], None] | None = None) -> dict:
         """Runs one shard through this stage unless it is committed. Returns the marker."""
+        ctx = ctx.for_shard(shard_id)
         store = self.store(ctx.storage, ctx.fingerprints[self.name])
         if store.is_done(shard_id):
             return {**store.marker(shard_id), "skipped": True}

@@ -3,7 +3,13 @@
 `--data` is either a manifest with a `target` column (the batch pipeline's format; the evaluation
 benchmark writes one) or an output location written by `build-caches`. Both go through the batch
 executor's `training-data` pipeline (stages `caches` and `latents`): committed shards are reused under
-the same settings, so training itself never runs a VLM when caches exist. `run_training` then trains.
+the same settings, so training itself never runs a VLM when caches exist.
+
+`CommittedShards` is the trainer's `ExampleSource` over those shards, local or on object storage: which
+examples exist comes from the stage tables (small), the payloads are read shard by shard as the data
+streams need them. `run_training` trains in this process, or on N local GPUs (`nproc_per_node`): it
+prepares the data once, then launches one rank per GPU through torch's elastic launcher (what `torchrun`
+runs), each rank loading the frozen DiT and reading only its own data streams.
 """
 
 from __future__ import annotations
@@ -11,15 +17,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-
 from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
 from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
+from bridgecore.batch.stages.outputs import CACHES, LATENTS
 from bridgecore.model.bridge import BridgeConfig
-from bridgecore.model.cache_format import cache_from_bytes
-from bridgecore.model.payloads import latents_from_bytes
 from bridgecore.storage import Storage
+from bridgecore.training.data import ExampleRef, read_refs
 from bridgecore.training.examples import TrainingExample
-from bridgecore.training.trainer import BridgeTrainer, TrainConfig
+from bridgecore.training.trainer import BridgeTrainer, Ranks, TrainConfig
 
 logger = logging.getLogger(__name__)
 PIPELINE = "training-data"
@@ -38,16 +43,71 @@ def _latest_job(storage: Storage, data_uri: str) -> str:
     return newest[: -len(".parquet")]
 
 
-def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64,
-                     loaded: LoadedModels | None = None) -> list[TrainingExample]:
-    """Caches and latents for every triplet of `data_uri`, computed once; refuses bad data. With `loaded`, the
-    models stay there for the trainer (the VLMs freed, the DiT kept)."""
-    import json
+class CommittedShards:
+    """The training examples committed by the `training-data` pipeline under `output`: an `ExampleSource`.
 
+    Constructed from plain values, so every rank of a distributed run builds its own. Refuses bad data before
+    training (from the tables alone): triplets whose target size differs from the source; samples that failed
+    are skipped with a warning.
+    """
+
+    def __init__(self, output: str, settings: JobSettings, shards: list[str]):
+        self.output, self.settings, self.shards = output, settings, sorted(shards)
+        prints = fingerprints(PIPELINE, settings)
+        storage = Storage(output)
+        self.caches = STAGES[CACHES.stage].store(storage, prints[CACHES.stage])
+        self.latents = STAGES[LATENTS.stage].store(storage, prints[LATENTS.stage])
+        self._refs: list[ExampleRef] | None = None
+
+    def refs(self) -> list[ExampleRef]:
+        import json
+
+        if self._refs is not None:
+            return list(self._refs)
+        problems, refs = [], []
+        for shard in self.shards:
+            caches = {row["id"]: row for row in self.caches.table(shard)}
+            for row in self.latents.table(shard):
+                cache_row = caches.get(row["id"])
+                if cache_row is None or cache_row["status"] != "done" or row["status"] != "done":
+                    problems.append(f"{row['id']}: {(cache_row or {}).get('error') or row['error']}")
+                    continue
+                info = json.loads(row["info"])
+                hw = tuple(info["latent_hw"])
+                condition_hw = tuple(tuple(g) for g in info.get("condition_hw", [])) or (hw,)
+                refs.append(ExampleRef(shard, row["id"], (hw, condition_hw), len(row["images"])))
+        size_problems = [p for p in problems if "differs from source" in p]
+        if size_problems:
+            raise ValueError("triplets whose target size differs from the source: " + "; ".join(size_problems[:10]))
+        if problems:
+            logger.warning("%d samples are not usable for training: %s", len(problems), "; ".join(problems[:5]))
+        if not refs:
+            raise ValueError(f"no usable training triplets in {self.output}" + (f" ({problems[0]})" if problems else ""))
+        self._refs = refs
+        return list(refs)
+
+    def read(self, shard: str, keys: set[str]) -> dict[str, TrainingExample]:
+        import json
+
+        caches, latents = self.caches.read(shard), self.latents.read(shard)  # checksums verified
+        examples = {}
+        for key in keys:
+            condition, target = LATENTS.read(latents.payloads[key])
+            info = json.loads(latents.rows[key]["info"])
+            examples[key] = TrainingExample(key, CACHES.read(caches.payloads[key]), condition, target,
+                                            tuple(info["latent_hw"]),
+                                            tuple(tuple(hw) for hw in info.get("condition_hw", [])))
+        return examples
+
+
+def prepare_data(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64,
+                 loaded: LoadedModels | None = None) -> CommittedShards:
+    """Caches and latents for every triplet of `data_uri`, computed once (committed shards are reused). With
+    `loaded`, the models stay there for the trainer (the VLMs freed, the DiT kept)."""
     if _is_manifest(data_uri):
         output = work_uri
         plan = plan_job(data_uri, output, settings, PIPELINE, shard_size=shard_size)
-        job, shards = plan.job, plan.shards
+        shards = plan.shards
     else:
         output = data_uri
         storage = Storage(output)
@@ -55,39 +115,27 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
         if not STAGES["caches"].store(storage, caches_fp).done_shards():
             raise ValueError(f"{data_uri}: no committed caches for these models and condition area "
                              f"(looked in caches/{caches_fp}); found: {storage.list('caches') or 'none'}")
-        job = _latest_job(storage, data_uri)
-        shards = sorted(read_job(storage, job))
+        shards = sorted(read_job(storage, _latest_job(storage, data_uri)))
     loaded = loaded if loaded is not None else LoadedModels()
     run_pipeline(output, PIPELINE, shards, settings, loaded=loaded)
     ModelPool(settings, loaded).release(keep=("dit",))
-    storage, prints = Storage(output), fingerprints(PIPELINE, settings)
-    problems, examples = [], []
-    for shard_id in shards:
-        caches = STAGES["caches"].store(storage, prints["caches"]).read(shard_id)
-        latents = STAGES["latents"].store(storage, prints["latents"]).read(shard_id)
-        for sample_id, row in latents.rows.items():
-            cache_row = caches.rows[sample_id]
-            if cache_row["status"] != "done" or row["status"] != "done":
-                problems.append(f"{sample_id}: {cache_row['error'] or row['error']}")
-                continue
-            condition, target = latents_from_bytes(latents.payloads[sample_id]["safetensors"])
-            info = json.loads(row["info"])
-            examples.append(TrainingExample(sample_id, cache_from_bytes(caches.payloads[sample_id]["safetensors"]),
-                                            condition, target, tuple(info["latent_hw"]),
-                                            tuple(tuple(hw) for hw in info.get("condition_hw", []))))
-    size_problems = [p for p in problems if "differs from source" in p]
-    if size_problems:
-        raise ValueError("triplets whose target size differs from the source: " + "; ".join(size_problems[:10]))
-    if problems:
-        logger.warning("%d samples are not usable for training: %s", len(problems), "; ".join(problems[:5]))
-    if not examples:
-        raise ValueError(f"no usable training triplets in {data_uri}" + (f" ({problems[0]})" if problems else ""))
-    return examples
+    source = CommittedShards(output, settings, shards)
+    source.refs()  # refuses bad data now, before any model is trained
+    return source
+
+
+def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64,
+                     loaded: LoadedModels | None = None) -> list[TrainingExample]:
+    """Every triplet of `data_uri` in memory (small sets: research code and tests; training streams instead)."""
+    source = prepare_data(data_uri, work_uri, settings, shard_size, loaded)
+    return read_refs(source, source.refs())
 
 
 def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConfig = TrainConfig(),
-                 bridge_overrides: dict | None = None, progress: bool = True) -> dict:
-    """Prepares (or reuses) caches and latents under `out_dir/data`, then trains; returns the metrics.
+                 bridge_overrides: dict | None = None, progress: bool = True, nproc_per_node: int = 1,
+                 shard_size: int = 64) -> dict:
+    """Prepares (or reuses) caches and latents under `out_dir/data` (`shard_size` triplets a shard, for a
+    manifest), then trains (on `nproc_per_node` local processes, one per GPU); returns the metrics.
 
     `out_dir` may be an fsspec URL (`s3://bucket/ckpt`): the run is mirrored in a local staging folder
     (an earlier run there is downloaded first, so training resumes), and uploaded after every checkpoint."""
@@ -95,6 +143,11 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
 
     from bridgecore.storage import is_remote, mirror_down, mirror_up
 
+    if nproc_per_node < 1:
+        raise ValueError(f"nproc_per_node must be at least 1; got {nproc_per_node}")
+    if config.data_streams % nproc_per_node:
+        raise ValueError(f"{config.data_streams} data streams cannot be shared by {nproc_per_node} processes: use a "
+                         "multiple of the number of GPUs")
     remote = str(out_dir) if is_remote(out_dir) else None
     if remote:
         staging = Path(".vision-bridge/staging") / hashlib.sha256(remote.encode()).hexdigest()[:16]
@@ -102,14 +155,86 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded = LoadedModels()  # the data preparation's DiT serves the training
-    examples = prepare_examples(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings,
-                                loaded=loaded)
-    first = examples[0].cache
+    source = prepare_data(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings, shard_size,
+                          loaded)
+    first = read_refs(source, source.refs()[:1])[0].cache
     bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **(bridge_overrides or {}))
-    trainer = BridgeTrainer(ModelPool(settings, loaded).editor.pipe, examples, out_dir, config, bridge_config)
-    if remote:
-        trainer.after_checkpoint = lambda: mirror_up(str(out_dir), remote, exclude=("data",))
-    metrics = trainer.train(progress=progress)
+    if nproc_per_node > 1:
+        ModelPool(settings, loaded).release(keep=())  # every rank loads its own DiT
+        metrics = launch_ranks(nproc_per_node, source, out_dir, config, bridge_config, remote)
+    else:
+        trainer = BridgeTrainer(ModelPool(settings, loaded).editor.pipe, source, out_dir, config, bridge_config)
+        if remote:
+            trainer.after_checkpoint = lambda: mirror_up(str(out_dir), remote, exclude=("data",))
+        metrics = trainer.train(progress=progress)
     if remote:
         mirror_up(str(out_dir), remote, exclude=("data",))
     return metrics
+
+
+# -- N processes -----------------------------------------------------------------------------------------
+
+
+class RankFailedError(RuntimeError):
+    """A training rank died; the others were stopped. Checkpoints already written are complete (each is written
+    to a temporary folder and renamed), so the run resumes from the last one."""
+
+
+def launch_ranks(nproc: int, source: CommittedShards, out_dir: Path, config: TrainConfig,
+                 bridge_config: BridgeConfig, remote: str | None) -> dict:
+    """One process per rank on this machine, through torch's elastic launcher (`torchrun`'s engine); returns rank 0's
+    metrics, or raises `RankFailedError` naming the first rank that failed and why."""
+    import dataclasses
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
+                          start_method="spawn")
+    arguments = (source.output, source.settings.to_dict(), source.shards, str(out_dir), dataclasses.asdict(config),
+                 dataclasses.asdict(bridge_config), remote)
+    try:
+        results = elastic_launch(launch, train_rank)(*arguments)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        message = failure.message if isinstance(failure.message, str) else (failure.message or {}).get(
+            "message", f"exit code {failure.exitcode}")
+        reason = str(message).strip().splitlines()[-1] if str(message).strip() else f"exit code {failure.exitcode}"
+        raise RankFailedError(f"training rank {rank} of {nproc} failed: {reason}; the other ranks were stopped "
+                              f"(checkpoints in {out_dir} are complete: rerun to resume)") from None
+    return results[0]
+
+
+def train_rank(output: str, settings: dict, shards: list[str], out_dir: str, config: dict, bridge_config: dict,
+               remote: str | None) -> dict:
+    """One rank of `launch_ranks` (a process of its own): joins the group, loads the frozen DiT on its GPU, trains
+    on its data streams. Rank 0 writes and uploads; it alone returns the metrics."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record  # the error and its traceback reach the launcher, which names the rank
+    def run() -> dict:
+        from bridgecore.storage import mirror_up
+
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        job = JobSettings.from_dict(settings)
+        if torch.cuda.is_available() and job.device in ("auto", "cuda"):
+            torch.cuda.set_device(local_rank)
+            job = JobSettings.from_dict({**settings, "device": f"cuda:{local_rank}"})
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        try:
+            source = CommittedShards(output, job, shards)
+            trainer = BridgeTrainer(ModelPool(job, LoadedModels()).editor.pipe, source, out_dir, TrainConfig(**config),
+                                    BridgeConfig(**bridge_config), Ranks.current())
+            if remote and trainer.ranks.main:
+                trainer.after_checkpoint = lambda: mirror_up(out_dir, remote, exclude=("data",))
+            return trainer.train(progress=False)
+        finally:
+            dist.destroy_process_group()
+
+    return run()

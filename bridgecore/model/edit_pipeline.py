@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
-import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -51,29 +52,31 @@ logger = logging.getLogger(__name__)
 
 _PIPELINE_AREA = 1024 * 1024  # hard-coded in both diffusers pipelines
 _PIPELINE_PLUS_CONDITION_AREA = 384 * 384
-_area_lock = threading.Lock()
 
 
-@contextlib.contextmanager
-def pipeline_areas(pipe, condition_area: int, plus_condition_area: int):
-    """Makes the pipeline resize condition images to our areas instead of its hard-coded 1024*1024.
+def call_with_areas(pipe, condition_area: int, plus_condition_area: int, **kwargs):
+    """`pipe(**kwargs)`, diffusers' own call, with its condition images sized to our areas instead of the hard-coded
+    1024*1024 (and Edit-Plus's 384*384).
 
-    diffusers reads the area through the module-level `calculate_dimensions`; we wrap it for the
-    duration of one call (under a lock, as it is module state).
+    diffusers reads the areas through its module's `calculate_dimensions`. Rather than patch that module function
+    (shared state), the call runs as a copy of diffusers' `__call__` code whose globals map those areas to ours:
+    nothing shared changes, so threads and other pipelines are unaffected.
     """
-    module = __import__(type(pipe).__module__, fromlist=["calculate_dimensions"])
-    original = module.calculate_dimensions
+    call = inspect.unwrap(type(pipe).__call__)  # diffusers' function below its torch.no_grad decorator
+    if "calculate_dimensions" not in call.__code__.co_names:
+        raise RuntimeError(f"{type(pipe).__name__}.__call__ no longer sizes images through calculate_dimensions: "
+                           "this diffusers version needs another way to set the condition area")
+    original = call.__globals__["calculate_dimensions"]
     mapping = {_PIPELINE_AREA: condition_area, _PIPELINE_PLUS_CONDITION_AREA: plus_condition_area}
 
     def calculate_dimensions(target_area, ratio):
         return original(mapping.get(target_area, target_area), ratio)
 
-    with _area_lock:
-        module.calculate_dimensions = calculate_dimensions
-        try:
-            yield
-        finally:
-            module.calculate_dimensions = original
+    sized = types.FunctionType(call.__code__, {**call.__globals__, "calculate_dimensions": calculate_dimensions},
+                               call.__name__, call.__defaults__, call.__closure__)
+    sized.__kwdefaults__ = call.__kwdefaults__
+    with torch.no_grad():
+        return sized(pipe, **kwargs)
 
 
 class EnhancedQwenImageEdit:
@@ -303,8 +306,7 @@ class EnhancedQwenImageEdit:
 
     def call_pipeline(self, images, **kwargs):
         """The diffusers pipeline's own call on given embeddings, its condition images sized to this editor's areas."""
-        with pipeline_areas(self.pipe, self.condition_area, self.plus_condition_area):
-            return self.pipe(image=images, **kwargs)
+        return call_with_areas(self.pipe, self.condition_area, self.plus_condition_area, image=images, **kwargs)
 
     def benchmark(self, test_images: list, test_prompts: list[str], output_dir: str | Path,
                   num_inference_steps: int = 50, seed: int = 0, use_qwen3_vision: bool = True) -> list[dict]:

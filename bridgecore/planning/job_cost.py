@@ -83,10 +83,15 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
                   efficiency: float | None = None, price_per_gpu_hour: float | None = None,
                   measured: str | Path | None = None, train_steps: int = 0, train_batch_size: int = 4,
                   train_resolution: int | None = None, gpus: int = 1, rewrite: bool = False,
-                  rewrite_tokens: int = 256, rewrite_batch: int = 4) -> dict[str, Any]:
+                  rewrite_tokens: int = 256, rewrite_batch: int = 4,
+                  train_measured: str | Path | None = None) -> dict[str, Any]:
     """GPU-hours (`*_gpu_hours`), storage (`*_gb`) and cost of editing `images` images at `resolution`^2.
     `rewrite` adds the rewrite arm: Qwen3-VL generating `rewrite_tokens` per sample (the cap: an upper bound)
-    in batches of `rewrite_batch`, and Qwen2.5-VL encoding the rewrite."""
+    in batches of `rewrite_batch`, and Qwen2.5-VL encoding the rewrite.
+
+    Training costs `train_steps x train_batch_size` samples (the global batch) at 3 DiT passes each; with
+    `train_measured` (a training run's metrics.json) at the seconds per sample per GPU that run measured
+    (world size / its samples/s: data parallelism adds GPUs, not GPU-hours). `gpus` divides the wall clock."""
     from bridgecore.planning.planner import plan
 
     if images < 0 or resolution < 64 or steps < 1 or gpus < 1 or train_steps < 0 or train_batch_size < 1:
@@ -118,12 +123,17 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
     train_resolution = train_resolution or resolution
     train_report = report if train_resolution == resolution else plan(train_resolution, train_resolution,
                                                                       condition_area=train_resolution**2)
-    train_flops = train_steps * train_batch_size * TRAIN_DIT_PASSES * train_report["flops"]["dit_step"]
+    train_sample_s = TRAIN_DIT_PASSES * train_report["flops"]["dit_step"] / (eff["edit"] * peak)
+    train_source = "FLOPs at the edit efficiency"
+    if train_measured is not None:
+        train_sample_s, train_source = measured_training_seconds(train_measured)
+        notes.append(f"training priced at {train_sample_s:.2f} s per sample per GPU, measured in {train_measured} "
+                     "(at that run's resolution)")
     rewrite_flops, rewrite_s = (rewrite_seconds(report["rewrite"], spec, eff["extract"], rewrite_batch) if rewrite
                                 else (0.0, 0.0))
     hours = {"extract_gpu_hours": images * extract_s / 3600, "edit_gpu_hours": images * edit_s / 3600,
              "rewrite_gpu_hours": images * rewrite_s / 3600,
-             "train_gpu_hours": train_flops / (eff["edit"] * peak) / 3600}
+             "train_gpu_hours": train_steps * train_batch_size * train_sample_s / 3600}
     hours["total_gpu_hours"] = sum(hours.values())
     storage = _storage_gb(report, images, branches, rewrite)
     return {
@@ -131,6 +141,8 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
         "gpu_name": spec.name, "gpu_bf16_dense_tflops": peak / 1e12, "gpus": gpus, "efficiency": eff,
         "efficiency_source": "--efficiency" if efficiency else ("--measured" if measured else "default (H200 anchor)"),
         "rewrite": rewrite, "rewrite_tokens": rewrite_tokens if rewrite else 0,
+        "train_seconds_per_sample": train_sample_s, "train_source": train_source,
+        "train_wall_clock_hours": train_steps * train_batch_size * train_sample_s / 3600 / gpus,
         "tflop_per_image": {"extract": extract_flops / 1e12, "edit": edit_flops / 1e12, "rewrite": rewrite_flops / 1e12},
         "seconds_per_image": {"extract": extract_s, "edit": edit_s, "rewrite": rewrite_s,
                               "total": extract_s + edit_s + rewrite_s},
@@ -141,6 +153,15 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
         "cost_usd": None if price_per_gpu_hour is None else hours["total_gpu_hours"] * price_per_gpu_hour,
         "notes": notes + ["FLOP-based times exclude element-wise work" + ("" if vae_seconds else " and the VAE")],
     }
+
+
+def measured_training_seconds(metrics: str | Path) -> tuple[float, str]:
+    """Seconds per training sample per GPU from a training run's metrics.json (world size / samples per second)."""
+    values = json.loads(Path(metrics).read_text())
+    rate, world = values.get("samples_per_s"), values.get("world_size", 1)
+    if not rate:
+        raise ValueError(f"{metrics}: no samples_per_s (a metrics.json written by `vision-bridge train`?)")
+    return world / rate, f"measured ({world} process(es), {rate:.2f} samples/s)"
 
 
 def rewrite_seconds(cost: dict[str, Any], spec: GpuSpec, efficiency: float, batch: int) -> tuple[float, float]:
@@ -190,7 +211,9 @@ def format_job_cost(cost: dict[str, Any]) -> str:
            f"{cost['seconds_per_image']['rewrite']:.2f} s" if cost["rewrite"] else ""),
         f"GPU-hours: extract {cost['extract_gpu_hours']:,.0f}, edit {cost['edit_gpu_hours']:,.0f}, "
         + (f"rewrite {cost['rewrite_gpu_hours']:,.1f}, " if cost["rewrite"] else "")
-        + f"train {cost['train_gpu_hours']:,.1f}, total {cost['total_gpu_hours']:,.0f} "
+        + f"train {cost['train_gpu_hours']:,.1f} ({cost['train_seconds_per_sample']:.2f} s/sample/GPU, "
+        f"{cost['train_source']}; {cost['train_wall_clock_hours']:,.1f} h on {cost['gpus']} GPUs), "
+        f"total {cost['total_gpu_hours']:,.0f} "
         f"({cost['wall_clock_days']:,.1f} days on {cost['gpus']} GPU{'s' if cost['gpus'] > 1 else ''})",
         f"storage: caches {cost['cache_storage_gb']:,.0f} GB ({cost['cache_mb_per_image']:.1f} MB/image), fused "
         f"{cost['fused_storage_gb']:,.0f} GB, outputs {cost['output_storage_gb']:,.0f} GB, "

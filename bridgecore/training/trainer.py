@@ -18,7 +18,15 @@ held-out samples) goes into `metrics.json`. A bridge that learnt a generic bias 
 `ablate_qwen3="shuffle"` (re-paired with another sample's Qwen3 caches at every step) or `"zeros"` trains
 the controls. Checkpoints hold the bridge (safetensors + JSON, with `bridge_statistics.json`: correction
 /base RMS ratio, token cosine before/after, gates), the optimizer and scheduler state (safetensors +
-JSON), the step and the RNG states, so a killed run resumes on the same loss curve.
+JSON), the step and the samples consumed, so a killed run resumes on the same loss curve.
+
+Data stream from an `ExampleSource` (see `data.py`): memory is bounded by the shuffle buffer, not by the data.
+With `torch.distributed` initialised (see `batch/training_data.py`, which launches the ranks), each rank trains
+on its share of the data streams and the bridge's gradients are summed across ranks before every step (data
+parallelism, as DDP does; the bridge is small, so one all-reduce per step costs nothing next to the DiT).
+The global batch is `batch_size x data_streams x grad_accumulation` whatever the world size, the noise of each
+micro-batch is a function of (seed, step, stream), so N ranks follow the loss curve of one process, and a run
+resumes under another world size. Rank 0 evaluates, writes checkpoints and metrics.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +46,15 @@ from safetensors.torch import load_file, save
 
 from bridgecore.model.bridge import STATISTICS_NAME, BridgeConfig, VisionCacheBridge, identity_bridge
 from bridgecore.model.cache_format import Qwen3VisionCache
+from bridgecore.training.data import (
+    ExampleSource,
+    InMemorySource,
+    TrainingStreams,
+    deal_shards,
+    read_refs,
+    split_refs,
+    stream_loader,
+)
 from bridgecore.training.examples import TrainingExample
 
 logger = logging.getLogger(__name__)
@@ -63,10 +81,56 @@ class TrainConfig:
     logit_std: float = 1.0
     ablate_qwen3: str = "none"  # "shuffle": another sample's Qwen3 caches every step; "zeros": zeroed caches
     heldout_repeats: int = 4  # noise/timestep draws per held-out sample (fixed, so evaluations compare)
+    max_heldout: int = 256  # held-out examples are read once and kept in memory
+    data_streams: int = 1  # independent data streams; each rank takes data_streams / world_size of them
+    shuffle_buffer: int = 64  # examples per stream's shuffle buffer (the resident data, with one shard per stream)
+    data_workers: int = 0  # worker processes reading ahead (a divisor of the rank's streams; 0: a thread per stream)
+    log_every: int = 10  # steps between progress lines (loss, samples/s, data-wait share, GPU memory)
 
     def __post_init__(self):
         if self.ablate_qwen3 not in ABLATIONS:
             raise ValueError(f"ablate_qwen3 must be one of {ABLATIONS}; got {self.ablate_qwen3!r}")
+        for name in ("steps", "batch_size", "grad_accumulation", "data_streams", "shuffle_buffer", "eval_every",
+                     "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.data_streams * self.grad_accumulation
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a `torch.distributed` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sums the tensors across ranks, in place (one flat all-reduce)."""
+        if self.world_size == 1 or not tensors:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
 
 
 # -- the loss ------------------------------------------------------------------------------------------
@@ -141,7 +205,7 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(directory: Path, bridge, optimizer, lr_scheduler, step: int, history: dict,
-                    statistics: dict | None = None) -> None:
+                    statistics: dict | None = None, data: dict | None = None) -> None:
     """Bridge (+ its statistics) + optimizer + scheduler + step + RNG states; written to a temp dir then renamed."""
     temporary = directory.with_name(directory.name + ".tmp")
     temporary.mkdir(parents=True, exist_ok=True)
@@ -151,9 +215,9 @@ def save_checkpoint(directory: Path, bridge, optimizer, lr_scheduler, step: int,
     tensors, meta = _optimizer_to_files(optimizer)
     # bytes, then an ordinary write: safetensors' save_file creates files readable by their owner only
     (temporary / "optimizer.safetensors").write_bytes(save(tensors))
-    (temporary / "rng.safetensors").write_bytes(save({"torch": torch.get_rng_state()}))  # dropout; data/noise per step
     (temporary / "trainer_state.json").write_text(json.dumps(
-        {"step": step, "optimizer": meta, "lr_scheduler": lr_scheduler.state_dict(), "history": history}, indent=1))
+        {"step": step, "optimizer": meta, "lr_scheduler": lr_scheduler.state_dict(), "history": history,
+         "data": data or {}}, indent=1))
     if directory.exists():
         import shutil
 
@@ -169,34 +233,10 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 # -- the trainer ---------------------------------------------------------------------------------------
 
 
-MIN_HELDOUT = 4  # the Qwen3-shuffled evaluation needs two or more held-out samples; four give it a spread
-
-
-def _split(examples: list[TrainingExample], fraction: float) -> tuple[list, list]:
-    """Deterministic held-out split by key: `fraction` of the examples, but on small sets up to `MIN_HELDOUT`
-    (never more than a quarter), so the information gain and its ablations have samples to compare."""
-    import hashlib
-
-    ranked = sorted(examples, key=lambda e: hashlib.sha256(e.key.encode()).hexdigest())
-    count = max(1, round(len(ranked) * fraction), min(MIN_HELDOUT, len(ranked) // 4)) if len(ranked) > 1 else 0
-    if count < 2:
-        logger.warning("%d example(s): %d held out, so the Qwen3 information gain (which shuffles Qwen3 caches "
-                       "across held-out samples) cannot be measured; use 8 or more examples", len(ranked), count)
-    return ranked[count:], ranked[:count]
-
-
 def _step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
     """A generator per (seed, step, micro-batch): batches, noise and sigmas are a pure function of the step,
     so a resumed run draws exactly what the uninterrupted run would have drawn."""
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
-
-
-def _batch_for_step(groups: list[list[TrainingExample]], batch_size: int, generator: torch.Generator) -> list:
-    """Samples a batch of equal latent size (the DiT takes one resolution per batch), groups by size."""
-    sizes = torch.tensor([len(g) for g in groups], dtype=torch.float)
-    group = groups[int(torch.multinomial(sizes, 1, generator=generator))]
-    order = torch.randperm(len(group), generator=generator)[:batch_size].tolist()
-    return [group[i] for i in order]
 
 
 def _image_count(example: TrainingExample) -> int:
@@ -268,24 +308,44 @@ def paired_gain(worse: np.ndarray, better: np.ndarray, seed: int = 0) -> tuple[f
 
 
 class BridgeTrainer:
-    """Trains a `VisionCacheBridge` on prepared examples against a frozen edit pipeline's DiT."""
+    """Trains a `VisionCacheBridge` against a frozen edit pipeline's DiT, on examples in memory or streamed from an
+    `ExampleSource`."""
 
-    def __init__(self, pipe, examples: list[TrainingExample], out_dir: str | Path, config: TrainConfig = TrainConfig(),
-                 bridge_config: BridgeConfig | None = None):
-        if not examples:
+    def __init__(self, pipe, data: list[TrainingExample] | ExampleSource, out_dir: str | Path,
+                 config: TrainConfig = TrainConfig(), bridge_config: BridgeConfig | None = None,
+                 ranks: Ranks | None = None):
+        if isinstance(data, list):  # in memory: every example can be checked before any step
+            if data:
+                first = data[0].cache
+                checker = VisionCacheBridge(bridge_config or BridgeConfig.from_caches(first.qwen3, first.qwen25))
+                for example in data:
+                    checker.check_caches(example.cache.qwen3, example.cache.qwen25)
+            data = InMemorySource(data)
+        self.source = data
+        refs = self.source.refs()
+        if not refs:
             raise ValueError("no training examples")
         self.pipe, self.config, self.out_dir = pipe, config, Path(out_dir)
+        self.ranks = ranks or Ranks.current()
+        if config.data_streams % self.ranks.world_size:
+            raise ValueError(f"{config.data_streams} data streams cannot be shared by {self.ranks.world_size} ranks: "
+                             "use a multiple of the number of GPUs")
         self.after_checkpoint = None  # e.g. upload the run to object storage
         self.device = pipe.transformer.device
-        first = examples[0].cache
-        expected = BridgeConfig.from_caches(first.qwen3, first.qwen25)
-        self.bridge_config = bridge_config or expected
-        self.bridge = VisionCacheBridge(self.bridge_config).to(self.device)
-        for example in examples:  # refuse mismatched caches before any step
-            self.bridge.check_caches(example.cache.qwen3, example.cache.qwen25)
-        self.train_set, self.heldout = _split(examples, config.heldout_fraction)
-        if not self.train_set:
+        self.train_refs, heldout_refs = split_refs(refs, config.heldout_fraction, config.max_heldout)
+        if not self.train_refs:
             raise ValueError("every example went to the held-out split; add data or lower heldout_fraction")
+        self.dealt = deal_shards(self.train_refs, config.data_streams)
+        # read once and kept: the evaluation (rank 0's) compares every bridge on the same examples
+        self.heldout = read_refs(self.source, heldout_refs) if self.ranks.main else []
+        if bridge_config is None:
+            first = (self.heldout or read_refs(self.source, self.train_refs[:1]))[0].cache
+            bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25)
+        self.bridge_config = bridge_config
+        with _seeded(config.seed, self.device):  # every rank (and every rerun) starts from the same bridge
+            self.bridge = VisionCacheBridge(self.bridge_config).to(self.device)
+        for example in self.heldout:  # refuse mismatched caches before any step (training batches: as they come)
+            self.bridge.check_caches(example.cache.qwen3, example.cache.qwen25)
         self.heldout_shuffled = shuffled_qwen3(self.heldout, config.seed) if len(self.heldout) > 1 else []
         for module in (pipe.transformer, pipe.vae):
             module.requires_grad_(False).eval()
@@ -294,17 +354,13 @@ class BridgeTrainer:
 
     # -- the loss ----------------------------------------------------------------------------------------
 
-    def _training_qwen3(self, batch: list[TrainingExample], generator: torch.Generator) -> list[Qwen3VisionCache]:
-        """The Qwen3 caches the bridge sees in training: the sample's own, or the ablation's."""
+    def _training_qwen3(self, batch: list[TrainingExample], partners: list) -> list[Qwen3VisionCache]:
+        """The Qwen3 caches the bridge sees in training: the sample's own, or the ablation's (for "shuffle", the
+        stream paired each example with another from its shuffle buffer)."""
         if self.config.ablate_qwen3 == "zeros":
             return [zeroed_qwen3(e.cache.qwen3) for e in batch]
         if self.config.ablate_qwen3 == "shuffle":
-            caches = []
-            for example in batch:
-                pool = [e for e in self.train_set if e is not example and _image_count(e) == _image_count(example)]
-                other = pool[int(torch.randint(len(pool), (1,), generator=generator))] if pool else example
-                caches.append(detached_qwen3(other.cache.qwen3))
-            return caches
+            return [detached_qwen3((other or example).cache.qwen3) for example, other in zip(batch, partners)]
         return [e.cache.qwen3 for e in batch]
 
     def _loss(self, bridge, batch, generator: torch.Generator, qwen3s: list | None = None,
@@ -359,75 +415,108 @@ class BridgeTrainer:
 
     def statistics(self, bridge) -> dict:
         """Correction/base RMS ratio, token cosine before/after and gates, on held-out (else training) samples."""
-        examples = (self.heldout or self.train_set)[:16]
+        examples = self.heldout[:16] or read_refs(self.source, self.train_refs[:16])
         return bridge.correction_statistics([e.cache.qwen3 for e in examples], [e.cache.qwen25 for e in examples])
 
     # -- training ----------------------------------------------------------------------------------------
 
     def train(self, resume: bool = True, progress: bool = True) -> dict:
-        """Runs (or resumes) training; writes checkpoints, `metrics.json` and `loss_curve.png` to `out_dir`."""
-        config, bridge = self.config, self.bridge
+        """Runs (or resumes) training; rank 0 writes checkpoints, `metrics.json` and `loss_curve.png` to `out_dir`
+        and returns the metrics (other ranks return {})."""
+        config, bridge, ranks = self.config, self.bridge, self.ranks
         lr = config.learning_rate or self.bridge_config.learning_rate
         optimizer = torch.optim.AdamW(bridge.parameter_groups(lr, self.bridge_config.weight_decay))
         warmup = max(1, config.warmup_steps)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        torch.manual_seed(config.seed)
-        random.seed(config.seed)
-        step, history = 0, {"step": [], "loss": [], "heldout_step": [], "heldout_loss": [],
-                            "heldout_loss_qwen3_shuffled": [], "statistics": []}
+        step, history = 0, {"step": [], "loss": [], "samples_per_s": [], "data_wait_share": [], "heldout_step": [],
+                            "heldout_loss": [], "heldout_loss_qwen3_shuffled": [], "statistics": []}
         checkpoint = latest_checkpoint(self.out_dir) if resume else None
         if checkpoint is not None:
             step, history = self._restore(checkpoint, optimizer, lr_scheduler)
-            logger.info("resumed from %s at step %d", checkpoint, step)
+            logger.info("resumed from %s at step %d (%d samples seen)", checkpoint, step, step * config.global_batch)
         baseline = self.heldout_losses(identity_bridge(self.bridge_config).to(self.device))  # no bridge
         frozen_before = _fingerprint(self.pipe.transformer)
-        groups: dict[tuple, list] = {}
-        for example in self.train_set:
-            groups.setdefault((example.latent_hw, example.condition_hw, tuple(example.target.shape)), []).append(example)
-        groups_list = [groups[key] for key in sorted(groups)]
+        mine = list(range(ranks.rank, config.data_streams, ranks.world_size))
+        streams = TrainingStreams(self.source, self.train_refs, self.dealt, mine, config.seed, config.batch_size,
+                                  config.shuffle_buffer, config.ablate_qwen3 == "shuffle",
+                                  skip=step * config.grad_accumulation)  # a stream's position: global, not per rank
+        batches = iter(stream_loader(streams, config.data_workers))
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not progress)
+        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not progress or not ranks.main)
         bridge.train()
         evaluation = None
-        while step < config.steps:
-            optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for micro in range(config.grad_accumulation):
-                generator = _step_generator(config.seed, step, micro)
-                batch = _batch_for_step(groups_list, config.batch_size, generator)
-                qwen3s = self._training_qwen3(batch, generator)
-                loss = self._loss(bridge, batch, generator, qwen3s) / config.grad_accumulation
-                loss.backward()
-                total += loss.item()
-            torch.nn.utils.clip_grad_norm_(bridge.parameters(), config.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            step += 1
-            history["step"].append(step)
-            history["loss"].append(total)
-            bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}")
-            statistics = None
-            if step % config.eval_every == 0 or step == config.steps:
-                evaluation = self.evaluate(bridge)
-                statistics = self.statistics(bridge)
-                history["heldout_step"].append(step)
-                history["heldout_loss"].append(_mean(evaluation["trained"]))
-                history["heldout_loss_qwen3_shuffled"].append(_mean(evaluation["qwen3_shuffled"]))
-                history["statistics"].append(statistics)
-                logger.info("step %d: train loss %.5f, held-out %.5f (Qwen3 shuffled %.5f)", step, total,
-                            history["heldout_loss"][-1], history["heldout_loss_qwen3_shuffled"][-1])
-            if step % config.checkpoint_every == 0 or step == config.steps:
-                save_checkpoint(self.out_dir / f"step_{step:06d}", bridge, optimizer, lr_scheduler, step, history,
-                                statistics or self.statistics(bridge))
-                if self.after_checkpoint is not None:
-                    self.after_checkpoint()
-        bar.close()
+        try:
+            with _seeded(config.seed, self.device):  # the caller's random state comes back after training
+                while step < config.steps:
+                    started = time.perf_counter()
+                    optimizer.zero_grad(set_to_none=True)
+                    total, waited = self._accumulate(bridge, batches, mine, step)
+                    ranks.sum_([p.grad for p in bridge.parameters() if p.grad is not None] + [total])
+                    torch.nn.utils.clip_grad_norm_(bridge.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    step += 1
+                    seconds = time.perf_counter() - started
+                    history["step"].append(step)
+                    history["loss"].append(float(total[0]))
+                    history["samples_per_s"].append(float(total[1]) / seconds)
+                    history["data_wait_share"].append(waited / seconds)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(total[0]):.4f}")
+                    if ranks.main and (step % config.log_every == 0 or step == config.steps):
+                        logger.info("step %d/%d: loss %.5f, %.1f samples/s, data wait %.0f%%%s", step, config.steps,
+                                    float(total[0]), history["samples_per_s"][-1], 100 * history["data_wait_share"][-1],
+                                    _gpu_memory(self.device))
+                    statistics = None
+                    if ranks.main and (step % config.eval_every == 0 or step == config.steps):
+                        evaluation = self.evaluate(bridge)
+                        statistics = self.statistics(bridge)
+                        history["heldout_step"].append(step)
+                        history["heldout_loss"].append(_mean(evaluation["trained"]))
+                        history["heldout_loss_qwen3_shuffled"].append(_mean(evaluation["qwen3_shuffled"]))
+                        history["statistics"].append(statistics)
+                        logger.info("step %d: train loss %.5f, held-out %.5f (Qwen3 shuffled %.5f)", step,
+                                    float(total[0]), history["heldout_loss"][-1], history["heldout_loss_qwen3_shuffled"][-1])
+                    if ranks.main and (step % config.checkpoint_every == 0 or step == config.steps):
+                        save_checkpoint(self.out_dir / f"step_{step:06d}", bridge, optimizer, lr_scheduler, step, history,
+                                        statistics or self.statistics(bridge),
+                                        data={"samples_seen": step * config.global_batch,
+                                              "data_streams": config.data_streams, "world_size": ranks.world_size})
+                        if self.after_checkpoint is not None:
+                            self.after_checkpoint()
+        finally:
+            bar.close()
+            del batches  # stops the reader threads / worker processes
         bridge.eval()
         if _fingerprint(self.pipe.transformer) != frozen_before:
             raise AssertionError("the frozen DiT changed during training")
+        if not ranks.main:
+            return {}
         return self._finish(baseline, evaluation or self.evaluate(bridge), history)
+
+    def _accumulate(self, bridge, batches, mine: list[int], step: int) -> tuple[torch.Tensor, float]:
+        """Gradients of one optimizer step from this rank's streams, each micro-batch's loss scaled so that the sum
+        over every stream and micro-batch (across ranks) is their mean. Returns (loss, samples) and the seconds
+        spent waiting for data."""
+        config = self.config
+        scale = 1.0 / (config.data_streams * config.grad_accumulation)
+        total, waited = torch.zeros(2, dtype=torch.float64), 0.0
+        for micro in range(config.grad_accumulation):
+            for stream in mine:
+                before = time.perf_counter()
+                got, batch, partners = next(batches)
+                waited += time.perf_counter() - before
+                if got != stream:
+                    raise RuntimeError(f"data stream order broken: expected stream {stream}, got {got}")
+                for example in batch:
+                    bridge.check_caches(example.cache.qwen3, example.cache.qwen25)
+                generator = _step_generator(config.seed, step, micro * config.data_streams + stream)
+                torch.manual_seed(generator.initial_seed())  # dropout: the same draws on any world size
+                loss = self._loss(bridge, batch, generator, self._training_qwen3(batch, partners)) * scale
+                loss.backward()
+                total += torch.tensor([loss.item(), len(batch)], dtype=torch.float64)
+        return total, waited
 
     def _restore(self, checkpoint: Path, optimizer, lr_scheduler) -> tuple[int, dict]:
         trained = VisionCacheBridge.from_pretrained(checkpoint, expect=self.bridge_config)
@@ -439,11 +528,17 @@ class BridgeTrainer:
                              "or train into a new --out")
         self.bridge.load_state_dict(trained.state_dict())
         state = json.loads((checkpoint / "trainer_state.json").read_text())
+        streams = state.get("data", {}).get("data_streams", 1)
+        if streams != self.config.data_streams:
+            raise ValueError(f"{checkpoint} was trained with {streams} data streams; this run asks for "
+                             f"{self.config.data_streams}: resume with --data-streams {streams} (any number of GPUs that "
+                             "divides it), or train into a new --out")
         optimizer.load_state_dict(_optimizer_from_files(load_file(checkpoint / "optimizer.safetensors"), state["optimizer"]))
         lr_scheduler.load_state_dict(state["lr_scheduler"])
-        rng = load_file(checkpoint / "rng.safetensors")
-        torch.set_rng_state(rng["torch"])
-        return state["step"], state["history"]
+        history = state["history"]
+        for key in ("samples_per_s", "data_wait_share"):  # absent from checkpoints written before streaming
+            history.setdefault(key, [None] * len(history["step"]))
+        return state["step"], history
 
     def _finish(self, baseline: np.ndarray, evaluation: dict, history: dict) -> dict:
         self.bridge.save_pretrained(self.out_dir)  # the final bridge loads from out_dir itself
@@ -473,7 +568,12 @@ class BridgeTrainer:
                               if self.bridge.gate_values() else None),
             "final_train_loss": history["loss"][-1] if history["loss"] else float("nan"),
             "steps": history["step"][-1] if history["step"] else 0,
-            "train_examples": len(self.train_set),
+            "train_examples": len(self.train_refs),
+            "world_size": self.ranks.world_size,
+            "data_streams": self.config.data_streams,
+            "global_batch": self.config.global_batch,
+            "samples_per_s": _mean(np.asarray([v for v in history["samples_per_s"] if v is not None])),
+            "data_wait_share": _mean(np.asarray([v for v in history["data_wait_share"] if v is not None])),
             "heldout_examples": len(self.heldout),
             "heldout_per_sample": {"key": [e.key for e in self.heldout], "baseline": baseline.tolist(),
                                    "trained": trained.tolist(), "qwen3_shuffled": shuffled.tolist()},
@@ -483,6 +583,20 @@ class BridgeTrainer:
         (self.out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=1))
         plot_loss_curve(history, baseline_loss, self.out_dir / "loss_curve.png")
         return metrics
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """Runs the block from `seed`, then gives the process its random state back."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _gpu_memory(device: torch.device) -> str:
+    if device.type != "cuda":
+        return ""
+    return f", GPU memory peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
 
 
 def _mean(values: np.ndarray) -> float:

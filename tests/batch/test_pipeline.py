@@ -235,7 +235,7 @@ def test_retry_failed_replans_only_failed_samples(tmp_path, settings):
 def test_mixed_manifest_routes_each_sample_to_a_pipeline_that_takes_it(tmp_path, tiny_zoo):
     """Single- and multi-image samples in one job: with `plus_model`, the multi-image ones run on Edit-Plus and
     get the very edits an Edit-Plus job gives them; the single-image ones those of an Edit job. Without it,
-    they fail with the hint."""
+    they fail with the hint; adding it to the finished job runs only the multi-image shard."""
     folder = tmp_path / "in"
     folder.mkdir()
     rows = []
@@ -252,16 +252,26 @@ def test_mixed_manifest_routes_each_sample_to_a_pipeline_that_takes_it(tmp_path,
     plus = replace(edit, edit_model=str(tiny_zoo["qwen-image-edit-plus"]))
     mixed = replace(edit, plus_model=str(tiny_zoo["qwen-image-edit-plus"]))
 
-    def edits(manifest, settings):
-        out = tmp_path / f"out-{manifest}-{settings.plus_model is not None}-{settings.edit_model[-4:]}"
+    def edits(manifest, settings, out=None):
+        out = out or tmp_path / f"out-{manifest}-{settings.plus_model is not None}-{settings.edit_model[-4:]}"
         summary = run_all(str(folder / manifest), str(out), settings, shard_size=4)
         return summary, {r["id"]: open(r["output"], "rb").read() for r in summary_rows(out) if r["status"] == "done"}
 
-    without, _ = edits("all.jsonl", edit)
+    def markers(out):
+        return {path.relative_to(out): path.read_bytes() for path in out.rglob("_done/*.json")}
+
+    job = tmp_path / "job"
+    without, _ = edits("all.jsonl", edit, job)
     assert without["counts"] == {"done": 3, "failed": 3, "pending": 0}
     assert all("--plus-model" in f["error"] for f in without["failures"])
-    summary, routed = edits("all.jsonl", mixed)
+    before = markers(job)
+    summary, routed = edits("all.jsonl", mixed, job)  # the same output: only the multi-image shard runs again
     assert summary["counts"] == {"done": 6, "failed": 0, "pending": 0}
+    after = markers(job)
+    assert all(after[path] == data for path, data in before.items())  # nothing of the first run rewritten
+    multi_shard = {row["shard"] for row in summary_rows(job) if row["id"].startswith("set")}
+    assert {path.stem for path in set(after) - set(before)} == multi_shard and len(multi_shard) == 1
+    assert summary["fingerprints"] == without["fingerprints"] != summary["multi_image_fingerprints"]
     _, singles = edits("single.jsonl", edit)
     summary, multis = edits("multi.jsonl", plus)  # an Edit-Plus job: multi-image samples through every stage
     assert summary["counts"] == {"done": 3, "failed": 0, "pending": 0}

@@ -115,6 +115,17 @@ def test_shards_are_deterministic_and_the_plan_keeps_assignments(inputs, tmp_pat
     assert {shard for _, shard in assignment.values()} == set(shards) and len(assignment) == len(samples)
 
 
+def test_single_and_multi_image_samples_never_share_a_shard():
+    """A shard's route decides its fingerprints (an Edit-Plus `plus_model` changes only the multi-image ones)."""
+    from bridgecore.batch.records import Sample, shard_route
+
+    samples = [Sample(f"s{i}", ("a.png",) if i % 3 else ("a.png", "b.png"), "x", f"h{i}") for i in range(10)]
+    shards = cut_shards(samples, 4)
+    assert sorted(len(members) for members in shards.values()) == [2, 4, 4]
+    assert sorted(shard_route(members) for members in shards.values()) == ["multi", "single", "single"]
+    assert all(len({s.multi_image for s in members}) == 1 for members in shards.values())
+
+
 def test_sample_seed_is_per_sample():
     assert sample_seed(0, "a") == sample_seed(0, "a") != sample_seed(0, "b") != sample_seed(1, "a")
 

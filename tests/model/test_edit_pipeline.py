@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import make_image
 
-from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, pipeline_areas
+from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, call_with_areas
 from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
 
 AREA = 64 * 64
@@ -22,11 +22,31 @@ def test_baseline_equals_plain_diffusers_pipeline(editor, tiny_zoo):
     ours = editor.generate(image, prompt, use_qwen3_vision=False, seed=3, num_inference_steps=STEPS, output_type="np")
     plain = load_edit_pipeline(resolve_model(tiny_zoo["qwen-image-edit"]), LoadOptions(device="cpu"))
     embeds, mask, _ = editor.encode([[image]], [prompt], use_qwen3_vision=False)
-    with pipeline_areas(plain, AREA, AREA):
-        expected = plain(image=image, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
-                         true_cfg_scale=1.0, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    expected = call_with_areas(plain, AREA, AREA,
+                               image=image, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
+                               true_cfg_scale=1.0, generator=torch.Generator().manual_seed(3), output_type="np").images[0]
     assert ours.shape == expected.shape == (64, 96, 3)  # 64*64 area at 5:3, multiples of 32
     np.testing.assert_array_equal(ours, expected)
+
+
+def test_the_condition_area_is_a_parameter_not_a_patched_module_function(editor):
+    """The area reaches diffusers' call without touching its module: during the call (seen from its step
+    callback) the module's `calculate_dimensions` is diffusers' own, and the output has our area's size."""
+    import sys
+
+    module = sys.modules[type(editor.pipe).__module__]
+    original, seen = module.calculate_dimensions, []
+
+    def callback(pipe, step, timestep, kwargs):
+        seen.append(module.calculate_dimensions is original)
+        return {}
+
+    embeds, mask, _ = editor.encode([[make_image()]], ["make it blue"], use_qwen3_vision=False)
+    image = call_with_areas(editor.pipe, AREA, AREA, image=make_image(), prompt_embeds=embeds, prompt_embeds_mask=mask,
+                            num_inference_steps=STEPS, true_cfg_scale=1.0, output_type="np",
+                            callback_on_step_end=callback).images[0]
+    assert seen == [True] * STEPS and image.shape == (64, 96, 3)
+    assert module.calculate_dimensions is original
 
 
 def test_untrained_bridge_output_equals_baseline(editor):
@@ -154,13 +174,13 @@ def test_edit_2511_equals_diffusers_plus_pipeline(tmp_path):
     ours = editor.generate(images, prompt, use_qwen3_vision=False, seed=2, num_inference_steps=STEPS, output_type="np")
     plain = load_edit_pipeline(resolve_model(model), LoadOptions(device="cpu"))
     embeds, mask, _ = editor.encode([images], [prompt], use_qwen3_vision=False)
-    with pipeline_areas(plain, AREA, AREA):
-        expected = plain(image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
-                         true_cfg_scale=1.0, generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    expected = call_with_areas(plain, AREA, AREA,
+                               image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
+                               true_cfg_scale=1.0, generator=torch.Generator().manual_seed(2), output_type="np").images[0]
     np.testing.assert_array_equal(ours, expected)
     # zero_cond_t is not a no-op: the same weights without it give another picture
     plain.transformer.zero_cond_t = False
-    with pipeline_areas(plain, AREA, AREA):
-        other = plain(image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
-                      true_cfg_scale=1.0, generator=torch.Generator().manual_seed(2), output_type="np").images[0]
+    other = call_with_areas(plain, AREA, AREA,
+                            image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, num_inference_steps=STEPS,
+                            true_cfg_scale=1.0, generator=torch.Generator().manual_seed(2), output_type="np").images[0]
     assert not np.array_equal(other, expected)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_image, run_cli
 
-from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, pipeline_areas
+from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, call_with_areas
 from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
 from bridgecore.model.speed import LoraSpec, default_steps, output_fingerprint, parse_loras, resolve_scheduler
 
@@ -72,10 +72,10 @@ def test_fused_lora_equals_diffusers_unfused_adapter(tiny_zoo, loras, baseline):
     reference.load_lora_weights(str(loras["plain"]), adapter_name="style")
     reference.set_adapters(["style"], adapter_weights=[0.7])
     embeds, mask, _ = editor.encode([[make_image()]], ["make it blue"], use_qwen3_vision=True)
-    with pipeline_areas(reference, AREA, AREA):
-        expected = reference(image=make_image(), prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=1.0,
-                             num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
-                             output_type="np").images[0]
+    expected = call_with_areas(reference, AREA, AREA,
+                               image=make_image(), prompt_embeds=embeds, prompt_embeds_mask=mask, true_cfg_scale=1.0,
+                               num_inference_steps=STEPS, generator=torch.Generator().manual_seed(1),
+                               output_type="np").images[0]
     np.testing.assert_allclose(ours, expected, atol=1e-4)
 
 

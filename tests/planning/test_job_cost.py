@@ -61,6 +61,19 @@ def test_hours_scale_with_images_steps_cfg_and_gpu():
     assert trained["train_gpu_hours"] == pytest.approx(100 * 2 * 3 * base["edit_gpu_hours"] / 1000 / 50, rel=1e-3)
 
 
+def test_training_is_priced_at_the_rate_a_training_run_measured(tmp_path):
+    """A run on 2 GPUs that trained 4 samples/s costs 0.5 s per sample per GPU: 100 steps of 8 samples are 400 GPU-s,
+    and 4 GPUs divide the wall clock, not the GPU-hours."""
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"samples_per_s": 4.0, "world_size": 2}))
+    job = plan_job_cost(0, 1024, 50, "h100", train_steps=100, train_batch_size=8, gpus=4, train_measured=metrics)
+    assert job["train_seconds_per_sample"] == 0.5 and job["train_gpu_hours"] == pytest.approx(400 / 3600)
+    assert job["train_wall_clock_hours"] == pytest.approx(100 / 3600) and "measured" in job["train_source"]
+    metrics.write_text("{}")
+    with pytest.raises(ValueError, match="no samples_per_s"):
+        plan_job_cost(0, 1024, 50, "h100", train_steps=1, train_measured=metrics)
+
+
 def test_storage_follows_the_token_counts(report):
     job = plan_job_cost(1, 1024, 50, "h100")
     t = report["tokens"]

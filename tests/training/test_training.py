@@ -131,13 +131,13 @@ def test_qwen3_ablations(tmp_path, settings, examples):
     for example, qwen3 in zip(examples[:6], shuffled):
         assert not torch.equal(qwen3.levels["late"], example.cache.qwen3.levels["late"]) and qwen3.image_digest == ""
     control = BridgeTrainer(pipe, examples, tmp_path / "shuffle", replace(FAST, steps=2, ablate_qwen3="shuffle"))
-    batch = control.train_set[:4]
-    for example, qwen3 in zip(batch, control._training_qwen3(batch, torch.Generator().manual_seed(0))):
+    batch, partners = examples[:4], examples[1:5]  # the data stream pairs each example with another from its buffer
+    for example, qwen3 in zip(batch, control._training_qwen3(batch, partners)):
         assert not torch.equal(qwen3.levels["late"], example.cache.qwen3.levels["late"])
     assert control.train(progress=False)["ablate_qwen3"] == "shuffle"
     zeros = BridgeTrainer(pipe, examples, tmp_path / "zeros", replace(FAST, steps=2, ablate_qwen3="zeros"))
     assert all(not q.levels["mid"].any() and not any(d.any() for d in q.deepstack.values())
-               for q in zeros._training_qwen3(batch, torch.Generator()))
+               for q in zeros._training_qwen3(batch, partners))
     with pytest.raises(ValueError, match="ablate_qwen3 must be one of"):
         TrainConfig(ablate_qwen3="random")
 

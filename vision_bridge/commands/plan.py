@@ -27,7 +27,10 @@ def plan(
     measured: Optional[Path] = typer.Option(None, help="Job: per-stage efficiencies (MFU) and VAE time from a "
                                             "bench/gpu_realdim.py --json file."),
     train_steps: int = typer.Option(0, help="Job: bridge training steps to add (frozen DiT: 3 DiT passes per sample)."),
-    train_batch_size: int = typer.Option(4, help="Job: training batch size."),
+    train_batch_size: int = typer.Option(4, help="Job: training global batch (batch size x data streams x "
+                                         "accumulation)."),
+    measured_training: Optional[Path] = typer.Option(None, help="Job: price training at the seconds per sample per GPU "
+                                                     "a `vision-bridge train` run measured (its metrics.json)."),
     gpus: int = typer.Option(1, help="Job: GPUs working in parallel (for the wall-clock days)."),
     rewrite: bool = typer.Option(False, "--rewrite", help="Job: add the rewrite arm (Qwen3-VL generates each rewrite, "
                                  "memory-bound decoding priced from the card's bandwidth; Qwen2.5-VL encodes it)."),
@@ -45,7 +48,8 @@ def plan(
     try:
         if images is not None:
             report = plan_job_cost(images, resolution, steps, gpu, cfg, efficiency, price, measured, train_steps,
-                                   train_batch_size, gpus=gpus, rewrite=rewrite, rewrite_tokens=rewrite_tokens)
+                                   train_batch_size, gpus=gpus, rewrite=rewrite, rewrite_tokens=rewrite_tokens,
+                                   train_measured=measured_training)
             text = format_job_cost(report)
         else:
             report = make_plan(*image_size, condition_area=condition_area, rewrite_tokens=rewrite_tokens)

@@ -20,8 +20,20 @@ def train(
     qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real, else tiny zoo)."),
     edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
     steps: int = typer.Option(1000, help="Optimizer steps."),
-    batch_size: int = typer.Option(4, help="Samples per step (same resolution per batch)."),
-    grad_accumulation: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    batch_size: int = typer.Option(4, help="Samples per forward pass of one data stream (same resolution per batch). "
+                                   "Global batch = batch size x data streams x grad accumulation."),
+    grad_accumulation: int = typer.Option(1, help="Micro-batches per data stream per optimizer step."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Train on N local GPUs (one process each, "
+                                       "torch.distributed; gloo on a machine without GPUs)."),
+    data_streams: Optional[int] = typer.Option(None, help="Independent data streams (default: --nproc-per-node). "
+                                               "Fixes the global batch: any number of GPUs dividing it gives the "
+                                               "same training, and a run resumes on another number of GPUs."),
+    shuffle_buffer: int = typer.Option(64, help="Examples per data stream's shuffle buffer: with one shard per "
+                                       "stream, what training holds in memory, whatever the data's size."),
+    data_workers: int = typer.Option(1, help="Reader processes per GPU (a divisor of its data streams; 0: read in "
+                                     "the training process, a thread reading ahead)."),
+    shard_size: int = typer.Option(64, help="Triplets per cache shard when --data is a manifest (a data stream "
+                                   "reads whole shards; every stream needs at least one)."),
     lr: float = typer.Option(1e-4, help="AdamW learning rate (linear warm-up)."),
     eval_every: int = typer.Option(100, help="Held-out loss and checkpoint every K steps."),
     seed: int = typer.Option(0, help="Seed of data order, noise and timesteps (deterministic on CPU)."),
@@ -44,7 +56,7 @@ def train(
     that the bridge uses Qwen3-VL's information rather than a generic bias. Use the result with
     `edit --bridge OUT` or `bulk-edit --bridge OUT`."""
     from bridgecore.batch.settings import settings_for_job
-    from bridgecore.batch.training_data import run_training
+    from bridgecore.batch.training_data import RankFailedError, run_training
     from bridgecore.training.trainer import ABLATIONS, TrainConfig
 
     if ablate_qwen3 not in ABLATIONS:
@@ -63,11 +75,14 @@ def train(
                                          load_in_8bit=load_in_8bit), route_multi_image=False)
     except user_errors() as error:
         fail(str(error))
-    config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,
-                         eval_every=eval_every, checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3)
     try:
-        metrics = run_training(data, out, settings, config, {"rank": rank, "mode": mode, "num_tokens": num_tokens})
-    except (ValueError, ModelNotAvailableError) as error:
+        config = TrainConfig(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=lr,
+                             eval_every=eval_every, checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3,
+                             data_streams=data_streams or nproc_per_node, shuffle_buffer=shuffle_buffer,
+                             data_workers=data_workers)
+        metrics = run_training(data, out, settings, config, {"rank": rank, "mode": mode, "num_tokens": num_tokens},
+                               nproc_per_node=nproc_per_node, shard_size=shard_size)
+    except (ValueError, ModelNotAvailableError, RankFailedError) as error:
         fail(str(error))
     stats = metrics["bridge_statistics"]
     typer.echo(f"held-out flow-matching loss: zero-init bridge {metrics['heldout_loss_baseline']:.5f} -> trained "
@@ -80,7 +95,10 @@ def train(
     if zeroed:
         typer.echo("held-out loss with one Qwen3 level zeroed (higher = that level carries more): " + ", ".join(
             f"{level} {loss:.5f}" for level, loss in zeroed.items()) + f" (none zeroed {metrics['heldout_loss_trained']:.5f})")
-    low, high = metrics["qwen3_information_gain_ci"]
+    typer.echo(f"{metrics['world_size']} process(es), {metrics['data_streams']} data stream(s), global batch "
+               f"{metrics['global_batch']}: {metrics['samples_per_s']:.1f} samples/s, "
+               f"{metrics['data_wait_share']:.0%} of the time waiting for data")
+    low, high = metrics["qwen3_information_gain_ci"]  # the headline, last
     typer.echo(f"Qwen3 information gain (held-out loss, shuffled - real Qwen3 caches): "
                f"{metrics['qwen3_information_gain']:+.5f} [95% CI {low:+.5f}, {high:+.5f}] = "
                f"{metrics['qwen3_information_gain_relative']:+.2%} of the baseline loss, "

@@ -14,15 +14,15 @@ from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
 from bridgecore.batch.stages.common import in_input_order, multi_image_refusal, png_bytes, read_images, sample_seed
-from bridgecore.model.payloads import fused_from_bytes
+from bridgecore.batch.stages.outputs import EDITS, FUSED
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
     from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
 
 class EditStage(Stage):
-    name = "edits"
-    upstream = ("fused",)
+    name = EDITS.stage
+    upstream = (FUSED.stage,)
     layout = "files"
     models = ("dit",)
 
@@ -53,13 +53,13 @@ class EditStage(Stage):
             ready = [r for r in ready if len(r[1]) == 1]
         if ready:
             ctx.models.use(editor, ("dit",))
-            fused = [fused_from_bytes(item.upstream["fused"]["safetensors"]) for item, _ in ready]
+            fused = [item.output(FUSED) for item, _ in ready]
             embeds, mask = pad_prompt_embeds([positive for positive, _ in fused])
             negative = pad_prompt_embeds([n for _, n in fused]) if ctx.settings.uses_cfg else None
             seeds = [sample_seed(ctx.settings.seed, item.sample.id) for item, _ in ready]
             edited = editor.denoise([images for _, images in ready], embeds, mask, seeds, ctx.settings.steps,
                                     ctx.settings.cfg, negative)
             for (item, _), image in zip(ready, edited):
-                results.append(SampleResult.done(item.sample, {"png": png_bytes(image)}, width=image.width,
+                results.append(SampleResult.done(item.sample, EDITS.entry(png_bytes(image)), width=image.width,
                                                  height=image.height))
         return results

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.stage import Stage, StageContext, StageItem
+from bridgecore.batch.stages.outputs import EDITS, QWEN21_EDITS
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -33,18 +34,17 @@ def basic_metrics(edited: "Image.Image", source: "Image.Image", target: "Image.I
 
 class EvaluateStage(Stage):
     name = "metrics"
-    optional_upstream = ("edits", "qwen21-edits")  # whichever editor family made the edits
+    optional_upstream = (EDITS.stage, QWEN21_EDITS.stage)  # whichever editor family made the edits
     layout = "table"
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         from bridgecore.evaluation.metrics import score_sample
-        from bridgecore.model.images import decode_image, load_image
+        from bridgecore.model.images import load_image
 
         results = []
         for item in items:
             sample = item.sample
-            edits = item.upstream.get("edits") or item.upstream["qwen21-edits"]
-            edited = decode_image(edits["png"], f"edit of {sample.id}")
+            edited = item.output(EDITS if item.has(EDITS) else QWEN21_EDITS)
             sources = [load_image(uri) for uri in sample.images]
             target = load_image(sample.target) if sample.target else None
             metrics = basic_metrics(edited, sources[0], target)

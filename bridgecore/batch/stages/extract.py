@@ -13,13 +13,14 @@ from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
 from bridgecore.batch.stages.common import in_input_order, read_images, vlm_groups
+from bridgecore.batch.stages.outputs import CACHES
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
     from bridgecore.model.extraction import VisionCacheExtractor
 
 
 class ExtractStage(Stage):
-    name = "caches"
+    name = CACHES.stage
     models = ("vlm",)
 
     def enabled(self, settings: JobSettings) -> bool:
@@ -66,7 +67,7 @@ class ExtractStage(Stage):
             caches += list(zip(group, editor.extractor.extract([images for _, images in group], prompts)))
         for (item, _), cache in caches:
             cache.extra = {"id": item.sample.id, "input_hash": item.sample.input_hash}
-            results.append(SampleResult.done(item.sample, {"safetensors": cache_to_bytes(cache)},
+            results.append(SampleResult.done(item.sample, CACHES.entry(cache_to_bytes(cache)),
                                              qwen25_tokens=int(cache.qwen25.prompt_embeds.shape[0]),
                                              qwen3_tokens=int(next(iter(cache.qwen3.levels.values())).shape[0]),
                                              qwen3_vision_tokens=cache.qwen3.num_vision_tokens,

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
-from bridgecore.model.payloads import fused_to_bytes, negatives_from_bytes
+from bridgecore.batch.stages.outputs import CACHES, FUSED, NEGATIVES, REWRITES
+from bridgecore.model.payloads import fused_to_bytes
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
     import torch
@@ -24,9 +25,9 @@ if TYPE_CHECKING:  # the model classes this stage calls through the pool: its co
 
 
 class FuseStage(Stage):
-    name = "fused"
-    upstream = ("caches",)
-    optional_upstream = ("negatives", "rewrites")
+    name = FUSED.stage
+    upstream = (CACHES.stage,)
+    optional_upstream = (NEGATIVES.stage, REWRITES.stage)
 
     def enabled(self, settings: JobSettings) -> bool:
         return not settings.native
@@ -34,16 +35,13 @@ class FuseStage(Stage):
     def settings_of(self, settings: JobSettings) -> dict:
         return {"bridge": settings.bridge, "bridge_checksum": settings.bridge_checksum}
 
-    def _fuse(self, data: bytes, ctx: StageContext, item: StageItem) -> "torch.Tensor":
+    def _fuse(self, ctx: StageContext, item: StageItem) -> "torch.Tensor":
         import torch
 
-        from bridgecore.model.cache_format import cache_from_bytes
-        from bridgecore.model.payloads import rewritten_from_bytes
-
-        cache = cache_from_bytes(data)
+        cache = item.output(CACHES)
         qwen25 = cache.qwen25
-        if "rewrites" in item.upstream:
-            qwen25, _ = rewritten_from_bytes(item.upstream["rewrites"]["safetensors"])
+        if item.has(REWRITES):
+            qwen25, _ = item.output(REWRITES)
         editor: EnhancedQwenImageEdit = ctx.models.editor_for(item.sample)
         bridge = editor.bridge_for(cache.qwen3, qwen25)
         with torch.no_grad():
@@ -52,14 +50,14 @@ class FuseStage(Stage):
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         results = []
         for item in items:
-            embeds = self._fuse(item.upstream["caches"]["safetensors"], ctx, item)
+            embeds = self._fuse(ctx, item)
             negative = None
-            if "negatives" in item.upstream:  # the negative branch as Qwen-Image-Edit computes it
-                negative = negatives_from_bytes(item.upstream["negatives"]["safetensors"])
+            if item.has(NEGATIVES):  # the negative branch as Qwen-Image-Edit computes it
+                negative = item.output(NEGATIVES)
             meta = {"id": item.sample.id, "bridge": ctx.settings.bridge, "bridge_checksum": ctx.settings.bridge_checksum,
                     "qwen3_model": ctx.settings.qwen3_model, "edit_model": ctx.settings.edit_model,
                     "rewrite_with": ctx.settings.rewrite_with,
                     "fingerprint": ctx.fingerprints[self.name]}
-            results.append(SampleResult.done(item.sample, {"safetensors": fused_to_bytes(embeds, meta, negative)},
+            results.append(SampleResult.done(item.sample, FUSED.entry(fused_to_bytes(embeds, meta, negative)),
                                              tokens=int(embeds.shape[0])))
         return results

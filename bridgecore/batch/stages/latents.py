@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
+from bridgecore.batch.stages.outputs import LATENTS
 from bridgecore.model.latents import encode_latents
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
@@ -18,7 +19,7 @@ if TYPE_CHECKING:  # the model classes this stage calls through the pool: its co
 
 
 class LatentsStage(Stage):
-    name = "latents"
+    name = LATENTS.stage
     models = ("dit",)
 
     def settings_of(self, settings: JobSettings) -> dict:
@@ -51,6 +52,6 @@ class LatentsStage(Stage):
             conditions = [encode_latents(pipe, source, w, h) for source, (w, h) in zip(sources, sizes)]
             width, height = sizes[-1]
             payload = latents_to_bytes(torch.cat(conditions), encode_latents(pipe, target, width, height))
-            results.append(SampleResult.done(sample, {"safetensors": payload}, latent_hw=[height // 16, width // 16],
+            results.append(SampleResult.done(sample, LATENTS.entry(payload), latent_hw=[height // 16, width // 16],
                                              condition_hw=[[h // 16, w // 16] for w, h in sizes]))
         return results

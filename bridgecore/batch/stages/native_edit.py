@@ -13,14 +13,15 @@ from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
 from bridgecore.batch.stages.common import in_input_order, png_bytes, read_images, sample_seed
+from bridgecore.batch.stages.outputs import QWEN21_CACHES, QWEN21_EDITS
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
     from bridgecore.model.native21 import NativeQwenImage21
 
 
 class NativeEditStage(Stage):
-    name = "qwen21-edits"
-    upstream = ("qwen21-caches",)
+    name = QWEN21_EDITS.stage
+    upstream = (QWEN21_CACHES.stage,)
     layout = "files"
     models = ("dit",)
 
@@ -35,14 +36,12 @@ class NativeEditStage(Stage):
                 "condition_area": settings.condition_area, "steps": settings.steps, "seed": settings.seed}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
-        from bridgecore.model.payloads import qwen21_from_bytes
-
         ready, results = read_images(items)
         for item, images in ready:
-            conditioning = qwen21_from_bytes(item.upstream["qwen21-caches"]["safetensors"])
+            conditioning = item.output(QWEN21_CACHES)
             native: NativeQwenImage21 = ctx.models.native
             image = native.edit(images, conditioning, sample_seed(ctx.settings.seed, item.sample.id),
                                 ctx.settings.steps)
-            results.append(SampleResult.done(item.sample, {"png": png_bytes(image)}, width=image.width,
+            results.append(SampleResult.done(item.sample, QWEN21_EDITS.entry(png_bytes(image)), width=image.width,
                                              height=image.height))
         return in_input_order(results, items)

@@ -14,13 +14,14 @@ from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
 from bridgecore.batch.stages.common import in_input_order, read_images
+from bridgecore.batch.stages.outputs import QWEN21_CACHES
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
     from bridgecore.model.native21 import NativeQwenImage21
 
 
 class NativeExtractStage(Stage):
-    name = "qwen21-caches"
+    name = QWEN21_CACHES.stage
     models = ("vlm",)
 
     def enabled(self, settings: JobSettings) -> bool:
@@ -49,7 +50,7 @@ class NativeExtractStage(Stage):
             meta = {"id": item.sample.id, "input_hash": item.sample.input_hash, "edit_model": ctx.settings.edit_model,
                     "fingerprint": ctx.fingerprints[self.name], "resolution": native.resolution}
             payload = qwen21_to_bytes(conditioning, meta)
-            results.append(SampleResult.done(item.sample, {"safetensors": payload},
+            results.append(SampleResult.done(item.sample, QWEN21_CACHES.entry(payload),
                                              tokens=int(conditioning["qwen21.prompt_embeds"].shape[0]),
                                              image_slots=int(conditioning["qwen21.image_pad_mask"].sum())))
         return in_input_order(results, items)

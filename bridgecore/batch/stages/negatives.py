@@ -14,10 +14,11 @@ from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import StageContext, StageItem
 from bridgecore.batch.stages.common import in_input_order, read_images, vlm_groups
 from bridgecore.batch.stages.extract import ExtractStage
+from bridgecore.batch.stages.outputs import NEGATIVES
 
 
 class NegativesStage(ExtractStage):
-    name = "negatives"
+    name = NEGATIVES.stage
 
     def enabled(self, settings: JobSettings) -> bool:
         return settings.uses_cfg and not settings.native
@@ -42,6 +43,6 @@ class NegativesStage(ExtractStage):
                 [images for _, images in group], [ctx.settings.negative_prompt] * len(group))))
         for (item, _), cache in caches:
             embeds = cache.prompt_embeds.detach().cpu().contiguous()  # [L, D]
-            results.append(SampleResult.done(item.sample, {"safetensors": negatives_to_bytes(embeds)},
+            results.append(SampleResult.done(item.sample, NEGATIVES.entry(negatives_to_bytes(embeds)),
                                              tokens=int(embeds.shape[0])))
         return in_input_order(results, items)

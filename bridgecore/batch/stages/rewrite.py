@@ -15,10 +15,11 @@ from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import StageContext, StageItem
 from bridgecore.batch.stages.common import in_input_order, read_images, vlm_groups
 from bridgecore.batch.stages.extract import ExtractStage
+from bridgecore.batch.stages.outputs import REWRITES
 
 
 class RewriteStage(ExtractStage):
-    name = "rewrites"
+    name = REWRITES.stage
 
     def enabled(self, settings: JobSettings) -> bool:
         return settings.rewrites and not settings.native
@@ -45,7 +46,7 @@ class RewriteStage(ExtractStage):
             rewrites = [text or instruction for (text, _), instruction in zip(generated, instructions)]
             encodings = editor.extractor.extract_qwen25_vision([images for _, images in group], rewrites)
             for (item, _), rewrite, (text, tokens), qwen25 in zip(group, rewrites, generated, encodings):
-                results.append(SampleResult.done(item.sample, {"safetensors": rewritten_to_bytes(qwen25, rewrite)},
+                results.append(SampleResult.done(item.sample, REWRITES.entry(rewritten_to_bytes(qwen25, rewrite)),
                                                  rewrite=rewrite, generated_tokens=tokens, empty_rewrite=not text,
                                                  tokens=int(qwen25.prompt_embeds.shape[0])))
         return in_input_order(results, items)
