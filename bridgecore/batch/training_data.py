@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
 from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
-from bridgecore.batch.stages.outputs import CACHES, LATENTS
+from bridgecore.batch.stages.outputs import CACHES, LATENTS, StageOutput
 from bridgecore.model.bridge import BridgeConfig
 from bridgecore.storage import Storage
 from bridgecore.training.data import ExampleRef, read_refs
@@ -53,11 +53,28 @@ class CommittedShards:
 
     def __init__(self, output: str, settings: JobSettings, shards: list[str]):
         self.output, self.settings, self.shards = output, settings, sorted(shards)
-        prints = fingerprints(PIPELINE, settings)
-        storage = Storage(output)
-        self.caches = STAGES[CACHES.stage].store(storage, prints[CACHES.stage])
-        self.latents = STAGES[LATENTS.stage].store(storage, prints[LATENTS.stage])
+        self.prints = fingerprints(PIPELINE, settings)
+        self._stores: tuple[int, dict] | None = None
         self._refs: list[ExampleRef] | None = None
+
+    def _store(self, output: StageOutput):
+        """The stage's shard store, opened in this process: a DataLoader worker forked from the trainer must not use
+        the parent's filesystem object (s3fs's event loop is not fork-safe)."""
+        import os
+
+        if self._stores is None or self._stores[0] != os.getpid():
+            storage = Storage(self.output)
+            self._stores = (os.getpid(), {stage: STAGES[stage].store(storage, self.prints[stage])
+                                          for stage in (CACHES.stage, LATENTS.stage)})
+        return self._stores[1][output.stage]
+
+    @property
+    def caches(self):
+        return self._store(CACHES)
+
+    @property
+    def latents(self):
+        return self._store(LATENTS)
 
     def refs(self) -> list[ExampleRef]:
         import json

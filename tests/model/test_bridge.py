@@ -46,6 +46,8 @@ def test_gradients_reach_every_parameter_once_the_gate_is_open(caches):
     bridge = _open(create_default_bridge(sample.qwen3, sample.qwen25, mode="residual", use_deepstack=True))
     bridge(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
     for name, parameter in bridge.named_parameters():
+        if name == "fusion.score.bias":  # added to every level's score, so the softmax over levels cancels it:
+            continue  # its gradient is 0 in exact arithmetic (float noise made it pass now and then)
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
@@ -259,6 +261,8 @@ def test_gradients_reach_every_token_parameter(caches, mode):
     bridge = _tokens_bridge(sample, mode, use_deepstack=True)
     bridge(sample.qwen3, sample.qwen25).prompt_embeds.pow(2).sum().backward()
     for name, parameter in bridge.named_parameters():
+        if name == "fusion.score.bias":  # added to every level's score, so the softmax over levels cancels it:
+            continue  # its gradient is 0 in exact arithmetic (float noise made it pass now and then)
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
