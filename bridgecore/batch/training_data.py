@@ -14,6 +14,7 @@ runs), each rank loading the frozen DiT and reading only its own data streams.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -210,22 +211,53 @@ def launch_ranks(nproc: int, source: CommittedShards, out_dir: Path, config: Tra
     launch = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn")
-    arguments = (source.output, source.settings.to_dict(), source.shards, str(out_dir), dataclasses.asdict(config),
-                 dataclasses.asdict(bridge_config), remote)
-    try:
-        results = elastic_launch(launch, train_rank)(*arguments)
-    except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        message = failure.message if isinstance(failure.message, str) else (failure.message or {}).get(
-            "message", f"exit code {failure.exitcode}")
-        reason = str(message).strip().splitlines()[-1] if str(message).strip() else f"exit code {failure.exitcode}"
-        raise RankFailedError(f"training rank {rank} of {nproc} failed: {reason}; the other ranks were stopped "
-                              f"(checkpoints in {out_dir} are complete: rerun to resume)") from None
-    return results[0]
+    with forwarded_logs() as log_queue:
+        arguments = (source.output, source.settings.to_dict(), source.shards, str(out_dir),
+                     dataclasses.asdict(config), dataclasses.asdict(bridge_config), remote, log_queue)
+        try:
+            results = elastic_launch(launch, train_rank)(*arguments)
+        except ChildFailedError as error:
+            failed = error
+        else:
+            return results[0]
+    raise _rank_failure(failed, nproc, out_dir)
+
+
+def _rank_failure(error, nproc: int, out_dir: Path) -> RankFailedError:
+    rank, failure = error.get_first_failure()
+    message = failure.message if isinstance(failure.message, str) else (failure.message or {}).get(
+        "message", f"exit code {failure.exitcode}")
+    reason = str(message).strip().splitlines()[-1] if str(message).strip() else f"exit code {failure.exitcode}"
+    return RankFailedError(f"training rank {rank} of {nproc} failed: {reason}; the other ranks were stopped "
+                           f"(checkpoints in {out_dir} are complete: rerun to resume)")
+
+
+@contextlib.contextmanager
+def forwarded_logs():
+    """A queue the ranks send their `bridgecore` log records to; a thread of this process hands each to the logger
+    of the same name here, in this context (so a Prefect task's handlers take the ranks' progress lines to the UI)."""
+    import contextvars
+    import multiprocessing
+    import threading
+
+    with multiprocessing.get_context("spawn").Manager() as manager:
+        queue = manager.Queue()
+
+        def drain() -> None:
+            while (record := queue.get()) is not None:
+                logging.getLogger(record.name).handle(record)
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(drain,), daemon=True)
+        thread.start()
+        try:
+            yield queue
+        finally:
+            queue.put(None)
+            thread.join(timeout=10)
 
 
 def train_rank(output: str, settings: dict, shards: list[str], out_dir: str, config: dict, bridge_config: dict,
-               remote: str | None) -> dict:
+               remote: str | None, log_queue=None) -> dict:
     """One rank of `launch_ranks` (a process of its own): joins the group, loads the frozen DiT on its GPU, trains
     on its data streams. Rank 0 writes and uploads; it alone returns the metrics."""
     import os
@@ -238,6 +270,13 @@ def train_rank(output: str, settings: dict, shards: list[str], out_dir: str, con
     def run() -> dict:
         from bridgecore.storage import mirror_up
 
+        if log_queue is not None:  # progress lines and warnings go to the launching process
+            from logging.handlers import QueueHandler
+
+            library = logging.getLogger("bridgecore")
+            library.addHandler(QueueHandler(log_queue))
+            library.setLevel(logging.INFO)
+            library.propagate = False
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         job = JobSettings.from_dict(settings)
         if torch.cuda.is_available() and job.device in ("auto", "cuda"):

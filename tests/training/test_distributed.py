@@ -45,8 +45,9 @@ def assert_same_weights(a, b):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_two_ranks_follow_one_process(one_process, settings):
+def test_two_ranks_follow_one_process(one_process, settings, caplog):
     folder, manifest, one = one_process
+    caplog.set_level("INFO", logger="bridgecore")
     two = run_training(str(folder / "one" / "data"), folder / "two", settings, replace(CONFIG, data_workers=1),
                        progress=False, nproc_per_node=2)  # a reader process per rank: the same order
     assert one["world_size"] == 1 and two["world_size"] == 2 and two["global_batch"] == one["global_batch"] == 4
@@ -56,6 +57,9 @@ def test_two_ranks_follow_one_process(one_process, settings):
     assert_same_weights(weights(folder / "two"), weights(folder / "one"))
     saved = json.loads((folder / "two" / "metrics.json").read_text())
     assert saved["world_size"] == 2 and saved["data_streams"] == 2
+    # rank 0's progress lines reach the launching process's loggers (a Prefect task's handlers: the UI)
+    progress = [r.getMessage() for r in caplog.records if r.name == "bridgecore.training.trainer"]
+    assert any(line.startswith("step 6/6: loss") and "samples/s, data wait" in line for line in progress), progress
 
 
 def test_a_run_resumes_under_another_world_size(one_process, settings):
