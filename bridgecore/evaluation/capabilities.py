@@ -5,7 +5,8 @@
 
 An editor is `f(row, sources, target) -> PIL.Image | None`: the reference editors (`oracle` returns the
 target, `identity` the input, `noise` noise) let users trust the metrics; `results_editor(RUN)` reads
-a `bulk-edit` run's outputs. A missing edit scores as a failed one.
+a `bulk-edit` run's outputs. A missing edit (the run failed or skipped the sample) scores as a failed one in
+its arm's summary, is counted there (`missing`), and is left out of paired comparisons.
 """
 
 from __future__ import annotations
@@ -143,12 +144,17 @@ class CapabilityEvaluator:
 
 
 def paired_comparison(baseline: list[dict], enhanced: list[dict], seed: int = 0) -> dict[str, dict]:
-    """Per capability and metric: mean(enhanced - baseline) over the same samples, with a bootstrap CI."""
+    """Per capability and metric: mean(enhanced - baseline) over the same samples, with a bootstrap CI.
+
+    A sample whose edit is missing in either arm is left out of the pairs (`excluded_missing` counts them): a
+    missing edit scores as a failure in each arm's own summary, but differencing a failure-by-absence with a real
+    edit would measure the outage, not the method."""
     by_id = {s["id"]: s for s in baseline}
     result: dict[str, dict] = {}
     for capability, fields in SUMMARY_FIELDS.items():
-        pairs = [(by_id[s["id"]], s) for s in enhanced if s["capability"] == capability and s["id"] in by_id]
-        result[capability] = {"count": len(pairs)}
+        both = [(by_id[s["id"]], s) for s in enhanced if s["capability"] == capability and s["id"] in by_id]
+        pairs = [(b, e) for b, e in both if not b.get("missing") and not e.get("missing")]
+        result[capability] = {"count": len(pairs), "excluded_missing": len(both) - len(pairs)}
         for name, field in fields:
             diffs = [e[field] - b[field] for b, e in pairs]
             result[capability][name] = {"difference": float(np.mean(diffs)) if diffs else float("nan"),

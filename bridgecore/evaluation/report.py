@@ -84,7 +84,24 @@ def _table(capability: str, summaries: dict[str, dict]) -> str:
             for run in runs)
         rows.append(f"<tr><td>{name}</td>{cells}</tr>")
     count = summaries[runs[0]][capability]["count"]
+    missing = [summaries[run][capability].get("missing", 0) for run in runs]
+    if any(missing):  # named, not hidden in the means
+        cells = "".join(f"<td class='missing'>{m} of {count}</td>" if m else "<td>0</td>" for m in missing)
+        rows.insert(0, f"<tr><td><b>missing edits</b> <small>(scored as failures above)</small></td>{cells}</tr>")
     return f"<table><tr><th>{capability} ({count} samples)</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _missing_tile(size: tuple[int, int]) -> Image.Image:
+    """A tile that says the edit is missing (a plain grey one reads as a grey edit)."""
+    from PIL import ImageDraw
+
+    tile = Image.new("RGB", size, (90, 90, 90))
+    draw = ImageDraw.Draw(tile)
+    draw.line([(0, 0), (size[0] - 1, size[1] - 1)], fill=(200, 60, 60), width=3)
+    draw.line([(0, size[1] - 1), (size[0] - 1, 0)], fill=(200, 60, 60), width=3)
+    draw.rectangle([(size[0] // 2 - 40, size[1] // 2 - 10), (size[0] // 2 + 40, size[1] // 2 + 10)], fill=(255, 255, 255))
+    draw.text((size[0] // 2, size[1] // 2), "MISSING", fill=(200, 0, 0), anchor="mm")
+    return tile
 
 
 def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
@@ -107,7 +124,7 @@ def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
             panels = [("input", sources[0])]
             for run in runs:
                 edited = evaluators[run].editor(row, sources, target)
-                panels.append((run, edited if edited is not None else Image.new("RGB", target.size, (128, 128, 128))))
+                panels.append((run, edited) if edited is not None else (f"{run}: MISSING", _missing_tile(target.size)))
             panels.append(("target", target))
             rewritten = "".join(f"<br><b>{html.escape(run)}</b> read: <i>{html.escape(texts[row['id']])}</i>"
                                 for run in runs for texts in [getattr(evaluators[run].editor, "rewrites", {})]
@@ -128,15 +145,25 @@ def write_report(path: str | Path, evaluators: dict[str, CapabilityEvaluator], s
     paired = ""
     for pair, comparison in (pairs or {}).items():
         rows = "".join(f"<tr><td>{cap}</td><td>{name}</td><td>{v['difference']:+.3f}</td>"
-                       f"<td>[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]</td></tr>"
-                       for cap, metrics in comparison.items() for name, v in metrics.items() if name != "count")
-        paired += (f"<h2>Paired comparison: {html.escape(pair)} (same samples and seeds)</h2>"
-                   f"<table><tr><th>capability</th><th>metric</th><th>difference</th><th>95% CI</th></tr>{rows}</table>")
+                       f"<td>[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]</td><td>{metrics['count']}</td></tr>"
+                       for cap, metrics in comparison.items() for name, v in metrics.items() if isinstance(v, dict))
+        excluded = {cap: metrics.get("excluded_missing", 0) for cap, metrics in comparison.items()}
+        note = ("" if not any(excluded.values()) else "<p class='missing'>Left out of these pairs because an edit is "
+                "missing in one of the two arms: " + ", ".join(f"{cap} {n}" for cap, n in excluded.items() if n)
+                + " sample(s).</p>")
+        paired += (f"<h2>Paired comparison: {html.escape(pair)} (same samples and seeds)</h2>{note}"
+                   "<table><tr><th>capability</th><th>metric</th><th>difference</th><th>95% CI</th><th>pairs</th></tr>"
+                   f"{rows}</table>")
+    missing = {run: sum(values.get("missing", 0) for values in summary.values()) for run, summary in summaries.items()}
+    total = sum(values.get("count", 0) for values in next(iter(summaries.values())).values())
+    runs = ", ".join(html.escape(run) + (f" <span class='missing'>({missing[run]} of {total} edits missing)</span>"
+                                         if missing[run] else "") for run in summaries)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>vision-bridge evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}small{{color:#666}}</style></head>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}small{{color:#666}}
+.missing{{color:#b00;font-weight:bold}}</style></head>
 <body><h1>vision-bridge capability evaluation</h1><p>Benchmark: <code>{html.escape(str(root))}</code>;
-runs: {", ".join(html.escape(r) for r in summaries)}</p>
+runs: {runs}</p>
 <img alt="edit success per capability" src="{_bar_chart(summaries)}">
 <h2>OCR per language</h2><img alt="OCR exact match per language" src="{_language_chart(summaries)}">
 {''.join(sections)}{paired}<h2>Best and worst samples</h2>{_grids(evaluators, root)}</body></html>"""

@@ -88,6 +88,36 @@ def test_paired_comparison(benchmark):
     assert paired["spatial"]["count"] == 32
 
 
+def test_missing_edits_are_counted_and_left_out_of_the_pairs(benchmark, tmp_path):
+    """Two spatial edits missing in one arm: that arm's summary counts them (scored as failures), the paired
+    difference is over the 30 samples both arms have, and the report names them and draws labelled tiles."""
+    from bridgecore.evaluation.report import write_report
+
+    oracle = reference_editor("oracle")
+    rows = [json.loads(line) for line in (benchmark / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    lost = {row["id"] for row in rows if row["capability"] == "spatial"}
+    lost = set(sorted(lost)[:2])
+    identity = CapabilityEvaluator(benchmark, reference_editor("identity"))
+    partial = CapabilityEvaluator(benchmark, lambda row, sources, target: None if row["id"] in lost else
+                                  oracle(row, sources, target))
+    summaries = {"identity": identity.evaluate_all(), "partial": partial.evaluate_all()}
+    assert summaries["partial"]["spatial"]["missing"] == 2 and summaries["partial"]["ocr"]["missing"] == 0
+    paired = paired_comparison(identity.per_sample, partial.per_sample)
+    assert paired["spatial"]["count"] == 30 and paired["spatial"]["excluded_missing"] == 2
+    kept = [(i, p) for i, p in zip(sorted(identity.per_sample, key=lambda s: s["id"]),
+                                   sorted(partial.per_sample, key=lambda s: s["id"]))
+            if i["capability"] == "spatial" and i["id"] not in lost]
+    expected = np.mean([p["direction_correct"] - i["direction_correct"] for i, p in kept])
+    assert paired["spatial"]["direction_accuracy"]["difference"] == pytest.approx(expected)
+    assert paired["ocr"]["excluded_missing"] == 0
+    page = write_report(tmp_path / "report.html", {"identity": identity, "partial": partial}, summaries,
+                        {"partial - identity": paired}).read_text()
+    total = sum(values["count"] for values in summaries["partial"].values())
+    assert f"partial <span class='missing'>(2 of {total} edits missing)</span>" in page
+    assert "<b>missing edits</b>" in page and "<td class='missing'>2 of 32</td>" in page
+    assert "missing in one of the two arms: spatial 2 sample(s)" in page
+
+
 def test_cli_json_report_and_screenshot(benchmark, tmp_path):
     import shutil
 
@@ -193,3 +223,7 @@ def test_four_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny
                 if row["rewrite"]]
     assert len(rewrites) == 6 and "the instruction as rewritten:<br><b>Edit+rewrite</b> read:" in page
     assert sum(html.escape(text) in page for text in set(rewrites)) >= 1
+    # the two multi-image samples the Edit arms could not edit: counted, named, never paired
+    assert output["arms"]["Edit"]["multi_image"]["missing"] == 2
+    assert output["pairs"]["Qwen-Image-2.1 - Edit"]["multi_image"]["excluded_missing"] == 2
+    assert "Edit <span class='missing'>(2 of 8 edits missing)</span>" in page

@@ -112,7 +112,9 @@ def evaluate(
     for arm, summary in summaries.items():
         for capability, values in summary.items():
             headline = {k: round(v, 4) for k, v in values.items() if isinstance(v, float)}
-            typer.echo(f"{arm + ':' if len(summaries) > 1 else ''}{capability:<12} {headline}")
+            lost = (f"  ({values['missing']} of {values['count']} edits MISSING: scored as failures, left out of "
+                    "paired differences)" if values.get("missing") else "")
+            typer.echo(f"{arm + ':' if len(summaries) > 1 else ''}{capability:<12} {headline}{lost}")
     for pair, values in (output.get("pairs") or {}).items():
         typer.echo(f"{pair}: " + ", ".join(f"{cap} {v[SUMMARY_HEADLINES[cap]]['difference']:+.3f} "
                                            f"[{v[SUMMARY_HEADLINES[cap]]['ci'][0]:+.3f}, "
