@@ -23,6 +23,8 @@ from typing import Any, Callable, TypeVar
 
 import fsspec
 
+from bridgecore.options import option
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -110,7 +112,7 @@ class Storage:
             except FileNotFoundError:
                 if not create_bucket:
                     raise FileNotFoundError(f"bucket {bucket!r} of {self.root} does not exist: check the name, or "
-                                            "pass --create-bucket to create it")
+                                            f"pass {option('create_bucket')} to create it")
                 self.fs.mkdir(bucket)
         try:
             retry_transient(make, budget_s=FIRST_CONTACT_SECONDS, quiet=True)  # one clear error says it all

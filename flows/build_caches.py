@@ -12,11 +12,13 @@ from prefect import flow
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
+from flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
 from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
-@flow(name="build-caches")
+@flow(name="build-caches", flow_run_name=run_name("build-caches"))
+@speaks_in_parameters
 def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str | None = None,
                  edit_model: str | None = None, shard_size: int = 64, condition_area: int = D["condition_area"],
                  batch_size: int = 8, device: str = D["device"], retry_failed: bool = False,
@@ -29,6 +31,7 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
         qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area, batch_size=batch_size,
         load_in_8bit=load_in_8bit, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
         rewrite_max_tokens=rewrite_max_tokens), route_multi_image=False).to_dict()
+    tag_this_run(job_tags("build-caches", output))
     plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket,
                         content_hash)
     # run and report

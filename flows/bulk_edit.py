@@ -16,11 +16,13 @@ from prefect import flow
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
+from flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
 from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
-@flow(name="bulk-edit")
+@flow(name="bulk-edit", flow_run_name=run_name("bulk-edit"))
+@speaks_in_parameters
 def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | None = None,
               edit_model: str | None = None, bridge: str | None = None, multi_image: bool = False,
               shard_size: int = 16, steps: int | None = None, seed: int = D["seed"], cfg: float = D["cfg"],
@@ -39,6 +41,7 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
         negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=lora, scheduler=scheduler, compile=compile,
         attention_backend=attention_backend, dit_offload=dit_offload, rewrite_with=rewrite_with,
         rewrite_system_prompt=rewrite_system_prompt, rewrite_max_tokens=rewrite_max_tokens)).to_dict()
+    tag_this_run(job_tags("bulk-edit", output, settings))
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
                         content_hash)
     # run and report

@@ -11,12 +11,13 @@ import os
 import time
 
 from prefect import flow, get_run_logger
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from bridgecore.batch.pipeline import run_pipeline
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.shard_store import worker_id
 from bridgecore.storage import Storage
+from flows.naming import speaks_in_parameters
 from tasks.run_stage import WORKER_MODELS, run_stage
 
 
@@ -26,6 +27,7 @@ def _child_name() -> str:
 
 
 @flow(name="process-shards", flow_run_name=_child_name)
+@speaks_in_parameters
 def process_shards(output: str, shard_ids: list[str], settings: dict, pipeline: str = "bulk-edit",
                    run: str | None = None) -> dict:
     # run
@@ -34,7 +36,7 @@ def process_shards(output: str, shard_ids: list[str], settings: dict, pipeline: 
 
     started, before = time.monotonic(), WORKER_MODELS.counts
     after = run_pipeline(output, pipeline, shard_ids, JobSettings.from_dict(settings), run_stage=as_task,
-                         loaded=WORKER_MODELS)
+                         loaded=WORKER_MODELS, progress=deployment.id is None)  # no tqdm bars in a worker's log
     counts = {name: after[name] - before[name] for name in after}  # this run's, in a process that may run several
     # report
     record = {"flow_run": str(flow_run.id), "worker": worker_id(), "pid": os.getpid(), "shards": shard_ids,

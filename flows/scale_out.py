@@ -19,10 +19,14 @@ FINAL_BAD = {"CRASHED", "FAILED", "CANCELLED"}
 
 
 def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, deadline_s: float = 3600,
-                   poll_s: float = 1.0, stuck_s: float = 900, max_submissions: int = 3) -> list[str]:
-    """Runs every batch to completion on the pool behind `deployment`; returns the child run ids."""
+                   poll_s: float = 1.0, stuck_s: float = 900, max_submissions: int = 3,
+                   progress_every_s: float = 10.0) -> list[str]:
+    """Runs every batch to completion on the pool behind `deployment`; returns the child run ids. Children carry
+    the job's tags; the job's progress (from the markers) is a Prefect progress artifact and a log line."""
     from bridgecore.batch.pipeline import committed_stages
+    from bridgecore.batch.progress import JobProgress
     from bridgecore.batch.settings import JobSettings
+    from flows.naming import artifact_key, job_tags
 
     logger = get_run_logger()
     start = time.monotonic()
@@ -42,22 +46,34 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
             return False
         return True
 
+    tags = job_tags(parameters["pipeline"], parameters["output"], parameters["settings"])
+
     def submit(index: int, count: int):
         run = run_deployment(deployment, parameters={**parameters, "shard_ids": batches[index]}, timeout=0,
-                             as_subflow=True)
+                             as_subflow=True, tags=tags)
         submitted[index] = (str(run.id), time.monotonic(), count)
         logger.info("batch %d (%d shards) -> run %s", index, len(batches[index]), run.id)
 
     for index in range(len(batches)):
         submit(index, 1)
     done: set[int] = set()
-    total = sum(len(batch) for batch in batches)
-    progress = create_progress_artifact(0.0, description=f"0 of {total} shards")
+    # live progress from the markers: per stage samples done/failed, samples/s, ETA (artifact + a log line)
+    job = JobProgress(parameters["output"], parameters["pipeline"], settings,
+                      [shard for batch in batches for shard in batch]).look()
+    progress = create_progress_artifact(100 * job.fraction, description=job.line(),
+                                        key=artifact_key("progress", parameters["output"], " ".join(tags)))
+    looked = logged = time.monotonic()
     with get_client(sync_client=True) as client:
         while len(done) < len(batches):
             if time.monotonic() - start > deadline_s:
                 raise TimeoutError(f"{len(batches) - len(done)} shard batches unfinished after {deadline_s}s")
             time.sleep(poll_s)
+            if time.monotonic() - looked >= progress_every_s:
+                looked = time.monotonic()
+                update_progress_artifact(progress, 100 * job.look().fraction, job.line())
+                if looked - logged >= 6 * progress_every_s:
+                    logged = looked
+                    logger.info("progress: %s", job.line())
             for index, (run_id, since, count) in list(submitted.items()):
                 if index in done:
                     continue
@@ -65,9 +81,8 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                 kind = state.type.value if state else "PENDING"
                 if kind == "COMPLETED":
                     done.add(index)
-                    finished = sum(len(batches[i]) for i in done)
-                    update_progress_artifact(progress, 100.0 * finished / total, f"{finished} of {total} shards")
-                    logger.info("%d of %d shards finished", finished, total)
+                    update_progress_artifact(progress, 100 * job.look().fraction, job.line())
+                    logger.info("batch %d finished: %s", index, job.line())
                 elif kind in FINAL_BAD or (kind == "RUNNING" and stalled(index, since)):
                     if count >= max_submissions:
                         raise RuntimeError(f"batch {index} ended {kind} {count} times; last run {run_id}")

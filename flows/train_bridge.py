@@ -1,9 +1,8 @@
 """Flow `train-bridge`: train the bridge against the frozen DiT from precomputed caches, on one GPU or on
 `nproc_per_node` GPUs of the worker (torch.distributed, one process each).
 
-    prefect deployment run train-bridge/gpu --param data=s3://bucket/caches --param out=s3://bucket/bridge-v1
-    prefect deployment run train-bridge/gpu --param data=s3://bucket/caches --param out=s3://bucket/bridge-v1 \
-        --param nproc_per_node=8
+    prefect deployment run train-bridge/default --param data=s3://bucket/caches --param out=s3://bucket/bridge-v1
+    prefect deployment run train-bridge/multi-gpu --param data=s3://bucket/caches --param out=s3://bucket/bridge-v1
 """
 
 from __future__ import annotations
@@ -14,10 +13,12 @@ from prefect.artifacts import create_markdown_artifact
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
 from bridgecore.storage import Storage
+from flows.naming import artifact_key, job_tags, run_name, speaks_in_parameters, tag_this_run
 from tasks.train import train_bridge_task
 
 
-@flow(name="train-bridge")
+@flow(name="train-bridge", flow_run_name=run_name("train-bridge"))
+@speaks_in_parameters
 def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str | None = None,
                  steps: int = 1000, batch_size: int = 4, learning_rate: float = 1e-4, eval_every: int = 100,
                  seed: int = 0, condition_area: int = D["condition_area"], device: str = D["device"],
@@ -25,6 +26,7 @@ def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str 
                  ablate_qwen3: str = "none", mode: str = "both", num_tokens: int = 1, nproc_per_node: int = 1,
                  data_streams: int | None = None, shuffle_buffer: int = 64, data_workers: int = 1) -> dict:
     # train
+    tag_this_run(job_tags("train-bridge", out))
     # the same settings as the build-caches job that wrote the caches: its fingerprints find them
     settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
                                      load_in_8bit=load_in_8bit), route_multi_image=False)
@@ -40,7 +42,7 @@ def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str 
 
         curve = storage.read_bytes("loss_curve.png")
         create_markdown_artifact(f"![loss curve](data:image/png;base64,{base64.b64encode(curve).decode()})",
-                                 key="bridge-loss-curve")
+                                 key=artifact_key("bridge-loss-curve", out))
     create_markdown_artifact(
         f"# Bridge training\n\n| held-out loss | value |\n|---|---|\n"
         f"| zero-init bridge (Qwen-Image-Edit as is) | {metrics['heldout_loss_baseline']:.5f} |\n"
@@ -52,5 +54,6 @@ def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str 
         + ", ".join(f"{level} {loss:.5f}" for level, loss in metrics["heldout_loss_level_zeroed"].items())
         + f"\n\nbridge: {mode}, K={num_tokens}; {metrics['world_size']} process(es), {metrics['data_streams']} data "
         f"stream(s), global batch {metrics['global_batch']}, {metrics['samples_per_s']:.1f} samples/s, "
-        f"{metrics['data_wait_share']:.0%} waiting for data; checkpoint: `{out}`\n", key="bridge-training")
+        f"{metrics['data_wait_share']:.0%} waiting for data; checkpoint: `{out}`\n",
+        key=artifact_key("bridge-training", out))
     return metrics

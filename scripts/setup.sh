@@ -7,9 +7,12 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_system.sh
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.vision-bridge-installed
-wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+# the Docker image (VISION_BRIDGE_RUNTIME_ONLY=1) installs the project without the test tools
+EXTRAS="[dev]"
+[ "${VISION_BRIDGE_RUNTIME_ONLY:-0}" = "1" ] && EXTRAS=""
+wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)$EXTRAS"
 if [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ] \
-   && .venv/bin/python -c "import bridgecore, flows, vision_bridge.cli, pytest" 2>/dev/null; then
+   && .venv/bin/python -c "import bridgecore, flows, vision_bridge.cli" 2>/dev/null; then
   exit 0
 fi
 if [ ! -x .venv/bin/python ]; then
@@ -18,7 +21,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # pip's own exit status decides (pipefail); only the local index's "Location ... ignored" noise is dropped.
 log=$(mktemp)
-if ! { .venv/bin/python -m pip install --quiet --upgrade pip && .venv/bin/python -m pip install --quiet -e ".[dev]"; } >"$log" 2>&1; then
+if ! { .venv/bin/python -m pip install --quiet --upgrade pip && .venv/bin/python -m pip install --quiet -e ".$EXTRAS"; } >"$log" 2>&1; then
   grep -v "^WARNING: Location" "$log" >&2 || true
   rm -f "$log"
   echo "error: installing vision-bridge into .venv failed (pip's output above)" >&2

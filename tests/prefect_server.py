@@ -22,10 +22,10 @@ def free_port() -> int:
 
 
 def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "VISION_BRIDGE_CODE_DIR"}  # never at deploy time
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_ENABLED="false", PREFECT_SERVER_UI_ENABLED="false",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="1",
-               PREFECT_WORKER_PREFETCH_SECONDS="1", HF_HUB_OFFLINE="1", VISION_BRIDGE_ROOT=str(REPO),
+               PREFECT_WORKER_PREFETCH_SECONDS="1", HF_HUB_OFFLINE="1",
                PREFECT_LOGGING_LEVEL="INFO")
     if api_url:
         env["PREFECT_API_URL"] = api_url
@@ -76,7 +76,8 @@ class PrefectServer:
     def start_worker(self, pool: str, name: str) -> subprocess.Popen:
         # --limit 1: one flow run at a time per worker, as one worker per GPU should
         return self._spawn([PREFECT, "worker", "start", "--pool", pool, "--type", "process", "--name", name, "--limit", "1"],
-                           f"worker-{name}.log", VISION_BRIDGE_WORKER=name)
+                           f"worker-{name}.log", VISION_BRIDGE_WORKER=name,
+                           VISION_BRIDGE_CODE_DIR=str(REPO))  # where this worker's code is, resolved per run
 
     def stop(self) -> None:
         for process in reversed(self.processes):

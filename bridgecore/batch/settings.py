@@ -16,6 +16,7 @@ from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 from bridgecore.model.rewrite import REWRITERS, SYSTEM_PROMPT
+from bridgecore.options import option
 
 logger = logging.getLogger(__name__)
 
@@ -116,10 +117,10 @@ class JobSettings:
         """The named family matches the model, and the options make sense for it (called before any work)."""
         family = self.family
         if self.editor != "auto" and self.editor != family:
-            raise ValueError(f"--editor {self.editor}, but {self.edit_model} is a {family} pipeline: pass "
-                             f"--edit-model with a {self.editor} model (or leave --editor out)")
+            raise ValueError(f"{option('editor', self.editor)}, but {self.edit_model} is a {family} pipeline: pass "
+                             f"{option('edit_model')} with a {self.editor} model (or leave {option('editor')} out)")
         if self.plus_model and family == "qwen-image-edit" and self.lora:
-            raise ValueError("--lora with --plus-model: a LoRA is made for one DiT; run the multi-image samples as "
+            raise ValueError(f"{option('lora')} with {option('plus_model')}: a LoRA is made for one DiT; run the multi-image samples as "
                              "their own Edit-Plus job (with a LoRA made for it)")
         if family == "qwen-image-2.1":
             from bridgecore.model.native21 import min_condition_area
@@ -218,8 +219,8 @@ class JobSettings:
         if trained_with and trained_with != self.plus_model:
             raise ValueError(f"the bridge {self.bridge} was trained on {trained_with}'s conditioning and cannot serve "
                              f"the multi-image samples, which go to the Edit-Plus model {self.plus_model}: run them as "
-                             "their own Edit-Plus job (with a bridge trained for it, or without --bridge), or pass "
-                             "--plus-model none to let them fail alone")
+                             f"their own Edit-Plus job (with a bridge trained for it, or without {option('bridge')}), or "
+                             f"pass {option('plus_model', 'none')} to let them fail alone")
 
     @property
     def rewrites(self) -> bool:

@@ -26,6 +26,7 @@ import posixpath
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
+from bridgecore.options import option
 from bridgecore.storage import FileStamps, Storage, find_files, read_limited, uri_exists
 from bridgecore.batch.records import Sample
 
@@ -138,7 +139,7 @@ def check_manifest_columns(source: str, prompt: str | None) -> None:
     if not columns & {"image", "images"}:
         missing.append("'image' (or 'images', a list)")
     if "instruction" not in columns and prompt is None:
-        missing.append("'instruction' (or give --prompt)")
+        missing.append(f"'instruction' (or give {option('prompt')})")
     if missing:
         found = ", ".join(sorted(repr(c) for c in columns)) or "none"
         raise ManifestError(f"manifest {source} lacks the column {' and '.join(missing)}; columns found: {found}")
@@ -209,7 +210,7 @@ def _manifest_samples(source: str, prompt: str | None, stamps: FileStamps) -> It
         errors, images, target = [], [], None
         instruction = row.get("instruction")
         if instruction in (None, "") and prompt is None:
-            errors.append(f"{label}: no 'instruction' and no --prompt given")
+            errors.append(f"{label}: no 'instruction' and no {option('prompt')} given")
         instruction = str(instruction if instruction not in (None, "") else (prompt or label))
         try:
             references = _image_list(row)
@@ -229,7 +230,7 @@ def _manifest_samples(source: str, prompt: str | None, stamps: FileStamps) -> It
 
 def _folder_samples(source: str, prompt: str | None, stamps: FileStamps) -> Iterator[Sample]:
     if prompt is None:
-        raise ManifestError(f"input {source!r} is a folder or glob of images: give the instruction with --prompt "
+        raise ManifestError(f"input {source!r} is a folder or glob of images: give the instruction with {option('prompt')} "
                             "(or use a manifest .csv/.jsonl/.parquet with an 'instruction' column)")
     files = find_files(source, IMAGE_EXTENSIONS)
     if files is None:

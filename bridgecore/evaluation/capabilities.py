@@ -178,7 +178,16 @@ def arm_name(run: str) -> str:
         settings = json.loads(Storage(run).read_bytes("summary.json")).get("settings", {})
     except (FileNotFoundError, ValueError):
         return run.rstrip("/").rsplit("/", 1)[-1]
+    return arm_label(settings)
+
+
+def arm_label(settings: dict, look_up: bool = True) -> str:
+    """The arm a job's settings (or a flow's parameters) make: Edit, Edit+bridge, Edit+rewrite, ..., Qwen-Image-2.1.
+    With `look_up`, an `auto` editor's family is read from the model's config where it is available; without, the
+    model's name decides (no file or network access: for naming a run before it starts)."""
     family = settings.get("editor") or "auto"
+    if family == "auto" and not (look_up and settings.get("edit_model")):
+        family = "qwen-image-2.1" if "2.1" in str(settings.get("edit_model") or "") else "qwen-image-edit"
     if family == "auto":
         from bridgecore.model.loading import ModelNotAvailableError, editor_family
 

@@ -371,3 +371,25 @@ def test_a_lora_reruns_only_the_edits(tmp_path, settings, tiny_zoo):
     assert after["vlm_forwards"] == before["vlm_forwards"] and after["dit_calls"] > before["dit_calls"]
     assert fingerprints("bulk-edit", styled)["fused"] == fingerprints("bulk-edit", settings)["fused"]
     assert fingerprints("bulk-edit", styled)["edits"] != fingerprints("bulk-edit", replace(settings, lora=(f"{lora}:0.5",)))["edits"]
+
+
+def test_progress_comes_from_the_markers_with_a_rate_and_an_eta(tmp_path, settings):
+    """What the dispatcher shows while children run: per stage, committed shards and their samples done/failed
+    (the markers' counts), a rate and an ETA once something moved; a finished job is at 100%."""
+    from bridgecore.batch.progress import JobProgress
+
+    output = str(tmp_path / "out")
+    plan = plan_job(make_inputs(tmp_path / "in"), output, settings, "bulk-edit", shard_size=4)
+    progress = JobProgress(output, "bulk-edit", settings, plan.pending).look()
+    assert progress.fraction == 0 and progress.eta_s is None and len(plan.pending) == 3
+    run_pipeline(output, "bulk-edit", plan.pending[:1], settings, progress=False, loaded=LOADED)
+    progress.look()
+    assert all(stage.shards == 1 for stage in progress.stages.values())
+    assert 0 < progress.fraction < 1 and progress.eta_s > 0 and progress.samples_per_s > 0
+    run_pipeline(output, "bulk-edit", plan.pending[1:], settings, progress=False, loaded=LOADED)
+    progress.look()
+    summary = summarize(output, plan.job, "bulk-edit", settings)
+    caches = progress.stages["caches"]
+    assert progress.fraction == 1 and (caches.done, caches.failed) == (5, 6)  # as stats.json counts them
+    assert progress.stages["edits"].done == summary["counts"]["done"] == 5
+    assert "edits 3/3 (5 done" in progress.line() and "ETA 0m00s" in progress.line()

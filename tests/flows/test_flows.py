@@ -114,27 +114,47 @@ def test_two_workers_share_one_job(tmp_path, tiny_zoo, prefect_server):
     server = prefect_server
     server.cli("work-pool", "create", "gpu", "--type", "process")
     server.cli("work-pool", "create", "control", "--type", "process")
-    server.cli("deploy", "--all", "--no-prompt", "--prefect-file", "deployments/prefect.yaml")
+    server.cli("deploy", "--all", "--no-prompt")  # found at the repository root
+    # the code's location is left for each worker to say at run time, not baked in from the deploying machine
+    assert "{{ $VISION_BRIDGE_CODE_DIR }}" in server.cli("deployment", "inspect", "process-shards/gpu")
     server.start_worker("gpu", "worker-a")
     server.start_worker("gpu", "worker-b")
     manifest = make_inputs(tmp_path / "in", n=2)  # + 6 bad samples = 8, two shards of 4: one per worker
+    with open(manifest, "a") as handle:  # + one two-image sample the single-image Edit refuses: a shard of its own
+        handle.write("\n" + json.dumps({"images": ["img0.png", "img1.png"], "instruction": "combine"}))
     out = tmp_path / "out"
     code = (
         "import json, sys; from flows.bulk_edit import bulk_edit; "
         f"print(json.dumps(bulk_edit(input={manifest!r}, output={str(out)!r}, qwen3={str(tiny_zoo['qwen3-vl'])!r}, "
         f"edit_model={str(tiny_zoo['qwen-image-edit'])!r}, shard_size=4, steps=2, condition_area=4096, "
-        "workers_deployment='process-shards/gpu', shards_per_run=1, deadline_s=500)['counts']))"
+        "workers_deployment='process-shards/gpu', shards_per_run=1, deadline_s=500, plus_model='none')['counts']))"
     )
     result = subprocess.run([sys.executable, "-c", code], env=server.env, cwd=REPO, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"done": 2, "failed": 6, "pending": 0}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"done": 2, "failed": 7, "pending": 0}
     shards = [name[:-5] for name in Storage(str(out)).list("plan/shards", suffix=".json")]
     workers = {stage_store(out, "edits").marker(s)["worker"] for s in shards}
     assert workers == {"worker-a", "worker-b"}
     ids = [row["id"] for s in shards for row in stage_store(out, "metrics").table(s)]
-    assert len(ids) == len(set(ids)) == 8  # every sample exactly once
+    assert len(ids) == len(set(ids)) == 9  # every sample exactly once
     children = [json.loads(p.read_text()) for p in out.glob("runs/*/children/*.json")]
-    assert len(children) == 2 and {c["worker"] for c in children} == {"worker-a", "worker-b"}
+    assert len(children) == 3 and {c["worker"] for c in children} == {"worker-a", "worker-b"}
     for child in children:  # models resident across the child's shards: one load each at most
         assert child["qwen3_loads"] <= 1 and child["qwen25_loads"] <= 1 and child["pipeline_loads"] <= 1
+    # the children ran from a deployment: their messages name the flow parameter, not the CLI flag
+    refused = [row["error"] for s in shards for row in stage_store(out, "caches").table(s) if "images" in (row["error"] or "")]
+    assert len(refused) == 1 and "(the plus_model parameter, e.g." in refused[0] and "--plus-model" not in refused[0]
+    # bookkeeping in Prefect: a readable parent name, the job's tags on every run, artifact keys per output and arm
+    code = ("import json; from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    runs = [[r.name, sorted(r.tags)] for r in c.read_flow_runs()]\n"
+            "    keys = sorted({a.key for a in c.read_artifacts() if a.key})\n"
+            "print(json.dumps({'runs': runs, 'keys': keys}))")
+    found = json.loads(subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, text=True,
+                                      check=True).stdout.strip().splitlines()[-1])
+    tags = sorted(["pipeline:bulk-edit", f"output:{out}", "arm:Edit"])
+    assert ["bulk-edit out Edit", tags] in found["runs"]
+    assert sum(name.startswith("bulk-edit-") and run_tags == tags for name, run_tags in found["runs"]) == 3
+    for kind in ("progress", "sample-counts", "run-outputs", "failures"):
+        assert any(key.startswith(f"{kind}-out-") for key in found["keys"]), (kind, found["keys"])

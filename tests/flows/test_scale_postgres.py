@@ -33,7 +33,7 @@ def cluster(tmp_path):
         server.start()
         for pool in ("gpu", "control"):
             server.cli("work-pool", "create", pool, "--type", "process")
-        server.cli("deploy", "--all", "--no-prompt", "--prefect-file", "deployments/prefect.yaml")
+        server.cli("deploy", "--all", "--no-prompt")
         server.start_worker("gpu", "gpu-0")
         server.start_worker("gpu", "gpu-1")
         yield server

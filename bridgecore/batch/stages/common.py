@@ -9,6 +9,7 @@ import io
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import StageContext, StageItem
+from bridgecore.options import option
 
 
 def read_images(items: list[StageItem], condition_area: int | None = None) -> tuple[list[tuple[StageItem, list]],
@@ -32,7 +33,7 @@ def read_images(items: list[StageItem], condition_area: int | None = None) -> tu
 
 def multi_image_refusal(count: int, settings: JobSettings) -> str:
     return (f"{count} images, but {settings.edit_model} is a single-image pipeline: give an Edit-Plus model for "
-            "the multi-image samples (--plus-model, e.g. Qwen/Qwen-Image-Edit-2511) to run them in this job")
+            f"the multi-image samples ({option('plus_model')}, e.g. Qwen/Qwen-Image-Edit-2511) to run them in this job")
 
 
 def vlm_groups(ready: list, ctx: StageContext, results: list[SampleResult]):

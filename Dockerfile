@@ -1,0 +1,32 @@
+# The vision-bridge worker image: the code, its pinned wheels and the Debian packages the stages need, installed
+# by the same scripts CI runs (scripts/setup.sh -> scripts/setup_system.sh), without the test-only parts.
+#
+#   docker build -t registry.example.com/vision-bridge:$(git rev-parse --short HEAD) .
+#   docker run --gpus all --env-file s3.env IMAGE prefect worker start --pool gpu --type process --limit 1
+#
+# No CUDA base image is needed: torch's PyPI wheels carry the CUDA runtime (the nvidia-* wheels); the host needs the
+# NVIDIA driver and the container toolkit (`--gpus`, or `nvidia.com/gpu` on Kubernetes). Weights are not baked in:
+# mount a model folder at /models (HF_HOME) or let the first run download them.
+FROM python:3.11-slim-bookworm
+
+ENV VISION_BRIDGE_CODE_DIR=/opt/vision-bridge \
+    VISION_BRIDGE_RUNTIME_ONLY=1 \
+    PYTHON=/usr/local/bin/python3.11 \
+    HF_HOME=/models \
+    PYTHONUNBUFFERED=1 \
+    PREFECT_LOGGING_EXTRA_LOGGERS=bridgecore
+
+WORKDIR /opt/vision-bridge
+# the installers and the dependency list first: code changes do not reinstall torch
+COPY pyproject.toml README.md ./
+COPY scripts/ scripts/
+RUN mkdir -p bridgecore flows tasks vision_bridge && touch bridgecore/__init__.py flows/__init__.py \
+        tasks/__init__.py vision_bridge/__init__.py vision_bridge/cli.py \
+    && bash scripts/setup.sh \
+    && rm -rf /root/.cache/pip /var/lib/apt/lists/*
+COPY . .
+# the install is editable: the sources just copied are what runs (checked here, at build time)
+RUN .venv/bin/python -c "import bridgecore.batch.pipeline, flows.bulk_edit, vision_bridge.cli"
+
+ENV PATH=/opt/vision-bridge/.venv/bin:$PATH
+CMD ["vision-bridge", "--help"]

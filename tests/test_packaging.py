@@ -1,0 +1,59 @@
+"""Code on workers: the Docker image is installed by the same scripts CI runs (no registry needed to check that),
+and the deployments are found at the repository root with a pull step each worker resolves for itself."""
+
+import re
+import subprocess
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def test_the_image_installs_with_ci_s_scripts_and_says_where_its_code_is():
+    steps = dockerfile_instructions()
+    runs = " && ".join(arg for op, arg in steps if op == "RUN")
+    assert "bash scripts/setup.sh" in runs  # the same installer CI runs (pinned torch, the project)
+    assert "pip install" not in runs  # ... and no second list of packages that could drift from it
+    env = " ".join(arg for op, arg in steps if op == "ENV")
+    workdir = next(arg for op, arg in steps if op == "WORKDIR")
+    assert f"VISION_BRIDGE_CODE_DIR={workdir}" in env and "VISION_BRIDGE_RUNTIME_ONLY=1" in env
+    assert f"PATH={workdir}/.venv/bin:" in env
+    # the copies: the installers before the sources (a code change does not reinstall torch), the venv never copied
+    copies = [arg for op, arg in steps if op == "COPY"]
+    assert copies[-1] == ". ." and any(arg.startswith("scripts/") for arg in copies[:-1])
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+
+
+def test_the_runtime_install_leaves_out_only_test_tools():
+    def packages(runtime: bool) -> set[str]:
+        env = {"PATH": "/usr/bin:/bin", **({"VISION_BRIDGE_RUNTIME_ONLY": "1"} if runtime else {})}
+        out = subprocess.run(["bash", str(REPO / "scripts/setup_system.sh"), "--print"], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        return set(out.split())
+
+    full, runtime = packages(False), packages(True)
+    assert full - runtime == {"chromium", "postgresql"}
+    assert {"tesseract-ocr", "tesseract-ocr-jpn", "fonts-noto-cjk"} <= runtime  # the evaluation stage needs them
+    setup = (REPO / "scripts/setup.sh").read_text()
+    assert re.search(r'EXTRAS="\[dev\]"', setup) and 'VISION_BRIDGE_RUNTIME_ONLY' in setup
+
+
+def test_deployments_are_found_at_the_root_and_pull_the_worker_s_own_code():
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory":
+                               {"directory": "{{ $VISION_BRIDGE_CODE_DIR }}"}}]
+    names = {f"{d['entrypoint'].split(':')[1].replace('_', '-')}/{d['name']}" for d in config["deployments"]}
+    assert {"process-shards/gpu", "bulk-edit/default", "build-caches/nightly", "train-bridge/default",
+            "train-bridge/multi-gpu"} <= names
+    for deployment in config["deployments"]:  # every entrypoint exists
+        path, function = deployment["entrypoint"].split(":")
+        assert f"def {function}(" in (REPO / path).read_text()
+    assert not (REPO / "deployments" / "prefect.yaml").exists()
