@@ -4,6 +4,8 @@ The caches it writes (`OUTPUT/caches/<fingerprint>/`) feed the bulk-edit runs wi
 condition area, and the bridge training; with `rewrite_with` it also writes the rewrite arm's rewritten
 instructions (`OUTPUT/rewrites/<fingerprint>/`). With a Qwen-Image-2.1 `edit_model` it builds that model's own
 conditioning instead (`OUTPUT/qwen21-caches/<fingerprint>/`), for the native arm.
+`limit` runs the first N samples only (a trial: the full job reuses what it committed); `dry_run` plans and returns
+the pending work with its GPU-hours estimate, dispatching nothing (the estimate is also logged before every dispatch).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
                  workers_deployment: str | None = None, shards_per_run: int | None = None,
                  deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,
                  content_hash: bool = False, load_in_8bit: bool = D["load_in_8bit"], rewrite_with: str = D["rewrite_with"],
-                 rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"]) -> dict:
+                 rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"],
+                 limit: int | None = None, dry_run: bool = False) -> dict:
     # plan
     settings = settings_for_job(dict(
         qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area, batch_size=batch_size,
@@ -33,7 +36,9 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
         rewrite_max_tokens=rewrite_max_tokens), route_multi_image=False).to_dict()
     tag_this_run(job_tags("build-caches", output))
     plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket,
-                        content_hash)
+                        content_hash, limit)
+    if dry_run:  # planned (plan/ written), nothing dispatched: what would run and what it would cost
+        return {"dry_run": True, **plan}
     # run and report
     return run_and_report(output, "build-caches", plan, settings, shard_size, workers_deployment, shards_per_run,
                           deadline_s, verify)

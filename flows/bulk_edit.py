@@ -8,6 +8,8 @@ Runs the stages in this process, or, with `workers_deployment` (e.g. "process-sh
 batches of shards to the GPU work pool so that N workers share the job. Outputs are scoped by settings:
 a rerun with other settings (a bridge, more steps) reuses every stage it does not change. Every default of
 the job (its edit model, its steps, the Edit-Plus routing) is decided by `JobSettings.for_job`, as for the CLI.
+`limit` runs the first N samples only (a trial: the full job reuses what it committed); `dry_run` plans and returns
+the pending work with its GPU-hours estimate, dispatching nothing (the estimate is also logged before every dispatch).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
               load_in_8bit: bool = D["load_in_8bit"], lora: list[str] | None = None, scheduler: str = D["scheduler"],
               compile: bool = D["compile"], attention_backend: str | None = None, dit_offload: bool = D["dit_offload"],
               editor: str = D["editor"], plus_model: str | None = None, rewrite_with: str = D["rewrite_with"],
-              rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"]) -> dict:
+              rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"],
+              limit: int | None = None, dry_run: bool = False) -> dict:
     # plan
     settings = settings_for_job(dict(
         qwen3=qwen3, edit_model=edit_model, editor=editor, multi_image=multi_image, steps=steps, plus_model=plus_model,
@@ -43,7 +46,9 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
         rewrite_system_prompt=rewrite_system_prompt, rewrite_max_tokens=rewrite_max_tokens)).to_dict()
     tag_this_run(job_tags("bulk-edit", output, settings))
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
-                        content_hash)
+                        content_hash, limit)
+    if dry_run:  # planned (plan/ written), nothing dispatched: what would run and what it would cost
+        return {"dry_run": True, **plan}
     # run and report
     return run_and_report(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run,
                           deadline_s, verify)

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -157,6 +158,7 @@ class JobPlan:
     pending: list[str]  # shards with work left under these settings
     samples: int
     stages: dict[str, dict[str, int]] = field(default_factory=dict)  # stage -> {"committed", "to_run"} shards
+    pending_samples: int = 0  # samples in the pending shards
 
 
 def _write_job(storage: Storage, rows: list[tuple[str, str, str]]) -> str:
@@ -222,8 +224,11 @@ def _repair_plans(storage: Storage, shards: list[str], samples: list[Sample], ro
 
 def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: str = "bulk-edit",
              prompt: str | None = None, shard_size: int = 16, retry_failed: bool = False,
-             create_bucket: bool = False, content_hash: bool = False) -> JobPlan:
+             create_bucket: bool = False, content_hash: bool = False, limit: int | None = None) -> JobPlan:
     """Reads the inputs, assigns new samples to new shards (written under plan/), and says what is left.
+
+    `limit` takes the first N samples of the inputs only (a trial run): settings and fingerprints are the job's
+    own, so the full job later reuses everything the trial committed.
 
     Shards already planned are reused whatever the settings, so caches are shared between settings;
     `retry_failed` moves the samples that failed under these settings into new (retry) shards. `content_hash`
@@ -235,7 +240,9 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
                          "natively and has no bridge to train")
     storage = Storage(output_uri)
     storage.ensure_root(create_bucket)
-    samples = read_inputs(input_uri, prompt, content_hash)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1; got {limit}")
+    samples = read_inputs(input_uri, prompt, content_hash)[:limit]
     if settings.bridge and any(len(sample.images) > 1 for sample in samples):
         settings.check_bridge_serves_plus()  # before anything is planned or dispatched
     assignment = read_assignment(storage)
@@ -272,7 +279,8 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
               for name, done in committed.items()}
     logger.info("%d samples in %d shards: %d shards finished, %d to run", len(samples), len(shards),
                 len(finished), len(pending))
-    return JobPlan(job, shards, pending, len(samples), stages)
+    waiting = set(pending)
+    return JobPlan(job, shards, pending, len(samples), stages, sum(shard in waiting for _, _, shard in rows))
 
 
 def committed_stages(output_uri: str, pipeline: str, settings: JobSettings, shards: list[str]) -> int:
@@ -424,8 +432,17 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
         summary["rewrites"] = {"samples": sum(r["rewrite"] is not None for r in rows),
                                "empty_kept_the_instruction": empty_rewrites}
     summary["stats"] = stage_stats(storage, stages, prints, sorted({r["shard"] for r in rows}))
+    for stage, reasons in failure_reasons(summary["failures"]).items():  # what failed, grouped, per stage
+        summary["stats"].setdefault(stage, {"failed": sum(reasons.values())})["failure_reasons"] = reasons
+    # every row says which run and arm it belongs to: summaries of several arms concatenate into one table
+    from bridgecore.evaluation.capabilities import arm_label
+
+    arm = "" if pipeline in ("build-caches", "training-data") else arm_label({**settings.to_dict(),
+                                                                             "editor": settings.family})
+    for row in rows:
+        row.update(run=run, arm=arm, pipeline=pipeline)
     schema = pa.schema([(name, pa.string()) for name in ("id", "shard", "status", "stage", "error", "output", "metrics",
-                                                         "rewrite")])
+                                                         "rewrite", "run", "arm", "pipeline")])
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
     text = json.dumps(summary, indent=1).encode()
@@ -434,6 +451,26 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
         storage.write_bytes(text, *folder, "summary.json")
     storage.write_json(summary["stats"], "runs", run, "stats.json")
     return summary
+
+
+def failure_reason(error: str | None) -> str:
+    """An error message with its sample-specific parts (quoted names, paths and URLs, numbers) blanked, so that the
+    same cause counts once: "file not found: /in/a.png" and "... /in/b.png" are one reason."""
+    text = (error or "unknown").strip().splitlines()[0] if (error or "").strip() else "unknown"
+    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
+    text = re.sub(r"\b[a-z][a-z0-9+.-]*://\S+|(?<![\w.])\.{0,2}/\S+", "<path>", text)
+    text = re.sub(r"\d+(\.\d+)?", "N", text)
+    return text[:160]
+
+
+def failure_reasons(failures: list[dict[str, Any]], top: int = 20) -> dict[str, dict[str, int]]:
+    """{stage: {reason: samples}} over a summary's failures, the `top` most frequent reasons of each stage."""
+    from collections import Counter
+
+    by_stage: dict[str, Counter] = {}
+    for failure in failures:
+        by_stage.setdefault(failure["stage"] or "unknown", Counter())[failure_reason(failure["error"])] += 1
+    return {stage: dict(counts.most_common(top)) for stage, counts in sorted(by_stage.items())}
 
 
 def stage_stats(storage: Storage, stages: list[Stage], prints: ShardFingerprints, shards: list[str]) -> dict[str, Any]:

@@ -79,3 +79,9 @@ def shards_per_run(shards: int, shard_size: int, workers: int, cost: ChildRunCos
                 "workers): estimated loading %.1f%% of each child", chosen, wanted, 100 * max_load_fraction,
                 fair_share, shards, workers, 100 * load_fraction)
     return chosen
+
+
+def pending_gpu_hours(samples: int, settings: JobSettings, pipeline: str) -> float:
+    """GPU-hours of `samples` samples at real scale (the planner's FLOPs at `child_run_cost`'s throughputs), whatever
+    models the job names: what the pending work would cost on the real models, printed before dispatch."""
+    return samples * child_run_cost(settings, pipeline).sample_seconds / 3600

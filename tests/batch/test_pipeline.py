@@ -47,6 +47,15 @@ def test_every_sample_ends_done_or_failed(tmp_path, settings):
     stats = json.loads((tmp_path / "out" / "runs" / summary["run"] / "stats.json").read_text())
     assert stats["caches"]["done"] == 5 and stats["caches"]["failed"] == 6 and stats["caches"]["shards"] == 3
     assert stats["edits"]["samples_per_s"] > 0 and stats["edits"]["workers"]
+    # why samples failed, grouped per stage (sample-specific paths blanked), counts adding up to the failures
+    reasons = {stage: values["failure_reasons"] for stage, values in stats.items() if "failure_reasons" in values}
+    assert sum(sum(r.values()) for r in reasons.values()) == summary["counts"]["failed"] == 6
+    assert all("img" not in reason for r in reasons.values() for reason in r)  # no file names: causes, not samples
+    # every summary row names its run, arm and pipeline (arms' summaries concatenate)
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(tmp_path / "out" / "runs" / summary["run"] / "summary.parquet").to_pylist()
+    assert {(r["run"], r["arm"], r["pipeline"]) for r in table} == {(summary["run"], "Edit", "bulk-edit")}
 
 
 def test_second_run_reruns_exactly_what_a_changed_setting_affects(tmp_path, settings, trained_bridge):
@@ -393,3 +402,16 @@ def test_progress_comes_from_the_markers_with_a_rate_and_an_eta(tmp_path, settin
     assert progress.fraction == 1 and (caches.done, caches.failed) == (5, 6)  # as stats.json counts them
     assert progress.stages["edits"].done == summary["counts"]["done"] == 5
     assert "edits 3/3 (5 done" in progress.line() and "ETA 0m00s" in progress.line()
+
+
+def test_a_limited_trial_run_is_reused_by_the_full_job(tmp_path, settings):
+    """--limit N: the first N samples with the job's own fingerprints; the full run then computes only the rest."""
+    output, manifest = str(tmp_path / "out"), make_inputs(tmp_path / "in")
+    trial = plan_job(manifest, output, settings, "bulk-edit", shard_size=4, limit=4)
+    assert trial.samples == 4 and trial.pending_samples == 4
+    run_pipeline(output, "bulk-edit", trial.pending, settings, progress=False, loaded=LOADED)
+    full = plan_job(manifest, output, settings, "bulk-edit", shard_size=4)
+    assert full.samples == 11 and set(trial.shards) <= set(full.shards)
+    assert not set(trial.shards) & set(full.pending) and full.pending_samples == 7  # the trial's shards are done
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        plan_job(manifest, output, settings, "bulk-edit", limit=0)

@@ -80,9 +80,16 @@ def test_bulk_edit_dry_run_plans_and_writes_nothing_else(tmp_path, tiny_zoo):
     result = _run("bulk-edit", "--input", manifest, "--output", str(out), "--dry-run", "--shard-size", "4",
                   "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "9 samples in 3 shards; 0 finished under these settings, 3 to run" in result.stdout
+    assert "9 samples in 3 shards; 0 finished under these settings, 3 to run (9 samples: about " in result.stdout
+    assert "GPU-hours on the real models" in result.stdout
     assert "caches     committed      0  to run      3" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["plan"]
+    trial = _run("bulk-edit", "--input", manifest, "--output", str(out), "--dry-run", "--shard-size", "4",
+                 "--limit", "2", "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
+    assert trial.returncode == 0 and "2 samples in 1 shards" in trial.stdout, trial.stdout + trial.stderr
+    none = _run("bulk-edit", "--input", manifest, "--output", str(out), "--limit", "0",
+                "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
+    assert none.returncode == 2 and "--limit must be at least 1; got 0" in none.stderr
     bad = _run("bulk-edit", "--input", manifest, "--output", str(out), "--dry-run", "--steps", "0",
                "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"]))
     assert bad.returncode == 2 and "steps must be at least 2; got 0" in bad.stderr and "Traceback" not in bad.stderr

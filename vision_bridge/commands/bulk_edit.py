@@ -44,7 +44,10 @@ def bulk_edit(
                                       "use it when files may be replaced in place with the same size and time; "
                                       "switching it changes every sample's identity, so the next run plans anew)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan only: print the shards, what is already done "
-                                 "under these settings and what would run; writes nothing but the plan."),
+                                 "under these settings, what would run and its GPU-hours on the real models; "
+                                 "writes nothing but the plan."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N samples of the input: a trial run "
+                                        "with the job's own settings and fingerprints (the full run reuses it)."),
     verify: bool = typer.Option(False, "--verify", help="Check every edited image against its checksum when "
                                 "summarizing (sizes are always checked); damaged ones are recomputed."),
     create_bucket: bool = typer.Option(False, "--create-bucket", help="Create the output's S3 bucket if it does not "
@@ -85,6 +88,8 @@ def bulk_edit(
         settings = settings_for_job(job)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit must be at least 1; got {limit}")
     except user_errors() as error:
         fail(str(error))
     if rewrite_with == "qwen3" and Path(qwen3).resolve().parent == TINY_ZOO_DIR.resolve():
@@ -96,11 +101,15 @@ def bulk_edit(
 
         try:
             plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
-                            content_hash)
+                            content_hash, limit)
         except user_errors() as error:
             fail(str(error))
+        from bridgecore.batch.sizing import pending_gpu_hours
+
         typer.echo(f"{plan.samples} samples in {len(plan.shards)} shards; {len(plan.shards) - len(plan.pending)} "
-                   f"finished under these settings, {len(plan.pending)} to run")
+                   f"finished under these settings, {len(plan.pending)} to run ({plan.pending_samples} samples: about "
+                   f"{pending_gpu_hours(plan.pending_samples, settings, 'bulk-edit'):.2f} GPU-hours on the real models "
+                   "at this condition area, the planner's estimate)")
         for stage, counts in plan.stages.items():
             typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
         from bridgecore.batch.pipeline import fingerprints
@@ -117,7 +126,7 @@ def bulk_edit(
         with local_prefect():
             summary = bulk_edit_flow(input=input, output=output, prompt=prompt, shard_size=shard_size,
                                      retry_failed=retry_failed, verify=verify, content_hash=content_hash,
-                                     create_bucket=create_bucket, **job)
+                                     create_bucket=create_bucket, limit=limit, **job)
     except (*user_errors(), ServerStartError) as error:
         fail(str(error))
     counts = summary["counts"]
