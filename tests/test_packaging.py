@@ -57,3 +57,18 @@ def test_deployments_are_found_at_the_root_and_pull_the_worker_s_own_code():
         path, function = deployment["entrypoint"].split(":")
         assert f"def {function}(" in (REPO / path).read_text()
     assert not (REPO / "deployments" / "prefect.yaml").exists()
+
+
+def test_the_nightly_stays_active_across_deploys_and_refuses_to_run_unconfigured():
+    """Schedules are recreated from prefect.yaml on every deploy: the nightly is active there (a redeploy no longer
+    pauses it), and a nightly deployed without its variables fails at once, naming them."""
+    import pytest
+
+    from tasks.shard_inputs import shard_inputs
+
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    nightly = next(d for d in config["deployments"] if d["name"] == "nightly")
+    assert [s["active"] for s in nightly["schedules"]] == [True]
+    with pytest.raises(ValueError, match="set VISION_BRIDGE_NIGHTLY_INPUT and VISION_BRIDGE_NIGHTLY_OUTPUT where you "
+                                         "run `prefect deploy`"):
+        shard_inputs.fn(nightly["parameters"]["input"], nightly["parameters"]["output"], {}, "build-caches", None, 64)
