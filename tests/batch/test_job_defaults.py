@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from bridgecore.batch.pipeline import fingerprints
 from bridgecore.batch.settings import JOB_DEFAULTS, JobSettings, settings_for_job
 
-DEPLOYMENTS = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
+DEPLOYMENTS = Path(__file__).resolve().parents[2] / "prefect.yaml"
 
 
 class Planned(Exception):
