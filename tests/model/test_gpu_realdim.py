@@ -58,4 +58,7 @@ def test_bench_runs_on_cpu_at_reduced_depth(tmp_path):
     assert stages["denoise_and_decode"]["vae_decode_s"] > 0 and stages["denoise_and_decode"]["vae_encode_s"] > 0
     edit = report["edit"]
     assert 0 < edit["bridge_share"] < 1 and edit["enhanced_s"] > edit["baseline_s"]
+    # the isolated step runs the pipeline's path (the all-ones mask dropped) and the two timings are compared
+    assert stages["dit_step"]["text_mask"].startswith("none") and edit["steps_x_dit_step_over_edit"] > 0
+    assert report["exact_edit_seconds"] == pytest.approx(edit["baseline_s"]) and report["device"] == "cpu"
     assert "whole edit" in result.stdout and "qwen25_extract" in result.stdout
