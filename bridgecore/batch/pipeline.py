@@ -110,7 +110,7 @@ class ShardFingerprints:
 
     def __init__(self, storage: Storage, pipeline: str, settings: JobSettings, shards: list[str],
                  known_routes: dict[str, str] | None = None):
-        self.storage, self.routes = storage, route_fingerprints(pipeline, settings)
+        self.storage, self.settings, self.routes = storage, settings, route_fingerprints(pipeline, settings)
         self.stages = pipeline_stages(pipeline, settings)
         self.differ = self.routes["single"] != self.routes["multi"]
         self.shard_route: dict[str, str] = {}
@@ -136,7 +136,7 @@ class ShardFingerprints:
         return result
 
     def store(self, stage: Stage, shard_id: str) -> ShardStore:
-        return stage.store(self.storage, self.of(shard_id)[stage.name])
+        return stage.store(self.storage, self.of(shard_id)[stage.name], self.settings)
 
 
 def leaf_stages(pipeline: str, settings: JobSettings) -> list[str]:

@@ -48,6 +48,9 @@ def bridge_checksum(bridge: str | None) -> str:
     return digest.hexdigest()
 
 
+EDITS_FORMATS = ("png", "webdataset")
+
+
 @dataclass(frozen=True)
 class JobSettings:
     """Everything the stages need besides the shard. Validated on creation (a bad value fails before any work)."""
@@ -81,6 +84,9 @@ class JobSettings:
     rewrite_with: str = "none"
     rewrite_system_prompt: str | None = None  # None: rewrite.SYSTEM_PROMPT
     rewrite_max_tokens: int = 256
+    # how the edits are stored: "png", one object per image (+ metadata.jsonl: an imagefolder), or "webdataset",
+    # one tar per shard with <key>.png and <key>.json (at 10M images, 10M/shard_size objects instead of 10M)
+    edits_format: str = "png"
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(self.lora or ()))  # JSON brings a list
@@ -93,6 +99,8 @@ class JobSettings:
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
+        if self.edits_format not in EDITS_FORMATS:
+            raise ValueError(f"edits_format must be one of {', '.join(EDITS_FORMATS)}; got {self.edits_format!r}")
         if self.editor not in EDITORS:
             raise ValueError(f"editor must be one of {', '.join(EDITORS)}; got {self.editor!r}")
         if self.rewrite_with not in REWRITERS:

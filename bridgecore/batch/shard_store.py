@@ -290,7 +290,14 @@ class ShardStore:
 
     def check_files(self, shard_id: str, rows: list[dict[str, Any]], full: bool = False) -> None:
         """Layout "files": every done sample's object exists with its recorded size (one listing), and with
-        `full`, its checksum. Raises `CorruptShardError` naming the first damaged sample."""
+        `full`, its checksum. Layout "tar" (a stage whose outputs users read, e.g. edits as a WebDataset): the tar
+        exists, and with `full` matches the marker's checksum. Raises `CorruptShardError` naming the damage."""
+        if self.layout == "tar" and any(row["status"] == "done" and row["files"] for row in rows):
+            if full:
+                self._tar_payloads(shard_id, self.marker(shard_id))  # reads it, checksum verified
+            elif not self.storage.exists(self.folder, "data", shard_id + ".tar"):
+                raise self._corrupt(shard_id, f"{self.storage.url(self.folder, 'data', shard_id + '.tar')}: missing")
+            return
         if self.layout != "files":
             return
         sizes = self.storage.sizes(self.folder, "data", shard_id)
@@ -305,7 +312,12 @@ class ShardStore:
                                               f"sample {row['id']!r} is missing or corrupt")
 
     def file_url(self, shard_id: str, row: dict[str, Any]) -> str | None:
-        """Where a done sample's object lives (layout "files")."""
-        if self.layout != "files" or row["status"] != "done" or not row["files"]:
+        """Where a done sample's image lives: its object (layout "files"), or its member of the shard's tar as an
+        fsspec URL (`tar://<key>.png::<tar URL>`: `fsspec.open` and `load_image` read it as they read a file)."""
+        if row["status"] != "done" or not row["files"]:
             return None
-        return self.storage.url(self.folder, "data", shard_id, f"{row['key']}.{row['files'][0]}")
+        if self.layout == "files":
+            return self.storage.url(self.folder, "data", shard_id, f"{row['key']}.{row['files'][0]}")
+        if self.layout == "tar" and "png" in row["files"]:
+            return f"tar://{row['key']}.png::{self.storage.url(self.folder, 'data', shard_id + '.tar')}"
+        return None

@@ -134,8 +134,14 @@ class Stage:
 
     # -- one shard ------------------------------------------------------------------------------------------
 
-    def store(self, storage: Storage, fingerprint: str) -> ShardStore:
-        return ShardStore(storage, self.name, fingerprint, self.layout)
+    def layout_for(self, settings: JobSettings | None) -> str:
+        """How this stage stores its shards under `settings` (the layout is part of the fingerprint when it varies)."""
+        return self.layout
+
+    def store(self, storage: Storage, fingerprint: str, settings: JobSettings | None = None) -> ShardStore:
+        """The stage's shards under `fingerprint`. Reading markers and tables needs no `settings`; reading payloads and
+        committing take the layout `settings` choose."""
+        return ShardStore(storage, self.name, fingerprint, self.layout_for(settings))
 
     def _process_isolated(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         """`process` with failure isolation: errors are pinned on the sample that causes them."""
@@ -162,12 +168,13 @@ class Stage:
 
     def _upstream_contents(self, ctx: StageContext, shard_id: str) -> dict[str, ShardContents]:
         names = self.upstream + tuple(n for n in self.optional_upstream if n in ctx.fingerprints)
-        return {name: ctx.stages[name].store(ctx.storage, ctx.fingerprints[name]).read(shard_id) for name in names}
+        return {name: ctx.stages[name].store(ctx.storage, ctx.fingerprints[name], ctx.settings).read(shard_id)
+                for name in names}
 
     def run_shard(self, ctx: StageContext, shard_id: str, progress: Callable[[int], None] | None = None) -> dict:
         """Runs one shard through this stage unless it is committed. Returns the marker."""
         ctx = ctx.for_shard(shard_id)
-        store = self.store(ctx.storage, ctx.fingerprints[self.name])
+        store = self.store(ctx.storage, ctx.fingerprints[self.name], ctx.settings)
         if store.is_done(shard_id):
             return {**store.marker(shard_id), "skipped": True}
         store.acquire_lease(shard_id)

@@ -415,3 +415,40 @@ def test_a_limited_trial_run_is_reused_by_the_full_job(tmp_path, settings):
     assert not set(trial.shards) & set(full.pending) and full.pending_samples == 7  # the trial's shards are done
     with pytest.raises(ValueError, match="limit must be at least 1"):
         plan_job(manifest, output, settings, "bulk-edit", limit=0)
+
+
+def test_edits_as_a_webdataset_reuse_the_extraction_and_read_back_as_the_pngs(tmp_path, settings):
+    """edits_format="webdataset" after a PNG run in the same output: only the edits (and what reads them) rerun,
+    each shard's edits are one tar of <key>.png + <key>.json that WebDataset reads, the summary's outputs are
+    fsspec tar:// URLs, and every image is byte-identical to its PNG twin."""
+    import fsspec
+    import webdataset as wds
+
+    from bridgecore.model.images import load_image
+
+    output, manifest = str(tmp_path / "out"), make_inputs(tmp_path / "in")
+    pngs = run_all(manifest, output, settings)
+    tar_settings = replace(settings, edits_format="webdataset")
+    before = LOADED.counts
+    tars = run_all(manifest, output, tar_settings)
+    after = LOADED.counts
+    assert after["vlm_forwards"] == before["vlm_forwards"] and after["dit_calls"] > before["dit_calls"]
+    prints, tar_prints = fingerprints("bulk-edit", settings), fingerprints("bulk-edit", tar_settings)
+    assert prints["fused"] == tar_prints["fused"] and prints["edits"] != tar_prints["edits"]
+    assert tars["counts"] == pngs["counts"] == {"done": 5, "failed": 6, "pending": 0}
+    folder = tmp_path / "out" / "edits" / tar_prints["edits"] / "data"
+    assert sorted(p.suffix for p in folder.iterdir()) == [".tar"] * 3  # one object per shard, not per image
+    samples = [s for s in wds.WebDataset(sorted(str(p) for p in folder.glob("*.tar")), shardshuffle=False)]
+    assert len(samples) == 5 and all({"png", "json"} <= set(s) for s in samples)
+    meta = [json.loads(s["json"]) for s in samples]
+    assert sorted(m["instruction"] for m in meta) == sorted(
+        r["instruction"] for r in map(json.loads, open(manifest)) if "shape" in r["instruction"])
+    import pyarrow.parquet as pq
+
+    png_rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "runs" / pngs["run"] / "summary.parquet").to_pylist()}
+    tar_rows = pq.read_table(tmp_path / "out" / "runs" / tars["run"] / "summary.parquet").to_pylist()
+    for row in (r for r in tar_rows if r["status"] == "done"):
+        assert row["output"].startswith("tar://") and row["output"].endswith(".tar")
+        with fsspec.open(row["output"], "rb") as handle, open(png_rows[row["id"]]["output"], "rb") as png:
+            assert handle.read() == png.read()
+        assert load_image(row["output"]).size == load_image(png_rows[row["id"]]["output"]).size

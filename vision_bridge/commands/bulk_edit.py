@@ -67,6 +67,9 @@ def bulk_edit(
     rewrite_system_prompt: Optional[str] = typer.Option(None, help="The rewriter's system prompt, as TEXT or @FILE "
                                                         "[default: bridgecore.model.rewrite.SYSTEM_PROMPT]."),
     rewrite_max_tokens: int = typer.Option(D["rewrite_max_tokens"], help="Token cap of each rewrite."),
+    edits_format: str = typer.Option(D["edits_format"], help="png: one PNG object per edit (+ metadata.jsonl, an "
+                                     "imagefolder); webdataset: one tar per shard with <key>.png and <key>.json "
+                                     "(far fewer objects at scale; WebDataset and fsspec's tar:// read it)."),
 ):
     """Run the bulk-edit flow locally (ephemeral Prefect, no server to set up): shard, extract, fuse, edit,
     evaluate. Reruns resume, and only the stages a changed setting affects run again (a new --bridge reuses
@@ -84,7 +87,7 @@ def bulk_edit(
                    batch_size=batch_size, cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit,
                    lora=list(lora or []), scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                    dit_offload=dit_offload, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-                   rewrite_max_tokens=rewrite_max_tokens)
+                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format)
         settings = settings_for_job(job)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")

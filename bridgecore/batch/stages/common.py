@@ -9,6 +9,7 @@ import io
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import StageContext, StageItem
+from bridgecore.batch.stages.outputs import StageOutput
 from bridgecore.options import option
 
 
@@ -64,3 +65,26 @@ def in_input_order(results: list[SampleResult], items: list[StageItem]) -> list[
     """`results` sorted as their samples came in `items` (stages fail some samples early and batch the rest)."""
     order = {id(item.sample): index for index, item in enumerate(items)}
     return sorted(results, key=lambda r: order[id(r.sample)])
+
+
+def edits_layout(settings: JobSettings | None) -> str:
+    """The edit stages' layout: a PNG object per sample ("png"), or a WebDataset tar per shard ("webdataset")."""
+    return "tar" if settings is not None and settings.edits_format == "webdataset" else "files"
+
+
+def edits_format_record(settings: JobSettings) -> dict:
+    """The edits' format, in an edit stage's fingerprint when it is not the default (PNG fingerprints unchanged)."""
+    return {"edits_format": settings.edits_format} if settings.edits_format != "png" else {}
+
+
+def edit_result(item: StageItem, output: StageOutput, image, settings: JobSettings) -> SampleResult:
+    """An edited image as the stage commits it; in a WebDataset, with its metadata beside it (`<key>.json`)."""
+    entries = output.entry(png_bytes(image))
+    if settings.edits_format == "webdataset":
+        import json
+
+        sample = item.sample
+        entries["json"] = json.dumps({"id": sample.id, "instruction": sample.instruction, "images": list(sample.images),
+                                      "width": image.width, "height": image.height, **sample.extra},
+                                     sort_keys=True, default=str).encode()
+    return SampleResult.done(item.sample, entries, width=image.width, height=image.height)

@@ -1,4 +1,5 @@
-"""Stage `edits`: fused prompt embeddings + the condition images -> edited PNGs (GPU, the DiT).
+"""Stage `edits`: fused prompt embeddings + the condition images -> edited PNGs (GPU, the DiT), one object each or a
+WebDataset tar per shard (`edits_format`).
 
 Only the DiT and VAE run here. Samples whose condition images have the same size share one DiT
 forward; each keeps its own noise seed, derived from the job seed and the sample id, so an edit does
@@ -13,7 +14,15 @@ from typing import TYPE_CHECKING
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext, StageItem
-from bridgecore.batch.stages.common import in_input_order, multi_image_refusal, png_bytes, read_images, sample_seed
+from bridgecore.batch.stages.common import (
+    edit_result,
+    edits_format_record,
+    edits_layout,
+    in_input_order,
+    multi_image_refusal,
+    read_images,
+    sample_seed,
+)
 from bridgecore.batch.stages.outputs import EDITS, FUSED
 
 if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
@@ -29,13 +38,17 @@ class EditStage(Stage):
     def enabled(self, settings: JobSettings) -> bool:
         return not settings.native
 
+    def layout_for(self, settings: JobSettings | None) -> str:
+        return edits_layout(settings)
+
     def group_key(self, item: StageItem, ctx: StageContext) -> bool:
         return ctx.models.routes_to_plus(item.sample)
 
     def settings_of(self, settings: JobSettings) -> dict:
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0,
-                "lora_and_scheduler": settings.speed_fingerprint, **settings.plus_record()}
+                "lora_and_scheduler": settings.speed_fingerprint, **settings.plus_record(),
+                **edits_format_record(settings)}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
         ready, results = read_images(items)
@@ -60,6 +73,5 @@ class EditStage(Stage):
             edited = editor.denoise([images for _, images in ready], embeds, mask, seeds, ctx.settings.steps,
                                     ctx.settings.cfg, negative)
             for (item, _), image in zip(ready, edited):
-                results.append(SampleResult.done(item.sample, EDITS.entry(png_bytes(image)), width=image.width,
-                                                 height=image.height))
+                results.append(edit_result(item, EDITS, image, ctx.settings))
         return results
