@@ -396,6 +396,33 @@ class RealDimBenchmark:
                     vae_encode_s=timers["encoder"].seconds, vae_decode_s=timers["decoder"].seconds,
                     output_shape=list(image.shape), finite=bool(np.isfinite(image).all()), **self.memory(resident))
         self.summarise_edit()
+        for threshold in self.args.step_cache:
+            if len(transformer.transformer_blocks) < 2:  # --layers 1: nothing to skip
+                self.results.setdefault("skipped", {})[f"step_cache[{threshold}]"] = (
+                    "the step cache needs a DiT with at least two transformer blocks")
+                continue
+            self.stage(f"step_cache[{threshold}]", lambda: self.step_cache_edit(pipe, edit, image, threshold))
+
+    def step_cache_edit(self, pipe, edit, exact: np.ndarray, threshold: float) -> None:
+        """The fast mode's step cache (First Block Cache) on the same seed: its time and how far its decoded image is
+        from the exact edit (PSNR, max abs difference; with random weights a numerical check, not a quality claim)."""
+        from bridgecore.model.speed import enable_step_cache
+
+        counted = {"computed": 0}
+        last = pipe.transformer.transformer_blocks[-1].attn
+        handle = last.register_forward_hook(lambda *_: counted.__setitem__("computed", counted["computed"] + 1))
+        enable_step_cache(pipe.transformer, threshold)
+        try:
+            seconds, times, image = self.meter.time(edit, repeats=1, warmup=0)
+        finally:
+            pipe.transformer.disable_cache()
+            handle.remove()
+        mse = float(np.mean((image.astype(np.float64) - exact.astype(np.float64)) ** 2))
+        self.record(f"step_cache[{threshold}]", seconds, None, times=times, threshold=threshold,
+                    steps_computed=counted["computed"], steps=self.args.steps,
+                    psnr_vs_exact_db=None if mse == 0 else 10 * np.log10(1.0 / mse),
+                    max_abs_vs_exact=float(np.abs(image - exact).max()),
+                    speedup_vs_exact=self.results["stages"]["denoise_and_decode"]["seconds"] / seconds)
 
     def vae_stages(self, vae) -> None:
         from bridgecore.planning.planner import vae_decode_bytes
@@ -542,6 +569,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per stage (default 3 cuda, 1 cpu)")
     parser.add_argument("--json", help="write every number to this JSON file")
     parser.add_argument("--compile", action="store_true", help="also time the regionally compiled DiT step")
+    parser.add_argument("--step-cache", type=float, nargs="*", default=[0.08, 0.2],
+                        help="First Block Cache thresholds to time against the exact edit (fast mode; none: skip)")
     parser.add_argument("--vocab-size", type=int, default=None, help="VLM vocabulary override for CPU smoke runs "
                         "(only the embedding tables shrink; default: the real vocabularies)")
     parser.add_argument("--no-load", action="store_true", help="skip the save + load timing")

@@ -73,6 +73,9 @@ class JobSettings:
     compile: bool = False
     attention_backend: str | None = None
     dit_offload: bool = False
+    # the fast mode's step cache: diffusers' First Block Cache with this threshold (0: off, exact). An approximation:
+    # part of the edits' fingerprint, measured against the exact edit by bench/gpu_realdim.py
+    step_cache: float = 0.0
     # editor family: auto (from the edit model's model_index.json), qwen-image-edit, qwen-image-edit-plus,
     # qwen-image-2.1 (the native arm: its own Qwen3-VL text encoder, no bridge)
     editor: str = "auto"
@@ -95,7 +98,8 @@ class JobSettings:
                   ("condition_area", self.condition_area >= 32 * 32, "at least 32*32 = 1024 pixels"),
                   ("seed", self.seed >= 0, "a non-negative integer"),
                   ("cfg", self.cfg >= 1.0, ">= 1 (1 turns true CFG off)"),
-                  ("max_prompt_tokens", self.max_prompt_tokens >= 16, "at least 16")]
+                  ("max_prompt_tokens", self.max_prompt_tokens >= 16, "at least 16"),
+                  ("step_cache", 0.0 <= self.step_cache < 1.0, "in [0, 1) (0 turns the step cache off)")]
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
@@ -141,7 +145,8 @@ class JobSettings:
                 ("bridge", self.bridge, None), ("cfg", self.cfg, 1.0), ("lora", self.lora, ()),
                 ("rewrite_with", self.rewrite_with, "none"),
                 ("scheduler", self.scheduler, "auto"), ("compile", self.compile, False),
-                ("attention_backend", self.attention_backend, None), ("dit_offload", self.dit_offload, False)]
+                ("attention_backend", self.attention_backend, None), ("dit_offload", self.dit_offload, False),
+                ("step_cache", self.step_cache, 0.0)]
                 if value != default]
             if unsupported:
                 raise ValueError(f"Qwen-Image-2.1 (the native arm) runs without {', '.join(unsupported)}: the bridge "
@@ -340,12 +345,12 @@ class ModelPool:
         s = self.settings
         key = (edit_model, s.revision(edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
                s.device, s.condition_area, s.load_in_8bit, s.lora, s.scheduler, s.compile, s.attention_backend,
-               s.dit_offload)
+               s.dit_offload, s.step_cache)
         if key not in self.loaded.editors:
             self.loaded.editors[key] = EnhancedQwenImageEdit(
                 edit_model, s.qwen3_model, bridge=s.bridge, device=s.device, condition_area=s.condition_area,
                 load_in_8bit=s.load_in_8bit, lora=list(s.lora) or None, scheduler=s.scheduler, compile=s.compile,
-                attention_backend=s.attention_backend, dit_offload=s.dit_offload)
+                attention_backend=s.attention_backend, dit_offload=s.dit_offload, step_cache=s.step_cache)
         return self.loaded.editors[key]
 
     @property

@@ -41,6 +41,7 @@ from bridgecore.model.speed import (
     compile_transformer,
     default_steps,
     enable_dit_offload,
+    enable_step_cache,
     load_loras,
     parse_loras,
     resolve_scheduler,
@@ -94,6 +95,7 @@ class EnhancedQwenImageEdit:
         compile: regional `torch.compile` of the DiT's repeated blocks; `compile_options` go to torch.compile.
         attention_backend: diffusers attention backend for the DiT ("native", "_native_cudnn", "flash", ...).
         dit_offload: stream the DiT's blocks from host RAM (cards smaller than the 38 GiB bf16 DiT).
+        step_cache: the fast mode's First Block Cache threshold (0: off, the exact edit); see `speed.enable_step_cache`.
     """
 
     def __init__(self, edit_model: str | Path = DEFAULT_EDIT_MODEL, qwen3_model: str | Path = DEFAULT_QWEN3_MODEL,
@@ -103,8 +105,9 @@ class EnhancedQwenImageEdit:
                  one_model_at_a_time: bool = False, load_in_8bit: bool = False,
                  lora: str | list[str] | None = None, scheduler: str = "auto", compile: bool = False,
                  compile_options: dict | None = None, attention_backend: str | None = None,
-                 dit_offload: bool = False):
+                 dit_offload: bool = False, step_cache: float = 0.0):
         self.options = LoadOptions(device=device, dtype=dtype)
+        self.step_cache = step_cache
         self.loras = parse_loras(lora)
         self.scheduler = resolve_scheduler(scheduler, self.loras)
         self.compile, self.compile_options = compile, compile_options
@@ -140,6 +143,8 @@ class EnhancedQwenImageEdit:
         if self.dit_offload:
             pipe.vae.to(device)
             enable_dit_offload(pipe.transformer, device)
+        if self.step_cache:
+            enable_step_cache(pipe.transformer, self.step_cache)
         if self.compile:
             compile_transformer(pipe.transformer, self.compile_options)
         return pipe

@@ -179,6 +179,20 @@ def enable_dit_offload(transformer, device: torch.device) -> None:
                                      non_blocking=cuda)
 
 
+def enable_step_cache(transformer, threshold: float) -> None:
+    """The fast mode's step cache: diffusers' First Block Cache. At each step the first block runs; when its output
+    moved less than `threshold` (relative L1) since the last full step, the remaining blocks are skipped and their
+    cached residual is added. The pipeline keeps separate caches for true CFG's two branches ("cond", "uncond").
+    An approximation: the edits change (how much is measured by bench/gpu_realdim.py on the same seeds)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    if not 0 < threshold < 1:
+        raise ValueError(f"step_cache must be in (0, 1); got {threshold}")
+    if len(getattr(transformer, "transformer_blocks", ())) < 2:  # a head block to decide, a tail to skip
+        raise ValueError("the step cache needs a DiT with at least two transformer blocks")
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
 def output_fingerprint(loras: list[LoraSpec], scheduler: str) -> str:
     """What the speed options change in the outputs (LoRA contents and weights, scheduler): part of a cache key.
     Compile and the attention backend change only rounding and are left out."""

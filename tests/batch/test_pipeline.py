@@ -452,3 +452,12 @@ def test_edits_as_a_webdataset_reuse_the_extraction_and_read_back_as_the_pngs(tm
         with fsspec.open(row["output"], "rb") as handle, open(png_rows[row["id"]]["output"], "rb") as png:
             assert handle.read() == png.read()
         assert load_image(row["output"]).size == load_image(png_rows[row["id"]]["output"]).size
+
+
+def test_the_step_cache_changes_only_the_edits_fingerprints(settings):
+    """The fast mode is an approximation: its edits (and the scores read from them) get their own fingerprint, the
+    extraction and the fused embeddings are shared with the exact job; out-of-range thresholds are refused."""
+    exact, fast = fingerprints("bulk-edit", settings), fingerprints("bulk-edit", replace(settings, step_cache=0.2))
+    assert {stage for stage in exact if exact[stage] != fast[stage]} == {"edits", "metrics"}
+    with pytest.raises(ValueError, match=r"step_cache must be in \[0, 1\)"):
+        replace(settings, step_cache=1.5)

@@ -141,3 +141,34 @@ def test_edit_command_with_speed_flags(tiny_zoo, loras, tmp_path):
     refused = run_cli("edit", source, "--prompt", "x", "--out", out, "--qwen3", tiny_zoo["qwen3-vl"],
                       "--edit-model", tiny_zoo["qwen-image-edit"], "--attention-backend", "fastest")
     assert refused.returncode == 2 and "attention_backend must be one of" in refused.stderr
+
+
+def test_the_step_cache_skips_blocks_and_says_how_far_the_edit_moved(tiny_zoo):
+    """The fast mode's First Block Cache: over 8 steps the blocks after the first run on fewer steps than the first
+    block does, the edit stays finite and close to the exact one (a random tiny DiT: a numerical check, not a
+    quality claim), and 0 is refused by the option itself (0 means off in the settings)."""
+    from bridgecore.model.speed import enable_step_cache
+
+    def edit(step_cache: float):
+        editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA,
+                                       step_cache=step_cache)
+        blocks = editor.pipe.transformer.transformer_blocks
+        calls = {"first": 0, "last": 0}
+        assert len(blocks) >= 2
+        # the attention inside each block runs only when the block really computes (a skipped block's forward
+        # returns its inputs; the cache then adds the residual it kept)
+        blocks[0].attn.register_forward_hook(lambda *_: calls.__setitem__("first", calls["first"] + 1))
+        blocks[-1].attn.register_forward_hook(lambda *_: calls.__setitem__("last", calls["last"] + 1))
+        out = editor.generate(make_image(), "make it blue", seed=1, num_inference_steps=8, output_type="np")
+        return out, calls
+
+    exact, exact_calls = edit(0.0)
+    fast, fast_calls = edit(0.9)  # a high threshold: steps after the first are skipped when the first block barely moves
+    assert exact_calls == {"first": 8, "last": 8}
+    assert fast_calls["first"] == 8 and fast_calls["last"] < 8, fast_calls
+    assert np.isfinite(fast).all() and not np.array_equal(fast, exact)
+    psnr = 10 * math.log10(1.0 / float(np.mean((fast - exact) ** 2)))
+    print(f"step cache 0.9 on the tiny DiT: last block ran {fast_calls['last']}/8 steps, PSNR vs exact {psnr:.1f} dB, "
+          f"max abs {float(np.abs(fast - exact).max()):.3f}")
+    with pytest.raises(ValueError, match="step_cache must be in"):
+        enable_step_cache(None, 0.0)

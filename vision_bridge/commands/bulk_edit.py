@@ -59,6 +59,9 @@ def bulk_edit(
     compile: bool = typer.Option(D["compile"], "--compile", help="torch.compile the DiT's repeated block (regional)."),
     attention_backend: Optional[str] = typer.Option(None, help="diffusers attention backend for the DiT."),
     dit_offload: bool = typer.Option(D["dit_offload"], help="Stream the DiT's blocks from host RAM (24 GB-class cards)."),
+    step_cache: float = typer.Option(D["step_cache"], help="Fast mode: First Block Cache threshold (e.g. 0.05-0.2; 0 = "
+                                     "off, the exact edit). Skips most of the DiT on steps where its first block "
+                                     "barely moved: faster, approximate (other edits, another fingerprint)."),
     rewrite_with: str = typer.Option(D["rewrite_with"], help="The rewrite arm: qwen3 lets Qwen3-VL (the bridge's model, the same "
                                      "images) rewrite each instruction, greedily, and Qwen-Image-Edit's own encoder "
                                      "reads the rewrite (stored in summary.parquet); identity forces the rewrite to be "
@@ -87,7 +90,7 @@ def bulk_edit(
                    batch_size=batch_size, cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit,
                    lora=list(lora or []), scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                    dit_offload=dit_offload, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format)
+                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format, step_cache=step_cache)
         settings = settings_for_job(job)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")

@@ -48,6 +48,7 @@ class EditStage(Stage):
         return {"edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0,
                 "lora_and_scheduler": settings.speed_fingerprint, **settings.plus_record(),
+                **({"step_cache": settings.step_cache} if settings.step_cache else {}),  # an approximation: other edits
                 **edits_format_record(settings)}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
