@@ -70,7 +70,10 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
             time.sleep(poll_s)
             if time.monotonic() - looked >= progress_every_s:
                 looked = time.monotonic()
-                update_progress_artifact(progress, 100 * job.look().fraction, job.line())
+                try:  # progress is for people: a storage hiccup here must not stop the dispatch
+                    update_progress_artifact(progress, 100 * job.look().fraction, job.line())
+                except Exception as error:  # noqa: BLE001
+                    logger.warning("progress not updated: %s: %s", type(error).__name__, error)
                 if looked - logged >= 6 * progress_every_s:
                     logged = looked
                     logger.info("progress: %s", job.line())
@@ -81,7 +84,10 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                 kind = state.type.value if state else "PENDING"
                 if kind == "COMPLETED":
                     done.add(index)
-                    update_progress_artifact(progress, 100 * job.look().fraction, job.line())
+                    try:
+                        update_progress_artifact(progress, 100 * job.look().fraction, job.line())
+                    except Exception as error:  # noqa: BLE001 - as above
+                        logger.warning("progress not updated: %s: %s", type(error).__name__, error)
                     logger.info("batch %d finished: %s", index, job.line())
                 elif kind in FINAL_BAD or (kind == "RUNNING" and stalled(index, since)):
                     if count >= max_submissions:

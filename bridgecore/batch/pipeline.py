@@ -457,8 +457,9 @@ def failure_reason(error: str | None) -> str:
     """An error message with its sample-specific parts (quoted names, paths and URLs, numbers) blanked, so that the
     same cause counts once: "file not found: /in/a.png" and "... /in/b.png" are one reason."""
     text = (error or "unknown").strip().splitlines()[0] if (error or "").strip() else "unknown"
-    text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", text)
-    text = re.sub(r"\b[a-z][a-z0-9+.-]*://\S+|(?<![\w.])\.{0,2}/\S+", "<path>", text)
+    text = re.sub(r"(?<!\w)'[^']*'(?!\w)|\"[^\"]*\"", "'…'", text)  # quoted names (not "can't ... isn't")
+    text = re.sub(r"\b[a-z][a-z0-9+.-]*://\S+|\S*/\S+", "<path>", text)  # URLs, absolute and relative paths
+    text = re.sub(r"\S*~[0-9a-f]{8,}\S*|\b[0-9a-f]{12,}\b", "<key>", text)  # storage keys, hashes
     text = re.sub(r"\d+(\.\d+)?", "N", text)
     return text[:160]
 

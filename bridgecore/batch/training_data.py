@@ -193,6 +193,9 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
 # -- N processes -----------------------------------------------------------------------------------------
 
 
+RANK_WAIT_SECONDS = 4 * 3600  # how long ranks wait for each other (rank 0's evaluations and uploads included)
+
+
 class RankFailedError(RuntimeError):
     """A training rank died; the others were stopped. Checkpoints already written are complete (each is written
     to a temporary folder and renamed), so the run resumes from the last one."""
@@ -260,6 +263,7 @@ def train_rank(output: str, settings: dict, shards: list[str], out_dir: str, con
                remote: str | None, log_queue=None) -> dict:
     """One rank of `launch_ranks` (a process of its own): joins the group, loads the frozen DiT on its GPU, trains
     on its data streams. Rank 0 writes and uploads; it alone returns the metrics."""
+    import datetime
     import os
 
     import torch
@@ -279,10 +283,12 @@ def train_rank(output: str, settings: dict, shards: list[str], out_dir: str, con
             library.propagate = False
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         job = JobSettings.from_dict(settings)
-        if torch.cuda.is_available() and job.device in ("auto", "cuda"):
+        cuda = torch.cuda.is_available() and (job.device == "auto" or job.device.startswith("cuda"))
+        if cuda:  # one GPU per rank, whatever device the job named
             torch.cuda.set_device(local_rank)
             job = JobSettings.from_dict({**settings, "device": f"cuda:{local_rank}"})
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # rank 0 evaluates and uploads checkpoints while the others wait in the next all-reduce: a long timeout
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=RANK_WAIT_SECONDS))
         try:
             source = CommittedShards(output, job, shards)
             trainer = BridgeTrainer(ModelPool(job, LoadedModels()).editor.pipe, source, out_dir, TrainConfig(**config),

@@ -189,6 +189,8 @@ class StreamReader:
             batch = next(self.plan)
             for ref in batch.members:
                 self.emitted.setdefault((batch.epoch, ref.shard), set()).add(ref.key)
+        if skip:  # only the current epoch's shards are still to be read: earlier epochs' records are dead weight
+            self.emitted = {slot: keys for slot, keys in self.emitted.items() if slot[0] >= batch.epoch}
 
     @property
     def resident_examples(self) -> int:

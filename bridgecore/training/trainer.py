@@ -125,7 +125,10 @@ class Ranks:
             return
         import torch.distributed as dist
 
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        # one buffer on the gradients' device (NCCL takes CUDA tensors only; the loss tally lives on the CPU), in
+        # float64 so the tally's precision survives
+        device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
+        flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
         dist.all_reduce(flat)
         offset = 0
         for tensor in tensors:

@@ -461,3 +461,17 @@ def test_the_step_cache_changes_only_the_edits_fingerprints(settings):
     assert {stage for stage in exact if exact[stage] != fast[stage]} == {"edits", "metrics"}
     with pytest.raises(ValueError, match=r"step_cache must be in \[0, 1\)"):
         replace(settings, step_cache=1.5)
+
+
+def test_failure_reasons_group_causes_not_samples():
+    """One cause, one reason: paths (absolute, relative, URLs), quoted names, storage keys and numbers blanked;
+    an apostrophe inside a word is not a quote."""
+    from bridgecore.batch.pipeline import failure_reason, failure_reasons
+
+    same = ["file not found: /in/a.png", "file not found: /in/sub/b.png", "file not found: s3://bucket/c.png"]
+    assert len({failure_reason(e) for e in same}) == 1
+    assert failure_reason("images/a.png: file not found") == failure_reason("images/b.png: file not found")
+    assert failure_reason("sample a~0123456789abcdef missing") == failure_reason("sample b~fedcba9876543210 missing")
+    assert failure_reason("image 12x3 too small") == failure_reason("image 640x48 too small")
+    assert failure_reason("can't decode 'x.png', isn't an image") == "can't decode '…', isn't an image"
+    assert failure_reasons([{"stage": "caches", "error": e} for e in same]) == {"caches": {"file not found: <path>": 3}}

@@ -84,7 +84,7 @@ def edit_result(item: StageItem, output: StageOutput, image, settings: JobSettin
         import json
 
         sample = item.sample
-        entries["json"] = json.dumps({"id": sample.id, "instruction": sample.instruction, "images": list(sample.images),
-                                      "width": image.width, "height": image.height, **sample.extra},
-                                     sort_keys=True, default=str).encode()
+        entries["json"] = json.dumps({**sample.extra, "id": sample.id, "instruction": sample.instruction,
+                                      "images": list(sample.images), "width": image.width, "height": image.height},
+                                     sort_keys=True, default=str).encode()  # the manifest's columns never win
     return SampleResult.done(item.sample, entries, width=image.width, height=image.height)
