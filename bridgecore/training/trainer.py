@@ -531,7 +531,13 @@ class BridgeTrainer:
                              "or train into a new --out")
         self.bridge.load_state_dict(trained.state_dict())
         state = json.loads((checkpoint / "trainer_state.json").read_text())
-        streams = state.get("data", {}).get("data_streams", 1)
+        data = state.get("data", {})
+        streams = data.get("data_streams", 1)
+        seen = data.get("samples_seen")
+        if streams == self.config.data_streams and seen is not None and seen != state["step"] * self.config.global_batch:
+            raise ValueError(f"{checkpoint} saw {seen} samples in {state['step']} steps (a global batch of "
+                             f"{seen // max(1, state['step'])}); this run's global batch is {self.config.global_batch}: "
+                             "resume with the batch size and accumulation it was trained with, or train into a new --out")
         if streams != self.config.data_streams:
             raise ValueError(f"{checkpoint} was trained with {streams} data streams; this run asks for "
                              f"{self.config.data_streams}: resume with --data-streams {streams} (any number of GPUs that "

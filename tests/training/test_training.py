@@ -90,6 +90,9 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples)
     resumed = BridgeTrainer(pipe, examples, tmp_path / "resumed", FAST).train(progress=False)
     assert resumed["history"]["loss"] == straight["history"]["loss"]
     assert resumed["heldout_loss_trained"] == straight["heldout_loss_trained"]
+    # another global batch cannot continue the curve (its data position would be wrong): refused, naming it
+    with pytest.raises(ValueError, match="this run's global batch is 2"):
+        BridgeTrainer(pipe, examples, tmp_path / "resumed", replace(FAST, steps=20, batch_size=2)).train(progress=False)
 
 
 def test_trained_bridge_changes_edits(tmp_path, settings, examples, tiny_zoo):
