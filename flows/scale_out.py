@@ -63,6 +63,13 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
     progress = create_progress_artifact(100 * job.fraction, description=job.line(),
                                         key=artifact_key("progress", parameters["output"], " ".join(tags)))
     looked = logged = time.monotonic()
+
+    def refresh() -> None:
+        try:  # progress is for people: a storage hiccup here must not stop the dispatch
+            update_progress_artifact(progress, 100 * job.look().fraction, job.line())
+        except Exception as error:  # noqa: BLE001
+            logger.warning("progress not updated: %s: %s", type(error).__name__, error)
+
     with get_client(sync_client=True) as client:
         while len(done) < len(batches):
             if time.monotonic() - start > deadline_s:
@@ -70,10 +77,7 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
             time.sleep(poll_s)
             if time.monotonic() - looked >= progress_every_s:
                 looked = time.monotonic()
-                try:  # progress is for people: a storage hiccup here must not stop the dispatch
-                    update_progress_artifact(progress, 100 * job.look().fraction, job.line())
-                except Exception as error:  # noqa: BLE001
-                    logger.warning("progress not updated: %s: %s", type(error).__name__, error)
+                refresh()
                 if looked - logged >= 6 * progress_every_s:
                     logged = looked
                     logger.info("progress: %s", job.line())
@@ -84,10 +88,7 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                 kind = state.type.value if state else "PENDING"
                 if kind == "COMPLETED":
                     done.add(index)
-                    try:
-                        update_progress_artifact(progress, 100 * job.look().fraction, job.line())
-                    except Exception as error:  # noqa: BLE001 - as above
-                        logger.warning("progress not updated: %s: %s", type(error).__name__, error)
+                    refresh()
                     logger.info("batch %d finished: %s", index, job.line())
                 elif kind in FINAL_BAD or (kind == "RUNNING" and stalled(index, since)):
                     if count >= max_submissions:
