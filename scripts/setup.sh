@@ -7,9 +7,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_system.sh
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.vision-bridge-installed
-# the Docker image (VISION_BRIDGE_RUNTIME_ONLY=1) installs the project without the test tools
+# the Docker image (VISION_BRIDGE_RUNTIME_ONLY=1) installs the project without the test tools (with fp8's torchao)
 EXTRAS="[dev]"
-[ "${VISION_BRIDGE_RUNTIME_ONLY:-0}" = "1" ] && EXTRAS=""
+[ "${VISION_BRIDGE_RUNTIME_ONLY:-0}" = "1" ] && EXTRAS="[fp8]"
 wanted="$(sha256sum pyproject.toml | cut -d' ' -f1)$EXTRAS"
 if [ -x .venv/bin/python ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$wanted" ] \
    && .venv/bin/python -c "import bridgecore, flows, vision_bridge.cli" 2>/dev/null; then

@@ -76,6 +76,11 @@ class JobSettings:
     # the fast mode's step cache: diffusers' First Block Cache with this threshold (0: off, exact). An approximation:
     # part of the edits' fingerprint, measured against the exact edit by bench/gpu_realdim.py
     step_cache: float = 0.0
+    # true CFG's two forwards per step as one batch of two (exact: rounding only, no fingerprint)
+    batch_cfg: bool = False
+    # FP8 on the DiT blocks' linear layers (torchao): "off", "dynamic" (FP8 matmuls, compute capability >= 8.9) or
+    # "weights" (FP8 storage, bf16 compute). An approximation: part of the edits' fingerprint
+    fp8: str = "off"
     # editor family: auto (from the edit model's model_index.json), qwen-image-edit, qwen-image-edit-plus,
     # qwen-image-2.1 (the native arm: its own Qwen3-VL text encoder, no bridge)
     editor: str = "auto"
@@ -103,6 +108,17 @@ class JobSettings:
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
+        if self.fp8 != "off":
+            from bridgecore.model.speed import FP8_MODES  # torch: imported only when the option is used
+
+            if self.fp8 not in FP8_MODES:
+                raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {self.fp8!r}")
+        if self.fp8 != "off" and self.dit_offload:
+            raise ValueError(f"{option('fp8')} with {option('dit_offload')}: not supported together (FP8 halves the "
+                             "DiT's weights: 20 GB fits most cards without offload)")
+        if self.batch_cfg and self.step_cache:
+            raise ValueError(f"{option('batch_cfg')} with {option('step_cache')}: the step cache keeps one cache per "
+                             "CFG branch; use one of them")
         if self.edits_format not in EDITS_FORMATS:
             raise ValueError(f"edits_format must be one of {', '.join(EDITS_FORMATS)}; got {self.edits_format!r}")
         if self.editor not in EDITORS:
@@ -146,7 +162,7 @@ class JobSettings:
                 ("rewrite_with", self.rewrite_with, "none"),
                 ("scheduler", self.scheduler, "auto"), ("compile", self.compile, False),
                 ("attention_backend", self.attention_backend, None), ("dit_offload", self.dit_offload, False),
-                ("step_cache", self.step_cache, 0.0)]
+                ("step_cache", self.step_cache, 0.0), ("batch_cfg", self.batch_cfg, False), ("fp8", self.fp8, "off")]
                 if value != default]
             if unsupported:
                 raise ValueError(f"Qwen-Image-2.1 (the native arm) runs without {', '.join(unsupported)}: the bridge "
@@ -345,12 +361,13 @@ class ModelPool:
         s = self.settings
         key = (edit_model, s.revision(edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
                s.device, s.condition_area, s.load_in_8bit, s.lora, s.scheduler, s.compile, s.attention_backend,
-               s.dit_offload, s.step_cache)
+               s.dit_offload, s.step_cache, s.batch_cfg, s.fp8)
         if key not in self.loaded.editors:
             self.loaded.editors[key] = EnhancedQwenImageEdit(
                 edit_model, s.qwen3_model, bridge=s.bridge, device=s.device, condition_area=s.condition_area,
                 load_in_8bit=s.load_in_8bit, lora=list(s.lora) or None, scheduler=s.scheduler, compile=s.compile,
-                attention_backend=s.attention_backend, dit_offload=s.dit_offload, step_cache=s.step_cache)
+                attention_backend=s.attention_backend, dit_offload=s.dit_offload, step_cache=s.step_cache,
+                batch_cfg=s.batch_cfg, fp8=s.fp8)
         return self.loaded.editors[key]
 
     @property

@@ -37,10 +37,13 @@ from bridgecore.model.loading import (
     resolve_model,
 )
 from bridgecore.model.speed import (
+    FP8_MODES,
     attention_backends,
     compile_transformer,
     default_steps,
+    enable_batched_cfg,
     enable_dit_offload,
+    enable_fp8,
     enable_step_cache,
     load_loras,
     parse_loras,
@@ -96,6 +99,9 @@ class EnhancedQwenImageEdit:
         attention_backend: diffusers attention backend for the DiT ("native", "_native_cudnn", "flash", ...).
         dit_offload: stream the DiT's blocks from host RAM (cards smaller than the 38 GiB bf16 DiT).
         step_cache: the fast mode's First Block Cache threshold (0: off, the exact edit); see `speed.enable_step_cache`.
+        batch_cfg: run true CFG's two forwards per step as one batch of two (exact); see `speed.BatchedGuidanceHook`.
+        fp8: "off", "dynamic" (FP8 matmuls, compute capability >= 8.9) or "weights" (FP8 storage): the DiT blocks'
+            linear layers through torchao, an approximation; see `speed.enable_fp8`.
     """
 
     def __init__(self, edit_model: str | Path = DEFAULT_EDIT_MODEL, qwen3_model: str | Path = DEFAULT_QWEN3_MODEL,
@@ -105,9 +111,17 @@ class EnhancedQwenImageEdit:
                  one_model_at_a_time: bool = False, load_in_8bit: bool = False,
                  lora: str | list[str] | None = None, scheduler: str = "auto", compile: bool = False,
                  compile_options: dict | None = None, attention_backend: str | None = None,
-                 dit_offload: bool = False, step_cache: float = 0.0):
+                 dit_offload: bool = False, step_cache: float = 0.0, batch_cfg: bool = False, fp8: str = "off"):
         self.options = LoadOptions(device=device, dtype=dtype)
         self.step_cache = step_cache
+        if fp8 not in FP8_MODES:
+            raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {fp8!r}")
+        if fp8 != "off" and dit_offload:
+            raise ValueError("fp8 with dit_offload: not supported together (FP8 halves the DiT's weights: 20 GB "
+                             "fits most cards without offload)")
+        if batch_cfg and step_cache:
+            raise ValueError("batch_cfg with step_cache: the step cache keeps one cache per CFG branch; use one of them")
+        self.batch_cfg, self.fp8 = batch_cfg, fp8
         self.loras = parse_loras(lora)
         self.scheduler = resolve_scheduler(scheduler, self.loras)
         self.compile, self.compile_options = compile, compile_options
@@ -136,6 +150,7 @@ class EnhancedQwenImageEdit:
         # The text encoder stays with the extractor: the pipeline only ever receives embeddings.
         pipe = load_edit_pipeline(resolved, options, text_encoder=None)
         load_loras(pipe, self.loras)
+        enable_fp8(pipe.transformer, self.fp8)  # after the LoRAs are fused into the bf16 weights
         if self.scheduler == "lightning":
             use_lightning_scheduler(pipe)
         if self.attention_backend is not None:
@@ -145,6 +160,8 @@ class EnhancedQwenImageEdit:
             enable_dit_offload(pipe.transformer, device)
         if self.step_cache:
             enable_step_cache(pipe.transformer, self.step_cache)
+        if self.batch_cfg:
+            enable_batched_cfg(pipe.transformer)
         if self.compile:
             compile_transformer(pipe.transformer, self.compile_options)
         return pipe

@@ -18,6 +18,10 @@ attention_backend=..., dit_offload=True)`, `vision-bridge edit --lora ... --comp
 - DiT offload: diffusers group offloading at block level, with CUDA streams prefetching the next block: the
   20B DiT's blocks live in host RAM, so the DiT needs a few GiB of GPU memory (`vision-bridge plan` prints the
   peak per mode).
+- Batched CFG (exact): true CFG's positive and negative forwards run as one batch of two (`BatchedGuidanceHook`).
+- FP8 (an approximation): torchao's float8 on the DiT blocks' linear layers, "dynamic" (activations and weights
+  in FP8, FP8 tensor cores: compute capability >= 8.9) or "weights" (FP8 storage, bf16 compute: half the memory).
+- Step cache (an approximation): diffusers' First Block Cache.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -165,9 +170,15 @@ def set_attention_backend(transformer, backend: str) -> None:
     _AttentionBackendRegistry.set_active_backend(previous)
 
 
-def compile_transformer(transformer, options: dict | None = None) -> None:
-    """Regional compilation: `torch.compile` of each repeated block (they share one compiled graph)."""
-    transformer.compile_repeated_blocks(**({"fullgraph": True} | (options or {})))
+def compile_transformer(transformer, options: dict | None = None, whole: bool = False) -> None:
+    """Regional compilation: `torch.compile` of each repeated block (they share one compiled graph). `whole`
+    compiles the entire DiT instead (one graph: embedders, 60 blocks and head; longer to compile, no Python
+    between blocks; with `options={"mode": "reduce-overhead"}` on a GPU it is replayed as a CUDA graph)."""
+    options = {"fullgraph": True} | (options or {})
+    if whole:
+        transformer.compile(**options)
+    else:
+        transformer.compile_repeated_blocks(**options)
 
 
 def enable_dit_offload(transformer, device: torch.device) -> None:
@@ -191,6 +202,181 @@ def enable_step_cache(transformer, threshold: float) -> None:
     if len(getattr(transformer, "transformer_blocks", ())) < 2:  # a head block to decide, a tail to skip
         raise ValueError("the step cache needs a DiT with at least two transformer blocks")
     transformer.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+
+FP8_MODES = ("off", "dynamic", "weights")
+
+
+def fp8_layer_names(transformer) -> list[str]:
+    """The DiT's linear layers that FP8 converts: the attention and MLP projections inside the repeated blocks
+    (nearly all of its FLOPs and weights). The per-sample modulation layers (one row per image: nothing to gain,
+    and they scale every activation), the embedders and the output head stay bf16; FP8 matmul kernels need both
+    sides to be multiples of 16."""
+    return [f"transformer_blocks.{name}" for name, module in transformer.transformer_blocks.named_modules()
+            if isinstance(module, torch.nn.Linear) and "_mod" not in name
+            and module.in_features % 16 == 0 and module.out_features % 16 == 0]
+
+
+def enable_fp8(transformer, mode: str) -> list[str]:
+    """FP8 for the DiT's block projections (torchao), after any LoRA is fused. An approximation: the edits change
+    (bench/gpu_realdim.py measures how much against the exact edit). Returns the converted layers' names.
+
+    - "dynamic": weights and activations in FP8 (per-row scales, activations scaled per call): FP8 tensor-core
+      matmuls, needs compute capability >= 8.9 (L40S, RTX 4090, H100, H200, B200);
+    - "weights": FP8 weights, bf16 compute (any device): the DiT's weights take half the memory, no speed-up.
+    """
+    if mode not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {mode!r}")
+    if mode == "off":
+        return []
+    device = next(transformer.parameters()).device
+    if mode == "dynamic":
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        if capability is None or capability < (8, 9):
+            where = f"compute capability {capability[0]}.{capability[1]}" if capability else device.type
+            raise ValueError(f"fp8='dynamic' runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA card of "
+                             f"compute capability 8.9 or later (L40S, RTX 4090, H100, H200, B200); this DiT is on {where}. "
+                             "fp8='weights' stores the weights in FP8 and computes in bf16 on any device.")
+    try:
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Float8WeightOnlyConfig,
+            PerRow,
+            quantize_,
+        )
+    except ImportError as error:
+        raise ValueError(f"fp8 needs torchao (pip install 'torchao>=0.18'): {error}") from None
+    names = fp8_layer_names(transformer)
+    chosen = set(names)
+    config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if mode == "dynamic"
+              else Float8WeightOnlyConfig())
+    quantize_(transformer.transformer_blocks, config,
+              filter_fn=lambda module, name: f"transformer_blocks.{name}" in chosen)
+    logger.info("FP8 (%s): %d linear layers of the DiT's blocks converted", mode, len(names))
+    return names
+
+
+class _NoState:
+    def reset(self, *args, **kwargs) -> None:
+        pass
+
+
+class BatchedGuidanceHook:
+    """True CFG's two forwards per step as one batch of two (exact up to kernel rounding).
+
+    The pipeline calls its DiT twice per step, in the cache contexts "cond" then "uncond", with the same latents
+    and only the prompt embeddings (and their mask) differing. The hook learns the negative inputs at the first
+    step's "uncond" call; at every later "cond" call it runs both branches as one batch (the shorter prompt padded
+    and masked out: a padded key gets no attention, and the text positions start at the same RoPE index for both),
+    returns the positive half and keeps the negative half for the "uncond" call that follows, which it answers
+    without running the DiT when that call brings the same latents and negative embeddings (same tensors); any
+    other call runs normally. Stateful, so the pipeline's end-of-call reset forgets the learnt inputs.
+    """
+
+    _is_stateful = True
+
+    def __init__(self):
+        from diffusers.hooks.hooks import StateManager
+
+        self.fn_ref = None
+        self.state_manager = StateManager(_NoState)  # receives the pipeline's cache context ("cond"/"uncond")
+        self.negative: dict | None = None
+        self.ahead: tuple | None = None  # (latents, negative inputs, negative output) of the current step
+        self.batched_steps = 0
+
+    # the ModelHook interface (diffusers.hooks.hooks.ModelHook)
+    def initialize_hook(self, module):
+        return module
+
+    def deinitalize_hook(self, module):
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        return args, kwargs
+
+    def post_forward(self, module, output):
+        return output
+
+    def reset_state(self, module):
+        self.negative, self.ahead = None, None
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        context = self.state_manager._context
+        if args or kwargs.get("return_dict", True) or context is None or context.name not in ("cond", "uncond"):
+            return forward(*args, **kwargs)
+        if context.name == "uncond":
+            ahead, self.ahead = self.ahead, None
+            if ahead is not None and ahead[0] is kwargs["hidden_states"] and ahead[1] == _negative_inputs(kwargs):
+                return ahead[2]
+            self.negative = _negative_inputs(kwargs)  # learnt: later steps batch the two branches
+            return forward(**kwargs)
+        self.ahead = None
+        negative = self.negative
+        if negative is None or negative["img_shapes"] != kwargs.get("img_shapes"):
+            return forward(**kwargs)
+        positive, negative_output = _batched_branches(forward, kwargs, negative)
+        self.ahead = (kwargs["hidden_states"], negative, negative_output)
+        self.batched_steps += 1
+        return positive
+
+
+class _Same:
+    """Compares by identity: the pipeline passes the same tensor objects at every step."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __eq__(self, other):
+        return isinstance(other, _Same) and other.value is self.value
+
+
+def _negative_inputs(kwargs: dict) -> dict:
+    return {"embeds": _Same(kwargs["encoder_hidden_states"]), "mask": _Same(kwargs.get("encoder_hidden_states_mask")),
+            "img_shapes": kwargs.get("img_shapes"), "guidance": _Same(kwargs.get("guidance")),
+            "attention_kwargs": kwargs.get("attention_kwargs")}
+
+
+def _padded(embeds: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, own = embeds.shape[:2]
+    mask = torch.ones(batch, own, dtype=torch.bool, device=embeds.device) if mask is None else mask.to(torch.bool)
+    return F.pad(embeds, (0, 0, 0, length - own)), F.pad(mask, (0, length - own), value=False)
+
+
+def _batched_branches(forward, kwargs: dict, negative: dict):
+    """One forward of [positive; negative]: returns the two branches' outputs, each as the DiT returns it."""
+    pos_embeds, pos_mask = kwargs["encoder_hidden_states"], kwargs.get("encoder_hidden_states_mask")
+    neg_embeds, neg_mask = negative["embeds"].value, negative["mask"].value
+    batch = pos_embeds.shape[0]
+    if pos_mask is None and neg_mask is None and pos_embeds.shape[1] == neg_embeds.shape[1]:
+        embeds, mask = torch.cat([pos_embeds, neg_embeds]), None  # nothing to pad: the unmasked attention path
+    else:
+        length = max(pos_embeds.shape[1], neg_embeds.shape[1])
+        (pos_embeds, pos_mask), (neg_embeds, neg_mask) = (_padded(pos_embeds, pos_mask, length),
+                                                          _padded(neg_embeds, neg_mask, length))
+        embeds, mask = torch.cat([pos_embeds, neg_embeds]), torch.cat([pos_mask, neg_mask])
+    hidden = kwargs["hidden_states"]
+    timestep = kwargs["timestep"]
+    guidance = kwargs.get("guidance")
+    both = dict(kwargs, hidden_states=torch.cat([hidden, hidden]), encoder_hidden_states=embeds,
+                encoder_hidden_states_mask=mask,
+                timestep=torch.cat([timestep, timestep]) if timestep.ndim else timestep,
+                guidance=torch.cat([guidance, guidance]) if guidance is not None and guidance.ndim else guidance,
+                img_shapes=list(kwargs["img_shapes"]) * 2 if kwargs.get("img_shapes") is not None else None)
+    output = forward(**both)
+    sample, rest = output[0], tuple(output[1:])
+    return (sample[:batch], *rest), (sample[batch:], *rest)
+
+
+def enable_batched_cfg(transformer) -> BatchedGuidanceHook:
+    """Runs true CFG's two branches as one batched forward (see `BatchedGuidanceHook`); exact, not an approximation."""
+    from diffusers.hooks import HookRegistry
+
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook("batched_cfg") is None:
+        registry.register_hook(BatchedGuidanceHook(), "batched_cfg")
+    return registry.get_hook("batched_cfg")
 
 
 def output_fingerprint(loras: list[LoraSpec], scheduler: str) -> str:

@@ -466,6 +466,22 @@ def test_the_step_cache_changes_only_the_edits_fingerprints(settings):
         replace(settings, step_cache=1.5)
 
 
+def test_fp8_changes_only_the_edits_fingerprints_and_batched_cfg_none(settings):
+    """FP8 is an approximation (its own edits), batched CFG only reorders the same arithmetic (no new fingerprint);
+    combinations that were never run together are refused with the option names."""
+    exact = fingerprints("bulk-edit", settings)
+    fp8 = fingerprints("bulk-edit", replace(settings, fp8="weights"))
+    assert {stage for stage in exact if exact[stage] != fp8[stage]} == {"edits", "metrics"}
+    assert fingerprints("bulk-edit", replace(settings, cfg=4.0)) == fingerprints(
+        "bulk-edit", replace(settings, cfg=4.0, batch_cfg=True))
+    with pytest.raises(ValueError, match="fp8 must be one of off, dynamic, weights"):
+        replace(settings, fp8="int8")
+    with pytest.raises(ValueError, match="fp8.*dit_offload"):
+        replace(settings, fp8="dynamic", dit_offload=True)
+    with pytest.raises(ValueError, match="batch_cfg.*step_cache"):
+        replace(settings, batch_cfg=True, step_cache=0.1)
+
+
 def test_failure_reasons_group_causes_not_samples():
     """One cause, one reason: paths (absolute, relative, URLs), quoted names, storage keys and numbers blanked;
     an apostrophe inside a word is not a quote."""

@@ -1,5 +1,6 @@
 """Speed options on the tiny zoo (CPU): LoRA (fused == diffusers' unfused adapter), Lightning scheduler,
-regional compile, attention backend, DiT offload: each must leave the edit as it should be."""
+regional and whole compile, attention backend, DiT offload, batched CFG, FP8, the step cache: each must leave the
+edit as it should be (or, for the approximations, say how far it moved)."""
 
 import math
 
@@ -172,3 +173,79 @@ def test_the_step_cache_skips_blocks_and_says_how_far_the_edit_moved(tiny_zoo):
           f"max abs {float(np.abs(fast - exact).max()):.3f}")
     with pytest.raises(ValueError, match="step_cache must be in"):
         enable_step_cache(None, 0.0)
+
+
+def test_batched_cfg_is_the_sequential_edit_in_one_forward_per_step(tiny_zoo):
+    """True CFG with a positive prompt longer than the negative one: the two branches run as one padded, masked
+    batch from the second step on (the first learns the negative inputs), the DiT runs once per step instead of
+    twice, and the edit equals the sequential one (float32: up to rounding). A second edit (another prompt length)
+    relearns: the pipeline's end-of-call reset forgets the first call's negatives."""
+    def edit(prompt: str, **options):
+        editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA, **options)
+        forwards = []
+        editor.pipe.transformer.register_forward_pre_hook(lambda module, args: forwards.append(1))
+        blocks = editor.pipe.transformer.transformer_blocks
+        batches = []
+        blocks[0].register_forward_hook(lambda module, args, output: batches.append(output[1].shape[0]))
+        out = editor.generate(make_image(), prompt, seed=1, num_inference_steps=4, true_cfg_scale=4.0,
+                              negative_prompt=" ", output_type="np")
+        return out, batches, editor
+
+    long_prompt = "make the red square blue and twice as large, keep the background"
+    sequential, sequential_batches, _ = edit(long_prompt)
+    batched, batched_batches, editor = edit(long_prompt, batch_cfg=True)
+    assert sequential_batches == [1] * 8  # 4 steps x 2 branches
+    assert batched_batches == [1, 1, 2, 2, 2]  # step 1 apart (learning), then one batch of two per step
+    np.testing.assert_allclose(batched, sequential, atol=1e-5)
+    assert np.ptp(sequential) > 0.1  # a real image, not a constant
+    hook = editor.pipe.transformer._diffusers_hook.get_hook("batched_cfg")
+    assert hook.batched_steps == 3 and hook.negative is None  # reset at the end of the pipeline call
+    again = editor.generate(make_image(), "blue", seed=1, num_inference_steps=4, true_cfg_scale=4.0,
+                            negative_prompt=" ", output_type="np")
+    reference = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA).generate(
+        make_image(), "blue", seed=1, num_inference_steps=4, true_cfg_scale=4.0, negative_prompt=" ", output_type="np")
+    np.testing.assert_allclose(again, reference, atol=1e-5)
+    assert hook.batched_steps == 6
+    # without CFG nothing is batched and the edit is untouched
+    plain = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA, batch_cfg=True)
+    np.testing.assert_array_equal(plain.generate(make_image(), "blue", seed=1, num_inference_steps=2, output_type="np"),
+                                  EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"],
+                                                        condition_area=AREA).generate(
+                                      make_image(), "blue", seed=1, num_inference_steps=2, output_type="np"))
+
+
+def test_fp8_weights_convert_the_block_projections_and_dynamic_needs_fp8_tensor_cores(tiny_zoo, baseline):
+    """fp8="weights" (FP8 storage, bf16 compute) runs anywhere: every attention/MLP projection of the blocks holds
+    an FP8 tensor, modulation layers, embedders and the head stay as they were, and the edit moves a little (a
+    random tiny DiT: a numerical check). fp8="dynamic" (FP8 matmuls) is refused off FP8 tensor cores, saying why."""
+    pytest.importorskip("torchao")
+    from bridgecore.model.speed import enable_fp8, fp8_layer_names
+
+    out, editor = _edit(tiny_zoo, fp8="weights")
+    transformer = editor.pipe.transformer
+    converted = set(fp8_layer_names(transformer))
+    kinds = {name: type(module.weight).__name__ for name, module in transformer.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    assert converted and all(kinds[name] == "Float8Tensor" for name in converted)
+    assert all(kind == "Parameter" for name, kind in kinds.items() if name not in converted), kinds
+    assert any("img_mod" in name for name in kinds) and not any("_mod" in name for name in converted)
+    assert len(converted) == 12 * len(transformer.transformer_blocks)  # 8 attention + 4 MLP projections a block
+    assert np.isfinite(out).all() and not np.array_equal(out, baseline)
+    psnr = 10 * math.log10(1.0 / float(np.mean((out - baseline) ** 2)))
+    assert psnr > 25, psnr
+    print(f"fp8 weights on the tiny DiT: PSNR vs exact {psnr:.1f} dB, max abs {float(np.abs(out - baseline).max()):.4f}")
+    with pytest.raises(ValueError, match="compute capability 8.9 or later.*this DiT is on cpu"):
+        enable_fp8(transformer, "dynamic")
+    with pytest.raises(ValueError, match="fp8 must be one of"):
+        EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], fp8="int4")
+
+
+def test_whole_transformer_compile_keeps_the_edit(tiny_zoo, baseline):
+    """The whole DiT as one graph (aot_eager: traced with fullgraph as inductor would be, no kernels compiled)."""
+    from bridgecore.model.speed import compile_transformer
+
+    editor = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA)
+    compile_transformer(editor.pipe.transformer, {"backend": "aot_eager"}, whole=True)
+    assert editor.pipe.transformer._compiled_call_impl is not None
+    out = editor.generate(make_image(), "make it blue", seed=1, num_inference_steps=STEPS, output_type="np")
+    np.testing.assert_allclose(out, baseline, atol=1e-5)

@@ -62,6 +62,12 @@ def bulk_edit(
     step_cache: float = typer.Option(D["step_cache"], help="Fast mode: First Block Cache threshold (e.g. 0.05-0.2; 0 = "
                                      "off, the exact edit). Skips most of the DiT on steps where its first block "
                                      "barely moved: faster, approximate (other edits, another fingerprint)."),
+    batch_cfg: bool = typer.Option(D["batch_cfg"], "--batch-cfg", help="With --cfg > 1: run true CFG's two DiT "
+                                   "forwards per step as one batch of two (exact; faster or not depending on the card "
+                                   "and attention backend: bench/gpu_realdim.py measures it)."),
+    fp8: str = typer.Option(D["fp8"], help="FP8 for the DiT's block projections (torchao): off; dynamic (FP8 matmuls on "
+                            "FP8 tensor cores: H100/H200/L40S/RTX 4090 and later); weights (FP8 storage, bf16 compute: "
+                            "half the DiT's memory). Approximate: other edits, another fingerprint."),
     rewrite_with: str = typer.Option(D["rewrite_with"], help="The rewrite arm: qwen3 lets Qwen3-VL (the bridge's model, the same "
                                      "images) rewrite each instruction, greedily, and Qwen-Image-Edit's own encoder "
                                      "reads the rewrite (stored in summary.parquet); identity forces the rewrite to be "
@@ -90,7 +96,8 @@ def bulk_edit(
                    batch_size=batch_size, cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit,
                    lora=list(lora or []), scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                    dit_offload=dit_offload, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format, step_cache=step_cache)
+                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format, step_cache=step_cache,
+                   batch_cfg=batch_cfg, fp8=fp8)
         settings = settings_for_job(job)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")

@@ -47,6 +47,12 @@ def edit(
                                                     "(torch SDPA), _native_cudnn, _native_flash, flash (flash-attn), ..."),
     dit_offload: bool = typer.Option(False, help="Stream the DiT's blocks from host RAM (cards with less memory than "
                                      "the 38 GiB bf16 DiT; see `vision-bridge plan` for the peak per mode)."),
+    step_cache: float = typer.Option(0.0, help="Fast mode: First Block Cache threshold (e.g. 0.05-0.2; 0 = off, the "
+                                     "exact edit)."),
+    batch_cfg: bool = typer.Option(False, "--batch-cfg", help="Run true CFG's two DiT forwards per step as one batch "
+                                   "of two (exact)."),
+    fp8: str = typer.Option("off", help="FP8 for the DiT's block projections (torchao): off, dynamic (FP8 matmuls, "
+                            "compute capability >= 8.9), weights (FP8 storage, bf16 compute). Approximate."),
 ):
     """Edit one sample with Qwen-Image-Edit, its conditioning enhanced by Qwen3-VL through the bridge (or with
     Qwen-Image-2.1, the native arm: --editor qwen-image-2.1)."""
@@ -64,7 +70,8 @@ def edit(
     if family == "qwen-image-2.1":
         from bridgecore.model.native21 import NativeQwenImage21
 
-        if bridge or baseline or compare_path or negative_prompt or lora or compile or attention_backend or dit_offload:
+        if (bridge or baseline or compare_path or negative_prompt or lora or compile or attention_backend or dit_offload
+                or step_cache or batch_cfg or fp8 != "off"):
             fail("Qwen-Image-2.1 (the native arm) takes no --bridge, --baseline, --compare, --negative-prompt or "
                   "speed options: it reads Qwen3-VL itself and is sampled without CFG")
         try:
@@ -82,7 +89,7 @@ def edit(
         editor = EnhancedQwenImageEdit(edit_model, qwen3, bridge=bridge, device=device, condition_area=condition_area,
                                        one_model_at_a_time=one_model_at_a_time, load_in_8bit=load_in_8bit, lora=lora,
                                        scheduler=scheduler, compile=compile, attention_backend=attention_backend,
-                                       dit_offload=dit_offload)
+                                       dit_offload=dit_offload, step_cache=step_cache, batch_cfg=batch_cfg, fp8=fp8)
     except ValueError as error:
         fail(str(error))
     steps = editor.default_steps if steps is None else steps

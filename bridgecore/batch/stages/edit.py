@@ -49,6 +49,7 @@ class EditStage(Stage):
                 "steps": settings.steps, "seed": settings.seed, "cfg": settings.cfg if settings.uses_cfg else 1.0,
                 "lora_and_scheduler": settings.speed_fingerprint, **settings.plus_record(),
                 **({"step_cache": settings.step_cache} if settings.step_cache else {}),  # an approximation: other edits
+                **({"fp8": settings.fp8} if settings.fp8 != "off" else {}),  # likewise
                 **edits_format_record(settings)}
 
     def process(self, items: list[StageItem], ctx: StageContext) -> list[SampleResult]:
