@@ -1,13 +1,18 @@
 """Real-dimension benchmark: every model at its real width (and, on a GPU, real depth) with random weights.
 
-Measures at 1024^2 (or less with --max-tokens): Qwen2.5-VL and Qwen3-VL extraction, the bridge, one DiT step
-without and with true CFG (and per attention backend), VAE encode and decode, a whole edit, model load time
-from local safetensors (GB/s), peak memory per stage against the planner's estimate, MFU against the
-planner's FLOPs, and the bridge's share of the edit. Qwen-Image-2.1's DiT (class defaults, provisional) gets
-one row. Models are built directly on the device in bf16 (`bridgecore/zoo/real_models.py`), one large model at a
-time (fits an 80 GB card). No download: the processors use the real image settings and an offline tokenizer.
+Measures at 1024^2 (or less with --max-tokens): Qwen2.5-VL and Qwen3-VL extraction (one sample and bulk-edit's
+batch), the bridge, one DiT step as the pipeline runs it, true CFG's two branches one after the other and as one
+batch (and per attention backend), the top kernels of a step and the host syncs between steps (torch.profiler),
+VAE encode and decode, the whole 50-step edit (eager, regionally compiled, whole-DiT compiled, CUDA graphs), the
+fast modes against the exact edit on the same seed (step cache, FP8, both: PSNR and max abs difference), a
+Lightning-style 8-step edit, images per GPU-hour for bulk-edit at its defaults, model load time from local
+safetensors (GB/s), peak memory per stage against the planner's estimate, MFU against the planner's FLOPs, and
+the bridge's share of the edit. Qwen-Image-2.1's DiT (class defaults, provisional) gets one row. Models are
+built directly on the device in bf16 (`bridgecore/zoo/real_models.py`), one large model at a time (fits an 80 GB
+card); the DiT is rebuilt with the same seeded weights for each variant. No download: the processors use the
+real image settings and an offline tokenizer.
 
-    python bench/gpu_realdim.py --device cuda --json out.json            # H100/H200, full depth, ~3 min
+    python bench/gpu_realdim.py --device cuda --compile --json out.json   # H100/H200, full depth, ~6 min
     python bench/gpu_realdim.py --device cpu --layers 1 --max-tokens 256  # CI smoke run of the same path
 
 Prints a table; --json FILE gets every number (written after each stage, so a killed run keeps its rows).
@@ -98,6 +103,17 @@ def matmul_tflops(device: torch.device) -> float:
     return 2 * n**3 / seconds / 1e12
 
 
+# what a host-device synchronisation looks like in torch.profiler's CPU events
+HOST_SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
+
+
+def self_time(event, device: bool) -> float:
+    """An event's own time in microseconds: on the GPU's clock (`device`) or the CPU's."""
+    if device:
+        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0
+    return event.self_cpu_time_total
+
+
 def sample_image(side: int = 1024):
     from PIL import Image, ImageDraw
 
@@ -132,6 +148,13 @@ class RealDimBenchmark:
             "peak_bf16_tflops": self.peak_flops and self.peak_flops / 1e12, "stages": {}, "edit": {}, "errors": {},
         }
         self.caches: dict = {}
+        self.start = time.perf_counter()
+
+    def time_left(self) -> float:
+        """Seconds left of --budget-s (infinite without one): long optional sections are skipped, not cut."""
+        if self.args.budget_s is None:
+            return float("inf")
+        return self.args.budget_s - (time.perf_counter() - self.start)
 
     # -- bookkeeping
 
@@ -212,6 +235,17 @@ class RealDimBenchmark:
         self.record("qwen25_extract", seconds, flops, times=times, build_s=build_s, sequence=seq,
                     vision_tokens=cache.num_vision_tokens, parameters=sum(p.numel() for p in model.parameters()),
                     **self.memory(resident, vlm_activation_bytes(model, seq, patches)))
+        # true CFG's negative prompt: encoded with the image, as Qwen-Image-Edit does (never bridged)
+        negative = encoder.encode([" "], [[self.resized]], resized=True)
+        self.caches["neg_embeds"] = negative.prompt_embeds.to(self.device, self.dtype)
+        self.caches["neg_mask"] = negative.prompt_embeds_mask.to(self.device)
+        batch = self.args.batch
+        if batch > 1:  # bulk-edit encodes a batch of samples per forward
+            seconds, times, _ = self.meter.time(
+                lambda: encoder.encode([PROMPT] * batch, [[self.resized]] * batch, resized=True), self.repeats,
+                self.warmup)
+            self.record("qwen25_extract_batch", seconds, batch * flops, times=times, batch=batch,
+                        per_sample_s=seconds / batch)
         if self.args.no_load:
             return
         root = Path(tempfile.mkdtemp(prefix="realdim-", dir=self.args.tmp))
@@ -288,6 +322,13 @@ class RealDimBenchmark:
         self.record("qwen3_extract", seconds, flops, times=times, build_s=build_s, sequence=seq,
                     vision_tokens=cache.num_vision_tokens, parameters=sum(p.numel() for p in model.parameters()),
                     **self.memory(resident, vlm_activation_bytes(model, seq, patches)))
+        batch = self.args.batch
+        if batch > 1:
+            seconds, times, _ = self.meter.time(
+                lambda: encode_qwen3_features(model, processor, [PROMPT] * batch, [[self.resized]] * batch, layers),
+                self.repeats, self.warmup)
+            self.record("qwen3_extract_batch", seconds, batch * flops, times=times, batch=batch,
+                        per_sample_s=seconds / batch)
 
     def bridge(self) -> None:
         from torch.utils.flop_counter import FlopCounterMode
@@ -308,83 +349,220 @@ class RealDimBenchmark:
         self.record("bridge", seconds, counter.get_total_flops(), times=times, parameters=bridge.num_parameters(),
                     **self.memory(resident))
 
-    def dit_and_vae(self) -> None:
-        from bridgecore.planning.planner import dit_activation_bytes, dit_step_flops
+
+    # -- the DiT: the exact path, batched CFG, attention backends, profiles, edits, compile, FP8
+
+    def build_dit(self):
+        """A fresh DiT with the same random weights every time (seeded): variants are compared on equal terms."""
         from bridgecore.zoo.real_models import build_real_model
 
         start = time.perf_counter()
         transformer = build_real_model("transformer", self.device, self.dtype, self.args.layers)
         self.meter.sync()
-        build_s = time.perf_counter() - start
+        return transformer, time.perf_counter() - start
+
+    def dit_inputs(self, transformer) -> tuple[dict, dict, float, float]:
+        """The DiT's inputs as the pipeline passes them, for the positive and the negative prompt (the same latents
+        object, as in the pipeline's loop), and each branch's FLOPs."""
+        from bridgecore.planning.planner import dit_step_flops
+
         height, width = self.condition_hw
         lat_h, lat_w = height // 16, width // 16
         tokens = 2 * lat_h * lat_w  # noisy target + condition latents
-        embeds, mask = self.caches["embeds"], self.caches["mask"]
-        # what the pipeline passes its DiT: diffusers' encode_prompt drops an all-ones mask (another attention path)
-        dit_mask = None if bool(mask.all()) else mask
         generator = torch.Generator(self.device).manual_seed(0)
-        inputs = dict(hidden_states=torch.randn(1, tokens, transformer.config.in_channels, generator=generator,
-                                                device=self.device, dtype=self.dtype),
-                      encoder_hidden_states=embeds, encoder_hidden_states_mask=dit_mask,
-                      timestep=torch.tensor([0.5], device=self.device, dtype=self.dtype),
-                      img_shapes=[[(1, lat_h, lat_w), (1, lat_h, lat_w)]], return_dict=False)
-        flops = dit_step_flops(transformer, tokens, embeds.shape[1])
+        hidden = torch.randn(1, tokens, transformer.config.in_channels, generator=generator, device=self.device,
+                             dtype=self.dtype)
+
+        def branch(embeds, mask):
+            # diffusers' encode_prompt drops an all-ones mask (another attention path): the DiT gets none
+            return dict(hidden_states=hidden, encoder_hidden_states=embeds,
+                        encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+                        timestep=torch.tensor([0.5], device=self.device, dtype=self.dtype),
+                        img_shapes=[[(1, lat_h, lat_w), (1, lat_h, lat_w)]], return_dict=False)
+
+        positive = branch(self.caches["embeds"], self.caches["mask"])
+        negative = branch(self.caches["neg_embeds"], self.caches["neg_mask"])
+        return (positive, negative, dit_step_flops(transformer, tokens, positive["encoder_hidden_states"].shape[1]),
+                dit_step_flops(transformer, tokens, negative["encoder_hidden_states"].shape[1]))
+
+    def dit_and_vae(self) -> None:
+        from bridgecore.planning.planner import dit_activation_bytes
+
+        transformer, build_s = self.build_dit()
+        positive, negative, flops, neg_flops = self.dit_inputs(transformer)
+        tokens, text = positive["hidden_states"].shape[1], positive["encoder_hidden_states"].shape[1]
+        self.caches["dit_probe"] = self.weight_probe(transformer)
 
         def step():
-            return transformer(**inputs)[0]
+            return transformer(**positive)[0]
 
-        def cfg_step():  # the pipeline's true CFG: a positive and a negative forward per step
-            return step(), step()
+        def cfg_step():  # the pipeline's true CFG: the positive and the negative prompt's forwards, one after the other
+            return transformer(**positive)[0], transformer(**negative)[0]
 
         with torch.no_grad():
             resident = self.meter.reset_peak()
             seconds, times, out = self.meter.time(step, self.repeats, self.warmup)
             self.record("dit_step", seconds, flops, times=times, build_s=build_s, image_tokens=tokens,
-                        text_tokens=embeds.shape[1], finite=bool(torch.isfinite(out).all()),
-                        text_mask="none (all ones: dropped, as the pipeline does)" if dit_mask is None else "mixed",
+                        text_tokens=text, finite=bool(torch.isfinite(out).all()),
+                        text_mask="none (all ones: dropped, as the pipeline does)"
+                        if positive["encoder_hidden_states_mask"] is None else "mixed",
                         parameters=sum(p.numel() for p in transformer.parameters()),
-                        **self.memory(resident, dit_activation_bytes(transformer, tokens + embeds.shape[1])))
-            seconds, times, _ = self.meter.time(cfg_step, self.repeats, self.warmup)
-            self.record("dit_step_cfg", seconds, 2 * flops, times=times)
+                        **self.memory(resident, dit_activation_bytes(transformer, tokens + text)))
+            seconds, times, reference = self.meter.time(cfg_step, self.repeats, self.warmup)
+            self.record("dit_step_cfg", seconds, flops + neg_flops, times=times,
+                        negative_text_tokens=negative["encoder_hidden_states"].shape[1])
+            self.batched_cfg_step(transformer, positive, negative, flops + neg_flops, reference)
             if self.device.type == "cuda":
-                self.attention_backends(transformer, step, flops)
+                self.attention_backends(transformer, step, flops, positive, negative, flops + neg_flops)
+            self.profile_step(step)
         self.vae_and_edit(transformer, flops)
         if self.args.compile:
             self.compiled_step(transformer, step, flops)
+            self.compiled_edit(transformer, flops)
 
-    def attention_backends(self, transformer, step, flops: float) -> None:
+    def weight_probe(self, transformer) -> float:
+        block = transformer.transformer_blocks[0].img_mlp.net[2].weight
+        return float(block.float().pow(2).sum())
+
+    def batched_cfg_step(self, transformer, positive: dict, negative: dict, flops: float, reference,
+                         label: str = "dit_step_cfg_batched") -> None:
+        """True CFG's two branches as one padded batch (`speed.enable_batched_cfg`), called as the pipeline calls
+        them; the difference from the sequential branches is kernel rounding (bf16) only."""
+        from bridgecore.model.speed import disable_batched_cfg, enable_batched_cfg
+
+        hook = enable_batched_cfg(transformer)
+
+        def pair():
+            with transformer.cache_context("cond"):
+                cond = transformer(**positive)[0]
+            with transformer.cache_context("uncond"):
+                uncond = transformer(**negative)[0]
+            return cond, uncond
+
+        try:
+            pair()  # the first call learns the negative inputs, as the pipeline's first step does
+            before = hook.batched_steps
+            seconds, times, (cond, uncond) = self.meter.time(pair, self.repeats, self.warmup)
+            batched = hook.batched_steps - before
+        finally:
+            disable_batched_cfg(transformer)
+
+        def relative(a, b):
+            return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+        self.record(label, seconds, flops, times=times, batched_calls=batched,
+                    speedup_vs_sequential=self.results["stages"]["dit_step_cfg"]["seconds"] / seconds,
+                    max_rel_diff_vs_sequential=max(relative(cond, reference[0]), relative(uncond, reference[1])),
+                    padded_text_tokens=max(positive["encoder_hidden_states"].shape[1],
+                                           negative["encoder_hidden_states"].shape[1]))
+
+    def attention_backends(self, transformer, step, flops: float, positive: dict, negative: dict,
+                           cfg_flops: float) -> None:
+        """The single step (no mask: the pipeline's path) and the batched CFG step (padded: a mask) per backend."""
         from bridgecore.model.speed import set_attention_backend
 
+        reference = (transformer(**positive)[0], transformer(**negative)[0])
         for backend in ("_native_cudnn", "_native_efficient", "_native_flash"):
-            try:
-                set_attention_backend(transformer, backend)
-                seconds, times, _ = self.meter.time(step, self.repeats, self.warmup)
-                self.record(f"dit_step[{backend}]", seconds, flops, times=times)
-            except Exception as error:  # noqa: BLE001 - a backend may refuse the mask or the card
-                self.results["errors"][f"dit_step[{backend}]"] = f"{type(error).__name__}: {error}"[:500]
-            finally:
-                transformer.reset_attention_backend()
+            for name, run in ((f"dit_step[{backend}]", lambda: self.record_step(name, step, flops)),
+                              (f"dit_step_cfg_batched[{backend}]",
+                               lambda: self.batched_cfg_step(transformer, positive, negative, cfg_flops, reference,
+                                                             label=name))):
+                try:
+                    set_attention_backend(transformer, backend)
+                    run()
+                except Exception as error:  # noqa: BLE001 - a backend may refuse the mask or the card
+                    self.results["errors"][name] = f"{type(error).__name__}: {error}"[:500]
+                finally:
+                    transformer.reset_attention_backend()
 
-    def vae_and_edit(self, transformer, dit_flops: float) -> None:
+    def record_step(self, name: str, step, flops: float) -> None:
+        seconds, times, _ = self.meter.time(step, self.repeats, self.warmup)
+        self.record(name, seconds, flops, times=times)
+
+    def profile_step(self, step) -> None:
+        """torch.profiler over one DiT step: the top kernels (GPU) or operators (CPU) by their own time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        step()
+        self.meter.sync()
+        with profile(activities=activities) as prof:
+            step()
+            self.meter.sync()
+        rows = []
+        events = [e for e in prof.key_averages() if self_time(e, cuda) > 0]
+        total = sum(self_time(e, cuda) for e in events) or 1
+        for event in sorted(events, key=lambda e: self_time(e, cuda), reverse=True)[:15]:
+            rows.append({"name": event.key[:120], "calls": event.count, "self_ms": self_time(event, cuda) / 1e3,
+                         "share": self_time(event, cuda) / total})
+        self.results["profile_dit_step"] = {"clock": "GPU kernels" if cuda else "CPU operators",
+                                            "total_ms": total / 1e3, "top": rows}
+        self.save()
+        print("  top: " + "; ".join(f"{r['name'][:40]} {r['share']:.0%}" for r in rows[:5]), flush=True)
+
+    def profile_edit(self, pipe, call) -> None:
+        """Host work between steps: a 2-step and a 4-step edit (latents out, no decode) under the profiler; the
+        difference / 2 is one step's host reads (`.item()`, synchronisations) and, on a GPU, its idle time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        counts = {}
+        for steps in (2, 4):
+            call(steps)
+            self.meter.sync()
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                call(steps)
+                self.meter.sync()
+                wall = time.perf_counter() - start
+            events = prof.key_averages()
+            syncs = sum(e.count for e in events if e.key in HOST_SYNC_EVENTS)
+            reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
+            busy = sum(self_time(e, True) for e in events) / 1e6 if cuda else None
+            counts[steps] = (syncs, reads, wall, busy)
+        (s2, r2, w2, b2), (s4, r4, w4, b4) = counts[2], counts[4]
+        row = {"host_syncs_per_step": (s4 - s2) / 2, "host_reads_per_step": (r4 - r2) / 2,
+               "wall_s_per_step": (w4 - w2) / 2}
+        if cuda:
+            row["gpu_idle_fraction_per_step"] = max(0.0, 1 - (b4 - b2) / max(w4 - w2, 1e-9))
+        self.results["profile_edit"] = row
+        self.save()
+        print(f"  per step: {row['host_syncs_per_step']:g} host syncs, {row['host_reads_per_step']:g} .item() reads"
+              + (f", GPU idle {row['gpu_idle_fraction_per_step']:.1%}" if cuda else ""), flush=True)
+
+    def edit_pipeline(self, transformer, vae):
         from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline
 
-        from bridgecore.model.edit_benchmark import ModuleTimer
-        from bridgecore.model.edit_pipeline import call_with_areas
-        from bridgecore.zoo.real_models import REAL_SCHEDULER_CONFIG, build_real_model
+        from bridgecore.zoo.real_models import REAL_SCHEDULER_CONFIG
 
-        vae = build_real_model("vae", self.device, self.dtype)
-        if self.device.type == "cuda":  # on a CPU the VAE (its slowest part) is timed inside the whole edit only
-            self.vae_stages(vae)
         pipe = QwenImageEditPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**REAL_SCHEDULER_CONFIG), vae=vae,
                                      text_encoder=None, tokenizer=None, processor=None, transformer=transformer)
         pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def edit_call(self, pipe, steps: int | None = None, output_type: str = "np"):
+        from bridgecore.model.edit_pipeline import call_with_areas
 
         def edit():
-            return call_with_areas(pipe, self.area, self.area,
-                                   image=self.image, prompt_embeds=self.caches["embeds"], prompt_embeds_mask=self.caches["mask"],
-                                   true_cfg_scale=1.0, num_inference_steps=self.args.steps, output_type="np",
-                                   generator=torch.Generator(self.device).manual_seed(0)).images[0]
+            result = call_with_areas(pipe, self.area, self.area, image=self.image, prompt_embeds=self.caches["embeds"],
+                                     prompt_embeds_mask=self.caches["mask"], true_cfg_scale=1.0,
+                                     num_inference_steps=steps or self.args.steps, output_type=output_type,
+                                     generator=torch.Generator(self.device).manual_seed(0)).images
+            return result[0] if output_type == "np" else result
 
+        return edit
+
+    def vae_and_edit(self, transformer, dit_flops: float) -> None:
+        from bridgecore.model.edit_benchmark import ModuleTimer
+        from bridgecore.zoo.real_models import build_real_model
+
+        vae = self.caches["vae"] = build_real_model("vae", self.device, self.dtype)
+        if self.device.type == "cuda":  # on a CPU the VAE (its slowest part) is timed inside the whole edit only
+            self.vae_stages(vae)
+        pipe = self.edit_pipeline(transformer, vae)
+        edit = self.edit_call(pipe)
         timers = {name: ModuleTimer(getattr(vae, name), self.device) for name in ("encoder", "decoder")}
         try:
             resident = self.meter.reset_peak()
@@ -392,37 +570,63 @@ class RealDimBenchmark:
         finally:
             for timer in timers.values():
                 timer.remove()
+        self.caches["exact_image"] = image
         self.record("denoise_and_decode", seconds, self.args.steps * dit_flops, times=times,
                     vae_encode_s=timers["encoder"].seconds, vae_decode_s=timers["decoder"].seconds,
                     output_shape=list(image.shape), finite=bool(np.isfinite(image).all()), **self.memory(resident))
         self.summarise_edit()
+        with torch.no_grad():
+            self.profile_edit(pipe, lambda steps: self.edit_call(pipe, steps, output_type="latent")())
         for threshold in self.args.step_cache:
             if len(transformer.transformer_blocks) < 2:  # --layers 1: nothing to skip
                 self.results.setdefault("skipped", {})[f"step_cache[{threshold}]"] = (
                     "the step cache needs a DiT with at least two transformer blocks")
                 continue
-            self.stage(f"step_cache[{threshold}]", lambda: self.step_cache_edit(pipe, edit, image, threshold))
+            self.stage(f"step_cache[{threshold}]", lambda: self.approximate_edit(
+                f"step_cache[{threshold}]", pipe, edit, step_cache=threshold))
+        if self.args.lightning_steps:
+            self.stage("lightning_edit", lambda: self.lightning_edit(pipe, dit_flops))
 
-    def step_cache_edit(self, pipe, edit, exact: np.ndarray, threshold: float) -> None:
-        """The fast mode's step cache (First Block Cache) on the same seed: its time and how far its decoded image is
-        from the exact edit (PSNR, max abs difference; with random weights a numerical check, not a quality claim)."""
+    def approximate_edit(self, name: str, pipe, edit, step_cache: float = 0.0, **extra) -> None:
+        """A fast-mode edit on the same seed: its time and how far its decoded image is from the exact edit (PSNR,
+        max abs difference; with random weights a numerical check, not a quality claim)."""
         from bridgecore.model.speed import enable_step_cache
 
+        exact = self.caches["exact_image"]
         counted = {"computed": 0}
         last = pipe.transformer.transformer_blocks[-1].attn
         handle = last.register_forward_hook(lambda *_: counted.__setitem__("computed", counted["computed"] + 1))
-        enable_step_cache(pipe.transformer, threshold)
+        if step_cache:
+            enable_step_cache(pipe.transformer, step_cache)
         try:
             seconds, times, image = self.meter.time(edit, repeats=1, warmup=0)
         finally:
-            pipe.transformer.disable_cache()
+            if step_cache:
+                pipe.transformer.disable_cache()
             handle.remove()
         mse = float(np.mean((image.astype(np.float64) - exact.astype(np.float64)) ** 2))
-        self.record(f"step_cache[{threshold}]", seconds, None, times=times, threshold=threshold,
+        self.record(name, seconds, None, times=times, step_cache=step_cache or None,
                     steps_computed=counted["computed"], steps=self.args.steps,
                     psnr_vs_exact_db=None if mse == 0 else 10 * np.log10(1.0 / mse),
                     max_abs_vs_exact=float(np.abs(image - exact).max()),
-                    speedup_vs_exact=self.results["stages"]["denoise_and_decode"]["seconds"] / seconds)
+                    speedup_vs_exact=self.results["stages"]["denoise_and_decode"]["seconds"] / seconds, **extra)
+
+    def lightning_edit(self, pipe, dit_flops: float) -> None:
+        """The Lightning LoRA's few-step edit: its scheduler, no CFG (a fused LoRA adds no per-step cost, so the
+        random weights time what the distilled model runs)."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from bridgecore.model.speed import LIGHTNING_SCHEDULER_OVERRIDES
+
+        default = pipe.scheduler
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config({**default.config, **LIGHTNING_SCHEDULER_OVERRIDES})
+        try:
+            steps = self.args.lightning_steps
+            seconds, times, image = self.meter.time(self.edit_call(pipe, steps), repeats=1, warmup=0)
+        finally:
+            pipe.scheduler = default
+        self.record("lightning_edit", seconds, steps * dit_flops, times=times, steps=steps,
+                    finite=bool(np.isfinite(image).all()))
 
     def vae_stages(self, vae) -> None:
         from bridgecore.planning.planner import vae_decode_bytes
@@ -459,14 +663,46 @@ class RealDimBenchmark:
             "steps_x_dit_step_over_edit": from_steps / edit["seconds"],  # ~1 when the benchmark times the real path
             "note": "models resident in turn (one at a time); model loading excluded",
         }
-        # the headline against vLLM-Omni's 17.78 s: plain Qwen-Image-Edit (Qwen2.5-VL encoding, every DiT step, the VAE),
-        # bf16, no approximation; at reduced depth (--layers) a smoke number only
-        self.results["exact_edit_seconds"] = baseline
-        self.results["exact_edit_note"] = (f"{self.args.steps} steps, " + ("real depth" if self.args.layers is None
-                                                                             else f"{self.args.layers} DiT layers only"))
-        self.save()
+        self.summarise_exact()
         print(f"  whole edit {whole:.2f} s (baseline {baseline:.2f} s); bridge share {parts['bridge'] / whole:.2e}; "
               f"steps x isolated DiT step + VAE = {from_steps / edit['seconds']:.3f} x the denoise+decode", flush=True)
+
+    def summarise_exact(self) -> None:
+        """The headline against vLLM-Omni's 17.78 s: plain Qwen-Image-Edit (Qwen2.5-VL encoding, every DiT step, the
+        VAE), bf16, no approximation, in the fastest exact configuration measured; at reduced depth (--layers) a
+        smoke number only. Then images per GPU-hour for bulk-edit at its defaults (batched extraction, bridge,
+        edit, decode; models resident, loading and storage excluded)."""
+        stages = self.results["stages"]
+        exact = {name: stages[name]["seconds"] for name in ("denoise_and_decode", "denoise_and_decode_compiled",
+                                                            "denoise_and_decode_whole_compiled") if name in stages}
+        if "qwen25_extract" not in stages or not exact:
+            return
+        best = min(exact, key=exact.get)
+        self.results["exact_edit_seconds"] = stages["qwen25_extract"]["seconds"] + exact[best]
+        self.results["exact_edit_config"] = {"denoise_and_decode": "eager",
+                                             "denoise_and_decode_compiled": "regional torch.compile",
+                                             "denoise_and_decode_whole_compiled": "whole-DiT torch.compile"}[best]
+        self.results["exact_edit_note"] = (f"{self.args.steps} steps, " + ("real depth" if self.args.layers is None
+                                                                             else f"{self.args.layers} DiT layers only"))
+
+        def per_sample(stage: str) -> float:
+            batched = stages.get(f"{stage}_batch")
+            return batched["per_sample_s"] if batched else stages[stage]["seconds"]
+
+        if {"qwen3_extract", "bridge"} <= set(stages):
+            conditioning = per_sample("qwen25_extract") + per_sample("qwen3_extract") + stages["bridge"]["seconds"]
+            throughput = {"batch": self.args.batch, "seconds_per_image": conditioning + exact[best],
+                          "config": self.results["exact_edit_config"], "steps": self.args.steps,
+                          "note": "derived from the stage times measured here: extraction at the job's batch size, "
+                                  "the DiT at batch 1 (compute-bound: a batch costs the same per image), models "
+                                  "resident, loading, storage and CPU decoding excluded"}
+            throughput["images_per_gpu_hour"] = 3600 / throughput["seconds_per_image"]
+            if "lightning_edit" in stages:
+                lightning = conditioning + stages["lightning_edit"]["seconds"]
+                throughput.update(lightning_steps=stages["lightning_edit"]["steps"],
+                                  lightning_seconds_per_image=lightning, lightning_images_per_gpu_hour=3600 / lightning)
+            self.results["throughput"] = throughput
+        self.save()
 
     def compiled_step(self, transformer, step, flops: float) -> None:
         from bridgecore.model.speed import compile_transformer
@@ -480,6 +716,68 @@ class RealDimBenchmark:
             compile_s = time.perf_counter() - start
             seconds, times, _ = self.meter.time(step, self.repeats, self.warmup)
         self.record("dit_step_compiled", seconds, flops, times=times, first_call_s=compile_s)
+
+    def compiled_edit(self, transformer, flops: float, name: str = "denoise_and_decode_compiled") -> None:
+        """The whole edit with the compiled DiT (the exact mode's candidate), after one warm-up edit at 2 steps."""
+        pipe = self.edit_pipeline(transformer, self.caches["vae"])
+        self.edit_call(pipe, 2)()  # compiles at the job's shapes (guards on step count are none: 2 steps suffice)
+        seconds, times, image = self.meter.time(self.edit_call(pipe), repeats=1, warmup=0)
+        exact = self.caches["exact_image"]
+        self.record(name, seconds, self.args.steps * flops, times=times,
+                    max_abs_vs_eager=float(np.abs(image - exact).max()),
+                    speedup_vs_eager=self.results["stages"]["denoise_and_decode"]["seconds"] / seconds)
+        self.summarise_exact()
+
+    def fp8(self) -> None:
+        """The fast mode's FP8 (a fresh DiT with the same weights, converted in place): one step, the whole edit
+        against the exact one, and with --compile the regionally compiled FP8 edit, then FP8 + the step cache."""
+        from bridgecore.model.speed import compile_transformer, enable_fp8
+
+        mode = self.args.fp8
+        transformer, _ = self.build_dit()
+        if self.weight_probe(transformer) != self.caches.get("dit_probe"):
+            raise AssertionError("the rebuilt DiT's weights differ from the exact run's: no comparison possible")
+        positive, _, flops, _ = self.dit_inputs(transformer)
+        start = time.perf_counter()
+        converted = enable_fp8(transformer, mode)
+        self.meter.sync()
+        convert_s = time.perf_counter() - start
+        with torch.no_grad():
+            resident = self.meter.reset_peak()
+            seconds, times, _ = self.meter.time(lambda: transformer(**positive)[0], self.repeats, self.warmup)
+        self.record(f"dit_step_fp8[{mode}]", seconds, flops, times=times, layers_converted=len(converted),
+                    convert_s=convert_s, **self.memory(resident))
+        pipe = self.edit_pipeline(transformer, self.caches["vae"])
+        self.approximate_edit(f"fp8_edit[{mode}]", pipe, self.edit_call(pipe), fp8=mode)
+        if self.args.compile:
+            compile_transformer(transformer)
+            self.edit_call(pipe, 2)()  # compiles
+            self.approximate_edit(f"fp8_edit_compiled[{mode}]", pipe, self.edit_call(pipe), fp8=mode)
+            if self.args.step_cache and len(transformer.transformer_blocks) >= 2:
+                threshold = self.args.step_cache[0]
+                self.approximate_edit(f"fast_mode_edit[{mode}+step_cache {threshold}]", pipe, self.edit_call(pipe),
+                                      step_cache=threshold, fp8=mode)
+
+    def whole_compile(self) -> None:
+        """The whole DiT compiled as one graph (then, on a GPU with time left, replayed as a CUDA graph)."""
+        from bridgecore.model.speed import compile_transformer
+
+        for name, options in (("denoise_and_decode_whole_compiled", {}),
+                              ("denoise_and_decode_cuda_graphs", {"mode": "reduce-overhead"})):
+            if options and (self.device.type != "cuda" or self.time_left() < 240):
+                self.results.setdefault("skipped", {})[name] = "CUDA graphs: a GPU and 4 minutes left needed"
+                continue
+            transformer, _ = self.build_dit()
+            compile_transformer(transformer, options, whole=True)
+            _, _, flops, _ = self.dit_inputs(transformer)
+            start = time.perf_counter()
+            self.compiled_edit(transformer, flops, name)
+            self.results["stages"][name]["compile_and_edit_s"] = time.perf_counter() - start
+            del transformer
+            from bridgecore.zoo.real_models import release_memory
+
+            release_memory()
+
 
     def qwen_image21(self) -> None:
         """Qwen-Image-2.1's DiT at its class defaults (provisional: no released config is shipped here)."""
@@ -522,7 +820,15 @@ class RealDimBenchmark:
         self.caches.pop("qwen3", None)
         if not self.args.no_qwen21:
             self.stage("qwen_image21", self.qwen_image21)
-        self.stage("dit_and_vae", self.dit_and_vae)  # last: with --compile its compile step ends the run
+        self.stage("dit_and_vae", self.dit_and_vae)
+        if self.args.fp8 != "off" and "exact_image" in self.caches:
+            if self.time_left() > 90:
+                self.stage("fp8", self.fp8)
+            else:
+                self.results.setdefault("skipped", {})["fp8"] = "--budget-s: under 90 s left"
+        if self.args.compile and "exact_image" in self.caches:  # last: the longest compile
+            self.stage("whole_compile", self.whole_compile)
+        self.summarise_exact()  # again: the sections after the exact edit (Lightning, compile) may improve it
         self.results["total_s"] = time.perf_counter() - start
         self.save()
         return self.results
@@ -551,6 +857,27 @@ def format_table(results: dict) -> str:
         lines.append(f"whole edit ({edit['steps']} steps): enhanced {edit['enhanced_s']:.2f} s, baseline "
                      f"{edit['baseline_s']:.2f} s, bridge share {edit['bridge_share']:.2e}, Qwen3-VL + bridge "
                      f"overhead {edit['qwen3_and_bridge_overhead']:.1%}")
+    if results.get("exact_edit_seconds"):
+        lines.append(f"exact edit ({results['exact_edit_note']}): {results['exact_edit_seconds']:.2f} s, "
+                     f"{results['exact_edit_config']} (vLLM-Omni on one H200: 17.78 s)")
+    throughput = results.get("throughput")
+    if throughput:
+        per = "GPU-hour" if results["gpu_key"] or results["device"] != "cpu" else "hour of this CPU"
+        lines.append(f"bulk-edit at its defaults: {throughput['images_per_gpu_hour']:.0f} images per {per}"
+                     + (f"; with Lightning ({throughput['lightning_steps']} steps): "
+                        f"{throughput['lightning_images_per_gpu_hour']:.0f}" if "lightning_steps" in throughput else ""))
+    for name, row in results["stages"].items():
+        if "psnr_vs_exact_db" in row:
+            psnr = row["psnr_vs_exact_db"]
+            lines.append(f"{name}: x{row['speedup_vs_exact']:.2f} vs exact, PSNR "
+                         + ("identical" if psnr is None else f"{psnr:.1f} dB") + f", max abs {row['max_abs_vs_exact']:.3f}")
+    profile = results.get("profile_edit")
+    if profile:
+        lines.append(f"per step: {profile['host_syncs_per_step']:g} host syncs, {profile['host_reads_per_step']:g} "
+                     ".item() reads" + (f", GPU idle {profile['gpu_idle_fraction_per_step']:.1%}"
+                                        if "gpu_idle_fraction_per_step" in profile else ""))
+    for name, reason in results.get("skipped", {}).items():
+        lines.append(f"skipped {name}: {reason}")
     for name, error in results["errors"].items():
         lines.append(f"error in {name}: {error[:200]}")
     lines.append(f"total {results['total_s']:.0f} s")
@@ -568,7 +895,17 @@ def main(argv: list[str] | None = None) -> dict:
                         "at least 2: one step with the scheduler's terminal shift is NaN in diffusers)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per stage (default 3 cuda, 1 cpu)")
     parser.add_argument("--json", help="write every number to this JSON file")
-    parser.add_argument("--compile", action="store_true", help="also time the regionally compiled DiT step")
+    parser.add_argument("--compile", action="store_true", help="also time the regionally compiled DiT (step and edit), "
+                        "the whole-DiT compile and, on a GPU with time left, CUDA graphs")
+    parser.add_argument("--fp8", choices=["off", "dynamic", "weights"], default=None,
+                        help="FP8 mode to time against the exact edit (default: dynamic on an FP8-capable GPU, else "
+                             "weights; off: skip)")
+    parser.add_argument("--batch", type=int, default=None, help="extraction batch size (default: bulk-edit's "
+                        "JobSettings.batch_size)")
+    parser.add_argument("--lightning-steps", type=int, default=8, help="steps of the Lightning-style few-step edit "
+                        "(0: skip)")
+    parser.add_argument("--budget-s", type=float, default=None, help="seconds this run may take: the FP8 and CUDA-graph "
+                        "sections are skipped (and said so) when too little is left")
     parser.add_argument("--step-cache", type=float, nargs="*", default=[0.08, 0.2],
                         help="First Block Cache thresholds to time against the exact edit (fast mode; none: skip)")
     parser.add_argument("--vocab-size", type=int, default=None, help="VLM vocabulary override for CPU smoke runs "
@@ -582,6 +919,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.layers is not None and args.layers < 1:
         parser.error("--layers must be >= 1")
     args.steps = args.steps or (50 if args.device.startswith("cuda") else 2)
+    if args.batch is None:
+        from bridgecore.batch.settings import JOB_DEFAULTS
+
+        args.batch = JOB_DEFAULTS["batch_size"]
+    if args.fp8 is None:
+        capable = args.device.startswith("cuda") and torch.cuda.get_device_capability() >= (8, 9)
+        args.fp8 = "dynamic" if capable else "weights"
+    if args.batch < 1 or args.lightning_steps < 0:
+        parser.error("--batch must be >= 1 and --lightning-steps >= 0")
     if args.steps < 2:
         parser.error("--steps must be >= 2 (Qwen-Image-Edit's scheduler divides by zero at one step)")
     torch.manual_seed(0)

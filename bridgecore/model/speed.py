@@ -379,6 +379,12 @@ def enable_batched_cfg(transformer) -> BatchedGuidanceHook:
     return registry.get_hook("batched_cfg")
 
 
+def disable_batched_cfg(transformer) -> None:
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(transformer).remove_hook("batched_cfg", recurse=False)
+
+
 def output_fingerprint(loras: list[LoraSpec], scheduler: str) -> str:
     """What the speed options change in the outputs (LoRA contents and weights, scheduler): part of a cache key.
     Compile and the attention backend change only rounding and are left out."""

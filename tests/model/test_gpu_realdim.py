@@ -39,7 +39,7 @@ def test_bench_runs_on_cpu_at_reduced_depth(tmp_path):
     out = tmp_path / "realdim.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_realdim.py"), "--device", "cpu", "--layers", "1", "--max-tokens",
-         "256", "--vocab-size", "4096", "--step-cache", "0.2", "--json", str(out)],
+         "256", "--vocab-size", "4096", "--step-cache", "0.2", "--lightning-steps", "2", "--json", str(out)],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -52,7 +52,8 @@ def test_bench_runs_on_cpu_at_reduced_depth(tmp_path):
     assert stages["qwen25_extract"]["vision_tokens"] == 256  # 448 / 28 = 16 tokens a side
     assert stages["qwen3_extract"]["vision_tokens"] == 196  # 448 / 32 = 14
     assert stages["dit_step"]["image_tokens"] == 2 * 28 * 28
-    assert stages["dit_step_cfg"]["tflop"] == pytest.approx(2 * stages["dit_step"]["tflop"])
+    # true CFG: the positive and the (shorter) negative prompt's forwards
+    assert 1.9 * stages["dit_step"]["tflop"] < stages["dit_step_cfg"]["tflop"] < 2 * stages["dit_step"]["tflop"]
     assert all(row["seconds"] > 0 for row in stages.values())
     assert all(row.get("mfu") is None for row in stages.values())  # no datasheet peak for a CPU
     assert stages["denoise_and_decode"]["vae_decode_s"] > 0 and stages["denoise_and_decode"]["vae_encode_s"] > 0
@@ -64,4 +65,23 @@ def test_bench_runs_on_cpu_at_reduced_depth(tmp_path):
     # the fast mode's step cache needs two DiT blocks: at one layer it is skipped, saying why (at real depth it is
     # timed against the exact edit; tests/model/test_speed.py checks the mechanism on the tiny DiT)
     assert "two transformer blocks" in report["skipped"]["step_cache[0.2]"]
+    # bulk-edit's batch of extractions, and the throughput derived from the stage times
+    assert stages["qwen25_extract_batch"]["batch"] == 4 and stages["qwen3_extract_batch"]["tflop"] == pytest.approx(
+        4 * stages["qwen3_extract"]["tflop"])
+    throughput = report["throughput"]
+    assert throughput["images_per_gpu_hour"] == pytest.approx(3600 / throughput["seconds_per_image"])
+    assert throughput["seconds_per_image"] > stages["denoise_and_decode"]["seconds"]
+    assert throughput["lightning_steps"] == 2 and stages["lightning_edit"]["finite"]
+    # true CFG batched: one batched forward per timed call, the same numbers up to bf16 rounding, a negative
+    # prompt shorter than the positive one (padded and masked)
+    batched = stages["dit_step_cfg_batched"]
+    assert batched["batched_calls"] == 1 and batched["max_rel_diff_vs_sequential"] < 0.05
+    assert stages["dit_step_cfg"]["negative_text_tokens"] < stages["dit_step"]["text_tokens"] == batched["padded_text_tokens"]
+    # profiles: the top operators of a step, and no `.item()` between denoising steps (a host sync on a GPU)
+    assert report["profile_dit_step"]["top"] and "addmm" in str(report["profile_dit_step"]["top"][:3])
+    assert report["profile_edit"]["host_reads_per_step"] == 0
+    # FP8 (weights mode on a CPU) against the exact edit on the same seed and weights
+    fp8 = stages["fp8_edit[weights]"]
+    assert stages["dit_step_fp8[weights]"]["layers_converted"] == 12 and 20 < fp8["psnr_vs_exact_db"] < 200
+    assert "exact edit" in result.stdout and "images per hour of this CPU" in result.stdout
     assert "whole edit" in result.stdout and "qwen25_extract" in result.stdout
