@@ -2,7 +2,7 @@
 # Downloads the wheels that scripts/gpu_check.sh installs on a GPU machine without network, into .whl/
 # (ignored by git: add `/.whl/` to .git/info/exclude). Target: CPython 3.12, x86-64, torch 2.11 + CUDA 13.0.
 #
-#   bash scripts/fetch_gpu_wheels.sh            # ~25 MB: diffusers, transformers, a slimmed bitsandbytes
+#   bash scripts/fetch_gpu_wheels.sh            # ~28 MB: diffusers, transformers, a slimmed bitsandbytes, torchao (fp8)
 #
 # The device image has transformers 5.17 and no diffusers or bitsandbytes; everything these wheels need
 # (huggingface-hub >= 1.32, tokenizers 0.23, safetensors 0.8, regex, requests, numpy, pillow, torch) is there.
@@ -18,7 +18,7 @@ for tag in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 man
   platforms+=(--platform "$tag")
 done
 "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
-  -d .whl diffusers==0.42.1 transformers==5.24.0 bitsandbytes==0.50.2
+  -d .whl diffusers==0.42.1 transformers==5.24.0 bitsandbytes==0.50.2 torchao==0.18.0
 
 # Slim bitsandbytes in place: drop the native libraries of other CUDA/ROCm/XPU versions, fix RECORD.
 "$PYTHON" - .whl/bitsandbytes-0.50.2-*.whl <<'PY'

@@ -174,7 +174,9 @@ def compile_transformer(transformer, options: dict | None = None, whole: bool = 
     """Regional compilation: `torch.compile` of each repeated block (they share one compiled graph). `whole`
     compiles the entire DiT instead (one graph: embedders, 60 blocks and head; longer to compile, no Python
     between blocks; with `options={"mode": "reduce-overhead"}` on a GPU it is replayed as a CUDA graph)."""
-    options = {"fullgraph": True} | (options or {})
+    # the step cache's hooks decide in Python, outside the graph (torch.compiler.disable): one graph per block
+    # cannot hold them, so with the cache on the blocks compile with graph breaks
+    options = {"fullgraph": not getattr(transformer, "is_cache_enabled", False)} | (options or {})
     if whole:
         transformer.compile(**options)
     else:

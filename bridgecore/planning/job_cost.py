@@ -63,20 +63,35 @@ def implied_efficiency(seconds: float, flops: float, gpu: str) -> float:
 
 
 def measured_efficiencies(path: str | Path) -> dict[str, Any]:
-    """Per-stage model FLOP utilisation and VAE seconds from a `bench/gpu_realdim.py` JSON file."""
+    """Per-stage model FLOP utilisation, VAE seconds and bulk-edit's throughput from a `bench/gpu_realdim.py` JSON.
+
+    The edit's efficiency is the whole edit's as the pipeline runs it (its DiT FLOPs over its time less the VAE), in
+    the fastest exact configuration the run measured; the isolated `dit_step` is the fallback for older files. The
+    extraction's is bulk-edit's batch (`*_extract_batch`) when measured, else one sample's."""
     data = json.loads(Path(path).read_text())
     stages = data.get("stages", {})
 
     def mfu(stage: str) -> float | None:
         return stages.get(stage, {}).get("mfu")
 
-    extract = [v for v in (mfu("qwen25_extract"), mfu("qwen3_extract")) if v]
-    if not mfu("dit_step") or not extract:
+    extract = [mfu(f"{name}_batch") or mfu(name) for name in ("qwen25_extract", "qwen3_extract")]
+    extract = [value for value in extract if value]
+    vae = sum(stages.get(s, {}).get("seconds", 0.0) for s in ("vae_encode", "vae_decode"))
+    edit, edit_source = mfu("dit_step"), "dit_step"
+    whole = {"eager": "denoise_and_decode", "regional torch.compile": "denoise_and_decode_compiled",
+             "whole-DiT torch.compile": "denoise_and_decode_whole_compiled"}.get(data.get("exact_edit_config", "eager"))
+    row, eager = stages.get(whole, {}), stages.get("denoise_and_decode", {})
+    in_edit_vae = (eager.get("vae_encode_s") or 0) + (eager.get("vae_decode_s") or 0)
+    if row.get("tflop") and data.get("peak_bf16_tflops") and row["seconds"] > in_edit_vae:
+        edit = row["tflop"] / (row["seconds"] - in_edit_vae) / data["peak_bf16_tflops"]
+        edit_source = f"{whole} (the pipeline's own loop, VAE excluded)"
+    if not edit or not extract:
         raise ValueError(f"{path}: no measured dit_step / extraction MFU in it (is it gpu_realdim.py output "
                          "from a full run on a GPU?)")
-    vae = sum(stages.get(s, {}).get("seconds", 0.0) for s in ("vae_encode", "vae_decode"))
-    return {"edit": mfu("dit_step"), "extract": sum(extract) / len(extract), "vae_seconds": vae,
-            "vae_pixels": data.get("condition_pixels"), "gpu": data.get("gpu_key"), "device": data.get("device")}
+    return {"edit": edit, "edit_source": edit_source, "extract": sum(extract) / len(extract), "vae_seconds": vae,
+            "vae_pixels": data.get("condition_pixels"), "gpu": data.get("gpu_key"), "device": data.get("device"),
+            "throughput": data.get("throughput"), "real_depth": data.get("real_depth", True),
+            "steps": data.get("steps")}
 
 
 def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str = "h100", cfg: bool = False,
@@ -113,6 +128,7 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
             vae_seconds = found["vae_seconds"] * resolution**2 / found["vae_pixels"]
         if found["gpu"] != gpu.lower():
             notes.append(f"efficiencies measured on {found['device']}, applied to {spec.name}")
+        notes.append(f"edit efficiency from {found['edit_source']}")
     report = plan(resolution, resolution, condition_area=resolution**2, rewrite_tokens=rewrite_tokens)
     flops = report["flops"]
     branches = 2 if cfg else 1  # true CFG: a negative prompt is encoded and the DiT runs twice per step
@@ -152,7 +168,26 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
         "price_per_gpu_hour": price_per_gpu_hour,
         "cost_usd": None if price_per_gpu_hour is None else hours["total_gpu_hours"] * price_per_gpu_hour,
         "notes": notes + ["FLOP-based times exclude element-wise work" + ("" if vae_seconds else " and the VAE")],
+        "measured_throughput": _measured_throughput(found if measured is not None else None, resolution, steps, cfg,
+                                                    gpu.lower()),
     }
+
+
+def _measured_throughput(found: dict | None, resolution: int, steps: int, cfg: bool, gpu: str) -> dict | None:
+    """bulk-edit's images per GPU-hour as the benchmark measured it, when it ran this job's settings on this card
+    (1024^2 condition, the same steps, no CFG, real depth); else None, with the reason."""
+    if not found or not found.get("throughput"):
+        return None
+    throughput = found["throughput"]
+    differences = [label for label, same in (
+        (f"measured on {found['device']}", found["gpu"] == gpu), ("at reduced depth", found["real_depth"]),
+        (f"at {throughput['steps']} steps", throughput["steps"] == steps), ("without CFG", not cfg),
+        (f"at {found['vae_pixels']} condition pixels", found["vae_pixels"] == resolution**2)) if not same]
+    if differences:
+        return {"applies": False, "why_not": ", ".join(differences)}
+    return {"applies": True, "images_per_gpu_hour": throughput["images_per_gpu_hour"],
+            "seconds_per_image": throughput["seconds_per_image"], "config": throughput["config"],
+            "lightning_images_per_gpu_hour": throughput.get("lightning_images_per_gpu_hour")}
 
 
 def measured_training_seconds(metrics: str | Path) -> tuple[float, str]:
@@ -222,4 +257,13 @@ def format_job_cost(cost: dict[str, Any]) -> str:
         "cost: " + (f"${cost['cost_usd']:,.0f} at ${cost['price_per_gpu_hour']}/GPU-hour" if cost["cost_usd"] is not None
                     else "give --price USD_PER_GPU_HOUR"),
     ]
+    measured = cost.get("measured_throughput")
+    if measured and measured["applies"]:
+        lines.append(f"measured (bench/gpu_realdim.py, {measured['config']}): {measured['images_per_gpu_hour']:,.0f} "
+                     f"images per GPU-hour ({measured['seconds_per_image']:.2f} s/image, extraction + bridge + edit + "
+                     "decode, models resident)" + (f"; {measured['lightning_images_per_gpu_hour']:,.0f} with a "
+                                                   "Lightning 8-step LoRA" if measured.get("lightning_images_per_gpu_hour")
+                                                   else ""))
+    elif measured:
+        lines.append(f"measured throughput not applied: the benchmark's run differs ({measured['why_not']})")
     return "\n".join(lines + [f"note: {n}" for n in cost["notes"]])

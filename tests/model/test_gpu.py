@@ -122,3 +122,32 @@ def test_8bit_vlm_loading_on_cuda(zoo):
     assert embedding_cosine(embeds["int8"], embeds["bf16"]) > 0.9
     assert footprints["int8"] < footprints["bf16"]
     assert abs(footprints["int8"] - planned) < 0.1 * planned  # the planner's int8 size is what loads
+
+
+def _cfg_edit(zoo, seed: int = 3, **options) -> np.ndarray:
+    editor = editor_for(zoo, "cuda", AREA, **options)
+    return editor.generate(make_image(320, 200), PROMPT, seed=seed, num_inference_steps=3, true_cfg_scale=4.0,
+                           negative_prompt=" ", output_type="np")
+
+
+def test_batched_cfg_equals_sequential_cfg_on_cuda(zoo):
+    """True CFG's branches as one padded bf16 batch: the edit of the sequential branches up to bf16 rounding."""
+    sequential, batched, other = _cfg_edit(zoo), _cfg_edit(zoo, batch_cfg=True), _cfg_edit(zoo, seed=4)
+    _images_close(batched, sequential, np.abs(other - sequential).mean())
+
+
+def test_fp8_dynamic_on_fp8_tensor_cores(zoo):
+    """FP8 matmuls (torchao, per-row scales) where the card has FP8 tensor cores: the block projections hold FP8
+    weights, the edit stays finite and near the bf16 one (random weights: a numerical check, not quality)."""
+    pytest.importorskip("torchao")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9 or later")
+    editor = editor_for(zoo, "cuda", AREA, fp8="dynamic")
+    out = editor.generate(make_image(320, 200), PROMPT, seed=3, num_inference_steps=2, output_type="np")
+    exact = editor_for(zoo, "cuda", AREA).generate(make_image(320, 200), PROMPT, seed=3, num_inference_steps=2,
+                                                   output_type="np")
+    layer = editor.pipe.transformer.transformer_blocks[0].attn.to_q
+    assert type(layer.weight).__name__ == "Float8Tensor"
+    psnr = 10 * np.log10(1.0 / float(np.mean((out - exact) ** 2)))
+    print(f"fp8 dynamic vs bf16 on the real-width 2-layer DiT: PSNR {psnr:.1f} dB")
+    assert np.isfinite(out).all() and psnr > 20
