@@ -354,8 +354,10 @@ class RealDimBenchmark:
 
     def build_dit(self):
         """A fresh DiT with the same random weights every time (seeded): variants are compared on equal terms."""
-        from bridgecore.zoo.real_models import build_real_model
+        from bridgecore.zoo.real_models import build_real_model, release_memory
 
+        torch._dynamo.reset()  # compiled code of an earlier variant may still hold its DiT's 38 GiB
+        release_memory()
         start = time.perf_counter()
         transformer = build_real_model("transformer", self.device, self.dtype, self.args.layers)
         self.meter.sync()
@@ -699,7 +701,7 @@ class RealDimBenchmark:
             throughput["images_per_gpu_hour"] = 3600 / throughput["seconds_per_image"]
             if "lightning_edit" in stages:
                 lightning = conditioning + stages["lightning_edit"]["seconds"]
-                throughput.update(lightning_steps=stages["lightning_edit"]["steps"],
+                throughput.update(lightning_steps=stages["lightning_edit"]["steps"], lightning_config="eager",
                                   lightning_seconds_per_image=lightning, lightning_images_per_gpu_hour=3600 / lightning)
             self.results["throughput"] = throughput
         self.save()
@@ -845,17 +847,18 @@ class RealDimBenchmark:
 
 
 def format_table(results: dict) -> str:
+    width = max([28] + [len(name) + 1 for name in results["stages"]])
     lines = [f"{results['device']} | condition {results['condition_size'][0]}x{results['condition_size'][1]} | "
              f"layers {results['layers'] or 'real'} | bf16 matmul ceiling {results['matmul_ceiling_tflops']:.1f} TFLOP/s"
              + (f" (datasheet {results['peak_bf16_tflops']:.0f})" if results["peak_bf16_tflops"] else ""),
-             f"{'stage':<28}{'ms':>10}{'TFLOP':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'act GiB':>9}{'plan act':>9}"]
+             f"{'stage':<{width}}{'ms':>10}{'TFLOP':>9}{'TFLOP/s':>9}{'MFU':>7}{'peak GiB':>10}{'act GiB':>9}{'plan act':>9}"]
     for name, row in results["stages"].items():
         def cell(key, fmt):
             value = row.get(key)
             width = fmt.lstrip(">").split(".")[0]
             return format(value, fmt) if isinstance(value, (int, float)) else format("-", f">{width}")
 
-        lines.append(f"{name:<28}{row['seconds'] * 1e3:>10.1f}{cell('tflop', '>9.2f')}{cell('achieved_tflops', '>9.1f')}"
+        lines.append(f"{name:<{width}}{row['seconds'] * 1e3:>10.1f}{cell('tflop', '>9.2f')}{cell('achieved_tflops', '>9.1f')}"
                      f"{cell('mfu', '>7.2f')}{cell('peak_gib', '>10.2f')}{cell('activation_gib', '>9.2f')}"
                      f"{cell('planner_activation_gib', '>9.2f')}")
     load = results["stages"].get("load_qwen25_vl")

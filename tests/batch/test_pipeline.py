@@ -225,6 +225,39 @@ def test_true_cfg_uses_negative_embeddings(tmp_path, settings):
     assert outputs[1.0].keys() == outputs[4.0].keys() and outputs[1.0] != outputs[4.0]
 
 
+def test_batched_cfg_in_a_job_gives_the_sequential_edits(tmp_path, settings):
+    """The batch_cfg setting reaches the job's DiT (its hook batched steps) and the stored edits are the
+    sequential ones (float32 rounding: at most one grey level in the PNGs)."""
+    import numpy as np
+    from PIL import Image
+
+    from torch.nn.modules.module import register_module_forward_hook
+
+    manifest = make_inputs(tmp_path / "in", n=2)
+    images, block_batches = {}, {}
+    for batch_cfg in (False, True):
+        out, seen = tmp_path / f"batched-{batch_cfg}", []
+
+        def count(module, args, output):  # every DiT block call of the job, with its batch size
+            if type(module).__name__ == "QwenImageTransformerBlock":
+                seen.append(output[1].shape[0])
+
+        handle = register_module_forward_hook(count)
+        try:
+            run_all(manifest, str(out), replace(settings, cfg=4.0, negative_prompt="blurry", batch_cfg=batch_cfg),
+                    shard_size=20)
+        finally:
+            handle.remove()
+        images[batch_cfg] = {p.name: np.asarray(Image.open(p)).astype(int) for p in out.rglob("*.png")}
+        block_batches[batch_cfg] = seen
+    # sequential: the two branches apart (one edit of two same-size samples: a batch of 2 per branch); batched: one
+    # batch of 4 per step after the first
+    assert set(block_batches[False]) == {2} and 4 in block_batches[True]
+    assert len(block_batches[True]) < len(block_batches[False])
+    assert images[True] and images[True].keys() == images[False].keys()
+    assert all(np.abs(images[True][name] - images[False][name]).max() <= 1 for name in images[True])
+
+
 def test_retry_failed_replans_only_failed_samples(tmp_path, settings):
     folder = tmp_path / "in"
     make_inputs(folder, n=1)
@@ -476,9 +509,9 @@ def test_fp8_changes_only_the_edits_fingerprints_and_batched_cfg_none(settings):
         "bulk-edit", replace(settings, cfg=4.0, batch_cfg=True))
     with pytest.raises(ValueError, match="fp8 must be one of off, dynamic, weights"):
         replace(settings, fp8="int8")
-    with pytest.raises(ValueError, match="fp8.*dit_offload"):
+    with pytest.raises(ValueError, match="fp8 with --dit-offload"):
         replace(settings, fp8="dynamic", dit_offload=True)
-    with pytest.raises(ValueError, match="batch_cfg.*step_cache"):
+    with pytest.raises(ValueError, match="batch-cfg with --step-cache"):
         replace(settings, batch_cfg=True, step_cache=0.1)
 
 
