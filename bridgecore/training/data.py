@@ -83,16 +83,24 @@ MIN_HELDOUT = 4  # the Qwen3-shuffled evaluation needs two or more held-out samp
 
 
 def split_refs(refs: list[ExampleRef], fraction: float, max_heldout: int | None = None) -> tuple[list, list]:
-    """Deterministic held-out split by key: `fraction` of the examples (at most `max_heldout`), but on small sets
-    up to `MIN_HELDOUT` (never more than a quarter), so the information gain and its ablations have samples to
-    compare. Returns (train, held-out)."""
-    ranked = sorted(refs, key=lambda r: hashlib.sha256(r.key.encode()).hexdigest())
-    count = max(1, round(len(ranked) * fraction), min(MIN_HELDOUT, len(ranked) // 4)) if len(ranked) > 1 else 0
+    """Deterministic held-out split: `fraction` of the examples (at most `max_heldout`), but on small sets up to
+    `MIN_HELDOUT` (never more than a quarter), so the information gain and its ablations have samples to compare.
+    The examples are taken shard by shard (shards ranked by a hash of their name, examples within one by a hash of
+    their key), so reading the held-out set reads as few shards as it fills: 256 examples from shards of 1,000 are
+    one shard's read, not 256 (chosen by key alone they came from as many shards: hundreds of GB from object storage
+    at start-up with real caches). Sample ids are hashed into shards, so a shard is a random draw of samples.
+    Returns (train, held-out), each in the order of `refs`."""
+    count = max(1, round(len(refs) * fraction), min(MIN_HELDOUT, len(refs) // 4)) if len(refs) > 1 else 0
     if max_heldout is not None:
         count = min(count, max_heldout)
     if count < 2:
         logger.warning("%d example(s): %d held out, so the Qwen3 information gain (which shuffles Qwen3 caches "
-                       "across held-out samples) cannot be measured; use 8 or more examples", len(ranked), count)
+                       "across held-out samples) cannot be measured; use 8 or more examples", len(refs), count)
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    ranked = sorted(refs, key=lambda r: (digest(r.shard), digest(r.key)))
     heldout = {r.key for r in ranked[:count]}
     return [r for r in refs if r.key not in heldout], [r for r in refs if r.key in heldout]
 

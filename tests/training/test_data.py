@@ -114,7 +114,12 @@ def test_split_and_dealing():
     source = CountingSource(shards=3, per_shard=20)
     train, heldout = split_refs(source.refs(), 0.1, max_heldout=4)
     assert len(heldout) == 4 and not {r.key for r in train} & {r.key for r in heldout}
-    assert {r.key for r in split_refs(source.refs()[::-1], 0.1, 4)[1]} == {r.key for r in heldout}  # by key only
+    assert {r.key for r in split_refs(source.refs()[::-1], 0.1, 4)[1]} == {r.key for r in heldout}  # not by order
+    # the held-out set fills whole shards first: reading it reads few shards (one here), whatever the count
+    many = CountingSource(shards=64, per_shard=20).refs()
+    for cap in (4, 20, 45):
+        held = split_refs(many, 0.5, max_heldout=cap)[1]
+        assert len(held) == cap and len({r.shard for r in held}) == -(-cap // 20), (cap, sorted({r.shard for r in held}))
     with pytest.raises(ValueError, match="4 data streams need at least 4 shards"):
         deal_shards(train, 4)
     assert loader_workers(4, 6) == 3 and loader_workers(2, 3) == 1 and loader_workers(0, 8) == 0
