@@ -78,8 +78,10 @@ def measured_efficiencies(path: str | Path) -> dict[str, Any]:
     extract = [value for value in extract if value]
     vae = sum(stages.get(s, {}).get("seconds", 0.0) for s in ("vae_encode", "vae_decode"))
     edit, edit_source = mfu("dit_step"), "dit_step"
+    config = data.get("exact_edit_config", "eager").split(", attention")[0]  # the backend does not name a stage
     whole = {"eager": "denoise_and_decode", "regional torch.compile": "denoise_and_decode_compiled",
-             "whole-DiT torch.compile": "denoise_and_decode_whole_compiled"}.get(data.get("exact_edit_config", "eager"))
+             "whole-DiT torch.compile": "denoise_and_decode_whole_compiled",
+             "whole-DiT torch.compile, CUDA graphs": "denoise_and_decode_cuda_graphs"}.get(config)
     row, eager = stages.get(whole, {}), stages.get("denoise_and_decode", {})
     in_edit_vae = (eager.get("vae_encode_s") or 0) + (eager.get("vae_decode_s") or 0)
     if row.get("tflop") and data.get("peak_bf16_tflops") and row["seconds"] > in_edit_vae:
