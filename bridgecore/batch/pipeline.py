@@ -242,7 +242,7 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
     storage.ensure_root(create_bucket)
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1; got {limit}")
-    samples = read_inputs(input_uri, prompt, content_hash)[:limit]
+    samples = read_inputs(input_uri, prompt, content_hash, limit)
     if settings.bridge and any(len(sample.images) > 1 for sample in samples):
         settings.check_bridge_serves_plus()  # before anything is planned or dispatched
     assignment = read_assignment(storage)

@@ -150,3 +150,26 @@ def test_content_hash_sees_bytes_replaced_in_place(tmp_path):
     os.utime(image, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
     assert read_inputs(manifest)[0].input_hash == before[False]
     assert read_inputs(manifest, content_hash=True)[0].input_hash != before[True]
+
+
+def test_a_limited_read_lists_only_the_folders_of_its_samples(tmp_path, monkeypatch):
+    """A trial (`limit`) stops after its N samples: the folders of later rows are never listed (on object storage
+    a listing is a request per folder), and it returns exactly the full read's first N."""
+    from bridgecore.storage import FileStamps
+
+    rows = []
+    for folder in range(6):
+        (tmp_path / f"f{folder}").mkdir()
+        for i in range(3):
+            make_image(seed=folder * 3 + i).save(tmp_path / f"f{folder}" / f"{i}.png")
+            rows.append({"image": f"f{folder}/{i}.png", "instruction": f"edit {folder}.{i}"})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows))
+    listed = []
+    real_list = FileStamps._list
+    monkeypatch.setattr(FileStamps, "_list", lambda self, folder: listed.append(folder) or real_list(self, folder))
+    trial = read_inputs(str(manifest), limit=4)
+    assert {os.path.basename(folder) for folder in listed} == {"f0", "f1"}
+    listed.clear()
+    full = read_inputs(str(manifest))
+    assert len(listed) == 6 and trial == full[:4]
