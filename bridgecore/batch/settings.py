@@ -114,8 +114,8 @@ class JobSettings:
             if self.fp8 not in FP8_MODES:
                 raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {self.fp8!r}")
         if self.fp8 != "off" and self.dit_offload:
-            raise ValueError(f"{option('fp8')} with {option('dit_offload')}: not supported together (FP8 halves the "
-                             "DiT's weights: 20 GB fits most cards without offload)")
+            raise ValueError(f"{option('fp8')} with {option('dit_offload')}: not supported together (FP8 weights take the "
+                             "DiT from 38 GiB to ~19-25 GiB, which fits most cards without offload)")
         if self.batch_cfg and self.step_cache:
             raise ValueError(f"{option('batch_cfg')} with {option('step_cache')}: the step cache keeps one cache per "
                              "CFG branch; use one of them")

@@ -117,7 +117,7 @@ class EnhancedQwenImageEdit:
         if fp8 not in FP8_MODES:
             raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {fp8!r}")
         if fp8 != "off" and dit_offload:
-            raise ValueError("fp8 with dit_offload: not supported together (FP8 halves the DiT's weights: 20 GB "
+            raise ValueError("fp8 with dit_offload: not supported together (FP8 weights take the DiT from 38 GiB to ~19-25 GiB: "
                              "fits most cards without offload)")
         if batch_cfg and step_cache:
             raise ValueError("batch_cfg with step_cache: the step cache keeps one cache per CFG branch; use one of them")
@@ -163,7 +163,9 @@ class EnhancedQwenImageEdit:
         if self.batch_cfg:
             enable_batched_cfg(pipe.transformer)
         if self.compile:
-            compile_transformer(pipe.transformer, self.compile_options)
+            # batched CFG changes the batch (1 on the first step, 2 later) and the mask between calls: compiled for
+            # dynamic shapes from the start, not recompiled per shape until torch's recompile limit stops the job
+            compile_transformer(pipe.transformer, ({"dynamic": True} if self.batch_cfg else {}) | (self.compile_options or {}))
         return pipe
 
     @property
@@ -328,7 +330,13 @@ class EnhancedQwenImageEdit:
 
     def call_pipeline(self, images, **kwargs):
         """The diffusers pipeline's own call on given embeddings, its condition images sized to this editor's areas."""
-        return call_with_areas(self.pipe, self.condition_area, self.plus_condition_area, image=images, **kwargs)
+        try:
+            return call_with_areas(self.pipe, self.condition_area, self.plus_condition_area, image=images, **kwargs)
+        except BaseException:
+            # the pipeline resets its DiT's stateful hooks (step cache, batched CFG) only when it ends normally: a
+            # failed edit (out of memory, an interrupt) must not leave the next one a stale cache or negative
+            self.pipe.transformer._reset_stateful_cache()
+            raise
 
     def benchmark(self, test_images: list, test_prompts: list[str], output_dir: str | Path,
                   num_inference_steps: int = 50, seed: int = 0, use_qwen3_vision: bool = True) -> list[dict]:

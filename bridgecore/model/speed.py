@@ -20,7 +20,8 @@ attention_backend=..., dit_offload=True)`, `vision-bridge edit --lora ... --comp
   peak per mode).
 - Batched CFG (exact): true CFG's positive and negative forwards run as one batch of two (`BatchedGuidanceHook`).
 - FP8 (an approximation): torchao's float8 on the DiT blocks' linear layers, "dynamic" (activations and weights
-  in FP8, FP8 tensor cores: compute capability >= 8.9) or "weights" (FP8 storage, bf16 compute: half the memory).
+  in FP8, FP8 tensor cores: compute capability >= 8.9; DiT 38 -> ~25 GiB) or "weights" (FP8 storage, bf16 compute;
+  DiT 38 -> ~19 GiB).
 - Step cache (an approximation): diffusers' First Block Cache.
 """
 
@@ -209,13 +210,13 @@ def enable_step_cache(transformer, threshold: float) -> None:
 FP8_MODES = ("off", "dynamic", "weights")
 
 
-def fp8_layer_names(transformer) -> list[str]:
+def fp8_layer_names(transformer, modulation: bool = False) -> list[str]:
     """The DiT's linear layers that FP8 converts: the attention and MLP projections inside the repeated blocks
-    (nearly all of its FLOPs and weights). The per-sample modulation layers (one row per image: nothing to gain,
-    and they scale every activation), the embedders and the output head stay bf16; FP8 matmul kernels need both
-    sides to be multiples of 16."""
+    (nearly all of its FLOPs; 13.6B of Qwen-Image's 20.4B parameters), and with `modulation` also the blocks'
+    modulation layers (6.8B parameters but one row per image: no FLOPs to speed up, only memory to save). The
+    embedders and the output head stay bf16; FP8 matmul kernels need both sides to be multiples of 16."""
     return [f"transformer_blocks.{name}" for name, module in transformer.transformer_blocks.named_modules()
-            if isinstance(module, torch.nn.Linear) and "_mod" not in name
+            if isinstance(module, torch.nn.Linear) and (modulation or "_mod" not in name)
             and module.in_features % 16 == 0 and module.out_features % 16 == 0]
 
 
@@ -223,9 +224,11 @@ def enable_fp8(transformer, mode: str) -> list[str]:
     """FP8 for the DiT's block projections (torchao), after any LoRA is fused. An approximation: the edits change
     (bench/gpu_realdim.py measures how much against the exact edit). Returns the converted layers' names.
 
-    - "dynamic": weights and activations in FP8 (per-row scales, activations scaled per call): FP8 tensor-core
-      matmuls, needs compute capability >= 8.9 (L40S, RTX 4090, H100, H200, B200);
-    - "weights": FP8 weights, bf16 compute (any device): the DiT's weights take half the memory, no speed-up.
+    - "dynamic": the projections' weights and activations in FP8 (per-row scales, activations scaled per call):
+      FP8 tensor-core matmuls, needs compute capability >= 8.9 (L40S, RTX 4090, H100, H200, B200); the modulation
+      layers stay bf16 (they scale every activation). Qwen-Image's DiT: 38.1 -> ~25.4 GiB.
+    - "weights": FP8 weights of the projections and the modulation layers, bf16 compute (any device): no speed-up,
+      the DiT's weights drop to ~19.1 GiB.
     """
     if mode not in FP8_MODES:
         raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {mode!r}")
@@ -247,8 +250,8 @@ def enable_fp8(transformer, mode: str) -> list[str]:
             quantize_,
         )
     except ImportError as error:
-        raise ValueError(f"fp8 needs torchao (pip install 'torchao>=0.18'): {error}") from None
-    names = fp8_layer_names(transformer)
+        raise ValueError(f"fp8 needs torchao (pip install 'vision-bridge[fp8]', torchao >= 0.17): {error}") from None
+    names = fp8_layer_names(transformer, modulation=mode == "weights")
     chosen = set(names)
     config = (Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if mode == "dynamic"
               else Float8WeightOnlyConfig())
@@ -285,6 +288,7 @@ class BatchedGuidanceHook:
         self.negative: dict | None = None
         self.ahead: tuple | None = None  # (latents, negative inputs, negative output) of the current step
         self.batched_steps = 0
+        self.mask_refused = False  # the attention backend raised on the padding mask: batch only unpadded pairs
 
     # the ModelHook interface (diffusers.hooks.hooks.ModelHook)
     def initialize_hook(self, module):
@@ -318,7 +322,17 @@ class BatchedGuidanceHook:
         negative = self.negative
         if negative is None or negative["img_shapes"] != kwargs.get("img_shapes"):
             return forward(**kwargs)
-        positive, negative_output = _batched_branches(forward, kwargs, negative)
+        if self.mask_refused and _needs_mask(kwargs, negative):
+            return forward(**kwargs)
+        try:
+            positive, negative_output = _batched_branches(forward, kwargs, negative)
+        except ValueError as error:  # an attention backend without masks (flash-attn, native flash, ...)
+            if "attn_mask" not in str(error):
+                raise
+            self.mask_refused = True
+            logger.warning("batch_cfg: this attention backend takes no mask (%s), and prompts of different lengths "
+                           "need one: true CFG's branches run one after the other", error)
+            return forward(**kwargs)
         self.ahead = (kwargs["hidden_states"], negative, negative_output)
         self.batched_steps += 1
         return positive
@@ -340,6 +354,11 @@ def _negative_inputs(kwargs: dict) -> dict:
             "attention_kwargs": kwargs.get("attention_kwargs")}
 
 
+def _needs_mask(kwargs: dict, negative: dict) -> bool:
+    return not (kwargs.get("encoder_hidden_states_mask") is None and negative["mask"].value is None
+                and kwargs["encoder_hidden_states"].shape[1] == negative["embeds"].value.shape[1])
+
+
 def _padded(embeds: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     batch, own = embeds.shape[:2]
     mask = torch.ones(batch, own, dtype=torch.bool, device=embeds.device) if mask is None else mask.to(torch.bool)
@@ -351,7 +370,7 @@ def _batched_branches(forward, kwargs: dict, negative: dict):
     pos_embeds, pos_mask = kwargs["encoder_hidden_states"], kwargs.get("encoder_hidden_states_mask")
     neg_embeds, neg_mask = negative["embeds"].value, negative["mask"].value
     batch = pos_embeds.shape[0]
-    if pos_mask is None and neg_mask is None and pos_embeds.shape[1] == neg_embeds.shape[1]:
+    if not _needs_mask(kwargs, negative):
         embeds, mask = torch.cat([pos_embeds, neg_embeds]), None  # nothing to pad: the unmasked attention path
     else:
         length = max(pos_embeds.shape[1], neg_embeds.shape[1])

@@ -189,7 +189,8 @@ def _measured_throughput(found: dict | None, resolution: int, steps: int, cfg: b
         return {"applies": False, "why_not": ", ".join(differences)}
     return {"applies": True, "images_per_gpu_hour": throughput["images_per_gpu_hour"],
             "seconds_per_image": throughput["seconds_per_image"], "config": throughput["config"],
-            "lightning_images_per_gpu_hour": throughput.get("lightning_images_per_gpu_hour")}
+            "lightning_images_per_gpu_hour": throughput.get("lightning_images_per_gpu_hour"),
+            "lightning_steps": throughput.get("lightning_steps")}
 
 
 def measured_training_seconds(metrics: str | Path) -> tuple[float, str]:
@@ -264,7 +265,8 @@ def format_job_cost(cost: dict[str, Any]) -> str:
         lines.append(f"measured (bench/gpu_realdim.py, {measured['config']}): {measured['images_per_gpu_hour']:,.0f} "
                      f"images per GPU-hour ({measured['seconds_per_image']:.2f} s/image, extraction + bridge + edit + "
                      "decode, models resident)" + (f"; {measured['lightning_images_per_gpu_hour']:,.0f} with a "
-                                                   "Lightning 8-step LoRA" if measured.get("lightning_images_per_gpu_hour")
+                                                   f"Lightning {measured['lightning_steps']}-step LoRA"
+                                                   if measured.get("lightning_images_per_gpu_hour")
                                                    else ""))
     elif measured:
         lines.append(f"measured throughput not applied: the benchmark's run differs ({measured['why_not']})")

@@ -124,15 +124,17 @@ def test_8bit_vlm_loading_on_cuda(zoo):
     assert abs(footprints["int8"] - planned) < 0.1 * planned  # the planner's int8 size is what loads
 
 
-def _cfg_edit(zoo, seed: int = 3, **options) -> np.ndarray:
+def _cfg_edit(zoo, seed: int = 3, **options):
     editor = editor_for(zoo, "cuda", AREA, **options)
     return editor.generate(make_image(320, 200), PROMPT, seed=seed, num_inference_steps=3, true_cfg_scale=4.0,
-                           negative_prompt=" ", output_type="np")
+                           negative_prompt=" ", output_type="np"), editor
 
 
 def test_batched_cfg_equals_sequential_cfg_on_cuda(zoo):
-    """True CFG's branches as one padded bf16 batch: the edit of the sequential branches up to bf16 rounding."""
-    sequential, batched, other = _cfg_edit(zoo), _cfg_edit(zoo, batch_cfg=True), _cfg_edit(zoo, seed=4)
+    """True CFG's branches as one padded bf16 batch (steps 2 and 3 batched): the edit of the sequential branches
+    up to bf16 rounding."""
+    (sequential, _), (batched, editor), (other, _) = _cfg_edit(zoo), _cfg_edit(zoo, batch_cfg=True), _cfg_edit(zoo, seed=4)
+    assert editor.pipe.transformer._diffusers_hook.get_hook("batched_cfg").batched_steps == 2
     _images_close(batched, sequential, np.abs(other - sequential).mean())
 
 

@@ -215,21 +215,23 @@ def test_batched_cfg_is_the_sequential_edit_in_one_forward_per_step(tiny_zoo):
 
 
 def test_fp8_weights_convert_the_block_projections_and_dynamic_needs_fp8_tensor_cores(tiny_zoo, baseline):
-    """fp8="weights" (FP8 storage, bf16 compute) runs anywhere: every attention/MLP projection of the blocks holds
-    an FP8 tensor, modulation layers, embedders and the head stay as they were, and the edit moves a little (a
+    """fp8="weights" (FP8 storage, bf16 compute) runs anywhere: every attention/MLP projection and modulation layer
+    of the blocks holds an FP8 tensor, the embedders and the head stay as they were, and the edit moves a little (a
     random tiny DiT: a numerical check). fp8="dynamic" (FP8 matmuls) is refused off FP8 tensor cores, saying why."""
     pytest.importorskip("torchao")
     from bridgecore.model.speed import enable_fp8, fp8_layer_names
 
     out, editor = _edit(tiny_zoo, fp8="weights")
     transformer = editor.pipe.transformer
-    converted = set(fp8_layer_names(transformer))
+    converted = set(fp8_layer_names(transformer, modulation=True))  # "weights" stores the modulation layers too
     kinds = {name: type(module.weight).__name__ for name, module in transformer.named_modules()
              if isinstance(module, torch.nn.Linear)}
     assert converted and all(kinds[name] == "Float8Tensor" for name in converted)
-    assert all(kind == "Parameter" for name, kind in kinds.items() if name not in converted), kinds
-    assert any("img_mod" in name for name in kinds) and not any("_mod" in name for name in converted)
-    assert len(converted) == 12 * len(transformer.transformer_blocks)  # 8 attention + 4 MLP projections a block
+    assert all(kind == "Parameter" for name, kind in kinds.items() if name not in converted), kinds  # embedders, head
+    # 8 attention + 4 MLP projections a block, + 2 modulation layers ("dynamic" leaves those in bf16)
+    assert len(converted) == 14 * len(transformer.transformer_blocks)
+    assert len(fp8_layer_names(transformer)) == 12 * len(transformer.transformer_blocks)
+    assert not any("_mod" in name for name in fp8_layer_names(transformer))
     assert np.isfinite(out).all() and not np.array_equal(out, baseline)
     psnr = 10 * math.log10(1.0 / float(np.mean((out - baseline) ** 2)))
     assert psnr > 25, psnr
@@ -261,3 +263,25 @@ def test_the_step_cache_compiles(tiny_zoo):
         return editor.generate(make_image(), "make it blue", seed=1, num_inference_steps=8, output_type="np")
 
     np.testing.assert_allclose(edit(compile=True, compile_options={"backend": "aot_eager"}), edit(), atol=1e-5)
+
+
+def test_batched_cfg_compiles_across_batches_and_falls_back_where_masks_are_refused(tiny_zoo):
+    """Compiled with batched CFG, the blocks see batch 1 then 2, masks or none, other lengths per edit: with a
+    graph per shape, torch's recompile limit stopped the third edit (FailOnRecompileLimitHit under fullgraph), so
+    it compiles for dynamic shapes; every edit equals the eager sequential one. A backend that refuses attention
+    masks (native flash) makes the hook run the branches one after the other, with the same edit."""
+    options = dict(true_cfg_scale=4.0, negative_prompt=" ", num_inference_steps=3, output_type="np")
+    compiled = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA,
+                                     batch_cfg=True, compile=True, compile_options={"backend": "eager"})
+    reference = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA)
+    for prompts in (["blue"], ["make it much bluer please", "red"], ["a", "bb", "make the square green", "x"]):
+        images = [make_image(seed=i) for i in range(len(prompts))]
+        for out, expected in zip(compiled.generate(images, prompts, seed=1, **options),
+                                 reference.generate(images, prompts, seed=1, **options)):
+            np.testing.assert_allclose(out, expected, atol=1e-5)
+    flash = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA,
+                                  batch_cfg=True, attention_backend="_native_flash")
+    np.testing.assert_allclose(flash.generate(make_image(), "make it blue please", seed=1, **options),
+                               reference.generate(make_image(), "make it blue please", seed=1, **options), atol=1e-5)
+    hook = flash.pipe.transformer._diffusers_hook.get_hook("batched_cfg")
+    assert hook.mask_refused and hook.batched_steps == 0
