@@ -112,6 +112,36 @@ EXACT_EDITS = {"denoise_and_decode": "eager", "denoise_and_decode_compiled": "re
 HOST_SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
 
 
+def count_step_cache_decisions(transformer) -> dict | None:
+    """Counts the steps on which the step cache ran the remaining blocks (its head block's decision, taken outside
+    any compiled graph, so compiled blocks are counted too); None when no step cache is on."""
+    registry = getattr(transformer.transformer_blocks[0], "_diffusers_hook", None)
+    hook = registry.get_hook("fbc_leader_block_hook") if registry is not None else None
+    if hook is None:
+        return None
+    counted = {"computed": 0}
+    decide = type(hook)._should_compute_remaining_blocks
+
+    @torch.compiler.disable
+    def counting(residual):
+        computed = decide(hook, residual)
+        counted["computed"] += bool(computed)
+        return computed
+
+    hook._should_compute_remaining_blocks = counting
+    return counted
+
+
+def device_events(events, cuda: bool) -> list:
+    """On a GPU the kernels (and copies) only: an operator is also credited with the GPU time of the kernels it
+    launched, so summing both counts that time twice (torch's own table sums the kernel events alone)."""
+    from torch.autograd import DeviceType
+
+    if not cuda:
+        return list(events)
+    return [e for e in events if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+
+
 def self_time(event, device: bool) -> float:
     """An event's own time in microseconds: on the GPU's clock (`device`) or the CPU's."""
     if device:
@@ -154,6 +184,22 @@ class RealDimBenchmark:
         }
         self.caches: dict = {}
         self.start = time.perf_counter()
+
+    def estimates(self) -> tuple[float, float]:
+        """(seconds of one exact edit, seconds of one regional compile) as measured so far, or cautious guesses."""
+        stages = self.results["stages"]
+        edit_s = stages.get("denoise_and_decode", {}).get("seconds", 60.0)
+        compile_s = stages.get("dit_step_compiled", {}).get("first_call_s", 60.0)
+        return edit_s, compile_s
+
+    def affordable(self, name: str, need_s: float) -> bool:
+        """Whether `name` (estimated at `need_s`) fits in --budget-s; if not it is skipped, saying so."""
+        if self.time_left() >= need_s:
+            return True
+        self.results.setdefault("skipped", {})[name] = (f"--budget-s: {self.time_left():.0f} s left, about "
+                                                        f"{need_s:.0f} s needed")
+        self.save()
+        return False
 
     def time_left(self) -> float:
         """Seconds left of --budget-s (infinite without one): long optional sections are skipped, not cut."""
@@ -423,7 +469,8 @@ class RealDimBenchmark:
                 self.attention_backends(transformer, step, flops, positive, negative, flops + neg_flops)
             self.profile_step(step)
         self.vae_and_edit(transformer, flops)
-        if self.args.compile:
+        edit_s, compile_s = self.estimates()
+        if self.args.compile and self.affordable("denoise_and_decode_compiled", compile_s + 1.3 * edit_s + 20):
             self.use_best_backend(transformer)
             self.compiled_step(transformer, step, flops)
             self.compiled_edit(transformer, flops)
@@ -459,19 +506,24 @@ class RealDimBenchmark:
             return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
         self.record(label, seconds, flops, times=times, batched_calls=batched,
-                    speedup_vs_sequential=self.results["stages"]["dit_step_cfg"]["seconds"] / seconds,
+                    speedup_vs_sequential=self.results["stages"][label.replace("_batched", "")]["seconds"] / seconds,
                     max_rel_diff_vs_sequential=max(relative(cond, reference[0]), relative(uncond, reference[1])),
                     padded_text_tokens=max(positive["encoder_hidden_states"].shape[1],
                                            negative["encoder_hidden_states"].shape[1]))
 
     def attention_backends(self, transformer, step, flops: float, positive: dict, negative: dict,
                            cfg_flops: float) -> None:
-        """The single step (no mask: the pipeline's path) and the batched CFG step (padded: a mask) per backend."""
+        """Per backend: the single step (no mask: the pipeline's path), true CFG's two forwards one after the other,
+        and as one batch (padded: a mask; a backend that refuses masks makes the hook fall back, batched_calls 0)."""
         from bridgecore.model.speed import set_attention_backend
 
-        reference = (transformer(**positive)[0], transformer(**negative)[0])
+        def cfg_step():
+            return transformer(**positive)[0], transformer(**negative)[0]
+
+        reference = cfg_step()
         for backend in ("_native_cudnn", "_native_efficient", "_native_flash"):
             for name, run in ((f"dit_step[{backend}]", lambda: self.record_step(name, step, flops)),
+                              (f"dit_step_cfg[{backend}]", lambda: self.record_step(name, cfg_step, cfg_flops)),
                               (f"dit_step_cfg_batched[{backend}]",
                                lambda: self.batched_cfg_step(transformer, positive, negative, cfg_flops, reference,
                                                              label=name))):
@@ -512,7 +564,7 @@ class RealDimBenchmark:
             step()
             self.meter.sync()
         rows = []
-        events = [e for e in prof.key_averages() if self_time(e, cuda) > 0]
+        events = [e for e in device_events(prof.key_averages(), cuda) if self_time(e, cuda) > 0]
         total = sum(self_time(e, cuda) for e in events) or 1
         for event in sorted(events, key=lambda e: self_time(e, cuda), reverse=True)[:15]:
             rows.append({"name": event.key[:120], "calls": event.count, "self_ms": self_time(event, cuda) / 1e3,
@@ -541,7 +593,7 @@ class RealDimBenchmark:
             events = prof.key_averages()
             syncs = sum(e.count for e in events if e.key in HOST_SYNC_EVENTS)
             reads = sum(e.count for e in events if e.key == "aten::_local_scalar_dense")
-            busy = sum(self_time(e, True) for e in events) / 1e6 if cuda else None
+            busy = sum(self_time(e, True) for e in device_events(events, True)) / 1e6 if cuda else None
             counts[steps] = (syncs, reads, wall, busy)
         (s2, r2, w2, b2), (s4, r4, w4, b4) = counts[2], counts[4]
         row = {"host_syncs_per_step": (s4 - s2) / 2, "host_reads_per_step": (r4 - r2) / 2,
@@ -603,34 +655,37 @@ class RealDimBenchmark:
                 self.results.setdefault("skipped", {})[f"step_cache[{threshold}]"] = (
                     "the step cache needs a DiT with at least two transformer blocks")
                 continue
-            self.stage(f"step_cache[{threshold}]", lambda: self.approximate_edit(
-                f"step_cache[{threshold}]", pipe, edit, step_cache=threshold))
-        if self.args.lightning_steps:
+            if self.affordable(f"step_cache[{threshold}]", seconds + 10):
+                self.stage(f"step_cache[{threshold}]", lambda: self.approximate_edit(
+                    f"step_cache[{threshold}]", pipe, edit, step_cache=threshold))
+        if self.args.lightning_steps and self.affordable("lightning_edit", seconds * self.args.lightning_steps
+                                                         / self.args.steps + 10):
             self.stage("lightning_edit", lambda: self.lightning_edit(pipe, dit_flops))
 
-    def approximate_edit(self, name: str, pipe, edit, step_cache: float = 0.0, **extra) -> None:
-        """A fast-mode edit on the same seed: its time and how far its decoded image is from the exact edit (PSNR,
-        max abs difference; with random weights a numerical check, not a quality claim)."""
+    def approximate_edit(self, name: str, pipe, edit, step_cache: float = 0.0, baseline: str = "denoise_and_decode",
+                         **extra) -> None:
+        """A fast-mode edit on the same seed: its time against `baseline` (the exact edit in the same configuration:
+        eager, or compiled with the same attention backend) and how far its decoded image is from the exact edit
+        (PSNR, max abs difference; with random weights a numerical check, not a quality claim)."""
         from bridgecore.model.speed import enable_step_cache
 
         exact = self.caches["exact_image"]
-        counted = {"computed": 0}
-        last = pipe.transformer.transformer_blocks[-1].attn
-        handle = last.register_forward_hook(lambda *_: counted.__setitem__("computed", counted["computed"] + 1))
         if step_cache:
             enable_step_cache(pipe.transformer, step_cache)
+        decisions = count_step_cache_decisions(pipe.transformer)
         try:
             seconds, times, image = self.meter.time(edit, repeats=1, warmup=0)
         finally:
             if step_cache:
                 pipe.transformer.disable_cache()
-            handle.remove()
         mse = float(np.mean((image.astype(np.float64) - exact.astype(np.float64)) ** 2))
+        stages = self.results["stages"]
+        baseline = baseline if baseline in stages else "denoise_and_decode"
         self.record(name, seconds, None, times=times, step_cache=step_cache or None,
-                    steps_computed=counted["computed"], steps=self.args.steps,
-                    psnr_vs_exact_db=None if mse == 0 else 10 * np.log10(1.0 / mse),
-                    max_abs_vs_exact=float(np.abs(image - exact).max()),
-                    speedup_vs_exact=self.results["stages"]["denoise_and_decode"]["seconds"] / seconds,
+                    steps_computed=self.args.steps if decisions is None else decisions["computed"],
+                    steps=self.args.steps, psnr_vs_exact_db=None if mse == 0 else 10 * np.log10(1.0 / mse),
+                    max_abs_vs_exact=float(np.abs(image - exact).max()), baseline=baseline,
+                    speedup_vs_exact=stages[baseline]["seconds"] / seconds,
                     speedup_vs_fastest_exact=self.fastest_exact_denoise() / seconds, **extra)
 
     def fastest_exact_denoise(self) -> float:
@@ -716,12 +771,20 @@ class RealDimBenchmark:
 
         if {"qwen3_extract", "bridge"} <= set(stages):
             conditioning = per_sample("qwen25_extract") + per_sample("qwen3_extract") + stages["bridge"]["seconds"]
-            throughput = {"batch": self.args.batch, "seconds_per_image": conditioning + exact[best],
-                          "config": self.results["exact_edit_config"], "steps": self.args.steps,
+            # bulk-edit at its defaults: no --compile, the default attention, the eager edit
+            throughput = {"batch": self.args.batch, "seconds_per_image": conditioning + exact["denoise_and_decode"],
+                          "config": "eager (bulk-edit's defaults)", "steps": self.args.steps,
                           "note": "derived from the stage times measured here: extraction at the job's batch size, "
                                   "the DiT at batch 1 (compute-bound: a batch costs the same per image), models "
                                   "resident, loading, storage and CPU decoding excluded"}
             throughput["images_per_gpu_hour"] = 3600 / throughput["seconds_per_image"]
+            if best != "denoise_and_decode":  # the fastest exact configuration, and whether bulk-edit can run it
+                fastest = conditioning + exact[best]
+                flags = ("--compile" + (f" --attention-backend {backend}" if backend != "native" else "")
+                         if best == "denoise_and_decode_compiled" else None)
+                throughput.update(fastest_config=self.results["exact_edit_config"], fastest_seconds_per_image=fastest,
+                                  fastest_images_per_gpu_hour=3600 / fastest,
+                                  fastest_flags=flags or "none: compile_transformer(whole=True) in the library only")
             if "lightning_edit" in stages:
                 lightning = conditioning + stages["lightning_edit"]["seconds"]
                 throughput.update(lightning_steps=stages["lightning_edit"]["steps"], lightning_config="eager",
@@ -765,7 +828,6 @@ class RealDimBenchmark:
         positive, _, flops, _ = self.dit_inputs(transformer)
         start = time.perf_counter()
         converted = enable_fp8(transformer, mode)
-        self.use_best_backend(transformer)
         self.meter.sync()
         convert_s = time.perf_counter() - start
         with torch.no_grad():
@@ -775,11 +837,16 @@ class RealDimBenchmark:
                     convert_s=convert_s, **self.memory(resident))
         pipe = self.edit_pipeline(transformer, self.caches["vae"])
         self.approximate_edit(f"fp8_edit[{mode}]", pipe, self.edit_call(pipe), fp8=mode)
-        if self.args.compile:
+        edit_s, compile_s = self.estimates()
+        if self.args.compile and self.affordable(f"fp8_edit_compiled[{mode}]", compile_s + 1.2 * edit_s + 20):
+            self.use_best_backend(transformer)  # as the compiled exact edit it is compared with
             compile_transformer(transformer)
             self.edit_call(pipe, 2)()  # compiles
-            self.approximate_edit(f"fp8_edit_compiled[{mode}]", pipe, self.edit_call(pipe), fp8=mode)
-            if self.args.step_cache and len(transformer.transformer_blocks) >= 2:
+            self.approximate_edit(f"fp8_edit_compiled[{mode}]", pipe, self.edit_call(pipe), fp8=mode,
+                                  baseline="denoise_and_decode_compiled")
+            fast = f"fast_mode_edit[{mode}+step_cache]"
+            if (self.args.step_cache and len(transformer.transformer_blocks) >= 2
+                    and self.affordable(fast, compile_s + edit_s + 20)):
                 from bridgecore.model.speed import enable_step_cache
 
                 threshold = self.args.step_cache[0]
@@ -788,8 +855,8 @@ class RealDimBenchmark:
                 enable_step_cache(transformer, threshold)
                 compile_transformer(transformer)
                 self.edit_call(pipe, 2)()
-                self.approximate_edit(f"fast_mode_edit[{mode}+step_cache {threshold}]", pipe, self.edit_call(pipe),
-                                      fp8=mode, step_cache_threshold=threshold)
+                self.approximate_edit(fast, pipe, self.edit_call(pipe), fp8=mode, step_cache_threshold=threshold,
+                                      baseline="denoise_and_decode_compiled")
 
     def whole_compile(self) -> None:
         """The whole DiT compiled as one graph (then, on a GPU with time left, replayed as a CUDA graph)."""
@@ -797,11 +864,12 @@ class RealDimBenchmark:
 
         for name, options in (("denoise_and_decode_whole_compiled", {}),
                               ("denoise_and_decode_cuda_graphs", {"mode": "reduce-overhead"})):
-            if options and (self.device.type != "cuda" or self.time_left() < 240):
-                self.results.setdefault("skipped", {})[name] = "CUDA graphs: a GPU and 4 minutes left needed"
+            if options and self.device.type != "cuda":
+                self.results.setdefault("skipped", {})[name] = "CUDA graphs need a GPU"
                 continue
-            if self.time_left() < 150:  # compiling 60 blocks as one graph takes minutes
-                self.results.setdefault("skipped", {})[name] = "--budget-s: under 150 s left for the whole-DiT compile"
+            # one graph of 60 blocks: guessed at 8 regional compiles (each block traced and lowered again)
+            edit_s, compile_s = self.estimates()
+            if not self.affordable(name, 8 * compile_s + 1.3 * edit_s + 30):
                 continue
             transformer, _ = self.build_dit()
             self.use_best_backend(transformer)
@@ -858,11 +926,9 @@ class RealDimBenchmark:
         if not self.args.no_qwen21:
             self.stage("qwen_image21", self.qwen_image21)
         self.stage("dit_and_vae", self.dit_and_vae)
-        if self.args.fp8 != "off" and "exact_image" in self.caches:
-            if self.time_left() > 90:
-                self.stage("fp8", self.fp8)
-            else:
-                self.results.setdefault("skipped", {})["fp8"] = "--budget-s: under 90 s left"
+        edit_s, _ = self.estimates()
+        if self.args.fp8 != "off" and "exact_image" in self.caches and self.affordable("fp8", 1.5 * edit_s + 40):
+            self.stage("fp8", self.fp8)
         if self.args.compile and "exact_image" in self.caches:  # last: the longest compile
             self.stage("whole_compile", self.whole_compile)
         self.summarise_exact()  # again: the sections after the exact edit (Lightning, compile) may improve it
@@ -902,6 +968,8 @@ def format_table(results: dict) -> str:
     if throughput:
         per = "GPU-hour" if results["gpu_key"] or results["device"] != "cpu" else "hour of this CPU"
         lines.append(f"bulk-edit at its defaults: {throughput['images_per_gpu_hour']:.0f} images per {per}"
+                     + (f"; fastest exact ({throughput['fastest_config']}; flags: {throughput['fastest_flags']}): "
+                        f"{throughput['fastest_images_per_gpu_hour']:.0f}" if "fastest_config" in throughput else "")
                      + (f"; with Lightning ({throughput['lightning_steps']} steps): "
                         f"{throughput['lightning_images_per_gpu_hour']:.0f}" if "lightning_steps" in throughput else ""))
     for name, row in results["stages"].items():

@@ -39,8 +39,9 @@ tail -3 "$OUT/env.txt"
 mkdir -p .realdim-tmp
 # --no-load: the load rate is measured (bench/results); the FP8, whole-compile and CUDA-graph sections skip
 # themselves (saying so in the JSON) when --budget-s runs short, so the GPU tests keep their 2 minutes
-timeout $(( $(left) - 110 )) python3 bench/gpu_realdim.py --device cuda --compile --no-load --step-cache 0.08 \
-  --budget-s $(( $(left) - 130 )) --tmp .realdim-tmp --json "$OUT/gpu_realdim.json" 2>&1 | tee "$OUT/gpu_realdim.log"
+# (each section is skipped when its estimate, from the edit and compile times measured before it, does not fit)
+timeout $(( $(left) - 100 )) python3 bench/gpu_realdim.py --device cuda --compile --no-load --step-cache 0.08 \
+  --budget-s $(( $(left) - 160 )) --tmp .realdim-tmp --json "$OUT/gpu_realdim.json" 2>&1 | tee "$OUT/gpu_realdim.log"
 bench_rc=${PIPESTATUS[0]}
 rm -rf .realdim-tmp
 

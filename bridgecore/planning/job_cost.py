@@ -65,9 +65,9 @@ def implied_efficiency(seconds: float, flops: float, gpu: str) -> float:
 def measured_efficiencies(path: str | Path) -> dict[str, Any]:
     """Per-stage model FLOP utilisation, VAE seconds and bulk-edit's throughput from a `bench/gpu_realdim.py` JSON.
 
-    The edit's efficiency is the whole edit's as the pipeline runs it (its DiT FLOPs over its time less the VAE), in
-    the fastest exact configuration the run measured; the isolated `dit_step` is the fallback for older files. The
-    extraction's is bulk-edit's batch (`*_extract_batch`) when measured, else one sample's."""
+    The edit's efficiency is the whole edit's as the pipeline runs it at bulk-edit's defaults (eager, the default
+    attention: its DiT FLOPs over its time less the VAE); the isolated `dit_step` is the fallback for older files.
+    The extraction's is bulk-edit's batch (`*_extract_batch`) when measured, else one sample's."""
     data = json.loads(Path(path).read_text())
     stages = data.get("stages", {})
 
@@ -78,15 +78,11 @@ def measured_efficiencies(path: str | Path) -> dict[str, Any]:
     extract = [value for value in extract if value]
     vae = sum(stages.get(s, {}).get("seconds", 0.0) for s in ("vae_encode", "vae_decode"))
     edit, edit_source = mfu("dit_step"), "dit_step"
-    config = data.get("exact_edit_config", "eager").split(", attention")[0]  # the backend does not name a stage
-    whole = {"eager": "denoise_and_decode", "regional torch.compile": "denoise_and_decode_compiled",
-             "whole-DiT torch.compile": "denoise_and_decode_whole_compiled",
-             "whole-DiT torch.compile, CUDA graphs": "denoise_and_decode_cuda_graphs"}.get(config)
-    row, eager = stages.get(whole, {}), stages.get("denoise_and_decode", {})
-    in_edit_vae = (eager.get("vae_encode_s") or 0) + (eager.get("vae_decode_s") or 0)
+    row = stages.get("denoise_and_decode", {})
+    in_edit_vae = (row.get("vae_encode_s") or 0) + (row.get("vae_decode_s") or 0)
     if row.get("tflop") and data.get("peak_bf16_tflops") and row["seconds"] > in_edit_vae:
         edit = row["tflop"] / (row["seconds"] - in_edit_vae) / data["peak_bf16_tflops"]
-        edit_source = f"{whole} (the pipeline's own loop, VAE excluded)"
+        edit_source = "the whole eager edit (the pipeline's own loop, VAE excluded)"
     if not edit or not extract:
         raise ValueError(f"{path}: no measured dit_step / extraction MFU in it (is it gpu_realdim.py output "
                          "from a full run on a GPU?)")
@@ -176,8 +172,9 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
 
 
 def _measured_throughput(found: dict | None, resolution: int, steps: int, cfg: bool, gpu: str) -> dict | None:
-    """bulk-edit's images per GPU-hour as the benchmark measured it, when it ran this job's settings on this card
-    (1024^2 condition, the same steps, no CFG, real depth); else None, with the reason."""
+    """bulk-edit's images per GPU-hour at its defaults (no compile, default attention) as the benchmark measured
+    it, when it ran this job's settings on this card (1024^2 condition, the same steps, no CFG, real depth); else
+    the reason it does not apply."""
     if not found or not found.get("throughput"):
         return None
     throughput = found["throughput"]

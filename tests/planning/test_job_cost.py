@@ -100,9 +100,10 @@ def test_measured_efficiencies_are_used(tmp_path):
 
 
 def test_measured_edit_efficiency_is_the_pipeline_loop_and_the_throughput_applies_only_to_its_settings(tmp_path):
-    """A newer benchmark file: the edit's efficiency comes from the whole edit in the fastest exact configuration
-    (its DiT FLOPs over its time less the VAE), not the isolated step; extraction from bulk-edit's batch; the
-    measured images per GPU-hour are reported for the settings it ran and refused, with the reason, for others."""
+    """A newer benchmark file: the edit's efficiency comes from the whole eager edit, bulk-edit's default (its DiT
+    FLOPs over its time less the VAE), not the isolated step nor a compiled configuration the job may not use;
+    extraction from bulk-edit's batch; the measured images per GPU-hour are reported for the settings it ran and
+    refused, with the reason, for others."""
     from bridgecore.planning.job_cost import format_job_cost
 
     bench = {"device": "NVIDIA H200", "gpu_key": "h200", "condition_pixels": 1024 * 1024, "peak_bf16_tflops": 1000.0,
@@ -113,15 +114,15 @@ def test_measured_edit_efficiency_is_the_pipeline_loop_and_the_throughput_applie
                                                "vae_decode_s": 1.5},
                         "denoise_and_decode_compiled": {"seconds": 20.0, "tflop": 9900.0},
                         "vae_decode": {"seconds": 0.05}, "vae_encode": {"seconds": 0.04}},
-             "throughput": {"images_per_gpu_hour": 170.0, "seconds_per_image": 21.2, "config": "regional torch.compile",
-                            "steps": 50, "lightning_images_per_gpu_hour": 900.0}}
+             "throughput": {"images_per_gpu_hour": 170.0, "seconds_per_image": 21.2, "config": "eager (bulk-edit's defaults)",
+                            "steps": 50, "lightning_images_per_gpu_hour": 900.0, "lightning_steps": 8}}
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(bench))
     job = plan_job_cost(100, 1024, 50, "h200", measured=path)
-    assert job["efficiency"]["edit"] == pytest.approx(9900.0 / (20.0 - 2.0) / 1000.0)  # 0.55, not dit_step's 0.4
+    assert job["efficiency"]["edit"] == pytest.approx(9900.0 / (22.0 - 2.0) / 1000.0)  # 0.495, not dit_step's 0.4
     assert job["efficiency"]["extract"] == pytest.approx(0.4)  # the batches' 0.3 and 0.5
     assert job["measured_throughput"]["applies"] and job["measured_throughput"]["images_per_gpu_hour"] == 170.0
-    assert "170 images per GPU-hour" in format_job_cost(job) and "900 with a Lightning" in format_job_cost(job)
+    assert "170 images per GPU-hour" in format_job_cost(job) and "900 with a Lightning 8-step LoRA" in format_job_cost(job)
     other = plan_job_cost(100, 1024, 8, "h100", cfg=True, measured=path)["measured_throughput"]
     assert not other["applies"] and other["why_not"] == "measured on NVIDIA H200, at 50 steps, without CFG"
 
