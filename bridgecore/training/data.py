@@ -82,13 +82,18 @@ class InMemorySource:
 MIN_HELDOUT = 4  # the Qwen3-shuffled evaluation needs two or more held-out samples; four give it a spread
 
 
+HELDOUT_SHARDS = 8  # the held-out set is drawn from this many shards (more only when they run out)
+
+
 def split_refs(refs: list[ExampleRef], fraction: float, max_heldout: int | None = None) -> tuple[list, list]:
     """Deterministic held-out split: `fraction` of the examples (at most `max_heldout`), but on small sets up to
     `MIN_HELDOUT` (never more than a quarter), so the information gain and its ablations have samples to compare.
-    The examples are taken shard by shard (shards ranked by a hash of their name, examples within one by a hash of
-    their key), so reading the held-out set reads as few shards as it fills: 256 examples from shards of 1,000 are
-    one shard's read, not 256 (chosen by key alone they came from as many shards: hundreds of GB from object storage
-    at start-up with real caches). Sample ids are hashed into shards, so a shard is a random draw of samples.
+
+    The examples are drawn round-robin from `HELDOUT_SHARDS` shards (ranked by a hash of their name; examples
+    within one by a hash of their key), more shards only when those run out: reading the held-out set reads 8
+    shards, not one shard per example (chosen by key alone, 256 examples came from up to 256 shards: hundreds of
+    GB from object storage at start-up with real caches). Shards are contiguous runs of sorted sample ids, so the
+    draw spans 8 of them rather than filling one, which could be one id range or one capability.
     Returns (train, held-out), each in the order of `refs`."""
     count = max(1, round(len(refs) * fraction), min(MIN_HELDOUT, len(refs) // 4)) if len(refs) > 1 else 0
     if max_heldout is not None:
@@ -100,7 +105,13 @@ def split_refs(refs: list[ExampleRef], fraction: float, max_heldout: int | None 
     def digest(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()
 
-    ranked = sorted(refs, key=lambda r: (digest(r.shard), digest(r.key)))
+    shard_rank = {shard: rank for rank, shard in enumerate(sorted({r.shard for r in refs}, key=digest))}
+    in_shard: dict[str, list[ExampleRef]] = {}
+    for ref in sorted(refs, key=lambda r: digest(r.key)):
+        in_shard.setdefault(ref.shard, []).append(ref)
+    position = {ref.key: index for members in in_shard.values() for index, ref in enumerate(members)}
+    # groups of HELDOUT_SHARDS shards, round-robin inside a group: (group, place in its shard, shard)
+    ranked = sorted(refs, key=lambda r: (shard_rank[r.shard] // HELDOUT_SHARDS, position[r.key], shard_rank[r.shard]))
     heldout = {r.key for r in ranked[:count]}
     return [r for r in refs if r.key not in heldout], [r for r in refs if r.key in heldout]
 

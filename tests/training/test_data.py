@@ -115,11 +115,15 @@ def test_split_and_dealing():
     train, heldout = split_refs(source.refs(), 0.1, max_heldout=4)
     assert len(heldout) == 4 and not {r.key for r in train} & {r.key for r in heldout}
     assert {r.key for r in split_refs(source.refs()[::-1], 0.1, 4)[1]} == {r.key for r in heldout}  # not by order
-    # the held-out set fills whole shards first: reading it reads few shards (one here), whatever the count
+    # the held-out set is drawn round-robin from 8 shards (more only when they run out): reading it reads 8 shards,
+    # not one per example, and no single shard (an id range) makes it up
     many = CountingSource(shards=64, per_shard=20).refs()
-    for cap in (4, 20, 45):
+    for cap, shards in ((4, 4), (20, 8), (45, 8), (160, 8), (170, 16)):  # past 8 x 20: the next group of 8
         held = split_refs(many, 0.5, max_heldout=cap)[1]
-        assert len(held) == cap and len({r.shard for r in held}) == -(-cap // 20), (cap, sorted({r.shard for r in held}))
+        per_shard = Counter(r.shard for r in held)
+        assert len(held) == cap and len(per_shard) == shards, (cap, per_shard)
+        if cap <= 160:
+            assert max(per_shard.values()) - min(per_shard.values()) <= 1  # round-robin: balanced
     with pytest.raises(ValueError, match="4 data streams need at least 4 shards"):
         deal_shards(train, 4)
     assert loader_workers(4, 6) == 3 and loader_workers(2, 3) == 1 and loader_workers(0, 8) == 0
