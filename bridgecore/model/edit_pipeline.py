@@ -335,7 +335,8 @@ class EnhancedQwenImageEdit:
         except BaseException:
             # the pipeline resets its DiT's stateful hooks (step cache, batched CFG) only when it ends normally: a
             # failed edit (out of memory, an interrupt) must not leave the next one a stale cache or negative
-            self.pipe.transformer._reset_stateful_cache()
+            if self._pipe.loaded:  # (not when loading was what failed: that would load it again)
+                self.pipe.transformer._reset_stateful_cache()
             raise
 
     def benchmark(self, test_images: list, test_prompts: list[str], output_dir: str | Path,
