@@ -78,6 +78,7 @@ def test_tesseract_reads_every_language(benchmark, capsys):
     assert len(results) == 32 and all(results.values()), [k for k, v in results.items() if not v]
 
 
+@pytest.mark.slow
 def test_paired_comparison(benchmark):
     oracle = CapabilityEvaluator(benchmark, reference_editor("oracle"))
     identity = CapabilityEvaluator(benchmark, reference_editor("identity"))
@@ -177,6 +178,7 @@ def test_encoders_read_the_cards(benchmark, extractor, tmp_path):
         assert len(model["per_language_cer"]) == 2 and model["cer"] >= 0
 
 
+@pytest.mark.slow
 def test_four_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny_zoo):
     """Edit, Edit+bridge, Edit+rewrite and Qwen-Image-2.1 share one OUTPUT (the bridge and rewrite arms reuse the
     Edit arm's caches); `evaluate RUN_A RUN_B ...` names the arms from their settings, compares every pair on the

@@ -5,6 +5,8 @@ import pytest
 
 from realwidth_checks import batched_and_single, edit_parity, editor_for, planned_memory, real_width_zoo
 
+pytestmark = pytest.mark.slow  # real-width models: ~13 s for the module, most of it building them
+
 AREA = 64 * 64
 
 

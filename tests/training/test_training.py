@@ -39,6 +39,7 @@ def test_examples_are_packed_latents_with_caches(examples):
     assert example.cache.qwen25.prompt_embeds.ndim == 2 and not torch.equal(example.target, example.condition)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["residual", "tokens"])
 def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settings, examples, mode):
     from bridgecore.model.bridge import BridgeConfig
