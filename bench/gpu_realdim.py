@@ -115,8 +115,10 @@ HOST_SYNC_EVENTS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEvent
 def count_step_cache_decisions(transformer) -> dict | None:
     """Counts the steps on which the step cache ran the remaining blocks (its head block's decision, taken outside
     any compiled graph, so compiled blocks are counted too); None when no step cache is on."""
+    from diffusers.hooks.first_block_cache import _FBC_LEADER_BLOCK_HOOK
+
     registry = getattr(transformer.transformer_blocks[0], "_diffusers_hook", None)
-    hook = registry.get_hook("fbc_leader_block_hook") if registry is not None else None
+    hook = registry.get_hook(_FBC_LEADER_BLOCK_HOOK) if registry is not None else None
     if hook is None:
         return None
     counted = {"computed": 0}
@@ -144,9 +146,7 @@ def device_events(events, cuda: bool) -> list:
 
 def self_time(event, device: bool) -> float:
     """An event's own time in microseconds: on the GPU's clock (`device`) or the CPU's."""
-    if device:
-        return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0) or 0
-    return event.self_cpu_time_total
+    return event.self_device_time_total if device else event.self_cpu_time_total
 
 
 def sample_image(side: int = 1024):
@@ -400,7 +400,6 @@ class RealDimBenchmark:
         self.record("bridge", seconds, counter.get_total_flops(), times=times, parameters=bridge.num_parameters(),
                     **self.memory(resident))
 
-
     # -- the DiT: the exact path, batched CFG, attention backends, profiles, edits, compile, FP8
 
     def build_dit(self):
@@ -466,7 +465,8 @@ class RealDimBenchmark:
                         negative_text_tokens=negative["encoder_hidden_states"].shape[1])
             self.batched_cfg_step(transformer, positive, negative, flops + neg_flops, reference)
             if self.device.type == "cuda":
-                self.attention_backends(transformer, step, flops, positive, negative, flops + neg_flops)
+                self.attention_backends(transformer, step, cfg_step, reference, flops, positive, negative,
+                                        flops + neg_flops)
             self.profile_step(step)
         self.vae_and_edit(transformer, flops)
         edit_s, compile_s = self.estimates()
@@ -511,16 +511,12 @@ class RealDimBenchmark:
                     padded_text_tokens=max(positive["encoder_hidden_states"].shape[1],
                                            negative["encoder_hidden_states"].shape[1]))
 
-    def attention_backends(self, transformer, step, flops: float, positive: dict, negative: dict,
+    def attention_backends(self, transformer, step, cfg_step, reference, flops: float, positive: dict, negative: dict,
                            cfg_flops: float) -> None:
         """Per backend: the single step (no mask: the pipeline's path), true CFG's two forwards one after the other,
         and as one batch (padded: a mask; a backend that refuses masks makes the hook fall back, batched_calls 0)."""
         from bridgecore.model.speed import set_attention_backend
 
-        def cfg_step():
-            return transformer(**positive)[0], transformer(**negative)[0]
-
-        reference = cfg_step()
         for backend in ("_native_cudnn", "_native_efficient", "_native_flash"):
             for name, run in ((f"dit_step[{backend}]", lambda: self.record_step(name, step, flops)),
                               (f"dit_step_cfg[{backend}]", lambda: self.record_step(name, cfg_step, cfg_flops)),
@@ -536,8 +532,8 @@ class RealDimBenchmark:
                     transformer.reset_attention_backend()
 
     def use_best_backend(self, transformer) -> None:
-        """The compiled and FP8 variants run the attention backend that was fastest on the plain step (the exact
-        mode is the fastest exact configuration measured, the kernel included)."""
+        """The compiled variants (exact and FP8) run the attention backend that was fastest on the plain step (the
+        exact mode is the fastest exact configuration measured, the kernel included)."""
         from bridgecore.model.speed import set_attention_backend
 
         stages = self.results["stages"]
@@ -557,7 +553,7 @@ class RealDimBenchmark:
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])  # GPU: kernels too
         step()
         self.meter.sync()
         with profile(activities=activities) as prof:
@@ -580,7 +576,7 @@ class RealDimBenchmark:
         from torch.profiler import ProfilerActivity, profile
 
         cuda = self.device.type == "cuda"
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])  # GPU: kernels too
         counts = {}
         for steps in (2, 4):
             call(steps)
@@ -861,6 +857,7 @@ class RealDimBenchmark:
     def whole_compile(self) -> None:
         """The whole DiT compiled as one graph (then, on a GPU with time left, replayed as a CUDA graph)."""
         from bridgecore.model.speed import compile_transformer
+        from bridgecore.zoo.real_models import release_memory
 
         for name, options in (("denoise_and_decode_whole_compiled", {}),
                               ("denoise_and_decode_cuda_graphs", {"mode": "reduce-overhead"})):
@@ -878,9 +875,7 @@ class RealDimBenchmark:
             start = time.perf_counter()
             self.compiled_edit(transformer, flops, name)
             self.results["stages"][name]["compile_and_edit_s"] = time.perf_counter() - start
-            del transformer
-            from bridgecore.zoo.real_models import release_memory
-
+            del transformer  # before the next variant is built: two DiTs do not fit an 80 GB card
             release_memory()
 
 

@@ -108,17 +108,13 @@ class JobSettings:
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
-        if self.fp8 != "off":
-            from bridgecore.model.speed import FP8_MODES  # torch: imported only when the option is used
+        if self.fp8 != "off" or self.batch_cfg:  # (speed imports torch: only when these options are used)
+            from bridgecore.model.speed import conflicting_options
 
-            if self.fp8 not in FP8_MODES:
-                raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {self.fp8!r}")
-        if self.fp8 != "off" and self.dit_offload:
-            raise ValueError(f"{option('fp8')} with {option('dit_offload')}: not supported together (FP8 weights take the "
-                             "DiT from 38 GiB to ~19-25 GiB, which fits most cards without offload)")
-        if self.batch_cfg and self.step_cache:
-            raise ValueError(f"{option('batch_cfg')} with {option('step_cache')}: the step cache keeps one cache per "
-                             "CFG branch; use one of them")
+            conflict = conflicting_options(self.fp8, self.dit_offload, self.batch_cfg, self.step_cache)
+            if conflict:
+                raise ValueError(f"{option(conflict[0])} with {option(conflict[1])}: not supported together "
+                                 f"({conflict[2]})")
         if self.edits_format not in EDITS_FORMATS:
             raise ValueError(f"edits_format must be one of {', '.join(EDITS_FORMATS)}; got {self.edits_format!r}")
         if self.editor not in EDITORS:

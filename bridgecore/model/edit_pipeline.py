@@ -37,9 +37,9 @@ from bridgecore.model.loading import (
     resolve_model,
 )
 from bridgecore.model.speed import (
-    FP8_MODES,
     attention_backends,
     compile_transformer,
+    conflicting_options,
     default_steps,
     enable_batched_cfg,
     enable_dit_offload,
@@ -114,13 +114,9 @@ class EnhancedQwenImageEdit:
                  dit_offload: bool = False, step_cache: float = 0.0, batch_cfg: bool = False, fp8: str = "off"):
         self.options = LoadOptions(device=device, dtype=dtype)
         self.step_cache = step_cache
-        if fp8 not in FP8_MODES:
-            raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {fp8!r}")
-        if fp8 != "off" and dit_offload:
-            raise ValueError("fp8 with dit_offload: not supported together (FP8 weights take the DiT from 38 GiB to ~19-25 GiB: "
-                             "fits most cards without offload)")
-        if batch_cfg and step_cache:
-            raise ValueError("batch_cfg with step_cache: the step cache keeps one cache per CFG branch; use one of them")
+        conflict = conflicting_options(fp8, dit_offload, batch_cfg, step_cache)
+        if conflict:
+            raise ValueError(f"{conflict[0]} with {conflict[1]}: not supported together ({conflict[2]})")
         self.batch_cfg, self.fp8 = batch_cfg, fp8
         self.loras = parse_loras(lora)
         self.scheduler = resolve_scheduler(scheduler, self.loras)

@@ -210,6 +210,19 @@ def enable_step_cache(transformer, threshold: float) -> None:
 FP8_MODES = ("off", "dynamic", "weights")
 
 
+def conflicting_options(fp8: str = "off", dit_offload: bool = False, batch_cfg: bool = False,
+                        step_cache: float = 0.0) -> tuple[str, str, str] | None:
+    """The speed options that do not go together, checked once for the editor and the job settings alike:
+    (option, option, why) for the first such pair, None when they all do; an unknown fp8 mode is refused."""
+    if fp8 not in FP8_MODES:
+        raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {fp8!r}")
+    if fp8 != "off" and dit_offload:
+        return "fp8", "dit_offload", "FP8 weights take the DiT from 38 GiB to ~19-25 GiB, which fits most cards without offload"
+    if batch_cfg and step_cache:
+        return "batch_cfg", "step_cache", "the step cache keeps one cache per CFG branch; use one of them"
+    return None
+
+
 def fp8_layer_names(transformer, modulation: bool = False) -> list[str]:
     """The DiT's linear layers that FP8 converts: the attention and MLP projections inside the repeated blocks
     (nearly all of its FLOPs; 13.6B of Qwen-Image's 20.4B parameters), and with `modulation` also the blocks'
@@ -290,7 +303,8 @@ class BatchedGuidanceHook:
         self.batched_steps = 0
         self.mask_refused = False  # the attention backend raised on the padding mask: batch only unpadded pairs
 
-    # the ModelHook interface (diffusers.hooks.hooks.ModelHook)
+    # diffusers.hooks.hooks.ModelHook's interface, duck-typed: importing diffusers.hooks takes ~3 s, and the job
+    # settings import this module in processes that never load a model
     def initialize_hook(self, module):
         return module
 

@@ -67,7 +67,7 @@ def bulk_edit(
                                    "and attention backend: bench/gpu_realdim.py measures it)."),
     fp8: str = typer.Option(D["fp8"], help="FP8 for the DiT's block projections (torchao): off; dynamic (FP8 matmuls on "
                             "FP8 tensor cores: H100/H200/L40S/RTX 4090 and later); weights (FP8 storage, bf16 compute: "
-                            "half the DiT's memory). Approximate: other edits, another fingerprint."),
+                            "the DiT in ~19 GiB instead of 38). Approximate: other edits, another fingerprint."),
     rewrite_with: str = typer.Option(D["rewrite_with"], help="The rewrite arm: qwen3 lets Qwen3-VL (the bridge's model, the same "
                                      "images) rewrite each instruction, greedily, and Qwen-Image-Edit's own encoder "
                                      "reads the rewrite (stored in summary.parquet); identity forces the rewrite to be "
