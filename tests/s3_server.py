@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 S3_PORT = 8333
+MASTER_PORT = 9333
+MAX_VOLUMES = 1000
 
 
 def weed_binary() -> str:
@@ -37,7 +39,11 @@ class SeaweedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir.parent / "weed.log", "ab")
         self.process = subprocess.Popen(
-            [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"],
+            [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             # Every bucket is a collection with a volume of its own. Left at 0, the volume count is sized from
+             # the free disk space, and a nearly full disk made PutObject fail with InternalError once the
+             # suite's buckets outnumbered it (CI, 2026-12-06). Volumes are sparse files: room costs nothing.
+             f"-volume.max={MAX_VOLUMES}", "-master.volumeSizeLimitMB=64"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -56,6 +62,14 @@ class SeaweedServer:
             return True
         except Exception:  # noqa: BLE001 - not ready yet
             return False
+
+    def volume_slots(self) -> int:
+        """How many volumes (one per bucket) the server can hold, as its master reports it."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{MASTER_PORT}/dir/status", timeout=5) as reply:
+            return int(json.load(reply)["Topology"]["Max"])
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

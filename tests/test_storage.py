@@ -126,6 +126,14 @@ def test_object_store_away_for_a_moment_is_retried(s3_server, s3_root):
     assert Storage(s3_root).read_bytes("objects", "a.bin") == b"survives an outage"
 
 
+def test_the_test_object_store_has_a_volume_for_every_bucket(s3_server):
+    """Each test bucket takes one SeaweedFS volume; a disk-sized default let a nearly full CI disk fail late
+    S3 tests with InternalError. The count is fixed, whatever the free space."""
+    from s3_server import MAX_VOLUMES
+
+    assert s3_server.volume_slots() == MAX_VOLUMES
+
+
 # -- hostile local outputs: links planted where the job writes ---------------------------------------------
 
 
