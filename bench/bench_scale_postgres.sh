@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prefect at scale on PostgreSQL: the test's scale-out job with 500 one-sample shards (the suite runs 120).
+# Prefect at scale on PostgreSQL: the test's scale-out job with 500 one-sample shards (the suite runs 48).
 # Prints the wall time and the Prefect overhead per shard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
