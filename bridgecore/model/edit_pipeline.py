@@ -51,6 +51,7 @@ from bridgecore.model.speed import (
     set_attention_backend,
     use_lightning_scheduler,
 )
+from bridgecore.options import option
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class EnhancedQwenImageEdit:
         self.step_cache = step_cache
         conflict = conflicting_options(fp8, dit_offload, batch_cfg, step_cache)
         if conflict:
-            raise ValueError(f"{conflict[0]} with {conflict[1]}: not supported together ({conflict[2]})")
+            raise ValueError(f"{option(conflict[0])} with {option(conflict[1])}: not supported together ({conflict[2]})")
         self.batch_cfg, self.fp8 = batch_cfg, fp8
         self.loras = parse_loras(lora)
         self.scheduler = resolve_scheduler(scheduler, self.loras)

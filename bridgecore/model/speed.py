@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bridgecore.options import option
+
 logger = logging.getLogger(__name__)
 
 # What Qwen-Image-Lightning's `generate_with_diffusers.py` sets on Qwen-Image's FlowMatchEulerDiscreteScheduler
@@ -252,9 +254,10 @@ def enable_fp8(transformer, mode: str) -> list[str]:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if capability is None or capability < (8, 9):
             where = f"compute capability {capability[0]}.{capability[1]}" if capability else device.type
-            raise ValueError(f"fp8='dynamic' runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA card of "
-                             f"compute capability 8.9 or later (L40S, RTX 4090, H100, H200, B200); this DiT is on {where}. "
-                             "fp8='weights' stores the weights in FP8 and computes in bf16 on any device.")
+            raise ValueError(f"{option('fp8', 'dynamic')} runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA "
+                             f"card of compute capability 8.9 or later (L40S, RTX 4090, H100, H200, B200); this DiT is on "
+                             f"{where}. {option('fp8', 'weights')} stores the weights in FP8 and computes in bf16 on any "
+                             "device.")
     try:
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,

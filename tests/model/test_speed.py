@@ -13,6 +13,7 @@ from conftest import make_image, run_cli
 from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, call_with_areas
 from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
 from bridgecore.model.speed import LoraSpec, default_steps, output_fingerprint, parse_loras, resolve_scheduler
+from bridgecore.options import named_as_parameters
 
 AREA = 64 * 64
 STEPS = 2
@@ -237,7 +238,8 @@ def test_fp8_weights_convert_the_block_projections_and_dynamic_needs_fp8_tensor_
     psnr = 10 * math.log10(1.0 / float(np.mean((out - baseline) ** 2)))
     assert psnr > 25, psnr
     print(f"fp8 weights on the tiny DiT: PSNR vs exact {psnr:.1f} dB, max abs {float(np.abs(out - baseline).max()):.4f}")
-    with pytest.raises(ValueError, match="compute capability 8.9 or later.*this DiT is on cpu"):
+    with pytest.raises(ValueError, match="--fp8 dynamic runs .*compute capability 8.9 or later.*this DiT is on cpu. "
+                                         "--fp8 weights stores"):
         enable_fp8(transformer, "dynamic")
     # through the editor: the refusal comes out of the first edit, and the failed load is not tried twice
     refused = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA, fp8="dynamic")
@@ -247,6 +249,11 @@ def test_fp8_weights_convert_the_block_projections_and_dynamic_needs_fp8_tensor_
     assert sum("loading edit pipeline" in r.getMessage() for r in caplog.records) == 1
     with pytest.raises(ValueError, match="fp8 must be one of"):
         EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], fp8="int4")
+    # the editor names the options as its user gave them: flags at the command line, parameters in a flow
+    with pytest.raises(ValueError, match="--fp8 with --dit-offload: not supported together"):
+        EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], fp8="weights", dit_offload=True)
+    with named_as_parameters(), pytest.raises(ValueError, match="the fp8 parameter with the dit_offload parameter"):
+        EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], fp8="weights", dit_offload=True)
 
 
 def test_whole_transformer_compile_keeps_the_edit(tiny_zoo, baseline):
