@@ -72,3 +72,21 @@ def test_the_nightly_stays_active_across_deploys_and_refuses_to_run_unconfigured
     with pytest.raises(ValueError, match="set VISION_BRIDGE_NIGHTLY_INPUT and VISION_BRIDGE_NIGHTLY_OUTPUT where you "
                                          "run `prefect deploy`"):
         shard_inputs.fn(nightly["parameters"]["input"], nightly["parameters"]["output"], {}, "build-caches", None, 64)
+
+
+def test_import_time_warnings_about_paths_never_taken_are_silenced():
+    """Importing the optional backends (bitsandbytes for 8-bit VLMs, torchao for FP8) with diffusers prints warnings
+    about code vision-bridge never runs (a 4-bit CPU kernel fetched from the Hub, torchao-serialized checkpoints);
+    after `import bridgecore` none of them reaches the user, and nothing else is dropped."""
+    import os
+    import sys
+
+    noise = ("Failed to load CPU gemm_4bit_forward", "Skipping publisher trust check",
+             "Unable to import `torchao` Tensor objects", "is an Enum subclass and is now natively supported")
+    code = ("import bridgecore, logging, bitsandbytes, diffusers.quantizers; "
+            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('kept')")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not [message for message in noise if message in run.stderr], run.stderr[-2000:]
+    assert "kept" in run.stderr  # the filter drops those messages, not the loggers
