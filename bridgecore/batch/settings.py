@@ -92,7 +92,7 @@ class JobSettings:
     rewrite_with: str = "none"
     rewrite_system_prompt: str | None = None  # None: rewrite.SYSTEM_PROMPT
     rewrite_max_tokens: int = 256
-    # how the edits are stored: "png", one object per image (+ metadata.jsonl: an imagefolder), or "webdataset",
+    # how the edits are stored: "png", one object per image (+ metadata.parquet: an imagefolder), or "webdataset",
     # one tar per shard with <key>.png and <key>.json (at 10M images, 10M/shard_size objects instead of 10M)
     edits_format: str = "png"
 

@@ -398,6 +398,7 @@ def compare_edits(editor: EnhancedQwenImageEdit, image, prompt: str, seed: int =
         cache = editor.extractor.extract_qwen3_vision(source, prompt)
         overlay = attention_overlay(editor.extractor.prepare_images([source])[0], maps[0], cache.vision_positions,
                                     cache.grid_thw)
+        Path(save_comparison).parent.mkdir(parents=True, exist_ok=True)  # as the edit's own --out does
         comparison_grid([("input", source), ("baseline", baseline), ("enhanced", enhanced),
                          ("bridge attention", overlay)]).save(save_comparison)
     return baseline, enhanced, maps

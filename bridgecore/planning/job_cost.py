@@ -175,15 +175,18 @@ def _measured_throughput(found: dict | None, resolution: int, steps: int, cfg: b
     """bulk-edit's images per GPU-hour at its defaults (no compile, default attention) as the benchmark measured
     it, when it ran this job's settings on this card (1024^2 condition, the same steps, no CFG, real depth); else
     the reason it does not apply."""
-    if not found or not found.get("throughput"):
+    if not found:
         return None
+    if not found.get("throughput"):  # a file from before the benchmark measured it
+        return {"applies": False, "why_not": "the file has no throughput (written before the benchmark measured "
+                                             "it; rerun bench/gpu_realdim.py)"}
     throughput = found["throughput"]
     differences = [label for label, same in (
         (f"measured on {found['device']}", found["gpu"] == gpu), ("at reduced depth", found["real_depth"]),
         (f"at {throughput['steps']} steps", throughput["steps"] == steps), ("without CFG", not cfg),
         (f"at {found['vae_pixels']} condition pixels", found["vae_pixels"] == resolution**2)) if not same]
     if differences:
-        return {"applies": False, "why_not": ", ".join(differences)}
+        return {"applies": False, "why_not": "the benchmark's run differs (" + ", ".join(differences) + ")"}
     return {"applies": True, "images_per_gpu_hour": throughput["images_per_gpu_hour"],
             "seconds_per_image": throughput["seconds_per_image"], "config": throughput["config"],
             "lightning_images_per_gpu_hour": throughput.get("lightning_images_per_gpu_hour"),
@@ -266,5 +269,5 @@ def format_job_cost(cost: dict[str, Any]) -> str:
                                                    if measured.get("lightning_images_per_gpu_hour")
                                                    else ""))
     elif measured:
-        lines.append(f"measured throughput not applied: the benchmark's run differs ({measured['why_not']})")
+        lines.append(f"measured throughput not applied: {measured['why_not']}")
     return "\n".join(lines + [f"note: {n}" for n in cost["notes"]])

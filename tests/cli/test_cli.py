@@ -44,11 +44,12 @@ def test_edit_command_baseline_and_untrained_default_are_identical(tmp_path, tin
     make_image().save(image)
     common = ["--prompt", "make it blue", "--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model",
               str(tiny_zoo["qwen-image-edit"]), "--steps", "2", "--condition-area", str(64 * 64)]
-    first = _run("edit", str(image), *common, "--out", str(tmp_path / "a.png"), "--compare", str(tmp_path / "g.png"))
+    grid = tmp_path / "not-yet" / "g.png"  # its folder is made, as --out's is
+    first = _run("edit", str(image), *common, "--out", str(tmp_path / "a.png"), "--compare", str(grid))
     second = _run("edit", str(image), *common, "--out", str(tmp_path / "b.png"), "--baseline")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
-    assert (tmp_path / "g.png").exists()
+    assert grid.exists()
 
 
 def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):

@@ -124,7 +124,13 @@ def test_measured_edit_efficiency_is_the_pipeline_loop_and_the_throughput_applie
     assert job["measured_throughput"]["applies"] and job["measured_throughput"]["images_per_gpu_hour"] == 170.0
     assert "170 images per GPU-hour" in format_job_cost(job) and "900 with a Lightning 8-step LoRA" in format_job_cost(job)
     other = plan_job_cost(100, 1024, 8, "h100", cfg=True, measured=path)["measured_throughput"]
-    assert not other["applies"] and other["why_not"] == "measured on NVIDIA H200, at 50 steps, without CFG"
+    assert not other["applies"]
+    assert other["why_not"] == "the benchmark's run differs (measured on NVIDIA H200, at 50 steps, without CFG)"
+    # an older file (the shipped H200 one) has no throughput: the plan says so instead of staying silent
+    del bench["throughput"]
+    path.write_text(json.dumps(bench))
+    old = plan_job_cost(100, 1024, 50, "h200", measured=path)
+    assert "measured throughput not applied: the file has no throughput" in format_job_cost(old)
 
 
 def test_bad_job_input_is_refused():
@@ -142,6 +148,10 @@ def test_plan_images_cli_json():
     assert job["images"] == 10_000_000 and job["gpu"] == "h200" and job["steps"] == 8
     assert job["total_gpu_hours"] > job["edit_gpu_hours"] > job["extract_gpu_hours"] > 0
     assert job["cost_usd"] == pytest.approx(3.5 * job["total_gpu_hours"])
+    # a job's options without --images would be dropped silently: refused, naming them (model options still work)
+    alone = run_cli("plan", "--train-steps", "1000", "--gpus", "8", "--rewrite-tokens", "128")
+    assert alone.returncode == 2 and "--train-steps, --gpus price a job: add --images N" in alone.stderr, alone.stderr
+    assert run_cli("plan", "--rewrite-tokens", "128", "--json").returncode == 0
 
 
 def test_memory_modes_order(report):

@@ -76,7 +76,7 @@ def bulk_edit(
     rewrite_system_prompt: Optional[str] = typer.Option(None, help="The rewriter's system prompt, as TEXT or @FILE "
                                                         "[default: bridgecore.model.rewrite.SYSTEM_PROMPT]."),
     rewrite_max_tokens: int = typer.Option(D["rewrite_max_tokens"], help="Token cap of each rewrite."),
-    edits_format: str = typer.Option(D["edits_format"], help="png: one PNG object per edit (+ metadata.jsonl, an "
+    edits_format: str = typer.Option(D["edits_format"], help="png: one PNG object per edit (+ metadata.parquet, an "
                                      "imagefolder); webdataset: one tar per shard with <key>.png and <key>.json "
                                      "(far fewer objects at scale; WebDataset and fsspec's tar:// read it)."),
 ):

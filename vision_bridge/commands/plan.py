@@ -10,9 +10,14 @@ import typer
 
 from vision_bridge.app import app, fail
 
+# the options that only a job (--images N) reads
+JOB_OPTIONS = ("resolution", "steps", "gpu", "efficiency", "cfg", "price", "measured", "train_steps",
+               "train_batch_size", "measured_training", "gpus", "rewrite")
+
 
 @app.command()
 def plan(
+    ctx: typer.Context,
     image_size: tuple[int, int] = typer.Option((1024, 1024), help="Input image height and width in pixels."),
     condition_area: int = typer.Option(1024 * 1024, help="Condition-image area the pipeline resizes to."),
     images: Optional[int] = typer.Option(None, help="Plan a job of this many images: GPU-hours, storage and cost "
@@ -45,6 +50,12 @@ def plan(
     from bridgecore.planning.planner import format_plan
     from bridgecore.planning.planner import plan as make_plan
 
+    if images is None:  # a job option without a job would be dropped without a word
+        given = [name for name in JOB_OPTIONS  # (typer's own click: the source compared by name)
+                 if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
+        if given:
+            fail(f"{', '.join('--' + name.replace('_', '-') for name in given)} price a job: add --images N "
+                 "(without it, plan prints the model report)")
     try:
         if images is not None:
             report = plan_job_cost(images, resolution, steps, gpu, cfg, efficiency, price, measured, train_steps,
