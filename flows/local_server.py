@@ -110,7 +110,9 @@ def _server_class():
             if sys.platform.startswith("linux"):
                 command = ["-c", _TIE_TO_PARENT, str(os.getpid()), *command]
             server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-            return subprocess.Popen(args=[sys.executable, *command], env={
+            # its own session: a terminal's Ctrl-C (SIGINT to the whole foreground group) stops our run, which
+            # takes the server down with it; a server stopped first left the run retrying a dead API for minutes
+            return subprocess.Popen(args=[sys.executable, *command], start_new_session=True, env={
                 **os.environ, **server_env, **get_current_settings().to_environment_variables(exclude_unset=True)})
 
     return TiedServer

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -57,6 +59,7 @@ def preflight(input: str, output: str, create_bucket: bool = False, prompt: Opti
         check_input(input)
         check_manifest_columns(input, prompt)
         _check_output_url(output)
+        _check_output_outside_input(input, output)
         if qwen3 is not None:
             _check_model_config(qwen3)
         Storage(output).check_writable(create_bucket)
@@ -70,6 +73,22 @@ def _check_output_url(output: str) -> None:
         if any(part in (".", "..") for part in parts) or not parts[0]:
             raise ValueError(f"output {output}: an object-store URL is bucket/prefix, without '.' or '..' segments "
                              "or an empty bucket name")
+
+
+def _check_output_outside_input(input: str, output: str) -> None:
+    """A folder (or glob) of images is read recursively: an output inside it would feed its own edits back in as
+    inputs on the next run."""
+    from bridgecore.batch.sharding import MANIFEST_EXTENSIONS
+
+    if "://" in input or "://" in output or input.lower().endswith(MANIFEST_EXTENSIONS):
+        return
+    if any(c in input for c in "*?[") and "**" not in input:  # a glob that does not recurse
+        return
+    folder = Path(re.split(r"[*?[]", os.path.expanduser(input), maxsplit=1)[0] or ".")
+    folder = folder if folder.is_dir() else folder.parent
+    if Path(os.path.expanduser(output)).resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"output {output} is inside the input folder {folder}: its edits would be read as inputs "
+                         "on the next run; write the output elsewhere")
 
 
 def _check_model_config(name: str) -> None:

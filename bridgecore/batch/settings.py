@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import posixpath
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
@@ -102,9 +103,9 @@ class JobSettings:
         checks = [("steps", self.steps >= 2, "at least 2"), ("batch_size", self.batch_size >= 1, "at least 1"),
                   ("condition_area", self.condition_area >= 32 * 32, "at least 32*32 = 1024 pixels"),
                   ("seed", self.seed >= 0, "a non-negative integer"),
-                  ("cfg", self.cfg >= 1.0, ">= 1 (1 turns true CFG off)"),
+                  ("cfg", math.isfinite(self.cfg) and self.cfg >= 1.0, "a finite number >= 1 (1 turns true CFG off)"),
                   ("max_prompt_tokens", self.max_prompt_tokens >= 16, "at least 16"),
-                  ("step_cache", 0.0 <= self.step_cache < 1.0, "in [0, 1) (0 turns the step cache off)")]
+                  ("step_cache", math.isfinite(self.step_cache) and 0.0 <= self.step_cache < 1.0, "in [0, 1) (0 turns the step cache off)")]
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")

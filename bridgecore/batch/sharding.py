@@ -74,8 +74,13 @@ def _read_rows(source: str) -> Iterable[tuple[str, dict[str, Any] | str]]:
                 except json.JSONDecodeError as error:
                     yield f"{name} line {number}", f"invalid JSON ({error.msg} at column {error.colno})"
     elif kind.endswith(".csv"):
-        for number, row in enumerate(csv.DictReader(io.StringIO(_text(source, data))), start=2):
-            yield f"{name} line {number}", row
+        reader = csv.DictReader(io.StringIO(_text(source, data)))
+        for row in reader:
+            if None in row:  # csv puts the fields past the header's under None: the row would be silently cut
+                yield (f"{name} line {reader.line_num}", f"{len(row[None])} more field(s) than the header's "
+                       f"{len(reader.fieldnames)} (an unquoted comma? quote the field)")
+            else:
+                yield f"{name} line {reader.line_num}", row
     else:
         for number, row in enumerate(_parquet(source, data).to_pylist(), start=1):
             yield f"{name} row {number}", row

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -103,6 +104,10 @@ class BridgeConfig:
             raise ValueError(f"num_tokens must be at least 1 with mode {self.mode!r}; got {self.num_tokens}")
         if not 0 < self.max_correction_ratio < 1:
             raise ValueError(f"max_correction_ratio must be in (0, 1) so the base stays dominant; got {self.max_correction_ratio}")
+        if self.rank < 1 or self.num_heads < 1:
+            raise ValueError(f"rank and num_heads must be at least 1; got rank {self.rank}, num_heads {self.num_heads}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0; got {self.learning_rate}")
         if self.rank % self.num_heads:
             raise ValueError(f"rank ({self.rank}) must be divisible by num_heads ({self.num_heads})")
         if not self.levels:

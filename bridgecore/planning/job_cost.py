@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
                          f"{train_batch_size}")
     if rewrite and (rewrite_tokens < 1 or rewrite_batch < 1):
         raise ValueError(f"need rewrite_tokens >= 1 and rewrite_batch >= 1; got {rewrite_tokens}, {rewrite_batch}")
+    if price_per_gpu_hour is not None and not (math.isfinite(price_per_gpu_hour) and price_per_gpu_hour >= 0):
+        raise ValueError(f"price must be a finite number >= 0 (USD per GPU-hour); got {price_per_gpu_hour}")
     if efficiency is not None and not 0 < efficiency <= 1:
         raise ValueError(f"efficiency must be in (0, 1]; got {efficiency}")
     spec = gpu_spec(gpu)

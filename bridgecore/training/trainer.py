@@ -94,6 +94,13 @@ class TrainConfig:
                      "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        for name in ("seed", "warmup_steps", "data_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative integer; got {getattr(self, name)}")
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning rate must be a finite number > 0; got {self.learning_rate}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0; got {self.max_grad_norm}")
 
     @property
     def global_batch(self) -> int:
@@ -427,7 +434,7 @@ class BridgeTrainer:
         """Runs (or resumes) training; rank 0 writes checkpoints, `metrics.json` and `loss_curve.png` to `out_dir`
         and returns the metrics (other ranks return {})."""
         config, bridge, ranks = self.config, self.bridge, self.ranks
-        lr = config.learning_rate or self.bridge_config.learning_rate
+        lr = self.bridge_config.learning_rate if config.learning_rate is None else config.learning_rate
         optimizer = torch.optim.AdamW(bridge.parameter_groups(lr, self.bridge_config.weight_decay))
         warmup = max(1, config.warmup_steps)
         lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))

@@ -61,6 +61,12 @@ def test_bad_rows_fail_alone_with_their_line(inputs):
     good, broken, imageless = read_inputs(str(inputs / "m.jsonl"))
     assert good.error is None
     assert "m.jsonl line 2: invalid JSON" in broken.error and "m.jsonl line 3" in imageless.error
+    # a CSV row with an unquoted comma in its instruction is not cut at the comma: it fails, with its line; a quoted
+    # comma (or newline) is one field, and the line numbers count physical lines
+    (inputs / "m.csv").write_text('id,image,instruction\na,img0.png,"red, then\nblue"\nb,img1.png,make it red, then blue\n')
+    quoted, cut = read_inputs(str(inputs / "m.csv"))
+    assert quoted.error is None and quoted.instruction == "red, then\nblue"
+    assert "m.csv line 4: 1 more field(s) than the header's 3 (an unquoted comma?" in cut.error
 
 
 def test_csv_with_a_byte_order_mark_keeps_its_first_column(inputs):

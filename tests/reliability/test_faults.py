@@ -185,6 +185,32 @@ def test_killed_run_leaves_no_server_behind_and_summary_counts_only_current_samp
     assert not list(home.glob("temporary-server*.pid"))  # the killed run's file is cleaned up by the rerun
 
 
+def test_ctrl_c_stops_the_run_in_seconds_and_the_rerun_resumes(tmp_path, tiny_zoo, shared_prefect):
+    """A terminal's Ctrl-C signals the whole foreground group: the temporary server must not die first (the run then
+    retried a dead API for ~150 s and ended in tracebacks). One line, exit 130, nothing left running, resumable."""
+    rows = [{"id": f"s{i}", "image": f"img{i % 5}.png", "instruction": f"edit {i}"} for i in range(6)]
+    manifest = write_manifest(tmp_path / "in", rows)
+    out, home = tmp_path / "out", tmp_path / "p"
+    process = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", "--steps", "20",
+                  home=home, wait=False)  # its own process group, like a terminal's foreground job
+    pid_file = home / f"temporary-server-{process.pid}.pid"
+    deadline = time.monotonic() + 300
+    while not list(out.glob("edits/*/_done/*.json")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    server = int(pid_file.read_text())
+    os.killpg(process.pid, signal.SIGINT)
+    start = time.monotonic()
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, output[-3000:]
+    assert time.monotonic() - start < 30 and "Traceback" not in output, output[-3000:]
+    assert "interrupted: committed shards are kept" in output
+    assert not _alive(server)
+    rerun = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", "--steps", "20",
+                home=home, api_url=shared_prefect)
+    assert rerun.returncode == 0 and "done 6, failed 0, pending 0" in rerun.stdout, rerun.stderr[-3000:]
+
+
 def _alive(pid: int) -> bool:
     """Running (a zombie awaiting its reaper counts as gone)."""
     try:

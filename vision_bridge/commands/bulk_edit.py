@@ -109,6 +109,7 @@ def bulk_edit(
         banner("THE REWRITE ARM WITH THE TINY RANDOM Qwen3-VL: its rewrites are gibberish (a random model writes "
                 "random tokens),\nso Edit+rewrite shows the plumbing only; the arm's value can only be measured with "
                 "real weights (--qwen3).")
+    preflight(input, output, create_bucket, prompt, None if settings.native else qwen3)  # a dry run checks too
     if dry_run:
         from bridgecore.batch.pipeline import plan_job
 
@@ -129,7 +130,6 @@ def bulk_edit(
 
         typer.echo(f"steps {settings.steps}; fingerprints {json.dumps(fingerprints('bulk-edit', settings))}")
         return
-    preflight(input, output, create_bucket, prompt, None if settings.native else qwen3)
     from flows.local_server import ServerStartError, local_prefect, prefect_environment
 
     prefect_environment(DEFAULT_HOME / "prefect", quiet=not shared.DEBUG)
@@ -142,6 +142,10 @@ def bulk_edit(
                                      create_bucket=create_bucket, limit=limit, **job)
     except (*user_errors(), ServerStartError) as error:
         fail(str(error))
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted: committed shards are kept in {output}; the same command resumes", err=True,
+                    fg=typer.colors.YELLOW)
+        raise typer.Exit(code=130) from None
     counts = summary["counts"]
     typer.echo(f"done {counts['done']}, failed {counts['failed']}, pending {counts['pending']} "
                f"({summary['shards']} shards); summary: {output.rstrip('/')}/runs/{summary['run']}/summary.json")

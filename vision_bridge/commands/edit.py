@@ -60,6 +60,9 @@ def edit(
     from bridgecore.model.images import ImageLoadError, load_image
     from bridgecore.model.loading import editor_family
 
+    for flag, path in (("--out", out), ("--compare", compare_path)):
+        if path is not None:
+            _check_image_path(flag, path)
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, editor=editor)
     try:
         family = editor_family(edit_model)
@@ -107,3 +110,18 @@ def edit(
     out.parent.mkdir(parents=True, exist_ok=True)
     result.save(out)
     typer.echo(f"wrote {out}" + (f" and {compare_path}" if compare_path else ""))
+
+
+def _check_image_path(flag: str, path: Path) -> None:
+    """Refuses, before any model loads, an output PNG the edit could not be saved to after all its work."""
+    from PIL import Image
+
+    if path.is_dir():
+        fail(f"{flag} {path} is a folder: give a file name such as {path / 'edit.png'}")
+    if path.suffix.lower() not in Image.registered_extensions():
+        fail(f"{flag} {path}: the file name needs an image extension (.png, .jpg, .webp)")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                fail(f"{flag} {path}: {parent} is a file, not a folder")
+            break

@@ -50,6 +50,9 @@ def plan(
     from bridgecore.planning.planner import format_plan
     from bridgecore.planning.planner import plan as make_plan
 
+    if condition_area < 32 * 32 or min(image_size) < 1:
+        fail(f"--condition-area must be at least 32*32 = 1024 pixels and --image-size positive; got {condition_area}, "
+             f"{image_size[0]}x{image_size[1]}")
     if images is None:  # a job option without a job would be dropped without a word
         given = [name for name in JOB_OPTIONS  # (typer's own click: the source compared by name)
                  if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]

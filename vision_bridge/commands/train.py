@@ -63,12 +63,14 @@ def train(
         fail(f"--ablate-qwen3 must be one of {', '.join(ABLATIONS)}; got {ablate_qwen3!r}")
     if "://" not in out and Path(out).exists() and not Path(out).is_dir():
         fail(f"--out {out} is a file, not a folder: training writes a checkpoint folder there")
-    from bridgecore.model.bridge import MODES
+    from bridgecore.model.bridge import MODES, BridgeConfig
 
     if mode not in MODES:
         fail(f"--mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if num_tokens < 1:
-        fail(f"--num-tokens must be at least 1; got {num_tokens}")
+    try:  # the bridge's own checks (rank, heads, learning rate) before any cache is built
+        BridgeConfig(rank=rank, mode=mode, num_tokens=num_tokens, learning_rate=lr)
+    except ValueError as error:
+        fail(f"{error} (--rank, --mode, --num-tokens, --lr)")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
     try:  # the build-caches job's settings: its fingerprints find the caches it wrote
         settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
