@@ -196,3 +196,37 @@ def test_hostile_manifests_and_addresses_are_one_line_errors(tmp_path, tiny_zoo)
     (tmp_path / "a-file").write_text("x")
     trained = _run("train", "--data", manifest, "--out", str(tmp_path / "a-file"), *models)
     assert trained.returncode == 2 and "is a file, not a folder" in trained.stderr and "Traceback" not in trained.stderr
+
+
+def test_bad_numbers_and_paths_are_refused_before_any_work(tmp_path, tiny_zoo):
+    """Found by a hostile run: each of these used to run to the end (black edits marked done, a NaN bridge, a
+    traceback after the edit, a dry run that planned what the run refuses, a folder feeding its edits back in)."""
+    from conftest import make_inputs
+
+    models = ["--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"])]
+    manifest = make_inputs(tmp_path / "in", n=1)
+    out = str(tmp_path / "out")
+    refusals = {
+        ("bulk-edit", "--input", manifest, "--output", out, "--dry-run", "--cfg", "inf", *models):
+            "cfg must be a finite number >= 1",
+        ("train", "--data", "/nonexistent.jsonl", "--out", out, "--lr", "nan", *models):
+            "learning_rate must be a finite number > 0",
+        ("train", "--data", "/nonexistent.jsonl", "--out", out, "--rank", "0", *models): "rank and num_heads must be",
+        ("train", "--data", "/nonexistent.jsonl", "--out", out, "--seed", "-1", *models):
+            "seed must be a non-negative integer",
+        ("plan", "--condition-area", "0"): "--condition-area must be at least 32*32",
+        ("plan", "--images", "10", "--price", "nan"): "price must be a finite number >= 0",
+        ("edit", str(tmp_path / "in" / "img0.png"), "--prompt", "x", "--out", str(tmp_path), *models):
+            "is a folder: give a file name",
+        ("edit", str(tmp_path / "in" / "img0.png"), "--prompt", "x", "--out", str(tmp_path / "noext"), *models):
+            "needs an image extension",
+        ("bulk-edit", "--input", str(tmp_path / "in"), "--prompt", "x", "--output", str(tmp_path / "in" / "o"),
+         "--dry-run", *models): "is inside the input folder",
+    }
+    (tmp_path / "pictures.csv").write_text("id,picture\na,img0.png\n")  # no image column: a dry run refuses it too
+    refusals[("bulk-edit", "--input", str(tmp_path / "pictures.csv"), "--output", out, "--dry-run", *models)] = (
+        "lacks the column 'image'")
+    for args, message in refusals.items():
+        result = _run(*args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])
+    assert not (tmp_path / "out").exists()  # nothing was written for any of them
