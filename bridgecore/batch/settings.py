@@ -190,12 +190,15 @@ class JobSettings:
             DEFAULT_MODEL_OF_FAMILY,
             DEFAULT_QWEN3_MODEL,
             editor_family,
+            one_spelling,
         )
         from bridgecore.model.speed import default_steps, parse_loras, resolve_scheduler
 
         edit_model = edit_model or DEFAULT_MODEL_OF_FAMILY.get(editor) or (
             DEFAULT_EDIT_PLUS_MODEL if multi_image else DEFAULT_EDIT_MODEL)
-        job = cls(qwen3_model or DEFAULT_QWEN3_MODEL, edit_model, editor=editor, **settings)
+        if settings.get("bridge"):
+            settings["bridge"] = one_spelling(settings["bridge"])
+        job = cls(one_spelling(qwen3_model or DEFAULT_QWEN3_MODEL), one_spelling(edit_model), editor=editor, **settings)
         job.check_editor()
         if steps is None:
             loras = parse_loras(list(job.lora))
@@ -205,6 +208,7 @@ class JobSettings:
         if plus_model == "none":  # said explicitly: multi-image samples fail alone, with the hint
             plus_model = None
         if plus_model is not None:
+            plus_model = one_spelling(plus_model)
             if editor_family(plus_model) != "qwen-image-edit-plus":
                 raise ValueError(f"plus_model {plus_model} is not an Edit-Plus pipeline")
             plus_model = plus_model if job.family == "qwen-image-edit" else None

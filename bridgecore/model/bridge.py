@@ -56,6 +56,7 @@ from torch import nn
 
 from bridgecore.model.cache_format import LEVEL_NAMES, Qwen3VisionCache, Qwen25VisionCache
 from bridgecore.model.edit_prompt import pad_prompt_embeds
+from bridgecore.model.loading import one_spelling
 
 logger = logging.getLogger(__name__)
 
@@ -338,9 +339,13 @@ class VisionCacheBridge(nn.Module):
             problems.append(f"Qwen3 revision {qwen3.revision!r} != bridge's {cfg.qwen3_revision!r}")
         if cfg.qwen25_revision and qwen25.revision != cfg.qwen25_revision:
             problems.append(f"Qwen2.5 revision {qwen25.revision!r} != bridge's {cfg.qwen25_revision!r}")
-        if cfg.qwen3_model_id and qwen3.model_id != cfg.qwen3_model_id:
+        # the model by its name only where a revision cannot say it: the same folder is spelled many ways
+        # (relative, absolute, a trailing slash), and a revision (a commit, or a local folder's file digest) is exact
+        if (cfg.qwen3_model_id and not (cfg.qwen3_revision and qwen3.revision)
+                and one_spelling(qwen3.model_id) != one_spelling(cfg.qwen3_model_id)):
             problems.append(f"Qwen3 model {qwen3.model_id!r} != bridge's {cfg.qwen3_model_id!r}")
-        if cfg.qwen25_model_id and qwen25.model_id != cfg.qwen25_model_id:
+        if (cfg.qwen25_model_id and not (cfg.qwen25_revision and qwen25.revision)
+                and one_spelling(qwen25.model_id) != one_spelling(cfg.qwen25_model_id)):
             problems.append(f"Qwen2.5 model {qwen25.model_id!r} != bridge's {cfg.qwen25_model_id!r}")
         for name, tensor in (("qwen25.prompt_embeds", qwen25.prompt_embeds), *((f"qwen3.{n}", qwen3.levels[n])
                              for n in cfg.levels if n in qwen3.levels)):

@@ -245,3 +245,12 @@ def load_edit_pipeline(resolved: ResolvedModel, options: LoadOptions = LoadOptio
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(options.torch_device())
+
+
+def one_spelling(model: str) -> str:
+    """A local model folder as one absolute, normalised path: `zoo/m`, `zoo/m/`, `./zoo/../zoo/m` and `/abs/zoo/m`
+    are the same model, and must give the same fingerprints (each spelling recomputed the whole job). Hub ids and
+    URLs are left as they are."""
+    if "://" in model or not os.path.isdir(os.path.expanduser(model)):
+        return model
+    return os.path.abspath(os.path.expanduser(model))

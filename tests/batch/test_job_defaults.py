@@ -118,3 +118,34 @@ def test_the_flows_and_the_cli_take_their_defaults_from_one_place():
     for option in command.params:
         if option.name in JOB_DEFAULTS and isinstance(option, click.Option):
             assert option.default in (JOB_DEFAULTS[option.name], None, list(JOB_DEFAULTS[option.name])), option.name
+
+
+def test_a_model_folder_spelled_differently_is_the_same_job(tiny_zoo, extractor, monkeypatch):
+    """`zoo/m`, `zoo/m/`, `zoo/../zoo/m` and the absolute path recomputed a whole job each (fingerprints from the
+    spelling), and a bridge trained under one spelling refused caches extracted under another."""
+    import os
+
+    from conftest import make_image
+
+    from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
+
+    qwen3, edit = tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit"]
+    monkeypatch.chdir(qwen3.parent.parent)
+    zoo = qwen3.parent.name
+    spellings = [str(qwen3), f"{zoo}/{qwen3.name}", f"{zoo}/{qwen3.name}/", f"./{zoo}/../{zoo}/{qwen3.name}"]
+    prints = {json.dumps(fingerprints("bulk-edit", JobSettings.for_job(q, f"{zoo}/{edit.name}/"))) for q in spellings}
+    assert len(prints) == 1
+    assert JobSettings.for_job(spellings[2], str(edit)).qwen3_model == os.path.abspath(str(qwen3))
+    assert JobSettings.for_job("Qwen/Qwen3-VL-8B-Instruct", str(edit)).qwen3_model == "Qwen/Qwen3-VL-8B-Instruct"
+    # a bridge that names the models by another spelling, with the same revisions, takes these caches
+    cache = extractor.extract(make_image(), "make it blue")
+    q3, q25 = cache.qwen3, cache.qwen25
+    config = BridgeConfig.from_caches(q3, q25, qwen3_model_id=spellings[3], qwen25_model_id=f"{zoo}/{edit.name}/",
+                                      qwen3_revision=q3.revision, qwen25_revision=q25.revision)
+    VisionCacheBridge(config).check_caches(q3, q25)
+    other = BridgeConfig.from_caches(q3, q25, qwen3_model_id=spellings[3], qwen3_revision="another")
+    with pytest.raises(ValueError, match="Qwen3 revision"):
+        VisionCacheBridge(other).check_caches(q3, q25)
+    unrevised = BridgeConfig.from_caches(q3, q25, qwen3_model_id="someone/else", qwen3_revision="")  # the name decides
+    with pytest.raises(ValueError, match="Qwen3 model"):
+        VisionCacheBridge(unrevised).check_caches(q3, q25)
