@@ -226,7 +226,14 @@ def test_bad_numbers_and_paths_are_refused_before_any_work(tmp_path, tiny_zoo):
     (tmp_path / "pictures.csv").write_text("id,picture\na,img0.png\n")  # no image column: a dry run refuses it too
     refusals[("bulk-edit", "--input", str(tmp_path / "pictures.csv"), "--output", out, "--dry-run", *models)] = (
         "lacks the column 'image'")
+    # a local run of what this machine cannot run at all: one line, not a failure committed for every sample
+    run = ("bulk-edit", "--input", manifest, "--output", out, *models)
+    refusals[(*run, "--lora", str(tmp_path / "missing.safetensors"))] = "missing.safetensors: no such file"
+    import torch
+
+    if not torch.cuda.is_available():
+        refusals[(*run, "--fp8", "dynamic")] = "--fp8 dynamic needs a CUDA card of compute capability 8.9"
     for args, message in refusals.items():
         result = _run(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])
-    assert not (tmp_path / "out").exists()  # nothing was written for any of them
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written for any

@@ -130,6 +130,7 @@ def bulk_edit(
 
         typer.echo(f"steps {settings.steps}; fingerprints {json.dumps(fingerprints('bulk-edit', settings))}")
         return
+    _check_this_machine_runs(settings)
     from flows.local_server import ServerStartError, local_prefect, prefect_environment
 
     prefect_environment(DEFAULT_HOME / "prefect", quiet=not shared.DEBUG)
@@ -151,3 +152,23 @@ def bulk_edit(
                f"({summary['shards']} shards); summary: {output.rstrip('/')}/runs/{summary['run']}/summary.json")
     for failure in summary["failures"][:20]:
         typer.echo(f"  failed {failure['id']} at {failure['stage']}: {failure['error']}")
+
+
+def _check_this_machine_runs(settings) -> None:
+    """A local run computes here: what cannot run on this machine at all is one line now, not a failure committed
+    for every sample after the extraction (a deployment's GPU workers check on their own card)."""
+    import os
+
+    from bridgecore.model.speed import parse_loras
+
+    for source in (spec.source for spec in parse_loras(list(settings.lora))):
+        if source.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(source)):
+            fail(f"--lora {source}: no such file")
+    if settings.fp8 == "dynamic":
+        import torch
+
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+        if capability is None or capability < (8, 9):
+            where = f"compute capability {capability[0]}.{capability[1]}" if capability else "no CUDA device"
+            fail(f"--fp8 dynamic needs a CUDA card of compute capability 8.9 or later (L40S, RTX 4090, H100, H200, "
+                 f"B200); this machine has {where}. --fp8 weights runs on any device.")
