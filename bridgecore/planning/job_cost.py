@@ -63,13 +63,24 @@ def implied_efficiency(seconds: float, flops: float, gpu: str) -> float:
     return flops / seconds / gpu_spec(gpu).bf16_dense_flops
 
 
+def _read_json(path: str | Path, expected: str) -> dict[str, Any]:
+    """A measurement file's JSON object, or one error naming the file and what it should be."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not JSON ({error}); expected {expected}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object; expected {expected}")
+    return value
+
+
 def measured_efficiencies(path: str | Path) -> dict[str, Any]:
     """Per-stage model FLOP utilisation, VAE seconds and bulk-edit's throughput from a `bench/gpu_realdim.py` JSON.
 
     The edit's efficiency is the whole edit's as the pipeline runs it at bulk-edit's defaults (eager, the default
     attention: its DiT FLOPs over its time less the VAE); the isolated `dit_step` is the fallback for older files.
     The extraction's is bulk-edit's batch (`*_extract_batch`) when measured, else one sample's."""
-    data = json.loads(Path(path).read_text())
+    data = _read_json(path, "a bench/gpu_realdim.py --json file")
     stages = data.get("stages", {})
 
     def mfu(stage: str) -> float | None:
@@ -198,7 +209,7 @@ def _measured_throughput(found: dict | None, resolution: int, steps: int, cfg: b
 
 def measured_training_seconds(metrics: str | Path) -> tuple[float, str]:
     """Seconds per training sample per GPU from a training run's metrics.json (world size / samples per second)."""
-    values = json.loads(Path(metrics).read_text())
+    values = _read_json(metrics, "a metrics.json written by `vision-bridge train`")
     rate, world = values.get("samples_per_s"), values.get("world_size", 1)
     if not rate:
         raise ValueError(f"{metrics}: no samples_per_s (a metrics.json written by `vision-bridge train`?)")

@@ -216,6 +216,9 @@ def test_bad_numbers_and_paths_are_refused_before_any_work(tmp_path, tiny_zoo):
             "seed must be a non-negative integer",
         ("plan", "--condition-area", "0"): "--condition-area must be at least 32*32",
         ("plan", "--images", "10", "--price", "nan"): "price must be a finite number >= 0",
+        ("plan", "--images", "10", "--measured", manifest): "not JSON",
+        ("bulk-edit", "--input", manifest, "--output", out, "--dry-run", "--rewrite-system-prompt", "be brief", *models):
+            "add --rewrite-with qwen3",
         ("edit", str(tmp_path / "in" / "img0.png"), "--prompt", "x", "--out", str(tmp_path), *models):
             "is a folder: give a file name",
         ("edit", str(tmp_path / "in" / "img0.png"), "--prompt", "x", "--out", str(tmp_path / "noext"), *models):

@@ -88,6 +88,8 @@ def bulk_edit(
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, editor=editor)
     try:
+        if rewrite_system_prompt is not None and rewrite_with == "none":
+            raise ValueError("--rewrite-system-prompt sets the rewrite arm's prompt: add --rewrite-with qwen3")
         if rewrite_system_prompt is not None and rewrite_system_prompt.startswith("@"):
             rewrite_system_prompt = Path(rewrite_system_prompt[1:]).expanduser().read_text(encoding="utf-8")
         # The job as the deployment's flow receives it; `JobSettings.for_job` decides every default, there and here.
