@@ -153,6 +153,11 @@ class Stage:
         except Exception as error:  # noqa: BLE001 - classified below
             if is_transient_error(error):
                 raise  # storage away: the shard fails and is retried whole
+            from bridgecore.model.loading import ModelNotAvailableError
+            from bridgecore.model.speed import CannotRunHereError
+
+            if isinstance(error, (ModelNotAvailableError, CannotRunHereError)):
+                raise  # the same for every sample (a model missing, hardware lacking): nothing is committed
             if len(items) == 1:
                 logger.warning("%s: sample %s failed: %s: %s", self.name, items[0].sample.id, type(error).__name__, error)
                 return [SampleResult.failed(items[0].sample, f"{self.name} failed: {type(error).__name__}: {error}")]

@@ -212,6 +212,11 @@ def enable_step_cache(transformer, threshold: float) -> None:
 FP8_MODES = ("off", "dynamic", "weights")
 
 
+class CannotRunHereError(ValueError):
+    """The job's settings cannot run on this machine at all (e.g. FP8 matmuls without FP8 tensor cores): every
+    sample would fail the same way, so the stage fails whole instead of committing a failure per sample."""
+
+
 def conflicting_options(fp8: str = "off", dit_offload: bool = False, batch_cfg: bool = False,
                         step_cache: float = 0.0) -> tuple[str, str, str] | None:
     """The speed options that do not go together, checked once for the editor and the job settings alike:
@@ -254,7 +259,7 @@ def enable_fp8(transformer, mode: str) -> list[str]:
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if capability is None or capability < (8, 9):
             where = f"compute capability {capability[0]}.{capability[1]}" if capability else device.type
-            raise ValueError(f"{option('fp8', 'dynamic')} runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA "
+            raise CannotRunHereError(f"{option('fp8', 'dynamic')} runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA "
                              f"card of compute capability 8.9 or later (L40S, RTX 4090, H100, H200, B200); this DiT is on "
                              f"{where}. {option('fp8', 'weights')} stores the weights in FP8 and computes in bf16 on any "
                              "device.")

@@ -499,6 +499,26 @@ def test_the_step_cache_changes_only_the_edits_fingerprints(settings):
         replace(settings, step_cache=1.5)
 
 
+def test_what_cannot_run_here_fails_the_stage_and_commits_no_sample(tmp_path, settings):
+    """FP8 matmuls without FP8 tensor cores fail every sample the same way: committing a failure per sample (after
+    the extraction) made the same job on a capable card need --retry-failed. The stage fails whole instead, and
+    the extraction it needed stays committed."""
+    import torch
+
+    from bridgecore.model.speed import CannotRunHereError
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this machine runs FP8 matmuls")
+    manifest, out = make_inputs(tmp_path / "in", n=2), str(tmp_path / "out")
+    fp8 = replace(settings, fp8="dynamic")
+    plan = plan_job(manifest, out, fp8, shard_size=20)
+    with pytest.raises(CannotRunHereError, match="compute capability 8.9"):
+        run_pipeline(out, "bulk-edit", plan.shards, fp8, progress=False)
+    prints = fingerprints("bulk-edit", fp8)
+    assert list((tmp_path / "out" / "caches" / prints["caches"] / "_done").glob("*.json"))
+    assert not list((tmp_path / "out" / "edits").glob("*/_done/*.json"))
+
+
 def test_fp8_changes_only_the_edits_fingerprints_and_batched_cfg_none(settings):
     """FP8 is an approximation (its own edits), batched CFG only reorders the same arithmetic (no new fingerprint);
     combinations that were never run together are refused with the option names."""
