@@ -82,8 +82,8 @@ def _check_output_outside_input(input: str, output: str) -> None:
 
     if "://" in input or "://" in output or input.lower().endswith(MANIFEST_EXTENSIONS):
         return
-    if any(c in input for c in "*?[") and "**" not in input:  # a glob that does not recurse
-        return
+    if (any(c in input for c in "*?[") and "**" not in input) or os.path.isfile(os.path.expanduser(input)):
+        return  # a glob that does not recurse, or a file (not a folder input)
     folder = Path(re.split(r"[*?[]", os.path.expanduser(input), maxsplit=1)[0] or ".")
     folder = folder if folder.is_dir() else folder.parent
     if Path(os.path.expanduser(output)).resolve().is_relative_to(folder.resolve()):

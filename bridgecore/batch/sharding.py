@@ -192,6 +192,8 @@ def _image_list(row: dict[str, Any]) -> list[str]:
     if images is not None and images != "":
         if isinstance(images, str):
             images = json.loads(images) if images.strip().startswith("[") else images.split("|")
+        if not images:
+            raise ValueError("row's 'images' is an empty list")
         return [str(i) for i in images]
     if row.get("image") in (None, ""):
         raise ValueError("row has neither 'image' nor 'images'")
@@ -235,6 +237,7 @@ def _manifest_samples(source: str, prompt: str | None, stamps: FileStamps) -> It
 
 
 def _folder_samples(source: str, prompt: str | None, stamps: FileStamps) -> Iterator[Sample]:
+    _refuse_other_manifest_formats(source)
     if prompt is None:
         raise ManifestError(f"input {source!r} is a folder or glob of images: give the instruction with {option('prompt')} "
                             "(or use a manifest .csv/.jsonl/.parquet with an 'instruction' column)")
@@ -256,9 +259,16 @@ def _sample(given_id: Any, images: list[str], instruction: str, target: str | No
     return Sample(sample_id, tuple(images), instruction, digest, target, "; ".join(errors) or None, extra or _NO_EXTRA)
 
 
+def _refuse_other_manifest_formats(source: str) -> None:
+    if source.lower().endswith((".json", ".tsv", ".txt", ".yaml", ".yml")) and os.path.isfile(source):
+        raise ManifestError(f"input {source!r}: a manifest is .csv, .jsonl or .parquet (optionally .csv.gz / "
+                            ".jsonl.gz); JSON Lines is one JSON object per line, named .jsonl")
+
+
 def check_input(source: str) -> None:
     """Fails at once, naming it, if the input does not exist (a cheap check before any job starts)."""
     source = str(source).rstrip("/")
+    _refuse_other_manifest_formats(source)
     if any(c in source for c in "*?[") or uri_exists(source):
         return
     if source.lower().endswith(MANIFEST_EXTENSIONS):

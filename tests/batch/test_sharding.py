@@ -67,6 +67,12 @@ def test_bad_rows_fail_alone_with_their_line(inputs):
     quoted, cut = read_inputs(str(inputs / "m.csv"))
     assert quoted.error is None and quoted.instruction == "red, then\nblue"
     assert "m.csv line 4: 1 more field(s) than the header's 3 (an unquoted comma?" in cut.error
+    (inputs / "m.jsonl").write_text(json.dumps({"images": [], "instruction": "x"}))
+    (empty,) = read_inputs(str(inputs / "m.jsonl"))
+    assert "'images' is an empty list" in empty.error
+    (inputs / "m.json").write_text(json.dumps([{"image": "img0.png", "instruction": "x"}]))
+    with pytest.raises(ManifestError, match="a manifest is .csv, .jsonl or .parquet"):
+        read_inputs(str(inputs / "m.json"), prompt="x")
 
 
 def test_csv_with_a_byte_order_mark_keeps_its_first_column(inputs):
