@@ -109,6 +109,12 @@ class JobSettings:
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")
+        if self.attention_backend is not None:  # (diffusers' list: imported only when the option is used)
+            from bridgecore.model.speed import attention_backends
+
+            if self.attention_backend not in attention_backends():
+                raise ValueError(f"{option('attention_backend')} must be one of {', '.join(attention_backends())}; "
+                                 f"got {self.attention_backend!r}")
         if self.fp8 != "off" or self.batch_cfg:  # (speed imports torch: only when these options are used)
             from bridgecore.model.speed import conflicting_options
 

@@ -169,7 +169,10 @@ def set_attention_backend(transformer, backend: str) -> None:
     if backend not in attention_backends():
         raise ValueError(f"attention_backend must be one of {attention_backends()}; got {backend!r}")
     previous = _AttentionBackendRegistry._active_backend
-    transformer.set_attention_backend(backend)
+    try:
+        transformer.set_attention_backend(backend)
+    except RuntimeError as error:  # diffusers' requirement checks (a package or a device missing): every sample
+        raise CannotRunHereError(f"{option('attention_backend', backend)}: {error}") from None
     _AttentionBackendRegistry.set_active_backend(previous)
 
 

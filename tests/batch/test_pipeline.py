@@ -533,6 +533,8 @@ def test_fp8_changes_only_the_edits_fingerprints_and_batched_cfg_none(settings):
         replace(settings, fp8="dynamic", dit_offload=True)
     with pytest.raises(ValueError, match="batch-cfg with --step-cache"):
         replace(settings, batch_cfg=True, step_cache=0.1)
+    with pytest.raises(ValueError, match="--attention-backend must be one of"):  # before planning, not per sample
+        replace(settings, attention_backend="fastest")
 
 
 def test_failure_reasons_group_causes_not_samples():

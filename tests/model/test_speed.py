@@ -124,6 +124,16 @@ def test_speed_option_keeps_the_edit(tiny_zoo, baseline, options):
 def test_unknown_attention_backend_is_refused(tiny_zoo):
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], attention_backend="fastest")
+    # a known backend this machine cannot run (flash-attn not installed here): the whole job cannot run, so it is
+    # CannotRunHereError (the stage fails whole, no failure committed per sample), naming the option
+    import importlib.util
+
+    from bridgecore.model.speed import CannotRunHereError, set_attention_backend
+
+    if importlib.util.find_spec("flash_attn") is None:
+        pipe = load_edit_pipeline(resolve_model(str(tiny_zoo["qwen-image-edit"])), LoadOptions(device="cpu"))
+        with pytest.raises(CannotRunHereError, match="--attention-backend flash: .*flash"):
+            set_attention_backend(pipe.transformer, "flash")
 
 
 def test_edit_command_with_speed_flags(tiny_zoo, loras, tmp_path):
