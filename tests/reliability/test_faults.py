@@ -161,17 +161,23 @@ def test_concurrent_runs_share_work_and_never_mix_settings(tmp_path, tiny_zoo, s
     assert sum(r["vlm_forwards"] for r in records) == 2 * len(rows)  # one batch per VLM per shard
 
 
+def run_until_committed(zoo, manifest: str, out: Path, home: Path, stage: str, *args: str):
+    """A bulk-edit run in its own process group (one shard per sample, its own temporary server), returned once
+    `stage` has committed a shard: (the process, its server's pid)."""
+    process = cli(zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", *args, home=home, wait=False)
+    pid_file = home / f"temporary-server-{process.pid}.pid"
+    deadline = time.monotonic() + 300
+    while not list(out.glob(f"{stage}/*/_done/*.json")):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.1)
+    return process, int(pid_file.read_text())
+
+
 def test_killed_run_leaves_no_server_behind_and_summary_counts_only_current_samples(tmp_path, tiny_zoo):
     rows = [{"id": f"s{i}", "image": f"img{i}.png", "instruction": f"edit {i}"} for i in range(3)]
     manifest = write_manifest(tmp_path / "in", rows)
     out, home = tmp_path / "out", tmp_path / "p"
-    process = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", home=home, wait=False)
-    pid_file = home / f"temporary-server-{process.pid}.pid"
-    deadline = time.monotonic() + 300
-    while not list(out.glob("caches/*/_done/*.json")):
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.1)
-    server = int(pid_file.read_text())
+    process, server = run_until_committed(tiny_zoo, manifest, out, home, "caches")
     os.kill(process.pid, signal.SIGKILL)  # the run only: its server must not outlive it (parent-death signal)
     process.wait()
     deadline = time.monotonic() + 10
@@ -191,15 +197,8 @@ def test_ctrl_c_stops_the_run_in_seconds_and_the_rerun_resumes(tmp_path, tiny_zo
     rows = [{"id": f"s{i}", "image": f"img{i % 5}.png", "instruction": f"edit {i}"} for i in range(6)]
     manifest = write_manifest(tmp_path / "in", rows)
     out, home = tmp_path / "out", tmp_path / "p"
-    process = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", "--steps", "20",
-                  home=home, wait=False)  # its own process group, like a terminal's foreground job
-    pid_file = home / f"temporary-server-{process.pid}.pid"
-    deadline = time.monotonic() + 300
-    while not list(out.glob("edits/*/_done/*.json")):
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.1)
-    server = int(pid_file.read_text())
-    os.killpg(process.pid, signal.SIGINT)
+    process, server = run_until_committed(tiny_zoo, manifest, out, home, "edits", "--steps", "20")
+    os.killpg(process.pid, signal.SIGINT)  # the run is its own process group, like a terminal's foreground job
     start = time.monotonic()
     try:
         output = process.communicate(timeout=120)[0]
