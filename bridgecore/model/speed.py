@@ -134,7 +134,7 @@ def load_loras(pipe, loras: list[LoraSpec], fuse: bool = True) -> None:
         try:
             pipe.load_lora_weights(source, adapter_name=name, **kwargs)
         except (OSError, ValueError) as error:
-            raise ValueError(f"LoRA {spec.source!r} could not be loaded: {type(error).__name__}: {error}. Give a "
+            raise CannotRunHereError(f"LoRA {spec.source!r} could not be loaded: {type(error).__name__}: {error}. Give a "
                              "local .safetensors file or directory, or pre-download the hub repo "
                              "(`hf download OWNER/NAME`) when offline.") from None
         names.append(name)
@@ -243,6 +243,17 @@ def fp8_layer_names(transformer, modulation: bool = False) -> list[str]:
             and module.in_features % 16 == 0 and module.out_features % 16 == 0]
 
 
+def check_fp8_matmuls(device: torch.device) -> None:
+    """Refuses FP8 tensor-core matmuls (fp8 "dynamic") on a device without them: compute capability >= 8.9."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability is None or capability < (8, 9):
+        where = f"compute capability {capability[0]}.{capability[1]}" if capability else device.type
+        raise CannotRunHereError(
+            f"{option('fp8', 'dynamic')} runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA card of compute "
+            f"capability 8.9 or later (L40S, RTX 4090, H100, H200, B200); this DiT is on {where}. "
+            f"{option('fp8', 'weights')} stores the weights in FP8 and computes in bf16 on any device.")
+
+
 def enable_fp8(transformer, mode: str) -> list[str]:
     """FP8 for the DiT's block projections (torchao), after any LoRA is fused. An approximation: the edits change
     (bench/gpu_realdim.py measures how much against the exact edit). Returns the converted layers' names.
@@ -257,15 +268,8 @@ def enable_fp8(transformer, mode: str) -> list[str]:
         raise ValueError(f"fp8 must be one of {', '.join(FP8_MODES)}; got {mode!r}")
     if mode == "off":
         return []
-    device = next(transformer.parameters()).device
     if mode == "dynamic":
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        if capability is None or capability < (8, 9):
-            where = f"compute capability {capability[0]}.{capability[1]}" if capability else device.type
-            raise CannotRunHereError(f"{option('fp8', 'dynamic')} runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA "
-                             f"card of compute capability 8.9 or later (L40S, RTX 4090, H100, H200, B200); this DiT is on "
-                             f"{where}. {option('fp8', 'weights')} stores the weights in FP8 and computes in bf16 on any "
-                             "device.")
+        check_fp8_matmuls(next(transformer.parameters()).device)
     try:
         from torchao.quantization import (
             Float8DynamicActivationFloat8WeightConfig,

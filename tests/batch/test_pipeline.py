@@ -507,9 +507,13 @@ def test_what_cannot_run_here_fails_the_stage_and_commits_no_sample(tmp_path, se
 
     from bridgecore.model.speed import CannotRunHereError
 
+    manifest, out = make_inputs(tmp_path / "in", n=2), str(tmp_path / "out")
+    broken = replace(settings, lora=(str(tmp_path / "missing.safetensors"),))  # a LoRA no sample can load
+    with pytest.raises(CannotRunHereError, match="could not be loaded"):
+        run_pipeline(out, "bulk-edit", plan_job(manifest, out, broken, shard_size=20).shards, broken, progress=False)
+    assert not list((tmp_path / "out" / "edits").glob("*/_done/*.json"))
     if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
         pytest.skip("this machine runs FP8 matmuls")
-    manifest, out = make_inputs(tmp_path / "in", n=2), str(tmp_path / "out")
     fp8 = replace(settings, fp8="dynamic")
     plan = plan_job(manifest, out, fp8, shard_size=20)
     with pytest.raises(CannotRunHereError, match="compute capability 8.9"):

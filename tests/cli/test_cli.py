@@ -235,7 +235,7 @@ def test_bad_numbers_and_paths_are_refused_before_any_work(tmp_path, tiny_zoo):
     import torch
 
     if not torch.cuda.is_available():
-        refusals[(*run, "--fp8", "dynamic")] = "--fp8 dynamic needs a CUDA card of compute capability 8.9"
+        refusals[(*run, "--fp8", "dynamic")] = "--fp8 dynamic runs the DiT's matmuls on FP8 tensor cores: it needs a CUDA card of compute capability 8.9"
     for args, message in refusals.items():
         result = _run(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])

@@ -157,11 +157,11 @@ def bulk_edit(
 
 
 def _check_this_machine_runs(settings) -> None:
-    """A local run computes here: what cannot run on this machine at all is one line now, not a failure committed
-    for every sample after the extraction (a deployment's GPU workers check on their own card)."""
+    """A local run computes here: what cannot run on this machine at all is one line now, not a stage failing after
+    the extraction (a deployment's GPU workers check on their own card, `CannotRunHereError`)."""
     import os
 
-    from bridgecore.model.speed import parse_loras
+    from bridgecore.model.speed import CannotRunHereError, check_fp8_matmuls, parse_loras
 
     for source in (spec.source for spec in parse_loras(list(settings.lora))):
         if source.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(source)):
@@ -169,8 +169,7 @@ def _check_this_machine_runs(settings) -> None:
     if settings.fp8 == "dynamic":
         import torch
 
-        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-        if capability is None or capability < (8, 9):
-            where = f"compute capability {capability[0]}.{capability[1]}" if capability else "no CUDA device"
-            fail(f"--fp8 dynamic needs a CUDA card of compute capability 8.9 or later (L40S, RTX 4090, H100, H200, "
-                 f"B200); this machine has {where}. --fp8 weights runs on any device.")
+        try:
+            check_fp8_matmuls(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        except CannotRunHereError as error:
+            fail(str(error))
