@@ -105,7 +105,8 @@ class JobSettings:
                   ("seed", self.seed >= 0, "a non-negative integer"),
                   ("cfg", math.isfinite(self.cfg) and self.cfg >= 1.0, "a finite number >= 1 (1 turns true CFG off)"),
                   ("max_prompt_tokens", self.max_prompt_tokens >= 16, "at least 16"),
-                  ("step_cache", math.isfinite(self.step_cache) and 0.0 <= self.step_cache < 1.0, "in [0, 1) (0 turns the step cache off)")]
+                  ("step_cache", math.isfinite(self.step_cache) and 0.0 <= self.step_cache < 1.0,
+                   "in [0, 1) (0 turns the step cache off)")]
         for name, ok, expectation in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expectation}; got {getattr(self, name)!r}")

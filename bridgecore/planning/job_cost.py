@@ -251,6 +251,7 @@ def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: boo
 
 
 def format_job_cost(cost: dict[str, Any]) -> str:
+    gpus = f"{cost['gpus']} GPU{'s' if cost['gpus'] > 1 else ''}"
     e = cost["efficiency"]
     lines = [
         f"{cost['images']:,} images at {cost['resolution']}^2, {cost['steps']} steps"
@@ -264,9 +265,9 @@ def format_job_cost(cost: dict[str, Any]) -> str:
         f"GPU-hours: extract {cost['extract_gpu_hours']:,.0f}, edit {cost['edit_gpu_hours']:,.0f}, "
         + (f"rewrite {cost['rewrite_gpu_hours']:,.1f}, " if cost["rewrite"] else "")
         + f"train {cost['train_gpu_hours']:,.1f} ({cost['train_seconds_per_sample']:.2f} s/sample/GPU, "
-        f"{cost['train_source']}; {cost['train_wall_clock_hours']:,.1f} h on {cost['gpus']} GPU{'s' if cost['gpus'] > 1 else ''}), "
+        f"{cost['train_source']}; {cost['train_wall_clock_hours']:,.1f} h on {gpus}), "
         f"total {cost['total_gpu_hours']:,.0f} "
-        f"({cost['wall_clock_days']:,.1f} days on {cost['gpus']} GPU{'s' if cost['gpus'] > 1 else ''})",
+        f"({cost['wall_clock_days']:,.1f} days on {gpus})",
         f"storage: caches {cost['cache_storage_gb']:,.0f} GB ({cost['cache_mb_per_image']:.1f} MB/image), fused "
         f"{cost['fused_storage_gb']:,.0f} GB, outputs {cost['output_storage_gb']:,.0f} GB, "
         + (f"rewrites {cost['rewrite_storage_gb']:,.0f} GB, " if cost["rewrite"] else "") + f"total "
