@@ -44,6 +44,8 @@ class Sample:
         target: URI of the expected result, when known (training, benchmarks).
         error: set when the sample is known to be bad before any stage runs (e.g. escapes the input root).
         extra: the manifest's other columns.
+        references: URIs of reference pictures only Qwen3-VL reads (column `reference_images`): the DiT's own
+            conditioning never sees them, so only a bridge trained for them carries them into the edit.
     """
 
     id: str
@@ -53,6 +55,7 @@ class Sample:
     target: str | None = None
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    references: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -63,13 +66,16 @@ class Sample:
         return len(self.images) > 1
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "images": list(self.images), "instruction": self.instruction,
-                "input_hash": self.input_hash, "target": self.target, "error": self.error, "extra": self.extra}
+        value = {"id": self.id, "images": list(self.images), "instruction": self.instruction,
+                 "input_hash": self.input_hash, "target": self.target, "error": self.error, "extra": self.extra}
+        if self.references:  # absent otherwise: plans written before references read the same
+            value["references"] = list(self.references)
+        return value
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "Sample":
         return cls(value["id"], tuple(value["images"]), value["instruction"], value["input_hash"],
-                   value.get("target"), value.get("error"), value.get("extra") or {})
+                   value.get("target"), value.get("error"), value.get("extra") or {}, tuple(value.get("references") or ()))
 
 
 # A shard's route: "multi" when it holds a multi-image sample (those an Edit-Plus `plus_model` takes), else

@@ -259,6 +259,27 @@ class JobSettings:
                              f"their own Edit-Plus job (with a bridge trained for it, or without {option('bridge')}), or "
                              f"pass {option('plus_model', 'none')} to let them fail alone")
 
+    def check_references(self, count: int, pipeline: str) -> None:
+        """Samples with `count` reference pictures (read by Qwen3-VL only) need a bridge trained for that many to
+        reach an edit: refused here, at planning, in one line. Caches and training data take them as they are."""
+        if count == 0 or pipeline in ("build-caches", "training-data"):
+            return
+        if self.native:
+            raise ValueError("reference_images are read by Qwen3-VL through the bridge; Qwen-Image-2.1 has no bridge: "
+                             "give them as condition images instead, or use the Qwen-Image-Edit family with a bridge "
+                             "trained for reference pictures")
+        if not self.bridge:
+            raise ValueError(f"the manifest gives reference_images (up to {count} per sample): only Qwen3-VL reads them, "
+                             f"and without {option('bridge')} the edit model never sees them; give a bridge trained on "
+                             "samples with reference pictures (vision-bridge train), or drop the column")
+        from bridgecore.storage import read_uri
+
+        trained = json.loads(read_uri(posixpath.join(str(self.bridge).rstrip("/"), "config.json"))).get("reference_images", 0)
+        if count > trained:
+            raise ValueError(f"the manifest gives up to {count} reference picture(s) per sample, but the bridge "
+                             f"{self.bridge} was trained with {trained or 'none'}: it cannot carry them into the edit; "
+                             "train one on samples with reference pictures (vision-bridge train)")
+
     @property
     def rewrites(self) -> bool:
         """Whether the edits read a rewritten instruction (stage `rewrites`)."""

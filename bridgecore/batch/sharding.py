@@ -1,7 +1,8 @@
 """Inputs -> samples -> shards, and the plan on storage that keeps each sample in its shard.
 
 Inputs are a manifest (CSV, JSONL or Parquet; columns `image` or `images` (a list, for Edit-Plus),
-`instruction`, optional `target` and `id`, any extra columns) or a folder/glob of images with one
+`instruction`, optional `target`, `id` and `reference_images` (a list of pictures only Qwen3-VL reads, for a
+bridge trained on them), any extra columns) or a folder/glob of images with one
 instruction for all. Relative references resolve against the manifest's real folder (symlinks
 resolved) and must stay inside it; absolute paths and URLs are taken as given. A bad row becomes a
 failed sample with its row number, never a refused job.
@@ -45,7 +46,7 @@ def manifest_limit() -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"{MANIFEST_LIMIT_SETTING} must be a number of bytes; got {value!r}") from None
-_KNOWN_COLUMNS = {"id", "image", "images", "instruction", "target"}
+_KNOWN_COLUMNS = {"id", "image", "images", "instruction", "target", "reference_images"}
 PLAN_SHARDS, PLAN_INDEX = "plan/shards", "plan/index"
 
 
@@ -187,6 +188,18 @@ def _real_local_path(path: str) -> str:
     return os.path.realpath(resolved) if os.path.islink(resolved) else resolved
 
 
+def _reference_list(row: dict[str, Any]) -> list[str]:
+    """The row's `reference_images`: a list, a JSON list or `a|b` text; empty when absent."""
+    references = row.get("reference_images")
+    if references is None or references == "" or references == []:
+        return []
+    if isinstance(references, str):
+        references = json.loads(references) if references.strip().startswith("[") else references.split("|")
+    if not isinstance(references, (list, tuple)) or not all(isinstance(r, str) and r for r in references):
+        raise ValueError("row's 'reference_images' must be a list of image paths or URLs")
+    return list(references)
+
+
 def _image_list(row: dict[str, Any]) -> list[str]:
     images = row.get("images")
     if images is not None and images != "":
@@ -201,11 +214,14 @@ def _image_list(row: dict[str, Any]) -> list[str]:
 
 
 def input_hash(images: list[str], instruction: str, target: str | None, extra: dict[str, Any],
-               stamps: FileStamps) -> str:
-    """Identity of a sample's inputs: URIs with their size and modification stamp, instruction, target, extras."""
+               stamps: FileStamps, references: list[str] | tuple[str, ...] = ()) -> str:
+    """Identity of a sample's inputs: URIs with their size and modification stamp, instruction, target, extras,
+    reference pictures (only when there are some: samples without them keep their identity)."""
     parts = [f"{uri}@{stamps.stamp(uri)}" for uri in images]
     parts += [instruction, f"{target}@{stamps.stamp(target)}" if target else "",
               json.dumps(extra, sort_keys=True, default=str) if extra else ""]
+    if references:
+        parts += ["references"] + [f"{uri}@{stamps.stamp(uri)}" for uri in references]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
 
 
@@ -232,8 +248,16 @@ def _manifest_samples(source: str, prompt: str | None, stamps: FileStamps) -> It
         if row.get("target") not in (None, ""):
             target, error = _resolve(root, str(row["target"]))
             errors.extend([f"{label}: {error}"] if error else [])
+        references = []
+        try:
+            for reference in _reference_list(row):
+                uri, error = _resolve(root, reference)
+                references.append(uri)
+                errors.extend([f"{label}: {error}"] if error else [])
+        except (ValueError, json.JSONDecodeError) as error:
+            errors.append(f"{label}: {error}")
         extra = {k: v for k, v in row.items() if k not in _KNOWN_COLUMNS}
-        yield _sample(row.get("id"), images, instruction, target, errors, extra, stamps)
+        yield _sample(row.get("id"), images, instruction, target, errors, extra, stamps, references)
 
 
 def _folder_samples(source: str, prompt: str | None, stamps: FileStamps) -> Iterator[Sample]:
@@ -253,10 +277,11 @@ _NO_EXTRA: dict[str, Any] = {}
 
 
 def _sample(given_id: Any, images: list[str], instruction: str, target: str | None, errors: list[str],
-            extra: dict[str, Any], stamps: FileStamps) -> Sample:
-    digest = input_hash(images, instruction, target, extra, stamps)
+            extra: dict[str, Any], stamps: FileStamps, references: list[str] | None = None) -> Sample:
+    digest = input_hash(images, instruction, target, extra, stamps, references or ())
     sample_id = digest[:20] if given_id in (None, "") else str(given_id)
-    return Sample(sample_id, tuple(images), instruction, digest, target, "; ".join(errors) or None, extra or _NO_EXTRA)
+    return Sample(sample_id, tuple(images), instruction, digest, target, "; ".join(errors) or None, extra or _NO_EXTRA,
+                  tuple(references or ()))
 
 
 def _refuse_other_manifest_formats(source: str) -> None:

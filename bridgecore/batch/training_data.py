@@ -104,6 +104,14 @@ class CommittedShards:
         self._refs = refs
         return list(refs)
 
+    def max_references(self) -> int:
+        """The most reference pictures (read by Qwen3-VL only) any usable example has: what the bridge is built for."""
+        import json
+
+        usable = {(ref.shard, ref.key) for ref in self.refs()}
+        return max((json.loads(row["info"]).get("reference_images", 0) for shard in self.shards
+                    for row in self.caches.table(shard) if (shard, row["id"]) in usable), default=0)
+
     def read(self, shard: str, keys: set[str]) -> dict[str, TrainingExample]:
         import json
 
@@ -176,7 +184,8 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
     source = prepare_data(data_uri, f"{remote}/data" if remote else str(out_dir / "data"), settings, shard_size,
                           loaded)
     first = read_refs(source, source.refs()[:1])[0].cache
-    bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **(bridge_overrides or {}))
+    bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, **{"reference_images": source.max_references(),
+                                                                            **(bridge_overrides or {})})
     if nproc_per_node > 1:
         ModelPool(settings, loaded).release(keep=())  # every rank loads its own DiT
         metrics = launch_ranks(nproc_per_node, source, out_dir, config, bridge_config, remote)

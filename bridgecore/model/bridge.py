@@ -79,6 +79,9 @@ class BridgeConfig:
     rank: int = 256
     levels: tuple[str, ...] = LEVEL_NAMES
     use_deepstack: bool = False  # add the DeepStack visual features as extra levels on vision tokens
+    token_memory: str = "fused"  # what the token path reads: "fused" levels per position, or "levels": every (position, level)
+    token_streams: bool = False  # token queries split between Qwen3's text positions and its vision positions
+    reference_images: int = 0  # reference pictures (read by Qwen3-VL only) per sample it was trained with, at most
     num_deepstack: int = 3
     use_attention_fusion: bool = True  # attention over levels; False: an MLP over concatenated levels
     max_correction_ratio: float = 0.5  # bound on rms(correction) / rms(base), per token (< 1: base stays dominant)
@@ -185,12 +188,15 @@ class ConditioningTokens(nn.Module):
                                  nn.Linear(2 * config.rank, config.rank))
         self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
 
-    def forward(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, memory: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """memory `[L3, rank]` -> (tokens `[K, D25]`, attention `[K, L3]`, averaged over heads)."""
         heads, width = self.heads, self.width
         query = self.query(self.queries).view(-1, heads, width).transpose(0, 1)  # [H, K, w]
         key, value = self.key_value(self.memory_norm(memory)).view(-1, 2, heads, width).permute(1, 2, 0, 3)
-        attention = (query @ key.transpose(-1, -2) / width**0.5).softmax(dim=-1)  # [H, K, L3]
+        scores = query @ key.transpose(-1, -2) / width**0.5
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        attention = scores.softmax(dim=-1)  # [H, K, L3]
         read = (attention @ value).transpose(0, 1).reshape(-1, heads * width)  # [K, rank]
         read = read + self.mlp(read)
         return self.out(read), attention.mean(0)
@@ -294,6 +300,8 @@ class VisionCacheBridge(nn.Module):
             self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
             self.gate = nn.Parameter(torch.full((len(GATE_STREAMS),), float(config.gate_init)))  # text, vision
         self.tokens = ConditioningTokens(config) if config.uses_tokens else None
+        if config.uses_tokens and config.token_memory == "levels":
+            self.level_embedding = nn.Parameter(0.02 * torch.randn(num_levels, config.rank))
         self.is_identity = False  # see `identity_bridge`
 
     def parameter_groups(self, learning_rate: float, weight_decay: float) -> list[dict]:
@@ -328,8 +336,12 @@ class VisionCacheBridge(nn.Module):
             problems.append(f"Qwen3 hidden size {qwen3.hidden_size} != bridge {cfg.qwen3_hidden_dim}")
         if qwen25.hidden_size != cfg.qwen25_hidden_dim:
             problems.append(f"Qwen2.5 hidden size {qwen25.hidden_size} != bridge {cfg.qwen25_hidden_dim}")
-        if qwen3.grid_thw.shape[0] != qwen25.grid_thw.shape[0]:
-            problems.append(f"different numbers of images ({qwen3.grid_thw.shape[0]} vs {qwen25.grid_thw.shape[0]})")
+        if qwen3.condition_images != qwen25.grid_thw.shape[0]:
+            problems.append(f"different numbers of condition images ({qwen3.condition_images} vs {qwen25.grid_thw.shape[0]})")
+        if qwen3.reference_images > cfg.reference_images:
+            problems.append(f"{qwen3.reference_images} reference picture(s), but this bridge was trained with "
+                            + (f"at most {cfg.reference_images}" if cfg.reference_images else "none: it cannot carry them "
+                               "into the edit (train one on samples with reference pictures)"))
         missing = [name for name in cfg.levels if name not in qwen3.levels]
         if missing:
             problems.append(f"Qwen3 cache lacks levels {missing}")
@@ -359,7 +371,9 @@ class VisionCacheBridge(nn.Module):
     def _fuse(self, qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(fused levels `[L3, rank]`, level weights `[L3, n]` or None, projected DeepStack `[N3, rank]` or None)."""
         device, dtype = self._device_dtype  # caches may live on another device
-        fused, level_weights = self.fusion(self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels]))
+        stacked = self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels])
+        self._stacked = stacked if self.config.uses_tokens and self.config.token_memory == "levels" else None
+        fused, level_weights = self.fusion(stacked)
         deepstack = None
         if self.deepstack_projector is not None:
             deepstack = self.deepstack_projector([t.to(device, dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
@@ -382,7 +396,10 @@ class VisionCacheBridge(nn.Module):
         vision = fused[qwen3.vision_positions.to(fused.device)]
         if deepstack is not None:
             vision = vision + deepstack
-        resampled = resample_vision_tokens(vision, qwen3.grid_thw, qwen25.grid_thw)
+        if qwen3.reference_images:  # reference pictures have no place on the DiT's grid: attention reads them
+            grid = qwen3.grid_thw[: qwen3.condition_images]
+            vision = vision[: int((grid.prod(-1) // 4).sum())]
+        resampled = resample_vision_tokens(vision, qwen3.grid_thw[: qwen3.condition_images], qwen25.grid_thw)
         positions = qwen25.vision_positions.to(base.device)
         if resampled.shape[0] != positions.numel():
             raise ValueError(f"Qwen2.5 cache has {positions.numel()} vision tokens but its grid gives {resampled.shape[0]}")
@@ -390,12 +407,24 @@ class VisionCacheBridge(nn.Module):
         return self.out(attended), attention.mean(0)
 
     def _appended(self, fused: torch.Tensor, deepstack: torch.Tensor | None,
-                  qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
+                  qwen3: Qwen3VisionCache, stacked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The token path: (tokens `[K, D25]`, their attention over the Qwen3 sequence `[K, L3]`)."""
-        memory = fused
+        memory = fused if stacked is None else stacked + self.level_embedding  # [L3, rank] or [L3, n, rank]
         if deepstack is not None:  # DeepStack's visual features join the image tokens they belong to
-            memory = fused.index_add(0, qwen3.vision_positions.to(fused.device), deepstack)
-        return self.tokens(memory)
+            memory = memory.index_add(0, qwen3.vision_positions.to(fused.device),
+                                      deepstack if stacked is None else deepstack.unsqueeze(1).expand(-1, memory.shape[1], -1))
+        allowed = None
+        if self.config.token_streams:
+            vision = torch.zeros(fused.shape[0], dtype=torch.bool, device=fused.device)
+            vision[qwen3.vision_positions.to(fused.device)] = True
+            k = self.config.num_tokens
+            reads_vision = torch.arange(k, device=fused.device) >= (k + 1) // 2
+            allowed = vision.unsqueeze(0) == reads_vision.unsqueeze(1)  # [K, L3]
+        if stacked is not None:
+            levels = memory.shape[1]
+            memory = memory.reshape(-1, memory.shape[-1])
+            allowed = None if allowed is None else allowed.repeat_interleave(levels, dim=1)
+        return self.tokens(memory, allowed)
 
     def forward(self, qwen3_cache, qwen25_cache, return_attention_weights: bool = False):
         """Enhanced embeddings for one sample or a list of samples, right-padded like the pipeline.
@@ -422,7 +451,7 @@ class VisionCacheBridge(nn.Module):
                 delta, sample_maps["cross_attention"] = self._correction(fused, deepstack, qwen3, qwen25)
                 enhanced = base + self._bounded(delta, base, qwen25.vision_positions).to(base.dtype)
             if self.tokens is not None:
-                tokens, sample_maps["tokens"] = self._appended(fused, deepstack, qwen3)
+                tokens, sample_maps["tokens"] = self._appended(fused, deepstack, qwen3, self._stacked)
                 enhanced = torch.cat([enhanced, tokens.to(base.dtype)])
             embeds.append(enhanced)
             maps.append(sample_maps)

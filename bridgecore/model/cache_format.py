@@ -11,7 +11,8 @@ One sample is one safetensors blob. Tensor names:
     qwen3.deepstack.<i>         [N3, D3]   DeepStack visual features of vision block i (merged)
     qwen3.input_ids             [L3]
     qwen3.vision_positions      [N3]       image-token indices in the Qwen3 sequence
-    qwen3.grid_thw              [n, 3]     Qwen3-VL patch grids (16 px patches, 2x2 merge)
+    qwen3.grid_thw              [n, 3]     Qwen3-VL patch grids (16 px patches, 2x2 merge); the last
+                                           `reference_images` of them are reference pictures only Qwen3-VL read
 
 Metadata (model ids, revisions, layer indices, prompt, image sizes, dtype, format version) is one
 JSON string under the header key `vision_bridge`. No pickle anywhere; bf16 round-trips bit-exactly.
@@ -46,11 +47,18 @@ class Qwen3VisionCache:
     layer_indices: dict[str, int]
     model_id: str
     revision: str
-    image_digest: str = ""  # sha256 of the resized input pixels: ties the two caches to one sample
+    image_digest: str = ""  # sha256 of the resized condition pixels: ties the two caches to one sample
+    reference_images: int = 0  # trailing images only Qwen3-VL read (not the DiT's condition images)
+    reference_digest: str = ""  # sha256 of the resized reference pixels
 
     @property
     def hidden_size(self) -> int:
         return next(iter(self.levels.values())).shape[-1]
+
+    @property
+    def condition_images(self) -> int:
+        """Images shared with the Qwen2.5-VL cache (the DiT's own condition images)."""
+        return int(self.grid_thw.shape[0]) - self.reference_images
 
     @property
     def num_vision_tokens(self) -> int:
@@ -99,7 +107,9 @@ class SampleCache:
             "dtype": str(self.qwen25.prompt_embeds.dtype).removeprefix("torch."),
             "qwen3": {"model_id": self.qwen3.model_id, "revision": self.qwen3.revision,
                       "layer_indices": self.qwen3.layer_indices, "deepstack_indices": sorted(self.qwen3.deepstack),
-                      "image_digest": self.qwen3.image_digest},
+                      "image_digest": self.qwen3.image_digest,
+                      **({"reference_images": self.qwen3.reference_images,
+                          "reference_digest": self.qwen3.reference_digest} if self.qwen3.reference_images else {})},
             "qwen25": qwen25_metadata(self.qwen25),
             "extra": self.extra,
         }
@@ -146,6 +156,8 @@ def cache_from_bytes(data: bytes) -> SampleCache:
         model_id=m3["model_id"],
         revision=m3["revision"],
         image_digest=m3.get("image_digest", ""),
+        reference_images=int(m3.get("reference_images", 0)),
+        reference_digest=m3.get("reference_digest", ""),
     )
     return SampleCache(qwen3, qwen25_from(tensors, m25), meta["prompt"], [tuple(s) for s in meta["image_sizes"]],
                        meta.get("extra", {}))

@@ -28,6 +28,7 @@ from bridgecore.model.edit_prompt import (
     EditPromptEncoder,
     EditPromptEncoding,
     prepare_condition_images,
+    resize_for_condition,
 )
 from bridgecore.model.images import load_image
 from bridgecore.model.loading import (
@@ -71,6 +72,17 @@ def _as_samples(images, text_prompt) -> tuple[list[list[Any]], list[str], bool]:
             f"got {type(images).__name__} of length {len(images) if isinstance(images, (list, tuple)) else 1}"
         )
     return [list(i) if isinstance(i, (list, tuple)) else [i] for i in images], prompts, True
+
+
+def _as_references(references, count: int, batched: bool) -> list[list[Any]]:
+    """Per-sample reference lists: None -> none; one sample's list; or a list of lists for a batch."""
+    if references is None:
+        return [[] for _ in range(count)]
+    if not batched:
+        return [list(references) if isinstance(references, (list, tuple)) else [references]]
+    if len(references) != count:
+        raise ValueError(f"a batch of {count} samples needs {count} reference lists; got {len(references)}")
+    return [list(r) if isinstance(r, (list, tuple)) else [r] for r in references]
 
 
 @dataclass
@@ -189,6 +201,16 @@ class VisionCacheExtractor:
         resolved = resolve_model(self.edit_name, allow_patterns=["model_index.json"])
         return pipeline_class_name(resolved) == "QwenImageEditPlusPipeline"
 
+    @property
+    def reference_area(self) -> int:
+        """Pixel area of a reference picture for Qwen3-VL: Edit-Plus's per-picture view (384*384), or the condition
+        area when that is smaller (the tiny task)."""
+        return min(self.condition_area, self.plus_condition_area)
+
+    def prepare_references(self, references: Sequence[Any]) -> list[Image.Image]:
+        """Loads one sample's reference pictures (read by Qwen3-VL only) and resizes them to `reference_area`."""
+        return [resize_for_condition(load_image(image), self.reference_area) for image in references]
+
     def prepare_images(self, images: Sequence[Any]) -> list[Image.Image]:
         """Loads one sample's images and resizes them as Qwen-Image-Edit does for its VLM (loads no model, so
         Qwen3-VL-only extraction never brings Qwen2.5-VL into memory)."""
@@ -196,10 +218,14 @@ class VisionCacheExtractor:
                                         self.plus_condition_area)
 
     @torch.no_grad()
-    def _encode_qwen3(self, prompts: list[str], sample_images: list[list[Image.Image]]) -> list[Qwen3VisionCache]:
+    def _encode_qwen3(self, prompts: list[str], sample_images: list[list[Image.Image]],
+                      references: list[list[Image.Image]] | None = None) -> list[Qwen3VisionCache]:
         handle = self._qwen3.get()
-        caches = encode_qwen3_features(handle.model, handle.processor, prompts, sample_images, self.qwen3_layers,
-                                       handle.model_id, handle.revision)
+        references = references or [[] for _ in sample_images]
+        caches = encode_qwen3_features(handle.model, handle.processor, prompts,
+                                       [images + refs for images, refs in zip(sample_images, references)],
+                                       self.qwen3_layers, handle.model_id, handle.revision,
+                                       [len(refs) for refs in references])
         self.forward_count += 1
         return caches
 
@@ -211,11 +237,14 @@ class VisionCacheExtractor:
         return qwen25_caches(encoding, sample_images, handle.model_id, handle.revision,
                              template="edit_plus" if handle.encoder.plus else "edit")
 
-    def extract_qwen3_vision(self, images, text_prompt: str | list[str] = "Describe this image"):
+    def extract_qwen3_vision(self, images, text_prompt: str | list[str] = "Describe this image", references=None):
         """Qwen3-VL features of one sample (`images`: an image or a list of one sample's images) or, when
-        `text_prompt` is a list, of a batch (`images[b]` an image or a list). Returns cache(s)."""
+        `text_prompt` is a list, of a batch (`images[b]` an image or a list). `references`: pictures only Qwen3-VL
+        reads after the condition images (a list for one sample, a list of lists for a batch). Returns cache(s)."""
         samples, prompts, batched = _as_samples(images, text_prompt)
-        caches = self._encode_qwen3(prompts, [self.prepare_images(s) for s in samples])
+        refs = _as_references(references, len(samples), batched)
+        caches = self._encode_qwen3(prompts, [self.prepare_images(s) for s in samples],
+                                    [self.prepare_references(r) for r in refs])
         return caches if batched else caches[0]
 
     def extract_qwen25_vision(self, images, text_prompt: str | list[str] = "Describe this image"):
@@ -224,16 +253,19 @@ class VisionCacheExtractor:
         caches = self._encode_qwen25(prompts, [self.prepare_images(s) for s in samples])
         return caches if batched else caches[0]
 
-    def extract(self, images, text_prompt: str | list[str], one_model_at_a_time: bool = False):
+    def extract(self, images, text_prompt: str | list[str], one_model_at_a_time: bool = False, references=None):
         """Both caches, as `SampleCache` (or a list for a batch). Images are loaded and resized once.
-        `one_model_at_a_time` frees Qwen2.5-VL before Qwen3-VL loads, and Qwen3-VL after (small GPUs)."""
+        `one_model_at_a_time` frees Qwen2.5-VL before Qwen3-VL loads, and Qwen3-VL after (small GPUs).
+        `references`: pictures only Qwen3-VL reads (as in `extract_qwen3_vision`); the DiT's conditioning never
+        sees them, so only a bridge trained for reference pictures carries them into the edit."""
         samples, prompts, batched = _as_samples(images, text_prompt)
+        refs = [self.prepare_references(r) for r in _as_references(references, len(samples), batched)]
         loaded = [[load_image(i) for i in s] for s in samples]
         resized = [prepare_condition_images(s, self.plus, self.condition_area, self.plus_condition_area) for s in loaded]
         qwen25 = self._encode_qwen25(prompts, resized)
         if one_model_at_a_time:
             self.unload_qwen25()
-        qwen3 = self._encode_qwen3(prompts, resized)
+        qwen3 = self._encode_qwen3(prompts, resized, refs)
         if one_model_at_a_time:
             self.unload_qwen3()
         caches = [
@@ -253,12 +285,15 @@ class VisionCacheExtractor:
 
 @torch.no_grad()
 def encode_qwen3_features(model, processor, prompts: list[str], sample_images: list[list[Image.Image]],
-                          layers: dict[str, int], model_id: str = "", revision: str = "") -> list[Qwen3VisionCache]:
+                          layers: dict[str, int], model_id: str = "", revision: str = "",
+                          reference_counts: list[int] | None = None) -> list[Qwen3VisionCache]:
     """Qwen3-VL multi-level features of B samples in one forward (images already resized).
 
     `layers` maps early/mid/late to `hidden_states` indices. DeepStack features are captured from the vision
-    tower's output by a hook; the LM head is skipped.
+    tower's output by a hook; the LM head is skipped. `reference_counts[b]`: how many of sample b's images (the
+    last ones) are reference pictures, not condition images (recorded in the cache, digested apart).
     """
+    reference_counts = reference_counts or [0] * len(sample_images)
     texts = [
         processor.apply_chat_template(
             [{"role": "user", "content": [{"type": "image"}] * len(imgs) + [{"type": "text", "text": prompt}]}],
@@ -295,7 +330,9 @@ def encode_qwen3_features(model, processor, prompts: list[str], sample_images: l
             layer_indices=layers,
             model_id=model_id,
             revision=revision,
-            image_digest=image_digest(sample_images[b]),
+            image_digest=image_digest(sample_images[b][:count - reference_counts[b]]),
+            reference_images=reference_counts[b],
+            reference_digest=image_digest(sample_images[b][count - reference_counts[b]:]) if reference_counts[b] else "",
         ))
         first_image += count
         first_token += n_tokens

@@ -278,6 +278,39 @@ def without_level(qwen3: Qwen3VisionCache, level: str) -> Qwen3VisionCache:
     return replace(qwen3, levels={k: torch.zeros_like(v) if k == level else v for k, v in qwen3.levels.items()})
 
 
+POSITION_ABLATIONS = ("text", "vision", "reference")
+
+
+def without_positions(qwen3: Qwen3VisionCache, which: str) -> Qwen3VisionCache:
+    """The same cache with every level (and DeepStack feature) zeroed at one kind of position: "text" (every
+    non-image token), "vision" (every image token, references included) or "reference" (the reference pictures'
+    tokens only): which of Qwen3-VL's positions carry what the bridge uses."""
+    from dataclasses import replace
+
+    if which not in POSITION_ABLATIONS:
+        raise ValueError(f"which must be one of {POSITION_ABLATIONS}; got {which!r}")
+    length = next(iter(qwen3.levels.values())).shape[0]
+    vision = torch.zeros(length, dtype=torch.bool)
+    vision[qwen3.vision_positions] = True
+    tokens_per_image = (qwen3.grid_thw.prod(-1) // 4).tolist()
+    first_reference = int(sum(tokens_per_image[: qwen3.condition_images]))
+    reference_rows = torch.arange(qwen3.num_vision_tokens) >= first_reference  # rows of the DeepStack features
+    if which == "text":
+        zero, zero_rows = ~vision, torch.zeros(qwen3.num_vision_tokens, dtype=torch.bool)
+    elif which == "vision":
+        zero, zero_rows = vision, torch.ones(qwen3.num_vision_tokens, dtype=torch.bool)
+    else:
+        zero = torch.zeros(length, dtype=torch.bool)
+        zero[qwen3.vision_positions[reference_rows]] = True
+        zero_rows = reference_rows
+
+    def masked(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return tensor.masked_fill(rows.to(tensor.device).unsqueeze(-1), 0)
+
+    return replace(qwen3, levels={k: masked(v, zero) for k, v in qwen3.levels.items()},
+                   deepstack={k: masked(v, zero_rows) for k, v in qwen3.deepstack.items()})
+
+
 def derangement(count: int, seed: int) -> list[int]:
     """A seeded permutation with no fixed point (a shuffled order, each index moved by one place)."""
     if count < 2:
@@ -323,7 +356,9 @@ class BridgeTrainer:
 
     def __init__(self, pipe, data: list[TrainingExample] | ExampleSource, out_dir: str | Path,
                  config: TrainConfig = TrainConfig(), bridge_config: BridgeConfig | None = None,
-                 ranks: Ranks | None = None):
+                 ranks: Ranks | None = None, heldout: list[TrainingExample] | None = None):
+        """`heldout`: a fixed evaluation set instead of a split of `data` (then every example of `data` trains; an
+        experiment that trains on two views of one picture keeps both views out of its evaluation this way)."""
         if isinstance(data, list):  # in memory: every example can be checked before any step
             if data:
                 first = data[0].cache
@@ -342,12 +377,18 @@ class BridgeTrainer:
                              "use a multiple of the number of GPUs")
         self.after_checkpoint = None  # e.g. upload the run to object storage
         self.device = pipe.transformer.device
-        self.train_refs, heldout_refs = split_refs(refs, config.heldout_fraction, config.max_heldout)
+        if heldout is None:
+            self.train_refs, heldout_refs = split_refs(refs, config.heldout_fraction, config.max_heldout)
+        else:
+            self.train_refs, heldout_refs = refs, []
         if not self.train_refs:
             raise ValueError("every example went to the held-out split; add data or lower heldout_fraction")
         self.dealt = deal_shards(self.train_refs, config.data_streams)
         # read once and kept: the evaluation (rank 0's) compares every bridge on the same examples
-        self.heldout = read_refs(self.source, heldout_refs) if self.ranks.main else []
+        if heldout is not None:
+            self.heldout = list(heldout) if self.ranks.main else []
+        else:
+            self.heldout = read_refs(self.source, heldout_refs) if self.ranks.main else []
         if bridge_config is None:
             first = (self.heldout or read_refs(self.source, self.train_refs[:1]))[0].cache
             bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25)

@@ -1,58 +1,77 @@
-"""The mechanism proof: does the bridge move information that only Qwen3-VL has into the DiT?
+"""The mechanism proof: does the bridge move what only Qwen3-VL read *or saw* into the DiT, without costing
+ordinary edits?
 
-On the trained tiny edit model (`tiny_edit_model.py`), the task "Make the <shape> <colour>" with the
-colour word removed from the prompt that Qwen2.5-VL (the DiT's own encoder) reads, while Qwen3-VL reads
-the full instruction. Without the bridge the DiT cannot know the colour. Per seed, every design
-(`residual`, `tokens`, `both`) is trained with the project's own trainer, plus a control trained the same
-way with Qwen3 caches re-paired with other samples at every step (`ablate_qwen3="shuffle"`: it can only
-learn a generic correction of the redacted prompt).
+Two tiny tasks on the trained tiny edit model (`tiny_edit_model.py`), each trained with the project's own
+trainer and loss (DiT, VAE and both VLMs frozen), each beside a control trained the same way on Qwen3 caches
+re-paired with other samples at every step (`ablate_qwen3="shuffle"`):
 
-The headline is counterfactual: for held-out images, Qwen2.5-VL reads "Make the <shape>" and Qwen3-VL
-reads "Make the <shape> <k>" for every colour k; the edit is decoded and the named shape's colour read.
+- **read** (words): "Make the <shape> <colour>" with the colour word removed from what Qwen2.5-VL (the DiT's
+  own encoder) reads, while Qwen3-VL reads the instruction, worded by one of `TRAINING_TEMPLATES`. Half the
+  training examples (`full_share`) give Qwen2.5-VL the full instruction too: a bridge must learn to add nothing
+  where the DiT's own encoder already knows the answer.
+- **saw** (pixels): one instruction for every colour, "Make the <shape> the colour of the reference", and a
+  swatch picture that only Qwen3-VL sees (not Qwen2.5-VL, not the VAE). The colour exists only in those pixels.
 
-- follow rate: how often the decoded colour is the k that Qwen3-VL read (guessing: 1 in 6);
-- changed rate: how often the edit changes at all when only Qwen3-VL's colour word changes;
-- fraction captured = (L_control - L_bridge) / (L_control - L_reference), with held-out flow-matching
-  losses, L_reference the DiT's own encoder given the full instruction: how much of the reference's
-  advantage over a generic correction the bridge recovers.
+Measured per seed, on held-out pictures:
 
-Intervals are over seeds (Student t, the seed count printed): a bootstrap over three seeds cannot put
-its lower bound below the worst seed.
+- follow rate (counterfactual): Qwen3-VL reads every colour word (read) or sees every swatch (saw) in turn,
+  Qwen2.5-VL's input unchanged; how often the decoded colour is that colour (guessing: 1 in 6);
+- unseen phrasings: the same with `HELDOUT_TEMPLATES`, never trained on, with the colour word after a space and
+  glued to punctuation (other tokens);
+- no harm (paired): Edit vs Edit+bridge with *both* encoders reading the full instruction, same pictures, noise
+  and colours: the difference in follow rate (bootstrap over pictures; t over seeds) and in edit success;
+- fraction captured = (L_control - L_bridge) / (L_control - L_reference), held-out flow-matching losses;
+- for the saw task, which Qwen3 features carry the swatch: follow with each level zeroed, with the text /
+  vision / reference positions zeroed, and a second bridge that also reads the DeepStack taps.
 
-    python bench/prove_bridge_information.py [--quick]      # table + one JSON line
+A seed "formed" when its follow rate is at least `formed_threshold`. Intervals over seeds are Student t (the seed
+count printed): a bootstrap over three seeds cannot put its lower bound below the worst seed.
+
+    python bench/prove_bridge_information.py [--quick] [--workers 2]      # tables + one JSON line
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bridgecore.model.bridge import identity_bridge, negative_prompt_embeds
+from bridgecore.model.bridge import BridgeConfig, identity_bridge, negative_prompt_embeds
 from bridgecore.model.cache_format import SampleCache
 from bridgecore.model.edit_prompt import condition_size
-from bridgecore.zoo.synthetic_triplets import COLOURS, Triplet, edit_success, make_triplets, nearest_colour, shape_mask
-from bridgecore.training.trainer import BridgeTrainer, TrainConfig
 from bridgecore.model.latents import encode_latents
+from bridgecore.stats import bootstrap_ci
 from bridgecore.training.examples import TrainingExample
+from bridgecore.training.trainer import BridgeTrainer, TrainConfig, without_level, without_positions
+from bridgecore.zoo.synthetic_triplets import (
+    CANONICAL_TEMPLATE,
+    COLOURS,
+    HELDOUT_TEMPLATES,
+    TRAINING_TEMPLATES,
+    Triplet,
+    edit_success,
+    make_reference_triplets,
+    make_triplets,
+    nearest_colour,
+    shape_mask,
+)
 
 logger = logging.getLogger(__name__)
 
-DESIGNS = ("residual", "tokens", "both")
 CHANGE_THRESHOLD = 2  # an edit "changed" when some pixel moved by more than this (of 255): not rounding noise
+DECODE_CHUNK = 48  # edits per DiT call: bounded memory
 
 
 @dataclass
 class ProofConfig:
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    designs: tuple[str, ...] = DESIGNS
-    default_design: str = "both"  # the design of the headline numbers
-    controls: tuple[str, ...] | None = None  # designs that get a shuffled-Qwen3 control (None: every design)
-    num_tokens: int = 1
+    seeds: tuple[int, ...] = tuple(range(10))
+    design: str = "both"  # the bridge's mode
+    overrides: dict = field(default_factory=dict)  # extra BridgeConfig fields for every bridge
     train_samples: int = 512
     heldout_samples: int = 64
     steps: int = 1500
@@ -60,39 +79,83 @@ class ProofConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 20
     heldout_repeats: int = 4
-    counterfactual_images: int = 16  # held-out images decoded with every colour, per condition (0: skip)
+    full_share: float = 0.5  # share of the read task's training examples where Qwen2.5-VL reads the full instruction
+    templates: tuple[str, ...] = TRAINING_TEMPLATES  # how the read task's instructions are worded for Qwen3-VL
+    counterfactual_images: int = 16  # held-out pictures x every colour, per condition
+    noharm_images: int = 64  # held-out pictures x every colour, both encoders reading the full instruction
+    template_images: int = 8  # held-out pictures x every colour, per held-out template
+    saw: bool = True  # the reference-picture task
+    saw_deepstack: bool = True  # also train a saw bridge that reads the DeepStack taps (ablation)
+    ablation_images: int = 8  # held-out pictures x every colour, per ablation of the saw bridge
     inference_steps: int = 20
     extract_batch_size: int = 32
-    overrides: dict = field(default_factory=dict)  # extra BridgeConfig fields for every design
+    formed_threshold: float = 0.7
 
 
+# What --quick can show in under 10 minutes on 2 idle cores (2 workers): the whole path on two seeds, shorter
+# training, fewer pictures. Two seeds give an interval, but a wide one; whether every seed forms, it cannot say.
 QUICK = ProofConfig(seeds=(0, 1), train_samples=256, heldout_samples=32, steps=800, counterfactual_images=8,
-                    inference_steps=10, controls=("both",))  # every design, one control: under 10 minutes on 2 cores
+                    noharm_images=16, template_images=4, saw_deepstack=False, ablation_images=4, inference_steps=10)
 
 
 # -- data ------------------------------------------------------------------------------------------------
 
 
+def _latents(editor, triplet: Triplet) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    width, height = condition_size(triplet.source, editor.condition_area)
+    return (encode_latents(editor.pipe, triplet.source, width, height),
+            encode_latents(editor.pipe, triplet.target, width, height), (height // 16, width // 16))
+
+
 @torch.no_grad()
-def redacted_examples(editor, triplets: list[Triplet], prefix: str, batch_size: int = 32):
-    """Training examples whose Qwen2.5 cache saw the instruction without its colour word and whose Qwen3 cache
-    saw it in full; plus, per key, the Qwen2.5 cache of the full instruction (the reference row)."""
-    extractor, examples, full = editor.extractor, [], {}
+def colour_examples(editor, triplets: list[Triplet], prefix: str, batch_size: int = 32,
+                    templates: tuple[str, ...] = (CANONICAL_TEMPLATE,), seed: int = 0):
+    """The read task's examples: Qwen3-VL reads the instruction worded by a template drawn per picture (seeded);
+    Qwen2.5-VL reads it without the colour (`redacted`) or in the canonical wording (`full`, same key + "-full").
+    Returns (redacted, full), one of each per picture, sharing latents."""
+    extractor, redacted, full = editor.extractor, [], []
+    rng = random.Random(seed)
     for start in range(0, len(triplets), batch_size):
         chunk = triplets[start:start + batch_size]
         images = [[t.source] for t in chunk]
-        qwen3 = extractor.extract_qwen3_vision(images, [t.instruction for t in chunk])
-        redacted = extractor.extract_qwen25_vision(images, [t.instruction_without_colour() for t in chunk])
-        complete = extractor.extract_qwen25_vision(images, [t.instruction for t in chunk])
+        qwen3 = extractor.extract_qwen3_vision(images, [t.phrased(rng.choice(templates)) for t in chunk])
+        hidden = extractor.extract_qwen25_vision(images, [t.instruction_without_colour() for t in chunk])
+        told = extractor.extract_qwen25_vision(images, [t.phrased(CANONICAL_TEMPLATE) for t in chunk])
         for offset, triplet in enumerate(chunk):
             key = f"{prefix}-{start + offset:05d}"
-            width, height = condition_size(triplet.source, editor.condition_area)
-            cache = SampleCache(qwen3[offset], redacted[offset], triplet.instruction, [triplet.source.size])
-            examples.append(TrainingExample(key, cache, encode_latents(editor.pipe, triplet.source, width, height),
-                                            encode_latents(editor.pipe, triplet.target, width, height),
-                                            (height // 16, width // 16)))
-            full[key] = complete[offset]
-    return examples, full
+            condition, target, latent_hw = _latents(editor, triplet)
+            for kind, qwen25, out in (("", hidden[offset], redacted), ("-full", told[offset], full)):
+                cache = SampleCache(qwen3[offset], qwen25, triplet.instruction, [triplet.source.size])
+                out.append(TrainingExample(key + kind, cache, condition, target, latent_hw))
+    return redacted, full
+
+
+def redacted_examples(editor, triplets: list[Triplet], prefix: str, batch_size: int = 32):
+    """Examples whose Qwen2.5 cache saw the instruction without its colour word and whose Qwen3 cache saw it in
+    full; plus, per key, the Qwen2.5 cache of the full instruction (the reference row)."""
+    redacted, full = colour_examples(editor, triplets, prefix, batch_size)
+    return redacted, {e.key: f.cache.qwen25 for e, f in zip(redacted, full)}
+
+
+@torch.no_grad()
+def reference_examples(editor, triplets: list[Triplet], prefix: str, batch_size: int = 32):
+    """The saw task's examples: both encoders read the same instruction (no colour), Qwen3-VL also sees the swatch.
+    Returns (examples, told): `told` has Qwen2.5-VL read the colour in words (the reference condition)."""
+    extractor, examples, told = editor.extractor, [], []
+    for start in range(0, len(triplets), batch_size):
+        chunk = triplets[start:start + batch_size]
+        images = [[t.source] for t in chunk]
+        prompts = [t.instruction for t in chunk]
+        qwen3 = extractor.extract_qwen3_vision(images, prompts, references=[list(t.references) for t in chunk])
+        task = extractor.extract_qwen25_vision(images, prompts)
+        words = extractor.extract_qwen25_vision(images, [t.phrased(CANONICAL_TEMPLATE) for t in chunk])
+        for offset, triplet in enumerate(chunk):
+            key = f"{prefix}-{start + offset:05d}"
+            condition, target, latent_hw = _latents(editor, triplet)
+            for qwen25, out in ((task[offset], examples), (words[offset], told)):
+                out.append(TrainingExample(key, SampleCache(qwen3[offset], qwen25, triplet.instruction,
+                                                            [triplet.source.size]), condition, target, latent_hw))
+    return examples, told
 
 
 def painted_colour(triplet: Triplet, edited) -> str:
@@ -102,125 +165,219 @@ def painted_colour(triplet: Triplet, edited) -> str:
     return nearest_colour(pixels[shape_mask(triplet.shape, box, pixels.shape[0])].mean(axis=0))
 
 
-# -- the counterfactual ----------------------------------------------------------------------------------
+# -- decoding every colour ------------------------------------------------------------------------------
+
+
+@dataclass
+class Sweep:
+    """Held-out pictures, each with every colour: caches image-major, colours in `COLOURS` order."""
+
+    triplets: list[Triplet]
+    qwen3: list
+    qwen25: dict[str, list]  # name -> caches (e.g. "hidden": no colour, "told": the colour in words)
+
+    @property
+    def colours(self) -> list[str]:
+        return list(COLOURS)
 
 
 @torch.no_grad()
-def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExample], triplets: dict[str, Triplet],
-                         config: ProofConfig, keep_images: bool = False) -> dict[str, dict]:
-    """Every held-out image with every colour word, read by Qwen3-VL only (Qwen2.5-VL keeps the redacted prompt).
+def colour_sweep(editor, triplets: list[Triplet], template: str = CANONICAL_TEMPLATE) -> Sweep:
+    """Qwen3-VL reads `template` with every colour; Qwen2.5-VL reads the instruction without the colour ("hidden")
+    and with each colour in the canonical wording ("told")."""
+    extractor, colours = editor.extractor, list(COLOURS)
+    qwen3, hidden, told = [], [], []
+    for triplet in triplets:
+        images = [[triplet.source]] * len(colours)
+        qwen3 += extractor.extract_qwen3_vision(images, [triplet.phrased(template, c) for c in colours])
+        told += extractor.extract_qwen25_vision(images, [triplet.phrased(CANONICAL_TEMPLATE, c) for c in colours])
+        hidden += extractor.extract_qwen25_vision([[triplet.source]], [triplet.instruction_without_colour()]) * len(colours)
+    return Sweep(triplets, qwen3, {"hidden": hidden, "told": told})
+
+
+@torch.no_grad()
+def reference_sweep(editor, triplets: list[Triplet], seed: int = 0) -> Sweep:
+    """Qwen3-VL sees a swatch of every colour in turn; Qwen2.5-VL reads the task's instruction ("task") or the colour
+    in words ("told")."""
+    extractor, colours = editor.extractor, list(COLOURS)
+    qwen3, task, told = [], [], []
+    for index, triplet in enumerate(triplets):
+        images = [[triplet.source]] * len(colours)
+        swatches = [[triplet.with_reference(c, seed * 1_000 + index)] for c in colours]
+        qwen3 += extractor.extract_qwen3_vision(images, [triplet.instruction] * len(colours), references=swatches)
+        task += extractor.extract_qwen25_vision([[triplet.source]], [triplet.instruction]) * len(colours)
+        told += extractor.extract_qwen25_vision(images, [triplet.phrased(CANONICAL_TEMPLATE, c) for c in colours])
+    return Sweep(triplets, qwen3, {"task": task, "told": told})
+
+
+@torch.no_grad()
+def decode_sweep(editor, sweep: Sweep, conditions: dict, steps: int, keep_images: bool = False) -> dict[str, dict]:
+    """Decodes every (picture, colour) under each condition, all with the same noise seed per picture.
 
     Args:
-        conditions: name -> a bridge, or "baseline" / "reference" (the DiT's own encoder without / with the
-            colour word). All conditions decode with the same seed per image, so only the words differ.
+        conditions: name -> (bridge or None, Qwen2.5 caches' name in `sweep.qwen25`, optional transform of the Qwen3
+            caches, e.g. an ablation). None: Qwen-Image-Edit's own embeddings of those caches.
     Returns:
-        name -> {"follow": [n_images x n_colours] bool, "changed": same (False where k is the instruction's own
-        colour), "success": [n_images] bool (the instruction's own colour, both shapes checked)}, plus "images"
-        (the decoded edits, image-major, colours in `COLOURS` order) with `keep_images`.
+        name -> {"follow": [n_images x n_colours] bool, "changed": same (False at the picture's own colour),
+        "success": [n_images] bool (the own colour's edit, both shapes checked)}, plus "images" with `keep_images`.
     """
-    extractor, colours = editor.extractor, list(COLOURS)
-    examples = examples[: config.counterfactual_images]
-    qwen3, full, redacted, samples, seeds, rows = [], [], [], [], [], []
-    for index, example in enumerate(examples):
-        triplet = triplets[example.key]
-        prompts = [f"Make the {triplet.shape} {colour}" for colour in colours]
-        images = [[triplet.source]] * len(colours)
-        qwen3 += extractor.extract_qwen3_vision(images, prompts)
-        full += extractor.extract_qwen25_vision(images, prompts)
-        redacted += [example.cache.qwen25] * len(colours)
-        samples += images
-        seeds += [1000 + index] * len(colours)
-        rows += [(triplet, colour) for colour in colours]
+    colours = sweep.colours
+    rows = [(t, c) for t in sweep.triplets for c in colours]
+    samples = [[t.source] for t, _ in rows]
+    seeds = [1000 + i for i in range(len(sweep.triplets)) for _ in colours]
     results = {}
-    for name, condition in conditions.items():
-        if name == "baseline":
-            output = negative_prompt_embeds(redacted)  # Qwen-Image-Edit's own embeddings, no bridge
-        elif name == "reference":
-            output = negative_prompt_embeds(full)
-        else:
-            output = condition(qwen3, redacted)
+    for name, spec in conditions.items():
+        bridge, qwen25_name, transform = (*spec, None)[:3]
+        qwen25 = sweep.qwen25[qwen25_name]
+        qwen3 = [transform(q) for q in sweep.qwen3] if transform else sweep.qwen3
+        output = negative_prompt_embeds(qwen25) if bridge is None else bridge(qwen3, qwen25)
         edits = []
-        for start in range(0, len(samples), 48):  # bounded memory; one DiT call per chunk
-            part = slice(start, start + 48)
+        for start in range(0, len(samples), DECODE_CHUNK):
+            part = slice(start, start + DECODE_CHUNK)
             edits += editor.denoise(samples[part], output.prompt_embeds[part].detach(), output.prompt_embeds_mask[part],
-                                    seeds[part], config.inference_steps, 1.0, None, "pil")
-        painted = np.array([painted_colour(t, e) == k for (t, k), e in zip(rows, edits)]).reshape(len(examples), -1)
+                                    seeds[part], steps, 1.0, None, "pil")
+        n = len(sweep.triplets)
+        follow = np.array([painted_colour(t, e) == k for (t, k), e in zip(rows, edits)]).reshape(n, -1)
         arrays = [np.asarray(e.convert("RGB"), dtype=np.int16) for e in edits]
-        changed = np.zeros_like(painted)
-        success = np.zeros(len(examples), dtype=bool)
-        for i, example in enumerate(examples):
-            triplet = triplets[example.key]
+        changed = np.zeros_like(follow)
+        success = np.zeros(n, dtype=bool)
+        for i, triplet in enumerate(sweep.triplets):
             own = i * len(colours) + colours.index(triplet.colour)
             success[i] = edit_success(triplet, edits[own])
             for j in range(len(colours)):
                 if j != colours.index(triplet.colour):
                     changed[i, j] = np.abs(arrays[i * len(colours) + j] - arrays[own]).max() > CHANGE_THRESHOLD
-        results[name] = {"follow": painted, "changed": changed, "success": success, **({"images": edits} if keep_images else {})}
+        results[name] = {"follow": follow, "changed": changed, "success": success,
+                         **({"images": edits} if keep_images else {})}
     return results
+
+
+def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExample], triplets: dict[str, Triplet],
+                         config: ProofConfig, keep_images: bool = False) -> dict[str, dict]:
+    """The read task's counterfactual on the first `config.counterfactual_images` examples: Qwen3-VL reads every
+    colour word, Qwen2.5-VL the instruction without it. `conditions`: name -> a bridge, or "baseline" / "reference"
+    (the DiT's own encoder without / with the colour word)."""
+    sweep = colour_sweep(editor, [triplets[e.key] for e in examples[: config.counterfactual_images]])
+    specs = {name: (None, "hidden") if name == "baseline" else (None, "told") if name == "reference" else (bridge, "hidden")
+             for name, bridge in conditions.items()}
+    return decode_sweep(editor, sweep, specs, config.inference_steps, keep_images)
 
 
 # -- one seed --------------------------------------------------------------------------------------------
 
 
-def control_designs(config: ProofConfig) -> tuple[str, ...]:
-    """The designs that get their own shuffled-Qwen3 control (the default design always does)."""
-    chosen = config.designs if config.controls is None else config.controls
-    return tuple(dict.fromkeys((*chosen, config.default_design)))
-
-
-def _train(editor, examples, work_dir: Path, name: str, train: TrainConfig, config: ProofConfig, mode: str):
-    from bridgecore.model.bridge import BridgeConfig
-
+def _train(editor, examples, heldout, work_dir: Path, name: str, config: ProofConfig, seed: int,
+           ablate: str = "none", **bridge_fields):
     first = examples[0].cache
-    bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=mode, num_tokens=config.num_tokens,
-                                             **config.overrides)
-    trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train, bridge_config)
-    return trainer, trainer.train(resume=False, progress=False)
+    bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=config.design,
+                                             **{**config.overrides, **bridge_fields})
+    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                        warmup_steps=config.warmup_steps, eval_every=config.steps, checkpoint_every=config.steps,
+                        seed=seed, heldout_repeats=config.heldout_repeats, gradient_checkpointing=False,
+                        ablate_qwen3=ablate)
+    trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train, bridge_config, heldout=heldout)
+    metrics = trainer.train(resume=False, progress=False)
+    return trainer, metrics
+
+
+def _rates(result: dict) -> dict:
+    """Means of one condition's outcome arrays (changed: only where the colour differs from the picture's own)."""
+    changed = result["changed"]
+    return {"follow": float(result["follow"].mean()), "success": float(result["success"].mean()),
+            "changed": float(changed.sum() / max(1, changed.size - changed.shape[0]))}
+
+
+def run_read_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: int, progress=None) -> dict:
+    """The read task of one seed: the bridge and its control trained on the mixture; losses, follow, unseen
+    templates, no harm."""
+    triplets = make_triplets(config.train_samples + config.heldout_samples, size, seed=10_000 + seed)
+    n_train = config.train_samples
+    redacted, full = colour_examples(editor, triplets[:n_train], f"seed{seed}", config.extract_batch_size,
+                                     config.templates, seed)
+    heldout, heldout_full = colour_examples(editor, triplets[n_train:], f"seed{seed}-heldout", config.extract_batch_size)
+    extra_full = round(n_train * config.full_share / (1 - config.full_share)) if config.full_share < 1 else n_train
+    chosen = sorted(random.Random(seed).sample(range(n_train), min(n_train, extra_full)))
+    training = redacted + [full[i] for i in chosen]
+    bridge, metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-read", config, seed)
+    control, control_metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-read-control", config, seed,
+                                      ablate="shuffle")
+    if progress:
+        progress(f"seed {seed}: read task trained")
+    heldout_triplets = triplets[n_train:]
+    losses = {"baseline": np.asarray(metrics["heldout_per_sample"]["baseline"]),
+              "bridge": np.asarray(metrics["heldout_per_sample"]["trained"]),
+              "bridge_qwen3_shuffled": np.asarray(metrics["heldout_per_sample"]["qwen3_shuffled"]),
+              "control": np.asarray(control_metrics["heldout_per_sample"]["trained"]),
+              "reference": bridge.heldout_losses(identity_bridge(bridge.bridge_config), examples=heldout_full)}
+    steps = config.inference_steps
+    model, shuffled = bridge.bridge.eval(), control.bridge.eval()
+    sweep = colour_sweep(editor, heldout_triplets[: config.counterfactual_images])
+    counterfactual = decode_sweep(editor, sweep, {"baseline": (None, "hidden"), "bridge": (model, "hidden"),
+                                                  "control": (shuffled, "hidden"), "reference": (None, "told")}, steps)
+    templates = {}
+    for template in HELDOUT_TEMPLATES:
+        unseen = colour_sweep(editor, heldout_triplets[: config.template_images], template)
+        templates[template] = decode_sweep(editor, unseen, {"bridge": (model, "hidden")}, steps)["bridge"]["follow"]
+    noharm_sweep = colour_sweep(editor, heldout_triplets[: config.noharm_images])
+    noharm = decode_sweep(editor, noharm_sweep, {"edit": (None, "told"), "bridge": (model, "told")}, steps)
+    if progress:
+        progress(f"seed {seed}: read task decoded")
+    return {"losses": losses, "counterfactual": counterfactual, "templates": templates, "noharm": noharm,
+            "level_zeroed": metrics["heldout_loss_level_zeroed"], "statistics": metrics["bridge_statistics"],
+            "control_statistics": control_metrics["bridge_statistics"]}
+
+
+def run_saw_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: int, progress=None) -> dict:
+    """The saw task of one seed: the bridge, its control (shuffled references) and optionally a DeepStack bridge;
+    follow with every swatch, and the ablations of the bridge."""
+    triplets = make_reference_triplets(config.train_samples + config.heldout_samples, size, seed=40_000 + seed)
+    examples, told = reference_examples(editor, triplets, f"saw{seed}", config.extract_batch_size)
+    n_train = config.train_samples
+    training, heldout = examples[:n_train], examples[n_train:]
+    bridges = {}
+    bridge, metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-saw", config, seed, reference_images=1)
+    control, control_metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-saw-control", config, seed,
+                                      ablate="shuffle", reference_images=1)
+    bridges.update(bridge=bridge.bridge.eval(), control=control.bridge.eval())
+    deepstack_metrics = None
+    if config.saw_deepstack:
+        deepstack, deepstack_metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-saw-deepstack", config,
+                                              seed, reference_images=1, use_deepstack=True)
+        bridges["deepstack"] = deepstack.bridge.eval()
+    if progress:
+        progress(f"seed {seed}: saw task trained")
+    heldout_triplets = triplets[n_train:]
+    steps = config.inference_steps
+    sweep = reference_sweep(editor, heldout_triplets[: config.counterfactual_images], seed)
+    conditions = {"baseline": (None, "task"), **{name: (b, "task") for name, b in bridges.items()},
+                  "reference": (None, "told")}
+    counterfactual = decode_sweep(editor, sweep, conditions, steps)
+    small = Sweep(sweep.triplets[: config.ablation_images], sweep.qwen3[: config.ablation_images * len(COLOURS)],
+                  {k: v[: config.ablation_images * len(COLOURS)] for k, v in sweep.qwen25.items()})
+    ablations = {}
+    for name, model in (("bridge", bridges["bridge"]), *((("deepstack", bridges["deepstack"]),) if "deepstack" in bridges else ())):
+        specs = {f"{level} zeroed": (model, "task", lambda q, l=level: without_level(q, l)) for level in model.config.levels}
+        if model.config.use_deepstack:
+            specs["deepstack zeroed"] = (model, "task", lambda q: without_level(q, "deepstack"))
+        specs.update({f"{where} positions zeroed": (model, "task", lambda q, w=where: without_positions(q, w))
+                      for where in ("text", "vision", "reference")})
+        ablations[name] = {k: float(v["follow"].mean()) for k, v in decode_sweep(editor, small, specs, steps).items()}
+    if progress:
+        progress(f"seed {seed}: saw task decoded")
+    losses = {"baseline": np.asarray(metrics["heldout_per_sample"]["baseline"]),
+              "bridge": np.asarray(metrics["heldout_per_sample"]["trained"]),
+              "control": np.asarray(control_metrics["heldout_per_sample"]["trained"]),
+              "reference": bridge.heldout_losses(identity_bridge(bridge.bridge_config), examples=told[n_train:])}
+    if deepstack_metrics is not None:
+        losses["deepstack"] = np.asarray(deepstack_metrics["heldout_per_sample"]["trained"])
+    return {"losses": losses, "counterfactual": counterfactual, "ablations": ablations,
+            "level_zeroed": metrics["heldout_loss_level_zeroed"]}
 
 
 def run_seed(editor, seed: int, config: ProofConfig, work_dir: Path, image_size: int = 64, progress=None) -> dict:
-    """Trains every design and the control; held-out losses per condition, the counterfactual edits, statistics."""
-    total = config.train_samples + config.heldout_samples
-    triplets = make_triplets(total, image_size, seed=10_000 + seed)  # disjoint from the DiT's training pictures (seed 0)
-    examples, full = redacted_examples(editor, triplets, f"seed{seed}", config.extract_batch_size)
-    by_key = {e.key: t for e, t in zip(examples, triplets)}
-    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                        warmup_steps=config.warmup_steps, eval_every=config.steps, checkpoint_every=config.steps,
-                        heldout_fraction=config.heldout_samples / total, seed=seed,
-                        heldout_repeats=config.heldout_repeats, gradient_checkpointing=False)
-    trained, metrics = {}, {}
-    for design in config.designs:
-        trained[design], metrics[design] = _train(editor, examples, work_dir, f"seed{seed}-{design}", train, config, design)
-        if progress:
-            progress(f"seed {seed}: {design} trained")
-    controls = {}
-    for design in control_designs(config):  # trained the same way, on Qwen3 caches of other samples
-        controls[design] = _train(editor, examples, work_dir, f"seed{seed}-control-{design}",
-                                  replace(train, ablate_qwen3="shuffle"), config, design)
-        if progress:
-            progress(f"seed {seed}: {design} control trained")
-    some = trained[config.designs[0]]
-    reference = [replace(e, cache=replace(e.cache, qwen25=full[e.key])) for e in some.heldout]
-    losses = {"baseline": np.asarray(metrics[config.designs[0]]["heldout_per_sample"]["baseline"]),
-              "reference": some.heldout_losses(identity_bridge(some.bridge_config), examples=reference)}
-    for design, (_, control_metrics) in controls.items():
-        losses[f"control_{design}"] = np.asarray(control_metrics["heldout_per_sample"]["trained"])
-    losses["control"] = losses[f"control_{config.default_design}"]
-    for design in config.designs:
-        losses[design] = np.asarray(metrics[design]["heldout_per_sample"]["trained"])
-        losses[f"{design}_qwen3_shuffled"] = np.asarray(metrics[design]["heldout_per_sample"]["qwen3_shuffled"])
-    result = {"seed": seed, "losses": losses,
-              "statistics": {d: metrics[d]["bridge_statistics"] for d in config.designs},
-              "level_zeroed": {d: metrics[d]["heldout_loss_level_zeroed"] for d in config.designs},
-              "control_statistics": {d: m["bridge_statistics"] for d, (_, m) in controls.items()}}
-    if config.counterfactual_images:
-        conditions = {"baseline": None, **{d: trained[d].bridge.eval() for d in config.designs},
-                      **{f"control_{d}": trainer.bridge.eval() for d, (trainer, _) in controls.items()},
-                      "reference": None}
-        result["counterfactual"] = counterfactual_edits(editor, conditions, some.heldout, by_key, config)
-        result["counterfactual"]["control"] = result["counterfactual"][f"control_{config.default_design}"]
-        if progress:
-            progress(f"seed {seed}: counterfactual edits decoded")
+    result = {"seed": seed, "read": run_read_task(editor, seed, config, work_dir, image_size, progress)}
+    if config.saw:
+        result["saw"] = run_saw_task(editor, seed, config, work_dir, image_size, progress)
     return result
 
 
@@ -238,146 +395,201 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def _relative(losses: dict, better: str, worse: str = "baseline") -> float:
-    """(mean worse - mean better) / mean baseline."""
-    return float((losses[worse].mean() - losses[better].mean()) / losses["baseline"].mean())
-
-
-def fraction_captured(losses: dict, design: str) -> float:
-    """(L_control - L_design) / (L_control - L_reference), mean held-out losses of one seed; L_control is the
-    design's own control (trained the same way on shuffled Qwen3 caches) when it has one."""
-    control = losses.get(f"control_{design}", losses["control"]).mean()
+def fraction_captured(losses: dict) -> float:
+    """(L_control - L_bridge) / (L_control - L_reference), mean held-out losses of one seed."""
+    control = losses["control"].mean()
     gap = control - losses["reference"].mean()
-    return float((control - losses[design].mean()) / gap) if gap > 0 else float("nan")
+    return float((control - losses["bridge"].mean()) / gap) if gap > 0 else float("nan")
 
 
-def pooled_fraction(results: list[dict], design: str) -> float:
-    """The fraction captured from losses averaged over seeds first: steadier than a mean of per-seed ratios when
-    one seed's denominator (control minus reference) is small."""
-    control = np.mean([r["losses"].get(f"control_{design}", r["losses"]["control"]).mean() for r in results])
-    bridge = np.mean([r["losses"][design].mean() for r in results])
-    reference = np.mean([r["losses"]["reference"].mean() for r in results])
-    return float((control - bridge) / (control - reference)) if control > reference else float("nan")
+def paired_picture_bootstrap(per_seed: list[np.ndarray], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the mean paired difference, resampling pictures within each seed (each array:
+    [n_pictures, ...] differences of one seed) and averaging the seeds."""
+    rng = np.random.default_rng(seed)
+    per_picture = [np.asarray(d, dtype=np.float64).reshape(len(d), -1).mean(axis=1) for d in per_seed]
+    means = np.zeros(resamples)
+    for values in per_picture:
+        means += values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    means /= len(per_picture)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
 
 
-def _rate(result: dict, name: str, what: str) -> float:
-    counterfactual = result.get("counterfactual", {}).get(name)
-    if counterfactual is None:
-        return float("nan")
-    values = counterfactual[what]
-    if what == "changed":  # only the pairs where Qwen3's word differs from the instruction's own
-        return float(values.sum() / max(1, values.size - values.shape[0]))
-    return float(values.mean())
-
-
-def _summary_of(results: list[dict], name: str, per_seed) -> dict:
-    values = [per_seed(r) for r in results]
+def _over_seeds(values) -> dict:
+    values = [float(v) for v in values]
     low, high = t_interval(values)
     return {"mean": float(np.mean(values)), "ci_low": low, "ci_high": high, "per_seed": values}
 
 
 def summarize(results: list[dict], config: ProofConfig) -> dict:
-    """The final JSON: the default design's headline numbers, every design's, intervals over seeds."""
-    default = config.default_design
-    designs = {}
-    for design in config.designs:
-        designs[design] = {
-            "gain": _summary_of(results, design, lambda r, d=design: _relative(r["losses"], d)),
-            "fraction_captured": _summary_of(results, design, lambda r, d=design: fraction_captured(r["losses"], d)),
-            "fraction_captured_pooled": pooled_fraction(results, design),
-            "information_gain_eval": _summary_of(results, design, lambda r, d=design: _relative(
-                r["losses"], d, f"{d}_qwen3_shuffled")),
-            "control": f"control_{design}" if f"control_{design}" in results[0]["losses"] else
-                       f"control_{config.default_design}",
-            "follow_rate": _summary_of(results, design, lambda r, d=design: _rate(r, d, "follow")),
-            "follow_rate_control": _summary_of(results, design, lambda r, d=design: _rate(
-                r, f"control_{d}" if f"control_{d}" in r["losses"] else "control", "follow")),
-            "changed_rate": _summary_of(results, design, lambda r, d=design: _rate(r, d, "changed")),
-            "edit_success": _summary_of(results, design, lambda r, d=design: _rate(r, d, "success")),
-            "level_zeroed_loss": {level: float(np.mean([r["level_zeroed"][design][level] for r in results]))
-                                  for level in results[0]["level_zeroed"][design]},
-        }
-    headline = designs[default] if default in designs else next(iter(designs.values()))
-    diff = [(_relative(r["losses"], default) - _relative(r["losses"], "control")) for r in results] \
-        if default in config.designs else [float("nan")]
-    diff_low, diff_high = t_interval(diff)
-    others = {name: _summary_of(results, name, lambda r, n=name: _rate(r, n, "follow"))
-              for name in ("baseline", "control", "reference")}
+    """The headline JSON: follow, no harm, formation, unseen phrasings, the saw task; intervals over seeds."""
+    read = [r["read"] for r in results]
+    follow = _over_seeds([_rates(r["counterfactual"]["bridge"])["follow"] for r in read])
+    control = _over_seeds([_rates(r["counterfactual"]["control"])["follow"] for r in read])
+    formed = [v >= config.formed_threshold for v in follow["per_seed"]]
+    noharm_follow = [r["noharm"]["bridge"]["follow"].astype(float) - r["noharm"]["edit"]["follow"].astype(float) for r in read]
+    noharm_success = [r["noharm"]["bridge"]["success"].astype(float) - r["noharm"]["edit"]["success"].astype(float) for r in read]
+    noharm = _over_seeds([d.mean() for d in noharm_follow])
+    boot_low, boot_high = paired_picture_bootstrap(noharm_follow)
+    templates = {t: _over_seeds([r["templates"][t].mean() for r in read]) for t in HELDOUT_TEMPLATES}
+    by_kind = {kind: float(np.mean([templates[t]["mean"] for t, k in HELDOUT_TEMPLATES.items() if k == kind]))
+               for kind in ("space", "no space")}
+    unseen = _over_seeds([np.mean([r["templates"][t].mean() for t in HELDOUT_TEMPLATES]) for r in read])
     summary = {
-        "design": default,
-        "follow_rate": headline["follow_rate"]["mean"],
-        "follow_rate_ci": [headline["follow_rate"]["ci_low"], headline["follow_rate"]["ci_high"]],
-        "follow_rate_control": others["control"]["mean"],
-        "follow_rate_reference": others["reference"]["mean"],
-        "follow_rate_baseline": others["baseline"]["mean"],
-        "guessing": 1 / len(COLOURS),
-        "changed_rate": headline["changed_rate"]["mean"],
-        "changed_rate_control": _summary_of(results, "control", lambda r: _rate(r, "control", "changed"))["mean"],
-        "fraction_captured": headline["fraction_captured"]["mean"],
-        "fraction_captured_ci_low": headline["fraction_captured"]["ci_low"],
-        "fraction_captured_ci_high": headline["fraction_captured"]["ci_high"],
-        "fraction_captured_pooled": headline["fraction_captured_pooled"],
-        "gain_real": headline["gain"]["mean"],
-        "gain_shuffled": float(np.mean([_relative(r["losses"], "control") for r in results])),
-        "diff": float(np.mean(diff)),
-        "diff_ci_low": diff_low,
-        "diff_ci_high": diff_high,
-        "gain_full_instruction": float(np.mean([_relative(r["losses"], "reference") for r in results])),
-        "edit_success": {name: _summary_of(results, name, lambda r, n=name: _rate(r, n, "success"))["mean"]
-                         for name in ("baseline", *config.designs, *_control_names(config), "reference")},
-        "designs": designs,
+        "design": config.design,
         "seeds": len(results),
-        "interval": "95% Student t over seeds",
-        "heldout_samples": int(len(results[0]["losses"]["baseline"])),
-        "counterfactual_edits_per_condition": int(config.counterfactual_images * len(COLOURS) * len(results)),
+        "interval": "95% Student t over seeds" if len(results) > 1 else "one seed: no interval over seeds",
+        "guessing": 1 / len(COLOURS),
+        "follow_rate": follow["mean"], "follow_rate_ci": [follow["ci_low"], follow["ci_high"]],
+        "follow_rate_per_seed": follow["per_seed"],
+        "follow_rate_control": control["mean"], "follow_rate_control_ci": [control["ci_low"], control["ci_high"]],
+        "follow_rate_baseline": float(np.mean([_rates(r["counterfactual"]["baseline"])["follow"] for r in read])),
+        "follow_rate_reference": float(np.mean([_rates(r["counterfactual"]["reference"])["follow"] for r in read])),
+        "changed_rate": float(np.mean([_rates(r["counterfactual"]["bridge"])["changed"] for r in read])),
+        "changed_rate_control": float(np.mean([_rates(r["counterfactual"]["control"])["changed"] for r in read])),
+        "edit_success": {name: float(np.mean([_rates(r["counterfactual"][name])["success"] for r in read]))
+                         for name in ("baseline", "bridge", "control", "reference")},
+        "seeds_formed": int(sum(formed)),
+        "formed_threshold": config.formed_threshold,
+        "no_harm_difference": noharm["mean"],
+        "no_harm_difference_ci_low": boot_low, "no_harm_difference_ci_high": boot_high,
+        "no_harm_interval": "bootstrap over pictures (within seeds), 95%",
+        "no_harm_difference_seed_ci": [noharm["ci_low"], noharm["ci_high"]],
+        "no_harm_difference_per_seed": noharm["per_seed"],
+        "no_harm_follow_edit": float(np.mean([r["noharm"]["edit"]["follow"].mean() for r in read])),
+        "no_harm_follow_bridge": float(np.mean([r["noharm"]["bridge"]["follow"].mean() for r in read])),
+        "no_harm_success_edit": float(np.mean([r["noharm"]["edit"]["success"].mean() for r in read])),
+        "no_harm_success_bridge": float(np.mean([r["noharm"]["bridge"]["success"].mean() for r in read])),
+        "no_harm_success_difference": float(np.mean([d.mean() for d in noharm_success])),
+        "no_harm_pictures": int(len(read[0]["noharm"]["edit"]["success"])),
+        "follow_rate_unseen_templates": unseen["mean"],
+        "follow_rate_unseen_templates_ci": [unseen["ci_low"], unseen["ci_high"]],
+        "follow_rate_unseen_templates_by_tokenisation": by_kind,
+        "follow_rate_per_unseen_template": {t: v["mean"] for t, v in templates.items()},
+        "fraction_captured": _over_seeds([fraction_captured(r["losses"]) for r in read]),
+        "level_zeroed_loss": {level: float(np.mean([r["level_zeroed"][level] for r in read])) for level in read[0]["level_zeroed"]},
+        "heldout_samples": int(len(read[0]["losses"]["baseline"])),
+        "counterfactual_edits_per_condition": int(np.size(read[0]["counterfactual"]["bridge"]["follow"]) * len(results)),
         "config": asdict(config),
     }
-    summary["bridge_beats_shuffled_control"] = bool(summary["fraction_captured_ci_low"] > 0)
+    if config.saw:
+        saw = [r["saw"] for r in results]
+        vision = _over_seeds([_rates(r["counterfactual"]["bridge"])["follow"] for r in saw])
+        vision_control = _over_seeds([_rates(r["counterfactual"]["control"])["follow"] for r in saw])
+        summary.update({
+            "vision_follow_rate": vision["mean"], "vision_follow_rate_ci": [vision["ci_low"], vision["ci_high"]],
+            "vision_follow_rate_per_seed": vision["per_seed"],
+            "vision_follow_rate_control": vision_control["mean"],
+            "vision_follow_rate_control_ci": [vision_control["ci_low"], vision_control["ci_high"]],
+            "vision_follow_rate_baseline": float(np.mean([_rates(r["counterfactual"]["baseline"])["follow"] for r in saw])),
+            "vision_follow_rate_reference": float(np.mean([_rates(r["counterfactual"]["reference"])["follow"] for r in saw])),
+            "vision_seeds_formed": int(sum(v >= config.formed_threshold for v in vision["per_seed"])),
+            "vision_edit_success": {name: float(np.mean([_rates(r["counterfactual"][name])["success"] for r in saw]))
+                                    for name in saw[0]["counterfactual"]},
+            "vision_fraction_captured": _over_seeds([fraction_captured(r["losses"]) for r in saw]),
+            "vision_ablations": {bridge: {name: float(np.mean([r["ablations"][bridge][name] for r in saw]))
+                                          for name in saw[0]["ablations"][bridge]} for bridge in saw[0]["ablations"]},
+        })
+        if "deepstack" in saw[0]["counterfactual"]:
+            deepstack = _over_seeds([_rates(r["counterfactual"]["deepstack"])["follow"] for r in saw])
+            summary["vision_follow_rate_deepstack"] = deepstack["mean"]
+            summary["vision_follow_rate_deepstack_ci"] = [deepstack["ci_low"], deepstack["ci_high"]]
     return summary
 
 
-def _control_names(config: ProofConfig) -> tuple[str, ...]:
-    return tuple(f"control_{d}" for d in control_designs(config))
+# -- printing ---------------------------------------------------------------------------------------------
+
+
+def _pct(value: float) -> str:
+    return "  n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:>5.0%}"
 
 
 def format_table(results: list[dict], config: ProofConfig) -> str:
-    """Per seed and condition: held-out loss, gain over no bridge, counterfactual follow and changed rates, edit
-    success; then each design's per-level ablation."""
-    names = ("baseline", *config.designs, *_control_names(config), "reference")
-    labels = {"baseline": "no bridge (Qwen2.5-VL without the colour)", "reference": "reference: Qwen2.5-VL given the colour",
-              **{d: f"bridge: {d}" for d in config.designs},
-              **{f"control_{d}": f"control: {d}, trained on shuffled Qwen3" for d in control_designs(config)}}
-    lines = [f"{'seed':>4}  {'condition':<46} {'held-out loss':>13} {'gain':>8} {'follow':>7} {'changed':>8} {'success':>8}"]
+    """Per seed: the read task's conditions (held-out loss, follow, changed, success), unseen templates, no harm;
+    the saw task's conditions and ablations."""
+    labels = {"baseline": "no bridge (the DiT's encoder without the colour)", "bridge": f"bridge ({config.design})",
+              "control": "control: the bridge trained on shuffled Qwen3", "reference": "reference: the DiT's encoder told it",
+              "deepstack": "bridge reading the DeepStack taps too"}
+    lines = [f"read task: Qwen3-VL reads the colour word, Qwen2.5-VL does not (half the training examples: it does)",
+             f"{'seed':>4}  {'condition':<50} {'loss':>8} {'follow':>7} {'changed':>8} {'success':>8}"]
     for result in results:
-        losses = result["losses"]
-        for name in names:
-            lines.append(f"{result['seed']:>4}  {labels[name]:<46} {losses[name].mean():>13.5f} "
-                         f"{_relative(losses, name):>+8.2%} {_rate(result, name, 'follow'):>7.0%} "
-                         f"{_rate(result, name, 'changed'):>8.0%} {_rate(result, name, 'success'):>8.0%}")
-        for design in config.designs:
-            zeroed = ", ".join(f"{k} {v:.4f}" for k, v in result["level_zeroed"][design].items())
-            lines.append(f"{'':>4}  {design}: level zeroed -> held-out loss {zeroed}")
+        read = result["read"]
+        for name in ("baseline", "bridge", "control", "reference"):
+            rates = _rates(read["counterfactual"][name])
+            lines.append(f"{result['seed']:>4}  {labels[name]:<50} {read['losses'][name].mean():>8.4f} {_pct(rates['follow']):>7} "
+                         f"{_pct(rates['changed']):>8} {_pct(rates['success']):>8}")
+        unseen = ", ".join(f"{t.format(shape='<s>', colour='<k>')!r} {v.mean():.0%}" for t, v in read["templates"].items())
+        lines.append(f"{'':>4}  unseen phrasings: {unseen}")
+        edit, bridge = read["noharm"]["edit"], read["noharm"]["bridge"]
+        lines.append(f"{'':>4}  no harm (both encoders read it all): follow {edit['follow'].mean():.1%} -> {bridge['follow'].mean():.1%} "
+                     f"({bridge['follow'].mean() - edit['follow'].mean():+.1%}); success {int(edit['success'].sum())}/{len(edit['success'])} "
+                     f"-> {int(bridge['success'].sum())}/{len(bridge['success'])}")
+    if config.saw:
+        lines += ["", "saw task: the colour only in a reference picture Qwen3-VL sees; one instruction for every colour",
+                  f"{'seed':>4}  {'condition':<50} {'loss':>8} {'follow':>7} {'changed':>8} {'success':>8}"]
+        for result in results:
+            saw = result["saw"]
+            for name in saw["counterfactual"]:
+                rates = _rates(saw["counterfactual"][name])
+                loss = saw["losses"].get(name)
+                lines.append(f"{result['seed']:>4}  {labels[name]:<50} {(loss.mean() if loss is not None else float('nan')):>8.4f} "
+                             f"{_pct(rates['follow']):>7} {_pct(rates['changed']):>8} {_pct(rates['success']):>8}")
+            for bridge, ablation in saw["ablations"].items():
+                lines.append(f"{'':>4}  {bridge} follow with " + ", ".join(f"{k} {v:.0%}" for k, v in ablation.items()))
     return "\n".join(lines)
+
+
+def _interval(values: list) -> str:
+    low, high = values
+    return "" if low is None or math.isnan(low) else f" [{low:.0%}, {high:.0%}]"
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"over {summary['seeds']} seeds ({summary['interval']}), {summary['heldout_samples']} held-out samples and "
-             f"{summary['counterfactual_edits_per_condition']} counterfactual edits per condition:"]
-    for design, values in summary["designs"].items():
-        f, r = values["fraction_captured"], values["follow_rate"]
-        lines.append(f"  {design:<9} fraction captured {f['mean']:+.2f} [{f['ci_low']:+.2f}, {f['ci_high']:+.2f}] "
-                     f"(pooled {values['fraction_captured_pooled']:+.2f}; vs "
-                     f"{values['control']})  follow rate {r['mean']:.0%} [{r['ci_low']:.0%}, {r['ci_high']:.0%}] "
-                     f"(its control {values['follow_rate_control']['mean']:.0%})  changed "
-                     f"{values['changed_rate']['mean']:.0%}  edit success {values['edit_success']['mean']:.0%}")
-    lines.append(f"  follow rate: control {summary['follow_rate_control']:.0%}, no bridge {summary['follow_rate_baseline']:.0%}, "
-                 f"reference {summary['follow_rate_reference']:.0%}, guessing {summary['guessing']:.0%}")
+    n = summary["seeds"]
+    lines = [f"over {n} seed{'s' if n != 1 else ''} ({summary['interval']}):",
+             f"  read:  follow {summary['follow_rate']:.1%}{_interval(summary['follow_rate_ci'])} (control "
+             f"{summary['follow_rate_control']:.0%}, no bridge {summary['follow_rate_baseline']:.0%}, the DiT's encoder told it "
+             f"{summary['follow_rate_reference']:.0%}, guessing {summary['guessing']:.0%}); formed on "
+             f"{summary['seeds_formed']} of {n} seeds (follow >= {summary['formed_threshold']:.0%})",
+             f"  no harm: follow {summary['no_harm_follow_edit']:.1%} (Edit) -> {summary['no_harm_follow_bridge']:.1%} "
+             f"(Edit+bridge), difference {summary['no_harm_difference'] * 100:+.1f} points [{summary['no_harm_difference_ci_low'] * 100:+.1f}, "
+             f"{summary['no_harm_difference_ci_high'] * 100:+.1f}] ({summary['no_harm_interval']}); edit success "
+             f"{summary['no_harm_success_edit']:.0%} -> {summary['no_harm_success_bridge']:.0%}",
+             f"  unseen phrasings: follow {summary['follow_rate_unseen_templates']:.1%}"
+             f"{_interval(summary['follow_rate_unseen_templates_ci'])} (colour after a space "
+             f"{summary['follow_rate_unseen_templates_by_tokenisation']['space']:.0%}, glued "
+             f"{summary['follow_rate_unseen_templates_by_tokenisation']['no space']:.0%})"]
+    if "vision_follow_rate" in summary:
+        lines.append(f"  saw:   follow {summary['vision_follow_rate']:.1%}{_interval(summary['vision_follow_rate_ci'])} (control "
+                     f"{summary['vision_follow_rate_control']:.0%}{_interval(summary['vision_follow_rate_control_ci'])}, no bridge "
+                     f"{summary['vision_follow_rate_baseline']:.0%}, the DiT's encoder told it in words "
+                     f"{summary['vision_follow_rate_reference']:.0%}); formed on {summary['vision_seeds_formed']} of {n} seeds"
+                     + (f"; with DeepStack taps {summary['vision_follow_rate_deepstack']:.1%}"
+                        if "vision_follow_rate_deepstack" in summary else ""))
+        for bridge, ablation in summary["vision_ablations"].items():
+            lines.append(f"  saw, {bridge} ablations (follow): " + ", ".join(f"{k} {v:.0%}" for k, v in ablation.items()))
     return "\n".join(lines)
 
 
-def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: ProofConfig, work_dir: str | Path,
-              progress=print) -> tuple[list[dict], dict]:
-    """All seeds on the trained tiny edit model; returns (per-seed results, summary)."""
+def verdict(summary: dict) -> str:
+    """One sentence; with one seed it says that no interval over seeds exists instead of claiming a failure."""
+    if summary["seeds"] < 2:
+        return ("one seed: no interval over seeds, so no claim either way (follow "
+                f"{summary['follow_rate']:.0%} vs control {summary['follow_rate_control']:.0%}); run two or more seeds")
+    low = summary["follow_rate_ci"][0]
+    carries = low > summary["follow_rate_control_ci"][1] if summary["follow_rate_control_ci"][1] is not None else False
+    text = (f"the {summary['design']} bridge {'carries' if carries else 'does NOT reliably carry'} what only Qwen3-VL read "
+            f"(follow lower bound {low:.0%} vs control's upper {summary['follow_rate_control_ci'][1]:.0%})")
+    if "vision_follow_rate" in summary:
+        vlow, chigh = summary["vision_follow_rate_ci"][0], summary["vision_follow_rate_control_ci"][1]
+        text += (f"; it {'carries' if vlow > chigh else 'does NOT reliably carry'} what only Qwen3-VL saw "
+                 f"(lower bound {vlow:.0%} vs control's upper {chigh:.0%})")
+    return text
+
+
+# -- running ----------------------------------------------------------------------------------------------
+
+
+def _editor(trained_edit_model, qwen3_model):
     import json
 
     from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
@@ -385,9 +597,35 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
 
     report = Path(trained_edit_model) / REPORT_NAME
     size = json.loads(report.read_text())["config"]["image_size"] if report.exists() else 64
-    editor = EnhancedQwenImageEdit(trained_edit_model, qwen3_model, device="cpu", condition_area=size * size)
-    results = []
-    for seed in config.seeds:
-        results.append(run_seed(editor, seed, config, Path(work_dir), size, progress))
-        progress(f"seed {seed} done")
+    return EnhancedQwenImageEdit(trained_edit_model, qwen3_model, device="cpu", condition_area=size * size), size
+
+
+def _seed_worker(trained_edit_model, qwen3_model, seed: int, config: ProofConfig, work_dir: str) -> dict:
+    """One seed in a worker process (one thread: tiny models are overhead-bound)."""
+    torch.set_num_threads(1)
+    editor, size = _editor(trained_edit_model, qwen3_model)
+    return run_seed(editor, seed, config, Path(work_dir), size)
+
+
+def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: ProofConfig, work_dir: str | Path,
+              progress=print, workers: int = 1) -> tuple[list[dict], dict]:
+    """Every seed on the trained tiny edit model (`workers` processes at once); returns (per-seed results, summary)."""
+    if workers <= 1:
+        editor, size = _editor(trained_edit_model, qwen3_model)
+        results = []
+        for seed in config.seeds:
+            results.append(run_seed(editor, seed, config, Path(work_dir), size, progress))
+            progress(f"seed {seed} done")
+        return results, summarize(results, config)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_seed_worker, str(trained_edit_model), str(qwen3_model), seed, config, str(work_dir)): seed
+                   for seed in config.seeds}
+        done = {}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            progress(f"seed {futures[future]} done ({len(done)} of {len(futures)})")
+    results = [done[seed] for seed in config.seeds]
     return results, summarize(results, config)

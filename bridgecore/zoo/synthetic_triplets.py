@@ -7,6 +7,14 @@ editor that ignores it cannot do better than guess. Used to train the tiny edit 
 
 With `images_per_sample=2` the sample is an Edit-Plus one: picture 2 is a swatch of the new colour
 and the instruction says "Make the <shape> the colour of picture 2".
+
+Two variants test what a bridge generalises to (see `information_proof.py`):
+
+- phrasings: `TRAINING_TEMPLATES` word the instruction several ways, with the colour word both after a
+  space and glued to punctuation (a byte-level BPE gives " red" and "red" different tokens);
+  `HELDOUT_TEMPLATES` are never trained on;
+- a reference picture (`make_reference_triplets`): the new colour exists only as a swatch picture and the
+  instruction is the same for every colour, "Make the <shape> the colour of the reference".
 """
 
 from __future__ import annotations
@@ -23,6 +31,27 @@ COLOURS = {"red": (210, 40, 40), "green": (40, 170, 70), "blue": (40, 70, 210), 
            "purple": (140, 50, 170), "orange": (240, 140, 30)}
 SHAPES = ("square", "circle")
 
+CANONICAL_TEMPLATE = "Make the {shape} {colour}"  # the one phrasing the tiny edit model was trained on
+TRAINING_TEMPLATES = (
+    CANONICAL_TEMPLATE,
+    "Paint the {shape} {colour}",
+    "Change the {shape} to {colour}",
+    "Turn the {shape} {colour}, please",
+    "Colour the {shape} {colour}",
+    "Make the {shape}:{colour}",  # no space before the colour: other tokens for the same word
+    "Recolour the {shape} '{colour}'",
+    "{colour} is for the {shape}",
+)
+# never trained on; "space" / "no space": how the colour word is tokenised (after a space, or glued)
+HELDOUT_TEMPLATES = {
+    "The {shape} should become {colour}": "space",
+    "Make the {shape} {colour} now, please": "space",
+    "Give the {shape} a {colour} look": "space",
+    "Set the {shape} colour={colour}": "no space",
+    "Make the {shape} ({colour})": "no space",
+}
+REFERENCE_INSTRUCTION = "Make the {shape} the colour of the reference"
+
 
 @dataclass
 class Triplet:
@@ -35,6 +64,7 @@ class Triplet:
     colour: str  # the colour it asks for
     shapes: dict[str, tuple[str, tuple[int, int, int, int]]]
     extra_images: tuple[Image.Image, ...] = ()  # Edit-Plus: pictures 2.. (a colour swatch)
+    references: tuple[Image.Image, ...] = ()  # pictures only Qwen3-VL sees (the reference task's swatch)
 
     @property
     def images(self) -> list[Image.Image]:
@@ -43,6 +73,14 @@ class Triplet:
     def instruction_without_colour(self) -> str:
         """The instruction with the colour word removed: what an encoder that must not know it reads."""
         return f"Make the {self.shape}"
+
+    def phrased(self, template: str, colour: str | None = None) -> str:
+        """The instruction in another wording (`TRAINING_TEMPLATES`, `HELDOUT_TEMPLATES`), optionally another colour."""
+        return template.format(shape=self.shape, colour=colour or self.colour)
+
+    def with_reference(self, colour: str, seed: int = 0) -> Image.Image:
+        """A swatch of `colour` like this sample's reference (same size, a slight seeded tint)."""
+        return swatch(colour, self.source.width, random.Random(seed))
 
 
 def _draw(size: int, shapes: dict[str, tuple[str, tuple]], background) -> Image.Image:
@@ -83,6 +121,23 @@ def make_triplet(rng: random.Random, size: int = 64, images_per_sample: int = 1)
 def make_triplets(count: int, size: int = 64, seed: int = 0, images_per_sample: int = 1) -> list[Triplet]:
     rng = random.Random(seed)
     return [make_triplet(rng, size, images_per_sample) for _ in range(count)]
+
+
+def swatch(colour: str, size: int, rng: random.Random) -> Image.Image:
+    """A flat picture of a palette colour, tinted by up to 12 levels per channel (nearest colour unchanged)."""
+    return Image.new("RGB", (size, size), tuple(int(min(255, max(0, c + rng.randint(-12, 12)))) for c in COLOURS[colour]))
+
+
+def make_reference_triplets(count: int, size: int = 64, seed: int = 0) -> list[Triplet]:
+    """The reference task: the new colour is only in a swatch picture (`Triplet.references`) and the instruction is
+    "Make the <shape> the colour of the reference" for every colour; pictures and targets as `make_triplets`."""
+    rng = random.Random(seed)
+    triplets = []
+    for _ in range(count):
+        triplet = make_triplet(rng, size)
+        triplets.append(Triplet(triplet.source, triplet.target, REFERENCE_INSTRUCTION.format(shape=triplet.shape),
+                                triplet.shape, triplet.colour, triplet.shapes, references=(swatch(triplet.colour, size, rng),)))
+    return triplets
 
 
 def shape_mask(kind: str, box: tuple[int, int, int, int], size: int, margin: int = 2) -> np.ndarray:

@@ -1,11 +1,17 @@
-"""A bridge trained for the tiny trained edit model, on its task with the colour word hidden from Qwen2.5-VL.
+"""Bridges trained for the tiny trained edit model: the main job's demonstrations that what Qwen3-VL read or saw
+reaches the DiT.
 
-The main job's demonstration that Qwen3-VL's instruction reaches the DiT: Qwen2.5-VL (the DiT's own
-encoder) reads "Make the <shape>", Qwen3-VL reads "Make the <shape> <colour>", and the bridge is trained
-with the project's own trainer and loss (the DiT, VAE and both VLMs frozen). Deterministic from its
+- task "read" (`zoo["bridge-tokens"]`): Qwen2.5-VL (the DiT's own encoder) reads "Make the <shape>", Qwen3-VL
+  reads the colour too, worded by one of the training templates; half the examples give Qwen2.5-VL the full
+  instruction as well, so the bridge learns to add nothing where the DiT already knows (the main job's
+  Edit+bridge arm reads full instructions);
+- task "saw" (`zoo["bridge-reference"]`): one instruction for every colour, the colour only in a reference
+  swatch that Qwen3-VL alone sees.
+
+Trained with the project's own trainer and loss (the DiT, VAE and both VLMs frozen), deterministic from the
 recipe and cached in the tiny zoo like the trained edit model (`vision-bridge tiny-models DIR --trained`).
 
-    bridge = VisionCacheBridge.from_pretrained(zoo["bridge-tokens"])   # the token path (with the correction)
+    bridge = VisionCacheBridge.from_pretrained(zoo["bridge-tokens"])
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class TinyBridgeRecipe:
     """How the tiny bridge is trained; its JSON is part of the zoo's cache key."""
 
     seed: int = 0
+    task: str = "read"  # "read": the colour word only Qwen3-VL reads; "saw": the swatch only Qwen3-VL sees
+    full_share: float = 0.5  # read task: share of examples where Qwen2.5-VL reads the full instruction too
     mode: str = "both"
     num_tokens: int = 1
     train_samples: int = 256
@@ -52,24 +60,35 @@ def _train(edit_model, qwen3_model, out_dir: Path, recipe: TinyBridgeRecipe, pro
 
     from bridgecore.model.bridge import BridgeConfig
     from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
-    from bridgecore.zoo.information_proof import redacted_examples
-    from bridgecore.zoo.synthetic_triplets import make_triplets
+    from bridgecore.zoo.information_proof import colour_examples, reference_examples
+    from bridgecore.zoo.synthetic_triplets import TRAINING_TEMPLATES, make_reference_triplets, make_triplets
     from bridgecore.zoo.tiny_edit_model import REPORT_NAME as EDIT_REPORT
     from bridgecore.training.trainer import BridgeTrainer, TrainConfig
 
     torch.manual_seed(recipe.seed)
     size = json.loads((Path(edit_model) / EDIT_REPORT).read_text())["config"]["image_size"]
     editor = EnhancedQwenImageEdit(edit_model, qwen3_model, device="cpu", condition_area=size * size)
-    total = recipe.train_samples + recipe.heldout_samples
+    total, n_train = recipe.train_samples + recipe.heldout_samples, recipe.train_samples
     # pictures of their own: disjoint from the edit model's training set (seed 0) and the proof's (10_000 + s)
-    triplets = make_triplets(total, size, seed=20_000 + recipe.seed)
-    examples, _ = redacted_examples(editor, triplets, "tiny-bridge")
-    first = examples[0].cache
-    config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=recipe.mode, num_tokens=recipe.num_tokens)
+    if recipe.task == "saw":
+        examples, _ = reference_examples(editor, make_reference_triplets(total, size, seed=21_000 + recipe.seed), "tiny-saw")
+        training, heldout = examples[:n_train], examples[n_train:]
+    elif recipe.task == "read":
+        triplets = make_triplets(total, size, seed=20_000 + recipe.seed)
+        redacted, full = colour_examples(editor, triplets, "tiny-bridge", templates=TRAINING_TEMPLATES, seed=recipe.seed)
+        extra = round(n_train * recipe.full_share / (1 - recipe.full_share)) if recipe.full_share < 1 else n_train
+        training = redacted[:n_train] + full[: min(n_train, extra)]
+        heldout = redacted[n_train:]
+    else:
+        raise ValueError(f"task must be 'read' or 'saw'; got {recipe.task!r}")
+    first = training[0].cache
+    config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=recipe.mode, num_tokens=recipe.num_tokens,
+                                      reference_images=1 if recipe.task == "saw" else 0)
     train = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
                         warmup_steps=20, eval_every=recipe.steps, checkpoint_every=recipe.steps, seed=recipe.seed,
-                        heldout_fraction=recipe.heldout_samples / total, gradient_checkpointing=False)
-    metrics = BridgeTrainer(editor.pipe, examples, out_dir, train, config).train(resume=False, progress=progress)
+                        gradient_checkpointing=False)
+    metrics = BridgeTrainer(editor.pipe, training, out_dir, train, config, heldout=heldout).train(resume=False,
+                                                                                                  progress=progress)
     for checkpoint in out_dir.glob("step_*"):  # the final bridge is out_dir itself; resume states are not needed
         shutil.rmtree(checkpoint)
     report = {"recipe": asdict(recipe), "heldout_loss_no_bridge": metrics["heldout_loss_baseline"],
@@ -77,6 +96,6 @@ def _train(edit_model, qwen3_model, out_dir: Path, recipe: TinyBridgeRecipe, pro
               "heldout_loss_qwen3_shuffled": metrics["heldout_loss_qwen3_shuffled"],
               "heldout_loss_level_zeroed": metrics["heldout_loss_level_zeroed"]}
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=1))
-    logger.info("tiny bridge (%s): held-out loss %.4f without bridge -> %.4f (Qwen3 shuffled: %.4f)", recipe.mode,
-                report["heldout_loss_no_bridge"], report["heldout_loss_bridge"], report["heldout_loss_qwen3_shuffled"])
+    logger.info("tiny bridge (%s, %s task): held-out loss %.4f without bridge -> %.4f (Qwen3 shuffled: %.4f)", recipe.mode,
+                recipe.task, report["heldout_loss_no_bridge"], report["heldout_loss_bridge"], report["heldout_loss_qwen3_shuffled"])
     return report

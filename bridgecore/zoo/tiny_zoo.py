@@ -329,10 +329,12 @@ def build_qwen_image_21(out_dir: Path, sizes: TinySizes = TinySizes()) -> Path:
 
 TRAINED_EDIT_MODEL = "qwen-image-edit-trained"
 TINY_BRIDGE = "bridge-tokens"
+TINY_REFERENCE_BRIDGE = "bridge-reference"
 
 
 def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: bool = False, trained: bool = False,
-                   trained_recipe=None, bridge: bool = False, bridge_recipe=None) -> dict[str, Path]:
+                   trained_recipe=None, bridge: bool = False, bridge_recipe=None, reference_bridge: bool = False,
+                   reference_recipe=None) -> dict[str, Path]:
     """Writes the four tiny models under `root`; skips those already present unless `overwrite`.
 
     With `trained`, also `qwen-image-edit-trained`: the tiny edit pipeline with its VAE and DiT trained on
@@ -340,6 +342,8 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
     rest: rebuilt only when missing or when the recipe changed. With `bridge` (implies `trained`), also
     `bridge-tokens`: a bridge trained for that model with the colour word hidden from Qwen2.5-VL
     (`tiny_bridge.TinyBridgeRecipe`, or `bridge_recipe`), retrained when its recipe or the edit model changed.
+    With `reference_bridge` (implies `trained`), also `bridge-reference`: a bridge trained to carry a reference
+    swatch only Qwen3-VL sees (`TinyBridgeRecipe(task="saw")`, or `reference_recipe`).
     """
     from bridgecore.zoo.tiny_bridge import TinyBridgeRecipe, train_tiny_bridge
     from bridgecore.zoo.tiny_edit_model import TinyEditTrainConfig, train_tiny_edit_model
@@ -352,7 +356,7 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
         "qwen-image-2.1": lambda p: build_qwen_image_21(p, sizes),
     }
     stamps = {name: {"seed": sizes.seed} for name in targets}
-    if trained or bridge:
+    if trained or bridge or reference_bridge:
         recipe = trained_recipe or TinyEditTrainConfig(seed=sizes.seed)
         targets[TRAINED_EDIT_MODEL] = lambda p: train_tiny_edit_model(root / "qwen-image-edit", p, recipe)
         stamps[TRAINED_EDIT_MODEL] = {"seed": sizes.seed, "recipe": json.loads(recipe.fingerprint())}
@@ -360,6 +364,10 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
         chosen = bridge_recipe or TinyBridgeRecipe(seed=sizes.seed)
         targets[TINY_BRIDGE] = lambda p: train_tiny_bridge(root / TRAINED_EDIT_MODEL, root / "qwen3-vl", p, chosen)
         stamps[TINY_BRIDGE] = {"edit_model": stamps[TRAINED_EDIT_MODEL], "recipe": json.loads(chosen.fingerprint())}
+    if reference_bridge:
+        saw = reference_recipe or TinyBridgeRecipe(seed=sizes.seed, task="saw")
+        targets[TINY_REFERENCE_BRIDGE] = lambda p: train_tiny_bridge(root / TRAINED_EDIT_MODEL, root / "qwen3-vl", p, saw)
+        stamps[TINY_REFERENCE_BRIDGE] = {"edit_model": stamps[TRAINED_EDIT_MODEL], "recipe": json.loads(saw.fingerprint())}
     paths = {}
     for name, build in targets.items():
         path = root / name

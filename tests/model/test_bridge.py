@@ -169,7 +169,7 @@ def test_save_load_round_trip_and_dimension_check(tmp_path, caches):
 def test_mismatched_and_non_finite_caches_are_refused(caches, plus_extractor):
     sample = caches[0]
     bridge = create_default_bridge(sample.qwen3, sample.qwen25, mode="residual")
-    with pytest.raises(ValueError, match="different numbers of images"):
+    with pytest.raises(ValueError, match="different numbers of condition images"):
         plus = plus_extractor.extract([make_image(), make_image(90, 90, 1)], "x")
         bridge(sample.qwen3, plus.qwen25)
     broken = caches[1].qwen25

@@ -2,7 +2,8 @@
 
 Qwen3-VL's hidden states at three depths plus its DeepStack features, and Qwen-Image-Edit's own
 Qwen2.5-VL prompt embeddings, in one `SampleCache` safetensors entry per sample (see cache_format.py).
-A batch runs one forward per model; images that cannot be read fail their sample before the batch runs.
+A sample's reference pictures (manifest column `reference_images`) go to Qwen3-VL only, after its condition
+images. A batch runs one forward per model; images that cannot be read fail their sample before the batch runs.
 """
 
 from __future__ import annotations
@@ -59,17 +60,37 @@ class ExtractStage(Stage):
         accepted, refused = self.check_prompt(items, ctx)
         ready, results = read_images(accepted, ctx.settings.condition_area)
         results += refused
+        ready, references = read_references(ready, results)
         if not ready:
             return results
         caches = []
         for editor, group in vlm_groups(ready, ctx, results):
             prompts = [self.prompt(item, ctx.settings) for item, _ in group]
-            caches += list(zip(group, editor.extractor.extract([images for _, images in group], prompts)))
+            extracted = editor.extractor.extract([images for _, images in group], prompts,
+                                                 references=[references[id(item)] for item, _ in group])
+            caches += list(zip(group, extracted))
         for (item, _), cache in caches:
             cache.extra = {"id": item.sample.id, "input_hash": item.sample.input_hash}
             results.append(SampleResult.done(item.sample, CACHES.entry(cache_to_bytes(cache)),
                                              qwen25_tokens=int(cache.qwen25.prompt_embeds.shape[0]),
                                              qwen3_tokens=int(next(iter(cache.qwen3.levels.values())).shape[0]),
                                              qwen3_vision_tokens=cache.qwen3.num_vision_tokens,
-                                             qwen25_vision_tokens=cache.qwen25.num_vision_tokens))
+                                             qwen25_vision_tokens=cache.qwen25.num_vision_tokens,
+                                             **({"reference_images": cache.qwen3.reference_images}
+                                                if cache.qwen3.reference_images else {})))
         return in_input_order(results, items)
+
+
+def read_references(ready: list, results: list[SampleResult]) -> tuple[list, dict[int, list]]:
+    """(the ready items whose reference pictures all load, {id(item): pictures}); a picture that cannot be read fails
+    its sample into `results` with the reason."""
+    from bridgecore.model.images import ImageLoadError, load_image
+
+    kept, references = [], {}
+    for item, images in ready:
+        try:
+            references[id(item)] = [load_image(uri) for uri in item.sample.references]
+            kept.append((item, images))
+        except ImageLoadError as error:
+            results.append(SampleResult.failed(item.sample, f"reference picture: {error}"))
+    return kept, references
