@@ -95,9 +95,13 @@ class Meter:
 
 
 def matmul_tflops(device: torch.device) -> float:
-    """Achieved bf16 matmul rate on random data: the practical ceiling for MFU."""
+    """Achieved bf16 matmul rate on random data (on a CPU, in the dtype its real-width work runs in): the practical
+    ceiling for MFU."""
+    from bridgecore.model.loading import cpu_compute_dtype
+
     n = 8192 if device.type == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    dtype = torch.bfloat16 if device.type == "cuda" else cpu_compute_dtype()
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     meter = Meter(device)
     seconds, _, _ = meter.time(lambda: a @ b, repeats=10 if device.type == "cuda" else 3, warmup=3)
     return 2 * n**3 / seconds / 1e12
@@ -169,7 +173,11 @@ class RealDimBenchmark:
 
         self.args = args
         self.device = torch.device(args.device)
-        self.dtype = torch.bfloat16
+        from bridgecore.model.loading import cpu_compute_dtype
+
+        # bf16 on a GPU; on a CPU without fast bf16 (no AVX-512 BF16 / AMX) fp32: a smoke of the code path, not of
+        # the real widths' arithmetic, which torch's reference bf16 GEMM would make ~100x slower
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else cpu_compute_dtype()
         self.meter = Meter(self.device)
         self.repeats = args.repeats or (3 if self.device.type == "cuda" else 1)
         self.warmup = 1 if self.device.type == "cuda" else 0  # CPU kernels need no warm-up; CI time does
@@ -179,7 +187,7 @@ class RealDimBenchmark:
         self.area = MAX_AREA if args.max_tokens is None else min(MAX_AREA, args.max_tokens * QWEN25_TOKEN_PX**2)
         self.results: dict = {
             "device": name, "gpu_key": self.gpu_key, "torch": torch.__version__, "layers": args.layers,
-            "real_depth": args.layers is None, "vocab_size": args.vocab_size, "steps": args.steps, "dtype": "bfloat16",
+            "real_depth": args.layers is None, "vocab_size": args.vocab_size, "steps": args.steps, "dtype": str(self.dtype).removeprefix("torch."),
             "peak_bf16_tflops": self.peak_flops and self.peak_flops / 1e12, "stages": {}, "edit": {}, "errors": {},
         }
         self.caches: dict = {}
@@ -320,7 +328,7 @@ class RealDimBenchmark:
 
         size = sum(f.stat().st_size for f in (root / "text_encoder").glob("*.safetensors"))
         resolved = ResolvedModel("realdim", root, "realdim")
-        options = LoadOptions(device=str(self.device), dtype="bfloat16")
+        options = LoadOptions(device=str(self.device), dtype=str(self.dtype).removeprefix("torch."))
         rows = {}
         for kind in ("cold", "warm"):
             if kind == "cold" and not self._drop_page_cache():

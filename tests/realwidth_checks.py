@@ -13,6 +13,13 @@ from conftest import make_image
 PROMPT = "make the circle blue"
 
 
+def dtype_on(device: str) -> str:
+    """bf16 on CUDA; on a CPU, bf16 only where its bf16 matmuls are fast (else fp32: ~100x faster there)."""
+    from bridgecore.model.loading import cpu_compute_dtype
+
+    return "bfloat16" if device.startswith("cuda") else str(cpu_compute_dtype()).removeprefix("torch.")
+
+
 def real_width_zoo(root: Path, device: str, layers: int = 2, vocab_size: int | None = None) -> dict[str, Path]:
     """The real-width zoo, written once under `root` (models built directly on `device`)."""
     from bridgecore.zoo.real_models import write_real_width_zoo
@@ -26,7 +33,7 @@ def real_width_zoo(root: Path, device: str, layers: int = 2, vocab_size: int | N
 def editor_for(zoo, device: str, area: int, **options):
     from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
 
-    return EnhancedQwenImageEdit(zoo["qwen-image-edit"], zoo["qwen3-vl"], device=device, dtype="bfloat16",
+    return EnhancedQwenImageEdit(zoo["qwen-image-edit"], zoo["qwen3-vl"], device=device, dtype=dtype_on(device),
                                  condition_area=area, **options)
 
 
@@ -45,7 +52,7 @@ def edit_parity(zoo, device: str, area: int, steps: int = 2, seed: int = 3) -> t
                                  output_type="np")
     embeds, mask, _ = editor.encode([[image]], [PROMPT], use_qwen3_vision=False)
     editor.unload()
-    plain = load_edit_pipeline(resolve_model(zoo["qwen-image-edit"]), LoadOptions(device=device, dtype="bfloat16"))
+    plain = load_edit_pipeline(resolve_model(zoo["qwen-image-edit"]), LoadOptions(device=device, dtype=dtype_on(device)))
     reference = call_with_areas(plain, area, area,
                                 image=image, prompt_embeds=embeds.to(device), prompt_embeds_mask=mask.to(device),
                                 num_inference_steps=steps, true_cfg_scale=1.0, output_type="np",

@@ -106,6 +106,28 @@ def banner(message: str) -> None:
     typer.secho(f"{line}\n{message}\n{line}", fg=typer.colors.YELLOW, bold=True, err=True)
 
 
+# measured on 2 idle cores (AVX2 and AMX machines): what the first use of the tiny zoo costs, once
+TINY_ZOO_MINUTES = {"random": "under a minute", "edit model": "4 to 8 minutes", "bridge": "1 to 2 minutes"}
+
+
+def tiny_zoo_work(trained: bool = False, bridges: tuple[str, ...] = ()) -> str:
+    """What the tiny zoo still has to build or train, with honest times (empty when everything is cached)."""
+    from bridgecore.zoo.tiny_zoo import TRAINED_EDIT_MODEL
+
+    todo = []
+    if not (TINY_ZOO_DIR / "qwen3-vl" / ".tiny-zoo-complete").exists():
+        todo.append(f"build the random tiny models ({TINY_ZOO_MINUTES['random']})")
+    if trained and not (TINY_ZOO_DIR / TRAINED_EDIT_MODEL / ".tiny-zoo-complete").exists():
+        todo.append(f"train the tiny edit model's VAE and DiT on the shapes task ({TINY_ZOO_MINUTES['edit model']})")
+    for name in bridges:
+        if not (TINY_ZOO_DIR / name / ".tiny-zoo-complete").exists():
+            todo.append(f"train the tiny bridge {name} ({TINY_ZOO_MINUTES['bridge']})")
+    if not todo:
+        return ""
+    return ("\nFirst use on this machine: " + "; then ".join(todo) + " on 2 idle cores, longer on a busy machine; "
+            "cached afterwards.")
+
+
 def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool = False,
                     trained: bool = False, editor: str = "auto") -> tuple[str, str]:
     """The requested models; with none requested, the real defaults if already on this machine (local files or
@@ -129,18 +151,39 @@ def resolve_or_tiny(qwen3: Optional[str], edit_model: Optional[str], plus: bool 
         return qwen3 or DEFAULT_QWEN3_MODEL, edit_model or default_edit
     except ModelNotAvailableError as error:
         trained = trained and family == "qwen-image-edit"
-        zoo = build_tiny_zoo(TINY_ZOO_DIR, trained=trained)
         what = ("Outputs are meaningless pictures that only prove the machinery runs." if not trained else
                 "The edit model's VAE and DiT are trained (on CPU) on ONE synthetic task, 'Make the <shape> <colour>': "
                 "its edits are real, of that task only; the VLMs stay random.")
+        # the banner comes first: building and training the zoo takes minutes the first time
         banner(
             f"NO REAL WEIGHTS FOUND: using the TINY {'TRAINED' if trained else 'RANDOM'} MODELS of the offline zoo in "
             f"{TINY_ZOO_DIR.resolve()}.\n{what}\n"
             f"Reason: {error}\nPass --qwen3 and --edit-model (hub ids or local directories) "
-            "to use real models."
+            "to use real models." + tiny_zoo_work(trained)
         )
+        zoo = build_tiny_zoo(TINY_ZOO_DIR, trained=trained)
         tiny_edit = zoo["qwen-image-2.1" if family == "qwen-image-2.1" else "qwen-image-edit-plus" if plus else
                         "qwen-image-edit-trained" if trained else "qwen-image-edit"]
         return qwen3 or str(zoo["qwen3-vl"]), edit_model or str(tiny_edit)
 
+
+def tiny_task_settings(edit_model: str, steps: Optional[int], condition_area: Optional[int],
+                       default_area: int) -> tuple[Optional[int], int]:
+    """(steps, condition area): with the zoo's trained tiny edit model, its own task's settings where the user gave
+    none (20 steps, the 64x64 pictures it was trained on; at real-scale settings it paints noise), said loudly;
+    otherwise what was given, or the real defaults."""
+    import json
+
+    from bridgecore.zoo.tiny_edit_model import REPORT_NAME
+    from bridgecore.zoo.tiny_zoo import TINY_BRIDGE, TRAINED_EDIT_MODEL
+
+    if Path(edit_model).resolve() != (TINY_ZOO_DIR / TRAINED_EDIT_MODEL).resolve():
+        return steps, condition_area or default_area
+    size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
+    chosen = (20 if steps is None else steps, condition_area or size * size)
+    banner(f"THE TINY TRAINED EDIT MODEL knows one task, 'Make the <shape> <colour>', on {size}x{size} pictures: using "
+           f"its settings ({chosen[0]} steps, condition area {chosen[1]} = {size}x{size}) where you gave none.\n"
+           "Your own pictures come out as its toy rendition of them. Add "
+           f"--bridge {TINY_ZOO_DIR / TINY_BRIDGE} for the tiny bridge (trained by `bash scripts/run_main.sh`).")
+    return chosen
 

@@ -315,7 +315,7 @@ def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings:
     `run_stage` runs one stage on one shard: directly by default; the Prefect flow passes one that calls
     the stage's task (cache policy, retries). A corrupt or missing upstream shard is recomputed once.
     """
-    from tqdm.auto import tqdm
+    from bridgecore.console import bar
 
     ctx = make_context(output_uri, pipeline, settings, loaded)
     stages = pipeline_stages(pipeline, settings)
@@ -336,7 +336,7 @@ def run_pipeline(output_uri: str, pipeline: str, shard_ids: list[str], settings:
     for stage in stages:
         ctx.models.release(keep=stage.models)
         busy = []  # shards another worker is computing right now: their results are awaited, not redone
-        for shard_id in tqdm(shard_ids, desc=stage.name, unit="shard", disable=not progress or not shard_ids):
+        for shard_id in bar(shard_ids, desc=stage.name, unit="shard", disable=not progress or not shard_ids):
             try:
                 run(stage, shard_id)
             except ShardBusyError:

@@ -492,9 +492,9 @@ class BridgeTrainer:
                                   config.shuffle_buffer, config.ablate_qwen3 == "shuffle",
                                   skip=step * config.grad_accumulation)  # a stream's position: global, not per rank
         batches = iter(stream_loader(streams, config.data_workers))
-        from tqdm.auto import tqdm
+        from bridgecore.console import bar as progress_bar
 
-        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not progress or not ranks.main)
+        bar = progress_bar(total=config.steps, initial=step, desc="train", unit="step", disable=not progress or not ranks.main)
         bridge.train()
         evaluation = None
         try:

@@ -165,20 +165,50 @@ def edit_success(triplet: Triplet, edited: Image.Image) -> bool:
     return True
 
 
-def write_triplets(folder: str | Path, count: int, size: int = 64, seed: int = 0, images_per_sample: int = 1) -> Path:
-    """Writes `count` triplets and `manifest.jsonl` (id, image or images, instruction, target) into `folder`."""
+def write_if_changed(path: Path, data: bytes) -> bool:
+    """Writes `data` to `path` unless the file already holds exactly these bytes (its modification time, which
+    identifies an input to the batch system, stays as it was). Returns whether it wrote."""
+    try:
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    path.write_bytes(data)
+    return True
+
+
+def encode_png(image: Image.Image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_triplets(folder: str | Path, count: int, size: int = 64, seed: int = 0, images_per_sample: int = 1,
+                   references: bool = False) -> Path:
+    """Writes `count` triplets and `manifest.jsonl` (id, image or images, instruction, target) into `folder`; files
+    already holding the same bytes are left alone, so writing the same set again changes no input of a job. With
+    `references`, the reference task's samples (`make_reference_triplets`): each row has `reference_images`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
-    for index, triplet in enumerate(make_triplets(count, size, seed, images_per_sample)):
+    triplets = (make_reference_triplets(count, size, seed) if references
+                else make_triplets(count, size, seed, images_per_sample))
+    for index, triplet in enumerate(triplets):
         names = [f"{index:05d}_source.png"] + [f"{index:05d}_picture{i + 2}.png" for i in range(len(triplet.extra_images))]
         for name, image in zip(names, triplet.images):
-            image.save(folder / name)
+            write_if_changed(folder / name, encode_png(image))
         target = f"{index:05d}_target.png"
-        triplet.target.save(folder / target)
+        write_if_changed(folder / target, encode_png(triplet.target))
         row = {"id": f"triplet-{index:05d}", "target": target, "instruction": triplet.instruction}
         row.update({"image": names[0]} if len(names) == 1 else {"images": names})
+        if triplet.references:
+            reference_names = [f"{index:05d}_reference{i + 1}.png" for i in range(len(triplet.references))]
+            for name, image in zip(reference_names, triplet.references):
+                write_if_changed(folder / name, encode_png(image))
+            row["reference_images"] = reference_names
         rows.append(row)
     manifest = folder / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    write_if_changed(manifest, ("\n".join(json.dumps(r) for r in rows) + "\n").encode())
     return manifest

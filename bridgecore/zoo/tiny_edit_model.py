@@ -159,14 +159,14 @@ def train_vae(vae, triplets: list[Triplet], config: TinyEditTrainConfig) -> dict
     encoder = [*vae.encoder.parameters(), *vae.quant_conv.parameters()]
     decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     vae.train().requires_grad_(False)
-    from tqdm.auto import tqdm
+    from bridgecore.console import bar
 
     for stage, parameters, steps in (("encoder", encoder, config.vae_encoder_steps),
                                      ("decoder", decoder, config.vae_decoder_steps)):
         for parameter in parameters:
             parameter.requires_grad_(True)
         optimizer = torch.optim.Adam(parameters, lr=config.vae_learning_rate)
-        for _ in tqdm(range(steps), desc=f"tiny VAE {stage}", unit="step", leave=False):
+        for _ in bar(range(steps), desc=f"tiny VAE {stage}", unit="step", leave=False):
             batch = _crops(pictures, config, generator)
             if stage == "encoder":
                 latents = vae.encode(batch).latent_dist.mode()
@@ -209,9 +209,9 @@ def train_dit(pipe, data: EncodedTriplets, config: TinyEditTrainConfig) -> list[
     generator = torch.Generator().manual_seed(config.seed + 1)
     sigma_config = TrainConfig()
     losses = []
-    from tqdm.auto import tqdm
+    from bridgecore.console import bar
 
-    for _ in tqdm(range(config.dit_steps), desc="tiny DiT", unit="step", leave=False):
+    for _ in bar(range(config.dit_steps), desc="tiny DiT", unit="step", leave=False):
         index = torch.randint(0, len(data.embeds), (config.dit_batch_size,), generator=generator).tolist()
         drop = (torch.rand(len(index), generator=generator) < config.unconditional_fraction).tolist()
         embeds, mask = _batch_embeds(data, index, drop)

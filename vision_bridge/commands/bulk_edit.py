@@ -10,7 +10,17 @@ import typer
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D  # the one home of a job's defaults
 from vision_bridge import app as shared
-from vision_bridge.app import DEFAULT_HOME, TINY_ZOO_DIR, app, banner, fail, preflight, resolve_or_tiny, user_errors
+from vision_bridge.app import (
+    DEFAULT_HOME,
+    TINY_ZOO_DIR,
+    app,
+    banner,
+    fail,
+    preflight,
+    resolve_or_tiny,
+    tiny_task_settings,
+    user_errors,
+)
 
 
 @app.command("bulk-edit")
@@ -35,7 +45,8 @@ def bulk_edit(
     seed: int = typer.Option(D["seed"], help="Job seed; each sample's noise seed derives from it and the sample id."),
     cfg: float = typer.Option(D["cfg"], help="true_cfg_scale; > 1 also encodes --negative-prompt (twice the DiT work)."),
     negative_prompt: str = typer.Option(D["negative_prompt"], help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
-    condition_area: int = typer.Option(D["condition_area"], help="Condition-image area in pixels."),
+    condition_area: Optional[int] = typer.Option(None, help=f"Condition-image area in pixels [default: "
+                                                 f"{D['condition_area']}; the tiny trained model's own 64*64]."),
     shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
     batch_size: int = typer.Option(D["batch_size"], help="Samples per model forward (VLM batch, DiT batch of equal sizes)."),
     retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
@@ -86,7 +97,8 @@ def bulk_edit(
     reruns the rewrites and what reads them)."""
     from bridgecore.batch.settings import settings_for_job
 
-    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, editor=editor)
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, trained=True, editor=editor)
+    steps, condition_area = tiny_task_settings(edit_model, steps, condition_area, D["condition_area"])
     try:
         if rewrite_system_prompt is not None and rewrite_with == "none":
             raise ValueError("--rewrite-system-prompt sets the rewrite arm's prompt: add --rewrite-with qwen3")

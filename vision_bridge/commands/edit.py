@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from bridgecore.model.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
-from vision_bridge.app import app, fail, resolve_or_tiny
+from vision_bridge.app import app, fail, resolve_or_tiny, tiny_task_settings
 
 
 @app.command()
@@ -29,7 +29,8 @@ def edit(
     seed: int = typer.Option(0, help="Noise seed."),
     cfg: float = typer.Option(4.0, help="true_cfg_scale; acts only with --negative-prompt."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for true CFG."),
-    condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
+    condition_area: Optional[int] = typer.Option(None, help="Condition-image area in pixels [default: 1048576; the "
+                                                 "tiny trained model's own 64*64]."),
     compare_path: Optional[Path] = typer.Option(None, "--compare", help="Also write input | baseline | enhanced | attention PNG."),
     device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
     one_model_at_a_time: bool = typer.Option(False, help="Keep at most one large model in memory (each VLM is freed "
@@ -63,7 +64,8 @@ def edit(
     for flag, path in (("--out", out), ("--compare", compare_path)):
         if path is not None:
             _check_image_path(flag, path)
-    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, editor=editor)
+    qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, trained=True, editor=editor)
+    steps, condition_area = tiny_task_settings(edit_model, steps, condition_area, 1024 * 1024)
     try:
         family = editor_family(edit_model)
         if editor != "auto" and family != editor:

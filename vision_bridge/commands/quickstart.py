@@ -15,8 +15,11 @@ from vision_bridge.app import DEFAULT_HOME, TINY_ZOO_DIR, app, fail, preflight, 
 
 
 def _write_sample_set(folder: Path) -> Path:
-    """Six small generated edit requests (shapes, a text card, a two-tone scene) as a JSONL manifest."""
+    """Six small generated edit requests (shapes, a text card, a two-tone scene) as a JSONL manifest; files that
+    already hold the same bytes are left alone (a rerun finds its inputs unchanged and reuses everything)."""
     from PIL import Image, ImageDraw
+
+    from bridgecore.zoo.synthetic_triplets import encode_png, write_if_changed
 
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -27,11 +30,11 @@ def _write_sample_set(folder: Path) -> Path:
         draw.rectangle((30 + 5 * index, 40, 130, 140), fill=colour)
         draw.ellipse((180, 50, 280 - 5 * index, 150), fill=colours[(index + 1) % len(colours)])
         draw.text((40, 165), f"Hello {index}", fill=(0, 0, 0))
-        image.save(folder / f"sample{index}.png")
+        write_if_changed(folder / f"sample{index}.png", encode_png(image))
         rows.append({"id": f"sample{index}", "image": f"sample{index}.png",
                      "instruction": f"Change the text 'Hello {index}' to 'Goodbye'"})
     manifest = folder / "manifest.jsonl"
-    manifest.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    write_if_changed(manifest, ("\n".join(json.dumps(row) for row in rows) + "\n").encode())
     return manifest
 
 
