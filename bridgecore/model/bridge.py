@@ -75,12 +75,14 @@ class BridgeConfig:
     qwen3_hidden_dim: int = 4096
     qwen25_hidden_dim: int = 3584
     mode: str = "both"  # "both" (measured best): correction + appended tokens; "tokens"; "residual" (see README)
-    num_tokens: int = 1  # K, the appended tokens of the token path (1 formed fastest on the tiny task; see README)
+    num_tokens: int = 2  # K, the appended tokens of the token path: with token_streams, one reads text, one vision
     rank: int = 256
     levels: tuple[str, ...] = LEVEL_NAMES
     use_deepstack: bool = False  # add the DeepStack visual features as extra levels on vision tokens
-    token_memory: str = "fused"  # what the token path reads: "fused" levels per position, or "levels": every (position, level)
-    token_streams: bool = False  # token queries split between Qwen3's text positions and its vision positions
+    # the token path's queries split between Qwen3's text positions and its vision positions (the first half of the K
+    # queries read text, the rest vision): a query over ~20 text tokens finds a colour word that one query over the
+    # ~150 positions (most of them image tokens) found only after a plateau, or never (see README, "Mechanism")
+    token_streams: bool = True
     reference_images: int = 0  # reference pictures (read by Qwen3-VL only) per sample it was trained with, at most
     num_deepstack: int = 3
     use_attention_fusion: bool = True  # attention over levels; False: an MLP over concatenated levels
@@ -189,7 +191,8 @@ class ConditioningTokens(nn.Module):
         self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
 
     def forward(self, memory: torch.Tensor, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """memory `[L3, rank]` -> (tokens `[K, D25]`, attention `[K, L3]`, averaged over heads)."""
+        """memory `[L3, rank]` -> (tokens `[K, D25]`, attention `[K, L3]`, averaged over heads); `allowed` `[K, L3]`
+        (bool) limits each query to some positions (its stream)."""
         heads, width = self.heads, self.width
         query = self.query(self.queries).view(-1, heads, width).transpose(0, 1)  # [H, K, w]
         key, value = self.key_value(self.memory_norm(memory)).view(-1, 2, heads, width).permute(1, 2, 0, 3)
@@ -300,8 +303,6 @@ class VisionCacheBridge(nn.Module):
             self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
             self.gate = nn.Parameter(torch.full((len(GATE_STREAMS),), float(config.gate_init)))  # text, vision
         self.tokens = ConditioningTokens(config) if config.uses_tokens else None
-        if config.uses_tokens and config.token_memory == "levels":
-            self.level_embedding = nn.Parameter(0.02 * torch.randn(num_levels, config.rank))
         self.is_identity = False  # see `identity_bridge`
 
     def parameter_groups(self, learning_rate: float, weight_decay: float) -> list[dict]:
@@ -371,9 +372,7 @@ class VisionCacheBridge(nn.Module):
     def _fuse(self, qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(fused levels `[L3, rank]`, level weights `[L3, n]` or None, projected DeepStack `[N3, rank]` or None)."""
         device, dtype = self._device_dtype  # caches may live on another device
-        stacked = self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels])
-        self._stacked = stacked if self.config.uses_tokens and self.config.token_memory == "levels" else None
-        fused, level_weights = self.fusion(stacked)
+        fused, level_weights = self.fusion(self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels]))
         deepstack = None
         if self.deepstack_projector is not None:
             deepstack = self.deepstack_projector([t.to(device, dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
@@ -407,23 +406,18 @@ class VisionCacheBridge(nn.Module):
         return self.out(attended), attention.mean(0)
 
     def _appended(self, fused: torch.Tensor, deepstack: torch.Tensor | None,
-                  qwen3: Qwen3VisionCache, stacked: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The token path: (tokens `[K, D25]`, their attention over the Qwen3 sequence `[K, L3]`)."""
-        memory = fused if stacked is None else stacked + self.level_embedding  # [L3, rank] or [L3, n, rank]
+        memory = fused
         if deepstack is not None:  # DeepStack's visual features join the image tokens they belong to
-            memory = memory.index_add(0, qwen3.vision_positions.to(fused.device),
-                                      deepstack if stacked is None else deepstack.unsqueeze(1).expand(-1, memory.shape[1], -1))
+            memory = fused.index_add(0, qwen3.vision_positions.to(fused.device), deepstack)
         allowed = None
-        if self.config.token_streams:
+        if self.config.token_streams and self.config.num_tokens > 1:
             vision = torch.zeros(fused.shape[0], dtype=torch.bool, device=fused.device)
             vision[qwen3.vision_positions.to(fused.device)] = True
             k = self.config.num_tokens
-            reads_vision = torch.arange(k, device=fused.device) >= (k + 1) // 2
+            reads_vision = torch.arange(k, device=fused.device) >= (k + 1) // 2  # K=2: query 0 text, query 1 vision
             allowed = vision.unsqueeze(0) == reads_vision.unsqueeze(1)  # [K, L3]
-        if stacked is not None:
-            levels = memory.shape[1]
-            memory = memory.reshape(-1, memory.shape[-1])
-            allowed = None if allowed is None else allowed.repeat_interleave(levels, dim=1)
         return self.tokens(memory, allowed)
 
     def forward(self, qwen3_cache, qwen25_cache, return_attention_weights: bool = False):
@@ -451,7 +445,7 @@ class VisionCacheBridge(nn.Module):
                 delta, sample_maps["cross_attention"] = self._correction(fused, deepstack, qwen3, qwen25)
                 enhanced = base + self._bounded(delta, base, qwen25.vision_positions).to(base.dtype)
             if self.tokens is not None:
-                tokens, sample_maps["tokens"] = self._appended(fused, deepstack, qwen3, self._stacked)
+                tokens, sample_maps["tokens"] = self._appended(fused, deepstack, qwen3)
                 enhanced = torch.cat([enhanced, tokens.to(base.dtype)])
             embeds.append(enhanced)
             maps.append(sample_maps)
@@ -526,6 +520,7 @@ class VisionCacheBridge(nn.Module):
             raise ValueError(f"bridge checkpoint {directory} has format {version} ("
                              f"{'the unbounded gated residual' if version == 1 else 'unknown to this code'}); this code "
                              f"reads formats 2 and {BRIDGE_FORMAT}: retrain it with `vision-bridge train`")
+        values.setdefault("token_streams", False)  # saved before the token path's streams: one query read everything
         config = BridgeConfig(**values)
         if expect is not None:
             mismatched = [f"{name}: checkpoint {getattr(config, name)} vs models {getattr(expect, name)}"

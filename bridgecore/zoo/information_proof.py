@@ -589,6 +589,19 @@ def verdict(summary: dict) -> str:
 # -- running ----------------------------------------------------------------------------------------------
 
 
+def seed_headline(result: dict) -> str:
+    """One seed's numbers in a line, printed as each seed finishes."""
+    read = result["read"]
+    noharm = read["noharm"]["bridge"]["follow"].mean() - read["noharm"]["edit"]["follow"].mean()
+    unseen = np.mean([v.mean() for v in read["templates"].values()])
+    text = (f"read follow {_rates(read['counterfactual']['bridge'])['follow']:.0%} (control "
+            f"{_rates(read['counterfactual']['control'])['follow']:.0%}), no harm {noharm * 100:+.1f} points, unseen "
+            f"phrasings {unseen:.0%}")
+    if "saw" in result:
+        text += f"; saw follow {_rates(result['saw']['counterfactual']['bridge'])['follow']:.0%}"
+    return text
+
+
 def _editor(trained_edit_model, qwen3_model):
     import json
 
@@ -615,7 +628,7 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
         results = []
         for seed in config.seeds:
             results.append(run_seed(editor, seed, config, Path(work_dir), size, progress))
-            progress(f"seed {seed} done")
+            progress(f"seed {seed} done: {seed_headline(results[-1])}")
         return results, summarize(results, config)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -626,6 +639,6 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
         done = {}
         for future in as_completed(futures):
             done[futures[future]] = future.result()
-            progress(f"seed {futures[future]} done ({len(done)} of {len(futures)})")
+            progress(f"seed {futures[future]} done ({len(done)} of {len(futures)}): {seed_headline(done[futures[future]])}")
     results = [done[seed] for seed in config.seeds]
     return results, summarize(results, config)
