@@ -23,6 +23,7 @@ from typing import Any, Callable, TypeVar
 
 import fsspec
 
+from bridgecore import remote
 from bridgecore.options import option
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ FIRST_CONTACT_SECONDS = 10.0
 # minutes inside each of our retries; ours decide, per attempt a connection fails within seconds.
 fsspec.config.conf.setdefault("s3", {}).setdefault(
     "config_kwargs", {"connect_timeout": 5, "read_timeout": 120, "retries": {"max_attempts": 2, "mode": "standard"}})
+
+
+remote.install()  # every fsspec HTTP request: time limits and the address policy (see remote.py)
 
 
 class StorageUnreachableError(ConnectionError):
@@ -455,57 +459,123 @@ class NotARegularFileError(ValueError):
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+READ_CHUNK = 1 << 20
 
 
-def _read_regular_file(path: str, max_bytes: int | None, what: str = "input") -> bytes:
-    """At most `max_bytes` of a local regular file; a FIFO, device, socket or folder is refused before any read
-    (opened non-blocking: a FIFO without a writer never hangs us)."""
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        mode = os.fstat(descriptor).st_mode
-        if not stat.S_ISREG(mode):
-            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                    else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
-            raise NotARegularFileError(f"{what} {path} is {kind}, not a regular file")
-        os.set_blocking(descriptor, True)
-        with os.fdopen(descriptor, "rb", closefd=False) as handle:
-            return handle.read() if max_bytes is None else handle.read(max_bytes)
-    finally:
-        os.close(descriptor)
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def _opened(uri: str, what: str):
+    """A binary handle on a regular local file (a FIFO, device or folder refused before any read; opened non-blocking:
+    a FIFO without a writer never hangs us) or on a URL (HTTP: one streamed GET of the bytes as stored)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = os.path.expanduser(uri.removeprefix("file://"))
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(descriptor).st_mode
+            if not stat.S_ISREG(mode):
+                kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                        else "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+                raise NotARegularFileError(f"{what} {path} is {kind}, not a regular file")
+            os.set_blocking(descriptor, True)
+            with os.fdopen(descriptor, "rb", closefd=False) as handle:
+                yield handle
+        finally:
+            os.close(descriptor)
+        return
+    if _is_http(uri):  # the bytes as stored, no decompression behind our back, streamed by one GET (block_size 0;
+        # a size given skips fsspec's HEAD, which reports any failure as FileNotFoundError)
+        fs, path = fsspec.core.url_to_fs(uri, client_kwargs={"auto_decompress": False},
+                                         headers={"Accept-Encoding": "identity"})
+        with fs.open(path, "rb", block_size=0, size=-1, timeout=remote.client_timeout()) as handle:  # limits as now set
+            yield handle
+        return
+    with fsspec.open(uri, "rb", compression=None) as handle:
+        yield handle
+
+
+def _stated_size(handle) -> int | None:
+    """The length the source stated: an HTTP response's Content-Length, or a file object's known size."""
+    response = getattr(handle, "r", None)  # fsspec's streamed HTTP file keeps its aiohttp response here
+    if response is not None and hasattr(response, "headers"):
+        length = response.headers.get("Content-Length", "")
+        return int(length) if length.isdigit() else None
+    size = getattr(handle, "size", None)
+    return size if isinstance(size, int) else None
+
+
+def _chunks(handle, uri: str, what: str, limit: int | None, deadline: float | None):
+    """The handle's bytes to the end of the stream, in chunks, stopping once more than `limit` came; a stream that
+    ends short of the length its source stated raises IncompleteReadError (never a silently shorter input)."""
+    total = 0
+    while True:
+        chunk = handle.read(READ_CHUNK if limit is None else max(1, min(READ_CHUNK, limit + 1 - total)))
+        if not chunk:
+            break
+        total += len(chunk)
+        yield chunk
+        if limit is not None and total > limit:
+            return
+        if deadline is not None and time.monotonic() > deadline:
+            raise remote.IncompleteReadError(f"{uri}: {what} still arriving after {remote.timeouts()['total']:g} s "
+                                             f"({total} bytes so far; total time limit)")
+    stated = _stated_size(handle)
+    if stated is not None and total < stated:
+        raise remote.IncompleteReadError(f"{uri}: {what} ended after {total} of the {stated} bytes its source stated")
+
+
+def _read_stream(uri: str, what: str, limit: int | None) -> bytes:
+    deadline = time.monotonic() + remote.timeouts()["total"] if _is_http(uri) else None
+    with _opened(uri, what) as handle:
+        return b"".join(_chunks(handle, uri, what, limit, deadline))
+
+
+def _read_gzip_stream(uri: str, what: str, limit: int, limit_hint: str) -> bytes:
+    """A .gz source inflated as it streams (every gzip member), refused as soon as it inflates past `limit`: memory
+    stays within the limit whatever the compression ratio."""
+    import zlib
+
+    deadline = time.monotonic() + remote.timeouts()["total"] if _is_http(uri) else None
+    parts, inflated, decompressor, started = [], 0, zlib.decompressobj(31), False
+    with _opened(uri, what) as handle:
+        for chunk in _chunks(handle, uri, what, None, deadline):
+            started = True
+            while chunk:
+                try:
+                    out = decompressor.decompress(chunk, limit + 1 - inflated)
+                except zlib.error as error:
+                    raise ValueError(f"{what} {uri} is named .gz but is not gzip data ({error})") from None
+                parts.append(out)
+                inflated += len(out)
+                if inflated > limit:
+                    raise InputTooLargeError(f"{what} {uri} inflates to more than the limit of {limit} bytes{limit_hint}")
+                if decompressor.unconsumed_tail:  # output capped: feed the rest
+                    chunk = decompressor.unconsumed_tail
+                elif decompressor.eof and decompressor.unused_data:  # the next gzip member
+                    chunk, decompressor = decompressor.unused_data, zlib.decompressobj(31)
+                else:
+                    chunk = b""
+    if not started or not decompressor.eof:
+        raise ValueError(f"{what} {uri} is named .gz but is not complete gzip data (it ends inside a member)")
+    return b"".join(parts)
 
 
 def read_limited(uri: str, max_bytes: int, what: str = "input", setting: str = "", budget_s: float | None = None) -> bytes:
     """Reads a regular local file or a URL whole, safely: a FIFO, device or folder is refused without a read
-    (never blocks), at most `max_bytes` are read, and nothing is decompressed behind our back: an HTTP server
-    is asked for the bytes as stored (`Accept-Encoding: identity`) and a compressed answer is refused; only a
-    name ending in `.gz` is inflated, every gzip member of it, capped at `max_bytes` inflated. Transient
-    errors are retried for `budget_s` (default `RETRY_SECONDS`). `setting` names the variable that raises the limit."""
+    (never blocks), the stream is read to its end (a server streaming without a Content-Length answers a read in
+    pieces) and checked against the length its source stated, at most `max_bytes` are kept, and nothing is
+    decompressed behind our back: an HTTP server is asked for the bytes as stored (`Accept-Encoding: identity`) and
+    a compressed answer is refused; only a name ending in `.gz` is inflated, as it streams, every gzip member of it,
+    capped at `max_bytes` inflated. Transient errors are retried for `budget_s` (default `RETRY_SECONDS`). `setting`
+    names the variable that raises the limit."""
     limit_hint = f" (raise {setting})" if setting else ""
-    if "://" not in uri or uri.startswith("file://"):
-        data = _read_regular_file(os.path.expanduser(uri.removeprefix("file://")), max_bytes + 1, what)
-    else:
-        options = {}
-        if uri.startswith(("http://", "https://")):
-            options = {"client_kwargs": {"auto_decompress": False}, "headers": {"Accept-Encoding": "identity"}}
-
-        def read() -> bytes:
-            with fsspec.open(uri, "rb", compression=None, **options) as handle:
-                return handle.read(max_bytes + 1)
-        data = retry_transient(read, budget_s)
+    if uri.lower().split("?", 1)[0].endswith(".gz"):
+        return retry_transient(lambda: _read_gzip_stream(uri, what, max_bytes, limit_hint), budget_s)
+    data = retry_transient(lambda: _read_stream(uri, what, max_bytes), budget_s)
     if len(data) > max_bytes:
         raise InputTooLargeError(f"{what} {uri} is larger than the limit of {max_bytes} bytes{limit_hint}")
-    if uri.lower().split("?", 1)[0].endswith(".gz"):
-        import gzip
-        import zlib
-
-        try:
-            with gzip.GzipFile(fileobj=io.BytesIO(data)) as inflating:  # every member; EOFError when truncated
-                inflated = inflating.read(max_bytes + 1)
-        except (OSError, EOFError, zlib.error) as error:
-            raise ValueError(f"{what} {uri} is named .gz but is not complete gzip data ({error})") from None
-        if len(inflated) > max_bytes:
-            raise InputTooLargeError(f"{what} {uri} inflates to more than the limit of {max_bytes} bytes{limit_hint}")
-        return inflated
     if data.startswith(GZIP_MAGIC):
         raise ValueError(f"{what} {uri} is gzip-compressed (or served with Content-Encoding: gzip) but its name does "
                          "not end in .gz: name it .jsonl.gz or .csv.gz to have it inflated (with a size limit)")
@@ -513,17 +583,12 @@ def read_limited(uri: str, max_bytes: int, what: str = "input", setting: str = "
 
 
 def read_uri(uri: str, max_bytes: int | None = None, budget_s: float | None = None) -> bytes:
-    """Reads a whole local file or fsspec URL, retried on transient errors for `budget_s`, refusing more than
-    `max_bytes` (read in chunks: a device file or a huge object is never loaded whole)."""
+    """Reads a whole local file or fsspec URL to the end of its stream (checked against the length its source
+    stated), retried on transient errors for `budget_s`, refusing more than `max_bytes` (read in chunks: a device
+    file or a huge object is never loaded whole)."""
     def read() -> bytes:
-        if "://" not in uri or uri.startswith("file://"):  # local: regular files only
-            data = _read_regular_file(uri.removeprefix("file://"), None if max_bytes is None else max_bytes + 1)
-        else:
-            with fsspec.open(uri, "rb") as handle:
-                data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
-        if max_bytes is None:
-            return data
-        if len(data) > max_bytes:
+        data = _read_stream(uri, "input", max_bytes)
+        if max_bytes is not None and len(data) > max_bytes:
             raise InputTooLargeError(f"{uri}: larger than the input limit of {max_bytes} bytes")
         return data
     return retry_transient(read, budget_s)

@@ -10,7 +10,7 @@ import pytest
 import bridgecore
 
 PACKAGE = Path(bridgecore.__file__).resolve().parent
-GROUND = {"storage", "stats", "options"}
+GROUND = {"storage", "stats", "options", "remote", "console"}
 # floor -> the floors it may import (besides itself and the ground)
 ALLOWED = {"model": set(), "training": {"model"}, "evaluation": {"model"}, "planning": {"model"},
            "batch": {"model", "training", "evaluation", "planning"},

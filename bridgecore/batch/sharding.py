@@ -90,12 +90,20 @@ def _read_rows(source: str) -> Iterable[tuple[str, dict[str, Any] | str]]:
 def read_manifest(source: str, budget_s: float | None = None) -> bytes:
     """A manifest's bytes: a regular file or URL, within `manifest_limit()`; every refusal is one ManifestError line.
     Transient storage errors are retried for `budget_s` (default: a running job's whole budget)."""
+    from bridgecore.remote import describe
+
     try:
         return read_limited(source, manifest_limit(), "manifest", MANIFEST_LIMIT_SETTING, budget_s)
-    except FileNotFoundError:
+    except FileNotFoundError as error:
+        if _is_url(source) and error.__cause__ is not None:  # fsspec reports any HTTP failure as not found
+            raise ManifestError(f"manifest {describe(source, error)}") from None
         raise ManifestError(f"manifest {source!r} does not exist") from None
     except (ValueError, PermissionError, IsADirectoryError) as error:
         raise ManifestError(str(error)) from None
+    except Exception as error:  # noqa: BLE001 - remote backends raise their own types (aiohttp, botocore)
+        if not _is_url(source):
+            raise
+        raise ManifestError(f"manifest {describe(source, error)}") from None
 
 
 def _text(source: str, data: bytes) -> str:

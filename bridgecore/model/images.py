@@ -84,15 +84,18 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_P
     """Loads a local path, fsspec URL or PIL image as RGB. Errors name the source."""
     if isinstance(source, Image.Image):
         return _to_rgb(ImageOps.exif_transpose(source))
+    from bridgecore.remote import describe
     from bridgecore.storage import InputTooLargeError, NotARegularFileError, read_uri
 
     uri = str(source)
     try:
         data = read_uri(uri, max_bytes, budget_s=INPUT_RETRY_SECONDS)
     except FileNotFoundError as error:
+        if "://" in uri and error.__cause__ is not None:  # a remote failure fsspec reported as not found
+            raise ImageLoadError(describe(uri, error)) from error
         raise ImageLoadError(f"{uri}: file not found") from error
     except (InputTooLargeError, NotARegularFileError) as error:
         raise ImageLoadError(str(error)) from error
     except Exception as error:  # noqa: BLE001 - fsspec backends raise their own types (botocore, aiohttp, ...)
-        raise ImageLoadError(f"{uri}: could not be read ({type(error).__name__}: {error})") from error
+        raise ImageLoadError(describe(uri, error)) from error
     return decode_image(data, uri, max_pixels)
