@@ -45,6 +45,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def is_transient_error(error: Exception) -> bool:
+    """A connection-level error worth retrying; not one whose retry budget `retry_transient` already spent."""
+    if getattr(error, "retry_budget_spent", False):
+        return False
     if isinstance(error, TRANSIENT_ERRORS):
         return True
     text = f"{type(error).__name__} {error}"
@@ -81,7 +84,10 @@ def retry_transient(fn: Callable[[], T], budget_s: float | None = None, base_del
             return fn()
         except Exception as error:  # noqa: BLE001 - classified just below
             delay = min(base_delay * 2**attempt, 30.0)
-            if not is_transient_error(error) or time.monotonic() - start + delay > budget:
+            if not is_transient_error(error):
+                raise
+            if time.monotonic() - start + delay > budget:
+                error.retry_budget_spent = True  # the orchestrator's own retries must not multiply the budget
                 raise
             attempt += 1
             logger.log(logging.DEBUG if quiet else logging.WARNING, "storage error (%s), retrying in %.1fs", error, delay)
@@ -239,16 +245,21 @@ class Storage:
         """Writes a small JSON marker only if none exists (exclusive create); raises `MarkerExistsError`."""
         path = self.path(*parts)
         data = json.dumps(value, sort_keys=True).encode()
-        if self.is_local:
+        if self.is_local:  # written aside, then linked into place: exclusive, and never seen empty or half-written
             folder = self._open_folder(parts)
+            aside = f".{parts[-1]}.tmp-{os.getpid()}-{secrets.token_hex(4)}"  # swept by remove_stale_temporaries
             try:
-                descriptor = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=folder)
-            except FileExistsError as error:  # a link planted at the marker's name counts as taken: never followed
-                raise MarkerExistsError(path) from error
+                descriptor = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=folder)
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(data)
+                try:  # a link planted at the marker's name counts as taken: never followed
+                    os.link(aside, parts[-1], src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+                except FileExistsError as error:
+                    raise MarkerExistsError(path) from error
             finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(aside, dir_fd=folder)
                 os.close(folder)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
             return
 
         def put():

@@ -203,3 +203,52 @@ def test_a_lease_is_released_only_by_its_holder(tmp_path):
         third.acquire_lease("shard-a")
     new.release_lease("shard-a")
     assert not lease.exists()
+
+
+def _race_worker(root: str, rounds: int, start, done, results) -> None:
+    """One worker process of the race battery: at each round, takes over the shard's expired lease if it can."""
+    from bridgecore.batch.shard_store import ShardBusyError, ShardStore
+
+    store = ShardStore(Storage(root), "caches", "fp")
+    for number in range(rounds):
+        start.wait()
+        try:
+            store.acquire_lease(f"shard-{number}", seconds=600)
+            results.put((number, 1))
+        except ShardBusyError:
+            results.put((number, 0))
+        done.wait()
+
+
+def test_lease_takeover_races_leave_exactly_one_holder(tmp_path):
+    """The timed race battery: an expired lease and three processes taking it over at the same instant, 200 times.
+    Each round exactly one must hold the shard (a read-compare-delete takeover let a second one in: 1 in 200)."""
+    import json
+    import multiprocessing
+
+    rounds, workers = 200, 3
+    root = str(tmp_path / "out")
+    Storage(root).create_marker({"worker": "gone", "host": "another-host", "pid": 1, "expires": 0, "token": "x"},
+                                "caches", "fp", "_lease", "probe.json")  # makes the folders
+    folder = tmp_path / "out" / "caches" / "fp" / "_lease"
+    for number in range(rounds):  # every round's shard starts with an expired lease of a lost machine
+        (folder / f"shard-{number}.json").write_text(json.dumps(
+            {"worker": "lost", "host": "another-host", "pid": 1, "expires": time.time() - 1, "token": f"old{number}"},
+            sort_keys=True))
+    context = multiprocessing.get_context("spawn")
+    start, done, results = context.Barrier(workers), context.Barrier(workers), context.Queue()
+    processes = [context.Process(target=_race_worker, args=(root, rounds, start, done, results)) for _ in range(workers)]
+    for process in processes:
+        process.start()
+    wins: dict[int, int] = {}
+    for _ in range(rounds * workers):
+        number, won = results.get(timeout=120)
+        wins[number] = wins.get(number, 0) + won
+    for process in processes:
+        process.join(timeout=60)
+    assert all(process.exitcode == 0 for process in processes)
+    assert sorted(wins) == list(range(rounds))
+    assert [n for n, count in wins.items() if count != 1] == []
+    holders = {json.loads((folder / f"shard-{n}.json").read_text())["token"] for n in range(rounds)}
+    assert len(holders) == rounds and not any(t.startswith("old") for t in holders)
+    assert not [p for p in folder.iterdir() if ".tmp-" in p.name]  # nothing left aside

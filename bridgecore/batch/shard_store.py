@@ -138,11 +138,39 @@ class ShardStore:
             return None
 
     def _remove_lease_if(self, shard_id: str, expected: Any) -> bool:
-        """Deletes the lease only if it is still `expected` (read, compare, delete: the window is one round
-        trip, against leases that live for `LEASE_SECONDS`)."""
+        """Deletes the lease only if it is still `expected`.
+
+        Local storage: the lease is first renamed aside (atomic), then compared; one that is not `expected` (a
+        newer lease that replaced it meanwhile) is linked back, which fails only if a third lease already took its
+        place. Object storage has no atomic rename: read, compare, delete, a window of one round trip against
+        leases that live for `LEASE_SECONDS`. Either way a lost race costs duplicate work, never data: two workers
+        computing one shard write identical objects and one marker (exclusive create)."""
         if self._lease(shard_id) != expected:
             return False
-        self.storage.remove(self.folder, "_lease", shard_id + ".json")
+        if not self.storage.is_local:
+            self.storage.remove(self.folder, "_lease", shard_id + ".json")
+            return True
+        path = self.storage.path(self.folder, "_lease", shard_id + ".json")
+        aside = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False  # someone else removed it first
+        try:
+            import json
+
+            with open(aside, encoding="utf-8") as handle:
+                taken = json.load(handle)
+        except (OSError, ValueError):
+            taken = None
+        if taken != expected:  # not the lease we meant: put it back unless a newer one stands there already
+            try:
+                os.link(aside, path)
+            except FileExistsError:
+                pass
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
         return True
 
     def release_lease(self, shard_id: str) -> None:

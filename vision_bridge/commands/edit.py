@@ -64,6 +64,9 @@ def edit(
     for flag, path in (("--out", out), ("--compare", compare_path)):
         if path is not None:
             _check_image_path(flag, path)
+    for image in images:  # a missing picture is one line before any model is built or trained
+        if "://" not in image and not Path(image).expanduser().is_file():
+            fail(f"{image}: no such file")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, trained=True, editor=editor)
     steps, condition_area = tiny_task_settings(edit_model, steps, condition_area, 1024 * 1024)
     try:
