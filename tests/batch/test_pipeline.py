@@ -553,3 +553,67 @@ def test_failure_reasons_group_causes_not_samples():
     assert failure_reason("image 12x3 too small") == failure_reason("image 640x48 too small")
     assert failure_reason("can't decode 'x.png', isn't an image") == "can't decode '…', isn't an image"
     assert failure_reasons([{"stage": "caches", "error": e} for e in same]) == {"caches": {"file not found: <path>": 3}}
+
+
+def test_reference_pictures_reach_qwen3_only_and_need_a_bridge_trained_for_them(tmp_path, settings, trained_bridge):
+    """A manifest column `reference_images`: cached for Qwen3-VL only (after the condition image), part of the
+    sample's identity, and refused in one line at planning without a bridge, or with one not trained for them."""
+    from bridgecore.batch.stages.outputs import CACHES
+    from bridgecore.model.bridge import VisionCacheBridge
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_image(200, 120, 0).save(folder / "a.png")
+    make_image(64, 64, 1).save(folder / "swatch.png")
+    row = {"id": "r", "image": "a.png", "instruction": "make the box the colour of the reference",
+           "reference_images": ["swatch.png"]}
+    (folder / "m.jsonl").write_text(json.dumps(row) + "\n")
+    manifest, out = str(folder / "m.jsonl"), str(tmp_path / "out")
+    with pytest.raises(ValueError, match="only Qwen3-VL reads them, and without --bridge"):
+        plan_job(manifest, out, settings)
+    with pytest.raises(ValueError, match="was trained with none"):
+        plan_job(manifest, out, replace(settings, bridge=trained_bridge))
+    plan = plan_job(manifest, out, settings, "build-caches", shard_size=4)
+    run_pipeline(out, "build-caches", plan.pending, settings, progress=False, loaded=LOADED)
+    store = STAGES["caches"].store(Storage(out), fingerprints("build-caches", settings)["caches"])
+    (shard,) = store.done_shards()
+    cache = CACHES.read(store.read(shard).payloads["r"])
+    assert cache.qwen3.grid_thw.shape[0] == 2 and cache.qwen3.reference_images == 1
+    assert cache.qwen25.grid_thw.shape[0] == 1 and cache.qwen3.image_digest == cache.qwen25.image_digest
+    assert json.loads(store.table(shard)[0]["info"])["reference_images"] == 1
+    # a bridge trained for one reference picture takes the sample (and its forward reads the reference)
+    config = VisionCacheBridge.from_pretrained(trained_bridge).config
+    fitted = VisionCacheBridge(replace(config, reference_images=1))
+    fitted.load_state_dict(VisionCacheBridge.from_pretrained(trained_bridge).state_dict())
+    fitted.save_pretrained(tmp_path / "reference-bridge")
+    assert plan_job(manifest, out, replace(settings, bridge=str(tmp_path / "reference-bridge"))).samples == 1
+    with torch.no_grad():
+        other = replace(cache.qwen3, levels={k: v.clone() for k, v in cache.qwen3.levels.items()})
+        first_reference = int(cache.qwen3.vision_positions[-(int(cache.qwen3.grid_thw[1].prod()) // 4)])
+        for level in other.levels.values():
+            level[first_reference:first_reference + 4] += 1.0  # only the reference's tokens change
+        assert not torch.equal(fitted(cache.qwen3, cache.qwen25).prompt_embeds, fitted(other, cache.qwen25).prompt_embeds)
+    # the reference is part of the sample: another reference picture is another sample
+    before = read_inputs(manifest)[0]
+    make_image(64, 64, 2).save(folder / "swatch.png")
+    assert read_inputs(manifest)[0].input_hash != before.input_hash and before.references[0].endswith("swatch.png")
+
+
+def test_writing_the_same_sample_set_again_changes_no_input(tmp_path, settings):
+    """The main job writes its sample set on every run: files already holding the same bytes are left alone, so a
+    second run plans the same shards and finds them finished (every run planned new shards and recomputed all)."""
+    import os
+    import time
+
+    from bridgecore.zoo.synthetic_triplets import write_triplets
+
+    manifest = write_triplets(tmp_path / "in", 3, size=64, seed=7)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "in").iterdir()}
+    first = plan_job(str(manifest), str(tmp_path / "out"), settings, shard_size=4)
+    time.sleep(0.05)
+    write_triplets(tmp_path / "in", 3, size=64, seed=7)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "in").iterdir()} == stamps
+    second = plan_job(str(manifest), str(tmp_path / "out"), settings, shard_size=4)
+    assert second.shards == first.shards and len(os.listdir(tmp_path / "out" / "plan" / "shards")) == len(first.shards)
+    write_triplets(tmp_path / "in", 3, size=64, seed=8)  # other content: rewritten, new samples
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "in").iterdir()} != stamps

@@ -65,20 +65,22 @@ def quickstart(
     OUT_DIR) showing the arms side by side and the mechanism demonstration (the colour word hidden from the
     DiT's own encoder and read by Qwen3-VL through the bridge)."""
     from bridgecore.zoo.tiny_edit_model import REPORT_NAME
-    from bridgecore.zoo.tiny_zoo import TINY_BRIDGE, TRAINED_EDIT_MODEL, build_tiny_zoo
+    from bridgecore.zoo.tiny_zoo import TINY_BRIDGE, TINY_REFERENCE_BRIDGE, TRAINED_EDIT_MODEL, build_tiny_zoo
 
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, trained=True)
     trained_tiny = Path(edit_model).resolve() == (TINY_ZOO_DIR / TRAINED_EDIT_MODEL).resolve()
+    reference_bridge = None
     if trained_tiny:
         from bridgecore.zoo.synthetic_triplets import write_triplets
 
         size = json.loads((Path(edit_model) / REPORT_NAME).read_text())["config"]["image_size"]
-        manifest = write_triplets(out_dir / "inputs", 6, size=size, seed=7)
-        if bridge is None:
-            if not (TINY_ZOO_DIR / TINY_BRIDGE / ".tiny-zoo-complete").exists():
-                typer.echo("training the tiny bridge for the tiny edit model (once, about a minute; cached in the zoo)",
-                           err=True)
-            bridge = str(build_tiny_zoo(TINY_ZOO_DIR, trained=True, bridge=True)[TINY_BRIDGE])
+        manifest = write_triplets(out_dir / "inputs", 6, size=size, seed=7)  # unchanged files are not rewritten
+        work = shared.tiny_zoo_work(bridges=((TINY_BRIDGE,) if bridge is None else ()) + (TINY_REFERENCE_BRIDGE,))
+        if work:
+            typer.echo(f"tiny bridges for the tiny edit model: {work.strip()}", err=True)
+        zoo = build_tiny_zoo(TINY_ZOO_DIR, trained=True, bridge=bridge is None, reference_bridge=True)
+        bridge = bridge or str(zoo[TINY_BRIDGE])
+        reference_bridge = str(zoo[TINY_REFERENCE_BRIDGE])
     else:
         manifest = _write_sample_set(out_dir / "inputs")
     area = condition_area or (size * size if trained_tiny else 128 * 128)
@@ -96,7 +98,8 @@ def quickstart(
                f"(index: runs/<run>/summary.parquet); caches: {out_dir / 'run' / 'caches'}")
     for arm, (run, scores) in arms.items():
         typer.echo(f"arm {arm:<30} run {run}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
-    page = _main_job_page(out_dir, manifest, arms, qwen3, edit_model, bridge if trained_tiny else None, edit_steps)
+    page = _main_job_page(out_dir, manifest, arms, qwen3, edit_model, bridge if trained_tiny else None, edit_steps,
+                          reference_bridge)
     typer.echo(f"open the page: {page.resolve()}")
     if len(arms) > 1:
         typer.echo("compare arms on a capability benchmark: vision-bridge make-benchmark B; bulk-edit each arm into "
@@ -148,9 +151,10 @@ def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str,
 
 
 def _main_job_page(out_dir: Path, manifest: Path, arms: dict, qwen3: str, edit_model: str, tiny_bridge: Optional[str],
-                   steps: int) -> Path:
-    """index.html: the arms side by side, and with the tiny zoo the mechanism demonstration (its follow rates)."""
-    from bridgecore.zoo.demo_page import arms_grid, mechanism_demo, rewrites_of, write_page
+                   steps: int, reference_bridge: Optional[str] = None) -> Path:
+    """index.html: the arms side by side with their scores, and with the tiny zoo the mechanism demonstrations (the
+    colour only Qwen3-VL read, the no-harm check, the colour only Qwen3-VL saw)."""
+    from bridgecore.zoo.demo_page import arms_grid, mechanism_demo, rewrites_of, scores_table, vision_demo, write_page
 
     notes = [f"Samples: {manifest}; outputs: {out_dir / 'run'}; models: Qwen3-VL {qwen3}, edit model {edit_model}."]
     mechanism = numbers = None
@@ -165,13 +169,22 @@ def _main_job_page(out_dir: Path, manifest: Path, arms: dict, qwen3: str, edit_m
         typer.echo(f"mechanism: follow rate (decoded colour == the colour only Qwen3-VL read, "
                    f"{numbers['edits_per_condition']} edits): Edit+bridge {numbers['bridge']:.0%}, Edit without the "
                    f"colour {numbers['baseline']:.0%}, Edit given the colour {numbers['reference']:.0%}, guessing "
-                   f"{numbers['guessing']:.0%}")
+                   f"{numbers['guessing']:.0%}; no harm (both encoders read it all): Edit {numbers['reference']:.0%}, "
+                   f"Edit+bridge {numbers['bridge_full']:.0%}")
     runs = {arm: run for arm, (run, _) in arms.items()}
     rewrites = rewrites_of(manifest, out_dir / "run", runs)
     if rewrites and tiny_bridge is not None:
         notes.append("The rewrite arm's Qwen3-VL is a tiny RANDOM model here: its rewrites are gibberish, so Edit+rewrite "
                      "shows the plumbing only; the arm's value can only be measured with real weights.")
-    return write_page(out_dir, arms_grid(manifest, out_dir / "run", runs), mechanism, numbers, notes, rewrites)
+    vision = None
+    if reference_bridge is not None:
+        typer.echo("vision demonstration: a colour only in a reference picture Qwen3-VL alone sees", err=True)
+        vision = vision_demo(edit_model, qwen3, reference_bridge, steps=steps)
+        typer.echo(f"vision: follow rate (decoded colour == the reference's, {vision[1]['edits_per_condition']} edits): "
+                   f"Edit+bridge {vision[1]['bridge']:.0%}, Edit {vision[1]['baseline']:.0%}, Edit told in words "
+                   f"{vision[1]['reference']:.0%}")
+    return write_page(out_dir, arms_grid(manifest, out_dir / "run", runs), mechanism, numbers, notes, rewrites,
+                      scores_table(arms), vision)
 
 
 def _arm_scores(output: Path) -> tuple[str, dict[str, float]]:
