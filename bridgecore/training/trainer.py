@@ -615,6 +615,11 @@ class BridgeTrainer:
             "qwen3_information_gain_relative": information_gain / baseline_loss if baseline_loss else float("nan"),
             "heldout_gain": gain,
             "heldout_gain_ci": gain_ci,
+            # the paired no-harm check of every run: the bridge vs Qwen-Image-Edit alone on the same held-out samples,
+            # noise and timesteps (a bridge that costs where it adds nothing would be refused by any user)
+            "no_harm": {"verdict": ("helps" if gain_ci[0] > 0 else "HURTS" if gain_ci[1] < 0 else "no measurable difference")
+                        if np.isfinite(gain_ci).all() else "not measured",
+                        "loss_without_bridge": baseline_loss, "loss_with_bridge": _mean(trained)},
             "heldout_loss_level_zeroed": level_ablation,
             "ablate_qwen3": self.config.ablate_qwen3,
             "bridge_mode": self.bridge_config.mode,

@@ -1,5 +1,7 @@
 """The bridge: exact no-op when untrained, bounded once open, gradients everywhere, alignment, persistence, size."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import make_image
@@ -287,3 +289,39 @@ def test_modes_are_checked():
     with pytest.raises(ValueError, match="num_tokens must be at least 1"):
         BridgeConfig(mode="tokens", num_tokens=0)
     assert BridgeConfig(mode="residual", num_tokens=0).appended_tokens == 0
+
+
+def test_the_token_streams_read_text_and_vision_apart(caches):
+    """K=2 with token_streams: query 0 reads only Qwen3's text positions, query 1 only its vision positions, so a
+    change at the vision positions moves token 1 alone and a change at the text positions token 0 alone."""
+    sample = caches[0]
+    bridge = _tokens_bridge(sample, num_tokens=2, token_streams=True).eval()
+    qwen3, qwen25 = sample.qwen3, sample.qwen25
+    length = qwen25.prompt_embeds.shape[0]
+    vision = torch.zeros(qwen3.input_ids.shape[0], dtype=torch.bool)
+    vision[qwen3.vision_positions] = True
+    with torch.no_grad():
+        out = bridge(qwen3, qwen25, return_attention_weights=True)
+        attention = out.attention_weights[0]["tokens"]  # [K, L3]
+        assert attention[0, vision].sum() == 0 and attention[1, ~vision].sum() == 0
+        assert attention[0].sum() == pytest.approx(1) and attention[1].sum() == pytest.approx(1)
+        for where, moved in ((vision, 1), (~vision, 0)):
+            changed = replace(qwen3, levels={k: v + 3.0 * where.unsqueeze(-1) for k, v in qwen3.levels.items()})
+            tokens = bridge(changed, qwen25).prompt_embeds[0, length:length + 2]
+            before = out.prompt_embeds[0, length:length + 2]
+            assert not torch.allclose(tokens[moved], before[moved]) and torch.equal(tokens[1 - moved], before[1 - moved])
+
+
+def test_a_checkpoint_saved_before_the_streams_loads_with_one_query_over_everything(caches, tmp_path):
+    import json
+
+    bridge = _tokens_bridge(caches[0], num_tokens=2, token_streams=False)
+    bridge.save_pretrained(tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["token_streams"]  # as written before the option existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = VisionCacheBridge.from_pretrained(tmp_path / "old")
+    assert loaded.config.token_streams is False and BridgeConfig().token_streams is True
+    with torch.no_grad():
+        assert torch.equal(loaded(caches[0].qwen3, caches[0].qwen25).prompt_embeds,
+                           bridge(caches[0].qwen3, caches[0].qwen25).prompt_embeds)

@@ -55,7 +55,10 @@ def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settin
     metrics = trainer.train(progress=False)
     assert metrics["heldout_loss_trained"] < metrics["heldout_loss_baseline"]
     assert metrics["bridge_mode"] == mode and (metrics["gate_abs_mean"] > 0 if mode == "residual" else
-                                              metrics["bridge_tokens"] == 1 and metrics["gate_abs_mean"] is None)
+                                              metrics["bridge_tokens"] == 2 and metrics["gate_abs_mean"] is None)
+    # the paired no-harm check of every run: it helps here (lower held-out loss), and says so
+    low, high = metrics["heldout_gain_ci"]
+    assert metrics["no_harm"]["verdict"] == ("helps" if low > 0 else "HURTS" if high < 0 else "no measurable difference")
     assert all(torch.equal(v, pipe.transformer.state_dict()[k]) for k, v in dit_before.items())
     for name in ("metrics.json", "loss_curve.png", "config.json", "model.safetensors", "bridge_statistics.json"):
         assert (tmp_path / "ckpt" / name).exists()

@@ -100,6 +100,10 @@ def train(
     typer.echo(f"{metrics['world_size']} process(es), {metrics['data_streams']} data stream(s), global batch "
                f"{metrics['global_batch']}: {metrics['samples_per_s']:.1f} samples/s, "
                f"{metrics['data_wait_share']:.0%} of the time waiting for data")
+    gain_low, gain_high = metrics["heldout_gain_ci"]
+    typer.echo(f"no harm (the bridge vs Qwen-Image-Edit alone, same held-out samples and noise): held-out loss "
+               f"{metrics['heldout_loss_baseline']:.5f} -> {metrics['heldout_loss_trained']:.5f}, gain "
+               f"{metrics['heldout_gain']:+.5f} [95% CI {gain_low:+.5f}, {gain_high:+.5f}]: {metrics['no_harm']['verdict']}")
     low, high = metrics["qwen3_information_gain_ci"]  # the headline, last
     typer.echo(f"Qwen3 information gain (held-out loss, shuffled - real Qwen3 caches): "
                f"{metrics['qwen3_information_gain']:+.5f} [95% CI {low:+.5f}, {high:+.5f}] = "
