@@ -14,6 +14,7 @@ from prefect import flow
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
+from bridgecore.batch.sharding import CACHE_SHARD_SIZE
 from flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
 from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
@@ -22,7 +23,7 @@ from tasks.shard_inputs import shard_inputs
 @flow(name="build-caches", flow_run_name=run_name("build-caches"))
 @speaks_in_parameters
 def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str | None = None,
-                 edit_model: str | None = None, shard_size: int = 64, condition_area: int = D["condition_area"],
+                 edit_model: str | None = None, shard_size: int = CACHE_SHARD_SIZE, condition_area: int = D["condition_area"],
                  batch_size: int = 8, device: str = D["device"], retry_failed: bool = False,
                  workers_deployment: str | None = None, shards_per_run: int | None = None,
                  deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,

@@ -18,6 +18,7 @@ from prefect import flow
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
+from bridgecore.batch.sharding import EDIT_SHARD_SIZE
 from flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
 from flows.scale_out import run_and_report
 from tasks.shard_inputs import shard_inputs
@@ -27,7 +28,7 @@ from tasks.shard_inputs import shard_inputs
 @speaks_in_parameters
 def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | None = None,
               edit_model: str | None = None, bridge: str | None = None, multi_image: bool = False,
-              shard_size: int = 16, steps: int | None = None, seed: int = D["seed"], cfg: float = D["cfg"],
+              shard_size: int = EDIT_SHARD_SIZE, steps: int | None = None, seed: int = D["seed"], cfg: float = D["cfg"],
               negative_prompt: str = D["negative_prompt"], condition_area: int = D["condition_area"],
               batch_size: int = D["batch_size"], device: str = D["device"], retry_failed: bool = False,
               workers_deployment: str | None = None, shards_per_run: int | None = None, deadline_s: float = 6 * 3600,

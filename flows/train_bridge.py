@@ -12,7 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
+from bridgecore.batch.sharding import CACHE_SHARD_SIZE
 from bridgecore.storage import Storage
+from bridgecore.training.trainer import TRAINING_DEFAULTS as T
 from flows.naming import artifact_key, job_tags, run_name, speaks_in_parameters, tag_this_run
 from tasks.train import train_bridge_task
 
@@ -20,21 +22,25 @@ from tasks.train import train_bridge_task
 @flow(name="train-bridge", flow_run_name=run_name("train-bridge"))
 @speaks_in_parameters
 def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str | None = None,
-                 steps: int = 1000, batch_size: int = 4, learning_rate: float = 1e-4, eval_every: int = 100,
-                 seed: int = 0, condition_area: int = D["condition_area"], device: str = D["device"],
-                 load_in_8bit: bool = D["load_in_8bit"], rank: int = 256,
-                 ablate_qwen3: str = "none", mode: str = "both", num_tokens: int = 1, nproc_per_node: int = 1,
-                 data_streams: int | None = None, shuffle_buffer: int = 64, data_workers: int = 1) -> dict:
+                 steps: int = T["steps"], batch_size: int = T["batch_size"],
+                 grad_accumulation: int = T["grad_accumulation"], learning_rate: float = T["learning_rate"],
+                 eval_every: int = T["eval_every"], seed: int = T["seed"], condition_area: int = D["condition_area"],
+                 device: str = D["device"], load_in_8bit: bool = D["load_in_8bit"], rank: int = T["rank"],
+                 ablate_qwen3: str = T["ablate_qwen3"], mode: str = T["mode"], num_tokens: int = T["num_tokens"],
+                 nproc_per_node: int = 1, data_streams: int | None = None, shuffle_buffer: int = T["shuffle_buffer"],
+                 data_workers: int = T["data_workers"], shard_size: int = CACHE_SHARD_SIZE) -> dict:
     # train
     tag_this_run(job_tags("train-bridge", out))
     # the same settings as the build-caches job that wrote the caches: its fingerprints find them
     settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
                                      load_in_8bit=load_in_8bit), route_multi_image=False)
-    config = dict(steps=steps, batch_size=batch_size, learning_rate=learning_rate, eval_every=eval_every,
+    config = dict(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=learning_rate,
+                  eval_every=eval_every,
                   checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3,
                   data_streams=data_streams or nproc_per_node, shuffle_buffer=shuffle_buffer, data_workers=data_workers)
     metrics = train_bridge_task(data, out, settings.to_dict(), config, {"rank": rank, "mode": mode,
-                                                                       "num_tokens": num_tokens}, nproc_per_node)
+                                                                       "num_tokens": num_tokens}, nproc_per_node,
+                                shard_size)
     # report: the loss curve wherever --out is (a local folder or object storage)
     storage = Storage(out)
     if storage.exists("loss_curve.png"):

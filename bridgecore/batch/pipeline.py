@@ -31,7 +31,14 @@ from bridgecore.storage import Storage
 from bridgecore.batch.records import ROUTES, Sample
 from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
 from bridgecore.batch.shard_store import CorruptShardError, ShardBusyError, ShardStore
-from bridgecore.batch.sharding import PLAN_SHARDS, cut_shards, read_assignment, read_inputs, write_plan
+from bridgecore.batch.sharding import (
+    EDIT_SHARD_SIZE,
+    PLAN_SHARDS,
+    cut_shards,
+    read_assignment,
+    read_inputs,
+    write_plan,
+)
 from bridgecore.batch.stage import Stage, StageContext
 from bridgecore.batch.stages.edit import EditStage
 from bridgecore.batch.stages.evaluate import EvaluateStage
@@ -223,7 +230,7 @@ def _repair_plans(storage: Storage, shards: list[str], samples: list[Sample], ro
 
 
 def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: str = "bulk-edit",
-             prompt: str | None = None, shard_size: int = 16, retry_failed: bool = False,
+             prompt: str | None = None, shard_size: int = EDIT_SHARD_SIZE, retry_failed: bool = False,
              create_bucket: bool = False, content_hash: bool = False, limit: int | None = None) -> JobPlan:
     """Reads the inputs, assigns new samples to new shards (written under plan/), and says what is left.
 

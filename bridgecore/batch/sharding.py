@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 MANIFEST_EXTENSIONS = (".csv", ".jsonl", ".parquet", ".csv.gz", ".jsonl.gz")
 MANIFEST_LIMIT_SETTING = "VISION_BRIDGE_MAX_MANIFEST_BYTES"
+EDIT_SHARD_SIZE = 16  # samples per shard of an edit job: the unit of caching, retries and scale-out
+CACHE_SHARD_SIZE = 64  # samples per shard of caches built for training: a data stream reads whole shards
 
 
 def manifest_limit() -> int:

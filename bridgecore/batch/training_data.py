@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
 from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
+from bridgecore.batch.sharding import CACHE_SHARD_SIZE
 from bridgecore.batch.stages.outputs import CACHES, LATENTS, StageOutput
 from bridgecore.model.bridge import BridgeConfig
 from bridgecore.storage import Storage
@@ -126,7 +127,7 @@ class CommittedShards:
         return examples
 
 
-def prepare_data(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64,
+def prepare_data(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = CACHE_SHARD_SIZE,
                  loaded: LoadedModels | None = None) -> CommittedShards:
     """Caches and latents for every triplet of `data_uri`, computed once (committed shards are reused). With
     `loaded`, the models stay there for the trainer (the VLMs freed, the DiT kept)."""
@@ -150,7 +151,7 @@ def prepare_data(data_uri: str, work_uri: str, settings: JobSettings, shard_size
     return source
 
 
-def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = 64,
+def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_size: int = CACHE_SHARD_SIZE,
                      loaded: LoadedModels | None = None) -> list[TrainingExample]:
     """Every triplet of `data_uri` in memory (small sets: research code and tests; training streams instead)."""
     source = prepare_data(data_uri, work_uri, settings, shard_size, loaded)
@@ -159,7 +160,7 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
 
 def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConfig = TrainConfig(),
                  bridge_overrides: dict | None = None, progress: bool = True, nproc_per_node: int = 1,
-                 shard_size: int = 64) -> dict:
+                 shard_size: int = CACHE_SHARD_SIZE) -> dict:
     """Prepares (or reuses) caches and latents under `out_dir/data` (`shard_size` triplets a shard, for a
     manifest), then trains (on `nproc_per_node` local processes, one per GPU); returns the metrics.
 

@@ -84,7 +84,9 @@ class TrainConfig:
     max_heldout: int = 256  # held-out examples are read once and kept in memory
     data_streams: int = 1  # independent data streams; each rank takes data_streams / world_size of them
     shuffle_buffer: int = 64  # examples per stream's shuffle buffer (the resident data, with one shard per stream)
-    data_workers: int = 0  # worker processes reading ahead (a divisor of the rank's streams; 0: a thread per stream)
+    # worker processes reading ahead (a divisor of the rank's streams; 0: a thread per stream); examples already in
+    # memory are never read by processes (there is nothing to read ahead, and forking would copy them)
+    data_workers: int = 1
     log_every: int = 10  # steps between progress lines (loss, samples/s, data-wait share, GPU memory)
 
     def __post_init__(self):
@@ -105,6 +107,15 @@ class TrainConfig:
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.data_streams * self.grad_accumulation
+
+
+# The one home of a training run's defaults: the CLI (`vision-bridge train`), the `train-bridge` flow and its
+# deployments read these (the trainer's own fields, and the bridge's design from `BridgeConfig`).
+TRAINING_DEFAULTS: dict = {
+    **{name: getattr(TrainConfig(), name) for name in ("steps", "batch_size", "grad_accumulation", "eval_every", "seed",
+                                                       "ablate_qwen3", "shuffle_buffer", "data_workers")},
+    **{name: getattr(BridgeConfig(), name) for name in ("learning_rate", "rank", "mode", "num_tokens")},
+}
 
 
 @dataclass(frozen=True)
@@ -491,7 +502,8 @@ class BridgeTrainer:
         streams = TrainingStreams(self.source, self.train_refs, self.dealt, mine, config.seed, config.batch_size,
                                   config.shuffle_buffer, config.ablate_qwen3 == "shuffle",
                                   skip=step * config.grad_accumulation)  # a stream's position: global, not per rank
-        batches = iter(stream_loader(streams, config.data_workers))
+        readers = 0 if isinstance(self.source, InMemorySource) else config.data_workers
+        batches = iter(stream_loader(streams, readers))
         from bridgecore.console import bar as progress_bar
 
         bar = progress_bar(total=config.steps, initial=step, desc="train", unit="step", disable=not progress or not ranks.main)

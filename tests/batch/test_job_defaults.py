@@ -97,27 +97,47 @@ def test_the_cli_and_the_deployment_give_the_same_job(case, inputs, tiny_zoo, li
 
 
 def test_the_flows_and_the_cli_take_their_defaults_from_one_place():
-    """No default of a job is written twice: every flow parameter and CLI option that is a job setting defaults to
-    `JOB_DEFAULTS` (or to None, leaving the decision to `JobSettings.for_job`)."""
-    import click
+    """No default is written twice: every flow parameter and CLI option that is a job setting defaults to
+    `JOB_DEFAULTS` (or to None, leaving the decision to `JobSettings.for_job`), and every one that is a training
+    setting to `TRAINING_DEFAULTS`; the train flow takes every option the train command has."""
     import typer.main
 
+    from bridgecore.batch.sharding import CACHE_SHARD_SIZE, EDIT_SHARD_SIZE
+    from bridgecore.training.trainer import TRAINING_DEFAULTS
     from flows.build_caches import build_caches
     from flows.bulk_edit import bulk_edit
     from flows.train_bridge import train_bridge
     from vision_bridge.cli import app
 
-    # train-bridge's steps, batch size and seed are the trainer's, not the job's; the nightly batches 8 (no
-    # fingerprint reads batch_size)
-    own = {"train_bridge": {"steps", "batch_size", "seed"}, "build_caches": {"batch_size"}}
+    # the CLI's names for two training settings; the nightly build-caches batches 8 (no fingerprint reads batch_size)
+    cli_names = {"lr": "learning_rate"}
+    own = {"build_caches": {"batch_size": 8}}
+    training = {**TRAINING_DEFAULTS}
     for flow in (bulk_edit, build_caches, train_bridge):
         for name, parameter in inspect.signature(flow.fn).parameters.items():
-            if name in JOB_DEFAULTS and name not in own.get(flow.fn.__name__, ()):
+            if name in own.get(flow.fn.__name__, {}):
+                assert parameter.default == own[flow.fn.__name__][name]
+            elif flow is train_bridge and name in training:
+                assert parameter.default == training[name], (name, parameter.default)
+            elif name in JOB_DEFAULTS:
                 assert parameter.default in (JOB_DEFAULTS[name], None), (flow.fn.__name__, name, parameter.default)
-    command = typer.main.get_command(app).commands["bulk-edit"]
-    for option in command.params:
-        if option.name in JOB_DEFAULTS and isinstance(option, click.Option):
-            assert option.default in (JOB_DEFAULTS[option.name], None, list(JOB_DEFAULTS[option.name])), option.name
+    assert inspect.signature(bulk_edit.fn).parameters["shard_size"].default == EDIT_SHARD_SIZE
+    assert inspect.signature(build_caches.fn).parameters["shard_size"].default == CACHE_SHARD_SIZE
+    commands = typer.main.get_command(app).commands
+    for command_name, settings in (("bulk-edit", JOB_DEFAULTS), ("edit", JOB_DEFAULTS), ("train", None)):
+        for option in commands[command_name].params:
+            if option.param_type_name != "option":  # typer vendors its own click: isinstance(click.Option) is False
+                continue
+            name = cli_names.get(option.name, option.name)
+            if command_name == "train" and name in training:
+                assert option.default == training[name], (command_name, name, option.default)
+            elif name in JOB_DEFAULTS and (settings is not None or name in ("condition_area", "device", "load_in_8bit")):
+                expected = JOB_DEFAULTS[name]
+                assert option.default in (expected, None, list(expected) if isinstance(expected, tuple) else expected), (
+                    command_name, name, option.default)
+    flow_parameters = set(inspect.signature(train_bridge.fn).parameters)
+    missing = {cli_names.get(o.name, o.name) for o in commands["train"].params if o.param_type_name == "option"} - flow_parameters
+    assert not missing, f"the train command has options the train-bridge flow lacks: {sorted(missing)}"
 
 
 def test_a_model_folder_spelled_differently_is_the_same_job(tiny_zoo, extractor, monkeypatch):

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from bridgecore.batch.settings import JOB_DEFAULTS as D  # the one home of a job's defaults
+from bridgecore.batch.sharding import EDIT_SHARD_SIZE
 from vision_bridge import app as shared
 from vision_bridge.app import (
     DEFAULT_HOME,
@@ -47,7 +48,7 @@ def bulk_edit(
     negative_prompt: str = typer.Option(D["negative_prompt"], help="Negative prompt used when --cfg > 1 (Qwen's examples use ' ')."),
     condition_area: Optional[int] = typer.Option(None, help=f"Condition-image area in pixels [default: "
                                                  f"{D['condition_area']}; the tiny trained model's own 64*64]."),
-    shard_size: int = typer.Option(16, help="Samples per shard (the unit of caching, retries and scale-out)."),
+    shard_size: int = typer.Option(EDIT_SHARD_SIZE, help="Samples per shard (the unit of caching, retries and scale-out)."),
     batch_size: int = typer.Option(D["batch_size"], help="Samples per model forward (VLM batch, DiT batch of equal sizes)."),
     retry_failed: bool = typer.Option(False, help="Rerun only the samples that failed under these settings."),
     content_hash: bool = typer.Option(False, "--content-hash", help="Identify local input files by a hash of their "

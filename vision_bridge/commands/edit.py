@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from bridgecore.model.loading import DEFAULT_EDIT_MODEL, DEFAULT_QWEN3_MODEL, ModelNotAvailableError
+from bridgecore.batch.settings import JOB_DEFAULTS as J
 from vision_bridge.app import app, fail, resolve_or_tiny, tiny_task_settings
 
 
@@ -27,8 +28,9 @@ def edit(
                                "conditioning, no bridge, 40 steps by default)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps [default: 50, or a Lightning LoRA's 4/8]."),
     seed: int = typer.Option(0, help="Noise seed."),
-    cfg: float = typer.Option(4.0, help="true_cfg_scale; acts only with --negative-prompt."),
-    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt for true CFG."),
+    cfg: float = typer.Option(J["cfg"], help="true_cfg_scale: true CFG when > 1 (the model card's recipe: 4.0, two DiT "
+                              "forwards per step), as in bulk-edit."),
+    negative_prompt: str = typer.Option(J["negative_prompt"], help="Negative prompt of true CFG (with --cfg > 1)."),
     condition_area: Optional[int] = typer.Option(None, help="Condition-image area in pixels [default: 1048576; the "
                                                  "tiny trained model's own 64*64]."),
     compare_path: Optional[Path] = typer.Option(None, "--compare", help="Also write input | baseline | enhanced | attention PNG."),
@@ -78,9 +80,9 @@ def edit(
     if family == "qwen-image-2.1":
         from bridgecore.model.native21 import NativeQwenImage21
 
-        if (bridge or baseline or compare_path or negative_prompt or lora or compile or attention_backend or dit_offload
+        if (bridge or baseline or compare_path or cfg > 1 or lora or compile or attention_backend or dit_offload
                 or step_cache or batch_cfg or fp8 != "off"):
-            fail("Qwen-Image-2.1 (the native arm) takes no --bridge, --baseline, --compare, --negative-prompt or "
+            fail("Qwen-Image-2.1 (the native arm) takes no --bridge, --baseline, --compare, --cfg or "
                   "speed options: it reads Qwen3-VL itself and is sampled without CFG")
         try:
             native = NativeQwenImage21(edit_model, device=device, condition_area=condition_area,

@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
+from bridgecore.batch.settings import JOB_DEFAULTS as J
+from bridgecore.batch.sharding import CACHE_SHARD_SIZE
 from bridgecore.model.loading import ModelNotAvailableError
+from bridgecore.training.trainer import TRAINING_DEFAULTS as T
 from vision_bridge.app import app, fail, resolve_or_tiny, user_errors
 
 
@@ -19,34 +22,35 @@ def train(
                             "checkpoints, metrics.json, loss_curve.png. An existing run there is resumed."),
     qwen3: Optional[str] = typer.Option(None, help="Qwen3-VL hub id or directory (default: real, else tiny zoo)."),
     edit_model: Optional[str] = typer.Option(None, help="Edit pipeline hub id or directory (default: real, else tiny)."),
-    steps: int = typer.Option(1000, help="Optimizer steps."),
-    batch_size: int = typer.Option(4, help="Samples per forward pass of one data stream (same resolution per batch). "
+    steps: int = typer.Option(T["steps"], help="Optimizer steps."),
+    batch_size: int = typer.Option(T["batch_size"], help="Samples per forward pass of one data stream (same resolution per batch). "
                                    "Global batch = batch size x data streams x grad accumulation."),
-    grad_accumulation: int = typer.Option(1, help="Micro-batches per data stream per optimizer step."),
+    grad_accumulation: int = typer.Option(T["grad_accumulation"], help="Micro-batches per data stream per optimizer step."),
     nproc_per_node: int = typer.Option(1, "--nproc-per-node", help="Train on N local GPUs (one process each, "
                                        "torch.distributed; gloo on a machine without GPUs)."),
     data_streams: Optional[int] = typer.Option(None, help="Independent data streams (default: --nproc-per-node). "
                                                "Fixes the global batch: any number of GPUs dividing it gives the "
                                                "same training, and a run resumes on another number of GPUs."),
-    shuffle_buffer: int = typer.Option(64, help="Examples per data stream's shuffle buffer: with one shard per "
+    shuffle_buffer: int = typer.Option(T["shuffle_buffer"], help="Examples per data stream's shuffle buffer: with one shard per "
                                        "stream, what training holds in memory, whatever the data's size."),
-    data_workers: int = typer.Option(1, help="Reader processes per GPU (a divisor of its data streams; 0: read in "
+    data_workers: int = typer.Option(T["data_workers"], help="Reader processes per GPU (a divisor of its data streams; 0: read in "
                                      "the training process, a thread reading ahead)."),
-    shard_size: int = typer.Option(64, help="Triplets per cache shard when --data is a manifest (a data stream "
+    shard_size: int = typer.Option(CACHE_SHARD_SIZE, help="Triplets per cache shard when --data is a manifest (a data stream "
                                    "reads whole shards; every stream needs at least one)."),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate (linear warm-up)."),
-    eval_every: int = typer.Option(100, help="Held-out loss and checkpoint every K steps."),
-    seed: int = typer.Option(0, help="Seed of data order, noise and timesteps (deterministic on CPU)."),
-    rank: int = typer.Option(256, help="Bridge rank (256 gives ~5M parameters at real dims)."),
-    mode: str = typer.Option("both", help="Bridge design: 'tokens' appends K conditioning tokens read from Qwen3-VL "
+    lr: float = typer.Option(T["learning_rate"], help="AdamW learning rate (linear warm-up)."),
+    eval_every: int = typer.Option(T["eval_every"], help="Held-out loss and checkpoint every K steps."),
+    seed: int = typer.Option(T["seed"], help="Seed of data order, noise and timesteps (deterministic on CPU)."),
+    rank: int = typer.Option(T["rank"], help="Bridge rank (256 gives ~5M parameters at real dims)."),
+    mode: str = typer.Option(T["mode"], help="Bridge design: 'tokens' appends K conditioning tokens read from Qwen3-VL "
                              "(can add what the DiT's own encoder lacks), 'residual' corrects the existing tokens "
                              "(bounded; cannot add a missing word), 'both' (the default: measured best)."),
-    num_tokens: int = typer.Option(1, help="K, the tokens the token path appends."),
-    ablate_qwen3: str = typer.Option("none", help="Train a control: 'shuffle' pairs each sample with another sample's "
+    num_tokens: int = typer.Option(T["num_tokens"], help="K, the tokens the token path appends (with K >= 2 the first "
+                                   "half read Qwen3-VL's text positions, the rest its vision positions)."),
+    ablate_qwen3: str = typer.Option(T["ablate_qwen3"], help="Train a control: 'shuffle' pairs each sample with another sample's "
                                      "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),
-    condition_area: int = typer.Option(1024 * 1024, help="Condition-image area in pixels."),
-    device: str = typer.Option("auto", help="'auto', 'cpu', 'cuda', ..."),
-    load_in_8bit: bool = typer.Option(False, help="The caches were built with 8-bit VLMs (build-caches' "
+    condition_area: int = typer.Option(J["condition_area"], help="Condition-image area in pixels."),
+    device: str = typer.Option(J["device"], help="'auto', 'cpu', 'cuda', ..."),
+    load_in_8bit: bool = typer.Option(J["load_in_8bit"], help="The caches were built with 8-bit VLMs (build-caches' "
                                       "load_in_8bit): part of their fingerprint, so training finds them."),
 ):
     """Train the bridge with Qwen-Image-Edit's own flow-matching loss; the DiT, VAE and VLMs stay frozen.
