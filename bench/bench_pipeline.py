@@ -105,7 +105,8 @@ def main() -> None:
             server.stop()
 
     from bridgecore.batch.pipeline import plan_job
-    from bridgecore.batch.settings import JobSettings, ModelPool
+    from bridgecore.batch.model_pool import ModelPool
+    from bridgecore.batch.settings import JobSettings
     from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     zoo = build_tiny_zoo(".vision-bridge/tiny-zoo")

@@ -118,7 +118,7 @@ def replicate(zoo: Path, base_output: str, base_shards: list[str], output: str, 
 
 def child(arguments: argparse.Namespace) -> None:
     """One measurement in a fresh process (peak RSS is per process)."""
-    from bridgecore.batch.settings import LoadedModels, ModelPool
+    from bridgecore.batch.model_pool import LoadedModels, ModelPool
     from bridgecore.batch.training_data import CommittedShards
     from bridgecore.training.data import read_refs
     from bridgecore.training.trainer import BridgeTrainer, TrainConfig

@@ -4,7 +4,8 @@ stage: the stage itself (bridgecore.batch.stages) says what it does."""
 from prefect import get_run_logger, task
 
 from bridgecore.batch.pipeline import STAGES, make_context
-from bridgecore.batch.settings import JobSettings, LoadedModels
+from bridgecore.batch.model_pool import LoadedModels
+from bridgecore.batch.settings import JobSettings
 from tasks.cache_policy import StageCachePolicy, is_transient
 
 # The worker process's models: one process serves one GPU, and every stage task it runs draws from these, so a

@@ -15,7 +15,7 @@ SMALL_AREA = 128 * 128  # condition area for tests: the real 1024*1024 makes tin
 
 
 def _loaded_models():
-    from bridgecore.batch.settings import LoadedModels
+    from bridgecore.batch.model_pool import LoadedModels
 
     return LoadedModels()
 
@@ -111,7 +111,7 @@ def save_open_bridge(settings, path) -> str:
     """A random bridge of both paths, its residual gate open (its output differs from the baseline), saved at `path`."""
     import torch
 
-    from bridgecore.batch.settings import ModelPool
+    from bridgecore.batch.model_pool import ModelPool
     from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
 
     cache = ModelPool(settings, LOADED).extractor.extract([[make_image()]], ["x"])[0]

@@ -2,6 +2,7 @@
 follow what a stage really runs (derived from imports, so they cannot drift from the code)."""
 
 import ast
+import inspect
 import shutil
 from pathlib import Path
 
@@ -91,22 +92,62 @@ def test_the_zoo_is_imported_by_nothing_in_the_library():
     assert not users, users
 
 
+def _append(path, text: str) -> None:
+    with open(path, "a") as file:
+        file.write(text)
+
+
 def test_stage_code_fingerprints_follow_what_the_stage_runs(tmp_path):
-    """`fused` calls the bridge through the model pool: an edit to bridge.py changes its code version (and the
-    edits'), not the caches'; an edit to the batch machinery changes none (it moves bytes, not values)."""
+    """Code versions follow behaviour, not bytes: a comment or a docstring anywhere recomputes nothing; a change to
+    the bridge's code recomputes `fused` and `edits`, not the caches or `latents` (which runs only the VAE); a
+    change to how the pool builds an editor recomputes every stage that runs a model; the batch machinery and the
+    latency benchmark's printer recompute nothing."""
     from bridgecore.batch.pipeline import STAGES
 
     copy = tmp_path / "src"
     shutil.copytree(PACKAGE, copy / "bridgecore", ignore=shutil.ignore_patterns("__pycache__"))
     before = {name: stage.code_version(copy) for name, stage in STAGES.items()}
     assert before == {name: stage.code_version() for name, stage in STAGES.items()}
-    with open(copy / "bridgecore" / "model" / "bridge.py", "a") as file:
-        file.write("\n# a change\n")
-    with open(copy / "bridgecore" / "batch" / "shard_store.py", "a") as file:
-        file.write("\n# a change\n")
-    after = {name: stage.code_version(copy) for name, stage in STAGES.items()}
-    changed = sorted(name for name in STAGES if after[name] != before[name])
-    assert changed == ["edits", "fused", "latents"], changed
-    with open(copy / "bridgecore" / "evaluation" / "metrics.py", "a") as file:
-        file.write("\n# a change\n")
-    assert [n for n in STAGES if STAGES[n].code_version(copy) != after[n]] == ["metrics"]
+
+    def changed() -> list[str]:
+        return sorted(name for name, stage in STAGES.items() if stage.code_version(copy) != before[name])
+
+    root = copy / "bridgecore"
+    for path in ("model/bridge.py", "batch/shard_store.py", "batch/stages/outputs.py", "model/edit_benchmark.py",
+                 "batch/model_pool.py", "model/edit_pipeline.py"):
+        _append(root / path, "\n# a comment\n")
+    text = (root / "model" / "bridge.py").read_text()
+    (root / "model" / "bridge.py").write_text(text.replace('"""VisionCacheBridge:', '"""The VisionCacheBridge:', 1))
+    assert changed() == [], "a comment or a docstring recomputed stages"
+    _append(root / "batch" / "shard_store.py", "\nRETRIES = 3\n")
+    _append(root / "model" / "edit_benchmark.py", "\nTABLE_WIDTH = 120\n")
+    assert changed() == [], "the batch machinery or the benchmark printer recomputed stages"
+    _append(root / "model" / "bridge.py", "\nBRIDGE_CHANGE = 1\n")
+    assert changed() == ["edits", "fused"]
+    before.update({name: stage.code_version(copy) for name, stage in STAGES.items()})
+    _append(root / "batch" / "model_pool.py", "\nPOOL_CHANGE = 1\n")
+    runs_models = sorted(name for name, stage in STAGES.items() if stage.models or name in ("fused", "rewrites"))
+    assert changed() == runs_models and "latents" in runs_models and "caches" in runs_models
+    before.update({name: stage.code_version(copy) for name, stage in STAGES.items()})
+    _append(root / "evaluation" / "metrics.py", "\nMETRICS_CHANGE = 1\n")
+    assert changed() == ["metrics"]
+
+
+def test_every_stage_that_runs_a_model_declares_what_it_calls():
+    """A stage that runs models through the pool (`ctx.models`) names what it calls in an import from the model
+    floor (a `TYPE_CHECKING` import is enough): that import is what its code fingerprint follows."""
+    from bridgecore.batch.code_version import imported_names, uses_model_pool
+    from bridgecore.batch.pipeline import STAGES
+
+    from bridgecore.batch.code_version import code_files
+
+    silent = []
+    for name, stage in STAGES.items():
+        path = Path(inspect.getfile(type(stage)))
+        files = [f for f in code_files(path) if "stages" in f.parts]  # the stage and the stage helpers it uses
+        running = [f for f in files if uses_model_pool(f)]
+        if running and not any(n.startswith("bridgecore.model.") for f in running for n in imported_names(f)):
+            silent.append(name)
+        if stage.models:
+            assert running, f"{name} declares models {stage.models} but never runs them through the pool"
+    assert not silent, f"stages that run models without naming what they call: {silent}"

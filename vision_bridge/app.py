@@ -67,6 +67,18 @@ def preflight(input: str, output: str, create_bucket: bool = False, prompt: Opti
         fail(str(error))
 
 
+def check_input_first(input: str, prompt: Optional[str] = None) -> None:
+    """The input alone (exists, has the columns a job needs), before anything is built or written: a typo must not
+    wait behind minutes of tiny-zoo training."""
+    from bridgecore.batch.sharding import check_input, check_manifest_columns
+
+    try:
+        check_input(input)
+        check_manifest_columns(input, prompt)
+    except user_errors() as error:
+        fail(str(error))
+
+
 def _check_output_url(output: str) -> None:
     if "://" in output and not output.startswith("file://"):
         parts = output.split("://", 1)[1].split("/")

@@ -29,7 +29,8 @@ from typing import Any, Callable
 
 from bridgecore.storage import Storage
 from bridgecore.batch.records import ROUTES, Sample
-from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
+from bridgecore.batch.model_pool import LoadedModels, ModelPool
+from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.shard_store import CorruptShardError, ShardBusyError, ShardStore
 from bridgecore.batch.sharding import (
     EDIT_SHARD_SIZE,

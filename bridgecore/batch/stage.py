@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from bridgecore.storage import Storage, is_transient_error
 from bridgecore.batch.records import Sample, SampleResult, shard_route
-from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.model_pool import ModelPool
+from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.shard_store import ShardContents, ShardStore
 from bridgecore.batch.sharding import load_plan
 

@@ -19,7 +19,8 @@ import logging
 from pathlib import Path
 
 from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
-from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
+from bridgecore.batch.model_pool import LoadedModels, ModelPool
+from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.sharding import CACHE_SHARD_SIZE
 from bridgecore.batch.stages.outputs import CACHES, LATENTS, StageOutput
 from bridgecore.model.bridge import BridgeConfig

@@ -11,7 +11,8 @@ from conftest import LOADED, make_image, make_inputs, run_all, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
 from bridgecore.batch.records import SampleResult
-from bridgecore.batch.settings import JobSettings, LoadedModels, ModelPool
+from bridgecore.batch.model_pool import LoadedModels, ModelPool
+from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.stage import Stage, StageContext
 from bridgecore.batch.sharding import cut_shards, read_inputs, write_plan
 from bridgecore.storage import Storage

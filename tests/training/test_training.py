@@ -10,7 +10,8 @@ import pytest
 from conftest import LOADED
 import torch
 
-from bridgecore.batch.settings import JobSettings, ModelPool
+from bridgecore.batch.model_pool import ModelPool
+from bridgecore.batch.settings import JobSettings
 from bridgecore.zoo.synthetic_triplets import write_triplets
 from bridgecore.training.trainer import BridgeTrainer, TrainConfig, shuffled_qwen3
 from bridgecore.batch.training_data import prepare_examples

@@ -16,6 +16,7 @@ from vision_bridge.app import (
     TINY_ZOO_DIR,
     app,
     banner,
+    check_input_first,
     fail,
     preflight,
     resolve_or_tiny,
@@ -98,7 +99,7 @@ def bulk_edit(
     reruns the rewrites and what reads them)."""
     from bridgecore.batch.settings import settings_for_job
 
-    preflight(input, output, create_bucket, prompt)  # the input and output first: before minutes of tiny-zoo training
+    check_input_first(input, prompt)  # before minutes of tiny-zoo training; nothing is written yet
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=multi_image, trained=True, editor=editor)
     steps, condition_area = tiny_task_settings(edit_model, steps, condition_area, D["condition_area"])
     try:

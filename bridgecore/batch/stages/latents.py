@@ -14,8 +14,8 @@ from bridgecore.batch.stage import Stage, StageContext, StageItem
 from bridgecore.batch.stages.outputs import LATENTS
 from bridgecore.model.latents import encode_latents
 
-if TYPE_CHECKING:  # the model classes this stage calls through the pool: its code fingerprint follows them
-    from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
+if TYPE_CHECKING:  # what this stage runs through the pool: the edit pipeline as loaded, its VAE (not the bridge)
+    from bridgecore.model.loading import load_edit_pipeline  # noqa: F401 - followed by the code fingerprint
 
 
 class LatentsStage(Stage):
@@ -33,8 +33,7 @@ class LatentsStage(Stage):
         from bridgecore.model.payloads import latents_to_bytes
         from bridgecore.model.images import load_image
 
-        editor: EnhancedQwenImageEdit = ctx.models.editor
-        pipe = editor.pipe
+        pipe = ctx.models.editor.pipe  # `load_edit_pipeline`'s pipeline; only its VAE runs here
         results = []
         for item in items:
             sample = item.sample
