@@ -143,8 +143,9 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
         notes.append(f"edit efficiency from {found['edit_source']}")
     report = plan(resolution, resolution, condition_area=resolution**2, rewrite_tokens=rewrite_tokens)
     flops = report["flops"]
-    branches = 2 if cfg else 1  # true CFG: a negative prompt is encoded and the DiT runs twice per step
-    extract_flops = branches * (flops["qwen25_extraction"]["total"] + flops["qwen3_extraction"]["total"])
+    branches = 2 if cfg else 1  # true CFG: the DiT runs twice per step
+    # true CFG's negative prompt is encoded by Qwen2.5-VL only (stage `negatives`): it is never bridged
+    extract_flops = branches * flops["qwen25_extraction"]["total"] + flops["qwen3_extraction"]["total"]
     edit_flops = steps * branches * flops["dit_step"] + branches * flops["bridge"]
     peak = spec.bf16_dense_flops
     extract_s, edit_s = extract_flops / (eff["extract"] * peak), edit_flops / (eff["edit"] * peak) + vae_seconds
@@ -234,7 +235,9 @@ def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: boo
     tokens, d3, d25 = report["tokens"], report["hidden_sizes"]["qwen3"], report["hidden_sizes"]["qwen25"]
     qwen3 = (3 * tokens["qwen3_sequence"] + 3 * tokens["qwen3_vision"]) * d3  # early/mid/late + DeepStack
     qwen25 = tokens["qwen25_prompt_embeds"] * d25
-    cache = branches * (qwen3 + qwen25) * CACHE_BYTES_PER_VALUE
+    # the negatives (true CFG) are Qwen2.5-VL embeddings alone, stored with the caches and again with the fused
+    # embeddings; Qwen3-VL reads only the conditional branch
+    cache = (qwen3 + branches * qwen25) * CACHE_BYTES_PER_VALUE
     fused = branches * qwen25 * CACHE_BYTES_PER_VALUE
     height, width = report["condition_size"]
     output = height * width * PNG_BYTES_PER_PIXEL
