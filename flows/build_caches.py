@@ -16,7 +16,7 @@ from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
 from bridgecore.batch.sharding import CACHE_SHARD_SIZE
 from flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
-from flows.scale_out import run_and_report
+from flows.scale_out import STALL_SECONDS, run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
@@ -29,7 +29,8 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
                  deadline_s: float = 6 * 3600, verify: bool = False, create_bucket: bool = False,
                  content_hash: bool = False, load_in_8bit: bool = D["load_in_8bit"], rewrite_with: str = D["rewrite_with"],
                  rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"],
-                 limit: int | None = None, dry_run: bool = False) -> dict:
+                 limit: int | None = None, dry_run: bool = False,
+                 stall_s: float = STALL_SECONDS) -> dict:
     # plan
     settings = settings_for_job(dict(
         qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area, batch_size=batch_size,
@@ -42,4 +43,4 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
         return {"dry_run": True, **plan}
     # run and report
     return run_and_report(output, "build-caches", plan, settings, shard_size, workers_deployment, shards_per_run,
-                          deadline_s, verify)
+                          deadline_s, verify, stall_s)

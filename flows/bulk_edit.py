@@ -20,7 +20,7 @@ from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
 from bridgecore.batch.sharding import EDIT_SHARD_SIZE
 from flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
-from flows.scale_out import run_and_report
+from flows.scale_out import STALL_SECONDS, run_and_report
 from tasks.shard_inputs import shard_inputs
 
 
@@ -38,7 +38,8 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
               editor: str = D["editor"], plus_model: str | None = None, rewrite_with: str = D["rewrite_with"],
               rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"],
               edits_format: str = D["edits_format"], step_cache: float = D["step_cache"],
-              batch_cfg: bool = D["batch_cfg"], fp8: str = D["fp8"], limit: int | None = None, dry_run: bool = False) -> dict:
+              batch_cfg: bool = D["batch_cfg"], fp8: str = D["fp8"], limit: int | None = None, dry_run: bool = False,
+              stall_s: float = STALL_SECONDS) -> dict:
     # plan
     settings = settings_for_job(dict(
         qwen3=qwen3, edit_model=edit_model, editor=editor, multi_image=multi_image, steps=steps, plus_model=plus_model,
@@ -54,4 +55,4 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
         return {"dry_run": True, **plan}
     # run and report
     return run_and_report(output, "bulk-edit", plan, settings, shard_size, workers_deployment, shards_per_run,
-                          deadline_s, verify)
+                          deadline_s, verify, stall_s)

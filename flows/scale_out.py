@@ -16,10 +16,39 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 
 FINAL_BAD = {"CRASHED", "FAILED", "CANCELLED"}
+STALL_SECONDS = 900.0  # a running child that commits nothing for this long has lost its worker: resubmitted
+
+
+class StallWatch:
+    """When a running child has committed nothing for `stuck_s`: its worker is gone (a lost machine leaves its run
+    RUNNING). The count of committed (stage, shard) pairs is taken at submission, so the first look after `stuck_s`
+    already decides (it used to start from -1: any count looked like progress and the first check only reset the
+    timer, so a lost node was noticed after twice `stuck_s`)."""
+
+    def __init__(self, stuck_s: float):
+        self.stuck_s = stuck_s
+        self.seen: dict[int, tuple[int, float]] = {}  # batch -> (committed count, when it last grew)
+
+    def start(self, index: int, count: int, now: float) -> None:
+        self.seen[index] = (count, now)
+
+    def stalled(self, index: int, now: float, count_now) -> bool:
+        """`count_now()` is called only once `stuck_s` passed since the last growth (it reads storage)."""
+        count, since = self.seen[index]
+        if now - since < self.stuck_s:
+            return False
+        current = count_now()
+        if current > count:
+            self.seen[index] = (current, now)
+            return False
+        return True
+
+    def stalled_since(self, index: int) -> float:
+        return self.seen[index][1]
 
 
 def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, deadline_s: float = 3600,
-                   poll_s: float = 1.0, stuck_s: float = 900, max_submissions: int = 3,
+                   poll_s: float = 1.0, stuck_s: float = STALL_SECONDS, max_submissions: int = 3,
                    progress_every_s: float = 10.0) -> list[str]:
     """Runs every batch to completion on the pool behind `deployment`; returns the child run ids. Children carry
     the job's tags; the job's progress (from the markers) is a Prefect progress artifact and a log line."""
@@ -30,25 +59,17 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
 
     logger = get_run_logger()
     start = time.monotonic()
-    submitted: dict[int, tuple[str, float, int]] = {}  # batch index -> (run id, last progress, submissions)
-    progress_seen: dict[int, int] = {}  # batch index -> committed (stage, shard) pairs at the last look
+    submitted: dict[int, tuple[str, float, int]] = {}  # batch index -> (run id, submitted at, submissions)
     settings = JobSettings.from_dict(parameters["settings"])
+    watch = StallWatch(stuck_s)
 
-    def stalled(index: int, since: float) -> bool:
-        """No stage of any of the batch's shards committed for `stuck_s`: its worker is gone."""
-        if time.monotonic() - since < stuck_s:
-            return False
-        count = committed_stages(parameters["output"], parameters["pipeline"], settings, batches[index])
-        if count > progress_seen.get(index, -1):
-            progress_seen[index] = count
-            run_id, _, submissions = submitted[index]
-            submitted[index] = (run_id, time.monotonic(), submissions)
-            return False
-        return True
+    def committed(index: int) -> int:
+        return committed_stages(parameters["output"], parameters["pipeline"], settings, batches[index])
 
     tags = job_tags(parameters["pipeline"], parameters["output"], parameters["settings"])
 
     def submit(index: int, count: int):
+        watch.start(index, committed(index), time.monotonic())
         run = run_deployment(deployment, parameters={**parameters, "shard_ids": batches[index]}, timeout=0,
                              as_subflow=True, tags=tags)
         submitted[index] = (str(run.id), time.monotonic(), count)
@@ -90,7 +111,8 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                     done.add(index)
                     refresh()
                     logger.info("batch %d finished: %s", index, job.line())
-                elif kind in FINAL_BAD or (kind == "RUNNING" and stalled(index, since)):
+                elif kind in FINAL_BAD or (kind == "RUNNING" and watch.stalled(index, time.monotonic(),
+                                                                                 lambda i=index: committed(i))):
                     if count >= max_submissions:
                         raise RuntimeError(f"batch {index} ended {kind} {count} times; last run {run_id}")
                     logger.warning("batch %d run %s ended %s: resubmitting", index, run_id, kind)
@@ -106,7 +128,8 @@ def online_workers(client, deployment: str) -> int:
 
 
 def run_shards(output: str, pipeline: str, plan: dict, settings: dict, shard_size: int,
-               workers_deployment: str | None, shards_per_run: int | None, deadline_s: float) -> None:
+               workers_deployment: str | None, shards_per_run: int | None, deadline_s: float,
+               stall_s: float = STALL_SECONDS) -> None:
     """Runs the plan's pending shards here, or in batches on the pool behind `workers_deployment`, each batch
     one child run that loads its models once. Without `shards_per_run`, batches are sized so that model
     loading stays a small part of each child's estimated compute while every online worker gets work."""
@@ -129,20 +152,21 @@ def run_shards(output: str, pipeline: str, plan: dict, settings: dict, shard_siz
         shards_per_run = size_batches(len(shard_ids), shard_size, workers, child_run_cost(job_settings, pipeline))
     batches = [shard_ids[i:i + shards_per_run] for i in range(0, len(shard_ids), shards_per_run)]
     parameters = {"output": output, "settings": settings, "pipeline": pipeline, "run": run}
-    run_on_workers(workers_deployment, batches, parameters, deadline_s)
+    run_on_workers(workers_deployment, batches, parameters, deadline_s, stuck_s=stall_s)
 
 
 def run_and_report(output: str, pipeline: str, plan: dict, settings: dict, shard_size: int,
                    workers_deployment: str | None, shards_per_run: int | None, deadline_s: float,
-                   verify: bool = False) -> dict:
+                   verify: bool = False, stall_s: float = None) -> dict:
     """Runs the plan's pending shards, then summarizes them as Prefect artifacts; a result found damaged while
     summarizing is recomputed once, so damage heals within the same run."""
     from flows.reporting import report_run
 
-    run_shards(output, pipeline, plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s)
+    stall_s = STALL_SECONDS if stall_s is None else stall_s
+    run_shards(output, pipeline, plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s, stall_s)
     summary = report_run(output, plan["job"], pipeline, settings, verify)
     if summary["damaged"]:
         run_shards(output, pipeline, {**plan, "pending": summary["damaged"]}, settings, shard_size,
-                   workers_deployment, shards_per_run, deadline_s)
+                   workers_deployment, shards_per_run, deadline_s, stall_s)
         summary = report_run(output, plan["job"], pipeline, settings)
     return summary
