@@ -29,6 +29,8 @@ def prefect_env(home: Path, api_url: str | None) -> dict[str, str]:
                PREFECT_LOGGING_LEVEL="INFO")
     if api_url:
         env["PREFECT_API_URL"] = api_url
+    # the environment's own python first, as in an activated venv (prefect.yaml's build step runs `python -m ...`)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 

@@ -25,3 +25,30 @@ def test_progress_restarts_the_clock_and_a_later_silence_is_noticed():
     assert watch.stalled_since(0) == 950.0
     assert not watch.stalled(0, 1800.0, lambda: 2)  # 850 s of silence: not yet
     assert watch.stalled(0, 1851.0, lambda: 2)
+
+
+def test_the_zombie_automation_is_created_once_and_updated_in_place(shared_prefect):
+    """The deploy step's automation on a real Prefect server: created, then unchanged on a second deploy, updated
+    (not duplicated) when its time limit changes, with the trigger and action of Prefect's zombie-flow recipe.
+    (That a lost run is then marked Crashed is Prefect's own mechanism; no test here kills a machine for it.)"""
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
+
+    from flows.zombie_runs import AUTOMATION_NAME, ensure_zombie_automation
+
+    with temporary_settings({PREFECT_API_URL: shared_prefect, PREFECT_SERVER_EPHEMERAL_ENABLED: False}):
+        _create_update_and_read(Automation, get_client, StateType, AUTOMATION_NAME, ensure_zombie_automation)
+
+
+def _create_update_and_read(Automation, get_client, StateType, AUTOMATION_NAME, ensure_zombie_automation):
+    assert ensure_zombie_automation(240) in ("created", "updated", "unchanged")
+    assert ensure_zombie_automation(240) == "unchanged"
+    assert ensure_zombie_automation(300) == "updated"
+    with get_client(sync_client=True) as client:
+        named = [a for a in client.read_automations() if a.name == AUTOMATION_NAME]
+    assert len(named) == 1
+    automation = Automation.read(name=AUTOMATION_NAME)
+    assert automation.trigger.within.total_seconds() == 300 and automation.trigger.after == {"prefect.flow-run.heartbeat"}
+    assert automation.actions[0].state == StateType.CRASHED and automation.enabled
