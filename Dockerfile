@@ -4,17 +4,23 @@
 #   docker build -t registry.example.com/vision-bridge:$(git rev-parse --short HEAD) .
 #   docker run --gpus all --env-file s3.env IMAGE prefect worker start --pool gpu --type process --limit 1
 #
-# No CUDA base image is needed: torch's PyPI wheels carry the CUDA runtime (the nvidia-* wheels); the host needs the
-# NVIDIA driver and the container toolkit (`--gpus`, or `nvidia.com/gpu` on Kubernetes). Weights are not baked in:
-# mount a model folder at /models (HF_HOME) or let the first run download them.
-FROM python:3.11-slim-bookworm
+# No CUDA base image is needed: torch's PyPI wheels carry the CUDA runtime (the nvidia-* wheels). torch 2.14.1's
+# default PyPI wheel is a CUDA 13.0 build: the host needs NVIDIA driver R580 or newer (older drivers: build with a
+# CUDA 12.x wheel from download.pytorch.org, see scripts/fetch_gpu_wheels.sh) and the container toolkit (`--gpus`,
+# or `nvidia.com/gpu` on Kubernetes). Weights are not baked in: mount a model folder at /models (HF_HOME; the
+# Kubernetes template mounts the claim `vision-bridge-models` there) or let the first run download them.
+# Pin the base by digest in your registry mirror (`docker buildx imagetools inspect python:3.11-slim-bookworm`) and
+# pass it as BASE; the tag alone is the default so that a fresh checkout builds.
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
 
 ENV VISION_BRIDGE_CODE_DIR=/opt/vision-bridge \
     VISION_BRIDGE_RUNTIME_ONLY=1 \
     PYTHON=/usr/local/bin/python3.11 \
     HF_HOME=/models \
     PYTHONUNBUFFERED=1 \
-    PREFECT_LOGGING_EXTRA_LOGGERS=bridgecore
+    PREFECT_LOGGING_EXTRA_LOGGERS=bridgecore \
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60
 
 WORKDIR /opt/vision-bridge
 # the installers and the dependency list first: code changes do not reinstall torch
@@ -29,4 +35,9 @@ COPY . .
 RUN .venv/bin/python -c "import bridgecore.batch.pipeline, flows.bulk_edit, vision_bridge.cli"
 
 ENV PATH=/opt/vision-bridge/.venv/bin:$PATH
+# not root: the worker writes only its home, /models (a mounted volume) and its temporary folders
+RUN useradd --create-home --uid 10001 vision && mkdir -p /models && chown vision /models
+USER vision
+HEALTHCHECK --interval=60s --timeout=20s --retries=3 \
+    CMD python -c "import bridgecore.batch.pipeline, flows.process_shards" || exit 1
 CMD ["vision-bridge", "--help"]

@@ -30,6 +30,10 @@ def test_the_image_installs_with_ci_s_scripts_and_says_where_its_code_is():
     assert copies[-1] == ". ." and any(arg.startswith("scripts/") for arg in copies[:-1])
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+    # a platform team's image: not root, a health check, heartbeats on (the zombie automation needs them)
+    users = [arg for op, arg in steps if op == "USER"]
+    assert users and users[-1] not in ("root", "0") and any(op == "HEALTHCHECK" for op, _ in steps)
+    assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=" in env
 
 
 def test_the_runtime_install_leaves_out_only_test_tools():

@@ -159,6 +159,14 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
     return read_refs(source, source.refs())
 
 
+def staging_root() -> Path:
+    """Where a remote training run is mirrored while it trains: VISION_BRIDGE_STAGING_DIR, else the user's cache
+    (never the code directory: a worker's code may be read-only, and its checkout is not a scratch disk)."""
+    import os
+
+    return Path(os.environ.get("VISION_BRIDGE_STAGING_DIR") or Path.home() / ".cache" / "vision-bridge" / "staging")
+
+
 def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConfig = TrainConfig(),
                  bridge_overrides: dict | None = None, progress: bool = True, nproc_per_node: int = 1,
                  shard_size: int = CACHE_SHARD_SIZE) -> dict:
@@ -178,7 +186,7 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
                          "multiple of the number of GPUs")
     remote = str(out_dir) if is_remote(out_dir) else None
     if remote:
-        staging = Path(".vision-bridge/staging") / hashlib.sha256(remote.encode()).hexdigest()[:16]
+        staging = staging_root() / hashlib.sha256(remote.encode()).hexdigest()[:16]
         out_dir = Path(mirror_down(remote, str(staging), exclude=("data",)))  # data stay remote
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
