@@ -613,6 +613,18 @@ def _editor(trained_edit_model, qwen3_model):
     return EnhancedQwenImageEdit(trained_edit_model, qwen3_model, device="cpu", condition_area=size * size), size
 
 
+def _die_with_parent() -> None:
+    """A worker process of the proof ends when the proof's process does (Linux: parent-death signal), instead of
+    training on for an hour after a Ctrl-C or a kill."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _seed_worker(trained_edit_model, qwen3_model, seed: int, config: ProofConfig, work_dir: str) -> dict:
     """One seed in a worker process (one thread: tiny models are overhead-bound)."""
     torch.set_num_threads(1)
@@ -633,7 +645,7 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_die_with_parent) as pool:
         futures = {pool.submit(_seed_worker, str(trained_edit_model), str(qwen3_model), seed, config, str(work_dir)): seed
                    for seed in config.seeds}
         done = {}
