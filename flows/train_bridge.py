@@ -28,12 +28,13 @@ def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str 
                  device: str = D["device"], load_in_8bit: bool = D["load_in_8bit"], rank: int = T["rank"],
                  ablate_qwen3: str = T["ablate_qwen3"], mode: str = T["mode"], num_tokens: int = T["num_tokens"],
                  nproc_per_node: int = 1, data_streams: int | None = None, shuffle_buffer: int = T["shuffle_buffer"],
-                 data_workers: int = T["data_workers"], shard_size: int = CACHE_SHARD_SIZE) -> dict:
+                 data_workers: int = T["data_workers"], shard_size: int = CACHE_SHARD_SIZE,
+                 cache_dtype: str = D["cache_dtype"]) -> dict:
     # train
     tag_this_run(job_tags("train-bridge", out))
     # the same settings as the build-caches job that wrote the caches: its fingerprints find them
     settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
-                                     load_in_8bit=load_in_8bit), route_multi_image=False)
+                                     load_in_8bit=load_in_8bit, cache_dtype=cache_dtype), route_multi_image=False)
     config = dict(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=learning_rate,
                   eval_every=eval_every,
                   checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3,

@@ -96,6 +96,9 @@ class JobSettings:
     # how the edits are stored: "png", one object per image (+ metadata.parquet: an imagefolder), or "webdataset",
     # one tar per shard with <key>.png and <key>.json (at 10M images, 10M/shard_size objects instead of 10M)
     edits_format: str = "png"
+    # how the vision caches are stored: "native" (the dtype they were computed in, bf16 on a GPU) or "fp8" (float8
+    # E4M3 with per-token scales: half the bytes; see model/cache_format.py)
+    cache_dtype: str = "native"
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(self.lora or ()))  # JSON brings a list
@@ -123,6 +126,8 @@ class JobSettings:
             if conflict:
                 raise ValueError(f"{option(conflict[0])} with {option(conflict[1])}: not supported together "
                                  f"({conflict[2]})")
+        if self.cache_dtype not in ("native", "fp8"):
+            raise ValueError(f"{option('cache_dtype')} must be native or fp8; got {self.cache_dtype!r}")
         if self.edits_format not in EDITS_FORMATS:
             raise ValueError(f"edits_format must be one of {', '.join(EDITS_FORMATS)}; got {self.edits_format!r}")
         if self.editor not in EDITORS:

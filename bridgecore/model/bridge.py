@@ -83,6 +83,9 @@ class BridgeConfig:
     # queries read text, the rest vision): a query over ~20 text tokens finds a colour word that one query over the
     # ~150 positions (most of them image tokens) found only after a plateau, or never (see README, "Mechanism")
     token_streams: bool = True
+    # what the token path reads of Qwen3's levels: "shared" (the residual path's per-position fusion), "own" (a fusion
+    # of its own) or "levels" (every (position, level) pair, each level tagged by a learned embedding)
+    token_fusion: str = "shared"
     reference_images: int = 0  # reference pictures (read by Qwen3-VL only) per sample it was trained with, at most
     num_deepstack: int = 3
     use_attention_fusion: bool = True  # attention over levels; False: an MLP over concatenated levels
@@ -114,6 +117,8 @@ class BridgeConfig:
             raise ValueError(f"rank and num_heads must be at least 1; got rank {self.rank}, num_heads {self.num_heads}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite number > 0; got {self.learning_rate}")
+        if self.token_fusion not in ("shared", "own", "levels"):
+            raise ValueError(f"token_fusion must be 'shared', 'own' or 'levels'; got {self.token_fusion!r}")
         if self.rank % self.num_heads:
             raise ValueError(f"rank ({self.rank}) must be divisible by num_heads ({self.num_heads})")
         if not self.levels:
@@ -303,6 +308,10 @@ class VisionCacheBridge(nn.Module):
             self.out = nn.Linear(config.rank, config.qwen25_hidden_dim)
             self.gate = nn.Parameter(torch.full((len(GATE_STREAMS),), float(config.gate_init)))  # text, vision
         self.tokens = ConditioningTokens(config) if config.uses_tokens else None
+        if config.uses_tokens and config.token_fusion == "own":
+            self.token_level_fusion = MultiLevelFusion(config, num_levels)
+        if config.uses_tokens and config.token_fusion == "levels":
+            self.level_embedding = nn.Parameter(0.02 * torch.randn(num_levels, config.rank))
         self.is_identity = False  # see `identity_bridge`
 
     def parameter_groups(self, learning_rate: float, weight_decay: float) -> list[dict]:
@@ -370,9 +379,11 @@ class VisionCacheBridge(nn.Module):
     # -- forward -----------------------------------------------------------------------------------------
 
     def _fuse(self, qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(fused levels `[L3, rank]`, level weights `[L3, n]` or None, projected DeepStack `[N3, rank]` or None)."""
+        """(fused levels `[L3, rank]`, level weights `[L3, n]` or None, projected DeepStack `[N3, rank]` or None);
+        the projected levels `[L3, n, rank]` are kept for the token path."""
         device, dtype = self._device_dtype  # caches may live on another device
-        fused, level_weights = self.fusion(self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels]))
+        self._projected = self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels])
+        fused, level_weights = self.fusion(self._projected)
         deepstack = None
         if self.deepstack_projector is not None:
             deepstack = self.deepstack_projector([t.to(device, dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
@@ -408,16 +419,24 @@ class VisionCacheBridge(nn.Module):
     def _appended(self, fused: torch.Tensor, deepstack: torch.Tensor | None,
                   qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
         """The token path: (tokens `[K, D25]`, their attention over the Qwen3 sequence `[K, L3]`)."""
-        memory = fused
+        how = self.config.token_fusion
+        memory = fused if how == "shared" else (
+            self.token_level_fusion(self._projected)[0] if how == "own" else self._projected + self.level_embedding)
+        positions = qwen3.vision_positions.to(fused.device)
         if deepstack is not None:  # DeepStack's visual features join the image tokens they belong to
-            memory = fused.index_add(0, qwen3.vision_positions.to(fused.device), deepstack)
+            memory = memory.index_add(0, positions, deepstack if memory.dim() == 2 else
+                                      deepstack.unsqueeze(1).expand(-1, memory.shape[1], -1))
         allowed = None
         if self.config.token_streams and self.config.num_tokens > 1:
             vision = torch.zeros(fused.shape[0], dtype=torch.bool, device=fused.device)
-            vision[qwen3.vision_positions.to(fused.device)] = True
+            vision[positions] = True
             k = self.config.num_tokens
             reads_vision = torch.arange(k, device=fused.device) >= (k + 1) // 2  # K=2: query 0 text, query 1 vision
             allowed = vision.unsqueeze(0) == reads_vision.unsqueeze(1)  # [K, L3]
+        if memory.dim() == 3:  # every (position, level) pair is a memory slot
+            levels = memory.shape[1]
+            memory = memory.reshape(-1, memory.shape[-1])
+            allowed = None if allowed is None else allowed.repeat_interleave(levels, dim=1)
         return self.tokens(memory, allowed)
 
     def forward(self, qwen3_cache, qwen25_cache, return_attention_weights: bool = False):

@@ -53,3 +53,31 @@ def test_bytes_are_deterministic():
 def test_foreign_safetensors_is_refused():
     with pytest.raises(ValueError, match="not a vision-bridge cache"):
         cache_from_bytes(save({"x": torch.zeros(2)}))
+
+
+def test_fp8_storage_halves_the_bytes_within_a_few_percent():
+    """Storage dtype fp8: the feature tensors as float8 E4M3 with one scale per token (half of bf16 plus 4 bytes a
+    token), read back in the computed dtype within a few percent; ids, positions and grids stay exact."""
+    from bridgecore.model.cache_format import STORAGE_DTYPES, quantize_fp8
+
+    generator = torch.Generator().manual_seed(1)
+    big = _random_cache()
+    big.qwen3.levels = {k: torch.randn(600, 512, generator=generator).to(torch.bfloat16) for k in big.qwen3.levels}
+    native, fp8 = cache_to_bytes(big), cache_to_bytes(big, "fp8")
+    assert 0.49 < len(fp8) / len(native) < 0.53
+    back = cache_from_bytes(fp8)
+    assert back.metadata()["dtype"] == "bfloat16" and "fp8" in STORAGE_DTYPES
+    for name, tensor in big.qwen3.levels.items():
+        restored = back.qwen3.levels[name]
+        assert restored.dtype == torch.bfloat16 and restored.shape == tensor.shape
+        assert float((restored.float() - tensor.float()).norm() / tensor.float().norm()) < 0.04
+    assert torch.equal(back.qwen3.vision_positions, big.qwen3.vision_positions)
+    assert torch.equal(back.qwen25.prompt_embeds_mask, big.qwen25.prompt_embeds_mask)
+    # one scale per token: a token 1000x larger than the others keeps its neighbours' precision
+    skewed = torch.randn(4, 64, generator=generator)
+    skewed[0] *= 1000
+    quantized, scale = quantize_fp8(skewed)
+    relative = ((quantized.float() * scale)[1:] - skewed[1:]).norm() / skewed[1:].norm()
+    assert scale.shape == (4, 1) and float(relative) < 0.04
+    with pytest.raises(ValueError, match="storage_dtype must be one of"):
+        cache_to_bytes(big, "int4")

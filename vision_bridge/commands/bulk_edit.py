@@ -89,6 +89,7 @@ def bulk_edit(
     rewrite_system_prompt: Optional[str] = typer.Option(None, help="The rewriter's system prompt, as TEXT or @FILE "
                                                         "[default: bridgecore.model.rewrite.SYSTEM_PROMPT]."),
     rewrite_max_tokens: int = typer.Option(D["rewrite_max_tokens"], help="Token cap of each rewrite."),
+    cache_dtype: str = typer.Option(D["cache_dtype"], help="How the vision caches are stored: native (as computed, bf16 on a GPU) or fp8 (float8 E4M3 with per-token scales: half the bytes, ~2% relative error per value; see docs/batch.md)."),
     edits_format: str = typer.Option(D["edits_format"], help="png: one PNG object per edit (+ metadata.parquet, an "
                                      "imagefolder); webdataset: one tar per shard with <key>.png and <key>.json "
                                      "(far fewer objects at scale; WebDataset and fsspec's tar:// read it)."),
@@ -113,7 +114,8 @@ def bulk_edit(
                    batch_size=batch_size, cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit,
                    lora=list(lora or []), scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                    dit_offload=dit_offload, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format, step_cache=step_cache,
+                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format, cache_dtype=cache_dtype,
+                   step_cache=step_cache,
                    batch_cfg=batch_cfg, fp8=fp8)
         settings = settings_for_job(job)
         if shard_size < 1:

@@ -34,7 +34,8 @@ class ExtractStage(Stage):
         return {"qwen3_model": settings.qwen3_model, "qwen3_revision": settings.revision(settings.qwen3_model),
                 "edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit,
-                **settings.plus_record()}
+                **settings.plus_record(),
+                **({"cache_dtype": settings.cache_dtype} if settings.cache_dtype != "native" else {})}
 
     def prompt(self, item: StageItem, settings: JobSettings) -> str:
         return item.sample.instruction
@@ -71,7 +72,7 @@ class ExtractStage(Stage):
             caches += list(zip(group, extracted))
         for (item, _), cache in caches:
             cache.extra = {"id": item.sample.id, "input_hash": item.sample.input_hash}
-            results.append(SampleResult.done(item.sample, CACHES.entry(cache_to_bytes(cache)),
+            results.append(SampleResult.done(item.sample, CACHES.entry(cache_to_bytes(cache, ctx.settings.cache_dtype)),
                                              qwen25_tokens=int(cache.qwen25.prompt_embeds.shape[0]),
                                              qwen3_tokens=int(next(iter(cache.qwen3.levels.values())).shape[0]),
                                              qwen3_vision_tokens=cache.qwen3.num_vision_tokens,
