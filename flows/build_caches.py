@@ -30,12 +30,15 @@ def build_caches(input: str, output: str, prompt: str | None = None, qwen3: str 
                  content_hash: bool = False, load_in_8bit: bool = D["load_in_8bit"], rewrite_with: str = D["rewrite_with"],
                  rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"],
                  limit: int | None = None, dry_run: bool = False, cache_dtype: str = D["cache_dtype"],
+                 cache_deepstack: bool = D["cache_deepstack"], qwen3_area: int | None = D["qwen3_area"],
                  stall_s: float = STALL_SECONDS) -> dict:
     # plan
     settings = settings_for_job(dict(
         qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area, batch_size=batch_size,
         load_in_8bit=load_in_8bit, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-        rewrite_max_tokens=rewrite_max_tokens, cache_dtype=cache_dtype), route_multi_image=False).to_dict()
+        rewrite_max_tokens=rewrite_max_tokens, cache_dtype=cache_dtype, cache_deepstack=cache_deepstack,
+        qwen3_area=qwen3_area),
+        route_multi_image=False).to_dict()
     tag_this_run(job_tags("build-caches", output))
     plan = shard_inputs(input, output, settings, "build-caches", prompt, shard_size, retry_failed, create_bucket,
                         content_hash, limit)

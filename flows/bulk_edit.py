@@ -38,6 +38,7 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
               editor: str = D["editor"], plus_model: str | None = None, rewrite_with: str = D["rewrite_with"],
               rewrite_system_prompt: str | None = None, rewrite_max_tokens: int = D["rewrite_max_tokens"],
               edits_format: str = D["edits_format"], cache_dtype: str = D["cache_dtype"],
+              cache_deepstack: bool = D["cache_deepstack"], qwen3_area: int | None = D["qwen3_area"],
               step_cache: float = D["step_cache"],
               batch_cfg: bool = D["batch_cfg"], fp8: str = D["fp8"], limit: int | None = None, dry_run: bool = False,
               stall_s: float = STALL_SECONDS) -> dict:
@@ -48,7 +49,8 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
         negative_prompt=negative_prompt, load_in_8bit=load_in_8bit, lora=lora, scheduler=scheduler, compile=compile,
         attention_backend=attention_backend, dit_offload=dit_offload, rewrite_with=rewrite_with,
         rewrite_system_prompt=rewrite_system_prompt, rewrite_max_tokens=rewrite_max_tokens,
-        edits_format=edits_format, cache_dtype=cache_dtype, step_cache=step_cache, batch_cfg=batch_cfg,
+        edits_format=edits_format, cache_dtype=cache_dtype, cache_deepstack=cache_deepstack, qwen3_area=qwen3_area,
+        step_cache=step_cache, batch_cfg=batch_cfg,
         fp8=fp8)).to_dict()
     tag_this_run(job_tags("bulk-edit", output, settings))
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,

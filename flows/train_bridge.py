@@ -29,12 +29,14 @@ def train_bridge(data: str, out: str, qwen3: str | None = None, edit_model: str 
                  ablate_qwen3: str = T["ablate_qwen3"], mode: str = T["mode"], num_tokens: int = T["num_tokens"],
                  nproc_per_node: int = 1, data_streams: int | None = None, shuffle_buffer: int = T["shuffle_buffer"],
                  data_workers: int = T["data_workers"], shard_size: int = CACHE_SHARD_SIZE,
-                 cache_dtype: str = D["cache_dtype"]) -> dict:
+                 cache_dtype: str = D["cache_dtype"], cache_deepstack: bool = D["cache_deepstack"],
+                 qwen3_area: int | None = D["qwen3_area"]) -> dict:
     # train
     tag_this_run(job_tags("train-bridge", out))
     # the same settings as the build-caches job that wrote the caches: its fingerprints find them
     settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
-                                     load_in_8bit=load_in_8bit, cache_dtype=cache_dtype), route_multi_image=False)
+                                     load_in_8bit=load_in_8bit, cache_dtype=cache_dtype,
+                                     cache_deepstack=cache_deepstack, qwen3_area=qwen3_area), route_multi_image=False)
     config = dict(steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=learning_rate,
                   eval_every=eval_every,
                   checkpoint_every=eval_every, seed=seed, ablate_qwen3=ablate_qwen3,

@@ -59,13 +59,13 @@ class ModelPool:
         s = self.settings
         key = (edit_model, s.revision(edit_model), s.qwen3_model, s.revision(s.qwen3_model), s.bridge_checksum,
                s.device, s.condition_area, s.load_in_8bit, s.lora, s.scheduler, s.compile, s.attention_backend,
-               s.dit_offload, s.step_cache, s.batch_cfg, s.fp8)
+               s.dit_offload, s.step_cache, s.batch_cfg, s.fp8, s.qwen3_area)
         if key not in self.loaded.editors:
             self.loaded.editors[key] = EnhancedQwenImageEdit(
                 edit_model, s.qwen3_model, bridge=s.bridge, device=s.device, condition_area=s.condition_area,
                 load_in_8bit=s.load_in_8bit, lora=list(s.lora) or None, scheduler=s.scheduler, compile=s.compile,
                 attention_backend=s.attention_backend, dit_offload=s.dit_offload, step_cache=s.step_cache,
-                batch_cfg=s.batch_cfg, fp8=s.fp8)
+                batch_cfg=s.batch_cfg, fp8=s.fp8, qwen3_area=s.qwen3_area)
         return self.loaded.editors[key]
 
     @property

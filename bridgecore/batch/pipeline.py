@@ -254,6 +254,7 @@ def plan_job(input_uri: str, output_uri: str, settings: JobSettings, pipeline: s
     if settings.bridge and any(len(sample.images) > 1 for sample in samples):
         settings.check_bridge_serves_plus()  # before anything is planned or dispatched
     settings.check_references(max((len(sample.references) for sample in samples), default=0), pipeline)
+    settings.check_bridge_levels()
     assignment = read_assignment(storage)
     new = cut_shards([s for s in samples if (s.id, s.input_hash) not in assignment], shard_size)
     fresh = write_plan(storage, new)

@@ -99,6 +99,12 @@ class JobSettings:
     # how the vision caches are stored: "native" (the dtype they were computed in, bf16 on a GPU) or "fp8" (float8
     # E4M3 with per-token scales: half the bytes; see model/cache_format.py)
     cache_dtype: str = "native"
+    # whether the caches keep Qwen3-VL's three DeepStack taps (~40% of a 1024^2 cache's bytes): off by default, as the
+    # default bridge does not read them and the measured ablation gave them no gain (see docs/training.md)
+    cache_deepstack: bool = False
+    # Qwen3-VL's view of each condition image in pixels when smaller than the DiT's (None: the same pixels); the
+    # bridge resamples its token grid onto Qwen2.5-VL's, so a smaller view only shrinks the caches and the extraction
+    qwen3_area: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "lora", tuple(self.lora or ()))  # JSON brings a list
@@ -126,6 +132,8 @@ class JobSettings:
             if conflict:
                 raise ValueError(f"{option(conflict[0])} with {option(conflict[1])}: not supported together "
                                  f"({conflict[2]})")
+        if self.qwen3_area is not None and self.qwen3_area < 32 * 32:
+            raise ValueError(f"{option('qwen3_area')} must be at least 32*32 = 1024 pixels; got {self.qwen3_area}")
         if self.cache_dtype not in ("native", "fp8"):
             raise ValueError(f"{option('cache_dtype')} must be native or fp8; got {self.cache_dtype!r}")
         if self.edits_format not in EDITS_FORMATS:
@@ -284,6 +292,16 @@ class JobSettings:
             raise ValueError(f"the manifest gives up to {count} reference picture(s) per sample, but the bridge "
                              f"{self.bridge} was trained with {trained or 'none'}: it cannot carry them into the edit; "
                              "train one on samples with reference pictures (vision-bridge train)")
+
+    def check_bridge_levels(self) -> None:
+        """A bridge that reads DeepStack taps needs caches that keep them: refused at planning, in one line."""
+        if not self.bridge or self.cache_deepstack:
+            return
+        from bridgecore.storage import read_uri
+
+        if json.loads(read_uri(posixpath.join(str(self.bridge).rstrip("/"), "config.json"))).get("use_deepstack"):
+            raise ValueError(f"the bridge {self.bridge} reads Qwen3-VL's DeepStack taps, which these caches do not "
+                             f"keep: add {option('cache_deepstack')} (the caches are extracted again, with them)")
 
     @property
     def rewrites(self) -> bool:

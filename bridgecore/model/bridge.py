@@ -355,6 +355,9 @@ class VisionCacheBridge(nn.Module):
         missing = [name for name in cfg.levels if name not in qwen3.levels]
         if missing:
             problems.append(f"Qwen3 cache lacks levels {missing}")
+        if cfg.use_deepstack and len(qwen3.deepstack) != cfg.num_deepstack:
+            problems.append(f"the bridge reads {cfg.num_deepstack} DeepStack taps; the Qwen3 cache keeps "
+                            f"{len(qwen3.deepstack)} (extract with cache_deepstack)")
         if qwen3.image_digest and qwen25.image_digest and qwen3.image_digest != qwen25.image_digest:
             problems.append("the two caches were extracted from different images")
         if cfg.qwen3_revision and qwen3.revision != cfg.qwen3_revision:
@@ -542,9 +545,9 @@ class VisionCacheBridge(nn.Module):
         values.setdefault("token_streams", False)  # saved before the token path's streams: one query read everything
         config = BridgeConfig(**values)
         if expect is not None:
+            compared = ("qwen3_hidden_dim", "qwen25_hidden_dim") + (("num_deepstack",) if config.use_deepstack else ())
             mismatched = [f"{name}: checkpoint {getattr(config, name)} vs models {getattr(expect, name)}"
-                          for name in ("qwen3_hidden_dim", "qwen25_hidden_dim", "num_deepstack")
-                          if getattr(config, name) != getattr(expect, name)]
+                          for name in compared if getattr(config, name) != getattr(expect, name)]
             if mismatched:
                 raise ValueError(f"bridge checkpoint {directory} does not match the models: " + "; ".join(mismatched))
         bridge = cls(config)

@@ -103,6 +103,7 @@ class EnhancedQwenImageEdit:
         batch_cfg: run true CFG's two forwards per step as one batch of two (exact); see `speed.BatchedGuidanceHook`.
         fp8: "off", "dynamic" (FP8 matmuls, compute capability >= 8.9) or "weights" (FP8 storage): the DiT blocks'
             linear layers through torchao, an approximation; see `speed.enable_fp8`.
+        qwen3_area: Qwen3-VL's view of the condition image when smaller (see `VisionCacheExtractor`).
     """
 
     def __init__(self, edit_model: str | Path = DEFAULT_EDIT_MODEL, qwen3_model: str | Path = DEFAULT_QWEN3_MODEL,
@@ -112,7 +113,8 @@ class EnhancedQwenImageEdit:
                  one_model_at_a_time: bool = False, load_in_8bit: bool = False,
                  lora: str | list[str] | None = None, scheduler: str = "auto", compile: bool = False,
                  compile_options: dict | None = None, attention_backend: str | None = None,
-                 dit_offload: bool = False, step_cache: float = 0.0, batch_cfg: bool = False, fp8: str = "off"):
+                 dit_offload: bool = False, step_cache: float = 0.0, batch_cfg: bool = False, fp8: str = "off",
+                 qwen3_area: int | None = None):
         self.options = LoadOptions(device=device, dtype=dtype)
         self.step_cache = step_cache
         conflict = conflicting_options(fp8, dit_offload, batch_cfg, step_cache)
@@ -128,7 +130,7 @@ class EnhancedQwenImageEdit:
         self.dit_offload = dit_offload
         self.extractor = VisionCacheExtractor(qwen3_model, edit_model, device=device, dtype=dtype,
                                               load_in_8bit=load_in_8bit, condition_area=condition_area,
-                                              plus_condition_area=plus_condition_area)
+                                              plus_condition_area=plus_condition_area, qwen3_area=qwen3_area)
         self.edit_name = str(edit_model)
         self.condition_area = condition_area
         self.plus_condition_area = plus_condition_area

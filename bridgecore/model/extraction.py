@@ -111,6 +111,9 @@ class VisionCacheExtractor:
         condition_area: pixel area of the condition image for the VLMs in Edit mode (default 1024*1024).
         plus_condition_area: per-image VLM area in Edit-Plus mode (default 384*384).
         qwen3_layers: `{"early": i, "mid": j, "late": k}` indices into `hidden_states`; default spread.
+        qwen3_area: Qwen3-VL's view of each condition image in pixels when smaller than the DiT's (None: the same
+            pixels as Qwen2.5-VL); the bridge resamples its token grid onto Qwen2.5-VL's either way. A smaller view
+            makes smaller caches and a cheaper extraction.
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class VisionCacheExtractor:
         condition_area: int = DEFAULT_CONDITION_AREA,
         plus_condition_area: int = DEFAULT_PLUS_CONDITION_AREA,
         qwen3_layers: dict[str, int] | None = None,
+        qwen3_area: int | None = None,
     ):
         if condition_area < 32 * 32 or plus_condition_area < 32 * 32:
             raise ValueError(f"condition areas must be at least 32*32 pixels; got {condition_area}, {plus_condition_area}")
@@ -132,6 +136,9 @@ class VisionCacheExtractor:
         self.edit_name = str(edit_model)
         self.condition_area = condition_area
         self.plus_condition_area = plus_condition_area
+        if qwen3_area is not None and qwen3_area < 32 * 32:
+            raise ValueError(f"qwen3_area must be at least 32*32 pixels; got {qwen3_area}")
+        self.qwen3_area = qwen3_area
         self._requested_layers = qwen3_layers
         self._qwen3 = LazyModel(self._load_qwen3, f"Qwen3-VL ({self.qwen3_name})")
         self._qwen25 = LazyModel(self._load_qwen25, f"Qwen2.5-VL of {self.edit_name}")
@@ -201,6 +208,12 @@ class VisionCacheExtractor:
         resolved = resolve_model(self.edit_name, allow_patterns=["model_index.json"])
         return pipeline_class_name(resolved) == "QwenImageEditPlusPipeline"
 
+    def qwen3_view(self, image: Image.Image) -> Image.Image:
+        """The condition image as Qwen3-VL sees it: itself, or resized to `qwen3_area` when that is smaller."""
+        if self.qwen3_area is None or image.width * image.height <= self.qwen3_area:
+            return image
+        return resize_for_condition(image, self.qwen3_area)
+
     @property
     def reference_area(self) -> int:
         """Pixel area of a reference picture for Qwen3-VL: Edit-Plus's per-picture view (384*384), or the condition
@@ -222,10 +235,14 @@ class VisionCacheExtractor:
                       references: list[list[Image.Image]] | None = None) -> list[Qwen3VisionCache]:
         handle = self._qwen3.get()
         references = references or [[] for _ in sample_images]
+        views = [[self.qwen3_view(image) for image in images] for images in sample_images]
         caches = encode_qwen3_features(handle.model, handle.processor, prompts,
-                                       [images + refs for images, refs in zip(sample_images, references)],
+                                       [images + refs for images, refs in zip(views, references)],
                                        self.qwen3_layers, handle.model_id, handle.revision,
                                        [len(refs) for refs in references])
+        if self.qwen3_area is not None:  # the digest ties the caches to the condition images both models were given
+            for cache, images in zip(caches, sample_images):
+                cache.image_digest = image_digest(images)
         self.forward_count += 1
         return caches
 

@@ -43,6 +43,7 @@ ANCHOR_SGLANG_STEP_SECONDS = 0.605  # Qwen-Image-Edit-2511 on SGLang, seconds pe
 DEFAULT_EFFICIENCY = 0.55  # the H200 anchor implies 0.56 of peak; rounded down for the uncounted VAE and overheads
 PNG_BYTES_PER_PIXEL = 1.5  # edited natural images as PNG (raw RGB is 3)
 CACHE_BYTES_PER_VALUE = 2  # caches are written in the models' dtype: bf16 on GPU
+FP8_BYTES_PER_VALUE, FP8_SCALE_BYTES = 1, 4  # cache_dtype "fp8": float8 E4M3 values, one float32 scale per token
 TRAIN_DIT_PASSES = 3  # forward + checkpoint recompute + input-gradient backward (the frozen DiT has no weight grads)
 
 
@@ -109,14 +110,17 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
                   measured: str | Path | None = None, train_steps: int = 0, train_batch_size: int = 4,
                   train_resolution: int | None = None, gpus: int = 1, rewrite: bool = False,
                   rewrite_tokens: int = 256, rewrite_batch: int = 4,
-                  train_measured: str | Path | None = None) -> dict[str, Any]:
+                  train_measured: str | Path | None = None, cache_dtype: str = "native",
+                  cache_deepstack: bool = False, qwen3_area: int | None = None) -> dict[str, Any]:
     """GPU-hours (`*_gpu_hours`), storage (`*_gb`) and cost of editing `images` images at `resolution`^2.
     `rewrite` adds the rewrite arm: Qwen3-VL generating `rewrite_tokens` per sample (the cap: an upper bound)
     in batches of `rewrite_batch`, and Qwen2.5-VL encoding the rewrite.
 
     Training costs `train_steps x train_batch_size` samples (the global batch) at 3 DiT passes each; with
     `train_measured` (a training run's metrics.json) at the seconds per sample per GPU that run measured
-    (world size / its samples/s: data parallelism adds GPUs, not GPU-hours). `gpus` divides the wall clock."""
+    (world size / its samples/s: data parallelism adds GPUs, not GPU-hours). `gpus` divides the wall clock.
+    Caches are priced as the caches stage writes them: `cache_dtype` "native" (bf16) or "fp8" (one byte a value plus
+    a 4-byte scale a token), with Qwen3-VL's DeepStack taps only with `cache_deepstack`."""
     from bridgecore.planning.planner import plan
 
     if images < 0 or resolution < 64 or steps < 1 or gpus < 1 or train_steps < 0 or train_batch_size < 1:
@@ -141,7 +145,8 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
         if found["gpu"] != gpu.lower():
             notes.append(f"efficiencies measured on {found['device']}, applied to {spec.name}")
         notes.append(f"edit efficiency from {found['edit_source']}")
-    report = plan(resolution, resolution, condition_area=resolution**2, rewrite_tokens=rewrite_tokens)
+    report = plan(resolution, resolution, condition_area=resolution**2, rewrite_tokens=rewrite_tokens,
+                  qwen3_area=qwen3_area)
     flops = report["flops"]
     branches = 2 if cfg else 1  # true CFG: the DiT runs twice per step
     # true CFG's negative prompt is encoded by Qwen2.5-VL only (stage `negatives`): it is never bridged
@@ -164,9 +169,10 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
              "rewrite_gpu_hours": images * rewrite_s / 3600,
              "train_gpu_hours": train_steps * train_batch_size * train_sample_s / 3600}
     hours["total_gpu_hours"] = sum(hours.values())
-    storage = _storage_gb(report, images, branches, rewrite)
+    storage = _storage_gb(report, images, branches, rewrite, cache_dtype, cache_deepstack)
     return {
         "images": images, "resolution": resolution, "steps": steps, "cfg": cfg, "gpu": gpu.lower(),
+        "cache_dtype": cache_dtype, "cache_deepstack": cache_deepstack, "qwen3_area": qwen3_area,
         "gpu_name": spec.name, "gpu_bf16_dense_tflops": peak / 1e12, "gpus": gpus, "efficiency": eff,
         "efficiency_source": "--efficiency" if efficiency else ("--measured" if measured else "default (H200 anchor)"),
         "rewrite": rewrite, "rewrite_tokens": rewrite_tokens if rewrite else 0,
@@ -231,14 +237,24 @@ def rewrite_seconds(cost: dict[str, Any], spec: GpuSpec, efficiency: float, batc
     return flops, compute + steps * step_seconds / batch
 
 
-def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: bool = False) -> dict[str, float]:
+def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: bool = False,
+                cache_dtype: str = "native", cache_deepstack: bool = False) -> dict[str, float]:
+    if cache_dtype not in ("native", "fp8"):
+        raise ValueError(f"cache_dtype must be native or fp8; got {cache_dtype!r}")
     tokens, d3, d25 = report["tokens"], report["hidden_sizes"]["qwen3"], report["hidden_sizes"]["qwen25"]
-    qwen3 = (3 * tokens["qwen3_sequence"] + 3 * tokens["qwen3_vision"]) * d3  # early/mid/late + DeepStack
-    qwen25 = tokens["qwen25_prompt_embeds"] * d25
+    # (tokens, width) of each cached tensor: early/mid/late over the sequence, the DeepStack taps over the vision tokens
+    qwen3 = [(tokens["qwen3_sequence"], d3)] * 3 + ([(tokens["qwen3_vision"], d3)] * 3 if cache_deepstack else [])
+    qwen25 = [(tokens["qwen25_prompt_embeds"], d25)]
+
+    def stored(tensors) -> float:
+        if cache_dtype == "fp8":  # a byte a value and a float32 scale a token
+            return sum(n * (d * FP8_BYTES_PER_VALUE + FP8_SCALE_BYTES) for n, d in tensors)
+        return sum(n * d * CACHE_BYTES_PER_VALUE for n, d in tensors)
+
     # the negatives (true CFG) are Qwen2.5-VL embeddings alone, stored with the caches and again with the fused
     # embeddings; Qwen3-VL reads only the conditional branch
-    cache = (qwen3 + branches * qwen25) * CACHE_BYTES_PER_VALUE
-    fused = branches * qwen25 * CACHE_BYTES_PER_VALUE
+    cache = stored(qwen3) + branches * stored(qwen25)
+    fused = branches * qwen25[0][0] * d25 * CACHE_BYTES_PER_VALUE  # the fused embeddings: in the models' dtype
     height, width = report["condition_size"]
     output = height * width * PNG_BYTES_PER_PIXEL
     per_image = {"cache_storage_gb": cache, "fused_storage_gb": fused, "output_storage_gb": output}

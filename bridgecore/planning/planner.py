@@ -422,8 +422,9 @@ def _plan_model(name: str, model: nn.Module) -> ModelPlan:
 
 def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CONDITION_AREA,
          instruction_tokens: int = DEFAULT_INSTRUCTION_TOKENS, extra_models: dict[str, nn.Module] | None = None,
-         rewrite_tokens: int = 256) -> dict[str, Any]:
-    """Everything `vision-bridge plan` prints, as one dict."""
+         rewrite_tokens: int = 256, qwen3_area: int | None = None) -> dict[str, Any]:
+    """Everything `vision-bridge plan` prints, as one dict. `qwen3_area`: Qwen3-VL's view of the condition image when
+    it is given a smaller one than the DiT's (its token grid, sequence and extraction FLOPs follow it)."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive; got {height}x{width}")
     if rewrite_tokens < 1:
@@ -433,7 +434,8 @@ def plan(height: int = 1024, width: int = 1024, condition_area: int = DEFAULT_CO
     cond_h, cond_w = condition_hw(height, width, condition_area)
     q25_cfg, q3_cfg = models["qwen25_vl"].config.vision_config, models["qwen3_vl"].config.vision_config
     g25 = vision_grid(cond_h, cond_w, q25_cfg.patch_size, q25_cfg.spatial_merge_size, *QWEN25_PIXELS)
-    g3 = vision_grid(cond_h, cond_w, q3_cfg.patch_size, q3_cfg.spatial_merge_size, *QWEN3_PIXELS)
+    view_h, view_w = condition_hw(height, width, min(qwen3_area, condition_area)) if qwen3_area else (cond_h, cond_w)
+    g3 = vision_grid(view_h, view_w, q3_cfg.patch_size, q3_cfg.spatial_merge_size, *QWEN3_PIXELS)
     tok25 = g25[0] * g25[1] // q25_cfg.spatial_merge_size**2
     tok3 = g3[0] * g3[1] // q3_cfg.spatial_merge_size**2
     seq25 = REAL_DROP_IDX + QWEN25_TEMPLATE_TOKENS_AFTER_DROP + tok25 + instruction_tokens

@@ -176,3 +176,24 @@ def test_unload_frees_and_reloads(tiny_zoo):
     assert model_ref() is None and not extractor._qwen3.loaded
     second = extractor.extract_qwen3_vision(make_image(), PROMPT)
     assert torch.equal(first.levels["late"], second.levels["late"]) and extractor._qwen3.load_count == 2
+
+
+def test_a_smaller_qwen3_view_gives_fewer_tokens_and_still_fits_the_bridge(tiny_zoo):
+    """`qwen3_area`: Qwen3-VL sees the condition image smaller than Qwen2.5-VL does (smaller caches, cheaper
+    extraction); both caches still belong to one condition picture and the bridge resamples the smaller grid."""
+    from conftest import make_image
+
+    from bridgecore.model.bridge import create_default_bridge
+    from bridgecore.model.extraction import VisionCacheExtractor
+
+    image = make_image(640, 480)
+    full = VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit"], condition_area=512 * 512)
+    small = VisionCacheExtractor(tiny_zoo["qwen3-vl"], tiny_zoo["qwen-image-edit"], condition_area=512 * 512,
+                                 qwen3_area=256 * 256)
+    big, little = full.extract(image, "make it blue"), small.extract(image, "make it blue")
+    assert little.qwen3.num_vision_tokens < big.qwen3.num_vision_tokens
+    assert little.qwen25.num_vision_tokens == big.qwen25.num_vision_tokens  # the DiT's encoder sees the same
+    assert little.qwen3.image_digest == little.qwen25.image_digest == big.qwen25.image_digest
+    bridge = create_default_bridge(little.qwen3, little.qwen25, rank=16)
+    out = bridge(little.qwen3, little.qwen25)
+    assert out.prompt_embeds.shape[1] == little.qwen25.prompt_embeds.shape[0] + bridge.config.appended_tokens

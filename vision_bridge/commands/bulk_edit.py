@@ -89,6 +89,10 @@ def bulk_edit(
     rewrite_system_prompt: Optional[str] = typer.Option(None, help="The rewriter's system prompt, as TEXT or @FILE "
                                                         "[default: bridgecore.model.rewrite.SYSTEM_PROMPT]."),
     rewrite_max_tokens: int = typer.Option(D["rewrite_max_tokens"], help="Token cap of each rewrite."),
+    cache_deepstack: bool = typer.Option(D["cache_deepstack"], "--cache-deepstack/--no-cache-deepstack", help="Keep "
+                                         "Qwen3-VL's DeepStack taps in the caches (~40% of a 1024^2 cache; only a "
+                                         "bridge with use_deepstack reads them)."),
+    qwen3_area: Optional[int] = typer.Option(D["qwen3_area"], help="Qwen3-VL's view of each condition image in pixels when smaller than the condition area (e.g. 262144 = 512^2): smaller caches and extraction; the bridge resamples its grid."),
     cache_dtype: str = typer.Option(D["cache_dtype"], help="How the vision caches are stored: native (as computed, bf16 on a GPU) or fp8 (float8 E4M3 with per-token scales: half the bytes, ~2% relative error per value; see docs/batch.md)."),
     edits_format: str = typer.Option(D["edits_format"], help="png: one PNG object per edit (+ metadata.parquet, an "
                                      "imagefolder); webdataset: one tar per shard with <key>.png and <key>.json "
@@ -114,7 +118,8 @@ def bulk_edit(
                    batch_size=batch_size, cfg=cfg, negative_prompt=negative_prompt, load_in_8bit=load_in_8bit,
                    lora=list(lora or []), scheduler=scheduler, compile=compile, attention_backend=attention_backend,
                    dit_offload=dit_offload, rewrite_with=rewrite_with, rewrite_system_prompt=rewrite_system_prompt,
-                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format, cache_dtype=cache_dtype,
+                   rewrite_max_tokens=rewrite_max_tokens, edits_format=edits_format, cache_dtype=cache_dtype, cache_deepstack=cache_deepstack,
+                   qwen3_area=qwen3_area,
                    step_cache=step_cache,
                    batch_cfg=batch_cfg, fp8=fp8)
         settings = settings_for_job(job)

@@ -12,7 +12,8 @@ from vision_bridge.app import app, fail
 
 # the options that only a job (--images N) reads
 JOB_OPTIONS = ("resolution", "steps", "gpu", "efficiency", "cfg", "price", "measured", "train_steps",
-               "train_batch_size", "measured_training", "gpus", "rewrite")
+               "train_batch_size", "measured_training", "gpus", "rewrite", "cache_dtype", "cache_deepstack",
+               "qwen3_area")
 
 
 @app.command()
@@ -40,6 +41,11 @@ def plan(
     rewrite: bool = typer.Option(False, "--rewrite", help="Job: add the rewrite arm (Qwen3-VL generates each rewrite, "
                                  "memory-bound decoding priced from the card's bandwidth; Qwen2.5-VL encodes it)."),
     rewrite_tokens: int = typer.Option(256, help="Job: generated tokens per rewrite (the cap: an upper bound)."),
+    cache_dtype: str = typer.Option("native", help="Job: how caches are stored: native (bf16) or fp8 (a byte a value "
+                                    "plus a scale a token)."),
+    cache_deepstack: bool = typer.Option(False, "--cache-deepstack", help="Job: caches keep Qwen3-VL's DeepStack taps."),
+    qwen3_area: Optional[int] = typer.Option(None, help="Job: Qwen3-VL's view of the condition image in pixels, when "
+                                             "smaller than the DiT's (e.g. 147456 = 384^2, Edit-2509's VLM view)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
 ):
     """Real-scale sizes from the real configs on the meta device: parameters, weight memory (bf16, int8),
@@ -63,7 +69,8 @@ def plan(
         if images is not None:
             report = plan_job_cost(images, resolution, steps, gpu, cfg, efficiency, price, measured, train_steps,
                                    train_batch_size, gpus=gpus, rewrite=rewrite, rewrite_tokens=rewrite_tokens,
-                                   train_measured=measured_training)
+                                   train_measured=measured_training, cache_dtype=cache_dtype,
+                                   cache_deepstack=cache_deepstack, qwen3_area=qwen3_area)
             text = format_job_cost(report)
         else:
             report = make_plan(*image_size, condition_area=condition_area, rewrite_tokens=rewrite_tokens)

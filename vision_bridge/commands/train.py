@@ -50,6 +50,11 @@ def train(
                                      "Qwen3 caches at every step, 'zeros' zeroes them; 'none' trains normally."),
     condition_area: int = typer.Option(J["condition_area"], help="Condition-image area in pixels."),
     device: str = typer.Option(J["device"], help="'auto', 'cpu', 'cuda', ..."),
+    cache_deepstack: bool = typer.Option(J["cache_deepstack"], "--cache-deepstack/--no-cache-deepstack",
+                                         help="The caches keep Qwen3-VL's DeepStack taps (build-caches' "
+                                         "cache_deepstack: part of their fingerprint)."),
+    qwen3_area: Optional[int] = typer.Option(J["qwen3_area"], help="Qwen3-VL's view of the condition image "
+                                             "(build-caches' qwen3_area: part of the caches' fingerprint)."),
     cache_dtype: str = typer.Option(J["cache_dtype"], help="How the caches are (or are to be) stored: native or fp8 "
                                     "(build-caches' cache_dtype: part of their fingerprint, so training finds them)."),
     load_in_8bit: bool = typer.Option(J["load_in_8bit"], help="The caches were built with 8-bit VLMs (build-caches' "
@@ -80,7 +85,9 @@ def train(
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model)
     try:  # the build-caches job's settings: its fingerprints find the caches it wrote
         settings = settings_for_job(dict(qwen3=qwen3, edit_model=edit_model, device=device, condition_area=condition_area,
-                                         load_in_8bit=load_in_8bit, cache_dtype=cache_dtype), route_multi_image=False)
+                                         load_in_8bit=load_in_8bit, cache_dtype=cache_dtype,
+                                         cache_deepstack=cache_deepstack, qwen3_area=qwen3_area),
+                                    route_multi_image=False)
     except user_errors() as error:
         fail(str(error))
     try:

@@ -35,7 +35,9 @@ class ExtractStage(Stage):
                 "edit_model": settings.edit_model, "edit_revision": settings.revision(settings.edit_model),
                 "condition_area": settings.condition_area, "load_in_8bit": settings.load_in_8bit,
                 **settings.plus_record(),
-                **({"cache_dtype": settings.cache_dtype} if settings.cache_dtype != "native" else {})}
+                **({"cache_dtype": settings.cache_dtype} if settings.cache_dtype != "native" else {}),
+                "deepstack_taps": settings.cache_deepstack,
+                **({"qwen3_area": settings.qwen3_area} if settings.qwen3_area else {})}
 
     def prompt(self, item: StageItem, settings: JobSettings) -> str:
         return item.sample.instruction
@@ -72,6 +74,8 @@ class ExtractStage(Stage):
             caches += list(zip(group, extracted))
         for (item, _), cache in caches:
             cache.extra = {"id": item.sample.id, "input_hash": item.sample.input_hash}
+            if not ctx.settings.cache_deepstack:  # not kept: the default bridge does not read them
+                cache.qwen3.deepstack = {}
             results.append(SampleResult.done(item.sample, CACHES.entry(cache_to_bytes(cache, ctx.settings.cache_dtype)),
                                              qwen25_tokens=int(cache.qwen25.prompt_embeds.shape[0]),
                                              qwen3_tokens=int(next(iter(cache.qwen3.levels.values())).shape[0]),
