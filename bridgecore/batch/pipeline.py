@@ -398,6 +398,8 @@ def summarize(output_uri: str, job: str, pipeline: str, settings: JobSettings, v
         # Tables carry earlier failures forward: the last committed stage knows every failure so far.
         # ... and the rewrite arm's table holds the rewritten instructions, for people to read.
         readable = committed[-1:] + [stage for stage in committed[:-1] if stage.layout == "files" or stage.name == "rewrites"]
+        if verify:  # every committed stage's data, checksums included (the caches too: damage found before training)
+            readable = committed[-1:] + committed[:-1]
         try:
             tables = {stage.name: {row["id"]: row for row in stores[stage.name].table(shard_id)} for stage in readable}
             for stage in readable:

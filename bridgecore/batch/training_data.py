@@ -117,7 +117,16 @@ class CommittedShards:
     def read(self, shard: str, keys: set[str]) -> dict[str, TrainingExample]:
         import json
 
-        caches, latents = self.caches.read(shard), self.latents.read(shard)  # checksums verified
+        from bridgecore.batch.shard_store import CorruptShardError
+
+        try:
+            caches, latents = self.caches.read(shard), self.latents.read(shard)  # checksums verified
+        except CorruptShardError as error:
+            (self.caches if error.stage == CACHES.stage else self.latents).invalidate(shard)
+            raise DamagedDataError(f"training data shard {shard} is damaged ({str(error).splitlines()[0]}): it is "
+                                   "uncommitted now; run the same `vision-bridge train` command again (with --data "
+                                   "a manifest it recomputes that shard; with --data a cache location, rerun "
+                                   "build-caches first)") from None
         examples = {}
         for key in keys:
             condition, target = LATENTS.read(latents.payloads[key])
@@ -157,6 +166,10 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
     """Every triplet of `data_uri` in memory (small sets: research code and tests; training streams instead)."""
     source = prepare_data(data_uri, work_uri, settings, shard_size, loaded)
     return read_refs(source, source.refs())
+
+
+class DamagedDataError(ValueError):
+    """A committed training-data shard failed its checksums while training read it."""
 
 
 def staging_root() -> Path:

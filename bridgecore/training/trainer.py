@@ -514,7 +514,10 @@ class BridgeTrainer:
                 while step < config.steps:
                     started = time.perf_counter()
                     optimizer.zero_grad(set_to_none=True)
-                    total, waited = self._accumulate(bridge, batches, mine, step)
+                    try:
+                        total, waited = self._accumulate(bridge, batches, mine, step)
+                    except ValueError as error:  # bad data read by a loader worker: its first line, not two tracebacks
+                        raise type(error)(_first_meaningful_line(str(error))) from None
                     ranks.sum_([p.grad for p in bridge.parameters() if p.grad is not None] + [total])
                     torch.nn.utils.clip_grad_norm_(bridge.parameters(), config.max_grad_norm)
                     optimizer.step()
@@ -671,6 +674,16 @@ def _gpu_memory(device: torch.device) -> str:
     if device.type != "cuda":
         return ""
     return f", GPU memory peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
+def _first_meaningful_line(text: str) -> str:
+    """A DataLoader worker's exception arrives as "Caught X in DataLoader worker ... Original Traceback ...": the
+    original message is its last line."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def _mean(values: np.ndarray) -> float:

@@ -239,3 +239,44 @@ def test_tokens_sit_where_inference_puts_them_in_any_batch(settings, examples):
         late = flow_matching_loss(pipe.transformer, shifted[:1], mask[:1], condition[:1], target[:1], batch[0].latent_hw,
                                   noise[:1], sigmas[:1], reduce=False)
     assert not torch.allclose(late[0], together[0], rtol=1e-4, atol=1e-6)
+
+
+def test_damaged_caches_are_found_by_verify_and_end_training_in_one_line(tmp_path, settings):
+    """Flipped bytes in a committed caches tar: `--verify` (summarize with verify) finds and uncommits it; training
+    that reads such a shard stops in one line naming it, uncommits it, and the same command then recomputes it."""
+    from bridgecore.batch.pipeline import STAGES, fingerprints, read_job, summarize
+    from bridgecore.batch.training_data import DamagedDataError, prepare_data
+    from bridgecore.storage import Storage
+
+    manifest = write_triplets(tmp_path / "data", 8, seed=2)
+    work = str(tmp_path / "work")
+    prepare_data(str(manifest), work, settings, shard_size=4, loaded=LOADED)
+
+    def flip(tar):
+        data = bytearray(tar.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        tar.write_bytes(bytes(data))
+
+    store = STAGES["caches"].store(Storage(work), fingerprints("training-data", settings)["caches"])
+    shards = sorted(store.done_shards())
+    assert len(shards) == 2
+    flip(tmp_path / "work" / "caches" / store.fingerprint / "data" / f"{shards[0]}.tar")
+    from bridgecore.batch.pipeline import JOBS
+
+    (job,) = {name.split(".", 1)[0] for name in Storage(work).list(JOBS)}  # the one planning job of this output
+    assert read_job(Storage(work), job)
+    summary = summarize(work, job, "training-data", settings, verify=True)
+    assert summary["damaged"] == [shards[0]] and shards[0] not in store.done_shards()
+    # the next preparation recomputes it; then damage found by training itself
+    source = prepare_data(str(manifest), work, settings, shard_size=4, loaded=LOADED)
+    assert shards[0] in store.done_shards()
+    flip(tmp_path / "work" / "caches" / store.fingerprint / "data" / f"{shards[1]}.tar")
+    pipe = ModelPool(settings, LOADED).editor.pipe
+    with pytest.raises(DamagedDataError) as refused:
+        BridgeTrainer(pipe, source, tmp_path / "ckpt", replace(FAST, steps=4, data_workers=1)).train(progress=False)
+    message = str(refused.value)
+    assert "\n" not in message and shards[1] in message and "run the same `vision-bridge train` command" in message
+    assert shards[1] not in store.done_shards()
+    source = prepare_data(str(manifest), work, settings, shard_size=4, loaded=LOADED)
+    assert np.isfinite(BridgeTrainer(pipe, source, tmp_path / "ckpt2", replace(FAST, steps=2)).train(
+        progress=False)["heldout_loss_trained"])
