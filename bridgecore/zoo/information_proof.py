@@ -6,9 +6,12 @@ trainer and loss (DiT, VAE and both VLMs frozen), each beside a control trained 
 re-paired with other samples at every step (`ablate_qwen3="shuffle"`):
 
 - **read** (words): "Make the <shape> <colour>" with the colour word removed from what Qwen2.5-VL (the DiT's
-  own encoder) reads, while Qwen3-VL reads the instruction, worded by one of `TRAINING_TEMPLATES`. Half the
-  training examples (`full_share`) give Qwen2.5-VL the full instruction too: a bridge must learn to add nothing
-  where the DiT's own encoder already knows the answer.
+  own encoder) reads, while Qwen3-VL reads the instruction, worded by one of `TRAINING_TEMPLATES`. In two phases:
+  the bridge first forms on those examples alone, then (from `no_harm_from` of the steps) half the examples
+  (`full_share`) also give Qwen2.5-VL the full instruction: it learns to add nothing where the DiT's own encoder
+  already knows the answer. Mixed from the first step, the same bridge failed to form on a seed in two (follow
+  17% and 49% on seeds 0-1; 19% even at twice the steps): early on, the full-instruction examples only ever see
+  the still-random token as harm and push it toward silence.
 - **saw** (pixels): one instruction for every colour, "Make the <shape> the colour of the reference", and a
   swatch picture that only Qwen3-VL sees (not Qwen2.5-VL, not the VAE). The colour exists only in those pixels.
 
@@ -80,12 +83,14 @@ class ProofConfig:
     warmup_steps: int = 20
     heldout_repeats: int = 4
     full_share: float = 0.5  # share of the read task's training examples where Qwen2.5-VL reads the full instruction
+    no_harm_from: float = 0.5  # the full-instruction examples join after this fraction of the steps (form first)
     templates: tuple[str, ...] = TRAINING_TEMPLATES  # how the read task's instructions are worded for Qwen3-VL
     counterfactual_images: int = 16  # held-out pictures x every colour, per condition
     noharm_images: int = 64  # held-out pictures x every colour, both encoders reading the full instruction
     template_images: int = 8  # held-out pictures x every colour, per held-out template
     saw: bool = True  # the reference-picture task
-    saw_deepstack: bool = True  # also train a saw bridge that reads the DeepStack taps (ablation)
+    saw_deepstack: bool = True  # also train a saw bridge that reads the DeepStack taps (ablation) ...
+    deepstack_seeds: int = 3  # ... on the first this-many seeds
     ablation_images: int = 8  # held-out pictures x every colour, per ablation of the saw bridge
     inference_steps: int = 20
     extract_batch_size: int = 32
@@ -267,16 +272,26 @@ def counterfactual_edits(editor, conditions: dict, examples: list[TrainingExampl
 
 
 def _train(editor, examples, heldout, work_dir: Path, name: str, config: ProofConfig, seed: int,
-           ablate: str = "none", **bridge_fields):
+           ablate: str = "none", later: list | None = None, **bridge_fields):
+    """A bridge trained with the project's trainer on `examples`; with `later`, those examples join for the steps
+    after `config.no_harm_from` of them (the run resumes from its checkpoint on the larger set)."""
     first = examples[0].cache
     bridge_config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=config.design,
                                              **{**config.overrides, **bridge_fields})
-    train = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                        warmup_steps=config.warmup_steps, eval_every=config.steps, checkpoint_every=config.steps,
-                        seed=seed, heldout_repeats=config.heldout_repeats, gradient_checkpointing=False,
-                        ablate_qwen3=ablate)
-    trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train, bridge_config, heldout=heldout)
-    metrics = trainer.train(resume=False, progress=False)
+    switch = round(config.steps * config.no_harm_from) if later else config.steps
+    phases = [(examples, switch)] + ([(examples + later, config.steps)] if later and switch < config.steps else [])
+    if later and switch <= 0:
+        phases = [(examples + later, config.steps)]
+    import shutil
+
+    shutil.rmtree(work_dir / name, ignore_errors=True)  # the second phase resumes the latest checkpoint: only ours
+    trainer, metrics = None, None
+    for number, (data, steps) in enumerate(phases):
+        train = TrainConfig(steps=steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                            warmup_steps=config.warmup_steps, eval_every=steps, checkpoint_every=steps, seed=seed,
+                            heldout_repeats=config.heldout_repeats, gradient_checkpointing=False, ablate_qwen3=ablate)
+        trainer = BridgeTrainer(editor.pipe, data, work_dir / name, train, bridge_config, heldout=heldout)
+        metrics = trainer.train(resume=number > 0, progress=False)
     return trainer, metrics
 
 
@@ -297,10 +312,10 @@ def run_read_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: 
     heldout, heldout_full = colour_examples(editor, triplets[n_train:], f"seed{seed}-heldout", config.extract_batch_size)
     extra_full = round(n_train * config.full_share / (1 - config.full_share)) if config.full_share < 1 else n_train
     chosen = sorted(random.Random(seed).sample(range(n_train), min(n_train, extra_full)))
-    training = redacted + [full[i] for i in chosen]
-    bridge, metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-read", config, seed)
-    control, control_metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-read-control", config, seed,
-                                      ablate="shuffle")
+    later = [full[i] for i in chosen]
+    bridge, metrics = _train(editor, redacted, heldout, work_dir, f"seed{seed}-read", config, seed, later=later)
+    control, control_metrics = _train(editor, redacted, heldout, work_dir, f"seed{seed}-read-control", config, seed,
+                                      ablate="shuffle", later=later)
     if progress:
         progress(f"seed {seed}: read task trained")
     heldout_triplets = triplets[n_train:]
@@ -340,7 +355,7 @@ def run_saw_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: i
                                       ablate="shuffle", reference_images=1)
     bridges.update(bridge=bridge.bridge.eval(), control=control.bridge.eval())
     deepstack_metrics = None
-    if config.saw_deepstack:
+    if config.saw_deepstack and seed in config.seeds[: config.deepstack_seeds]:
         deepstack, deepstack_metrics = _train(editor, training, heldout, work_dir, f"seed{seed}-saw-deepstack", config,
                                               seed, reference_images=1, use_deepstack=True)
         bridges["deepstack"] = deepstack.bridge.eval()
@@ -486,11 +501,16 @@ def summarize(results: list[dict], config: ProofConfig) -> dict:
             "vision_edit_success": {name: float(np.mean([_rates(r["counterfactual"][name])["success"] for r in saw]))
                                     for name in saw[0]["counterfactual"]},
             "vision_fraction_captured": _over_seeds([fraction_captured(r["losses"]) for r in saw]),
-            "vision_ablations": {bridge: {name: float(np.mean([r["ablations"][bridge][name] for r in saw]))
+            "vision_ablations": {bridge: {name: float(np.mean([r["ablations"][bridge][name] for r in saw
+                                                               if bridge in r["ablations"]]))
                                           for name in saw[0]["ablations"][bridge]} for bridge in saw[0]["ablations"]},
         })
-        if "deepstack" in saw[0]["counterfactual"]:
-            deepstack = _over_seeds([_rates(r["counterfactual"]["deepstack"])["follow"] for r in saw])
+        with_taps = [r for r in saw if "deepstack" in r["counterfactual"]]
+        if with_taps:  # the DeepStack bridge and, paired, the plain one on the same seeds
+            deepstack = _over_seeds([_rates(r["counterfactual"]["deepstack"])["follow"] for r in with_taps])
+            summary["vision_follow_rate_without_taps_same_seeds"] = float(np.mean(
+                [_rates(r["counterfactual"]["bridge"])["follow"] for r in with_taps]))
+            summary["vision_deepstack_seeds"] = len(with_taps)
             summary["vision_follow_rate_deepstack"] = deepstack["mean"]
             summary["vision_follow_rate_deepstack_ci"] = [deepstack["ci_low"], deepstack["ci_high"]]
     return summary
@@ -563,8 +583,9 @@ def format_summary(summary: dict) -> str:
                      f"{summary['vision_follow_rate_control']:.0%}{_interval(summary['vision_follow_rate_control_ci'])}, no bridge "
                      f"{summary['vision_follow_rate_baseline']:.0%}, the DiT's encoder told it in words "
                      f"{summary['vision_follow_rate_reference']:.0%}); formed on {summary['vision_seeds_formed']} of {n} seeds"
-                     + (f"; with DeepStack taps {summary['vision_follow_rate_deepstack']:.1%}"
-                        if "vision_follow_rate_deepstack" in summary else ""))
+                     + (f"; a bridge reading the DeepStack taps too {summary['vision_follow_rate_deepstack']:.1%} vs "
+                        f"{summary['vision_follow_rate_without_taps_same_seeds']:.1%} without, on the same "
+                        f"{summary['vision_deepstack_seeds']} seed(s)" if "vision_follow_rate_deepstack" in summary else ""))
         for bridge, ablation in summary["vision_ablations"].items():
             lines.append(f"  saw, {bridge} ablations (follow): " + ", ".join(f"{k} {v:.0%}" for k, v in ablation.items()))
     return "\n".join(lines)

@@ -34,6 +34,7 @@ class TinyBridgeRecipe:
     seed: int = 0
     task: str = "read"  # "read": the colour word only Qwen3-VL reads; "saw": the swatch only Qwen3-VL sees
     full_share: float = 0.5  # read task: share of examples where Qwen2.5-VL reads the full instruction too
+    no_harm_from: float = 0.5  # read task: those examples join after this fraction of the steps (form first)
     mode: str = "both"
     num_tokens: int = 1
     train_samples: int = 256
@@ -72,23 +73,29 @@ def _train(edit_model, qwen3_model, out_dir: Path, recipe: TinyBridgeRecipe, pro
     # pictures of their own: disjoint from the edit model's training set (seed 0) and the proof's (10_000 + s)
     if recipe.task == "saw":
         examples, _ = reference_examples(editor, make_reference_triplets(total, size, seed=21_000 + recipe.seed), "tiny-saw")
-        training, heldout = examples[:n_train], examples[n_train:]
+        training, heldout, later = examples[:n_train], examples[n_train:], []
     elif recipe.task == "read":
         triplets = make_triplets(total, size, seed=20_000 + recipe.seed)
         redacted, full = colour_examples(editor, triplets, "tiny-bridge", templates=TRAINING_TEMPLATES, seed=recipe.seed)
         extra = round(n_train * recipe.full_share / (1 - recipe.full_share)) if recipe.full_share < 1 else n_train
-        training = redacted[:n_train] + full[: min(n_train, extra)]
+        training, later = redacted[:n_train], full[: min(n_train, extra)]
         heldout = redacted[n_train:]
     else:
         raise ValueError(f"task must be 'read' or 'saw'; got {recipe.task!r}")
     first = training[0].cache
     config = BridgeConfig.from_caches(first.qwen3, first.qwen25, mode=recipe.mode, num_tokens=recipe.num_tokens,
                                       reference_images=1 if recipe.task == "saw" else 0)
-    train = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
-                        warmup_steps=20, eval_every=recipe.steps, checkpoint_every=recipe.steps, seed=recipe.seed,
-                        gradient_checkpointing=False)
-    metrics = BridgeTrainer(editor.pipe, training, out_dir, train, config, heldout=heldout).train(resume=False,
-                                                                                                  progress=progress)
+    # the read task in two phases: form on the redacted examples, then add the full-instruction ones (no harm)
+    switch = round(recipe.steps * recipe.no_harm_from) if recipe.task == "read" and later else recipe.steps
+    phases = [(training, switch)] + ([(training + later, recipe.steps)] if switch < recipe.steps else [])
+    for stale in out_dir.glob("step_*"):  # the second phase resumes the latest checkpoint: only this run's
+        shutil.rmtree(stale)
+    for number, (data, steps) in enumerate(phases):
+        train = TrainConfig(steps=steps, batch_size=recipe.batch_size, learning_rate=recipe.learning_rate,
+                            warmup_steps=20, eval_every=steps, checkpoint_every=steps, seed=recipe.seed,
+                            gradient_checkpointing=False)
+        metrics = BridgeTrainer(editor.pipe, data, out_dir, train, config, heldout=heldout).train(resume=number > 0,
+                                                                                              progress=progress)
     for checkpoint in out_dir.glob("step_*"):  # the final bridge is out_dir itself; resume states are not needed
         shutil.rmtree(checkpoint)
     report = {"recipe": asdict(recipe), "heldout_loss_no_bridge": metrics["heldout_loss_baseline"],
