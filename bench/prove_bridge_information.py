@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--full-share", type=float, default=None,
                         help="share of the read task's training examples where Qwen2.5-VL reads the full instruction")
     parser.add_argument("--no-saw", action="store_true", help="skip the reference-picture task")
+    parser.add_argument("--cache-dtype", default=None, choices=("native", "fp8"),
+                        help="every cache through this storage dtype before training and evaluation")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                         help="a BridgeConfig field for every bridge, e.g. num_tokens=2 (repeatable)")
     parser.add_argument("--workers", type=int, default=1, help="seeds run in parallel processes (one thread each)")
@@ -61,6 +63,7 @@ def main() -> None:
         overrides[name] = json.loads(value)
     for name, value in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
                         ("full_share", args.full_share), ("saw", False if args.no_saw else None),
+                        ("cache_dtype", args.cache_dtype),
                         ("overrides", overrides)):
         if value is not None:
             config = replace(config, **{name: value})

@@ -95,6 +95,7 @@ class ProofConfig:
     inference_steps: int = 20
     extract_batch_size: int = 32
     formed_threshold: float = 0.7
+    cache_dtype: str = "native"  # "fp8": every cache goes through fp8 storage before training and evaluation
 
 
 # What --quick can show in under 10 minutes on 2 idle cores (2 workers): the whole path on two seeds, shorter
@@ -106,6 +107,16 @@ QUICK = ProofConfig(seeds=(0, 1), train_samples=256, heldout_samples=32, steps=8
 # -- data ------------------------------------------------------------------------------------------------
 
 
+def as_stored(qwen3s: list, qwen25s: list, cache_dtype: str) -> tuple[list, list]:
+    """The caches as a job storing them in `cache_dtype` would read them back (fp8: quantized and dequantized)."""
+    if cache_dtype == "native":
+        return qwen3s, qwen25s
+    from bridgecore.model.cache_format import cache_from_bytes, cache_to_bytes
+
+    back = [cache_from_bytes(cache_to_bytes(SampleCache(q3, q25, "", []), cache_dtype)) for q3, q25 in zip(qwen3s, qwen25s)]
+    return [b.qwen3 for b in back], [b.qwen25 for b in back]
+
+
 def _latents(editor, triplet: Triplet) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
     width, height = condition_size(triplet.source, editor.condition_area)
     return (encode_latents(editor.pipe, triplet.source, width, height),
@@ -114,7 +125,7 @@ def _latents(editor, triplet: Triplet) -> tuple[torch.Tensor, torch.Tensor, tupl
 
 @torch.no_grad()
 def colour_examples(editor, triplets: list[Triplet], prefix: str, batch_size: int = 32,
-                    templates: tuple[str, ...] = (CANONICAL_TEMPLATE,), seed: int = 0):
+                    templates: tuple[str, ...] = (CANONICAL_TEMPLATE,), seed: int = 0, cache_dtype: str = "native"):
     """The read task's examples: Qwen3-VL reads the instruction worded by a template drawn per picture (seeded);
     Qwen2.5-VL reads it without the colour (`redacted`) or in the canonical wording (`full`, same key + "-full").
     Returns (redacted, full), one of each per picture, sharing latents."""
@@ -126,6 +137,8 @@ def colour_examples(editor, triplets: list[Triplet], prefix: str, batch_size: in
         qwen3 = extractor.extract_qwen3_vision(images, [t.phrased(rng.choice(templates)) for t in chunk])
         hidden = extractor.extract_qwen25_vision(images, [t.instruction_without_colour() for t in chunk])
         told = extractor.extract_qwen25_vision(images, [t.phrased(CANONICAL_TEMPLATE) for t in chunk])
+        qwen3, hidden = as_stored(qwen3, hidden, cache_dtype)
+        told = as_stored(qwen3, told, cache_dtype)[1]
         for offset, triplet in enumerate(chunk):
             key = f"{prefix}-{start + offset:05d}"
             condition, target, latent_hw = _latents(editor, triplet)
@@ -143,7 +156,7 @@ def redacted_examples(editor, triplets: list[Triplet], prefix: str, batch_size: 
 
 
 @torch.no_grad()
-def reference_examples(editor, triplets: list[Triplet], prefix: str, batch_size: int = 32):
+def reference_examples(editor, triplets: list[Triplet], prefix: str, batch_size: int = 32, cache_dtype: str = "native"):
     """The saw task's examples: both encoders read the same instruction (no colour), Qwen3-VL also sees the swatch.
     Returns (examples, told): `told` has Qwen2.5-VL read the colour in words (the reference condition)."""
     extractor, examples, told = editor.extractor, [], []
@@ -154,6 +167,8 @@ def reference_examples(editor, triplets: list[Triplet], prefix: str, batch_size:
         qwen3 = extractor.extract_qwen3_vision(images, prompts, references=[list(t.references) for t in chunk])
         task = extractor.extract_qwen25_vision(images, prompts)
         words = extractor.extract_qwen25_vision(images, [t.phrased(CANONICAL_TEMPLATE) for t in chunk])
+        qwen3, task = as_stored(qwen3, task, cache_dtype)
+        words = as_stored(qwen3, words, cache_dtype)[1]
         for offset, triplet in enumerate(chunk):
             key = f"{prefix}-{start + offset:05d}"
             condition, target, latent_hw = _latents(editor, triplet)
@@ -187,7 +202,7 @@ class Sweep:
 
 
 @torch.no_grad()
-def colour_sweep(editor, triplets: list[Triplet], template: str = CANONICAL_TEMPLATE) -> Sweep:
+def colour_sweep(editor, triplets: list[Triplet], template: str = CANONICAL_TEMPLATE, cache_dtype: str = "native") -> Sweep:
     """Qwen3-VL reads `template` with every colour; Qwen2.5-VL reads the instruction without the colour ("hidden")
     and with each colour in the canonical wording ("told")."""
     extractor, colours = editor.extractor, list(COLOURS)
@@ -197,11 +212,13 @@ def colour_sweep(editor, triplets: list[Triplet], template: str = CANONICAL_TEMP
         qwen3 += extractor.extract_qwen3_vision(images, [triplet.phrased(template, c) for c in colours])
         told += extractor.extract_qwen25_vision(images, [triplet.phrased(CANONICAL_TEMPLATE, c) for c in colours])
         hidden += extractor.extract_qwen25_vision([[triplet.source]], [triplet.instruction_without_colour()]) * len(colours)
+    qwen3, hidden = as_stored(qwen3, hidden, cache_dtype)
+    told = as_stored(qwen3, told, cache_dtype)[1]
     return Sweep(triplets, qwen3, {"hidden": hidden, "told": told})
 
 
 @torch.no_grad()
-def reference_sweep(editor, triplets: list[Triplet], seed: int = 0) -> Sweep:
+def reference_sweep(editor, triplets: list[Triplet], seed: int = 0, cache_dtype: str = "native") -> Sweep:
     """Qwen3-VL sees a swatch of every colour in turn; Qwen2.5-VL reads the task's instruction ("task") or the colour
     in words ("told")."""
     extractor, colours = editor.extractor, list(COLOURS)
@@ -212,6 +229,8 @@ def reference_sweep(editor, triplets: list[Triplet], seed: int = 0) -> Sweep:
         qwen3 += extractor.extract_qwen3_vision(images, [triplet.instruction] * len(colours), references=swatches)
         task += extractor.extract_qwen25_vision([[triplet.source]], [triplet.instruction]) * len(colours)
         told += extractor.extract_qwen25_vision(images, [triplet.phrased(CANONICAL_TEMPLATE, c) for c in colours])
+    qwen3, task = as_stored(qwen3, task, cache_dtype)
+    told = as_stored(qwen3, told, cache_dtype)[1]
     return Sweep(triplets, qwen3, {"task": task, "told": told})
 
 
@@ -308,8 +327,9 @@ def run_read_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: 
     triplets = make_triplets(config.train_samples + config.heldout_samples, size, seed=10_000 + seed)
     n_train = config.train_samples
     redacted, full = colour_examples(editor, triplets[:n_train], f"seed{seed}", config.extract_batch_size,
-                                     config.templates, seed)
-    heldout, heldout_full = colour_examples(editor, triplets[n_train:], f"seed{seed}-heldout", config.extract_batch_size)
+                                     config.templates, seed, config.cache_dtype)
+    heldout, heldout_full = colour_examples(editor, triplets[n_train:], f"seed{seed}-heldout", config.extract_batch_size,
+                                            cache_dtype=config.cache_dtype)
     extra_full = round(n_train * config.full_share / (1 - config.full_share)) if config.full_share < 1 else n_train
     chosen = sorted(random.Random(seed).sample(range(n_train), min(n_train, extra_full)))
     later = [full[i] for i in chosen]
@@ -326,14 +346,14 @@ def run_read_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: 
               "reference": bridge.heldout_losses(identity_bridge(bridge.bridge_config), examples=heldout_full)}
     steps = config.inference_steps
     model, shuffled = bridge.bridge.eval(), control.bridge.eval()
-    sweep = colour_sweep(editor, heldout_triplets[: config.counterfactual_images])
+    sweep = colour_sweep(editor, heldout_triplets[: config.counterfactual_images], cache_dtype=config.cache_dtype)
     counterfactual = decode_sweep(editor, sweep, {"baseline": (None, "hidden"), "bridge": (model, "hidden"),
                                                   "control": (shuffled, "hidden"), "reference": (None, "told")}, steps)
     templates = {}
     for template in HELDOUT_TEMPLATES:
-        unseen = colour_sweep(editor, heldout_triplets[: config.template_images], template)
+        unseen = colour_sweep(editor, heldout_triplets[: config.template_images], template, config.cache_dtype)
         templates[template] = decode_sweep(editor, unseen, {"bridge": (model, "hidden")}, steps)["bridge"]["follow"]
-    noharm_sweep = colour_sweep(editor, heldout_triplets[: config.noharm_images])
+    noharm_sweep = colour_sweep(editor, heldout_triplets[: config.noharm_images], cache_dtype=config.cache_dtype)
     noharm = decode_sweep(editor, noharm_sweep, {"edit": (None, "told"), "bridge": (model, "told")}, steps)
     if progress:
         progress(f"seed {seed}: read task decoded")
@@ -346,7 +366,7 @@ def run_saw_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: i
     """The saw task of one seed: the bridge, its control (shuffled references) and optionally a DeepStack bridge;
     follow with every swatch, and the ablations of the bridge."""
     triplets = make_reference_triplets(config.train_samples + config.heldout_samples, size, seed=40_000 + seed)
-    examples, told = reference_examples(editor, triplets, f"saw{seed}", config.extract_batch_size)
+    examples, told = reference_examples(editor, triplets, f"saw{seed}", config.extract_batch_size, config.cache_dtype)
     n_train = config.train_samples
     training, heldout = examples[:n_train], examples[n_train:]
     bridges = {}
@@ -363,7 +383,7 @@ def run_saw_task(editor, seed: int, config: ProofConfig, work_dir: Path, size: i
         progress(f"seed {seed}: saw task trained")
     heldout_triplets = triplets[n_train:]
     steps = config.inference_steps
-    sweep = reference_sweep(editor, heldout_triplets[: config.counterfactual_images], seed)
+    sweep = reference_sweep(editor, heldout_triplets[: config.counterfactual_images], seed, config.cache_dtype)
     conditions = {"baseline": (None, "task"), **{name: (b, "task") for name, b in bridges.items()},
                   "reference": (None, "told")}
     counterfactual = decode_sweep(editor, sweep, conditions, steps)
