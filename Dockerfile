@@ -8,7 +8,8 @@
 # default PyPI wheel is a CUDA 13.0 build: the host needs NVIDIA driver R580 or newer (older drivers: build with a
 # CUDA 12.x wheel from download.pytorch.org, see scripts/fetch_gpu_wheels.sh) and the container toolkit (`--gpus`,
 # or `nvidia.com/gpu` on Kubernetes). Weights are not baked in: mount a model folder at /models (HF_HOME; the
-# Kubernetes template mounts the claim `vision-bridge-models` there) or let the first run download them.
+# Kubernetes template mounts the claim `vision-bridge-models` there, read-only: set HF_HUB_OFFLINE=1 for workers
+# that must never download) or let the first run download them (a writable mount, owned by uid 10001).
 # Pin the base by digest in your registry mirror (`docker buildx imagetools inspect python:3.11-slim-bookworm`) and
 # pass it as BASE; the tag alone is the default so that a fresh checkout builds.
 ARG BASE=python:3.11-slim-bookworm
@@ -17,7 +18,7 @@ FROM ${BASE}
 ENV VISION_BRIDGE_CODE_DIR=/opt/vision-bridge \
     VISION_BRIDGE_RUNTIME_ONLY=1 \
     PYTHON=/usr/local/bin/python3.11 \
-    HF_HOME=/models \
+    HF_HUB_CACHE=/models \
     PYTHONUNBUFFERED=1 \
     PREFECT_LOGGING_EXTRA_LOGGERS=bridgecore \
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60

@@ -9,7 +9,7 @@ manifest, an image, a file's stamp, a checkpoint) gets:
   answers fails in the read limit; aiohttp's own default is no limit at all.
 - **an address policy** against requests being steered inside the network: a redirect may not lead to a more
   internal class of address than the URL it came from (public < private < loopback), and link-local addresses
-  (169.254.0.0/16, fe80::/10, where cloud metadata services answer) are refused always, unless
+  (169.254.0.0/16, fe80::/10, and the metadata addresses 100.64.0.0/10 and fd00:ec2::254) are refused always, unless
   `VISION_BRIDGE_ALLOW_LINK_LOCAL=1`. A URL the user gave in a private range may redirect within it. Host names are
   resolved for the check; a name that resolves differently at connection time (DNS rebinding) is not covered.
 
@@ -65,16 +65,22 @@ def client_timeout():
                                  sock_read=limits["read"])
 
 
+# cloud metadata services outside 169.254/16: refused like link-local (Alibaba Cloud, AWS over IPv6), and the
+# carrier-grade NAT range they live in
+METADATA_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("100.64.0.0/10", "fd00:ec2::254/128"))
+
+
 def address_class(address: str) -> str:
-    """"public", "private", "loopback" or "link-local" for an IP address."""
+    """"public", "private", "loopback" or "link-local" for an IP address (cloud metadata addresses count as
+    link-local; the unspecified address, which reaches this machine, as loopback)."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
     if getattr(ip, "ipv4_mapped", None):
         ip = ip.ipv4_mapped
-    if ip.is_loopback:
+    if ip.is_loopback or ip.is_unspecified:
         return "loopback"
-    if ip.is_link_local:
+    if ip.is_link_local or any(ip in network for network in METADATA_NETWORKS if network.version == ip.version):
         return "link-local"
-    if ip.is_private or ip.is_reserved or ip.is_unspecified or ip.is_multicast:
+    if ip.is_private or ip.is_reserved or ip.is_multicast:
         return "private"
     return "public"
 
@@ -106,7 +112,8 @@ async def _on_request_start(session, context, params) -> None:
 
 
 async def _on_request_redirect(session, context, params) -> None:
-    location = params.response.headers.get("Location", "")
+    # aiohttp follows `Location`, else `URI` (client.py): check the one it will follow
+    location = params.response.headers.get("Location") or params.response.headers.get("URI") or ""
     target = urljoin(str(params.url), location)
     before, after = await host_class(params.url.host or ""), await host_class(urlsplit(target).hostname or "")
     if after == "link-local" and not _link_local_allowed():

@@ -44,15 +44,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def is_transient_error(error: Exception) -> bool:
-    """A connection-level error worth retrying; not one whose retry budget `retry_transient` already spent."""
-    if getattr(error, "retry_budget_spent", False):
-        return False
-    if isinstance(error, TRANSIENT_ERRORS):
+def is_connection_error(error: BaseException) -> bool:
+    """A connection-level failure (storage or a remote host away, a stream cut short), whether or not its retry
+    budget is spent: what fails a whole shard (never its samples) and what the CLI names as unreachable."""
+    if isinstance(error, (*TRANSIENT_ERRORS, remote.IncompleteReadError)):
         return True
-    text = f"{type(error).__name__} {error}"
-    return any(word in text for word in ("Connect", "Timeout", "EndpointConnectionError", "ServiceUnavailable",
-                                         "SlowDown", "503", "Connection reset"))
+    name = type(error).__name__  # by type name (botocore's, aiohttp's); never by a message that may hold a URL
+    if any(word in name for word in ("Connect", "Timeout", "PayloadError", "ServerDisconnected")):
+        return True
+    text = str(error)[:300]  # an object store's own throttling and outage codes
+    return any(word in text for word in ("ServiceUnavailable", "SlowDown", "(503)", "Connection reset"))
+
+
+def is_transient_error(error: BaseException) -> bool:
+    """A connection-level error worth retrying; not one whose retry budget `retry_transient` already spent (the
+    orchestrator's task retries must not multiply the budget)."""
+    return is_connection_error(error) and not getattr(error, "retry_budget_spent", False)
 
 
 # How long a running job waits out an object store that went away (outages of minutes are survived);
@@ -131,7 +138,7 @@ class Storage:
             if "NoCredentials" in type(error).__name__ or "Unable to locate credentials" in str(error):
                 raise PermissionError(f"no credentials for {self.root}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                       f"(and AWS_ENDPOINT_URL for a store other than AWS; now {endpoint})") from None
-            if not is_transient_error(error):
+            if not is_connection_error(error):
                 raise
             raise StorageUnreachableError(f"cannot reach the storage of {self.root} at {endpoint} "
                                           f"({type(error).__name__}: {error}); check AWS_ENDPOINT_URL") from None
@@ -256,6 +263,10 @@ class Storage:
                     os.link(aside, parts[-1], src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
                 except FileExistsError as error:
                     raise MarkerExistsError(path) from error
+                except OSError as error:  # no hard links (some FUSE and SMB mounts): an exclusive create instead
+                    if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    self._create_exclusive(folder, parts[-1], data, path)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(aside, dir_fd=folder)
@@ -272,6 +283,17 @@ class Storage:
                     raise MarkerExistsError(path) from error
                 raise
         retry_transient(put)
+
+    @staticmethod
+    def _create_exclusive(folder: int, name: str, data: bytes, path: str) -> None:
+        """`O_EXCL` create then write: a reader may see the file empty for an instant (read as stale by a lease
+        taker): the fallback where a file system has no hard links."""
+        try:
+            descriptor = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666, dir_fd=folder)
+        except FileExistsError as error:
+            raise MarkerExistsError(path) from error
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
 
     def sizes(self, *parts: str) -> dict[str, int]:
         """{name: size} of the objects directly under a prefix (one listing); empty if it is absent."""

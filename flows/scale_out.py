@@ -21,7 +21,8 @@ STALL_SECONDS = 900.0  # a running child that commits nothing for this long has 
 
 class StallWatch:
     """When a running child has committed nothing for `stuck_s`: its worker is gone (a lost machine leaves its run
-    RUNNING). The count of committed (stage, shard) pairs is taken at submission, so the first look after `stuck_s`
+    RUNNING). The clock starts when the child is first seen RUNNING (a child queued behind others for a free slot is
+    not stalled), with the count of committed (stage, shard) pairs at that moment, so the first look after `stuck_s`
     already decides (it used to start from -1: any count looked like progress and the first check only reset the
     timer, so a lost node was noticed after twice `stuck_s`)."""
 
@@ -31,6 +32,17 @@ class StallWatch:
 
     def start(self, index: int, count: int, now: float) -> None:
         self.seen[index] = (count, now)
+
+    def forget(self, index: int) -> None:
+        """A resubmitted batch: its new child starts its own clock when it runs."""
+        self.seen.pop(index, None)
+
+    def running(self, index: int, now: float, count_now) -> bool:
+        """Called at every look at a RUNNING child: starts its clock the first time; True when it is stalled."""
+        if index not in self.seen:
+            self.start(index, count_now(), now)
+            return False
+        return self.stalled(index, now, count_now)
 
     def stalled(self, index: int, now: float, count_now) -> bool:
         """`count_now()` is called only once `stuck_s` passed since the last growth (it reads storage)."""
@@ -69,7 +81,7 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
     tags = job_tags(parameters["pipeline"], parameters["output"], parameters["settings"])
 
     def submit(index: int, count: int):
-        watch.start(index, committed(index), time.monotonic())
+        watch.forget(index)
         run = run_deployment(deployment, parameters={**parameters, "shard_ids": batches[index]}, timeout=0,
                              as_subflow=True, tags=tags)
         submitted[index] = (str(run.id), time.monotonic(), count)
@@ -111,7 +123,7 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                     done.add(index)
                     refresh()
                     logger.info("batch %d finished: %s", index, job.line())
-                elif kind in FINAL_BAD or (kind == "RUNNING" and watch.stalled(index, time.monotonic(),
+                elif kind in FINAL_BAD or (kind == "RUNNING" and watch.running(index, time.monotonic(),
                                                                                  lambda i=index: committed(i))):
                     if count >= max_submissions:
                         raise RuntimeError(f"batch {index} ended {kind} {count} times; last run {run_id}")

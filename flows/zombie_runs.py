@@ -20,6 +20,8 @@ from datetime import timedelta
 AUTOMATION_NAME = "vision-bridge: crash flow runs whose heartbeats stopped"
 HEARTBEAT_SECONDS = 60  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the pools' job variables (Prefect's minimum: 30)
 WITHIN_SECONDS = 300  # five missed heartbeats: a long model load or a slow API is not a lost machine
+# only this project's flows: another team's runs on the same server keep their own heartbeat settings
+OUR_FLOWS = ("bulk-edit", "build-caches", "train-bridge", "process-shards")
 
 
 def zombie_automation(within_s: float = WITHIN_SECONDS):
@@ -39,6 +41,8 @@ def zombie_automation(within_s: float = WITHIN_SECONDS):
             expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                     "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.role": "flow",
+                                                 "prefect.resource.name": list(OUR_FLOWS)}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,

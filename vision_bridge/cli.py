@@ -42,7 +42,7 @@ def exit_on(error: BaseException) -> None:
     if shared.DEBUG:
         raise error
     from bridgecore.remote import describe
-    from bridgecore.storage import is_transient_error
+    from bridgecore.storage import is_connection_error
 
     log = Path(ERROR_LOG)
     try:
@@ -51,7 +51,7 @@ def exit_on(error: BaseException) -> None:
         where = f"the traceback is in {log} (or rerun with --debug)"
     except OSError:
         where = "rerun with --debug for the traceback"
-    if is_transient_error(error) or getattr(error, "retry_budget_spent", False):
+    if is_connection_error(error):
         message = (f"storage or a remote host stayed unreachable past the retry budget ({describe('', error).lstrip(': ')}); "
                    "nothing committed is lost: the same command resumes")
     else:

@@ -60,7 +60,18 @@ def behaviour(path: Path) -> bytes:
             first = node.body[0]
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
                 node.body = node.body[1:] or [ast.Pass()]
-    return ast.dump(tree, include_attributes=False).encode()
+    return _canonical(tree).encode()
+
+
+def _canonical(node) -> str:
+    """A syntax tree as text without empty fields: the same on every Python version (ast.dump adds fields such as
+    3.12's `type_params=[]` and 3.13 drops empty ones, so the workers' and the planner's Pythons would disagree)."""
+    if isinstance(node, ast.AST):
+        fields = [f"{name}={_canonical(value)}" for name, value in ast.iter_fields(node) if value not in (None, [])]
+        return f"{type(node).__name__}({','.join(fields)})"
+    if isinstance(node, list):
+        return "[" + ",".join(_canonical(value) for value in node) + "]"
+    return repr(node)
 
 
 def module_file(name: str, root: Path = ROOT) -> Path | None:

@@ -17,6 +17,7 @@ executor recomputes the shard.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
@@ -168,9 +169,14 @@ class ShardStore:
                 os.link(aside, path)
             except FileExistsError:
                 pass
-            os.unlink(aside)
+            except OSError:  # no hard links here: a rename back (it would replace a lease created meanwhile)
+                if not os.path.exists(path):
+                    os.replace(aside, path)
+            with contextlib.suppress(FileNotFoundError):  # a sweeper of stale temporaries may have been first
+                os.unlink(aside)
             return False
-        os.unlink(aside)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(aside)
         return True
 
     def release_lease(self, shard_id: str) -> None:

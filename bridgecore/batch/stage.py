@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from bridgecore.storage import Storage, is_transient_error
+from bridgecore.storage import Storage, is_connection_error
 from bridgecore.batch.records import Sample, SampleResult, shard_route
 from bridgecore.batch.model_pool import ModelPool
 from bridgecore.batch.settings import JobSettings
@@ -152,8 +152,8 @@ class Stage:
                 raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(items)} samples")
             return results
         except Exception as error:  # noqa: BLE001 - classified below
-            if is_transient_error(error):
-                raise  # storage away: the shard fails and is retried whole
+            if is_connection_error(error):
+                raise  # storage away (budget spent or not): the shard fails and is retried whole, never its samples
             from bridgecore.model.loading import ModelNotAvailableError
             from bridgecore.model.speed import CannotRunHereError
 

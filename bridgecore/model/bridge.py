@@ -381,16 +381,16 @@ class VisionCacheBridge(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------------
 
-    def _fuse(self, qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(fused levels `[L3, rank]`, level weights `[L3, n]` or None, projected DeepStack `[N3, rank]` or None);
-        the projected levels `[L3, n, rank]` are kept for the token path."""
+    def _fuse(self, qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, ...]:
+        """(fused levels `[L3, rank]`, level weights `[L3, n]` or None, projected DeepStack `[N3, rank]` or None, the
+        projected levels `[L3, n, rank]` for the token path)."""
         device, dtype = self._device_dtype  # caches may live on another device
-        self._projected = self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels])
-        fused, level_weights = self.fusion(self._projected)
+        projected = self.projector([qwen3.levels[n].to(device, dtype) for n in self.config.levels])
+        fused, level_weights = self.fusion(projected)
         deepstack = None
         if self.deepstack_projector is not None:
             deepstack = self.deepstack_projector([t.to(device, dtype) for t in qwen3.deepstack.values()]).sum(dim=-2)
-        return fused, level_weights, deepstack
+        return fused, level_weights, deepstack, projected
 
     def _correction(self, fused: torch.Tensor, deepstack: torch.Tensor | None, qwen3: Qwen3VisionCache,
                     qwen25: Qwen25VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,12 +419,12 @@ class VisionCacheBridge(nn.Module):
         attended = attended.index_add(0, positions, resampled)
         return self.out(attended), attention.mean(0)
 
-    def _appended(self, fused: torch.Tensor, deepstack: torch.Tensor | None,
-                  qwen3: Qwen3VisionCache) -> tuple[torch.Tensor, torch.Tensor]:
+    def _appended(self, fused: torch.Tensor, deepstack: torch.Tensor | None, qwen3: Qwen3VisionCache,
+                  projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The token path: (tokens `[K, D25]`, their attention over the Qwen3 sequence `[K, L3]`)."""
         how = self.config.token_fusion
         memory = fused if how == "shared" else (
-            self.token_level_fusion(self._projected)[0] if how == "own" else self._projected + self.level_embedding)
+            self.token_level_fusion(projected)[0] if how == "own" else projected + self.level_embedding)
         positions = qwen3.vision_positions.to(fused.device)
         if deepstack is not None:  # DeepStack's visual features join the image tokens they belong to
             memory = memory.index_add(0, positions, deepstack if memory.dim() == 2 else
@@ -461,13 +461,13 @@ class VisionCacheBridge(nn.Module):
                 embeds.append(base)
                 maps.append({})
                 continue
-            fused, level_weights, deepstack = self._fuse(qwen3)
+            fused, level_weights, deepstack, projected = self._fuse(qwen3)
             enhanced, sample_maps = base, {"levels": level_weights}
             if self.config.uses_residual:
                 delta, sample_maps["cross_attention"] = self._correction(fused, deepstack, qwen3, qwen25)
                 enhanced = base + self._bounded(delta, base, qwen25.vision_positions).to(base.dtype)
             if self.tokens is not None:
-                tokens, sample_maps["tokens"] = self._appended(fused, deepstack, qwen3)
+                tokens, sample_maps["tokens"] = self._appended(fused, deepstack, qwen3, projected)
                 enhanced = torch.cat([enhanced, tokens.to(base.dtype)])
             embeds.append(enhanced)
             maps.append(sample_maps)

@@ -17,10 +17,12 @@ One sample is one safetensors blob. Tensor names:
 Metadata (model ids, revisions, layer indices, prompt, image sizes, dtype, format version) is one
 JSON string under the header key `vision_bridge`. No pickle anywhere; bf16 round-trips bit-exactly.
 
-Storage dtype "fp8" (`cache_to_bytes(cache, "fp8")`): every feature tensor (`qwen3.early|mid|late`,
-`qwen3.deepstack.<i>`, `qwen25.prompt_embeds`) is stored as float8 E4M3 (safetensors' F8_E4M3) with one float32
-scale per token (`<name>.scale`, [L, 1], the token's absmax / 448), half the bytes of bf16; reading dequantizes to
-the dtype the cache was computed in. The error is a relative ~2-4% per value (E4M3 keeps 3 mantissa bits).
+Storage dtype "fp8" (`cache_to_bytes(cache, "fp8")`): Qwen3-VL's feature tensors (`qwen3.early|mid|late`,
+`qwen3.deepstack.<i>`) are stored as float8 E4M3 (safetensors' F8_E4M3) with one float32 scale per token
+(`<name>.scale`, [L, 1], the token's absmax / 448), half the bytes of bf16; reading dequantizes to the dtype the
+cache was computed in. The error is a relative ~2-4% per value (E4M3 keeps 3 mantissa bits). Qwen2.5-VL's
+`prompt_embeds` stay as computed: they are the DiT's own conditioning, and "no bridge" must stay exactly
+Qwen-Image-Edit.
 
 A rewritten instruction's encoding (stage `rewrites`) is the `qwen25.*` half alone: see `payloads.py`.
 """
@@ -134,12 +136,13 @@ class SampleCache:
 
 STORAGE_DTYPES = ("native", "fp8")
 FP8_MAX = 448.0  # the largest finite float8 E4M3 value
-FEATURE_PREFIXES = ("qwen3.early", "qwen3.mid", "qwen3.late", "qwen3.deepstack.", "qwen25.prompt_embeds")
+FEATURE_PREFIXES = ("qwen3.early", "qwen3.mid", "qwen3.late", "qwen3.deepstack.")
 
 
 def is_feature(name: str) -> bool:
-    """The large float tensors a storage dtype applies to (not ids, positions, grids or masks)."""
-    return name.startswith(FEATURE_PREFIXES) and not name.endswith(".scale") and name != "qwen25.prompt_embeds_mask"
+    """The large Qwen3-VL float tensors a storage dtype applies to (not ids, positions, grids; never the DiT's own
+    Qwen2.5-VL conditioning)."""
+    return name.startswith(FEATURE_PREFIXES) and not name.endswith(".scale")
 
 
 def quantize_fp8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,4 +98,6 @@ def load_image(source: str | Path | Image.Image, max_pixels: int = DEFAULT_MAX_P
         raise ImageLoadError(str(error)) from error
     except Exception as error:  # noqa: BLE001 - fsspec backends raise their own types (botocore, aiohttp, ...)
         raise ImageLoadError(describe(uri, error)) from error
+    if data[:2] == b"\x1f\x8b":
+        raise ImageLoadError(f"{uri}: gzip-compressed data, not an image (a server sending Content-Encoding: gzip?)")
     return decode_image(data, uri, max_pixels)

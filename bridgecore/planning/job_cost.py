@@ -252,8 +252,9 @@ def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: boo
         return sum(n * d * CACHE_BYTES_PER_VALUE for n, d in tensors)
 
     # the negatives (true CFG) are Qwen2.5-VL embeddings alone, stored with the caches and again with the fused
-    # embeddings; Qwen3-VL reads only the conditional branch
-    cache = stored(qwen3) + branches * stored(qwen25)
+    # embeddings; Qwen3-VL reads only the conditional branch. Qwen2.5-VL's embeddings, the DiT's own conditioning,
+    # are always stored as computed (fp8 applies to Qwen3-VL's features only)
+    cache = stored(qwen3) + branches * sum(n * d * CACHE_BYTES_PER_VALUE for n, d in qwen25)
     fused = branches * qwen25[0][0] * d25 * CACHE_BYTES_PER_VALUE  # the fused embeddings: in the models' dtype
     height, width = report["condition_size"]
     output = height * width * PNG_BYTES_PER_PIXEL

@@ -517,7 +517,11 @@ class BridgeTrainer:
                     try:
                         total, waited = self._accumulate(bridge, batches, mine, step)
                     except ValueError as error:  # bad data read by a loader worker: its first line, not two tracebacks
-                        raise type(error)(_first_meaningful_line(str(error))) from None
+                        try:
+                            clean = type(error)(_first_meaningful_line(str(error)))
+                        except TypeError:  # an exception type with another constructor
+                            clean = ValueError(_first_meaningful_line(str(error)))
+                        raise clean from None
                     ranks.sum_([p.grad for p in bridge.parameters() if p.grad is not None] + [total])
                     torch.nn.utils.clip_grad_norm_(bridge.parameters(), config.max_grad_norm)
                     optimizer.step()
@@ -587,6 +591,10 @@ class BridgeTrainer:
     def _restore(self, checkpoint: Path, optimizer, lr_scheduler) -> tuple[int, dict]:
         trained = VisionCacheBridge.from_pretrained(checkpoint, expect=self.bridge_config)
         ours, theirs = self.bridge_config, trained.config
+        if (theirs.token_streams, theirs.token_fusion) != (ours.token_streams, ours.token_fusion):
+            raise ValueError(f"{checkpoint} was trained with token_streams={theirs.token_streams}, "
+                             f"token_fusion={theirs.token_fusion!r}; this run asks for {ours.token_streams}, "
+                             f"{ours.token_fusion!r}: train into a new --out (or resume it with its own design)")
         if (theirs.mode, theirs.appended_tokens, theirs.rank) != (ours.mode, ours.appended_tokens, ours.rank):
             raise ValueError(f"{checkpoint} is a {theirs.mode} bridge (K={theirs.appended_tokens}, rank {theirs.rank}); "
                              f"this run asks for {ours.mode} (K={ours.appended_tokens}, rank {ours.rank}): resume it with "

@@ -88,6 +88,8 @@ def _train(edit_model, qwen3_model, out_dir: Path, recipe: TinyBridgeRecipe, pro
     # the read task in two phases: form on the redacted examples, then add the full-instruction ones (no harm)
     switch = round(recipe.steps * recipe.no_harm_from) if recipe.task == "read" and later else recipe.steps
     phases = [(training, switch)] + ([(training + later, recipe.steps)] if switch < recipe.steps else [])
+    if switch <= 0:  # mixed from the first step
+        phases = [(training + later, recipe.steps)]
     for stale in out_dir.glob("step_*"):  # the second phase resumes the latest checkpoint: only this run's
         shutil.rmtree(stale)
     for number, (data, steps) in enumerate(phases):

@@ -18,6 +18,17 @@ def test_a_lost_child_is_noticed_at_the_first_look_after_stuck_s():
     assert watch.stalled(0, 901.0, count(4))  # nothing committed since: lost at the first look, not at 1,800 s
 
 
+def test_a_child_queued_for_a_slot_starts_its_clock_when_it_runs():
+    """A child that waited 20 minutes for a free GPU slot is not stalled the moment it starts (its clock starts at
+    the first look at it RUNNING); a resubmitted batch starts a new clock."""
+    watch = StallWatch(stuck_s=900)
+    assert not watch.running(0, 1200.0, lambda: 0)  # first seen RUNNING at 1,200 s (submitted at 0): clock starts
+    assert not watch.running(0, 2000.0, lambda: 0)
+    assert watch.running(0, 2101.0, lambda: 0)
+    watch.forget(0)
+    assert not watch.running(0, 2200.0, lambda: 0)
+
+
 def test_progress_restarts_the_clock_and_a_later_silence_is_noticed():
     watch = StallWatch(stuck_s=900)
     watch.start(0, count=0, now=0.0)
@@ -52,3 +63,6 @@ def _create_update_and_read(Automation, get_client, StateType, AUTOMATION_NAME, 
     automation = Automation.read(name=AUTOMATION_NAME)
     assert automation.trigger.within.total_seconds() == 300 and automation.trigger.after == {"prefect.flow-run.heartbeat"}
     assert automation.actions[0].state == StateType.CRASHED and automation.enabled
+    related = automation.trigger.match_related  # only this project's flows, not every run on the server
+    related = related[0] if isinstance(related, list) else related
+    assert set(related.root["prefect.resource.name"]) == {"bulk-edit", "build-caches", "train-bridge", "process-shards"}

@@ -71,6 +71,8 @@ def edit(
             fail(f"{image}: no such file")
     qwen3, edit_model = resolve_or_tiny(qwen3, edit_model, plus=len(images) > 1, trained=True, editor=editor)
     steps, condition_area = tiny_task_settings(edit_model, steps, condition_area, 1024 * 1024)
+    if negative_prompt != J["negative_prompt"] and cfg <= 1:
+        fail("--negative-prompt acts only with true CFG: add --cfg > 1 (the model card's recipe: --cfg 4)")
     try:
         family = editor_family(edit_model)
         if editor != "auto" and family != editor:
