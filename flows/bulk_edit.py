@@ -43,6 +43,8 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
               batch_cfg: bool = D["batch_cfg"], fp8: str = D["fp8"], limit: int | None = None, dry_run: bool = False,
               stall_s: float = STALL_SECONDS) -> dict:
     # plan
+    from bridgecore.zoo.tiny_zoo import tiny_plus_model_beside
+
     settings = settings_for_job(dict(
         qwen3=qwen3, edit_model=edit_model, editor=editor, multi_image=multi_image, steps=steps, plus_model=plus_model,
         bridge=bridge, device=device, condition_area=condition_area, seed=seed, batch_size=batch_size, cfg=cfg,
@@ -51,7 +53,7 @@ def bulk_edit(input: str, output: str, prompt: str | None = None, qwen3: str | N
         rewrite_system_prompt=rewrite_system_prompt, rewrite_max_tokens=rewrite_max_tokens,
         edits_format=edits_format, cache_dtype=cache_dtype, cache_deepstack=cache_deepstack, qwen3_area=qwen3_area,
         step_cache=step_cache, batch_cfg=batch_cfg,
-        fp8=fp8)).to_dict()
+        fp8=fp8), plus_model_beside=tiny_plus_model_beside).to_dict()
     tag_this_run(job_tags("bulk-edit", output, settings))
     plan = shard_inputs(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
                         content_hash, limit)

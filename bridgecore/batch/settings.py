@@ -190,18 +190,18 @@ class JobSettings:
     @classmethod
     def for_job(cls, qwen3_model: str | None = None, edit_model: str | None = None, *, editor: str = "auto",
                 multi_image: bool = False, steps: int | None = None, plus_model: str | None = None,
-                route_multi_image: bool = True, **settings: Any) -> "JobSettings":
+                route_multi_image: bool = True, plus_model_beside=None, **settings: Any) -> "JobSettings":
         """A job's settings with every default decided here, once: the CLI, the flows and their deployments
         call this and compute nothing themselves, so the same job gets the same fingerprints whichever way it
         is started.
 
         - `edit_model`: the `editor` family's default model, else Qwen-Image-Edit (Edit-Plus with `multi_image`);
         - `steps`: Qwen-Image-2.1's 40, a distilled (Lightning) LoRA's 4 or 8, else 50;
-        - `plus_model`: none for real models (what is on a machine must not change a job); beside a tiny-zoo
-          edit model, the zoo's tiny Edit-Plus (so the offline demo runs mixed manifests) unless
-          `route_multi_image` is off (training data and its caches: a bridge is trained for one pipeline) or
-          `plus_model="none"` says no; refused when it is not an Edit-Plus pipeline, dropped for editors that take
-          several images themselves.
+        - `plus_model`: none unless given, or unless the caller's policy `plus_model_beside(edit_model)` names one
+          (the application passes the tiny zoo's: beside a tiny-zoo edit model, its tiny Edit-Plus, so the offline
+          demo runs mixed manifests; the library knows no zoo); never with `route_multi_image` off (training data
+          and its caches: a bridge is trained for one pipeline) or `plus_model="none"`; refused when it is not an
+          Edit-Plus pipeline, dropped for editors that take several images themselves.
         Settings are checked (`check_editor`) before anything runs.
         """
         from bridgecore.model.loading import (
@@ -223,8 +223,9 @@ class JobSettings:
         if steps is None:
             loras = parse_loras(list(job.lora))
             steps = 40 if job.native else default_steps(loras, resolve_scheduler(job.scheduler, loras))
-        if plus_model is None and route_multi_image and job.family == "qwen-image-edit" and not job.lora:
-            plus_model = tiny_plus_model_beside(edit_model)
+        if (plus_model is None and plus_model_beside is not None and route_multi_image and job.family == "qwen-image-edit"
+                and not job.lora):
+            plus_model = plus_model_beside(edit_model)
         if plus_model == "none":  # said explicitly: multi-image samples fail alone, with the hint
             plus_model = None
         if plus_model is not None:
@@ -344,21 +345,11 @@ class JobSettings:
 JOB_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(JobSettings) if f.default is not MISSING}
 
 
-def settings_for_job(parameters: dict[str, Any], route_multi_image: bool = True) -> JobSettings:
+def settings_for_job(parameters: dict[str, Any], route_multi_image: bool = True,
+                     plus_model_beside=None) -> JobSettings:
     """`JobSettings.for_job` from a job's parameters as the flows and their deployments name them (`qwen3` for
     the Qwen3-VL model, `lora` a list): the one path from a job to its settings."""
     arguments = dict(parameters)
     arguments["qwen3_model"] = arguments.pop("qwen3", None)
     arguments["lora"] = tuple(arguments.get("lora") or ())
-    return JobSettings.for_job(**arguments, route_multi_image=route_multi_image)
-
-
-def tiny_plus_model_beside(edit_model: str) -> str | None:
-    """The tiny zoo's Edit-Plus model when `edit_model` is one of the zoo's models (decided from the files alone)."""
-    from pathlib import Path
-
-    edit = Path(edit_model)
-    plus = edit.parent / "qwen-image-edit-plus"
-    if (edit / ".tiny-zoo-complete").is_file() and (plus / ".tiny-zoo-complete").is_file():
-        return str(plus)
-    return None
+    return JobSettings.for_job(**arguments, route_multi_image=route_multi_image, plus_model_beside=plus_model_beside)

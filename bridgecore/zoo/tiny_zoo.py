@@ -381,6 +381,16 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
     return paths
 
 
+def tiny_plus_model_beside(edit_model: str) -> str | None:
+    """The tiny zoo's Edit-Plus model when `edit_model` is one of the zoo's models (decided from the files alone):
+    the application's policy for `JobSettings.for_job(plus_model_beside=...)`."""
+    edit = Path(edit_model)
+    plus = edit.parent / "qwen-image-edit-plus"
+    if (edit / ".tiny-zoo-complete").is_file() and (plus / ".tiny-zoo-complete").is_file():
+        return str(plus)
+    return None
+
+
 def build_tiny_lora(out_file: str | Path, edit_model: str | Path, rank: int = 4, seed: int = 0) -> Path:
     """A LoRA for the tiny edit pipeline's DiT, with random (non-zero) up-projections so it changes outputs,
     saved in diffusers' LoRA format (`load_lora_weights` reads it). Offline."""

@@ -91,7 +91,11 @@ def test_the_cli_and_the_deployment_give_the_same_job(case, inputs, tiny_zoo, li
     if case == "edit":  # the tiny zoo's Edit-Plus takes a tiny job's multi-image samples, decided from the files
         assert flow.plus_model == str(tiny_zoo["qwen-image-edit-plus"])
         job = {"qwen3": qwen3, "edit_model": edit_model}
-        assert settings_for_job({**job, "plus_model": "none"}).plus_model is None  # the opt-out
+        from bridgecore.zoo.tiny_zoo import tiny_plus_model_beside
+
+        assert settings_for_job(job).plus_model is None  # the library guesses nothing: the application's policy does
+        assert settings_for_job(job, plus_model_beside=tiny_plus_model_beside).plus_model == flow.plus_model
+        assert settings_for_job({**job, "plus_model": "none"}, plus_model_beside=tiny_plus_model_beside).plus_model is None
         # training data and its caches: a bridge is trained for one pipeline, so no routing
         assert settings_for_job(job, route_multi_image=False).plus_model is None
 

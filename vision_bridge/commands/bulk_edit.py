@@ -122,7 +122,9 @@ def bulk_edit(
                    qwen3_area=qwen3_area,
                    step_cache=step_cache,
                    batch_cfg=batch_cfg, fp8=fp8)
-        settings = settings_for_job(job)
+        from bridgecore.zoo.tiny_zoo import tiny_plus_model_beside
+
+        settings = settings_for_job(job, plus_model_beside=tiny_plus_model_beside)
         if shard_size < 1:
             raise ValueError(f"shard_size must be at least 1; got {shard_size}")
         if limit is not None and limit < 1:
