@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from conftest import make_image
+from helpers import make_image
 
 PROMPT = "make the circle blue"
 

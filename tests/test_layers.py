@@ -26,17 +26,28 @@ def modules() -> dict[str, Path]:
     return found
 
 
-def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
-    """The library modules a file imports, anywhere in it (lazy imports inside functions count)."""
+def all_imports(path: Path) -> set[str]:
+    """Every dotted name a file imports, anywhere in it: `import`, `from ... import`, lazy ones inside functions, and
+    `importlib.import_module("...")` / `__import__("...")` with a literal name (the way around an import rule)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            assert node.level == 0, f"{path}: relative import (the library imports bridgecore.* absolutely)"
+            assert node.level == 0, f"{path}: relative import (the project imports its modules absolutely)"
             names.add(node.module or "")
             names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return {name for name in names if name in known}
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str)
+              and ((isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+                   or (isinstance(node.func, ast.Name) and node.func.id in ("import_module", "__import__")))):
+            names.add(node.args[0].value)
+    return names
+
+
+def imports_of(path: Path, known: dict[str, Path]) -> set[str]:
+    """The library modules a file imports (see `all_imports`)."""
+    return {name for name in all_imports(path) if name in known}
 
 
 def floor_of(module: str) -> str:
@@ -151,3 +162,24 @@ def test_every_stage_that_runs_a_model_declares_what_it_calls():
         if stage.models:
             assert running, f"{name} declares models {stage.models} but never runs them through the pool"
     assert not silent, f"stages that run models without naming what they call: {silent}"
+
+
+def test_the_layers_of_the_project_run_one_way():
+    """app (vision_bridge) -> flows -> tasks -> library (bridgecore): the library imports no orchestration (Prefect,
+    flows, tasks) and no app; tasks import no flows and no app; flows import no app. `importlib` counts."""
+    root = PACKAGE.parent
+    rules = {"bridgecore": ("prefect", "flows", "tasks", "vision_bridge"), "tasks": ("flows", "vision_bridge"),
+             "flows": ("vision_bridge",)}
+    wrong = []
+    for package, forbidden in rules.items():
+        for path in (root / package).rglob("*.py"):
+            for name in all_imports(path):
+                if name.split(".")[0] in forbidden:
+                    wrong.append(f"{path.relative_to(root)} imports {name}")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_a_planted_importlib_violation_is_caught(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import importlib\n\ndef f():\n    return importlib.import_module('prefect.flows')\n")
+    assert "prefect.flows" in all_imports(planted)

@@ -3,7 +3,7 @@
 
 
 import pytest
-from conftest import make_image, run_cli
+from helpers import make_image, run_cli
 
 
 def _run(*args):

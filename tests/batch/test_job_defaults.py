@@ -59,7 +59,7 @@ def settings_through_the_cli(tmp_path, args) -> tuple[int, dict]:
 
 @pytest.fixture()
 def inputs(tmp_path):
-    from conftest import make_image
+    from helpers import make_image
 
     (tmp_path / "in").mkdir()
     make_image().save(tmp_path / "in" / "a.png")
@@ -149,7 +149,7 @@ def test_a_model_folder_spelled_differently_is_the_same_job(tiny_zoo, extractor,
     spelling), and a bridge trained under one spelling refused caches extracted under another."""
     import os
 
-    from conftest import make_image
+    from helpers import make_image
 
     from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge
 

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import LOADED, make_image, make_inputs, run_all, save_open_bridge
+from helpers import LOADED, make_image, make_inputs, run_all, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
 from bridgecore.batch.records import SampleResult

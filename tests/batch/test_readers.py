@@ -2,7 +2,7 @@
 locally and on S3 (SeaweedFS), after a run that has failed samples (README, "Reading the outputs")."""
 
 import pytest
-from conftest import make_inputs, run_all
+from helpers import make_inputs, run_all
 
 from bridgecore.batch.settings import JobSettings
 

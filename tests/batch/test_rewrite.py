@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOADED, make_image, save_open_bridge
+from helpers import LOADED, make_image, save_open_bridge
 
 from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
 from bridgecore.batch.settings import JobSettings

@@ -6,7 +6,7 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import make_image
+from helpers import make_image
 
 from bridgecore.batch.records import storage_key
 from bridgecore.batch.sharding import ManifestError, cut_shards, read_assignment, read_inputs, write_plan

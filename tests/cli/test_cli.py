@@ -4,8 +4,8 @@ input exits cleanly with one line. One test runs the console script in its own p
 import subprocess
 import sys
 
-from conftest import make_image
-from conftest import run_cli as _run
+from helpers import make_image
+from helpers import run_cli as _run
 
 from bridgecore.model.cache_format import load_cache
 
@@ -74,7 +74,7 @@ def test_train_then_edit_with_the_trained_bridge(tmp_path, tiny_zoo):
 
 
 def test_bulk_edit_dry_run_plans_and_writes_nothing_else(tmp_path, tiny_zoo):
-    from conftest import make_inputs
+    from helpers import make_inputs
 
     manifest = make_inputs(tmp_path / "in", n=3)
     out = tmp_path / "out"
@@ -98,7 +98,7 @@ def test_bulk_edit_dry_run_plans_and_writes_nothing_else(tmp_path, tiny_zoo):
 
 
 def test_common_mistakes_are_one_line_errors(tmp_path, tiny_zoo):
-    from conftest import make_inputs
+    from helpers import make_inputs
 
     manifest = make_inputs(tmp_path / "in", n=1)
     (tmp_path / "a-file").write_text("x")
@@ -154,7 +154,7 @@ def test_hostile_manifests_and_addresses_are_one_line_errors(tmp_path, tiny_zoo)
     import os
     import time
 
-    from conftest import make_inputs
+    from helpers import make_inputs
 
     manifest = make_inputs(tmp_path / "in", n=1)
     fifo = tmp_path / "fifo.jsonl"
@@ -201,7 +201,7 @@ def test_hostile_manifests_and_addresses_are_one_line_errors(tmp_path, tiny_zoo)
 def test_bad_numbers_and_paths_are_refused_before_any_work(tmp_path, tiny_zoo):
     """Found by a hostile run: each of these used to run to the end (black edits marked done, a NaN bridge, a
     traceback after the edit, a dry run that planned what the run refuses, a folder feeding its edits back in)."""
-    from conftest import make_inputs
+    from helpers import make_inputs
 
     models = ["--qwen3", str(tiny_zoo["qwen3-vl"]), "--edit-model", str(tiny_zoo["qwen-image-edit"])]
     manifest = make_inputs(tmp_path / "in", n=1)

@@ -6,7 +6,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from bridgecore.evaluation.benchmark_data import LANGUAGES, make_benchmark
 from bridgecore.evaluation.metrics import normalise_text, read_text
@@ -150,7 +150,7 @@ def test_cli_json_report_and_screenshot(benchmark, tmp_path):
 
 def test_bulk_edit_run_over_the_benchmark_is_scored(benchmark, tmp_path, tiny_zoo):
     """The harness end to end with the tiny models: bulk stages over the benchmark, then --results scoring."""
-    from conftest import run_all
+    from helpers import run_all
 
     from bridgecore.batch.settings import JobSettings
     from bridgecore.evaluation.capabilities import results_editor
@@ -185,8 +185,8 @@ def test_four_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny
     same samples, and the report shows them side by side, the rewritten instruction under the picture."""
     import dataclasses
 
-    from conftest import save_open_bridge
-    from conftest import run_all
+    from helpers import save_open_bridge
+    from helpers import run_all
 
     from bridgecore.batch.settings import JobSettings
 

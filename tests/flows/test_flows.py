@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_inputs
+from helpers import make_inputs
 
 from bridgecore.batch.pipeline import STAGES
 from bridgecore.storage import Storage

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_image
+from helpers import make_image
 
 pytestmark = pytest.mark.slow  # PostgreSQL, a Prefect server and a hundred shards
 

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import make_image
+from helpers import make_image
 
 from bridgecore.model.bridge import (
     BridgeConfig,

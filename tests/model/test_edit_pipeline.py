@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
+from helpers import make_image
 
 from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, call_with_areas
 from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import SMALL_AREA, make_image
+from helpers import SMALL_AREA, make_image
 
 from bridgecore.model.edit_prompt import EDIT_PLUS_TEMPLATE, EDIT_TEMPLATE, resize_for_condition, system_prefix_length
 from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model
@@ -181,7 +181,7 @@ def test_unload_frees_and_reloads(tiny_zoo):
 def test_a_smaller_qwen3_view_gives_fewer_tokens_and_still_fits_the_bridge(tiny_zoo):
     """`qwen3_area`: Qwen3-VL sees the condition image smaller than Qwen2.5-VL does (smaller caches, cheaper
     extraction); both caches still belong to one condition picture and the bridge resamples the smaller grid."""
-    from conftest import make_image
+    from helpers import make_image
 
     from bridgecore.model.bridge import create_default_bridge
     from bridgecore.model.extraction import VisionCacheExtractor

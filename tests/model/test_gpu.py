@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
+from helpers import make_image
 
 from realwidth_checks import (
     PROMPT,

@@ -6,7 +6,7 @@ import time
 
 import pytest
 import torch
-from conftest import SMALL_AREA, make_image
+from helpers import SMALL_AREA, make_image
 
 from bridgecore.model.loading import LoadOptions, ModelNotAvailableError, resolve_model
 

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import LOADED, make_image
+from helpers import LOADED, make_image
 
 from bridgecore.model.native21 import NativeQwenImage21, condition_images
 
@@ -74,7 +74,7 @@ def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
 
     from PIL import Image
     from safetensors.torch import load as load_tensors
-    from conftest import make_inputs, run_all
+    from helpers import make_inputs, run_all
 
     from bridgecore.batch.pipeline import STAGES, fingerprints
     from bridgecore.batch.settings import JobSettings

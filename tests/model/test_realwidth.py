@@ -31,7 +31,7 @@ def test_batched_equals_one_by_one_at_real_width(zoo):
 
 def test_planner_memory_modes_for_these_models(zoo):
     editor = editor_for(zoo, "cpu", AREA)
-    from conftest import make_image
+    from helpers import make_image
 
     caches = editor.extractor.extract(make_image(320, 200), "make it blue")
     modes = planned_memory(zoo, caches, (64, 96))["modes"]

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, run_cli
+from helpers import make_image, run_cli
 
 from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit, call_with_areas
 from bridgecore.model.loading import LoadOptions, load_edit_pipeline, resolve_model

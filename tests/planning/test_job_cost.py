@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from bridgecore.planning.job_cost import (
     ANCHOR_H200_EDIT_SECONDS,

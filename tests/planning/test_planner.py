@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -48,7 +48,7 @@ def _vlm_inputs(processor, text, image):
 
 
 def test_analytic_vlm_flops_match_torch_counter(extractor):
-    from conftest import make_image
+    from helpers import make_image
 
     from bridgecore.model.edit_prompt import resize_for_condition
 
@@ -137,7 +137,7 @@ def test_plan_prints_the_licences():
 def test_analytic_generate_flops_match_torch_counter(extractor):
     """The rewrite arm's cost: a greedy `generate` (prefill + one-token forwards over the KV cache) counted
     exactly as torch's counter sees it on the tiny Qwen3-VL."""
-    from conftest import make_image
+    from helpers import make_image
 
     from bridgecore.model.edit_prompt import resize_for_condition
     from bridgecore.planning.planner import generate_flops

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_image
+from helpers import make_image
 from PIL import Image
 
 pytestmark = pytest.mark.slow  # real CLI processes, each with its Prefect server

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from conftest import LOADED
+from helpers import LOADED
 import torch
 
 from bridgecore.batch.model_pool import ModelPool
