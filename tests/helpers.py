@@ -89,3 +89,24 @@ def save_open_bridge(settings, path) -> str:
         bridge.gate.fill_(0.5)
     bridge.save_pretrained(path)
     return str(path)
+
+
+# Run before a server's binary replaces it: a parent-death signal (kept across exec), and an exit if the test session
+# is already gone. A server a test session starts dies with it, also when the session is killed.
+_TIED = ("import ctypes, os, signal, sys\n"
+         "parent = int(sys.argv[1])\n"
+         "ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+         "if os.getppid() != parent: sys.exit(1)\n"
+         "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def dies_with_this_process(args: list[str]) -> list[str]:
+    """`args` as a command whose process ends when this one does (Linux). Only from the main thread: the kernel sends
+    the parent-death signal when the *thread* that started the child ends (a server restarted from a helper thread
+    would be killed as that thread returns), so from another thread the command is returned untied."""
+    import sys
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return [str(a) for a in args]
+    return [sys.executable, "-c", _TIED, str(os.getpid()), *[str(a) for a in args]]

@@ -46,8 +46,10 @@ class PrefectServer:
 
     def _spawn(self, args, log_name, **env):
         log = open(self.home / log_name, "ab")
-        process = subprocess.Popen(args, env={**self.env, **env}, stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=REPO, start_new_session=True)
+        from helpers import dies_with_this_process
+
+        process = subprocess.Popen(dies_with_this_process(args), env={**self.env, **env}, stdout=log,
+                                   stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         self.processes.append(process)
         return process
 
@@ -55,9 +57,12 @@ class PrefectServer:
         self.home.mkdir(parents=True, exist_ok=True)
         server_env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
         log = open(self.home / "server.log", "ab")
-        self.processes.append(subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port",
-                                                str(self.port)], env=server_env, stdout=log,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        from helpers import dies_with_this_process
+
+        self.processes.append(subprocess.Popen(dies_with_this_process([PREFECT, "server", "start", "--host",
+                                                                       "127.0.0.1", "--port", str(self.port)]),
+                                               env=server_env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

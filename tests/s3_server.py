@@ -38,12 +38,14 @@ class SeaweedServer:
     def start(self, timeout: float = 60) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir.parent / "weed.log", "ab")
-        self.process = subprocess.Popen(
+        from helpers import dies_with_this_process
+
+        self.process = subprocess.Popen(dies_with_this_process(
             [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              # Every bucket is a collection with a volume of its own. Left at 0, the volume count is sized from
              # the free disk space, and a nearly full disk made PutObject fail with InternalError once the
              # suite's buckets outnumbered it (CI, 2026-12-06). Volumes are sparse files: room costs nothing.
-             f"-volume.max={MAX_VOLUMES}", "-master.volumeSizeLimitMB=64"],
+             f"-volume.max={MAX_VOLUMES}", "-master.volumeSizeLimitMB=64"]),
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
