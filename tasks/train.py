@@ -1,7 +1,5 @@
 """Task: train the bridge from a manifest or a cache location (GPU). Resumes from the latest checkpoint."""
 
-import logging
-
 from prefect import get_run_logger, task
 
 from bridgecore.batch.settings import JobSettings
@@ -12,7 +10,6 @@ from bridgecore.training.trainer import TrainConfig
 @task(name="train_bridge", result_serializer="json")
 def train_bridge_task(data: str, out: str, settings: dict, train_config: dict, bridge_overrides: dict,
                       nproc_per_node: int = 1, shard_size: int | None = None) -> dict:
-    logging.getLogger("bridgecore").setLevel(logging.INFO)  # per-step progress and evaluations, to the UI
     metrics = run_training(data, out, JobSettings.from_dict(settings), TrainConfig(**train_config), bridge_overrides,
                            progress=False, nproc_per_node=nproc_per_node,
                            **({"shard_size": shard_size} if shard_size else {}))

@@ -168,6 +168,32 @@ def prepare_examples(data_uri: str, work_uri: str, settings: JobSettings, shard_
     return read_refs(source, source.refs())
 
 
+def check_ranks(nproc_per_node: int) -> None:
+    """One rank per GPU: more ranks than visible GPUs is refused before any work (on a machine without CUDA, ranks
+    run on the CPU with gloo: the tests' way)."""
+    import torch
+
+    if torch.cuda.is_available() and nproc_per_node > torch.cuda.device_count():
+        raise ValueError(f"{nproc_per_node} training ranks but {torch.cuda.device_count()} visible GPU(s) "
+                         "(CUDA_VISIBLE_DEVICES): one rank per GPU")
+
+
+def streamable_shard_size(manifest: str, shard_size: int, data_streams: int) -> int:
+    """The shard size for training data built from a manifest so that each of `data_streams` streams gets at least
+    one shard (a data stream reads whole shards); refused in one line when there are fewer samples than streams."""
+    from bridgecore.batch.sharding import read_inputs
+
+    count = len(read_inputs(manifest))
+    if count < data_streams:
+        raise ValueError(f"{manifest} has {count} samples for {data_streams} data streams: every stream needs at least "
+                         "one; use fewer streams (--data-streams) or more data")
+    fitted = min(shard_size, max(1, count // data_streams))
+    if fitted < shard_size:
+        logger.info("%d samples for %d data streams: %d samples per shard (not %d), so every stream has data",
+                    count, data_streams, fitted, shard_size)
+    return fitted
+
+
 class DamagedDataError(ValueError):
     """A committed training-data shard failed its checksums while training read it."""
 
@@ -194,6 +220,9 @@ def run_training(data_uri: str, out_dir: str | Path, settings, config: TrainConf
 
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be at least 1; got {nproc_per_node}")
+    check_ranks(nproc_per_node)
+    if _is_manifest(data_uri):  # train builds the data itself: every data stream must get a shard
+        shard_size = streamable_shard_size(data_uri, shard_size, config.data_streams)
     if config.data_streams % nproc_per_node:
         raise ValueError(f"{config.data_streams} data streams cannot be shared by {nproc_per_node} processes: use a "
                          "multiple of the number of GPUs")
