@@ -280,3 +280,15 @@ def test_damaged_caches_are_found_by_verify_and_end_training_in_one_line(tmp_pat
     source = prepare_data(str(manifest), work, settings, shard_size=4, loaded=LOADED)
     assert np.isfinite(BridgeTrainer(pipe, source, tmp_path / "ckpt2", replace(FAST, steps=2)).train(
         progress=False)["heldout_loss_trained"])
+
+
+def test_train_shards_its_own_data_so_every_stream_has_some(tmp_path):
+    """`train --data MANIFEST --nproc-per-node 2` on 24 samples built one 64-sample shard and failed after two
+    minutes in rank 1; the shard size now fits the streams, and too few samples are refused in one line."""
+    from bridgecore.batch.training_data import streamable_shard_size
+
+    manifest = str(write_triplets(tmp_path / "data", 24, seed=4))
+    assert streamable_shard_size(manifest, 64, 2) == 12
+    assert streamable_shard_size(manifest, 8, 2) == 8  # a size that already fits is kept
+    with pytest.raises(ValueError, match="24 samples for 32 data streams"):
+        streamable_shard_size(manifest, 64, 32)
