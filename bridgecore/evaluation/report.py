@@ -78,10 +78,7 @@ def _table(capability: str, summaries: dict[str, dict]) -> str:
     head = "".join(f"<th>{html.escape(run)}</th>" for run in runs)
     rows = []
     for name, _ in SUMMARY_FIELDS[capability]:
-        cells = "".join(
-            f"<td>{summaries[run][capability][name]:.3f} "
-            f"<small>[{summaries[run][capability][f'{name}_ci'][0]:.3f}, {summaries[run][capability][f'{name}_ci'][1]:.3f}]</small></td>"
-            for run in runs)
+        cells = "".join(_cell(summaries[run][capability][name], summaries[run][capability][f"{name}_ci"]) for run in runs)
         rows.append(f"<tr><td>{name}</td>{cells}</tr>")
     count = summaries[runs[0]][capability]["count"]
     missing = [summaries[run][capability].get("missing", 0) for run in runs]
@@ -89,6 +86,29 @@ def _table(capability: str, summaries: dict[str, dict]) -> str:
         cells = "".join(f"<td class='missing'>{m} of {count}</td>" if m else "<td>0</td>" for m in missing)
         rows.insert(0, f"<tr><td><b>missing edits</b> <small>(scored as failures above)</small></td>{cells}</tr>")
     return f"<table><tr><th>{capability} ({count} samples)</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _runs_header(runs_info: dict[str, dict] | None) -> str:
+    """Per arm: run id, models and bridge checkpoint (from its summary.json)."""
+    if not runs_info:
+        return ""
+    rows = []
+    for arm, info in runs_info.items():
+        settings = info.get("settings", {})
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            arm, info.get("run", "?"), settings.get("edit_model", "?"), settings.get("qwen3_model", "?"),
+            settings.get("bridge") or "none (Qwen-Image-Edit as is)")) + "</tr>")
+    return ("<table><tr><th>arm</th><th>run</th><th>edit model</th><th>Qwen3-VL</th><th>bridge checkpoint</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _cell(value: float, ci) -> str:
+    """A score with its interval, or why there is no number (never a "nan" on the page)."""
+    if value is None or value != value:
+        return "<td title='no sample of this kind was scored (e.g. no text to read, or every edit missing)'>—</td>"
+    low, high = ci
+    interval = "" if low is None or low != low else f" <small>[{low:.3f}, {high:.3f}]</small>"
+    return f"<td>{value:.3f}{interval}</td>"
 
 
 def _missing_tile(size: tuple[int, int]) -> Image.Image:
@@ -136,16 +156,23 @@ def _grids(evaluators: dict[str, CapabilityEvaluator], root: Path) -> str:
 
 
 def write_report(path: str | Path, evaluators: dict[str, CapabilityEvaluator], summaries: dict[str, dict],
-                 pairs: dict[str, dict] | None = None) -> Path:
+                 pairs: dict[str, dict] | None = None, benchmark: str | None = None,
+                 runs_info: dict[str, dict] | None = None) -> Path:
     """Writes the HTML page; `evaluators`/`summaries` are keyed by arm name, in order (the first is the
-    baseline, the last the arm under test); `pairs` maps "B - A" to `paired_comparison(A, B)`."""
+    baseline, the last the arm under test); `pairs` maps "B - A" to `paired_comparison(A, B)`. `benchmark`: where
+    the benchmark came from as the user gave it (a URL, not the local copy); `runs_info`: per arm, its run's
+    `summary.json` (run id, models, bridge checkpoint) for the header."""
     path = Path(path)
-    root = next(iter(evaluators.values())).root
+    root = next(iter(evaluators.values())).root  # the local copy the grids read
+    shown = benchmark or root  # where it came from, as given
     sections = [f"<h2>{cap}</h2>" + _table(cap, summaries) for cap in SUMMARY_FIELDS]
     paired = ""
     for pair, comparison in (pairs or {}).items():
         rows = "".join(f"<tr><td>{cap}</td><td>{name}</td><td>{v['difference']:+.3f}</td>"
                        f"<td>[{v['ci'][0]:+.3f}, {v['ci'][1]:+.3f}]</td><td>{metrics['count']}</td></tr>"
+                       if v["difference"] == v["difference"] else
+                       f"<tr><td>{cap}</td><td>{name}</td><td colspan='2'>— no pair of scored samples</td>"
+                       f"<td>{metrics['count']}</td></tr>"
                        for cap, metrics in comparison.items() for name, v in metrics.items() if isinstance(v, dict))
         excluded = {cap: metrics.get("excluded_missing", 0) for cap, metrics in comparison.items()}
         note = ("" if not any(excluded.values()) else "<p class='missing'>Left out of these pairs because an edit is "
@@ -162,8 +189,8 @@ def write_report(path: str | Path, evaluators: dict[str, CapabilityEvaluator], s
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}img{{max-width:100%}}small{{color:#666}}
 .missing{{color:#b00;font-weight:bold}}</style></head>
-<body><h1>vision-bridge capability evaluation</h1><p>Benchmark: <code>{html.escape(str(root))}</code>;
-runs: {runs}</p>
+<body><h1>vision-bridge capability evaluation</h1><p>Benchmark: <code>{html.escape(str(shown))}</code>;
+runs: {runs}</p>{_runs_header(runs_info)}
 <img alt="edit success per capability" src="{_bar_chart(summaries)}">
 <h2>OCR per language</h2><img alt="OCR exact match per language" src="{_language_chart(summaries)}">
 {''.join(sections)}{paired}<h2>Best and worst samples</h2>{_grids(evaluators, root)}</body></html>"""

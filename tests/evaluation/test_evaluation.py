@@ -219,6 +219,9 @@ def test_four_arms_in_one_output_are_compared_pairwise(benchmark, tmp_path, tiny
     assert output["pairs"]["Qwen-Image-2.1 - Edit"]["detail"]["ssim_outside"]["difference"] != 0
     page = report.read_text()
     assert all(name in page for name in ("Edit+bridge", "Qwen-Image-2.1 - Edit+bridge", "<th>Qwen-Image-2.1</th>"))
+    # the header names each arm's run, models and bridge checkpoint; no cell says "nan"
+    assert all(run in page for run in runs) and "bridge checkpoint" in page and str(tmp_path / "bridge") in page
+    assert ">nan" not in page and "[nan" not in page and "+nan" not in page
     assert "Qwen-Image-2.1 - Edit:" in result.stdout
     import pyarrow.parquet as pq
 

@@ -80,6 +80,7 @@ def evaluate(
     if (editor is None) == (not arm_runs) or (editor is not None and baseline):
         fail("give --editor oracle|identity|noise, or one or more runs (RUNS, --results, --baseline)")
     try:
+        given_benchmark = benchmark
         benchmark = _local_benchmark(benchmark)
         labels = [n.strip() for n in names.split(",")] if names else [arm_name(run) for run in arm_runs]
         if len(labels) != len(arm_runs):
@@ -127,5 +128,19 @@ def evaluate(
     if report:
         from bridgecore.evaluation.report import write_report
 
-        write_report(report, evaluators, summaries, output.get("pairs"))
+        write_report(report, evaluators, summaries, output.get("pairs"), benchmark=given_benchmark,
+                     runs_info={label: _run_summary(run) for label, run in zip(labels, arm_runs)} if arm_runs else None)
         typer.echo(f"report: {report}")
+
+
+def _run_summary(run: str) -> dict:
+    """A run's summary.json (run id, settings), or {} when it has none (a plain folder of edits)."""
+    import posixpath
+
+    from bridgecore.storage import read_uri
+
+    try:
+        return json.loads(read_uri(posixpath.join(str(run).rstrip("/"), "summary.json")))
+    except (OSError, ValueError):
+        return {}
+
