@@ -215,6 +215,7 @@ class LazyModel:
         self._value: Any = None
         self.description = description
         self.load_count = 0
+        self.attempts = 0  # loads started, failed ones included
 
     @property
     def loaded(self) -> bool:
@@ -223,6 +224,7 @@ class LazyModel:
     def get(self) -> Any:
         if self._value is None:
             logger.info("loading %s", self.description)
+            self.attempts += 1
             self._value = self._load()
             self.load_count += 1
         return self._value

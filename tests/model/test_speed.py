@@ -226,7 +226,7 @@ def test_batched_cfg_is_the_sequential_edit_in_one_forward_per_step(tiny_zoo):
                                       make_image(), "blue", seed=1, num_inference_steps=2, output_type="np"))
 
 
-def test_fp8_weights_convert_the_block_projections_and_dynamic_needs_fp8_tensor_cores(tiny_zoo, baseline, caplog):
+def test_fp8_weights_convert_the_block_projections_and_dynamic_needs_fp8_tensor_cores(tiny_zoo, baseline):
     """fp8="weights" (FP8 storage, bf16 compute) runs anywhere: every attention/MLP projection and modulation layer
     of the blocks holds an FP8 tensor, the embedders and the head stay as they were, and the edit moves a little (a
     random tiny DiT: a numerical check). fp8="dynamic" (FP8 matmuls) is refused off FP8 tensor cores, saying why."""
@@ -253,10 +253,9 @@ def test_fp8_weights_convert_the_block_projections_and_dynamic_needs_fp8_tensor_
         enable_fp8(transformer, "dynamic")
     # through the editor: the refusal comes out of the first edit, and the failed load is not tried twice
     refused = EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], condition_area=AREA, fp8="dynamic")
-    with caplog.at_level(logging.INFO, logger="bridgecore.model.loading"):
-        with pytest.raises(ValueError, match="compute capability 8.9"):
-            refused.generate(make_image(), "make it blue", num_inference_steps=STEPS, output_type="np")
-    assert sum("loading edit pipeline" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        refused.generate(make_image(), "make it blue", num_inference_steps=STEPS, output_type="np")
+    assert refused._pipe.attempts == 1  # counted, not read from the log (Prefect's logging set-up replaces handlers)
     with pytest.raises(ValueError, match="fp8 must be one of"):
         EnhancedQwenImageEdit(tiny_zoo["qwen-image-edit"], tiny_zoo["qwen3-vl"], fp8="int4")
     # the editor names the options as its user gave them: flags at the command line, parameters in a flow
