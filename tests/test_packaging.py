@@ -52,8 +52,16 @@ def test_the_runtime_install_leaves_out_only_test_tools():
 
 def test_deployments_are_found_at_the_root_and_pull_the_worker_s_own_code():
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    assert config["pull"] == [{"prefect.deployments.steps.set_working_directory":
-                               {"directory": "{{ $VISION_BRIDGE_CODE_DIR }}"}}]
+    check, move = config["pull"]
+    assert move == {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $VISION_BRIDGE_CODE_DIR }}"}}
+    # a worker without the variable is named in one line, before the step that would fail with a bare path error
+    script = check["prefect.deployments.steps.run_shell_script"]["script"]
+    missing = subprocess.run(["bash", "-c", script.split("'")[1]], env={"PATH": "/usr/bin:/bin"}, capture_output=True,
+                             text=True)
+    assert missing.returncode == 1 and "VISION_BRIDGE_CODE_DIR is not set on this worker" in missing.stderr
+    assert subprocess.run(["bash", "-c", script.split("'")[1]], env={"PATH": "/usr/bin:/bin",
+                                                                    "VISION_BRIDGE_CODE_DIR": "/srv/x"}).returncode == 0
+    assert [step for step in config["build"] if "flows.zombie_runs" in str(step)]  # the deploy step's automation
     names = {f"{d['entrypoint'].split(':')[1].replace('_', '-')}/{d['name']}" for d in config["deployments"]}
     assert {"process-shards/gpu", "bulk-edit/default", "build-caches/nightly", "train-bridge/default",
             "train-bridge/multi-gpu"} <= names

@@ -12,6 +12,8 @@ counted in full as SDPA executes them); element-wise work and the VAE convolutio
 
 from __future__ import annotations
 
+import functools
+
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -48,7 +50,13 @@ def load_real_config(name: str) -> dict[str, Any]:
 
 
 def build_meta_models() -> dict[str, nn.Module]:
-    """The four real models on the meta device (no memory)."""
+    """The four real models on the meta device (no memory); built once per process (a few seconds each time
+    otherwise: the planner prices several variants of a job), a fresh dict each call."""
+    return dict(_meta_models())
+
+
+@functools.lru_cache(maxsize=1)
+def _meta_models() -> dict[str, nn.Module]:
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import (
         Qwen2_5_VLConfig,
