@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                         help="a BridgeConfig field for every bridge, e.g. num_tokens=2 (repeatable)")
     parser.add_argument("--workers", type=int, default=1, help="seeds run in parallel processes (one thread each)")
+    parser.add_argument("--reuse", action="store_true", help="take the bridges already trained in --work with these "
+                        "settings and decode them again (no training)")
+    parser.add_argument("--summarize", action="store_true", help="only rebuild the tables and the JSON line from the "
+                        "per-seed results in --work (result-seed<N>.json, written as each seed finishes)")
     parser.add_argument("--zoo", default=".vision-bridge/tiny-zoo", help="tiny zoo folder (built and trained if missing)")
     parser.add_argument("--work", default=None, help="folder for the bridge checkpoints (default: a temp folder)")
     args = parser.parse_args()
@@ -51,7 +55,16 @@ def main() -> None:
     import torch
 
     from bridgecore.training.trainer import json_safe
-    from bridgecore.zoo.information_proof import QUICK, ProofConfig, format_summary, format_table, run_proof, verdict
+    from bridgecore.zoo.information_proof import (
+        QUICK,
+        ProofConfig,
+        format_summary,
+        format_table,
+        load_results,
+        run_proof,
+        summarize,
+        verdict,
+    )
     from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
     torch.set_num_threads(1)  # tiny models: as fast, and immune to oversubscription on a shared CPU
@@ -63,13 +76,21 @@ def main() -> None:
         overrides[name] = json.loads(value)
     for name, value in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
                         ("full_share", args.full_share), ("saw", False if args.no_saw else None),
-                        ("cache_dtype", args.cache_dtype),
+                        ("cache_dtype", args.cache_dtype), ("reuse", True if args.reuse else None),
                         ("overrides", overrides)):
         if value is not None:
             config = replace(config, **{name: value})
     start = time.time()
-    zoo = build_tiny_zoo(args.zoo, trained=True)
     work = args.work or tempfile.mkdtemp(prefix="vb-proof-")
+    if args.summarize:
+        results = load_results(work, config.seeds)
+        summary = summarize(results, config)
+        print(format_table(results, config))
+        print(format_summary(summary))
+        print(verdict(summary))
+        print(json.dumps(json_safe(summary)))
+        return
+    zoo = build_tiny_zoo(args.zoo, trained=True)
     results, summary = run_proof(zoo["qwen-image-edit-trained"], zoo["qwen3-vl"], config, work,
                                  progress=lambda m: print(f"[{time.time() - start:.0f} s] {m}", file=sys.stderr, flush=True),
                                  workers=args.workers)

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bridgecore.model.bridge import BridgeConfig, identity_bridge, negative_prompt_embeds
+from bridgecore.model.bridge import BridgeConfig, VisionCacheBridge, identity_bridge, negative_prompt_embeds
 from bridgecore.model.cache_format import SampleCache
 from bridgecore.model.edit_prompt import condition_size
 from bridgecore.model.latents import encode_latents
@@ -95,6 +95,7 @@ class ProofConfig:
     inference_steps: int = 20
     extract_batch_size: int = 32
     formed_threshold: float = 0.7
+    reuse: bool = False  # take a bridge already trained in the work folder with these settings (re-decoding only)
     cache_dtype: str = "native"  # "fp8": every cache goes through fp8 storage before training and evaluation
 
 
@@ -301,8 +302,18 @@ def _train(editor, examples, heldout, work_dir: Path, name: str, config: ProofCo
     phases = [(examples, switch)] + ([(examples + later, config.steps)] if later and switch < config.steps else [])
     if later and switch <= 0:
         phases = [(examples + later, config.steps)]
+    import json
     import shutil
 
+    if config.reuse and (work_dir / name / "metrics.json").is_file():  # trained before: decode it again, do not retrain
+        metrics = json.loads((work_dir / name / "metrics.json").read_text())
+        if metrics.get("steps") == config.steps:
+            train = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                                warmup_steps=config.warmup_steps, seed=seed, heldout_repeats=config.heldout_repeats,
+                                gradient_checkpointing=False, ablate_qwen3=ablate)
+            trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train, bridge_config, heldout=heldout)
+            trainer.bridge.load_state_dict(VisionCacheBridge.from_pretrained(work_dir / name).state_dict())
+            return trainer, metrics
     shutil.rmtree(work_dir / name, ignore_errors=True)  # the second phase resumes the latest checkpoint: only ours
     trainer, metrics = None, None
     for number, (data, steps) in enumerate(phases):
@@ -518,7 +529,8 @@ def summarize(results: list[dict], config: ProofConfig) -> dict:
             "vision_follow_rate_baseline": float(np.mean([_rates(r["counterfactual"]["baseline"])["follow"] for r in saw])),
             "vision_follow_rate_reference": float(np.mean([_rates(r["counterfactual"]["reference"])["follow"] for r in saw])),
             "vision_seeds_formed": int(sum(v >= config.formed_threshold for v in vision["per_seed"])),
-            "vision_edit_success": {name: float(np.mean([_rates(r["counterfactual"][name])["success"] for r in saw]))
+            "vision_edit_success": {name: float(np.mean([_rates(r["counterfactual"][name])["success"] for r in saw
+                                                         if name in r["counterfactual"]]))
                                     for name in saw[0]["counterfactual"]},
             "vision_fraction_captured": _over_seeds([fraction_captured(r["losses"]) for r in saw]),
             "vision_ablations": {bridge: {name: float(np.mean([r["ablations"][bridge][name] for r in saw
@@ -630,6 +642,41 @@ def verdict(summary: dict) -> str:
 # -- running ----------------------------------------------------------------------------------------------
 
 
+def result_to_json(value):
+    """A seed's result as JSON (arrays as lists): written as each seed finishes, so a run's work is never lost."""
+    if isinstance(value, dict):
+        return {str(k): result_to_json(v) for k, v in value.items() if k != "images"}
+    if isinstance(value, (list, tuple)):
+        return [result_to_json(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return value
+
+
+def result_from_json(value, key: str = ""):
+    """The inverse of `result_to_json`: numeric lists back to arrays (bool arrays stay bool)."""
+    if isinstance(value, dict):
+        return {k: result_from_json(v, k) for k, v in value.items()}
+    if isinstance(value, list) and value and key not in ("per_seed",):
+        return np.asarray(value)
+    return value
+
+
+def save_result(path: Path, result: dict) -> None:
+    import json
+
+    path.write_text(json.dumps(result_to_json(result)))
+
+
+def load_results(work_dir: Path, seeds) -> list[dict]:
+    """Per-seed results written by `save_result` (a summary can be rebuilt without recomputing anything)."""
+    import json
+
+    return [result_from_json(json.loads((Path(work_dir) / f"result-seed{seed}.json").read_text())) for seed in seeds]
+
+
 def seed_headline(result: dict) -> str:
     """One seed's numbers in a line, printed as each seed finishes."""
     read = result["read"]
@@ -681,6 +728,7 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
         results = []
         for seed in config.seeds:
             results.append(run_seed(editor, seed, config, Path(work_dir), size, progress))
+            save_result(Path(work_dir) / f"result-seed{seed}.json", results[-1])
             progress(f"seed {seed} done: {seed_headline(results[-1])}")
         return results, summarize(results, config)
     import multiprocessing
@@ -692,6 +740,7 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
         done = {}
         for future in as_completed(futures):
             done[futures[future]] = future.result()
+            save_result(Path(work_dir) / f"result-seed{futures[future]}.json", done[futures[future]])
             progress(f"seed {futures[future]} done ({len(done)} of {len(futures)}): {seed_headline(done[futures[future]])}")
     results = [done[seed] for seed in config.seeds]
     return results, summarize(results, config)

@@ -182,3 +182,23 @@ def test_proof_runs_both_tasks_on_a_small_run(tmp_path, trained_zoo):
     json.loads(json.dumps(summary))  # one JSON line
     table = format_table(results, MICRO)
     assert "saw task" in table and "unseen phrasings" in table and "no harm" in table
+
+
+def test_results_survive_as_json_and_a_deepstack_bridge_on_some_seeds_only(tmp_path):
+    """Each seed's result is written as it finishes (a crash in the summary lost 90 minutes of seeds once), read
+    back as arrays, and the summary takes a DeepStack bridge trained on the first seeds only."""
+    from bridgecore.zoo.information_proof import load_results, save_result
+
+    results = [_fake_result(0, 0.9, 0.0, 0.8), _fake_result(1, 0.8, 0.0, 0.7)]
+    results[0]["saw"]["counterfactual"]["deepstack"] = results[0]["saw"]["counterfactual"]["bridge"]
+    results[0]["saw"]["ablations"]["deepstack"] = {"early zeroed": 0.5}
+    for result in results:
+        save_result(tmp_path / f"result-seed{result['seed']}.json", result)
+    back = load_results(tmp_path, (0, 1))
+    assert back[0]["read"]["noharm"]["edit"]["follow"].dtype == bool
+    from bridgecore.training.trainer import json_safe
+
+    summary = summarize(back, ProofConfig(seeds=(0, 1)))
+    same = [json.dumps(json_safe(s), sort_keys=True) for s in (summary, summarize(results, ProofConfig(seeds=(0, 1))))]
+    assert same[0] == same[1]
+    assert summary["vision_deepstack_seeds"] == 1 and summary["vision_ablations"]["deepstack"]["early zeroed"] == 0.5
