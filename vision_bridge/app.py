@@ -40,6 +40,18 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show full traceb
     DEBUG = debug
 
 
+def caused_by_interrupt(error: BaseException) -> bool:
+    """Whether a Ctrl-C is behind this error: Prefect's task engine, interrupted before its task run exists, raises
+    `ValueError("Task run is not set")` while handling the KeyboardInterrupt, which then only survives as context."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
     """Mistakes a user can fix (bad value, missing file, unreachable storage, unknown model): one line each."""
     from bridgecore.storage import StorageUnreachableError

@@ -41,6 +41,9 @@ def exit_on(error: BaseException) -> None:
 
     if shared.DEBUG:
         raise error
+    if shared.caused_by_interrupt(error):
+        sys.stderr.write("interrupted: committed work is kept; the same command resumes\n")
+        raise SystemExit(130)
     from bridgecore.remote import describe
     from bridgecore.storage import is_connection_error
 

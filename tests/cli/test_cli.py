@@ -240,3 +240,29 @@ def test_bad_numbers_and_paths_are_refused_before_any_work(tmp_path, tiny_zoo):
         result = _run(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr[-1000:])
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written for any
+
+
+def test_an_error_raised_while_handling_ctrl_c_still_ends_as_an_interruption(tmp_path, monkeypatch, capsys):
+    """Prefect's task engine, interrupted before its task run exists, raises ValueError("Task run is not set") from
+    inside its KeyboardInterrupt handler: that was `error: Task run is not set`, exit 2, instead of exit 130."""
+    import pytest
+
+    from vision_bridge.app import caused_by_interrupt
+    from vision_bridge.cli import exit_on
+
+    def prefect_like():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ValueError("Task run is not set")
+
+    with pytest.raises(ValueError) as raised:
+        prefect_like()
+    assert caused_by_interrupt(raised.value) and not caused_by_interrupt(ValueError("bad value"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as ended:
+        exit_on(raised.value)
+    assert ended.value.code == 130 and "interrupted" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as ended:
+        exit_on(ValueError("bad value"))
+    assert ended.value.code == 1 and "error: ValueError: bad value" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from vision_bridge.app import (
     TINY_ZOO_DIR,
     app,
     banner,
+    caused_by_interrupt,
     check_input_first,
     fail,
     preflight,
@@ -167,17 +168,23 @@ def bulk_edit(
             summary = bulk_edit_flow(input=input, output=output, prompt=prompt, shard_size=shard_size,
                                      retry_failed=retry_failed, verify=verify, content_hash=content_hash,
                                      create_bucket=create_bucket, limit=limit, **job)
-    except (*user_errors(), ServerStartError) as error:
-        fail(str(error))
     except KeyboardInterrupt:
-        typer.secho(f"interrupted: committed shards are kept in {output}; the same command resumes", err=True,
-                    fg=typer.colors.YELLOW)
-        raise typer.Exit(code=130) from None
+        _interrupted(output)
+    except (*user_errors(), ServerStartError) as error:
+        if caused_by_interrupt(error):  # Prefect turned the Ctrl-C into its own error: still an interruption
+            _interrupted(output)
+        fail(str(error))
     counts = summary["counts"]
     typer.echo(f"done {counts['done']}, failed {counts['failed']}, pending {counts['pending']} "
                f"({summary['shards']} shards); summary: {output.rstrip('/')}/runs/{summary['run']}/summary.json")
     for failure in summary["failures"][:20]:
         typer.echo(f"  failed {failure['id']} at {failure['stage']}: {failure['error']}")
+
+
+def _interrupted(output: str) -> None:
+    typer.secho(f"interrupted: committed shards are kept in {output}; the same command resumes", err=True,
+                fg=typer.colors.YELLOW)
+    raise typer.Exit(code=130) from None
 
 
 def _check_this_machine_runs(settings) -> None:
