@@ -45,7 +45,8 @@ def main() -> None:
                         help="a BridgeConfig field for every bridge, e.g. num_tokens=2 (repeatable)")
     parser.add_argument("--workers", type=int, default=1, help="seeds run in parallel processes (one thread each)")
     parser.add_argument("--reuse", action="store_true", help="take the bridges already trained in --work with these "
-                        "settings and decode them again (no training)")
+                        "settings and decode them again (only a bridge missing there is trained; the DeepStack bridge "
+                        "goes with the first 3 seeds of --seeds)")
     parser.add_argument("--summarize", action="store_true", help="only rebuild the tables and the JSON line from the "
                         "per-seed results in --work (result-seed<N>.json, written as each seed finishes)")
     parser.add_argument("--zoo", default=".vision-bridge/tiny-zoo", help="tiny zoo folder (built and trained if missing)")
