@@ -8,3 +8,4 @@ from vision_bridge.commands import bulk_edit  # noqa: F401
 from vision_bridge.commands import train  # noqa: F401
 from vision_bridge.commands import evaluate  # noqa: F401
 from vision_bridge.commands import quickstart  # noqa: F401
+from vision_bridge.commands import cache  # noqa: F401
