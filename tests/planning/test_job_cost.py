@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 import pytest
 from helpers import run_cli
 
@@ -175,3 +177,54 @@ def test_memory_modes_order(report):
     assert "24gb" in modes["one_model_at_a_time+dit_offload"]["fits"]
     weights = sum(report["models"][n]["bytes_bf16"] for n in ("qwen3_vl", "qwen25_vl", "transformer", "vae"))
     assert modes["all_resident"]["peak_bytes"] > weights
+
+
+@pytest.mark.parametrize("cache_dtype,deepstack", [("native", False), ("fp8", True)])
+def test_the_planner_prices_exactly_the_tensors_a_real_run_stores(tmp_path, tiny_zoo, monkeypatch, cache_dtype, deepstack):
+    """A real tiny run with true CFG: the planner's per-image cache bytes, fed the token counts and widths this run
+    produced, equal the feature tensors the caches and negatives stages committed — Qwen3-VL's levels (fp8 values
+    and per-token scales), the DeepStack taps only when kept, Qwen2.5-VL's embeddings for both branches and never a
+    second Qwen3-VL pass. (Small tensors — ids, masks, grids, positions — and headers are not priced.)"""
+    import io
+    import tarfile
+
+    from safetensors.torch import load
+    from helpers import make_inputs, run_all
+
+    from bridgecore.batch.pipeline import fingerprints
+    from bridgecore.batch.settings import JobSettings
+    from bridgecore.planning import job_cost
+
+    settings = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=64 * 64, steps=2,
+                           cfg=4.0, negative_prompt="blurry", cache_dtype=cache_dtype, cache_deepstack=deepstack)
+    out = tmp_path / "out"
+    assert run_all(make_inputs(tmp_path / "in", n=1), str(out), settings)["counts"]["done"] == 1
+    prints = fingerprints("bulk-edit", settings)
+
+    def payloads(stage):
+        (tar,) = (out / stage / prints[stage] / "data").glob("*.tar")
+        with tarfile.open(tar) as archive:
+            return [load(archive.extractfile(m).read()) for m in archive.getmembers() if m.isfile()]
+
+    (cache,), (negative,) = payloads("caches"), payloads("negatives")
+    features = {name: t for name, t in cache.items() if name.startswith(("qwen3.early", "qwen3.mid", "qwen3.late",
+                                                                           "qwen3.deepstack.", "qwen25.prompt_embeds"))
+                and name != "qwen25.prompt_embeds_mask"}
+    assert any(name.startswith("qwen3.deepstack.") for name in features) == deepstack
+    assert all(t.dtype == torch.float8_e4m3fn for n, t in features.items() if n.startswith("qwen3.") and
+               not n.endswith(".scale")) == (cache_dtype == "fp8")
+    stored = sum(t.numel() * t.element_size() for t in features.values())
+    stored += sum(t.numel() * t.element_size() for t in negative.values() if t.is_floating_point())
+    qwen25 = cache["qwen25.prompt_embeds"]
+    monkeypatch.setattr(job_cost, "CACHE_BYTES_PER_VALUE", qwen25.element_size())  # the tiny run computes in fp32
+    deepstack_rows = [t.shape[0] for n, t in cache.items() if n.startswith("qwen3.deepstack.") and not n.endswith(".scale")]
+    report = {"tokens": {"qwen3_sequence": cache["qwen3.early"].shape[0], "qwen3_vision": (deepstack_rows or [0])[0],
+                         "qwen25_prompt_embeds": qwen25.shape[0]},
+              "hidden_sizes": {"qwen3": cache["qwen3.early"].shape[1], "qwen25": qwen25.shape[1]},
+              "condition_size": (64, 64)}
+    assert negative["prompt_embeds"].shape[1] == qwen25.shape[1]
+    priced = job_cost._storage_gb(report, 1, branches=2, cache_dtype=cache_dtype, cache_deepstack=deepstack)
+    # the negative prompt is shorter than the instruction: price it at its own length
+    priced_bytes = priced["cache_mb_per_image"] * 1e6 - (qwen25.shape[0] - negative["prompt_embeds"].shape[0]) * \
+        qwen25.shape[1] * qwen25.element_size()
+    assert priced_bytes == pytest.approx(stored, rel=1e-9)
