@@ -252,3 +252,48 @@ def test_lease_takeover_races_leave_exactly_one_holder(tmp_path):
     holders = {json.loads((folder / f"shard-{n}.json").read_text())["token"] for n in range(rounds)}
     assert len(holders) == rounds and not any(t.startswith("old") for t in holders)
     assert not [p for p in folder.iterdir() if ".tmp-" in p.name]  # nothing left aside
+
+
+_HOLDER = """
+import sys, time
+from bridgecore.storage import Storage
+from bridgecore.batch.shard_store import ShardStore
+store = ShardStore(Storage(sys.argv[1]), "caches", "fp")
+with store.leased("shard-a", seconds=float(sys.argv[2])):
+    print("holding", flush=True)
+    time.sleep(60)  # a shard that computes far longer than its lease
+"""
+
+
+def test_a_computing_holder_keeps_its_lease_and_a_frozen_one_loses_it_within_the_lease(tmp_path):
+    """Leases are short and renewed while the shard computes: a live worker on a long shard keeps it past its
+    duration, and a frozen (SIGSTOP: the process alive, the machine silent) or lost one loses it within one lease,
+    instead of holding the shard for an hour."""
+    import signal
+    import subprocess
+    import sys
+
+    from bridgecore.batch.shard_store import ShardBusyError
+
+    root, seconds = str(tmp_path / "out"), 1.5
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, root, str(seconds)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        store = ShardStore(Storage(root), "caches", "fp")
+        deadline = time.monotonic() + 3 * seconds
+        while time.monotonic() < deadline:  # two lease durations and more: still renewed, still busy
+            with pytest.raises(ShardBusyError):
+                store.acquire_lease("shard-a", seconds=60)
+            time.sleep(0.2)
+        holder.send_signal(signal.SIGSTOP)  # frozen: its pid is alive, so only the expiry can free the shard
+        frozen = time.monotonic()
+        while True:
+            try:
+                store.acquire_lease("shard-a", seconds=60)
+                break
+            except ShardBusyError:
+                assert time.monotonic() - frozen < seconds + 1.0, "the frozen holder's lease was not taken over"
+                time.sleep(0.1)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import socket
 import tarfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from bridgecore.storage import MarkerExistsError, Storage, sha256_bytes
 from bridgecore.batch.records import STAGE_TABLE_SCHEMA, SampleResult, result_row
+
+logger = logging.getLogger(__name__)
 
 LAYOUTS = ("tar", "files", "table")
 
@@ -37,7 +41,9 @@ def worker_id() -> str:
     return os.environ.get("VISION_BRIDGE_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
 
 
-LEASE_SECONDS = float(os.environ.get("VISION_BRIDGE_LEASE_SECONDS", "3600"))
+# A lease lives this long unless its holder renews it (every third of it, from a thread, while the shard computes):
+# a lost or frozen machine's shard is taken over within this bound, however long the shard takes to compute.
+LEASE_SECONDS = float(os.environ.get("VISION_BRIDGE_LEASE_SECONDS", "180"))
 
 
 def _lease_is_live(holder: Any) -> bool:
@@ -131,6 +137,42 @@ class ShardStore:
                     raise ShardBusyError(f"{self.stage}/{shard_id} is being computed by {holder['worker']}") from None
                 self._remove_lease_if(shard_id, holder)  # a stale lease: taken over (unless it changed meanwhile)
         raise ShardBusyError(f"{self.stage}/{shard_id}: another worker took the lease first")
+
+    @contextlib.contextmanager
+    def leased(self, shard_id: str, seconds: float | None = None):
+        """Holds the shard's lease while the block runs, renewing it every third of `seconds` from a daemon thread (a
+        frozen or lost holder stops renewing, and its lease expires); released at the end."""
+        seconds = LEASE_SECONDS if seconds is None else seconds
+        self.acquire_lease(shard_id, seconds)
+        stop = threading.Event()
+
+        def keep() -> None:
+            while not stop.wait(seconds / 3):
+                try:
+                    if not self.renew_lease(shard_id, seconds):
+                        logger.warning("%s/%s: the lease was taken over by another worker; finishing anyway (the "
+                                       "same objects and one marker are written)", self.stage, shard_id)
+                        return
+                except Exception as error:  # noqa: BLE001 - storage away: try again at the next tick
+                    logger.warning("%s/%s: could not renew the lease (%s)", self.stage, shard_id, error)
+
+        keeper = threading.Thread(target=keep, name=f"lease-{self.stage}-{shard_id}", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join(timeout=seconds)
+            self.release_lease(shard_id)
+
+    def renew_lease(self, shard_id: str, seconds: float = LEASE_SECONDS) -> bool:
+        """Pushes this holder's lease `seconds` into the future; False when it is no longer this holder's."""
+        token = self._tokens.get(shard_id)
+        holder = self._lease(shard_id)
+        if token is None or not isinstance(holder, dict) or holder.get("token") != token:
+            return False
+        self.storage.write_json({**holder, "expires": time.time() + seconds}, self.folder, "_lease", shard_id + ".json")
+        return True
 
     def _lease(self, shard_id: str) -> Any:
         try:

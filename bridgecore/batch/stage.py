@@ -183,13 +183,10 @@ class Stage:
         store = self.store(ctx.storage, ctx.fingerprints[self.name], ctx.settings)
         if store.is_done(shard_id):
             return {**store.marker(shard_id), "skipped": True}
-        store.acquire_lease(shard_id)
-        try:
+        with store.leased(shard_id):
             if store.is_done(shard_id):  # committed by the lease's previous holder meanwhile
                 return {**store.marker(shard_id), "skipped": True}
             return self._compute(ctx, store, shard_id, progress)
-        finally:
-            store.release_lease(shard_id)
 
     def _compute(self, ctx: StageContext, store: ShardStore, shard_id: str,
                  progress: Callable[[int], None] | None) -> dict:
