@@ -158,3 +158,90 @@ def test_two_workers_share_one_job(tmp_path, tiny_zoo, prefect_server):
     assert sum(name.startswith("bulk-edit-") and run_tags == tags for name, run_tags in found["runs"]) == 3
     for kind in ("progress", "sample-counts", "run-outputs", "failures"):
         assert any(key.startswith(f"{kind}-out-") for key in found["keys"]), (kind, found["keys"])
+
+
+def _process_tree(root: int) -> list[int]:
+    """A process and all its descendants (a worker and the flow-run processes it started, whatever their
+    sessions): one machine's processes."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def test_a_lost_machine_heals_itself_within_three_minutes(tmp_path, tiny_zoo, prefect_server):
+    """A worker and its flow-run process killed at the same instant (a lost node) in a pool of ONE slot: Prefect's
+    heartbeats stop, the project's zombie automation marks the run Crashed (freeing the slot), the parent resubmits
+    and the other worker finishes the job — within 3 minutes of the loss (heartbeat 60 s as deployed, automation
+    limit 75 s here; the parent's own stall check is set far out so that it cannot be what heals it). Nothing is
+    lost, nothing committed before the loss is recomputed, no run is left Running."""
+    server = prefect_server
+    server.cli("work-pool", "create", "gpu", "--type", "process")
+    server.cli("work-pool", "set-concurrency-limit", "gpu", "1")
+    server.cli("work-pool", "create", "control", "--type", "process")
+    server.cli("deploy", "--all", "--no-prompt")  # its build step creates the zombie automation (300 s)
+    subprocess.run([sys.executable, "-m", "flows.zombie_runs", "--within", "75"], env=server.env, cwd=REPO, check=True,
+                   capture_output=True, timeout=120)
+    lost = server.start_worker("gpu", "worker-a")
+    manifest = make_inputs(tmp_path / "in", n=4)
+    out = tmp_path / "out"
+    code = (
+        "import json; from flows.bulk_edit import bulk_edit; "
+        f"print(json.dumps(bulk_edit(input={manifest!r}, output={str(out)!r}, qwen3={str(tiny_zoo['qwen3-vl'])!r}, "
+        f"edit_model={str(tiny_zoo['qwen-image-edit'])!r}, shard_size=1, steps=8, condition_area=4096, "
+        "workers_deployment='process-shards/gpu', shards_per_run=100, deadline_s=900, stall_s=3600, "
+        "plus_model='none')['counts']))"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], env=server.env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("caches/*/_done/*.json")):  # the child runs on worker-a and has committed work
+            assert time.monotonic() < deadline and parent.poll() is None, "the child never committed"
+            time.sleep(0.1)
+        machine = _process_tree(lost.pid)
+        assert len(machine) >= 2  # the worker and the flow-run process it started
+        for pid in machine:
+            os.kill(pid, signal.SIGKILL)
+        lost_at = time.time()
+        committed_before = {p.name: json.loads(p.read_text()) for p in out.glob("*/*/_done/*.json")}
+        server.start_worker("gpu", "worker-b")  # the pool's other machine
+        output = parent.communicate(timeout=600)[0]
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert parent.returncode == 0, output[-3000:]
+    assert json.loads(output.strip().splitlines()[-1]) == {"done": 4, "failed": 6, "pending": 0}
+    code = ("import json; from prefect.client.orchestration import get_client\n"
+            "with get_client(sync_client=True) as c:\n"
+            "    print(json.dumps([[r.name, r.deployment_id is not None, r.state.type.value, r.state.timestamp.timestamp(),"
+            " r.start_time.timestamp() if r.start_time else None] for r in c.read_flow_runs()]))")
+    runs = json.loads(subprocess.run([sys.executable, "-c", code], env=server.env, capture_output=True, text=True,
+                                     check=True).stdout.strip().splitlines()[-1])
+    runs = [run for run in runs if run[0].startswith("bulk-edit")]  # this job's (the nightly has scheduled runs)
+    children = [run for run in runs if run[1]]
+    crashed = [run for run in children if run[2] == "CRASHED"]
+    completed = [run for run in children if run[2] == "COMPLETED"]
+    assert len(crashed) == 1 and len(completed) == 1, runs
+    assert crashed[0][3] - lost_at < 180, f"marked Crashed {crashed[0][3] - lost_at:.0f} s after the loss"
+    assert completed[0][4] - lost_at < 180, "the resubmitted child did not get the pool's only slot in time"
+    assert not [run for run in runs if run[2] in ("RUNNING", "PENDING", "CANCELLING", "SCHEDULED")], runs
+    for name, marker in committed_before.items():  # committed before the loss: kept, not recomputed
+        (again,) = [json.loads(p.read_text()) for p in out.glob(f"{marker['stage']}/{marker['fingerprint']}/_done/{name}")]
+        assert again["worker"] == "worker-a" and again["committed"] == marker["committed"]
+    ids = [row["id"] for s in Storage(str(out)).list("plan/shards", suffix=".json")
+           for row in stage_store(out, "metrics").table(s[:-5])]
+    assert len(ids) == len(set(ids)) == 10  # every sample exactly once
+    print(f"lost at 0 s; Crashed at {crashed[0][3] - lost_at:.0f} s; resubmitted child started at "
+          f"{completed[0][4] - lost_at:.0f} s; job done")
