@@ -623,19 +623,30 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _claim(what: str, low: float, control_high: float | None, per_seed: list[float], control: float, seeds: int) -> str:
+    if control_high is not None and low > control_high:
+        return f"carries what only Qwen3-VL {what} (lower bound {low:.0%} vs control's upper {control_high:.0%})"
+    if seeds <= 3 and per_seed and min(per_seed) > control + 0.2:  # every seed far above the control
+        return (f"formed on every seed for what only Qwen3-VL {what} ({', '.join(f'{f:.0%}' for f in per_seed)} vs "
+                f"control {control:.0%}), but a t-interval over {seeds} seeds cannot exclude the control (lower bound "
+                f"{low:.0%}): no claim either way; the full run's 10 seeds decide")
+    return f"does NOT reliably carry what only Qwen3-VL {what} (lower bound {low:.0%} vs control's upper " + (
+        f"{control_high:.0%})" if control_high is not None else "unknown)")
+
+
 def verdict(summary: dict) -> str:
-    """One sentence; with one seed it says that no interval over seeds exists instead of claiming a failure."""
+    """One sentence. With one seed no interval over seeds exists, and with two or three the t-multiplier (12.7, 4.3)
+    makes an interval that excludes the control nearly impossible: it says so instead of claiming a failure."""
     if summary["seeds"] < 2:
         return ("one seed: no interval over seeds, so no claim either way (follow "
                 f"{summary['follow_rate']:.0%} vs control {summary['follow_rate_control']:.0%}); run two or more seeds")
-    low = summary["follow_rate_ci"][0]
-    carries = low > summary["follow_rate_control_ci"][1] if summary["follow_rate_control_ci"][1] is not None else False
-    text = (f"the {summary['design']} bridge {'carries' if carries else 'does NOT reliably carry'} what only Qwen3-VL read "
-            f"(follow lower bound {low:.0%} vs control's upper {summary['follow_rate_control_ci'][1]:.0%})")
+    text = f"the {summary['design']} bridge " + _claim(
+        "read", summary["follow_rate_ci"][0], summary["follow_rate_control_ci"][1], summary["follow_rate_per_seed"],
+        summary["follow_rate_control"], summary["seeds"])
     if "vision_follow_rate" in summary:
-        vlow, chigh = summary["vision_follow_rate_ci"][0], summary["vision_follow_rate_control_ci"][1]
-        text += (f"; it {'carries' if vlow > chigh else 'does NOT reliably carry'} what only Qwen3-VL saw "
-                 f"(lower bound {vlow:.0%} vs control's upper {chigh:.0%})")
+        text += "; it " + _claim(
+            "saw", summary["vision_follow_rate_ci"][0], summary["vision_follow_rate_control_ci"][1],
+            summary["vision_follow_rate_per_seed"], summary["vision_follow_rate_control"], summary["seeds"])
     return text
 
 
