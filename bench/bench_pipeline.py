@@ -62,7 +62,7 @@ def storage_throughput(root: str, payload_mib: int = 64) -> tuple[float, float]:
 
 def run_direct(output: str, shards: list[str], settings) -> tuple[float, int]:
     """(seconds, model forwards) of one run, which loads its own models as a flow run does."""
-    from bridgecore.batch.pipeline import run_pipeline
+    from bridgecore.batch.executor import run_pipeline
 
     start = time.perf_counter()
     counts = run_pipeline(output, "bulk-edit", shards, settings, progress=False)
@@ -104,7 +104,7 @@ def main() -> None:
         finally:
             server.stop()
 
-    from bridgecore.batch.pipeline import plan_job
+    from bridgecore.batch.job_plan import plan_job
     from bridgecore.batch.model_pool import ModelPool
     from bridgecore.batch.settings import JobSettings
     from bridgecore.zoo.tiny_zoo import build_tiny_zoo

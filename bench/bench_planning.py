@@ -23,7 +23,7 @@ from pathlib import Path
 
 PLAN_ONE = """
 import json, resource, sys, time
-from bridgecore.batch.pipeline import plan_job
+from bridgecore.batch.job_plan import plan_job
 from bridgecore.batch.settings import JobSettings
 start = time.perf_counter()
 plan = plan_job(sys.argv[1], sys.argv[2], JobSettings(sys.argv[3], sys.argv[4]), shard_size=int(sys.argv[5]),

@@ -86,7 +86,8 @@ def build_base(folder: Path, count: int):
 def replicate(zoo: Path, base_output: str, base_shards: list[str], output: str, count: int,
               shard_size: int = 16) -> list[str]:
     """Commits `count` samples under `output`, copies of the base samples under new ids, `shard_size` a shard."""
-    from bridgecore.batch.pipeline import STAGES, fingerprints
+    from bridgecore.batch.fingerprints import fingerprints
+    from bridgecore.batch.pipelines import STAGES
     from bridgecore.batch.records import Sample, SampleResult
     from bridgecore.batch.stages.outputs import CACHES, LATENTS
     from bridgecore.batch.training_data import PIPELINE

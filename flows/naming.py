@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from prefect.runtime import deployment, flow_run
 
+from bridgecore.batch.pipelines import is_scored
 from bridgecore.evaluation.capabilities import arm_label
 from bridgecore.options import named_as_parameters
 
@@ -30,14 +31,14 @@ def run_name(pipeline: str) -> Callable[[], str]:
     def name() -> str:
         parameters = flow_run.parameters
         output = parameters.get("output") or parameters.get("out") or ""
-        arm = "" if pipeline in ("build-caches", "train-bridge") else f" {arm_label(parameters, look_up=False)}"
+        arm = f" {arm_label(parameters, look_up=False)}" if is_scored(pipeline) else ""
         return f"{pipeline} {_place(output)}{arm}"
     return name
 
 
 def job_tags(pipeline: str, output: str, settings: dict | None = None) -> list[str]:
     tags = [f"pipeline:{pipeline}", f"output:{output}"]
-    if settings is not None and pipeline not in ("build-caches", "training-data"):
+    if settings is not None and is_scored(pipeline):
         tags.append(f"arm:{arm_label(settings, look_up=False)}")
     return tags
 

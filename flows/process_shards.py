@@ -13,7 +13,7 @@ import time
 from prefect import flow, get_run_logger
 from prefect.runtime import deployment, flow_run
 
-from bridgecore.batch.pipeline import run_pipeline
+from bridgecore.batch.executor import run_pipeline
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.shard_store import worker_id
 from bridgecore.storage import Storage

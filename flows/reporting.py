@@ -5,8 +5,9 @@ from __future__ import annotations
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from bridgecore.batch.pipeline import summarize
+from bridgecore.batch.summary import summarize
 from bridgecore.batch.settings import JobSettings
+from bridgecore.batch.pipelines import is_scored
 from bridgecore.evaluation.capabilities import arm_label
 from bridgecore.storage import Storage
 from flows.naming import artifact_key
@@ -18,7 +19,7 @@ def report_run(output: str, job: str, pipeline: str, settings: dict, verify: boo
     counts, run = summary["counts"], summary["run"]
     get_run_logger().info("samples: %s (%d shards); summary at %s", counts, summary["shards"],
                           storage.url("runs", run, "summary.json"))
-    arm = "" if pipeline in ("build-caches", "training-data") else arm_label(settings, look_up=False)
+    arm = arm_label(settings, look_up=False) if is_scored(pipeline) else ""
     create_table_artifact([{"state": k, "samples": v} for k, v in counts.items()],
                           key=artifact_key("sample-counts", output, arm),
                           description="Every input sample ends done or failed")

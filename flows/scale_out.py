@@ -64,7 +64,7 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
                    progress_every_s: float = 10.0) -> list[str]:
     """Runs every batch to completion on the pool behind `deployment`; returns the child run ids. Children carry
     the job's tags; the job's progress (from the markers) is a Prefect progress artifact and a log line."""
-    from bridgecore.batch.pipeline import committed_stages
+    from bridgecore.batch.job_plan import committed_stages
     from bridgecore.batch.progress import JobProgress
     from bridgecore.batch.settings import JobSettings
     from flows.naming import artifact_key, job_tags
@@ -145,7 +145,7 @@ def run_shards(output: str, pipeline: str, plan: dict, settings: dict, shard_siz
     """Runs the plan's pending shards here, or in batches on the pool behind `workers_deployment`, each batch
     one child run that loads its models once. Without `shards_per_run`, batches are sized so that model
     loading stays a small part of each child's estimated compute while every online worker gets work."""
-    from bridgecore.batch.pipeline import run_id
+    from bridgecore.batch.fingerprints import run_id
     from bridgecore.batch.settings import JobSettings
     from bridgecore.batch.sizing import child_run_cost
     from bridgecore.batch.sizing import shards_per_run as size_batches

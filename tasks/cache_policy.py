@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from prefect.cache_policies import CachePolicy
 
-from bridgecore.batch.pipeline import STAGES
+from bridgecore.batch.pipelines import STAGES
 from bridgecore.storage import Storage, is_transient_error
 
 

@@ -3,7 +3,8 @@ stage: the stage itself (bridgecore.batch.stages) says what it does."""
 
 from prefect import get_run_logger, task
 
-from bridgecore.batch.pipeline import STAGES, make_context
+from bridgecore.batch.executor import make_context
+from bridgecore.batch.pipelines import STAGES
 from bridgecore.batch.model_pool import LoadedModels
 from bridgecore.batch.settings import JobSettings
 from tasks.cache_policy import StageCachePolicy, is_transient

@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 from prefect import get_run_logger, task
 
-from bridgecore.batch.pipeline import plan_job
+from bridgecore.batch.job_plan import plan_job
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.sizing import pending_gpu_hours
 

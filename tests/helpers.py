@@ -66,7 +66,9 @@ def make_inputs(folder, n=5):
 
 def run_all(manifest, output, settings, shard_size=4, loaded=LOADED, **plan_options):
     """Plan, run every pending shard through the bulk-edit pipeline here, summarize: what a local run does."""
-    from bridgecore.batch.pipeline import plan_job, run_pipeline, summarize
+    from bridgecore.batch.executor import run_pipeline
+    from bridgecore.batch.job_plan import plan_job
+    from bridgecore.batch.summary import summarize
 
     plan = plan_job(manifest, output, settings, "bulk-edit", shard_size=shard_size, **plan_options)
     run_pipeline(output, "bulk-edit", plan.pending, settings, progress=False, loaded=loaded)

@@ -113,7 +113,7 @@ def test_stage_code_fingerprints_follow_what_the_stage_runs(tmp_path):
     the bridge's code recomputes `fused` and `edits`, not the caches or `latents` (which runs only the VAE); a
     change to how the pool builds an editor recomputes every stage that runs a model; the batch machinery and the
     latency benchmark's printer recompute nothing."""
-    from bridgecore.batch.pipeline import STAGES
+    from bridgecore.batch.pipelines import STAGES
 
     copy = tmp_path / "src"
     shutil.copytree(PACKAGE, copy / "bridgecore", ignore=shutil.ignore_patterns("__pycache__"))
@@ -148,7 +148,7 @@ def test_every_stage_that_runs_a_model_declares_what_it_calls():
     """A stage that runs models through the pool (`ctx.models`) names what it calls in an import from the model
     floor (a `TYPE_CHECKING` import is enough): that import is what its code fingerprint follows."""
     from bridgecore.batch.code_version import imported_names, uses_model_pool
-    from bridgecore.batch.pipeline import STAGES
+    from bridgecore.batch.pipelines import STAGES
 
     from bridgecore.batch.code_version import code_files
 

@@ -17,7 +17,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bridgecore.batch.pipeline import STAGES, fingerprints, pipeline_stages
+from bridgecore.batch.fingerprints import fingerprints
+from bridgecore.batch.pipelines import STAGES, pipeline_stages
 from bridgecore.batch.settings import JobSettings
 from bridgecore.storage import Storage, retry_transient
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from bridgecore.batch.pipeline import ShardFingerprints
+from bridgecore.batch.fingerprints import ShardFingerprints
 from bridgecore.batch.settings import JobSettings
 from bridgecore.storage import Storage
 

@@ -273,10 +273,11 @@ class JobSettings:
                              f"their own Edit-Plus job (with a bridge trained for it, or without {option('bridge')}), or "
                              f"pass {option('plus_model', 'none')} to let them fail alone")
 
-    def check_references(self, count: int, pipeline: str) -> None:
+    def check_references(self, count: int, edits: bool = True) -> None:
         """Samples with `count` reference pictures (read by Qwen3-VL only) need a bridge trained for that many to
-        reach an edit: refused here, at planning, in one line. Caches and training data take them as they are."""
-        if count == 0 or pipeline in ("build-caches", "training-data"):
+        reach an edit (a pipeline that `edits`): refused here, at planning, in one line. Caches and training data take
+        them as they are."""
+        if count == 0 or not edits:
             return
         if self.native:
             raise ValueError("reference_images are read by Qwen3-VL through the bridge; Qwen-Image-2.1 has no bridge: "

@@ -9,7 +9,7 @@
     STAGE/FP/_done/<shard>.json         marker: fingerprint, checksums, counts, timings, worker
     STAGE/FP/_lease/<shard>.json        while a worker computes the shard: who, and until when
 
-FP is the stage's fingerprint (see pipeline.py): a different setting is a different folder, so settings
+FP is the stage's fingerprint (see fingerprints.py): a different setting is a different folder, so settings
 coexist in one output and a reader never sees another setting's results. A shard without its marker
 does not exist for readers; reads verify every checksum and raise `CorruptShardError`, on which the
 executor recomputes the shard.

@@ -18,7 +18,10 @@ import contextlib
 import logging
 from pathlib import Path
 
-from bridgecore.batch.pipeline import JOBS, STAGES, fingerprints, plan_job, read_job, run_pipeline
+from bridgecore.batch.executor import run_pipeline
+from bridgecore.batch.fingerprints import fingerprints
+from bridgecore.batch.job_plan import JOBS, plan_job, read_job
+from bridgecore.batch.pipelines import STAGES
 from bridgecore.batch.model_pool import LoadedModels, ModelPool
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.sharding import CACHE_SHARD_SIZE

@@ -8,7 +8,7 @@ import pytest
 from helpers import LOADED, make_inputs, run_all, run_cli
 
 from bridgecore.batch.cache_inventory import inventory, prunable, prune, rerun_plan
-from bridgecore.batch.pipeline import fingerprints
+from bridgecore.batch.fingerprints import fingerprints
 from bridgecore.batch.settings import JobSettings
 from bridgecore.storage import Storage
 

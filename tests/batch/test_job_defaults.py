@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bridgecore.batch.pipeline import fingerprints
+from bridgecore.batch.fingerprints import fingerprints
 from bridgecore.batch.settings import JOB_DEFAULTS, JobSettings, settings_for_job
 
 DEPLOYMENTS = Path(__file__).resolve().parents[2] / "prefect.yaml"

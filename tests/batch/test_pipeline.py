@@ -9,7 +9,11 @@ import pytest
 import torch
 from helpers import LOADED, make_image, make_inputs, run_all, save_open_bridge
 
-from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
+from bridgecore.batch.executor import run_pipeline
+from bridgecore.batch.fingerprints import fingerprints
+from bridgecore.batch.job_plan import plan_job
+from bridgecore.batch.pipelines import STAGES
+from bridgecore.batch.summary import summarize
 from bridgecore.batch.records import SampleResult
 from bridgecore.batch.model_pool import LoadedModels, ModelPool
 from bridgecore.batch.settings import JobSettings
@@ -545,7 +549,7 @@ def test_fp8_changes_only_the_edits_fingerprints_and_batched_cfg_none(settings):
 def test_failure_reasons_group_causes_not_samples():
     """One cause, one reason: paths (absolute, relative, URLs), quoted names, storage keys and numbers blanked;
     an apostrophe inside a word is not a quote."""
-    from bridgecore.batch.pipeline import failure_reason, failure_reasons
+    from bridgecore.batch.summary import failure_reason, failure_reasons
 
     same = ["file not found: /in/a.png", "file not found: /in/sub/b.png", "file not found: s3://bucket/c.png"]
     assert len({failure_reason(e) for e in same}) == 1
@@ -618,3 +622,38 @@ def test_writing_the_same_sample_set_again_changes_no_input(tmp_path, settings):
     assert second.shards == first.shards and len(os.listdir(tmp_path / "out" / "plan" / "shards")) == len(first.shards)
     write_triplets(tmp_path / "in", 3, size=64, seed=8)  # other content: rewritten, new samples
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "in").iterdir()} != stamps
+
+
+class WordCountStage(Stage):
+    """A toy stage added the documented way: one class, its object in a pipeline's tuple (and in STAGES)."""
+
+    name = "word-counts"
+    upstream = ("caches",)
+    layout = "table"
+
+    def process(self, items, ctx):
+        assert all(item.has(CACHES_OUTPUT) for item in items)  # it reads what its upstream stage committed
+        return [SampleResult.done(item.sample, words=len(item.sample.instruction.split())) for item in items]
+
+
+from bridgecore.batch.stages.outputs import CACHES as CACHES_OUTPUT  # noqa: E402
+
+
+def test_a_new_stage_is_one_class_and_one_line_in_a_pipeline(tmp_path, settings, monkeypatch):
+    from bridgecore.batch.pipelines import CACHES, PIPELINES, Pipeline
+
+    stage = WordCountStage()
+    monkeypatch.setitem(STAGES, stage.name, stage)
+    monkeypatch.setitem(PIPELINES, "toy", Pipeline("toy", (CACHES, stage), scored=False))
+    manifest, out = make_inputs(tmp_path / "in", n=2), str(tmp_path / "out")
+    plan = plan_job(manifest, out, settings, "toy")
+    run_pipeline(out, "toy", plan.pending, settings, progress=False, loaded=LOADED)
+    summary = summarize(out, plan.job, "toy", settings)
+    assert summary["counts"] == {"done": 2, "failed": 6, "pending": 0} and summary["fingerprints"].keys() == {"caches", "word-counts"}
+    rows = [row for shard in plan.shards for row in STAGES["word-counts"].store(Storage(out), summary["fingerprints"]["word-counts"]).table(shard)]
+    assert sorted(json.loads(row["info"])["words"] for row in rows if row["status"] == "done") == [4, 4]
+    # its caches are the bulk-edit job's: the same fingerprint, so a bulk-edit job afterwards extracts nothing
+    assert summary["fingerprints"]["caches"] == fingerprints("bulk-edit", settings)["caches"]
+    before = LOADED.counts["vlm_forwards"]
+    run_all(manifest, out, settings)
+    assert LOADED.counts["vlm_forwards"] == before

@@ -12,7 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import LOADED, make_image, save_open_bridge
 
-from bridgecore.batch.pipeline import STAGES, fingerprints, plan_job, run_pipeline, summarize
+from bridgecore.batch.executor import run_pipeline
+from bridgecore.batch.fingerprints import fingerprints
+from bridgecore.batch.job_plan import plan_job
+from bridgecore.batch.pipelines import STAGES
+from bridgecore.batch.summary import summarize
 from bridgecore.batch.settings import JobSettings
 from bridgecore.model.rewrite import clean_rewrite, rewrite_messages
 from bridgecore.storage import Storage

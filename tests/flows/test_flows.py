@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import make_inputs
 
-from bridgecore.batch.pipeline import STAGES
+from bridgecore.batch.pipelines import STAGES
 from bridgecore.storage import Storage
 
 pytestmark = pytest.mark.slow  # real CLI processes and Prefect servers

@@ -76,7 +76,8 @@ def test_native_arm_through_the_stage_pipeline(tmp_path, tiny_zoo):
     from safetensors.torch import load as load_tensors
     from helpers import make_inputs, run_all
 
-    from bridgecore.batch.pipeline import STAGES, fingerprints
+    from bridgecore.batch.fingerprints import fingerprints
+    from bridgecore.batch.pipelines import STAGES
     from bridgecore.batch.settings import JobSettings
     from bridgecore.batch.stages.common import sample_seed
     from bridgecore.storage import Storage
@@ -136,7 +137,7 @@ def load_samples(storage, shard):
 def test_native_arm_refuses_what_it_cannot_do(tiny_zoo, tmp_path):
     from dataclasses import replace
 
-    from bridgecore.batch.pipeline import plan_job
+    from bridgecore.batch.job_plan import plan_job
     from bridgecore.batch.settings import JobSettings
 
     edit = JobSettings(str(tiny_zoo["qwen3-vl"]), str(tiny_zoo["qwen-image-edit"]), condition_area=AREA)

@@ -191,7 +191,7 @@ def test_the_planner_prices_exactly_the_tensors_a_real_run_stores(tmp_path, tiny
     from safetensors.torch import load
     from helpers import make_inputs, run_all
 
-    from bridgecore.batch.pipeline import fingerprints
+    from bridgecore.batch.fingerprints import fingerprints
     from bridgecore.batch.settings import JobSettings
     from bridgecore.planning import job_cost
 

@@ -322,7 +322,9 @@ def test_hostile_ids_stay_inside_the_bucket(tmp_path, tiny_zoo, s3_root, shared_
 
 RUN_JOB = """
 import sys
-from bridgecore.batch.pipeline import plan_job, run_pipeline, summarize
+from bridgecore.batch.executor import run_pipeline
+from bridgecore.batch.job_plan import plan_job
+from bridgecore.batch.summary import summarize
 from bridgecore.batch.settings import JobSettings
 settings = JobSettings(sys.argv[3], sys.argv[4], condition_area=64 * 64, steps=2)
 plan = plan_job(sys.argv[1], sys.argv[2], settings, shard_size=1)

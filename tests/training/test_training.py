@@ -244,7 +244,10 @@ def test_tokens_sit_where_inference_puts_them_in_any_batch(settings, examples):
 def test_damaged_caches_are_found_by_verify_and_end_training_in_one_line(tmp_path, settings):
     """Flipped bytes in a committed caches tar: `--verify` (summarize with verify) finds and uncommits it; training
     that reads such a shard stops in one line naming it, uncommits it, and the same command then recomputes it."""
-    from bridgecore.batch.pipeline import STAGES, fingerprints, read_job, summarize
+    from bridgecore.batch.fingerprints import fingerprints
+    from bridgecore.batch.job_plan import read_job
+    from bridgecore.batch.pipelines import STAGES
+    from bridgecore.batch.summary import summarize
     from bridgecore.batch.training_data import DamagedDataError, prepare_data
     from bridgecore.storage import Storage
 
@@ -261,7 +264,7 @@ def test_damaged_caches_are_found_by_verify_and_end_training_in_one_line(tmp_pat
     shards = sorted(store.done_shards())
     assert len(shards) == 2
     flip(tmp_path / "work" / "caches" / store.fingerprint / "data" / f"{shards[0]}.tar")
-    from bridgecore.batch.pipeline import JOBS
+    from bridgecore.batch.job_plan import JOBS
 
     (job,) = {name.split(".", 1)[0] for name in Storage(work).list(JOBS)}  # the one planning job of this output
     assert read_job(Storage(work), job)

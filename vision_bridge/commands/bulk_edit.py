@@ -138,7 +138,7 @@ def bulk_edit(
                 "real weights (--qwen3).")
     preflight(input, output, create_bucket, prompt, None if settings.native else qwen3)  # a dry run checks too
     if dry_run:
-        from bridgecore.batch.pipeline import plan_job
+        from bridgecore.batch.job_plan import plan_job
 
         try:
             plan = plan_job(input, output, settings, "bulk-edit", prompt, shard_size, retry_failed, create_bucket,
@@ -153,7 +153,7 @@ def bulk_edit(
                    "at this condition area, the planner's estimate)")
         for stage, counts in plan.stages.items():
             typer.echo(f"  {stage:<10} committed {counts['committed']:>6}  to run {counts['to_run']:>6}")
-        from bridgecore.batch.pipeline import fingerprints
+        from bridgecore.batch.fingerprints import fingerprints
 
         typer.echo(f"steps {settings.steps}; fingerprints {json.dumps(fingerprints('bulk-edit', settings))}")
         return

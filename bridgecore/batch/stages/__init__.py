@@ -1,1 +1,1 @@
-"""One file per stage. A stage is registered by adding it to `pipeline.STAGES`."""
+"""One file per stage. A stage is registered in `bridgecore/batch/pipelines.py` (`STAGES` and a `Pipeline`)."""
