@@ -623,10 +623,11 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _claim(what: str, low: float, control_high: float | None, per_seed: list[float], control: float, seeds: int) -> str:
+def _claim(what: str, low: float, control_high: float | None, per_seed: list[float], control: float, seeds: int,
+           formed: float) -> str:
     if control_high is not None and low > control_high:
         return f"carries what only Qwen3-VL {what} (lower bound {low:.0%} vs control's upper {control_high:.0%})"
-    if seeds <= 3 and per_seed and min(per_seed) > control + 0.2:  # every seed far above the control
+    if seeds <= 3 and per_seed and min(per_seed) >= formed:  # every seed formed
         return (f"formed on every seed for what only Qwen3-VL {what} ({', '.join(f'{f:.0%}' for f in per_seed)} vs "
                 f"control {control:.0%}), but a t-interval over {seeds} seeds cannot exclude the control (lower bound "
                 f"{low:.0%}): no claim either way; the full run's 10 seeds decide")
@@ -642,11 +643,12 @@ def verdict(summary: dict) -> str:
                 f"{summary['follow_rate']:.0%} vs control {summary['follow_rate_control']:.0%}); run two or more seeds")
     text = f"the {summary['design']} bridge " + _claim(
         "read", summary["follow_rate_ci"][0], summary["follow_rate_control_ci"][1], summary["follow_rate_per_seed"],
-        summary["follow_rate_control"], summary["seeds"])
+        summary["follow_rate_control"], summary["seeds"], summary["formed_threshold"])
     if "vision_follow_rate" in summary:
         text += "; it " + _claim(
             "saw", summary["vision_follow_rate_ci"][0], summary["vision_follow_rate_control_ci"][1],
-            summary["vision_follow_rate_per_seed"], summary["vision_follow_rate_control"], summary["seeds"])
+            summary["vision_follow_rate_per_seed"], summary["vision_follow_rate_control"], summary["seeds"],
+            summary["formed_threshold"])
     return text
 
 
