@@ -248,6 +248,23 @@ class Storage:
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))
 
+    @contextlib.contextmanager
+    def folder_lock(self, *parts: str):
+        """Holds an exclusive lock on the folder of `parts[-1]` while the block runs (local storage: `flock` on the
+        folder itself, so no lock file is left behind; it serialises processes of every host that shares a POSIX
+        file system with working locks). Object storage has no locks: the block runs unguarded there."""
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        folder = self._open_folder(parts)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(folder)  # closing the descriptor releases the lock
+
     def create_marker(self, value: dict, *parts: str) -> None:
         """Writes a small JSON marker only if none exists (exclusive create); raises `MarkerExistsError`."""
         path = self.path(*parts)

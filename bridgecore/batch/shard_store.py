@@ -168,10 +168,11 @@ class ShardStore:
     def renew_lease(self, shard_id: str, seconds: float = LEASE_SECONDS) -> bool:
         """Pushes this holder's lease `seconds` into the future; False when it is no longer this holder's."""
         token = self._tokens.get(shard_id)
-        holder = self._lease(shard_id)
-        if token is None or not isinstance(holder, dict) or holder.get("token") != token:
-            return False
-        self.storage.write_json({**holder, "expires": time.time() + seconds}, self.folder, "_lease", shard_id + ".json")
+        with self.storage.folder_lock(self.folder, "_lease", shard_id + ".json"):  # no takeover between read and write
+            holder = self._lease(shard_id)
+            if token is None or not isinstance(holder, dict) or holder.get("token") != token:
+                return False
+            self.storage.write_json({**holder, "expires": time.time() + seconds}, self.folder, "_lease", shard_id + ".json")
         return True
 
     def _lease(self, shard_id: str) -> Any:
@@ -183,43 +184,19 @@ class ShardStore:
     def _remove_lease_if(self, shard_id: str, expected: Any) -> bool:
         """Deletes the lease only if it is still `expected`.
 
-        Local storage: the lease is first renamed aside (atomic), then compared; one that is not `expected` (a
-        newer lease that replaced it meanwhile) is linked back, which fails only if a third lease already took its
-        place. Object storage has no atomic rename: read, compare, delete, a window of one round trip against
-        leases that live for `LEASE_SECONDS`. Either way a lost race costs duplicate work, never data: two workers
-        computing one shard write identical objects and one marker (exclusive create)."""
-        if self._lease(shard_id) != expected:
-            return False
-        if not self.storage.is_local:
+        Local storage: read, compare and delete happen under a lock of the lease folder, so two workers taking over
+        one stale lease cannot both delete (the second one reads the first one's new lease and stops), and creation
+        stays an exclusive link. (An earlier rename-aside-and-put-back let a third worker create a lease in the
+        instant the path was empty: 2 holders in about 1 of 100 three-way races.) Object storage has no lock: read,
+        compare, delete, a window of one round trip against leases that live for `LEASE_SECONDS`. Either way a
+        lost race costs duplicate work, never data: two workers computing one shard write identical objects and one
+        marker (exclusive create)."""
+        with self.storage.folder_lock(self.folder, "_lease", shard_id + ".json"):
+            # a missing lease is never "removed": a worker may be creating one right now (creation takes no lock)
+            if not self.storage.exists(self.folder, "_lease", shard_id + ".json") or self._lease(shard_id) != expected:
+                return False
             self.storage.remove(self.folder, "_lease", shard_id + ".json")
             return True
-        path = self.storage.path(self.folder, "_lease", shard_id + ".json")
-        aside = f"{path}.tmp-{os.getpid()}-{os.urandom(4).hex()}"
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return False  # someone else removed it first
-        try:
-            import json
-
-            with open(aside, encoding="utf-8") as handle:
-                taken = json.load(handle)
-        except (OSError, ValueError):
-            taken = None
-        if taken != expected:  # not the lease we meant: put it back unless a newer one stands there already
-            try:
-                os.link(aside, path)
-            except FileExistsError:
-                pass
-            except OSError:  # no hard links here: a rename back (it would replace a lease created meanwhile)
-                if not os.path.exists(path):
-                    os.replace(aside, path)
-            with contextlib.suppress(FileNotFoundError):  # a sweeper of stale temporaries may have been first
-                os.unlink(aside)
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(aside)
-        return True
 
     def release_lease(self, shard_id: str) -> None:
         """Gives back this holder's lease; a lease that expired and was taken over by another worker is left to it."""
