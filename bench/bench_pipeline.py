@@ -117,7 +117,7 @@ def main() -> None:
     # 2. Prefect overhead
     direct_plan = plan_job(manifest, str(work / "direct"), settings, shard_size=args.shard_size)
     direct_s, _ = run_direct(str(work / "direct"), direct_plan.pending, settings)
-    from flows.process_shards import process_shards
+    from vision_bridge.flows.process_shards import process_shards
 
     process_shards(str(work / "flow"), [], settings.to_dict())  # starts the ephemeral Prefect server
     flow_plan = plan_job(manifest, str(work / "flow"), settings, shard_size=args.shard_size)

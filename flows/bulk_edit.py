@@ -19,9 +19,9 @@ from prefect import flow
 from bridgecore.batch.settings import JOB_DEFAULTS as D
 from bridgecore.batch.settings import settings_for_job
 from bridgecore.batch.sharding import EDIT_SHARD_SIZE
-from flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
-from flows.scale_out import STALL_SECONDS, run_and_report
-from tasks.shard_inputs import shard_inputs
+from vision_bridge.flows.naming import job_tags, run_name, speaks_in_parameters, tag_this_run
+from vision_bridge.flows.scale_out import STALL_SECONDS, run_and_report
+from vision_bridge.tasks.shard_inputs import shard_inputs
 
 
 @flow(name="bulk-edit", flow_run_name=run_name("bulk-edit"))

@@ -17,8 +17,8 @@ from bridgecore.batch.executor import run_pipeline
 from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.shard_store import worker_id
 from bridgecore.storage import Storage
-from flows.naming import speaks_in_parameters
-from tasks.run_stage import WORKER_MODELS, run_stage
+from vision_bridge.flows.naming import speaks_in_parameters
+from vision_bridge.tasks.run_stage import WORKER_MODELS, run_stage
 
 
 def _child_name() -> str:

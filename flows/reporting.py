@@ -10,7 +10,7 @@ from bridgecore.batch.settings import JobSettings
 from bridgecore.batch.pipelines import is_scored
 from bridgecore.evaluation.capabilities import arm_label
 from bridgecore.storage import Storage
-from flows.naming import artifact_key
+from vision_bridge.flows.naming import artifact_key
 
 
 def report_run(output: str, job: str, pipeline: str, settings: dict, verify: bool = False) -> dict:

@@ -67,7 +67,7 @@ def run_on_workers(deployment: str, batches: list[list[str]], parameters: dict, 
     from bridgecore.batch.job_plan import committed_stages
     from bridgecore.batch.progress import JobProgress
     from bridgecore.batch.settings import JobSettings
-    from flows.naming import artifact_key, job_tags
+    from vision_bridge.flows.naming import artifact_key, job_tags
 
     logger = get_run_logger()
     start = time.monotonic()
@@ -149,7 +149,7 @@ def run_shards(output: str, pipeline: str, plan: dict, settings: dict, shard_siz
     from bridgecore.batch.settings import JobSettings
     from bridgecore.batch.sizing import child_run_cost
     from bridgecore.batch.sizing import shards_per_run as size_batches
-    from flows.process_shards import process_shards
+    from vision_bridge.flows.process_shards import process_shards
 
     shard_ids, job_settings = plan["pending"], JobSettings.from_dict(settings)
     run = run_id(plan["job"], pipeline, job_settings)
@@ -172,7 +172,7 @@ def run_and_report(output: str, pipeline: str, plan: dict, settings: dict, shard
                    verify: bool = False, stall_s: float = None) -> dict:
     """Runs the plan's pending shards, then summarizes them as Prefect artifacts; a result found damaged while
     summarizing is recomputed once, so damage heals within the same run."""
-    from flows.reporting import report_run
+    from vision_bridge.flows.reporting import report_run
 
     stall_s = STALL_SECONDS if stall_s is None else stall_s
     run_shards(output, pipeline, plan, settings, shard_size, workers_deployment, shards_per_run, deadline_s, stall_s)

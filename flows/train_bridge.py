@@ -15,8 +15,8 @@ from bridgecore.batch.settings import settings_for_job
 from bridgecore.batch.sharding import CACHE_SHARD_SIZE
 from bridgecore.storage import Storage
 from bridgecore.training.trainer import TRAINING_DEFAULTS as T
-from flows.naming import artifact_key, job_tags, run_name, speaks_in_parameters, tag_this_run
-from tasks.train import train_bridge_task
+from vision_bridge.flows.naming import artifact_key, job_tags, run_name, speaks_in_parameters, tag_this_run
+from vision_bridge.tasks.train import train_bridge_task
 
 
 @flow(name="train-bridge", flow_run_name=run_name("train-bridge"))

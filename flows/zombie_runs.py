@@ -9,7 +9,7 @@ parent (`scale_out.run_on_workers`) resubmits the batch, whose committed shards 
 
 `prefect deploy --all` creates or updates it (a build step in `prefect.yaml`); by hand:
 
-    python -m flows.zombie_runs [--within 300]
+    python -m vision_bridge.flows.zombie_runs [--within 300]
 """
 
 from __future__ import annotations

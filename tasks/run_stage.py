@@ -7,7 +7,7 @@ from bridgecore.batch.executor import make_context
 from bridgecore.batch.pipelines import STAGES
 from bridgecore.batch.model_pool import LoadedModels
 from bridgecore.batch.settings import JobSettings
-from tasks.cache_policy import StageCachePolicy, is_transient
+from vision_bridge.tasks.cache_policy import StageCachePolicy, is_transient
 
 # The worker process's models: one process serves one GPU, and every stage task it runs draws from these, so a
 # model loads once per process and stays resident across shards (Prefect's process worker starts a process per

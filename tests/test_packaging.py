@@ -61,7 +61,7 @@ def test_deployments_are_found_at_the_root_and_pull_the_worker_s_own_code():
     assert missing.returncode == 1 and "VISION_BRIDGE_CODE_DIR is not set on this worker" in missing.stderr
     assert subprocess.run(["bash", "-c", script.split("'")[1]], env={"PATH": "/usr/bin:/bin",
                                                                     "VISION_BRIDGE_CODE_DIR": "/srv/x"}).returncode == 0
-    assert [step for step in config["build"] if "flows.zombie_runs" in str(step)]  # the deploy step's automation
+    assert [step for step in config["build"] if "-m vision_bridge.flows.zombie_runs" in str(step)]  # the deploy step's automation
     names = {f"{d['entrypoint'].split(':')[1].replace('_', '-')}/{d['name']}" for d in config["deployments"]}
     assert {"process-shards/gpu", "bulk-edit/default", "build-caches/nightly", "train-bridge/default",
             "train-bridge/multi-gpu"} <= names
@@ -76,7 +76,7 @@ def test_the_nightly_stays_active_across_deploys_and_refuses_to_run_unconfigured
     pauses it), and a nightly deployed without its variables fails at once, naming them."""
     import pytest
 
-    from tasks.shard_inputs import shard_inputs
+    from vision_bridge.tasks.shard_inputs import shard_inputs
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     nightly = next(d for d in config["deployments"] if d["name"] == "nightly")
@@ -102,3 +102,22 @@ def test_import_time_warnings_about_paths_never_taken_are_silenced():
     assert run.returncode == 0, run.stderr[-2000:]
     assert not [message for message in noise if message in run.stderr], run.stderr[-2000:]
     assert "kept" in run.stderr  # the filter drops those messages, not the loggers
+
+
+def test_the_orchestration_installs_under_the_project_s_name():
+    """Every package folder is listed for the wheel, and `flows/` and `tasks/` install as `vision_bridge.flows` and
+    `vision_bridge.tasks`: no top-level `flows` or `tasks` module in an environment shared with other projects."""
+    import importlib.util
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = setup["package-dir"]
+    assert mapping == {"vision_bridge.flows": "flows", "vision_bridge.tasks": "tasks"}
+    folders = {str(p.parent.relative_to(REPO)) for top in ("bridgecore", "vision_bridge", "flows", "tasks")
+               for p in (REPO / top).rglob("__init__.py")}
+    names = {{v: k for k, v in mapping.items()}.get(f, f.replace("/", ".")) for f in folders}
+    assert set(setup["packages"]) == names  # a new sub-package missing from the list would not ship
+    assert not any(p.split(".")[0] in ("flows", "tasks") for p in setup["packages"])
+    # the installed environment resolves the namespaced names to the repository's folders (editable install)
+    spec = importlib.util.find_spec("vision_bridge.flows")
+    assert spec is not None and Path(spec.origin).resolve() == REPO / "flows" / "__init__.py"

@@ -30,7 +30,7 @@ def deployment_parameters(entrypoint: str) -> dict:
 def settings_through_the_deployment(monkeypatch, **user_parameters) -> JobSettings:
     """`prefect deployment run bulk-edit/default --param ...`: the deployment's parameters, then the user's, through
     the flow's own code up to the planning task (which would need a server and the inputs)."""
-    import flows.bulk_edit as module
+    import vision_bridge.flows.bulk_edit as module
 
     seen = {}
 
@@ -108,9 +108,9 @@ def test_the_flows_and_the_cli_take_their_defaults_from_one_place():
 
     from bridgecore.batch.sharding import CACHE_SHARD_SIZE, EDIT_SHARD_SIZE
     from bridgecore.training.trainer import TRAINING_DEFAULTS
-    from flows.build_caches import build_caches
-    from flows.bulk_edit import bulk_edit
-    from flows.train_bridge import train_bridge
+    from vision_bridge.flows.build_caches import build_caches
+    from vision_bridge.flows.bulk_edit import bulk_edit
+    from vision_bridge.flows.train_bridge import train_bridge
     from vision_bridge.cli import app
 
     # the CLI's names for two training settings; the nightly build-caches batches 8 (no fingerprint reads batch_size)

@@ -124,7 +124,7 @@ def test_two_workers_share_one_job(tmp_path, tiny_zoo, prefect_server):
         handle.write("\n" + json.dumps({"images": ["img0.png", "img1.png"], "instruction": "combine"}))
     out = tmp_path / "out"
     code = (
-        "import json, sys; from flows.bulk_edit import bulk_edit; "
+        "import json, sys; from vision_bridge.flows.bulk_edit import bulk_edit; "
         f"print(json.dumps(bulk_edit(input={manifest!r}, output={str(out)!r}, qwen3={str(tiny_zoo['qwen3-vl'])!r}, "
         f"edit_model={str(tiny_zoo['qwen-image-edit'])!r}, shard_size=4, steps=2, condition_area=4096, "
         "workers_deployment='process-shards/gpu', shards_per_run=1, deadline_s=500, plus_model='none')['counts']))"
@@ -190,13 +190,13 @@ def test_a_lost_machine_heals_itself_within_three_minutes(tmp_path, tiny_zoo, pr
     server.cli("work-pool", "set-concurrency-limit", "gpu", "1")
     server.cli("work-pool", "create", "control", "--type", "process")
     server.cli("deploy", "--all", "--no-prompt")  # its build step creates the zombie automation (300 s)
-    subprocess.run([sys.executable, "-m", "flows.zombie_runs", "--within", "75"], env=server.env, cwd=REPO, check=True,
+    subprocess.run([sys.executable, "-m", "vision_bridge.flows.zombie_runs", "--within", "75"], env=server.env, cwd=REPO, check=True,
                    capture_output=True, timeout=120)
     lost = server.start_worker("gpu", "worker-a")
     manifest = make_inputs(tmp_path / "in", n=4)
     out = tmp_path / "out"
     code = (
-        "import json; from flows.bulk_edit import bulk_edit; "
+        "import json; from vision_bridge.flows.bulk_edit import bulk_edit; "
         f"print(json.dumps(bulk_edit(input={manifest!r}, output={str(out)!r}, qwen3={str(tiny_zoo['qwen3-vl'])!r}, "
         f"edit_model={str(tiny_zoo['qwen-image-edit'])!r}, shard_size=1, steps=8, condition_area=4096, "
         "workers_deployment='process-shards/gpu', shards_per_run=100, deadline_s=900, stall_s=3600, "

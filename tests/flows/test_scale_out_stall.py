@@ -1,7 +1,7 @@
 """A child run whose worker died stays RUNNING: the parent notices when nothing commits for `stuck_s`, at the first
 look after it (it took twice `stuck_s`: the first look only recorded a count, from -1)."""
 
-from flows.scale_out import StallWatch
+from vision_bridge.flows.scale_out import StallWatch
 
 
 def test_a_lost_child_is_noticed_at_the_first_look_after_stuck_s():
@@ -47,7 +47,7 @@ def test_the_zombie_automation_is_created_once_and_updated_in_place(shared_prefe
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, temporary_settings
 
-    from flows.zombie_runs import AUTOMATION_NAME, ensure_zombie_automation
+    from vision_bridge.flows.zombie_runs import AUTOMATION_NAME, ensure_zombie_automation
 
     with temporary_settings({PREFECT_API_URL: shared_prefect, PREFECT_SERVER_EPHEMERAL_ENABLED: False}):
         _create_update_and_read(Automation, get_client, StateType, AUTOMATION_NAME, ensure_zombie_automation)

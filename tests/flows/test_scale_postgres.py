@@ -51,7 +51,7 @@ def test_one_sample_shards_on_postgres(tmp_path, tiny_zoo, cluster):
     (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = tmp_path / "out"
     code = (
-        "import json; from flows.build_caches import build_caches; "
+        "import json; from vision_bridge.flows.build_caches import build_caches; "
         f"print(json.dumps(build_caches(input={str(folder / 'm.jsonl')!r}, output={str(out)!r}, "
         f"qwen3={str(tiny_zoo['qwen3-vl'])!r}, edit_model={str(tiny_zoo['qwen-image-edit'])!r}, shard_size=1, "
         "condition_area=32 * 32, batch_size=1, workers_deployment='process-shards/gpu', deadline_s=1500)['counts']))"

@@ -158,10 +158,10 @@ def bulk_edit(
         typer.echo(f"steps {settings.steps}; fingerprints {json.dumps(fingerprints('bulk-edit', settings))}")
         return
     _check_this_machine_runs(settings)
-    from flows.local_server import ServerStartError, local_prefect, prefect_environment
+    from vision_bridge.flows.local_server import ServerStartError, local_prefect, prefect_environment
 
     prefect_environment(DEFAULT_HOME / "prefect", quiet=not shared.DEBUG)
-    from flows.bulk_edit import bulk_edit as bulk_edit_flow
+    from vision_bridge.flows.bulk_edit import bulk_edit as bulk_edit_flow
 
     try:
         with local_prefect():

@@ -85,7 +85,7 @@ def quickstart(
         manifest = _write_sample_set(out_dir / "inputs")
     area = condition_area or (size * size if trained_tiny else 128 * 128)
     edit_steps = steps or (20 if trained_tiny else 4)
-    from flows.local_server import ServerStartError, active_api_url, local_prefect, prefect_environment
+    from vision_bridge.flows.local_server import ServerStartError, active_api_url, local_prefect, prefect_environment
 
     prefect_environment(DEFAULT_HOME / "prefect", quiet=not shared.DEBUG)
     try:
@@ -110,7 +110,7 @@ def _quickstart_arms(out_dir: Path, manifest: Path, qwen3: str, edit_model: str,
                      edit_steps: int, native_arm: bool, rewrite_arm: bool, api_url: Optional[str]) -> dict:
     """Edit, Edit+bridge (with a bridge), Edit+rewrite and Qwen-Image-2.1 over the same samples into one OUTPUT,
     each arm one run of the bulk-edit flow on the temporary Prefect server."""
-    from flows.bulk_edit import bulk_edit as bulk_edit_flow
+    from vision_bridge.flows.bulk_edit import bulk_edit as bulk_edit_flow
 
     preflight(str(manifest), str(out_dir / "run"), False, None, qwen3)
     arms = {}
