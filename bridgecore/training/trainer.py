@@ -533,7 +533,7 @@ class BridgeTrainer:
                     history["samples_per_s"].append(float(total[1]) / seconds)
                     history["data_wait_share"].append(waited / seconds)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(total[0]):.4f}")
+                    bar.set_postfix(loss=f"{float(total[0]):.4f}", refresh=False)  # shown at the next timed redraw: a log gets no line per step
                     if ranks.main and (step % config.log_every == 0 or step == config.steps):
                         logger.info("step %d/%d: loss %.5f, %.1f samples/s, data wait %.0f%%%s", step, config.steps,
                                     float(total[0]), history["samples_per_s"][-1], 100 * history["data_wait_share"][-1],

@@ -295,3 +295,14 @@ def test_train_shards_its_own_data_so_every_stream_has_some(tmp_path):
     assert streamable_shard_size(manifest, 8, 2) == 8  # a size that already fits is kept
     with pytest.raises(ValueError, match="24 samples for 32 data streams"):
         streamable_shard_size(manifest, 64, 32)
+
+
+def test_the_training_bar_writes_a_few_lines_to_a_log_not_one_per_step(tmp_path, settings, examples, capsys):
+    """Redirected (stderr not a terminal), the bar is one line per half minute and one at the end: the loss shown
+    on it must not redraw it every step (it did: 1,600 lines for the main job's two tiny bridges)."""
+    pipe = ModelPool(settings, LOADED).editor.pipe
+    BridgeTrainer(pipe, examples, tmp_path / "ckpt", replace(FAST, steps=40, eval_every=40, checkpoint_every=40)).train(
+        progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train:")]
+    assert 1 <= len(lines) <= 3, lines
+    assert "40/40" in lines[-1] and "loss=" in lines[-1]
