@@ -220,6 +220,7 @@ def _race_worker(root: str, rounds: int, start, done, results) -> None:
         done.wait()
 
 
+@pytest.mark.slow  # processes (a Prefect server / spawned workers): not the in-process tier
 def test_lease_takeover_races_leave_exactly_one_holder(tmp_path):
     """The timed race battery: an expired lease and three processes taking it over at the same instant, 200 times.
     Each round exactly one must hold the shard (a read-compare-delete takeover let a second one in: 1 in 200; a rename-aside takeover, 1 in 100)."""
@@ -265,6 +266,7 @@ with store.leased("shard-a", seconds=float(sys.argv[2])):
 """
 
 
+@pytest.mark.slow  # processes (a Prefect server / spawned workers): not the in-process tier
 def test_a_computing_holder_keeps_its_lease_and_a_frozen_one_loses_it_within_the_lease(tmp_path):
     """Leases are short and renewed while the shard computes: a live worker on a long shard keeps it past its
     duration, and a frozen (SIGSTOP: the process alive, the machine silent) or lost one loses it within one lease,

@@ -1,6 +1,8 @@
 """A child run whose worker died stays RUNNING: the parent notices when nothing commits for `stuck_s`, at the first
 look after it (it took twice `stuck_s`: the first look only recorded a count, from -1)."""
 
+import pytest
+
 from vision_bridge.flows.scale_out import StallWatch
 
 
@@ -38,6 +40,7 @@ def test_progress_restarts_the_clock_and_a_later_silence_is_noticed():
     assert watch.stalled(0, 1851.0, lambda: 2)
 
 
+@pytest.mark.slow  # processes (a Prefect server / spawned workers): not the in-process tier
 def test_the_zombie_automation_is_created_once_and_updated_in_place(shared_prefect):
     """The deploy step's automation on a real Prefect server: created, then unchanged on a second deploy, updated
     (not duplicated) when its time limit changes, with the trigger and action of Prefect's zombie-flow recipe.
