@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--full-share", type=float, default=None,
                         help="share of the read task's training examples where Qwen2.5-VL reads the full instruction")
     parser.add_argument("--no-saw", action="store_true", help="skip the reference-picture task")
+    parser.add_argument("--design", default=None, choices=("both", "tokens", "residual"),
+                        help="the bridge's mode for every bridge (default: both)")
     parser.add_argument("--cache-dtype", default=None, choices=("native", "fp8"),
                         help="every cache through this storage dtype before training and evaluation")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
@@ -74,9 +76,14 @@ def main() -> None:
     overrides = dict(config.overrides)
     for item in args.override:
         name, _, value = item.partition("=")
-        overrides[name] = json.loads(value)
+        if name == "mode":
+            parser.error("--override mode=...: use --design (the proof sets the mode itself)")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--override {item}: the value must be JSON (a string in double quotes)")
     for name, value in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
-                        ("full_share", args.full_share), ("saw", False if args.no_saw else None),
+                        ("full_share", args.full_share), ("saw", False if args.no_saw else None), ("design", args.design),
                         ("cache_dtype", args.cache_dtype), ("reuse", True if args.reuse else None),
                         ("overrides", overrides)):
         if value is not None:
