@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--full-share", type=float, default=None,
                         help="share of the read task's training examples where Qwen2.5-VL reads the full instruction")
     parser.add_argument("--no-saw", action="store_true", help="skip the reference-picture task")
+    parser.add_argument("--qwen3-area", type=int, default=None,
+                        help="Qwen3-VL's view of each condition image in pixels (the job setting qwen3_area), e.g. 1024 "
+                        "= 32x32 against the tiny task's 64x64")
     parser.add_argument("--design", default=None, choices=("both", "tokens", "residual"),
                         help="the bridge's mode for every bridge (default: both)")
     parser.add_argument("--cache-dtype", default=None, choices=("native", "fp8"),
@@ -84,6 +87,7 @@ def main() -> None:
             parser.error(f"--override {item}: the value must be JSON (a string in double quotes)")
     for name, value in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
                         ("full_share", args.full_share), ("saw", False if args.no_saw else None), ("design", args.design),
+                        ("qwen3_area", args.qwen3_area),
                         ("cache_dtype", args.cache_dtype), ("reuse", True if args.reuse else None),
                         ("overrides", overrides)):
         if value is not None:

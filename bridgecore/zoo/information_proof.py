@@ -97,6 +97,7 @@ class ProofConfig:
     formed_threshold: float = 0.7
     reuse: bool = False  # take a bridge already trained in the work folder with these settings (re-decoding only)
     cache_dtype: str = "native"  # "fp8": every cache goes through fp8 storage before training and evaluation
+    qwen3_area: int | None = None  # Qwen3-VL's view of the condition image in pixels, when smaller (the job setting)
 
 
 # What --quick can show in under 10 minutes on 2 idle cores (2 workers): the whole path on two seeds, shorter
@@ -703,7 +704,7 @@ def seed_headline(result: dict) -> str:
     return text
 
 
-def _editor(trained_edit_model, qwen3_model):
+def _editor(trained_edit_model, qwen3_model, qwen3_area: int | None = None):
     import json
 
     from bridgecore.model.edit_pipeline import EnhancedQwenImageEdit
@@ -711,7 +712,8 @@ def _editor(trained_edit_model, qwen3_model):
 
     report = Path(trained_edit_model) / REPORT_NAME
     size = json.loads(report.read_text())["config"]["image_size"] if report.exists() else 64
-    return EnhancedQwenImageEdit(trained_edit_model, qwen3_model, device="cpu", condition_area=size * size), size
+    return EnhancedQwenImageEdit(trained_edit_model, qwen3_model, device="cpu", condition_area=size * size,
+                                 qwen3_area=qwen3_area), size
 
 
 def _die_with_parent() -> None:
@@ -729,7 +731,7 @@ def _die_with_parent() -> None:
 def _seed_worker(trained_edit_model, qwen3_model, seed: int, config: ProofConfig, work_dir: str) -> dict:
     """One seed in a worker process (one thread: tiny models are overhead-bound)."""
     torch.set_num_threads(1)
-    editor, size = _editor(trained_edit_model, qwen3_model)
+    editor, size = _editor(trained_edit_model, qwen3_model, config.qwen3_area)
     return run_seed(editor, seed, config, Path(work_dir), size)
 
 
@@ -737,7 +739,7 @@ def run_proof(trained_edit_model: str | Path, qwen3_model: str | Path, config: P
               progress=print, workers: int = 1) -> tuple[list[dict], dict]:
     """Every seed on the trained tiny edit model (`workers` processes at once); returns (per-seed results, summary)."""
     if workers <= 1:
-        editor, size = _editor(trained_edit_model, qwen3_model)
+        editor, size = _editor(trained_edit_model, qwen3_model, config.qwen3_area)
         results = []
         for seed in config.seeds:
             results.append(run_seed(editor, seed, config, Path(work_dir), size, progress))
