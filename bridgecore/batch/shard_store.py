@@ -192,8 +192,13 @@ class ShardStore:
         lost race costs duplicate work, never data: two workers computing one shard write identical objects and one
         marker (exclusive create)."""
         with self.storage.folder_lock(self.folder, "_lease", shard_id + ".json"):
-            # a missing lease is never "removed": a worker may be creating one right now (creation takes no lock)
-            if not self.storage.exists(self.folder, "_lease", shard_id + ".json") or self._lease(shard_id) != expected:
+            try:
+                current = self.storage.read_json(self.folder, "_lease", shard_id + ".json")
+            except FileNotFoundError:
+                return False  # never "removed" when missing: a worker may be creating one now (creation takes no lock)
+            except ValueError:
+                current = None  # unreadable: stale, as `_lease` reads it
+            if current != expected:
                 return False
             self.storage.remove(self.folder, "_lease", shard_id + ".json")
             return True
