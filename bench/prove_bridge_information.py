@@ -38,6 +38,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--full-share", type=float, default=None,
                         help="share of the read task's training examples where Qwen2.5-VL reads the full instruction")
+    parser.add_argument("--lr-schedule", default=None, choices=("constant", "cosine"),
+                        help="the learning rate after warm-up: constant (default) or a cosine decay to a tenth over "
+                        "the whole run")
     parser.add_argument("--no-saw", action="store_true", help="skip the reference-picture task")
     parser.add_argument("--qwen3-area", type=int, default=None,
                         help="Qwen3-VL's view of each condition image in pixels (the job setting qwen3_area), e.g. 1024 "
@@ -87,6 +90,7 @@ def main() -> None:
             parser.error(f"--override {item}: the value must be JSON (a string in double quotes)")
     for name, value in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
                         ("full_share", args.full_share), ("saw", False if args.no_saw else None), ("design", args.design),
+                        ("lr_schedule", args.lr_schedule),
                         ("qwen3_area", args.qwen3_area),
                         ("cache_dtype", args.cache_dtype), ("reuse", True if args.reuse else None),
                         ("overrides", overrides)):

@@ -59,6 +59,7 @@ from bridgecore.training.examples import TrainingExample
 
 logger = logging.getLogger(__name__)
 ABLATIONS = ("none", "shuffle", "zeros")
+LR_SCHEDULES = ("constant", "cosine")
 HELDOUT_SEED = 12345
 
 
@@ -70,6 +71,11 @@ class TrainConfig:
     batch_size: int = 4
     grad_accumulation: int = 1
     warmup_steps: int = 50
+    # after warm-up: "constant", or "cosine" down to min_lr_ratio of the rate at step lr_decay_steps (default: steps;
+    # a run trained in phases that resume one another gives the whole run's length so the phases share one curve)
+    lr_schedule: str = "constant"
+    lr_decay_steps: int | None = None
+    min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     eval_every: int = 100
     checkpoint_every: int = 100
@@ -92,6 +98,12 @@ class TrainConfig:
     def __post_init__(self):
         if self.ablate_qwen3 not in ABLATIONS:
             raise ValueError(f"ablate_qwen3 must be one of {ABLATIONS}; got {self.ablate_qwen3!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must lie in [0, 1]; got {self.min_lr_ratio}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise ValueError(f"lr_decay_steps must be at least 1; got {self.lr_decay_steps}")
         for name in ("steps", "batch_size", "grad_accumulation", "data_streams", "shuffle_buffer", "eval_every",
                      "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
@@ -107,6 +119,17 @@ class TrainConfig:
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.data_streams * self.grad_accumulation
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at optimizer step `step` (0-based) as a fraction of the configured rate."""
+        warmup = max(1, self.warmup_steps)
+        if step + 1 < warmup:
+            return (step + 1) / warmup
+        if self.lr_schedule == "constant":
+            return 1.0
+        horizon = self.lr_decay_steps or self.steps
+        progress = min(1.0, max(0.0, (step + 1 - warmup) / max(1, horizon - warmup)))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # The one home of a training run's defaults: the CLI (`vision-bridge train`), the `train-bridge` flow and its
@@ -488,8 +511,7 @@ class BridgeTrainer:
         config, bridge, ranks = self.config, self.bridge, self.ranks
         lr = self.bridge_config.learning_rate if config.learning_rate is None else config.learning_rate
         optimizer = torch.optim.AdamW(bridge.parameter_groups(lr, self.bridge_config.weight_decay))
-        warmup = max(1, config.warmup_steps)
-        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: config.lr_factor(step))
         step, history = 0, {"step": [], "loss": [], "samples_per_s": [], "data_wait_share": [], "heldout_step": [],
                             "heldout_loss": [], "heldout_loss_qwen3_shuffled": [], "statistics": []}
         checkpoint = latest_checkpoint(self.out_dir) if resume else None

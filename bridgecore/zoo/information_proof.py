@@ -81,6 +81,7 @@ class ProofConfig:
     batch_size: int = 8
     learning_rate: float = 1e-3
     warmup_steps: int = 20
+    lr_schedule: str = "constant"  # or "cosine" over the whole run (both phases), see TrainConfig
     heldout_repeats: int = 4
     full_share: float = 0.5  # share of the read task's training examples where Qwen2.5-VL reads the full instruction
     no_harm_from: float = 0.5  # the full-instruction examples join after this fraction of the steps (form first)
@@ -310,7 +311,8 @@ def _train(editor, examples, heldout, work_dir: Path, name: str, config: ProofCo
         metrics = json.loads((work_dir / name / "metrics.json").read_text())
         if metrics.get("steps") == config.steps:
             train = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                                warmup_steps=config.warmup_steps, seed=seed, heldout_repeats=config.heldout_repeats,
+                                warmup_steps=config.warmup_steps, lr_schedule=config.lr_schedule,
+                                lr_decay_steps=config.steps, seed=seed, heldout_repeats=config.heldout_repeats,
                                 gradient_checkpointing=False, ablate_qwen3=ablate)
             trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train, bridge_config, heldout=heldout)
             trainer.bridge.load_state_dict(VisionCacheBridge.from_pretrained(work_dir / name).state_dict())
@@ -319,7 +321,8 @@ def _train(editor, examples, heldout, work_dir: Path, name: str, config: ProofCo
     trainer, metrics = None, None
     for number, (data, steps) in enumerate(phases):
         train = TrainConfig(steps=steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                            warmup_steps=config.warmup_steps, eval_every=steps, checkpoint_every=steps, seed=seed,
+                            warmup_steps=config.warmup_steps, lr_schedule=config.lr_schedule,
+                            lr_decay_steps=config.steps, eval_every=steps, checkpoint_every=steps, seed=seed,
                             heldout_repeats=config.heldout_repeats, gradient_checkpointing=False, ablate_qwen3=ablate)
         trainer = BridgeTrainer(editor.pipe, data, work_dir / name, train, bridge_config, heldout=heldout)
         metrics = trainer.train(resume=number > 0, progress=False)

@@ -88,12 +88,29 @@ def test_training_lowers_heldout_loss_and_only_the_bridge_moves(tmp_path, settin
     assert checkpoint_stats["step"] == 40 and "correction_rms_ratio" in checkpoint_stats
 
 
-def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples):
+def test_the_cosine_schedule_decays_after_warm_up_to_its_floor_at_the_horizon():
+    cosine = replace(FAST, warmup_steps=4, lr_schedule="cosine", min_lr_ratio=0.1, lr_decay_steps=20)
+    factors = [cosine.lr_factor(step) for step in range(25)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]  # warm-up, as the constant schedule
+    assert all(a > b for a, b in zip(factors[3:19], factors[4:20]))  # strictly down to the horizon ...
+    assert factors[19] == pytest.approx(0.1) and factors[24] == pytest.approx(0.1)  # ... then the floor
+    assert [replace(cosine, lr_schedule="constant").lr_factor(s) for s in (3, 19, 24)] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        replace(FAST, lr_schedule="linear")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_killed_run_resumes_on_the_same_loss_curve(tmp_path, settings, examples, schedule):
     pipe = ModelPool(settings, LOADED).editor.pipe
-    straight = BridgeTrainer(pipe, examples, tmp_path / "straight", FAST).train(progress=False)
-    BridgeTrainer(pipe, examples, tmp_path / "resumed", replace(FAST, steps=6)).train(progress=False)
-    resumed = BridgeTrainer(pipe, examples, tmp_path / "resumed", FAST).train(progress=False)
+    config = replace(FAST, lr_schedule=schedule, lr_decay_steps=FAST.steps)  # the killed run knows the whole length
+    straight = BridgeTrainer(pipe, examples, tmp_path / "straight", config).train(progress=False)
+    BridgeTrainer(pipe, examples, tmp_path / "resumed", replace(config, steps=6)).train(progress=False)
+    resumed = BridgeTrainer(pipe, examples, tmp_path / "resumed", config).train(progress=False)
     assert resumed["history"]["loss"] == straight["history"]["loss"]
+    if schedule == "cosine":  # the schedule reached the optimizer: the curve left the constant rate's after warm-up
+        constant = BridgeTrainer(pipe, examples, tmp_path / "constant", FAST).train(progress=False)
+        assert constant["history"]["loss"][:1] == straight["history"]["loss"][:1]
+        assert constant["history"]["loss"] != straight["history"]["loss"]
     assert resumed["heldout_loss_trained"] == straight["heldout_loss_trained"]
     # another global batch cannot continue the curve (its data position would be wrong): refused, naming it
     with pytest.raises(ValueError, match="this run's global batch is 2"):
