@@ -42,6 +42,8 @@ def main() -> None:
                         help="the learning rate after warm-up: constant (default) or a cosine decay to a tenth over "
                         "the whole run")
     parser.add_argument("--no-saw", action="store_true", help="skip the reference-picture task")
+    parser.add_argument("--no-deepstack-bridge", action="store_true",
+                        help="skip the saw task's DeepStack ablation bridge (trained on the first 3 seeds otherwise)")
     parser.add_argument("--qwen3-area", type=int, default=None,
                         help="Qwen3-VL's view of each condition image in pixels (the job setting qwen3_area), e.g. 1024 "
                         "= 32x32 against the tiny task's 64x64")
@@ -89,7 +91,8 @@ def main() -> None:
         except json.JSONDecodeError:
             parser.error(f"--override {item}: the value must be JSON (a string in double quotes)")
     for name, value in (("seeds", tuple(args.seeds) if args.seeds else None), ("steps", args.steps),
-                        ("full_share", args.full_share), ("saw", False if args.no_saw else None), ("design", args.design),
+                        ("full_share", args.full_share), ("saw", False if args.no_saw else None),
+                        ("saw_deepstack", False if args.no_deepstack_bridge else None), ("design", args.design),
                         ("lr_schedule", args.lr_schedule),
                         ("qwen3_area", args.qwen3_area),
                         ("cache_dtype", args.cache_dtype), ("reuse", True if args.reuse else None),
