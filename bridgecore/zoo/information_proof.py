@@ -307,24 +307,23 @@ def _train(editor, examples, heldout, work_dir: Path, name: str, config: ProofCo
     import json
     import shutil
 
+    def train_config(steps: int) -> TrainConfig:  # one phase; the schedule spans the whole run (config.steps)
+        return TrainConfig(steps=steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                           warmup_steps=config.warmup_steps, lr_schedule=config.lr_schedule, lr_decay_steps=config.steps,
+                           eval_every=steps, checkpoint_every=steps, seed=seed, heldout_repeats=config.heldout_repeats,
+                           gradient_checkpointing=False, ablate_qwen3=ablate)
+
     if config.reuse and (work_dir / name / "metrics.json").is_file():  # trained before: decode it again, do not retrain
         metrics = json.loads((work_dir / name / "metrics.json").read_text())
         if metrics.get("steps") == config.steps:
-            train = TrainConfig(steps=config.steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                                warmup_steps=config.warmup_steps, lr_schedule=config.lr_schedule,
-                                lr_decay_steps=config.steps, seed=seed, heldout_repeats=config.heldout_repeats,
-                                gradient_checkpointing=False, ablate_qwen3=ablate)
-            trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train, bridge_config, heldout=heldout)
+            trainer = BridgeTrainer(editor.pipe, examples, work_dir / name, train_config(config.steps), bridge_config,
+                                    heldout=heldout)
             trainer.bridge.load_state_dict(VisionCacheBridge.from_pretrained(work_dir / name).state_dict())
             return trainer, metrics
     shutil.rmtree(work_dir / name, ignore_errors=True)  # the second phase resumes the latest checkpoint: only ours
     trainer, metrics = None, None
     for number, (data, steps) in enumerate(phases):
-        train = TrainConfig(steps=steps, batch_size=config.batch_size, learning_rate=config.learning_rate,
-                            warmup_steps=config.warmup_steps, lr_schedule=config.lr_schedule,
-                            lr_decay_steps=config.steps, eval_every=steps, checkpoint_every=steps, seed=seed,
-                            heldout_repeats=config.heldout_repeats, gradient_checkpointing=False, ablate_qwen3=ablate)
-        trainer = BridgeTrainer(editor.pipe, data, work_dir / name, train, bridge_config, heldout=heldout)
+        trainer = BridgeTrainer(editor.pipe, data, work_dir / name, train_config(steps), bridge_config, heldout=heldout)
         metrics = trainer.train(resume=number > 0, progress=False)
     return trainer, metrics
 
