@@ -8,15 +8,31 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`-n 2`) each worker is one process on one core: one torch thread each, as two threads per
+# worker on 2 cores spend their time waiting on each other (tiny matmuls). Set before anything imports torch.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from helpers import LOADED, SMALL_AREA  # noqa: F401 - the fixtures below use them
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under xdist (`--dist loadgroup`) every test on the S3 server runs in one worker: SeaweedFS listens on fixed
+    ports, so one server per session, not one per worker."""
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("s3"))
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
+    """Built once per session; under xdist once for all workers (in their shared temporary folder, under the zoo's
+    own lock: a later worker finds the models built)."""
     from bridgecore.zoo.tiny_zoo import build_tiny_zoo
 
-    return build_tiny_zoo(tmp_path_factory.mktemp("zoo"))
+    root = tmp_path_factory.getbasetemp().parent / "zoo" if WORKER else tmp_path_factory.mktemp("zoo")
+    return build_tiny_zoo(root)
 
 
 @pytest.fixture(scope="session")

@@ -83,6 +83,10 @@ class BridgeConfig:
     # queries read text, the rest vision): a query over ~20 text tokens finds a colour word that one query over the
     # ~150 positions (most of them image tokens) found only after a plateau, or never (see README, "Mechanism")
     token_streams: bool = True
+    # how the token path's K queries start: "random" (each its own draw) or "stream" (the queries of one stream start
+    # as its first query, nudged apart by a hundredth of their own draw: with K > 2 they begin as one reader and
+    # split as training moves them; for K=2 with streams the two are the same)
+    query_init: str = "random"
     # what the token path reads of Qwen3's levels: "shared" (the residual path's per-position fusion), "own" (a fusion
     # of its own) or "levels" (every (position, level) pair, each level tagged by a learned embedding)
     token_fusion: str = "shared"
@@ -117,6 +121,8 @@ class BridgeConfig:
             raise ValueError(f"rank and num_heads must be at least 1; got rank {self.rank}, num_heads {self.num_heads}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a finite number > 0; got {self.learning_rate}")
+        if self.query_init not in ("random", "stream"):
+            raise ValueError(f"query_init must be 'random' or 'stream'; got {self.query_init!r}")
         if self.token_fusion not in ("shared", "own", "levels"):
             raise ValueError(f"token_fusion must be 'shared', 'own' or 'levels'; got {self.token_fusion!r}")
         if self.rank % self.num_heads:
@@ -180,6 +186,12 @@ class MultiLevelFusion(nn.Module):
         return self.mlp(stacked.flatten(-2)), None
 
 
+def query_streams(num_tokens: int) -> tuple[list[int], list[int]]:
+    """The token path's streams: (queries reading Qwen3's text positions, queries reading its vision positions)."""
+    split = (num_tokens + 1) // 2
+    return list(range(split)), list(range(split, num_tokens))
+
+
 class ConditioningTokens(nn.Module):
     """The token path: K learned queries cross-attend over Qwen3-VL's fused sequence (its instruction and its
     image tokens, every level) and become K tokens in the space the DiT reads: `[L3, rank] -> [K, D25]`."""
@@ -187,7 +199,11 @@ class ConditioningTokens(nn.Module):
     def __init__(self, config: BridgeConfig):
         super().__init__()
         self.heads, self.width = config.num_heads, config.rank // config.num_heads
-        self.queries = nn.Parameter(torch.randn(config.num_tokens, config.rank))
+        queries = torch.randn(config.num_tokens, config.rank)
+        if config.query_init == "stream" and config.token_streams:
+            for members in filter(lambda members: len(members) > 1, query_streams(config.num_tokens)):
+                queries[members[1:]] = queries[members[0]] + 0.01 * queries[members[1:]]
+        self.queries = nn.Parameter(queries)
         self.memory_norm = nn.RMSNorm(config.rank, eps=1e-6)
         self.query = nn.Linear(config.rank, config.rank)
         self.key_value = nn.Linear(config.rank, 2 * config.rank)
@@ -434,7 +450,8 @@ class VisionCacheBridge(nn.Module):
             vision = torch.zeros(fused.shape[0], dtype=torch.bool, device=fused.device)
             vision[positions] = True
             k = self.config.num_tokens
-            reads_vision = torch.arange(k, device=fused.device) >= (k + 1) // 2  # K=2: query 0 text, query 1 vision
+            reads_vision = torch.zeros(k, dtype=torch.bool, device=fused.device)
+            reads_vision[query_streams(k)[1]] = True  # K=2: query 0 text, query 1 vision
             allowed = vision.unsqueeze(0) == reads_vision.unsqueeze(1)  # [K, L3]
         if memory.dim() == 3:  # every (position, level) pair is a memory slot
             levels = memory.shape[1]

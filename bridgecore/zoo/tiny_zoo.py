@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 
 from bridgecore.model.chat_templates import QWEN3_VL_CHAT_TEMPLATE, QWEN25_VL_CHAT_TEMPLATE  # noqa: F401 - re-exported
 
@@ -369,15 +370,19 @@ def build_tiny_zoo(root: str | Path, sizes: TinySizes = TinySizes(), overwrite: 
         targets[TINY_REFERENCE_BRIDGE] = lambda p: train_tiny_bridge(root / TRAINED_EDIT_MODEL, root / "qwen3-vl", p, saw)
         stamps[TINY_REFERENCE_BRIDGE] = {"edit_model": stamps[TRAINED_EDIT_MODEL], "recipe": json.loads(saw.fingerprint())}
     paths = {}
-    for name, build in targets.items():
-        path = root / name
-        marker = path / ".tiny-zoo-complete"
-        if overwrite or not marker.exists() or json.loads(marker.read_text()) != stamps[name]:
-            logger.info("building tiny %s in %s", name, path)
-            path.mkdir(parents=True, exist_ok=True)
-            build(path)
-            marker.write_text(json.dumps(stamps[name]))
-        paths[name] = path
+    root.mkdir(parents=True, exist_ok=True)
+    # processes sharing one zoo (parallel test workers, two jobs started at once on the tiny fallback) build each
+    # model once: the others wait, then find its marker
+    with FileLock(root / ".tiny-zoo.lock"):
+        for name, build in targets.items():
+            path = root / name
+            marker = path / ".tiny-zoo-complete"
+            if overwrite or not marker.exists() or json.loads(marker.read_text()) != stamps[name]:
+                logger.info("building tiny %s in %s", name, path)
+                path.mkdir(parents=True, exist_ok=True)
+                build(path)
+                marker.write_text(json.dumps(stamps[name]))
+            paths[name] = path
     return paths
 
 

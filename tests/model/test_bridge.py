@@ -312,6 +312,32 @@ def test_the_token_streams_read_text_and_vision_apart(caches):
             assert not torch.allclose(tokens[moved], before[moved]) and torch.equal(tokens[1 - moved], before[1 - moved])
 
 
+def test_stream_query_init_starts_each_stream_as_one_reader_and_leaves_k2_unchanged(caches):
+    """query_init="stream": with K=4 the two text queries start within a hundredth of each other (so do the two
+    vision queries) while the streams stay apart, and the four appended tokens start as two pairs; at K=2 (one query
+    per stream) the bridge is the same draw as "random"."""
+    from bridgecore.model.bridge import query_streams
+
+    sample = caches[0]
+    assert query_streams(4) == ([0, 1], [2, 3]) and query_streams(3) == ([0, 1], [2]) and query_streams(1) == ([0], [])
+    stream = _tokens_bridge(sample, num_tokens=4, token_streams=True, query_init="stream").eval()
+    random = _tokens_bridge(sample, num_tokens=4, token_streams=True, query_init="random").eval()
+    queries = stream.tokens.queries.detach()
+    spread = queries.norm(dim=-1).mean()
+    assert (queries[0] - queries[1]).norm() < 0.05 * spread and (queries[2] - queries[3]).norm() < 0.05 * spread
+    assert (queries[0] - queries[2]).norm() > 0.5 * spread
+    assert (random.tokens.queries[0] - random.tokens.queries[1]).norm() > 0.5 * spread
+    length = sample.qwen25.prompt_embeds.shape[0]
+    with torch.no_grad():
+        tokens = stream(sample.qwen3, sample.qwen25).prompt_embeds[0, length:length + 4]
+    scale = tokens.norm(dim=-1).mean()
+    assert (tokens[0] - tokens[1]).norm() < 0.05 * scale and (tokens[0] - tokens[2]).norm() > 0.05 * scale
+    two = [_tokens_bridge(sample, num_tokens=2, token_streams=True, query_init=how) for how in ("stream", "random")]
+    assert all(torch.equal(a, b) for a, b in zip(two[0].state_dict().values(), two[1].state_dict().values()))
+    with pytest.raises(ValueError, match="query_init"):
+        BridgeConfig(query_init="tied")
+
+
 def test_a_checkpoint_saved_before_the_streams_loads_with_one_query_over_everything(caches, tmp_path):
     import json
 
