@@ -194,7 +194,8 @@ def test_killed_run_leaves_no_server_behind_and_summary_counts_only_current_samp
 def test_ctrl_c_stops_the_run_in_seconds_and_the_rerun_resumes(tmp_path, tiny_zoo, shared_prefect):
     """A terminal's Ctrl-C signals the whole foreground group: the temporary server must not die first (the run then
     retried a dead API for ~150 s and ended in tracebacks). One line, exit 130, nothing left running, resumable."""
-    rows = [{"id": f"s{i}", "image": f"img{i % 5}.png", "instruction": f"edit {i}"} for i in range(6)]
+    # 24 one-sample shards: the tiny edits run ~8 shards a second on one thread, and 6 were done before the signal
+    rows = [{"id": f"s{i}", "image": f"img{i % 5}.png", "instruction": f"edit {i}"} for i in range(24)]
     manifest = write_manifest(tmp_path / "in", rows)
     out, home = tmp_path / "out", tmp_path / "p"
     process, server = run_until_committed(tiny_zoo, manifest, out, home, "edits", "--steps", "20")
@@ -212,7 +213,7 @@ def test_ctrl_c_stops_the_run_in_seconds_and_the_rerun_resumes(tmp_path, tiny_zo
     assert not _alive(server)
     rerun = cli(tiny_zoo, "--input", manifest, "--output", str(out), "--shard-size", "1", "--steps", "20",
                 home=home, api_url=shared_prefect)
-    assert rerun.returncode == 0 and "done 6, failed 0, pending 0" in rerun.stdout, rerun.stderr[-3000:]
+    assert rerun.returncode == 0 and "done 24, failed 0, pending 0" in rerun.stdout, rerun.stderr[-3000:]
 
 
 def _alive(pid: int) -> bool:
