@@ -49,7 +49,7 @@ def main() -> None:
                         "= 32x32 against the tiny task's 64x64")
     parser.add_argument("--design", default=None, choices=("both", "tokens", "residual"),
                         help="the bridge's mode for every bridge (default: both)")
-    parser.add_argument("--cache-dtype", default=None, choices=("native", "fp8"),
+    parser.add_argument("--cache-dtype", default=None, choices=("native", "fp8", "int8"),
                         help="every cache through this storage dtype before training and evaluation")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=JSON",
                         help="a BridgeConfig field for every bridge, e.g. num_tokens=2 (repeatable)")

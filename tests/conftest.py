@@ -17,12 +17,68 @@ if WORKER:
 from helpers import LOADED, SMALL_AREA  # noqa: F401 - the fixtures below use them
 
 
+GROUPS_FILE = "VISION_BRIDGE_TEST_GROUPS"  # where the workers write {test id: group} for the controller's scheduler
+
+
+def pytest_configure(config):
+    if not WORKER and getattr(config.option, "dist", "no") == "loadgroup":  # the controller, before it starts workers
+        import tempfile
+
+        os.environ[GROUPS_FILE] = os.path.join(tempfile.mkdtemp(prefix="vb-test-groups-"), "groups.json")
+
+
+def pytest_unconfigure(config):
+    if not WORKER and os.environ.get(GROUPS_FILE):
+        import shutil
+
+        shutil.rmtree(os.path.dirname(os.environ.pop(GROUPS_FILE)), ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under xdist (`--dist loadgroup`) every test on the S3 server runs in one worker: SeaweedFS listens on fixed
-    ports, so one server per session, not one per worker."""
+    """Under xdist (`--dist loadgroup`, see scripts/run_tests.sh) each worker says which tests must share a worker:
+    - every test on the S3 server: SeaweedFS listens on fixed ports, so one server per session;
+    - a module's tests where it has a module-scoped fixture: built once (a model fitted, a benchmark scored), not once
+      per worker that happens to get one of its tests;
+    and the slow tests go first (the work queue keeps this order), so that the short ones fill the workers' gaps at
+    the end instead of one long test running alone. (xdist's own `xdist_group` marks no longer reach its scheduler on
+    pytest 9: pytest-dev/pytest-xdist#1386; `GroupScheduling` below reads this file instead.)"""
+    if not WORKER or not os.environ.get(GROUPS_FILE):  # one process: collection order, each module's tests together
+        return
+    import json
+
+    groups = {}
     for item in items:
-        if "s3_server" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("s3"))
+        if "s3_server" in item.fixturenames:
+            groups[item.nodeid] = "s3"
+        elif any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
+            groups[item.nodeid] = item.module.__name__
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: collection order otherwise
+    path = os.environ[GROUPS_FILE]
+    with open(f"{path}.{WORKER}", "w") as handle:  # every worker collects the same tests: the last rename wins
+        json.dump(groups, handle)
+    os.replace(f"{path}.{WORKER}", path)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadgroup` with the groups the workers wrote: a group is one unit of work, the rest one test each,
+    in the workers' collection order (slow first)."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return None
+    import json
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        groups: dict | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.groups is None:  # first asked once every worker has collected (and written the file)
+                self.groups = json.loads(open(os.environ[GROUPS_FILE]).read())
+            return self.groups.get(nodeid, nodeid)
+
+    config.option.loadscopereorder = False  # keep the slow-first order
+    return GroupScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

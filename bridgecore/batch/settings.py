@@ -96,8 +96,9 @@ class JobSettings:
     # how the edits are stored: "png", one object per image (+ metadata.parquet: an imagefolder), or "webdataset",
     # one tar per shard with <key>.png and <key>.json (at 10M images, 10M/shard_size objects instead of 10M)
     edits_format: str = "png"
-    # how the vision caches are stored: "native" (the dtype they were computed in, bf16 on a GPU) or "fp8" (float8
-    # E4M3 with per-token scales: half the bytes; see model/cache_format.py)
+    # how the vision caches are stored: "native" (the dtype they were computed in, bf16 on a GPU), "fp8" (float8
+    # E4M3 with per-token scales) or "int8" (channel means out, int8 with per-token scales per 128 channels): Qwen3-VL's
+    # features in half the bytes; see model/cache_format.py
     cache_dtype: str = "native"
     # whether the caches keep Qwen3-VL's three DeepStack taps (~40% of a 1024^2 cache's bytes): off by default, as the
     # default bridge does not read them and the measured ablation gave them no gain (see docs/training.md)
@@ -134,8 +135,8 @@ class JobSettings:
                                  f"({conflict[2]})")
         if self.qwen3_area is not None and self.qwen3_area < 32 * 32:
             raise ValueError(f"{option('qwen3_area')} must be at least 32*32 = 1024 pixels; got {self.qwen3_area}")
-        if self.cache_dtype not in ("native", "fp8"):
-            raise ValueError(f"{option('cache_dtype')} must be native or fp8; got {self.cache_dtype!r}")
+        if self.cache_dtype not in ("native", "fp8", "int8"):
+            raise ValueError(f"{option('cache_dtype')} must be native, fp8 or int8; got {self.cache_dtype!r}")
         if self.edits_format not in EDITS_FORMATS:
             raise ValueError(f"edits_format must be one of {', '.join(EDITS_FORMATS)}; got {self.edits_format!r}")
         if self.editor not in EDITORS:

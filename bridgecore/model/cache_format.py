@@ -17,10 +17,16 @@ One sample is one safetensors blob. Tensor names:
 Metadata (model ids, revisions, layer indices, prompt, image sizes, dtype, format version) is one
 JSON string under the header key `vision_bridge`. No pickle anywhere; bf16 round-trips bit-exactly.
 
-Storage dtype "fp8" (`cache_to_bytes(cache, "fp8")`): Qwen3-VL's feature tensors (`qwen3.early|mid|late`,
-`qwen3.deepstack.<i>`) are stored as float8 E4M3 (safetensors' F8_E4M3) with one float32 scale per token
-(`<name>.scale`, [L, 1], the token's absmax / 448), half the bytes of bf16; reading dequantizes to the dtype the
-cache was computed in. The error is a relative ~2-4% per value (E4M3 keeps 3 mantissa bits). Qwen2.5-VL's
+Storage dtypes (`cache_to_bytes(cache, storage_dtype)`) for Qwen3-VL's feature tensors (`qwen3.early|mid|late`,
+`qwen3.deepstack.<i>`), each about half the bytes of bf16; reading restores the dtype the cache was computed in:
+- "fp8": float8 E4M3 (safetensors' F8_E4M3) with one float32 scale per token (`<name>.scale`, [L, 1], the token's
+  absmax / 448). E4M3 keeps 3 mantissa bits: ~2.5% relative error per value, whatever the scale.
+- "int8": the tensor's per-channel mean over its tokens (`<name>.mean`, [1, D] float32) is taken out, the rest is
+  int8 with one float32 scale per token and group of 128 channels (`<name>.scale`, [L, ceil(D/128)], absmax / 127).
+  Hidden states share a large per-channel component across tokens (55-65% of their energy on the tiny Qwen3-VL)
+  that carries nothing a token says; removing it and scaling per group (an outlier channel costs only its own
+  group's precision) gives ~0.4% relative error on the tiny model's levels against fp8's ~2.5%.
+Qwen2.5-VL's
 `prompt_embeds` stay as computed: they are the DiT's own conditioning, and "no bridge" must stay exactly
 Qwen-Image-Edit.
 
@@ -134,15 +140,16 @@ class SampleCache:
         return {name: value.detach().cpu().contiguous() for name, value in tensors.items()}
 
 
-STORAGE_DTYPES = ("native", "fp8")
+STORAGE_DTYPES = ("native", "fp8", "int8")
 FP8_MAX = 448.0  # the largest finite float8 E4M3 value
+INT8_GROUP = 128  # channels that share an int8 scale within a token
 FEATURE_PREFIXES = ("qwen3.early", "qwen3.mid", "qwen3.late", "qwen3.deepstack.")
 
 
 def is_feature(name: str) -> bool:
     """The large Qwen3-VL float tensors a storage dtype applies to (not ids, positions, grids; never the DiT's own
     Qwen2.5-VL conditioning)."""
-    return name.startswith(FEATURE_PREFIXES) and not name.endswith(".scale")
+    return name.startswith(FEATURE_PREFIXES) and not name.endswith((".scale", ".mean"))
 
 
 def quantize_fp8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,9 +163,34 @@ def dequantize_fp8(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
     return (quantized.float() * scale).to(dtype)
 
 
+def int8_groups(width: int) -> int:
+    return -(-width // INT8_GROUP)
+
+
+def quantize_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[L, D]` -> (int8 `[L, D]`, float32 scales `[L, ceil(D/128)]`, float32 channel means `[1, D]`): the
+    per-channel mean over the tokens taken out, the rest scaled per token and group of 128 channels."""
+    values = tensor.float()
+    mean = values.mean(dim=0, keepdim=True) if len(values) else values.new_zeros(1, values.shape[-1])
+    centred = values - mean
+    groups = int8_groups(values.shape[-1])
+    padded = torch.nn.functional.pad(centred, (0, groups * INT8_GROUP - values.shape[-1]))
+    blocks = padded.view(len(values), groups, INT8_GROUP)
+    scale = blocks.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    quantized = (blocks / scale.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+    return quantized.view(len(values), -1)[:, : values.shape[-1]].contiguous(), scale, mean
+
+
+def dequantize_int8(quantized: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    width = quantized.shape[-1]
+    per_channel = scale.repeat_interleave(INT8_GROUP, dim=-1)[:, :width]
+    return (quantized.float() * per_channel + mean).to(dtype)
+
+
 def cache_to_bytes(cache: SampleCache, storage_dtype: str = "native") -> bytes:
-    """One cache as safetensors bytes; `storage_dtype` "fp8" stores the feature tensors as float8 E4M3 with per-token
-    scales (see the module docstring)."""
+    """One cache as safetensors bytes; `storage_dtype` "fp8" or "int8" stores Qwen3-VL's feature tensors in a byte a
+    value plus their scales (see the module docstring)."""
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}; got {storage_dtype!r}")
     tensors, metadata = cache.tensors(), cache.metadata()
@@ -166,6 +198,10 @@ def cache_to_bytes(cache: SampleCache, storage_dtype: str = "native") -> bytes:
         for name in [n for n in tensors if is_feature(n)]:
             tensors[name], tensors[name + ".scale"] = quantize_fp8(tensors[name])
         metadata["storage_dtype"] = "fp8"
+    elif storage_dtype == "int8":
+        for name in [n for n in tensors if is_feature(n)]:
+            tensors[name], tensors[name + ".scale"], tensors[name + ".mean"] = quantize_int8(tensors[name])
+        metadata["storage_dtype"] = "int8"
     return save_safetensors(tensors, metadata={METADATA_KEY: json.dumps(metadata)})
 
 
@@ -183,10 +219,17 @@ def cache_from_bytes(data: bytes) -> SampleCache:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"cache format version {meta.get('format_version')} is not supported (expected {FORMAT_VERSION})")
     tensors = load_safetensors(data)
-    if meta.get("storage_dtype") == "fp8":
+    storage = meta.get("storage_dtype", "native")
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"cache storage dtype {storage!r} is not supported (expected one of {STORAGE_DTYPES})")
+    if storage != "native":
         dtype = getattr(torch, meta.get("dtype", "bfloat16"))
         for name in [n for n in tensors if is_feature(n)]:
-            tensors[name] = dequantize_fp8(tensors[name], tensors.pop(name + ".scale"), dtype)
+            if storage == "fp8":
+                tensors[name] = dequantize_fp8(tensors[name], tensors.pop(name + ".scale"), dtype)
+            else:
+                tensors[name] = dequantize_int8(tensors[name], tensors.pop(name + ".scale"),
+                                                tensors.pop(name + ".mean"), dtype)
     m3, m25 = meta["qwen3"], meta["qwen25"]
     qwen3 = Qwen3VisionCache(
         levels={name: tensors[f"qwen3.{name}"] for name in m3["layer_indices"]},

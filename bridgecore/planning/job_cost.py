@@ -44,6 +44,8 @@ DEFAULT_EFFICIENCY = 0.55  # the H200 anchor implies 0.56 of peak; rounded down 
 PNG_BYTES_PER_PIXEL = 1.5  # edited natural images as PNG (raw RGB is 3)
 CACHE_BYTES_PER_VALUE = 2  # caches are written in the models' dtype: bf16 on GPU
 FP8_BYTES_PER_VALUE, FP8_SCALE_BYTES = 1, 4  # cache_dtype "fp8": float8 E4M3 values, one float32 scale per token
+# cache_dtype "int8": int8 values, a float32 scale per token and group of 128 channels, a float32 mean per channel
+INT8_BYTES_PER_VALUE, INT8_SCALE_BYTES, INT8_GROUP, INT8_MEAN_BYTES = 1, 4, 128, 4
 TRAIN_DIT_PASSES = 3  # forward + checkpoint recompute + input-gradient backward (the frozen DiT has no weight grads)
 
 
@@ -119,8 +121,9 @@ def plan_job_cost(images: int, resolution: int = 1024, steps: int = 50, gpu: str
     Training costs `train_steps x train_batch_size` samples (the global batch) at 3 DiT passes each; with
     `train_measured` (a training run's metrics.json) at the seconds per sample per GPU that run measured
     (world size / its samples/s: data parallelism adds GPUs, not GPU-hours). `gpus` divides the wall clock.
-    Caches are priced as the caches stage writes them: `cache_dtype` "native" (bf16) or "fp8" (one byte a value plus
-    a 4-byte scale a token), with Qwen3-VL's DeepStack taps only with `cache_deepstack`."""
+    Caches are priced as the caches stage writes them: `cache_dtype` "native" (bf16), "fp8" (one byte a value plus
+    a 4-byte scale a token) or "int8" (one byte a value, a 4-byte scale a token and 128 channels, a 4-byte mean a
+    channel), with Qwen3-VL's DeepStack taps only with `cache_deepstack`."""
     from bridgecore.planning.planner import plan
 
     if images < 0 or resolution < 64 or steps < 1 or gpus < 1 or train_steps < 0 or train_batch_size < 1:
@@ -239,8 +242,8 @@ def rewrite_seconds(cost: dict[str, Any], spec: GpuSpec, efficiency: float, batc
 
 def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: bool = False,
                 cache_dtype: str = "native", cache_deepstack: bool = False) -> dict[str, float]:
-    if cache_dtype not in ("native", "fp8"):
-        raise ValueError(f"cache_dtype must be native or fp8; got {cache_dtype!r}")
+    if cache_dtype not in ("native", "fp8", "int8"):
+        raise ValueError(f"cache_dtype must be native, fp8 or int8; got {cache_dtype!r}")
     tokens, d3, d25 = report["tokens"], report["hidden_sizes"]["qwen3"], report["hidden_sizes"]["qwen25"]
     # (tokens, width) of each cached tensor: early/mid/late over the sequence, the DeepStack taps over the vision tokens
     qwen3 = [(tokens["qwen3_sequence"], d3)] * 3 + ([(tokens["qwen3_vision"], d3)] * 3 if cache_deepstack else [])
@@ -249,11 +252,14 @@ def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: boo
     def stored(tensors) -> float:
         if cache_dtype == "fp8":  # a byte a value and a float32 scale a token
             return sum(n * (d * FP8_BYTES_PER_VALUE + FP8_SCALE_BYTES) for n, d in tensors)
+        if cache_dtype == "int8":  # a byte a value, a float32 scale a token and group, a float32 mean a channel
+            return sum(n * (d * INT8_BYTES_PER_VALUE + -(-d // INT8_GROUP) * INT8_SCALE_BYTES) + d * INT8_MEAN_BYTES
+                       for n, d in tensors)
         return sum(n * d * CACHE_BYTES_PER_VALUE for n, d in tensors)
 
     # the negatives (true CFG) are Qwen2.5-VL embeddings alone, stored with the caches and again with the fused
     # embeddings; Qwen3-VL reads only the conditional branch. Qwen2.5-VL's embeddings, the DiT's own conditioning,
-    # are always stored as computed (fp8 applies to Qwen3-VL's features only)
+    # are always stored as computed (fp8/int8 apply to Qwen3-VL's features only)
     cache = stored(qwen3) + branches * sum(n * d * CACHE_BYTES_PER_VALUE for n, d in qwen25)
     fused = branches * qwen25[0][0] * d25 * CACHE_BYTES_PER_VALUE  # the fused embeddings: in the models' dtype
     height, width = report["condition_size"]

@@ -97,7 +97,7 @@ class ProofConfig:
     extract_batch_size: int = 32
     formed_threshold: float = 0.7
     reuse: bool = False  # take a bridge already trained in the work folder with these settings (re-decoding only)
-    cache_dtype: str = "native"  # "fp8": every cache goes through fp8 storage before training and evaluation
+    cache_dtype: str = "native"  # "fp8"/"int8": every cache goes through that storage before training and evaluation
     qwen3_area: int | None = None  # Qwen3-VL's view of the condition image in pixels, when smaller (the job setting)
 
 
@@ -111,7 +111,7 @@ QUICK = ProofConfig(seeds=(0, 1), train_samples=256, heldout_samples=32, steps=8
 
 
 def as_stored(qwen3s: list, qwen25s: list, cache_dtype: str) -> tuple[list, list]:
-    """The caches as a job storing them in `cache_dtype` would read them back (fp8: quantized and dequantized)."""
+    """The caches as a job storing them in `cache_dtype` would read them back (fp8/int8: quantized and dequantized)."""
     if cache_dtype == "native":
         return qwen3s, qwen25s
     from bridgecore.model.cache_format import cache_from_bytes, cache_to_bytes

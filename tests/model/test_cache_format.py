@@ -81,3 +81,48 @@ def test_fp8_storage_halves_the_bytes_within_a_few_percent():
     assert scale.shape == (4, 1) and float(relative) < 0.04
     with pytest.raises(ValueError, match="storage_dtype must be one of"):
         cache_to_bytes(big, "int4")
+
+
+def test_int8_storage_takes_the_shared_channel_component_out_and_keeps_an_outlier_channel_in_its_group():
+    """Storage dtype int8: per-channel means out, int8 per token and group of 128 channels. On hidden-state-like
+    tensors (a large component every token shares, as the tiny Qwen3-VL's levels have) it is several times closer
+    to the values than fp8 in the same bytes; an outlier channel costs only its own group's precision (one scale per
+    token would spread it over every channel); an unknown storage dtype in a header is refused."""
+    import json
+
+    from safetensors.torch import load, save
+
+    from bridgecore.model.cache_format import INT8_GROUP, METADATA_KEY, STORAGE_DTYPES, quantize_int8
+
+    generator = torch.Generator().manual_seed(2)
+    shared = 3 * torch.randn(1, 512, generator=generator)  # what every token has in common
+    big = _random_cache()
+    big.qwen3.levels = {k: (shared + torch.randn(600, 512, generator=generator)).to(torch.bfloat16)
+                        for k in big.qwen3.levels}
+    native, fp8, int8 = (cache_to_bytes(big, dtype) for dtype in ("native", "fp8", "int8"))
+    assert "int8" in STORAGE_DTYPES and 0.49 < len(int8) / len(native) < 0.54
+    back_fp8, back_int8 = cache_from_bytes(fp8), cache_from_bytes(int8)
+    for name, tensor in big.qwen3.levels.items():
+        restored = back_int8.qwen3.levels[name]
+        assert restored.dtype == torch.bfloat16 and restored.shape == tensor.shape
+        error = lambda back: float((back.float() - tensor.float()).norm() / tensor.float().norm())  # noqa: E731
+        assert error(restored) < 0.01 and error(back_fp8.qwen3.levels[name]) > 3 * error(restored)
+    assert torch.equal(back_int8.qwen3.input_ids, big.qwen3.input_ids)
+    assert back_int8.qwen25.prompt_embeds.view(torch.int16).equal(big.qwen25.prompt_embeds.view(torch.int16))
+    # an outlier channel (x1000) in the first group: the second group keeps its precision
+    values = torch.randn(8, 2 * INT8_GROUP, generator=generator)
+    values[:, 3] *= 1000
+    quantized, scale, mean = quantize_int8(values)
+    assert quantized.dtype == torch.int8 and scale.shape == (8, 2) and mean.shape == (1, 2 * INT8_GROUP)
+    restored = quantized.float() * scale.repeat_interleave(INT8_GROUP, dim=-1) + mean
+    second = values[:, INT8_GROUP:]
+    assert float((restored[:, INT8_GROUP:] - second).norm() / second.norm()) < 0.01
+    # a width that is not a multiple of the group: the last group is shorter, nothing is padded into the file
+    odd = torch.randn(5, 200, generator=generator)
+    quantized, scale, _ = quantize_int8(odd)
+    assert quantized.shape == (5, 200) and scale.shape == (5, 2)
+    tensors = load(int8)
+    header = json.loads(json.loads(int8[8:8 + int.from_bytes(int8[:8], "little")])["__metadata__"][METADATA_KEY])
+    header["storage_dtype"] = "int4"
+    with pytest.raises(ValueError, match="storage dtype 'int4' is not supported"):
+        cache_from_bytes(save(tensors, metadata={METADATA_KEY: json.dumps(header)}))

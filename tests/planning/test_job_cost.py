@@ -92,6 +92,8 @@ def test_storage_follows_the_token_counts(report):
     smaller = plan_job_cost(1, 1024, 50, "h100", cache_dtype="fp8", qwen3_area=512 * 512)  # Qwen3-VL sees 512^2
     assert smaller["cache_mb_per_image"] < 15 < fp8["cache_mb_per_image"]  # the issue's target, met only with both
     assert smaller["extract_gpu_hours"] < fp8["extract_gpu_hours"]
+    int8 = plan_job_cost(1, 1024, 50, "h100", cache_dtype="int8", qwen3_area=512 * 512)  # a scale a token and 128
+    assert smaller["cache_mb_per_image"] < int8["cache_mb_per_image"] < 15  # channels, a mean a channel: +3% of Qwen3's
     assert job["cost_usd"] is None
     assert plan_job_cost(10, 1024, 50, "h100", price_per_gpu_hour=2.0)["cost_usd"] == pytest.approx(
         2.0 * plan_job_cost(10, 1024, 50, "h100")["total_gpu_hours"])
@@ -179,7 +181,7 @@ def test_memory_modes_order(report):
     assert modes["all_resident"]["peak_bytes"] > weights
 
 
-@pytest.mark.parametrize("cache_dtype,deepstack", [("native", False), ("fp8", True)])
+@pytest.mark.parametrize("cache_dtype,deepstack", [("native", False), ("fp8", True), ("int8", False)])
 def test_the_planner_prices_exactly_the_tensors_a_real_run_stores(tmp_path, tiny_zoo, monkeypatch, cache_dtype, deepstack):
     """A real tiny run with true CFG: the planner's per-image cache bytes, fed the token counts and widths this run
     produced, equal the feature tensors the caches and negatives stages committed — Qwen3-VL's levels (fp8 values
@@ -213,6 +215,8 @@ def test_the_planner_prices_exactly_the_tensors_a_real_run_stores(tmp_path, tiny
     assert any(name.startswith("qwen3.deepstack.") for name in features) == deepstack
     assert all(t.dtype == torch.float8_e4m3fn for n, t in features.items() if n.startswith("qwen3.") and
                not n.endswith(".scale")) == (cache_dtype == "fp8")
+    assert all(t.dtype == torch.int8 for n, t in features.items() if n.startswith("qwen3.") and
+               not n.endswith((".scale", ".mean"))) == (cache_dtype == "int8")
     stored = sum(t.numel() * t.element_size() for t in features.values())
     stored += sum(t.numel() * t.element_size() for t in negative.values() if t.is_floating_point())
     qwen25 = cache["qwen25.prompt_embeds"]

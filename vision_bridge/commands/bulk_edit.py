@@ -94,7 +94,7 @@ def bulk_edit(
                                          "Qwen3-VL's DeepStack taps in the caches (~40% of a 1024^2 cache; only a "
                                          "bridge with use_deepstack reads them)."),
     qwen3_area: Optional[int] = typer.Option(D["qwen3_area"], help="Qwen3-VL's view of each condition image in pixels when smaller than the condition area (e.g. 262144 = 512^2): smaller caches and extraction; the bridge resamples its grid."),
-    cache_dtype: str = typer.Option(D["cache_dtype"], help="How the vision caches are stored: native (as computed, bf16 on a GPU) or fp8 (float8 E4M3 with per-token scales: half the bytes, ~2% relative error per value; see docs/batch.md)."),
+    cache_dtype: str = typer.Option(D["cache_dtype"], help="How the vision caches are stored: native (as computed, bf16 on a GPU), fp8 (float8 E4M3 with per-token scales) or int8 (channel means out, int8 scaled per token and 128 channels): Qwen3-VL's features in half the bytes; see docs/batch.md."),
     edits_format: str = typer.Option(D["edits_format"], help="png: one PNG object per edit (+ metadata.parquet, an "
                                      "imagefolder); webdataset: one tar per shard with <key>.png and <key>.json "
                                      "(far fewer objects at scale; WebDataset and fsspec's tar:// read it)."),

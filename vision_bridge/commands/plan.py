@@ -41,8 +41,8 @@ def plan(
     rewrite: bool = typer.Option(False, "--rewrite", help="Job: add the rewrite arm (Qwen3-VL generates each rewrite, "
                                  "memory-bound decoding priced from the card's bandwidth; Qwen2.5-VL encodes it)."),
     rewrite_tokens: int = typer.Option(256, help="Job: generated tokens per rewrite (the cap: an upper bound)."),
-    cache_dtype: str = typer.Option("native", help="Job: how caches are stored: native (bf16) or fp8 (a byte a value "
-                                    "plus a scale a token)."),
+    cache_dtype: str = typer.Option("native", help="Job: how caches are stored: native (bf16), fp8 or int8 (a byte a "
+                                    "value plus their scales)."),
     cache_deepstack: bool = typer.Option(False, "--cache-deepstack", help="Job: caches keep Qwen3-VL's DeepStack taps."),
     qwen3_area: Optional[int] = typer.Option(None, help="Job: Qwen3-VL's view of the condition image in pixels, when "
                                              "smaller than the DiT's (e.g. 147456 = 384^2, Edit-2509's VLM view)."),

@@ -55,7 +55,7 @@ def train(
                                          "cache_deepstack: part of their fingerprint)."),
     qwen3_area: Optional[int] = typer.Option(J["qwen3_area"], help="Qwen3-VL's view of the condition image "
                                              "(build-caches' qwen3_area: part of the caches' fingerprint)."),
-    cache_dtype: str = typer.Option(J["cache_dtype"], help="How the caches are (or are to be) stored: native or fp8 "
+    cache_dtype: str = typer.Option(J["cache_dtype"], help="How the caches are (or are to be) stored: native, fp8 or int8 "
                                     "(build-caches' cache_dtype: part of their fingerprint, so training finds them)."),
     load_in_8bit: bool = typer.Option(J["load_in_8bit"], help="The caches were built with 8-bit VLMs (build-caches' "
                                       "load_in_8bit): part of their fingerprint, so training finds them."),
