@@ -71,6 +71,18 @@ def test_real_width_caches_hold_the_tokens_and_widths_the_planner_prices(zoo):
     for deepstack in (False, True):
         priced = job_cost._storage_gb(run, 1, branches=1, cache_dtype="native", cache_deepstack=deepstack)
         assert priced["cache_mb_per_image"] * 1e6 == pytest.approx(stored[deepstack], rel=1e-9)
+    # int8 storage at the real widths (4096 channels: 32 scale groups a token), priced from the same counts
+    from safetensors.torch import load
+
+    from bridgecore.model.cache_format import cache_to_bytes
+
+    packed = load(cache_to_bytes(caches, "int8"))
+    levels = sum(t.numel() * t.element_size() for name, t in packed.items() if name.startswith(
+        ("qwen3.early", "qwen3.mid", "qwen3.late")))
+    assert packed["qwen3.early.scale"].shape == (q3.levels["early"].shape[0], report["hidden_sizes"]["qwen3"] // 128)
+    assert levels < 0.52 * sum(t.numel() * 2 for t in q3.levels.values())  # half of bf16, plus 3% for the scales
+    priced = job_cost._storage_gb(run, 1, branches=1, cache_dtype="int8")
+    assert priced["cache_mb_per_image"] * 1e6 == pytest.approx(levels + q25.prompt_embeds.numel() * 2, rel=1e-9)
     # and the text is a sliver of it: the meta plan's own bytes are within 2% of this run's
     planned = job_cost._storage_gb(report, 1, branches=1)["cache_mb_per_image"] * 1e6
     assert planned == pytest.approx(stored[False], rel=0.02)
