@@ -26,8 +26,8 @@ Storage dtypes (`cache_to_bytes(cache, storage_dtype)`) for Qwen3-VL's feature t
   Hidden states share a large per-channel component across tokens (55-65% of their energy on the tiny Qwen3-VL)
   that carries nothing a token says; removing it and scaling per group (an outlier channel costs only its own
   group's precision) gives ~0.4% relative error on the tiny model's levels against fp8's ~2.5%.
-Qwen2.5-VL's
-`prompt_embeds` stay as computed: they are the DiT's own conditioning, and "no bridge" must stay exactly
+
+Qwen2.5-VL's `prompt_embeds` stay as computed: they are the DiT's own conditioning, and "no bridge" must stay exactly
 Qwen-Image-Edit.
 
 A rewritten instruction's encoding (stage `rewrites`) is the `qwen25.*` half alone: see `payloads.py`.
