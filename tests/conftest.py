@@ -52,7 +52,8 @@ def pytest_collection_modifyitems(config, items):
             groups[item.nodeid] = "s3"
         elif any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
             groups[item.nodeid] = item.module.__name__
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: collection order otherwise
+    # slow tests, then the groups (whole modules: large units), then the rest; stable: collection order otherwise
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, item.nodeid not in groups))
     path = os.environ[GROUPS_FILE]
     with open(f"{path}.{WORKER}", "w") as handle:  # every worker collects the same tests: the last rename wins
         json.dump(groups, handle)

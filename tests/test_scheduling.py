@@ -56,4 +56,6 @@ def test_a_module_with_a_module_fixture_runs_in_one_worker_and_slow_tests_start_
     grouped_workers = {worker for worker, test in placed if "test_grouped_" in test}
     assert len(grouped_workers) == 1, placed  # the module fixture built once
     assert {worker for worker, test in placed if "test_alone_" in test} == {"gw0", "gw1"}  # the rest spread out
-    assert [test for _, test in placed].index("test_last.py::test_slow_one") < 3, placed  # collected last, run first
+    (slow_worker,) = {worker for worker, test in placed if test == "test_last.py::test_slow_one"}
+    first = next(test for worker, test in placed if worker == slow_worker)
+    assert first == "test_last.py::test_slow_one", placed  # collected last, the first its worker ran
