@@ -81,8 +81,7 @@ def table(data: list[dict]) -> str:
             cells += [",".join(map(str, row["seeds"])), f"{row['seeds_formed']} of {len(row['seeds'])}"]
             for name, _ in MEASURES:
                 mean, low, high = row[name + " paired"]
-                scale, unit = (100, "%") if name != "no harm" else (100, " pts")
-                value = f"{row[name] * scale:+.1f}{unit}" if name == "no harm" else f"{row[name] * scale:.1f}{unit}"
+                value = f"{row[name] * 100:+.1f} pts" if name == "no harm" else f"{row[name] * 100:.1f}%"
                 cells.append(value if row["source"] == REFERENCE else
                              f"{value} (paired {mean * 100:+.1f} [{low * 100:+.1f}, {high * 100:+.1f}])")
         else:

@@ -75,7 +75,8 @@ def pytest_xdist_make_scheduler(config, log):
 
         def _split_scope(self, nodeid: str) -> str:
             if self.groups is None:  # first asked once every worker has collected (and written the file)
-                self.groups = json.loads(open(os.environ[GROUPS_FILE]).read())
+                with open(os.environ[GROUPS_FILE]) as handle:
+                    self.groups = json.load(handle)
             return self.groups.get(nodeid, nodeid)
 
     config.option.loadscopereorder = False  # keep the slow-first order

@@ -164,6 +164,7 @@ def dequantize_fp8(quantized: torch.Tensor, scale: torch.Tensor, dtype: torch.dt
 
 
 def int8_groups(width: int) -> int:
+    """Scale groups a token of `width` channels has (the last one shorter): what int8 storage stores, and prices."""
     return -(-width // INT8_GROUP)
 
 

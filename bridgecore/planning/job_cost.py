@@ -44,8 +44,9 @@ DEFAULT_EFFICIENCY = 0.55  # the H200 anchor implies 0.56 of peak; rounded down 
 PNG_BYTES_PER_PIXEL = 1.5  # edited natural images as PNG (raw RGB is 3)
 CACHE_BYTES_PER_VALUE = 2  # caches are written in the models' dtype: bf16 on GPU
 FP8_BYTES_PER_VALUE, FP8_SCALE_BYTES = 1, 4  # cache_dtype "fp8": float8 E4M3 values, one float32 scale per token
-# cache_dtype "int8": int8 values, a float32 scale per token and group of 128 channels, a float32 mean per channel
-INT8_BYTES_PER_VALUE, INT8_SCALE_BYTES, INT8_GROUP, INT8_MEAN_BYTES = 1, 4, 128, 4
+# cache_dtype "int8": int8 values, a float32 scale per token and group of channels (model/cache_format.py's
+# INT8_GROUP), a float32 mean per channel
+INT8_BYTES_PER_VALUE, INT8_SCALE_BYTES, INT8_MEAN_BYTES = 1, 4, 4
 TRAIN_DIT_PASSES = 3  # forward + checkpoint recompute + input-gradient backward (the frozen DiT has no weight grads)
 
 
@@ -253,7 +254,9 @@ def _storage_gb(report: dict[str, Any], images: int, branches: int, rewrite: boo
         if cache_dtype == "fp8":  # a byte a value and a float32 scale a token
             return sum(n * (d * FP8_BYTES_PER_VALUE + FP8_SCALE_BYTES) for n, d in tensors)
         if cache_dtype == "int8":  # a byte a value, a float32 scale a token and group, a float32 mean a channel
-            return sum(n * (d * INT8_BYTES_PER_VALUE + -(-d // INT8_GROUP) * INT8_SCALE_BYTES) + d * INT8_MEAN_BYTES
+            from bridgecore.model.cache_format import int8_groups
+
+            return sum(n * (d * INT8_BYTES_PER_VALUE + int8_groups(d) * INT8_SCALE_BYTES) + d * INT8_MEAN_BYTES
                        for n, d in tensors)
         return sum(n * d * CACHE_BYTES_PER_VALUE for n, d in tensors)
 
